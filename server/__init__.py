@@ -1,0 +1,1 @@
+"""snnet-serve: the HTTP service around one SN-Net checkpoint."""

@@ -1,0 +1,55 @@
+"""The ``snnet`` console script: model commands from ``snnet_core.cli`` plus ``serve``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from snnet_core import CheckpointError
+from snnet_core.cli import add_commands, run
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from .app import create_app
+    from .config import Settings
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        print(f"error: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        # Fail before binding the port when the checkpoint cannot be read at all.
+        from snnet_core import read_manifest
+
+        read_manifest(settings.weights)
+    except CheckpointError as e:
+        print(f"error: cannot serve: {e}", file=sys.stderr)
+        return 2
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="snnet", description="Stitchable Neural Networks: build, profile, serve")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_commands(sub)
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP")
+    p.add_argument("--host", help="interface (overrides SNNET_HOST; default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (overrides SNNET_PORT; default 8000)")
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Model-side commands of the ``snnet`` CLI: ``stitches`` and ``profile``.
+
+The console script itself lives in ``server.cli`` (it adds ``serve``); these commands only need
+``snnet_core`` and also run as ``python -m snnet_core``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import torch
+
+from .checkpoint import load, new_manifest, write_manifest
+from .profile import measure_latency, pareto_front
+from .snnet import SNNet, build_snnet
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def parse_overrides(text: str) -> dict[str, Any] | list[dict[str, Any]]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--overrides must be JSON: {e}") from None
+    if isinstance(value, dict) or (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+        return value
+    raise argparse.ArgumentTypeError(
+        "--overrides must be a JSON object (for every anchor) or a list of objects (one per anchor)"
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: device {name!r} requested but CUDA is not available; use cpu or auto")
+    return device
+
+
+def _add_source(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", help="checkpoint directory (model.safetensors + manifest.json)")
+    src.add_argument("--anchors", help="timm model names, small to large, comma-separated")
+    p.add_argument(
+        "--overrides",
+        type=parse_overrides,
+        help='timm.create_model overrides with --anchors: JSON object for all anchors or a list, '
+        'e.g. \'{"img_size": 32, "num_classes": 10}\'',
+    )
+    p.add_argument("--window", type=int, default=2, help="paired-stitching window (default 2)")
+    p.add_argument("--stride", type=int, default=1, help="paired-stitching stride (default 1)")
+
+
+def _load_source(args: argparse.Namespace):
+    if args.weights:
+        return load(args.weights)
+    net = build_snnet(args.anchors, overrides=args.overrides, window=args.window, stride=args.stride)
+    return net, new_manifest(net)
+
+
+def _format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        if isinstance(v, list):
+            return ",".join(str(x) for x in v)
+        return str(v)
+
+    body = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths, strict=True)) for b in body]
+    return "\n".join(lines)
+
+
+def cmd_stitches(args: argparse.Namespace) -> int:
+    _, manifest = _load_source(args)
+    rows = [dict(r) for r in manifest.stitches]
+    acc = manifest.accuracy()
+    score = [acc.get(r["id"], float("-inf")) if acc else -r["gflops"] for r in rows]
+    front = set(pareto_front([r["gflops"] for r in rows], score)) if acc else set()
+    for i, r in enumerate(rows):
+        r["pareto"] = i in front if acc else None
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        cols = ["id", "description", "anchors", "cut", "gflops", "params_m", "accuracy"]
+        print(_format_table(rows, cols + (["pareto"] if acc else [])))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    net: SNNet
+    net, manifest = _load_source(args)
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    net = net.to(device=device, dtype=dtype)
+    ids = args.stitches or list(range(len(net.stitches)))
+    print(
+        f"profiling {len(ids)} stitches x batch sizes {args.batch_sizes} on {device} {args.dtype} "
+        f"(warm-up {args.warmup}, median of {args.repeats})",
+        file=sys.stderr,
+    )
+    profile = measure_latency(
+        net, ids, args.batch_sizes, warmup=args.warmup, repeats=args.repeats, progress=True
+    )
+    rows = []
+    for s in manifest.stitches:
+        if s["id"] in profile.latency_ms:
+            row = {"id": s["id"], "description": s["description"], "gflops": s["gflops"]}
+            row.update({f"ms@{b}": ms for b, ms in profile.latency_ms[s["id"]].items()})
+            rows.append(row)
+    print(_format_table(rows, list(rows[0])))
+    if args.weights:
+        manifest.set_profile(profile)
+        path = write_manifest(args.weights, manifest)
+        print(f"wrote profile {profile.fingerprint.key} into {path}", file=sys.stderr)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(profile.to_dict(), f, indent=1)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``stitches`` and ``profile`` on a subparsers object."""
+    p = sub.add_parser("stitches", help="print the stitch table of an anchor family or checkpoint")
+    _add_source(p)
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.set_defaults(func=cmd_stitches)
+
+    p = sub.add_parser("profile", help="measure per-stitch latency on this device")
+    _add_source(p)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--batch-sizes", type=parse_int_list, default=[1], help="e.g. 1,8 (default 1)")
+    p.add_argument("--stitches", type=parse_int_list, help="stitch ids to measure (default all)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per measurement")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--output", help="also write the profile as JSON to this file")
+    p.set_defaults(func=cmd_profile)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="snnet", description="Stitchable Neural Networks")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # includes CheckpointError: a user-facing message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv)

@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny real timm ViT family on real MNIST digits (no network)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import snnet_core
+from snnet_core.data import mnist_subset
+
+# Three timm VisionTransformers for 28x28 grey digits, patch 7 (16 tokens + class token), depth 4,
+# increasing width: 23 stitches (3 anchors + 2 pairs x 10).
+TINY_ANCHORS = "vit_tiny_patch16_224,vit_small_patch16_224,vit_base_patch16_224"
+TINY_COMMON = {"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10, "depth": 4}
+TINY_OVERRIDES = [
+    {**TINY_COMMON, "embed_dim": 16, "num_heads": 2},
+    {**TINY_COMMON, "embed_dim": 24, "num_heads": 2},
+    {**TINY_COMMON, "embed_dim": 32, "num_heads": 2},
+]
+TINY_NUM_STITCHES = 23
+
+
+def build_tiny(seed: int = 0) -> snnet_core.SNNet:
+    torch.manual_seed(seed)
+    return snnet_core.build_snnet(TINY_ANCHORS, overrides=TINY_OVERRIDES)
+
+
+@pytest.fixture
+def tiny_net() -> snnet_core.SNNet:
+    return build_tiny().eval()
+
+
+@pytest.fixture(scope="session")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """64 real held-out MNIST digits (N, 1, 28, 28) in [0, 1] and their labels."""
+    x, y = mnist_subset("held_out")
+    return x[::16][:64].contiguous(), y[::16][:64].contiguous()
+
+
+@pytest.fixture(scope="session")
+def train_digits() -> torch.Tensor:
+    x, _ = mnist_subset("train")
+    return x[::40][:100].contiguous()
