@@ -25,6 +25,9 @@ lint: setup
 	$(BIN)/ruff check snnet_core server tests bench
 	$(BIN)/ruff format --check snnet_core server tests bench
 
+weights: setup  ## retrain the bundled SN-Net from scratch into weights/ (about 15 minutes on 2 cores)
+	$(BIN)/python weights/recipe.py
+
 bench: setup  ## snnet_core benchmarks (printed, not asserted)
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/switching.py

@@ -1,57 +1,83 @@
-"""The FastAPI application: liveness and readiness around one loaded SN-Net checkpoint."""
+"""The FastAPI application: routes, error handling, request metrics, start-up and drain.
+
+The model starts in a worker thread after the server listens, so ``/healthz`` answers at once and
+``/readyz`` is 503 until the model is loaded, verified, warmed up and profiled. On shutdown
+(SIGTERM: uvicorn stops accepting and lets in-flight requests finish) the scheduler drains what
+it accepted before the process exits.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import snnet_core
-
+from .api import APIError, router
 from .config import Settings, get_settings
+from .metrics import Metrics
+from .service import ModelService
 
 log = logging.getLogger("snnet.server")
 
+DESCRIPTION = """
+Serve a Stitchable Neural Network: each request names a latency budget and gets the most
+accurate stitch whose predicted queue wait + compute fits it under the current load.
 
-@dataclass
-class ModelState:
-    """What readiness reports: set once the checkpoint is loaded and verified."""
-
-    ready: bool = False
-    detail: str = "loading"
-    manifest: snnet_core.Manifest | None = None
-    net: snnet_core.SNNet | None = field(default=None, repr=False)
+* `POST /classify`: images as multipart `image` parts or base64 JSON; optional
+  `latency_budget_ms`, `stitch_id`, `max_gflops`, `top_k`.
+* `GET /stitches`: the menu (cost, accuracy, measured latency on this device, Pareto front).
+"""
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    state = ModelState()
-
-    def load() -> None:
-        net, manifest = snnet_core.load(settings.weights)
-        state.net, state.manifest = net, manifest
-        state.ready, state.detail = True, "ready"
-        log.info("loaded %s: %d stitches", settings.weights, len(manifest.stitches))
+    metrics = Metrics()
+    service = ModelService(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await asyncio.to_thread(load)
+        starting = asyncio.create_task(asyncio.to_thread(service.start))
         yield
+        await starting
+        await asyncio.to_thread(service.stop)
 
-    app = FastAPI(title="snnet-serve", version="0.1.0", lifespan=lifespan)
-    app.state.model = state
+    app = FastAPI(title="snnet-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.service = service
+    app.include_router(router)
 
-    @app.get("/healthz", summary="Liveness: the process serves requests")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
-    @app.get("/readyz", summary="Readiness: 503 until the model is loaded and verified")
-    async def readyz() -> JSONResponse:
-        code = 200 if state.ready else 503
-        return JSONResponse({"ready": state.ready, "detail": state.detail}, status_code=code)
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            path = getattr(route, "path", "other")
+            metrics.requests.labels(path, str(status)).inc()
+            metrics.request_seconds.labels(path).observe(time.perf_counter() - start)
 
     return app

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from snnet_core import CheckpointError
+from snnet_core import CheckpointError, verify
 from snnet_core.cli import add_commands, run
 
 
@@ -16,28 +16,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .config import Settings
+    from .service import resolve_device
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as e:
-        print(f"error: invalid settings:\n{e}", file=sys.stderr)
+        lines = [
+            f"  SNNET_{'_'.join(str(x) for x in err['loc']).upper()}: {err['msg']}"
+            for err in e.errors()
+        ]
+        print("error: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
-        # Fail before binding the port when the checkpoint cannot be read at all.
-        from snnet_core import read_manifest
-
-        read_manifest(settings.weights)
-    except CheckpointError as e:
+        # A missing or corrupt checkpoint, or a device that is not there, is a start-up error,
+        # reported before the port is bound.
+        verify(settings.weights)
+        resolve_device(settings.device)
+    except (CheckpointError, ValueError) as e:
         print(f"error: cannot serve: {e}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="snnet", description="Stitchable Neural Networks: build, profile, serve")
+    parser = argparse.ArgumentParser(
+        prog="snnet", description="Stitchable Neural Networks: build, profile, serve"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     add_commands(sub)
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP")

@@ -4,21 +4,100 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
 
 class Settings(BaseSettings):
-    """Every setting of the service; each is read from ``SNNET_<NAME>`` (case-insensitive)."""
+    """Every setting of the service; each is read from ``SNNET_<NAME>`` (case-insensitive).
+
+    Validated at start-up; an invalid value stops the server with a message naming the setting
+    and what is allowed.
+    """
 
     model_config = SettingsConfigDict(env_prefix="SNNET_", extra="forbid")
 
-    host: str = Field("127.0.0.1", description="interface to listen on")
-    port: int = Field(8000, ge=1, le=65535, description="TCP port")
-    weights: Path = Field(BUNDLED_WEIGHTS, description="checkpoint directory to serve")
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+    weights: Path = Field(BUNDLED_WEIGHTS, description="Checkpoint directory to serve.")
+    device: str = Field(
+        "auto", description="auto (cuda if present, else cpu), cpu, cuda or cuda:N."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Compute dtype; float16 needs CUDA."
+    )
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads (default: torch's choice)."
+    )
+
+    default_budget_ms: float = Field(
+        1000.0,
+        gt=0,
+        description="Latency budget of requests that give none (and no stitch_id/max_gflops).",
+    )
+    max_batch_size: int = Field(8, ge=1, le=256, description="Largest batch the batcher forms.")
+    max_batch_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        description="Longest a batch waits for more requests (a deadline also bounds it).",
+    )
+    max_queue: int = Field(
+        256, ge=1, description="Images waiting in all queues before new ones are refused (503)."
+    )
+    max_images_per_request: int = Field(16, ge=1, description="Images one request may carry.")
+    max_body_bytes: int = Field(
+        20_000_000, ge=1024, description="Largest request body (413 above)."
+    )
+    max_image_bytes: int = Field(
+        5_000_000, ge=1024, description="Largest encoded image (413 above)."
+    )
+    max_image_pixels: int = Field(
+        20_000_000,
+        ge=1,
+        description="Largest decoded image, width x height (413 above; decompression bombs).",
+    )
+
+    profile_cache: Path | None = Field(
+        None,
+        description="Where the latency profile measured on this device is kept "
+        "(default: profiles.json next to the weights if writable, else ~/.cache/snnet).",
+    )
+    profile_batch_sizes: list[int] | None = Field(
+        None, description="Batch sizes to profile (default: 1, 2, 4, ... up to max_batch_size)."
+    )
+    profile_repeats: int = Field(
+        5, ge=1, description="Timed runs per stitch and batch size (median kept)."
+    )
+    controller_period_s: float = Field(0.5, gt=0, description="Period of the controller loop.")
+    api_key: str | None = Field(None, description="If set, /classify requires header X-API-Key.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "auto" and not (v == "cpu" or v == "cuda" or v.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _dtype_fits_device(self) -> Settings:
+        if self.dtype == "float16" and self.device == "cpu":
+            raise ValueError("dtype float16 needs a CUDA device; on cpu use float32 or bfloat16")
+        return self
+
+    def batch_sizes(self) -> list[int]:
+        """Batch sizes the latency profile covers."""
+        if self.profile_batch_sizes:
+            return sorted(set(self.profile_batch_sizes) | {1})
+        sizes, b = [], 1
+        while b < self.max_batch_size:
+            sizes.append(b)
+            b *= 2
+        return [*sizes, self.max_batch_size]
 
 
 @lru_cache

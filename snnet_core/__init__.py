@@ -13,6 +13,7 @@ from .checkpoint import (
     read_manifest,
     save,
     stitch_table,
+    verify,
     write_manifest,
 )
 from .families import FAMILIES, FamilyAdapter, ViTFamily, adapter_for
@@ -36,6 +37,7 @@ __all__ = [
     "read_manifest",
     "save",
     "stitch_table",
+    "verify",
     "write_manifest",
     "FAMILIES",
     "AnchorSpec",

@@ -146,6 +146,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -224,7 +225,28 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
         raise CheckpointError(f"{path} is malformed: {e}") from None
 
 
-def load(directory: str | os.PathLike[str], *, verify: bool = True) -> tuple[SNNet, Manifest]:
+def verify(directory: str | os.PathLike[str]) -> Manifest:
+    """Check a checkpoint without building the net: manifest schema, weights present, sha256.
+
+    Raises:
+        CheckpointError: naming the file and what is wrong with it.
+    """
+    d = Path(directory)
+    manifest = read_manifest(d)
+    weights = d / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing")
+    digest = sha256_file(weights)
+    if digest != manifest.weights_sha256:
+        raise CheckpointError(
+            f"{weights} does not match its manifest: sha256 {digest[:16]}... but "
+            f"{MANIFEST_FILE} records {manifest.weights_sha256[:16] or '(none)'}...; the file "
+            "is corrupt or was changed after saving"
+        )
+    return manifest
+
+
+def load(directory: str | os.PathLike[str], *, check_hash: bool = True) -> tuple[SNNet, Manifest]:
     """Load a checkpoint saved by ``save``: the SN-Net (float32, CPU, eval mode) and its manifest.
 
     Raises:
@@ -233,18 +255,10 @@ def load(directory: str | os.PathLike[str], *, verify: bool = True) -> tuple[SNN
             architecture. The message names the file.
     """
     d = Path(directory)
-    manifest = read_manifest(d)
     weights = d / WEIGHTS_FILE
+    manifest = verify(d) if check_hash else read_manifest(d)
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing")
-    if verify:
-        digest = sha256_file(weights)
-        if digest != manifest.weights_sha256:
-            raise CheckpointError(
-                f"{weights} does not match its manifest: sha256 {digest[:16]}... but "
-                f"{MANIFEST_FILE} records {manifest.weights_sha256[:16] or '(none)'}...; the file "
-                "is corrupt or was changed after saving"
-            )
     try:
         state = safetensors.torch.load_file(weights)
     except Exception as e:  # safetensors raises its own error types for corrupt headers

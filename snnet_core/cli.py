@@ -1,4 +1,4 @@
-"""Model-side commands of the ``snnet`` CLI: ``stitches`` and ``profile``.
+"""Model-side commands of the ``snnet`` CLI: ``stitches``, ``profile``, ``train``, ``eval``.
 
 The console script itself lives in ``server.cli`` (it adds ``serve``); these commands only need
 ``snnet_core`` and also run as ``python -m snnet_core``.
@@ -24,7 +24,9 @@ def parse_int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return values
@@ -35,7 +37,9 @@ def parse_overrides(text: str) -> dict[str, Any] | list[dict[str, Any]]:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"--overrides must be JSON: {e}") from None
-    if isinstance(value, dict) or (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+    if isinstance(value, dict) or (
+        isinstance(value, list) and all(isinstance(v, dict) for v in value)
+    ):
         return value
     raise argparse.ArgumentTypeError(
         "--overrides must be a JSON object (for every anchor) or a list of objects (one per anchor)"
@@ -47,7 +51,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: device {name!r} requested but CUDA is not available; use cpu or auto")
+        raise SystemExit(
+            f"error: device {name!r} requested but CUDA is not available; use cpu or auto"
+        )
     return device
 
 
@@ -58,7 +64,7 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overrides",
         type=parse_overrides,
-        help='timm.create_model overrides with --anchors: JSON object for all anchors or a list, '
+        help="timm.create_model overrides with --anchors: JSON object for all anchors or a list, "
         'e.g. \'{"img_size": 32, "num_classes": 10}\'',
     )
     p.add_argument("--window", type=int, default=2, help="paired-stitching window (default 2)")
@@ -68,7 +74,9 @@ def _add_source(p: argparse.ArgumentParser) -> None:
 def _load_source(args: argparse.Namespace):
     if args.weights:
         return load(args.weights)
-    net = build_snnet(args.anchors, overrides=args.overrides, window=args.window, stride=args.stride)
+    net = build_snnet(
+        args.anchors, overrides=args.overrides, window=args.window, stride=args.stride
+    )
     return net, new_manifest(net)
 
 
@@ -140,6 +148,132 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .checkpoint import save
+    from .data import load_dataset
+    from .evaluate import evaluate
+    from .train import TrainConfig, config_dict, train
+
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        label_smoothing=args.label_smoothing,
+        sampling=args.sampling,
+        mode=args.mode,
+        distill=args.distill,
+        amp=args.amp,
+        checkpoint_every=args.checkpoint_every,
+        num_workers=args.workers,
+        seed=args.seed,
+    )
+    torch.manual_seed(cfg.seed)
+    if args.weights:
+        net, manifest = load(args.weights)
+    else:
+        net = build_snnet(
+            args.anchors,
+            pretrained=args.pretrained,
+            overrides=args.overrides,
+            window=args.window,
+            stride=args.stride,
+        )
+        manifest = None
+    pre = net.data_config() if manifest is None else manifest.preprocessing
+    norm = (pre["mean"], pre["std"])
+    device = resolve_device(args.device)
+    data = load_dataset(args.data, args.train_split, pre, training=True)
+    labels = getattr(data, "classes", None) or (
+        [str(i) for i in range(net.num_classes)] if manifest is None else manifest.labels
+    )
+    rank = int(__import__("os").environ.get("RANK", 0))
+    if manifest is None and not args.resume:
+        # Least-squares init from real training images (the same on every rank: seeded).
+        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[
+            : args.ls_images
+        ]
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in norm)
+        batch = (torch.stack([data[int(i)][0] for i in idx]) - mean) / std
+        net.init_stitching_layers(batch)
+    if manifest is None:
+        manifest = new_manifest(net, labels=list(labels))
+    history = train(
+        net,
+        data,
+        cfg,
+        args.out,
+        gflops=[r["gflops"] for r in manifest.stitches],
+        normalize=norm,
+        device=device,
+        resume=args.resume,
+        progress=rank == 0,
+    )
+    if rank != 0:
+        return 0
+    net = net.cpu().eval()
+    manifest.training = {"config": config_dict(cfg), "data": args.data, "history": history}
+    if args.eval_split:
+        held = load_dataset(args.data, args.eval_split, pre, training=False)
+        res = evaluate(net, held, norm, device=device, progress=True)
+        for r in manifest.stitches:
+            r["accuracy"] = round(res[r["id"]]["top1"], 2)
+            r["top5"] = round(res[r["id"]]["top5"], 2)
+        manifest.evaluation = {"dataset": args.data, "split": args.eval_split, "images": len(held)}
+    save(net, args.out, manifest)
+    print(f"saved {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .evaluate import evaluate, plot_accuracy
+
+    net, manifest = load(args.weights)
+    pre = manifest.preprocessing
+    data = load_dataset(args.data, args.split, pre, training=False)
+    if args.limit:
+        data = torch.utils.data.Subset(data, range(min(args.limit, len(data))))
+    res = evaluate(
+        net,
+        data,
+        (pre["mean"], pre["std"]),
+        stitch_ids=args.stitches,
+        batch_size=args.batch_size,
+        device=resolve_device(args.device),
+        progress=True,
+    )
+    rows = []
+    for r in manifest.stitches:
+        if r["id"] in res:
+            rows.append(
+                {
+                    "id": r["id"],
+                    "description": r["description"],
+                    "gflops": r["gflops"],
+                    "top1": res[r["id"]]["top1"],
+                    "top5": res[r["id"]]["top5"],
+                }
+            )
+            if args.write:
+                r["accuracy"] = round(res[r["id"]]["top1"], 2)
+                r["top5"] = round(res[r["id"]]["top5"], 2)
+    if args.write:
+        manifest.evaluation = {"dataset": args.data, "split": args.split, "images": len(data)}
+        write_manifest(args.weights, manifest)
+        print(f"wrote accuracies into {args.weights}/manifest.json", file=sys.stderr)
+    if args.plot:
+        plot_accuracy(
+            [{**r, "accuracy": res[r["id"]]["top1"]} for r in manifest.stitches if r["id"] in res],
+            args.plot,
+        )
+        print(f"wrote {args.plot}", file=sys.stderr)
+    print(json.dumps(rows, indent=1) if args.json else _format_table(rows, list(rows[0])))
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``stitches`` and ``profile`` on a subparsers object."""
     p = sub.add_parser("stitches", help="print the stitch table of an anchor family or checkpoint")
@@ -158,6 +292,61 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--output", help="also write the profile as JSON to this file")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("train", help="train an SN-Net (single process or under torchrun)")
+    _add_source(p)
+    p.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="start anchors from timm's pretrained weights (network)",
+    )
+    p.add_argument(
+        "--data", required=True, help="'mnist' (bundled subset) or an ImageFolder directory"
+    )
+    p.add_argument(
+        "--train-split", default="train", help="split / sub-folder to train on (default train)"
+    )
+    p.add_argument(
+        "--eval-split", help="split / sub-folder to evaluate every stitch on after training"
+    )
+    p.add_argument(
+        "--out", required=True, help="output checkpoint directory (also holds train_state.pt)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--sampling", choices=["uniform", "flops"], default="uniform")
+    p.add_argument("--mode", choices=["full", "stitching"], default="full", help="what to train")
+    p.add_argument(
+        "--distill", action="store_true", help="distil from a frozen copy of the largest anchor"
+    )
+    p.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
+    p.add_argument("--checkpoint-every", type=int, default=1, help="epochs between train states")
+    p.add_argument("--ls-images", type=int, default=100, help="images for least-squares init")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="top-1/top-5 of every stitch on a dataset")
+    p.add_argument("--weights", required=True, help="checkpoint directory")
+    p.add_argument("--data", required=True, help="'mnist' or an ImageFolder directory")
+    p.add_argument("--split", default="held_out", help="split / sub-folder (default held_out)")
+    p.add_argument("--stitches", type=parse_int_list, help="stitch ids (default all)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--plot", help="write a PNG of accuracy vs GFLOPs (Pareto front, anchors marked)"
+    )
+    p.add_argument("--write", action="store_true", help="store the accuracies in the manifest")
+    p.set_defaults(func=cmd_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:

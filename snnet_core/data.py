@@ -38,3 +38,64 @@ def mnist_subset(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     keep = {"train": ~held, "held_out": held, "all": np.ones_like(held)}[split]
     images = torch.from_numpy(x[keep].astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
     return images, torch.from_numpy(y[keep].astype(np.int64))
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """In-memory images with optional random shifts of up to ``max_shift`` pixels (zero fill)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, max_shift: int = 0) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels, self.max_shift = images, labels, max_shift
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i]
+        if self.max_shift:
+            s = self.max_shift
+            dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,)))
+            h, w = x.shape[-2:]
+            padded = torch.nn.functional.pad(x, (s, s, s, s))
+            x = padded[..., s + dy : s + dy + h, s + dx : s + dx + w]
+        return x, self.labels[i]
+
+
+def image_folder(root: str, data_config: dict, training: bool) -> torch.utils.data.Dataset:
+    """An ImageNet-layout folder (one sub-folder per class) with timm's transforms.
+
+    Images come out as (C, H, W) floats in [0, 1]; normalisation is applied by the caller from
+    the same data config, so training, evaluation and the server preprocess alike.
+    """
+    from timm.data import create_transform
+    from torchvision import datasets, transforms
+
+    c, h, w = data_config["input_size"]
+    tf = create_transform(
+        input_size=(3, h, w),
+        is_training=training,
+        interpolation=data_config.get("interpolation", "bicubic"),
+        crop_pct=data_config.get("crop_pct", 0.875),
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+    )
+    if c == 1:
+        tf = transforms.Compose([tf, transforms.Grayscale(1)])
+    return datasets.ImageFolder(root, transform=tf)
+
+
+def load_dataset(spec: str, split: str, data_config: dict, training: bool, max_shift: int = 2):
+    """``"mnist"`` (the bundled subset; ``split`` picks train/held_out) or an ImageFolder path
+    (``split`` is a sub-folder such as ``train``/``val`` if it exists)."""
+    if spec == "mnist":
+        x, y = mnist_subset(split)
+        return DigitsDataset(x, y, max_shift if training else 0)
+    from pathlib import Path
+
+    root = Path(spec)
+    if not root.is_dir():
+        raise ValueError(f"dataset {spec!r} is neither 'mnist' nor a directory")
+    if (root / split).is_dir():
+        root = root / split
+    return image_folder(str(root), data_config, training)

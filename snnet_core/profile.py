@@ -201,6 +201,7 @@ def measure_latency(
     warmup: int = 2,
     repeats: int = 5,
     progress: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> LatencyProfile:
     """Median wall time of ``net(x, stitch_id)`` per stitch and batch size.
 
@@ -214,6 +215,7 @@ def measure_latency(
         warmup: Untimed calls before timing.
         repeats: Timed calls; the median is kept.
         progress: Print a progress bar (tqdm) to stderr.
+        on_progress: Called with (measurements done, total) after each one (e.g. to log).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -239,7 +241,7 @@ def measure_latency(
 
         bar = tqdm(total=len(jobs), desc="latency", unit="run", file=sys.stderr)
     try:
-        for s, b in jobs:
+        for done, (s, b) in enumerate(jobs, 1):
             x = inputs[b]
             for _ in range(warmup):
                 net(x, s)
@@ -254,6 +256,8 @@ def measure_latency(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(stitch=s, bs=b, ms=f"{profile.latency_ms[s][b]:.1f}")
+            if on_progress is not None:
+                on_progress(done, len(jobs))
     finally:
         if bar is not None:
             bar.close()

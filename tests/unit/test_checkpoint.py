@@ -58,7 +58,9 @@ def test_tampered_weights_are_refused(saved):
     data = bytearray((path / WEIGHTS_FILE).read_bytes())
     data[-10] ^= 0xFF
     (path / WEIGHTS_FILE).write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors does not match its manifest: sha256"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors does not match its manifest: sha256"
+    ):
         load(path)
 
 
@@ -73,10 +75,14 @@ def test_missing_files_and_bad_manifests_name_the_file(saved, tmp_path):
 
     raw = json.loads((path / MANIFEST_FILE).read_text())
     (path / MANIFEST_FILE).write_text(json.dumps({**raw, "schema_version": 99}))
-    with pytest.raises(CheckpointError, match="schema_version 99; this snnet-serve reads schema_version 1"):
+    with pytest.raises(
+        CheckpointError, match="schema_version 99; this snnet-serve reads schema_version 1"
+    ):
         load(path)
     (path / MANIFEST_FILE).write_text(json.dumps({**raw, "surprise": 1}))
-    with pytest.raises(CheckpointError, match=r"manifest\.json is malformed: unknown manifest keys \['surprise'\]"):
+    with pytest.raises(
+        CheckpointError, match=r"manifest\.json is malformed: unknown manifest keys \['surprise'\]"
+    ):
         load(path)
     (path / MANIFEST_FILE).write_text("{not json")
     with pytest.raises(CheckpointError, match=r"manifest\.json is not valid JSON"):
@@ -87,7 +93,15 @@ def test_weights_of_another_architecture_are_refused(saved, tmp_path):
     _, _, path = saved
     other = snnet_core.build_snnet(
         "vit_tiny_patch16_224,vit_small_patch16_224",
-        overrides={"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10, "depth": 4, "embed_dim": 16, "num_heads": 2},
+        overrides={
+            "img_size": 28,
+            "patch_size": 7,
+            "in_chans": 1,
+            "num_classes": 10,
+            "depth": 4,
+            "embed_dim": 16,
+            "num_heads": 2,
+        },
     )
     save(other, tmp_path / "other")
     (tmp_path / "other" / MANIFEST_FILE).write_text((path / MANIFEST_FILE).read_text())

@@ -19,7 +19,11 @@ def deit():
 
 def test_deit_space_has_the_reference_71_stitches(deit):
     assert len(deit.stitches) == 71
-    assert [s.description for s in deit.stitches[:3]] == ["deit_tiny[0:12]", "deit_small[0:12]", "deit_base[0:12]"]
+    assert [s.description for s in deit.stitches[:3]] == [
+        "deit_tiny[0:12]",
+        "deit_small[0:12]",
+        "deit_base[0:12]",
+    ]
     assert deit.stitches[3].anchors == (0, 1) and deit.stitches[36].anchors == (0, 1)
     assert deit.stitches[37].anchors == (1, 2) and deit.stitches[70].anchors == (1, 2)
     assert "deit_tiny[0:5] -> deit_small[5:12]" in {s.description for s in deit.stitches}
@@ -34,7 +38,9 @@ def test_deit_gflops_match_the_reference_within_1pct(deit):
     assert abs(min(g) - 1.26) / 1.26 < 0.01 and abs(max(g) - 18.34) / 18.34 < 0.01
     # Parameters of the anchors are the timm models' own counts.
     for i, m in enumerate(deit.anchors):
-        assert costs[i].params_m == pytest.approx(sum(p.numel() for p in m.parameters()) / 1e6, abs=1e-6)
+        assert costs[i].params_m == pytest.approx(
+            sum(p.numel() for p in m.parameters()) / 1e6, abs=1e-6
+        )
 
 
 def test_summed_part_costs_equal_a_whole_forward_count(tiny_net):
@@ -58,9 +64,13 @@ def test_counts_include_attention_on_cpu():
 def test_latency_profile_covers_what_was_asked(tiny_net):
     prof = measure_latency(tiny_net, [0, 3, 22], [1, 4], warmup=1, repeats=3)
     assert set(prof.latency_ms) == {0, 3, 22}
-    assert all(set(v) == {1, 4} and all(ms > 0 for ms in v.values()) for v in prof.latency_ms.values())
+    assert all(
+        set(v) == {1, 4} and all(ms > 0 for ms in v.values()) for v in prof.latency_ms.values()
+    )
     fp = prof.fingerprint
-    assert fp.device_type == "cpu" and fp.dtype == "float32" and fp.threads == torch.get_num_threads()
+    assert (
+        fp.device_type == "cpu" and fp.dtype == "float32" and fp.threads == torch.get_num_threads()
+    )
     assert fp.torch == torch.__version__ and fp.device_name
     assert fp == DeviceFingerprint.current("cpu", torch.float32)
     assert fp != DeviceFingerprint.current("cpu", torch.bfloat16)

@@ -31,7 +31,11 @@ def expected_params(net, stitch_id):
                 used.add(n)  # stem: patch embed, cls token, pos embed
         elif n.startswith(f"anchors.{b}."):
             rest = n[len(f"anchors.{b}.") :]
-            if rest.startswith("blocks.") and int(rest.split(".")[1]) >= k or rest.startswith(HEAD_PARTS):
+            if (
+                rest.startswith("blocks.")
+                and int(rest.split(".")[1]) >= k
+                or rest.startswith(HEAD_PARTS)
+            ):
                 used.add(n)
         elif n.startswith(f"stitch_layers.{s.pair}.{s.layer}."):
             used.add(n)
@@ -58,7 +62,9 @@ def test_every_stitch_shape_finite_and_gradients_exactly_where_used(stitch_id, d
 @pytest.mark.parametrize("anchor", range(3))
 def test_anchor_ids_reproduce_the_timm_models_bit_for_bit(anchor, digits):
     net = build_tiny(seed=anchor).eval()
-    ref = timm.create_model(net.anchor_names[anchor], pretrained=False, **TINY_OVERRIDES[anchor]).eval()
+    ref = timm.create_model(
+        net.anchor_names[anchor], pretrained=False, **TINY_OVERRIDES[anchor]
+    ).eval()
     ref.load_state_dict(net.anchors[anchor].state_dict())
     x = digits[0]
     with torch.no_grad():
@@ -94,7 +100,10 @@ def test_route_is_an_argument_so_threads_can_share_one_net(tiny_net, digits):
         except Exception as e:  # surfaced below
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(list(range(i, TINY_NUM_STITCHES, 4)),)) for i in range(4)]
+    threads = [
+        threading.Thread(target=worker, args=(list(range(i, TINY_NUM_STITCHES, 4)),))
+        for i in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -111,7 +120,9 @@ def test_bfloat16_on_cpu_runs_every_stitch(tiny_net, digits):
     with torch.no_grad():
         for s in range(TINY_NUM_STITCHES):
             out = net(x, s)
-            assert out.dtype == torch.bfloat16 and out.shape == (4, 10) and torch.isfinite(out).all()
+            assert (
+                out.dtype == torch.bfloat16 and out.shape == (4, 10) and torch.isfinite(out).all()
+            )
 
 
 def test_unknown_stitch_id_names_the_valid_range(tiny_net, digits):

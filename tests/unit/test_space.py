@@ -25,7 +25,9 @@ def test_window_and_stride_change_the_space():
 
 
 def test_enumeration_numbers_anchors_first_then_pairs():
-    stitches, layers = enumerate_stitches(["a_patch16", "b_patch16", "c_patch16"], [12, 12, 12], SpaceConfig())
+    stitches, layers = enumerate_stitches(
+        ["a_patch16", "b_patch16", "c_patch16"], [12, 12, 12], SpaceConfig()
+    )
     assert len(stitches) == 71 and layers == [11, 11]
     assert [s.anchors for s in stitches[:3]] == [(0,), (1,), (2,)]
     assert all(s.anchors == (0, 1) for s in stitches[3:37])

@@ -1,0 +1,86 @@
+"""Decode, validate and preprocess request images, exactly as the checkpoint's manifest says."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+
+
+class ImageError(ValueError):
+    """A request image that cannot be used; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def decode_image(
+    data: bytes, *, max_bytes: int, max_pixels: int, name: str = "image"
+) -> Image.Image:
+    """Bytes to a decoded PIL image (first frame of a GIF), refusing oversized and bomb images.
+
+    Raises:
+        ImageError: 413 over the byte or pixel limit, 400 undecodable or unsupported format.
+    """
+    if len(data) > max_bytes:
+        raise ImageError(413, f"{name} is {len(data)} bytes; the limit is {max_bytes} bytes")
+    if not data:
+        raise ImageError(400, f"{name} is empty; send a JPEG, PNG, WebP, BMP or GIF image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+            fmt = img.format
+            if fmt not in ALLOWED_FORMATS:
+                raise ImageError(
+                    400,
+                    f"{name} is {fmt or 'an unknown format'}; allowed: JPEG, PNG, WebP, BMP, GIF",
+                )
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(
+                    413, f"{name} is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels"
+                )
+            img.seek(0)  # first frame of an animation
+            img.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(413, f"{name} refused as a decompression bomb: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(
+            400, f"{name} could not be decoded ({e}); send a JPEG, PNG, WebP, BMP or GIF image"
+        ) from None
+    return img
+
+
+def make_transform(pre: dict):
+    """PIL image -> normalised (C, H, W) float32 tensor, per the manifest's preprocessing.
+
+    timm's own evaluation transform (resize the shorter side to ``size / crop_pct``, centre crop,
+    scale to [0, 1], normalise), after converting to grey or RGB to match the channel count: the
+    same steps ``snnet eval`` and ``snnet train`` use.
+    """
+    from timm.data import create_transform
+
+    c, h, w = pre["input_size"]
+    tf = create_transform(
+        input_size=(3, h, w),
+        is_training=False,
+        interpolation=pre.get("interpolation", "bicubic"),
+        crop_pct=pre.get("crop_pct", 1.0),
+        crop_mode=pre.get("crop_mode", "center"),
+        mean=tuple(pre["mean"]),
+        std=tuple(pre["std"]),
+    )
+    mode = "L" if c == 1 else "RGB"
+
+    def transform(img: Image.Image) -> torch.Tensor:
+        return tf(img.convert(mode)).contiguous()
+
+    return transform

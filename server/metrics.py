@@ -1,0 +1,89 @@
+"""Prometheus metrics of the service: names prefixed ``snnet_``, base units, ``_total`` counters.
+
+Each app instance owns its own ``CollectorRegistry`` (so tests can run several apps in one
+process); ``/metrics`` exposes it, with the process collector for CPU and memory.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+# Buckets from 1 ms to 30 s: tiny models on GPU through large ones on CPU under load.
+LATENCY_BUCKETS = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """All metrics of one service instance."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.requests = Counter(
+            "snnet_requests",
+            "HTTP requests by route and status code",
+            ["route", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "snnet_request_duration_seconds", "Time from request arrival to response, by route",
+            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_seconds = Histogram(
+            "snnet_queue_wait_seconds", "Time a classify request waited before its batch ran",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.compute_seconds = Histogram(
+            "snnet_compute_seconds", "Model time of one batch, by stitch", ["stitch"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "snnet_batch_size", "Images per model batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.stitch_chosen = Counter(
+            "snnet_stitch_chosen", "Requests answered by each stitch", ["stitch"], registry=r
+        )
+        self.gflops_served = Counter(
+            "snnet_gflops_served",
+            "GFLOPs of the stitches that answered, summed over images",
+            registry=r,
+        )
+        self.budget_met = Counter(
+            "snnet_budget_met", "Requests answered within their budget", registry=r
+        )
+        self.budget_missed = Counter(
+            "snnet_budget_missed", "Requests answered after their budget ran out", registry=r
+        )
+        self.shed = Counter(
+            "snnet_shed", "Requests refused at once because no stitch could meet their budget under the current load",
+            registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge("snnet_queue_depth", "Images waiting for the model", registry=r)
+        self.queue_predicted_wait = Gauge(
+            "snnet_queue_predicted_wait_seconds", "Predicted wait of a new request behind the current queue",
+            registry=r,
+        )  # fmt: skip
+        self.latency_correction = Gauge(
+            "snnet_latency_correction",
+            "Observed / profiled compute time, by stitch",
+            ["stitch"],
+            registry=r,
+        )
+        self.load_level = Gauge(
+            "snnet_load_level", "Controller load level (0 idle .. 1 saturated)", registry=r
+        )
+        self.ready = Gauge(
+            "snnet_ready", "1 when the model is loaded, verified and profiled", registry=r
+        )
+        self.model = Info("snnet_model", "The served SN-Net", registry=r)

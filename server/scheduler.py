@@ -1,0 +1,321 @@
+"""Scheduler: picks the stitch for each request, queues it, batches, runs the model off the loop.
+
+One worker thread owns the model (torch already spreads one forward over the CPU's cores, and
+a GPU runs one stream at a time). Requests wait in one queue per stitch; the worker serves the
+queue whose head has the earliest deadline, and holds a batch open for more requests of the same
+stitch until it is full, ``max_batch_wait`` has passed, or the head's deadline would be at risk.
+
+Every choice is made against a prediction of when the request would finish: the running batch's
+remaining time, plus the queued work, plus its own batch's compute, all from the latency model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from snnet_core import SNNet
+
+from .latency import LatencyModel
+from .metrics import Metrics
+
+log = logging.getLogger("snnet.scheduler")
+
+
+class ChoiceError(Exception):
+    """A request the scheduler will not take; ``status`` and ``detail`` become the HTTP answer."""
+
+    def __init__(self, status: int, detail: str, retry_after_s: int | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.retry_after_s = status, detail, retry_after_s
+
+
+@dataclass
+class Choice:
+    stitch: int
+    predicted_ms: float  # queue wait + compute, as predicted at choice time
+    predicted_wait_ms: float
+
+
+@dataclass
+class Result:
+    logits: torch.Tensor  # (n, classes) float32 on the CPU
+    stitch: int
+    queue_ms: float
+    compute_ms: float
+    batch_size: int
+
+
+@dataclass
+class _Job:
+    x: torch.Tensor  # (n, C, H, W) float32
+    stitch: int
+    deadline: float  # time.monotonic() seconds; math.inf without a budget
+    enqueued: float
+    future: asyncio.Future = field(repr=False)
+    loop: asyncio.AbstractEventLoop = field(repr=False)
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[0]
+
+
+def _resolve(fut: asyncio.Future, value: object, error: BaseException | None) -> None:
+    if fut.done():  # the client went away and the request was cancelled
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(value)
+
+
+class Scheduler:
+    """Chooses stitches, queues and batches requests, and runs the model in a worker thread.
+
+    Args:
+        net: The SN-Net, on ``device`` in ``dtype``, eval mode.
+        latency: Predicted compute per (stitch, batch size).
+        ranking: Stitch ids from most to least preferred (most accurate first).
+        max_batch: Largest batch formed from several requests.
+        max_wait_ms: Longest a batch is held open for more requests.
+        max_queue: Images allowed to wait in all queues together.
+        metrics: Where queue depth, batch sizes and compute times go.
+    """
+
+    def __init__(
+        self,
+        net: SNNet,
+        latency: LatencyModel,
+        ranking: Sequence[int],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_batch: int,
+        max_wait_ms: float,
+        max_queue: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise ValueError(
+                f"max_batch and max_queue must be >= 1 and max_wait_ms >= 0, got "
+                f"{max_batch}, {max_queue}, {max_wait_ms}"
+            )
+        self.net, self.latency, self.ranking = net, latency, list(ranking)
+        self.device, self.dtype = device, dtype
+        self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_ms / 1e3, max_queue
+        self.metrics = metrics
+        self._cv = threading.Condition()
+        self._queues: dict[int, deque[_Job]] = {s: deque() for s in range(len(net.stitches))}
+        self._queued = 0  # images waiting
+        self._running_until = 0.0  # predicted monotonic end of the batch being computed
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- prediction ---------------------------------------------------------------------------
+
+    def _batches_ms(self, stitch: int, images: int) -> float:
+        """Predicted compute of ``images`` images of one stitch, in batches of ``max_batch``."""
+        full, rest = divmod(images, self.max_batch)
+        ms = full * self.latency.predict_ms(stitch, self.max_batch)
+        return ms + (self.latency.predict_ms(stitch, rest) if rest else 0.0)
+
+    def _predict_locked(self, stitch: int, n: int, now: float) -> tuple[float, float]:
+        """(wait ms, compute ms) of a new job of ``n`` images on ``stitch``, behind all queued work."""
+        wait = max(0.0, self._running_until - now) * 1e3
+        own = n
+        for s, q in self._queues.items():
+            if not q:
+                continue
+            images = sum(j.n for j in q)
+            if s == stitch:
+                own += images
+            else:
+                wait += self._batches_ms(s, images)
+        return wait, self._batches_ms(stitch, own)
+
+    def predicted_wait_ms(self) -> float:
+        """Predicted wait of a new request behind everything queued and running now."""
+        with self._cv:
+            wait = max(0.0, self._running_until - time.monotonic()) * 1e3
+            return wait + sum(
+                self._batches_ms(s, sum(j.n for j in q)) for s, q in self._queues.items() if q
+            )
+
+    def idle_ms(self, stitch: int, n: int = 1) -> float:
+        return self._batches_ms(stitch, n)
+
+    # -- choice -------------------------------------------------------------------------------
+
+    def choose(
+        self, budget_ms: float, n: int = 1, candidates: Sequence[int] | None = None
+    ) -> Choice:
+        """The most preferred stitch whose predicted wait + compute fits ``budget_ms``.
+
+        Raises:
+            ChoiceError: 422 if no stitch fits even on an idle server; 503 (with Retry-After)
+                if one would, but not behind the current queue (load shedding).
+        """
+        ranking = (
+            self.ranking
+            if candidates is None
+            else [s for s in self.ranking if s in set(candidates)]
+        )
+        fastest = min(ranking, key=lambda s: self.idle_ms(s, n))
+        fastest_ms = self.idle_ms(fastest, n)
+        if budget_ms < fastest_ms:
+            raise ChoiceError(
+                422,
+                f"latency_budget_ms={budget_ms:g} is below the fastest stitch's compute time "
+                f"({fastest_ms:.2f} ms for stitch {fastest} at batch {n}) even on an idle server; "
+                f"allowed: latency_budget_ms >= {math.ceil(fastest_ms * 100) / 100:.2f}",
+            )
+        now = time.monotonic()
+        with self._cv:
+            wait_ms = 0.0
+            for s in ranking:
+                wait_ms, compute_ms = self._predict_locked(s, n, now)
+                if wait_ms + compute_ms <= budget_ms:
+                    return Choice(s, wait_ms + compute_ms, wait_ms)
+        if self.metrics:
+            self.metrics.shed.inc()
+        retry = max(1, math.ceil(wait_ms / 1e3))
+        raise ChoiceError(
+            503,
+            f"overloaded: no stitch can answer within latency_budget_ms={budget_ms:g} behind the "
+            f"current queue (predicted wait {wait_ms:.0f} ms); retry later or allow a larger budget",
+            retry_after_s=retry,
+        )
+
+    # -- queueing -----------------------------------------------------------------------------
+
+    def submit(self, x: torch.Tensor, stitch: int, budget_ms: float | None) -> asyncio.Future:
+        """Queue ``x`` (n, C, H, W) for ``stitch``; the returned future resolves to a Result.
+
+        Must be called from the event loop's thread.
+
+        Raises:
+            ChoiceError: 503 when the queue is full or the server is shutting down.
+        """
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        deadline = now + budget_ms / 1e3 if budget_ms is not None else math.inf
+        job = _Job(x, stitch, deadline, now, loop.create_future(), loop)
+        with self._cv:
+            if self._stopping:
+                raise ChoiceError(503, "the server is shutting down; retry on another replica", 1)
+            if self._queued + job.n > self.max_queue:
+                if self.metrics:
+                    self.metrics.shed.inc()
+                raise ChoiceError(
+                    503,
+                    f"queue full: {self._queued} images waiting, limit {self.max_queue}; retry later",
+                    retry_after_s=1,
+                )
+            self._queues[stitch].append(job)
+            self._queued += job.n
+            self._update_gauges_locked()
+            self._cv.notify_all()
+        return job.future
+
+    def _update_gauges_locked(self) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.set(self._queued)
+
+    # -- worker -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("scheduler already started")
+        self._thread = threading.Thread(target=self._run, name="snnet-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Refuse new work, finish everything queued, then stop the worker."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued
+
+    def _next_batch_locked(self) -> list[_Job] | None:
+        """Wait for work, pick the queue with the earliest deadline, form its batch."""
+        while True:
+            heads = [q[0] for q in self._queues.values() if q]
+            if heads:
+                break
+            if self._stopping:
+                return None
+            self._cv.wait()
+        head = min(heads, key=lambda j: (j.deadline, j.enqueued))
+        q = self._queues[head.stitch]
+        # Hold the batch open for more requests of this stitch, but never past the point where
+        # the head would miss its deadline, and not at all when shutting down.
+        hold_until = head.enqueued + self.max_wait_s
+        if head.deadline < math.inf:
+            slack = head.deadline - self.latency.predict_ms(head.stitch, self.max_batch) / 1e3
+            hold_until = min(hold_until, slack)
+        while not self._stopping and sum(j.n for j in q) < self.max_batch:
+            remaining = hold_until - time.monotonic()
+            if remaining <= 0:
+                break
+            self._cv.wait(remaining)
+        batch, images = [q.popleft()], head.n
+        while q and images + q[0].n <= self.max_batch:
+            images += q[0].n
+            batch.append(q.popleft())
+        self._queued -= images
+        self._running_until = time.monotonic() + self.latency.predict_ms(head.stitch, images) / 1e3
+        self._update_gauges_locked()
+        return batch
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                batch = self._next_batch_locked()
+            if batch is None:
+                return
+            self._compute(batch)
+            with self._cv:
+                self._running_until = 0.0
+
+    def _compute(self, batch: list[_Job]) -> None:
+        stitch = batch[0].stitch
+        start = time.monotonic()
+        x = torch.cat([j.x for j in batch]) if len(batch) > 1 else batch[0].x
+        try:
+            with torch.inference_mode():
+                logits = self.net(x.to(self.device, self.dtype, non_blocking=True), stitch)
+                logits = logits.float().cpu()
+        except Exception as e:  # reported to every waiting request, the worker goes on
+            log.exception("batch of stitch %d failed", stitch)
+            for j in batch:
+                j.loop.call_soon_threadsafe(_resolve, j.future, None, e)
+            return
+        end = time.monotonic()
+        compute_ms = (end - start) * 1e3
+        n = x.shape[0]
+        self.latency.observe(stitch, n, compute_ms)
+        if self.metrics:
+            self.metrics.compute_seconds.labels(str(stitch)).observe(compute_ms / 1e3)
+            self.metrics.batch_size.observe(n)
+            self.metrics.latency_correction.labels(str(stitch)).set(self.latency.correction(stitch))
+        i = 0
+        for j in batch:
+            result = Result(logits[i : i + j.n], stitch, (start - j.enqueued) * 1e3, compute_ms, n)
+            i += j.n
+            if self.metrics:
+                self.metrics.queue_seconds.observe(result.queue_ms / 1e3)
+            j.loop.call_soon_threadsafe(_resolve, j.future, result, None)

@@ -1,0 +1,106 @@
+"""Request and response schemas of the HTTP API."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ClassifyOptions(BaseModel):
+    """How to pick the stitch; the same fields in multipart form data and in JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latency_budget_ms: float | None = Field(
+        None,
+        gt=0,
+        description="Answer within this many ms (queue wait + compute); the most accurate stitch that fits.",
+    )
+    stitch_id: int | None = Field(None, description="Use exactly this stitch (see GET /stitches).")
+    max_gflops: float | None = Field(
+        None, gt=0, description="The most accurate stitch costing at most this."
+    )
+    top_k: int = Field(5, ge=1, description="Predictions per image.")
+
+
+class ClassifyJSON(ClassifyOptions):
+    images: list[str] | None = Field(
+        None, description="Base64-encoded images (JPEG, PNG, WebP, BMP, GIF)."
+    )
+    image: str | None = Field(None, description="One base64-encoded image (instead of `images`).")
+
+
+class Prediction(BaseModel):
+    label: str
+    class_index: int
+    score: float
+
+
+class StitchRef(BaseModel):
+    id: int
+    description: str
+    gflops: float
+    accuracy: float | None
+
+
+class Timing(BaseModel):
+    queue_ms: float = Field(description="Wait before the batch ran.")
+    compute_ms: float = Field(description="Model time of the batch.")
+    total_ms: float = Field(description="From request arrival to response.")
+
+
+class ClassifyResponse(BaseModel):
+    predictions: list[list[Prediction]] = Field(
+        description="top_k predictions per image, best first."
+    )
+    stitch: StitchRef
+    timing: Timing
+    latency_budget_ms: float | None
+    budget_met: bool
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "predictions": [
+                    [
+                        {"label": "7", "class_index": 7, "score": 0.98},
+                        {"label": "1", "class_index": 1, "score": 0.01},
+                    ]
+                ],
+                "stitch": {
+                    "id": 2,
+                    "description": "vit_base[0:6]",
+                    "gflops": 0.0194,
+                    "accuracy": 97.6,
+                },
+                "timing": {"queue_ms": 0.4, "compute_ms": 3.1, "total_ms": 4.2},
+                "latency_budget_ms": 50.0,
+                "budget_met": True,
+            }
+        }
+    )
+
+
+class StitchInfo(BaseModel):
+    id: int
+    description: str
+    anchors: list[str]
+    gflops: float
+    params_m: float
+    accuracy: float | None
+    latency_ms: dict[str, float] = Field(
+        description="Measured median ms on this device, by batch size."
+    )
+    predicted_ms: dict[str, float] = Field(
+        description="What the scheduler predicts now (profile x online correction)."
+    )
+    pareto: bool = Field(description="On the accuracy/GFLOPs Pareto front.")
+
+
+class StitchesResponse(BaseModel):
+    device: str
+    dtype: str
+    stitches: list[StitchInfo]
+
+
+class ErrorResponse(BaseModel):
+    detail: str

@@ -1,0 +1,219 @@
+"""The model service: load and verify the checkpoint, place it, profile it, run the scheduler.
+
+Start-up runs in a worker thread while the HTTP server already answers ``/healthz``;
+``/readyz`` turns 200 only after every step below is done:
+
+1. load + verify the checkpoint (schema, sha256), move it to the device and dtype;
+2. warm up every stitch;
+3. find a latency profile for this device fingerprint covering every stitch and the batch
+   sizes the batcher forms: in the manifest, else in the profile cache, else measure it now
+   (progress in the log) and keep it in the cache;
+4. build the latency model and start the scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+import snnet_core
+from snnet_core import DeviceFingerprint, LatencyProfile, Manifest, SNNet, pareto_front
+
+from .config import Settings
+from .imaging import make_transform
+from .latency import LatencyModel
+from .metrics import Metrics
+from .scheduler import Scheduler
+
+log = logging.getLogger("snnet.service")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; a clear error for cuda without CUDA."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"SNNET_DEVICE={name} but CUDA is not available here; use cpu or auto")
+    return device
+
+
+def default_cache_path(settings: Settings, sha: str) -> Path:
+    if settings.profile_cache is not None:
+        return settings.profile_cache
+    if os.access(settings.weights, os.W_OK):
+        return settings.weights / "profiles.json"
+    return Path.home() / ".cache" / "snnet" / f"profiles-{sha[:16]}.json"
+
+
+def _covers(profile: LatencyProfile, stitches: int, batch_sizes: list[int]) -> bool:
+    return set(profile.latency_ms) >= set(range(stitches)) and all(
+        set(per_bs) >= set(batch_sizes) for per_bs in profile.latency_ms.values()
+    )
+
+
+class ModelService:
+    """Everything the routes need: the net, its manifest, the scheduler, readiness."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.ready = False
+        self.detail = "loading"
+        self.started = threading.Event()  # set when start() finished, well or not
+        self.net: SNNet | None = None
+        self.manifest: Manifest | None = None
+        self.scheduler: Scheduler | None = None
+        self.latency: LatencyModel | None = None
+        self.profile: LatencyProfile | None = None
+        self.device = resolve_device(settings.device)
+        self.dtype = DTYPES[settings.dtype]
+        self.ranking: list[int] = []
+        self.pareto: set[int] = set()
+        self.profile_source = ""
+
+    # -- start-up -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        try:
+            self._start()
+            self.ready, self.detail = True, "ready"
+            self.metrics.ready.set(1)
+        except Exception as e:
+            self.detail = f"start-up failed: {e}"
+            log.exception("start-up failed")
+        finally:
+            self.started.set()
+
+    def _start(self) -> None:
+        s = self.settings
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        t0 = time.perf_counter()
+        self.detail = "loading checkpoint"
+        net, manifest = snnet_core.load(s.weights)
+        net = net.to(self.device, self.dtype).eval()
+        self.net, self.manifest = net, manifest
+        self.transform = make_transform(manifest.preprocessing)
+        log.info(
+            "loaded %s: %s, %d stitches, on %s %s (%.1fs)", s.weights, ",".join(net.anchor_names),
+            len(net.stitches), self.device, s.dtype, time.perf_counter() - t0,
+        )  # fmt: skip
+        self.detail = "warming up"
+        x = torch.zeros(1, *net.input_size, device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            for i in range(len(net.stitches)):
+                net(x, i)
+        self.detail = "latency profile"
+        self.profile = self._profile()
+        self.latency = LatencyModel(self.profile)
+        self._rank()
+        self.scheduler = Scheduler(
+            net, self.latency, self.ranking, device=self.device, dtype=self.dtype,
+            max_batch=s.max_batch_size, max_wait_ms=s.max_batch_wait_ms, max_queue=s.max_queue,
+            metrics=self.metrics,
+        )  # fmt: skip
+        self.scheduler.start()
+        self.metrics.model.info(
+            {
+                "anchors": ",".join(net.anchor_names), "family": net.family, "stitches": str(len(net.stitches)),
+                "device": str(self.device), "dtype": s.dtype, "weights_sha256": manifest.weights_sha256[:16],
+                "profile": self.profile_source,
+            }
+        )  # fmt: skip
+        for i in range(len(net.stitches)):
+            self.metrics.latency_correction.labels(str(i)).set(1.0)
+        log.info("ready in %.1fs (profile: %s)", time.perf_counter() - t0, self.profile_source)
+
+    def _profile(self) -> LatencyProfile:
+        s, net, manifest = self.settings, self.net, self.manifest
+        fp = DeviceFingerprint.current(self.device, self.dtype)
+        sizes = s.batch_sizes()
+        found = manifest.profile_for(fp)
+        if found and _covers(found, len(net.stitches), sizes):
+            self.profile_source = "manifest"
+            return found
+        cache = default_cache_path(s, manifest.weights_sha256)
+        cached = self._read_cache(cache, manifest.weights_sha256)
+        for p in cached:
+            if p.fingerprint == fp and _covers(p, len(net.stitches), sizes):
+                self.profile_source = f"cache {cache}"
+                return p
+        log.info(
+            "no latency profile for this device (%s, %s, %d threads): measuring %d stitches x batch "
+            "sizes %s", fp.device_name, fp.dtype, fp.threads, len(net.stitches), sizes,
+        )  # fmt: skip
+        profile = snnet_core.measure_latency(
+            net,
+            None,
+            sizes,
+            warmup=1,
+            repeats=s.profile_repeats,
+            progress=False,
+            on_progress=self._log_progress,
+        )
+        cached = [p for p in cached if p.fingerprint != fp] + [profile]
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "weights_sha256": manifest.weights_sha256,
+                        "profiles": [p.to_dict() for p in cached],
+                    },
+                    indent=1,
+                )
+            )
+            os.replace(tmp, cache)
+            self.profile_source = f"measured, kept in {cache}"
+        except OSError as e:
+            log.warning("could not write the profile cache %s: %s", cache, e)
+            self.profile_source = "measured (not cached)"
+        return profile
+
+    @staticmethod
+    def _log_progress(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            log.info("profiling: %d/%d measurements", done, total)
+
+    @staticmethod
+    def _read_cache(path: Path, sha: str) -> list[LatencyProfile]:
+        if not path.is_file():
+            return []
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("weights_sha256") != sha:
+                return []
+            return [LatencyProfile.from_dict(p) for p in raw["profiles"]]
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring unreadable profile cache %s: %s", path, e)
+            return []
+
+    def _rank(self) -> None:
+        """Most accurate first (GFLOPs stands in where the checkpoint has no accuracy)."""
+        rows = self.manifest.stitches
+        acc = self.manifest.accuracy()
+        if acc:
+            score = {r["id"]: acc.get(r["id"], float("-inf")) for r in rows}
+        else:
+            score = {r["id"]: r["gflops"] for r in rows}
+        self.ranking = sorted(score, key=lambda i: (-score[i], rows[i]["gflops"]))
+        front = pareto_front([r["gflops"] for r in rows], [score[r["id"]] for r in rows])
+        self.pareto = {rows[i]["id"] for i in front}
+
+    def accuracy(self, stitch: int) -> float | None:
+        return self.manifest.stitches[stitch].get("accuracy")
+
+    def stop(self) -> None:
+        if self.scheduler is not None:
+            log.info("draining %d queued images", self.scheduler.queued_images)
+            self.scheduler.stop()

@@ -1,0 +1,104 @@
+"""The `snnet` console script, run as a user runs it (a real subprocess)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import snnet_core
+from tests.conftest import TINY_ANCHORS, TINY_NUM_STITCHES, TINY_OVERRIDES, build_tiny
+
+SNNET = str(Path(sys.executable).with_name("snnet"))
+
+
+def snnet(*args, check=True):
+    proc = subprocess.run([SNNET, *args], capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snnet {args} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def test_stitches_json_for_deit():
+    out = snnet(
+        "stitches",
+        "--anchors",
+        "deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224",
+        "--json",
+    )
+    rows = json.loads(out.stdout)
+    assert len(rows) == 71
+    assert [r["id"] for r in rows] == list(range(71))
+    assert all({"id", "description", "gflops", "params_m"} <= set(r) for r in rows)
+    assert rows[0]["description"] == "deit_tiny[0:12]"
+
+
+def test_stitches_table_for_a_tiny_family():
+    out = snnet("stitches", "--anchors", TINY_ANCHORS, "--overrides", json.dumps(TINY_OVERRIDES))
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].split()[:6] == ["id", "description", "anchors", "cut", "gflops", "params_m"]
+    assert len(lines) == 1 + TINY_NUM_STITCHES
+    assert "vit_tiny[0:1] -> vit_small[0:4]" in lines[4]
+
+
+def test_profile_writes_into_the_manifest(tmp_path):
+    snnet_core.save(build_tiny(), tmp_path)
+    out = snnet(
+        "profile",
+        "--weights",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--batch-sizes",
+        "1,2",
+        "--stitches",
+        "0,4",
+        "--repeats",
+        "2",
+        "--warmup",
+        "0",
+    )
+    assert "ms@1" in out.stdout and "ms@2" in out.stdout
+    assert "latency" in out.stderr  # progress bar
+    _, manifest = snnet_core.load(tmp_path)
+    (profile,) = manifest.profiles
+    assert set(profile.latency_ms) == {0, 4} and profile.batch_sizes == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["stitches", "--anchors", "a,b", "--overrides", "{oops"], "--overrides must be JSON"),
+        (
+            ["stitches", "--weights", "/nonexistent/ckpt"],
+            "checkpoint directory /nonexistent/ckpt does not exist",
+        ),
+        (
+            ["stitches", "--anchors", "no_such_model,vit_tiny_patch16_224"],
+            "unknown timm model 'no_such_model'",
+        ),
+        (["serve", "--port", "0"], "port"),
+    ],
+)
+def test_bad_input_is_a_clear_error(args, message):
+    proc = snnet(*args, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_serve_refuses_a_corrupt_checkpoint(tmp_path):
+    snnet_core.save(build_tiny(), tmp_path)
+    with open(tmp_path / "model.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\0")
+    proc = subprocess.run(
+        [SNNET, "serve", "--port", "8999"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"SNNET_WEIGHTS": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2
+    assert "cannot serve" in proc.stderr and "does not match its manifest" in proc.stderr

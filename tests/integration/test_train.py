@@ -1,0 +1,225 @@
+"""Training and evaluation on the tiny real timm family and real MNIST digits."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+
+import snnet_core
+from snnet_core.data import DigitsDataset, mnist_subset
+from snnet_core.train import StitchSampler, TrainConfig, lr_at, train
+from tests.conftest import TINY_ANCHORS, TINY_NUM_STITCHES, TINY_OVERRIDES, build_tiny
+
+ROOT = Path(__file__).resolve().parents[2]
+SNNET = str(Path(sys.executable).with_name("snnet"))
+
+
+@pytest.fixture(scope="module")
+def small_train():
+    x, y = mnist_subset("train")
+    return DigitsDataset(x[::8].contiguous(), y[::8].contiguous())  # 500 digits
+
+
+def mean_loss(net, data, norm):
+    x = torch.stack([data[i][0] for i in range(128)])
+    y = torch.stack([data[i][1] for i in range(128)])
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in norm)
+    with torch.no_grad():
+        return (
+            sum(
+                F.cross_entropy(net.eval()((x - mean) / std, s), y).item()
+                for s in range(TINY_NUM_STITCHES)
+            )
+            / TINY_NUM_STITCHES
+        )
+
+
+@pytest.mark.parametrize("mode", ["full", "stitching"])
+def test_training_lowers_the_loss_and_updates_what_it_should(mode, small_train, tmp_path):
+    net = build_tiny(seed=1)
+    pre = net.data_config()
+    norm = (pre["mean"], pre["std"])
+    before_state = {k: v.clone() for k, v in net.state_dict().items()}
+    before = mean_loss(net, small_train, norm)
+    cfg = TrainConfig(epochs=4, batch_size=25, lr=2e-3, warmup_epochs=0.5, mode=mode)
+    history = train(
+        net,
+        small_train,
+        cfg,
+        tmp_path,
+        gflops=[c.gflops for c in snnet_core.stitch_costs(net)],
+        normalize=norm,
+        progress=False,
+    )
+    assert len(history) == 4 and history[-1]["loss"] < history[0]["loss"]
+    assert mean_loss(net, small_train, norm) < before
+    after_state = net.state_dict()
+    anchors_changed = any(
+        not torch.equal(before_state[k], after_state[k])
+        for k in after_state
+        if k.startswith("anchors.")
+    )
+    layers_changed = [
+        not torch.equal(before_state[k], after_state[k])
+        for k in after_state
+        if k.startswith("stitch_layers.")
+    ]
+    assert all(layers_changed)  # 4 epochs x 20 steps: every layer gets sampled
+    assert anchors_changed == (mode == "full")
+    assert (tmp_path / "train_state.pt").is_file()
+
+
+def test_resume_continues_from_the_saved_epoch(small_train, tmp_path):
+    pre = build_tiny().data_config()
+    norm = (pre["mean"], pre["std"])
+    kw = dict(gflops=[1.0] * TINY_NUM_STITCHES, normalize=norm, progress=False)
+    full = build_tiny(seed=2)
+    train(full, small_train, TrainConfig(epochs=2, batch_size=50, lr=1e-3), tmp_path / "a", **kw)
+    part = build_tiny(seed=2)
+    train(part, small_train, TrainConfig(epochs=1, batch_size=50, lr=1e-3), tmp_path / "b", **kw)
+    resumed = build_tiny(seed=99)  # weights come from the train state, not from this init
+    history = train(
+        resumed,
+        small_train,
+        TrainConfig(epochs=2, batch_size=50, lr=1e-3),
+        tmp_path / "b",
+        resume=True,
+        **kw,
+    )
+    assert [h["epoch"] for h in history] == [1, 2]
+    for k, v in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_schedule_and_sampling():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-5)
+    lrs = [lr_at(s, 100, 10, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[10] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-5, rel=0.05)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    gflops = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 10.0]
+    uni = StitchSampler(gflops, "uniform", 2, seed=0)
+    grp = StitchSampler(gflops, "flops", 2, seed=0)
+    n = 4000
+    assert abs(sum(uni() == 8 for _ in range(n)) / n - 1 / 9) < 0.03
+    assert abs(sum(grp() == 8 for _ in range(n)) / n - 1 / 2) < 0.03
+    with pytest.raises(ValueError, match="sampling must be"):
+        TrainConfig(sampling="nope")
+
+
+def test_two_process_torchrun_on_cpu_ends_with_identical_weights(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "0",
+            str(ROOT / "tests/integration/ddp_worker.py"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = safetensors.torch.load_file(tmp_path / "rank0.safetensors")
+    r1 = safetensors.torch.load_file(tmp_path / "rank1.safetensors")
+    start = build_tiny(seed=0).state_dict()
+    assert r0.keys() == r1.keys()
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert any(not torch.equal(r0[k], start[k]) for k in r0)
+
+
+def test_eval_gives_the_right_numbers_on_a_known_case(tmp_path):
+    net = build_tiny(seed=4)
+    # Anchor 0 always answers "1": zero weights, bias for class 1, runner-up classes 2..5.
+    head = net.anchors[0].head
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, 9, 8, 7, 6, 5, -1, -2, -3, -4]))
+    snnet_core.save(net, tmp_path)
+    # The held-out split is sorted by label: its first 300 digits are 100 each of 0, 1 and 2.
+    proc = subprocess.run(
+        [
+            SNNET,
+            "eval",
+            "--weights",
+            str(tmp_path),
+            "--data",
+            "mnist",
+            "--limit",
+            "300",
+            "--stitches",
+            "0,1,7",
+            "--json",
+            "--write",
+            "--plot",
+            str(tmp_path / "p.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["id"]: r for r in json.loads(proc.stdout)}
+    assert rows[0]["top1"] == pytest.approx(100 / 3) and rows[0]["top5"] == pytest.approx(200 / 3)
+    # Other stitches: the same numbers as a direct computation.
+    x, y = mnist_subset("held_out")
+    pre = net.data_config()
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (pre["mean"], pre["std"]))
+    with torch.no_grad():
+        for s in (1, 7):
+            pred = net.eval()((x[:300] - mean) / std, s).argmax(-1)
+            assert rows[s]["top1"] == pytest.approx(100.0 * (pred == y[:300]).float().mean().item())
+    _, manifest = snnet_core.load(tmp_path)
+    assert manifest.accuracy()[0] == pytest.approx(33.33, abs=0.01)
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_train_command_writes_a_servable_checkpoint(tmp_path):
+    proc = subprocess.run(
+        [
+            SNNET,
+            "train",
+            "--anchors",
+            TINY_ANCHORS,
+            "--overrides",
+            json.dumps(TINY_OVERRIDES),
+            "--data",
+            "mnist",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "100",
+            "--lr",
+            "1e-3",
+            "--eval-split",
+            "held_out",
+            "--out",
+            str(tmp_path),
+            "--sampling",
+            "flops",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "epoch 1/1" in proc.stderr  # progress bar
+    net, manifest = snnet_core.load(tmp_path)
+    assert manifest.training["config"]["sampling"] == "flops"
+    assert manifest.evaluation == {"dataset": "mnist", "split": "held_out", "images": 1000}
+    assert len(manifest.accuracy()) == TINY_NUM_STITCHES
+    assert (tmp_path / "train_state.pt").is_file()
