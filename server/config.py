@@ -41,9 +41,10 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(8, ge=1, le=256, description="Largest batch the batcher forms.")
     max_batch_wait_ms: float = Field(
-        2.0,
+        0.0,
         ge=0,
-        description="Longest a batch waits for more requests (a deadline also bounds it).",
+        description="Longest a batch is held open for more requests (a deadline also bounds it). "
+        "0: no holding; batches still form from requests that queue while the model is busy.",
     )
     max_queue: int = Field(
         256, ge=1, description="Images waiting in all queues before new ones are refused (503)."

@@ -17,6 +17,16 @@ from snnet_core import LatencyProfile
 MIN_CORRECTION, MAX_CORRECTION = 0.25, 8.0
 
 
+def _monotone(per_bs: dict[int, float]) -> list[tuple[int, float]]:
+    """(batch, ms) sorted by batch, made non-decreasing: a larger batch never takes less time, so
+    a noisy measurement below a smaller batch's is raised to it."""
+    points, floor = [], 0.0
+    for b, ms in sorted((int(b), float(ms)) for b, ms in per_bs.items()):
+        floor = max(floor, ms)
+        points.append((b, floor))
+    return points
+
+
 class LatencyModel:
     """Thread-safe predictions of compute milliseconds.
 
@@ -31,10 +41,7 @@ class LatencyModel:
         self.profile = profile
         self.smoothing = smoothing
         self._lock = threading.Lock()
-        self._base = {
-            s: sorted((int(b), float(ms)) for b, ms in per_bs.items())
-            for s, per_bs in profile.latency_ms.items()
-        }
+        self._base = {s: _monotone(per_bs) for s, per_bs in profile.latency_ms.items()}
         self._correction = {s: 1.0 for s in self._base}
 
     @property
