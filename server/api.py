@@ -24,6 +24,8 @@ from .schemas import (
     ClassifyOptions,
     ClassifyResponse,
     ErrorResponse,
+    HealthResponse,
+    ReadyResponse,
     StitchesResponse,
     StitchInfo,
 )
@@ -376,22 +378,46 @@ async def get_stitch(stitch_id: int, service: Service) -> Any:
     return _stitch_info(service, rows[stitch_id])
 
 
-@router.get("/healthz", summary="Liveness: the process serves requests")
+@router.get(
+    "/healthz", response_model=HealthResponse, summary="Liveness: the process serves requests"
+)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
 @router.get(
     "/readyz",
+    response_model=ReadyResponse,
     summary="Readiness: 503 until the model is loaded, verified and profiled",
-    responses={503: {"description": "Not ready yet"}},
+    responses={
+        503: {
+            "model": ReadyResponse,
+            "description": "Not ready yet",
+            "content": {
+                "application/json": {"example": {"ready": False, "detail": "latency profile"}}
+            },
+        }
+    },
 )
 async def readyz(service: Service) -> JSONResponse:
     body = {"ready": service.ready, "detail": service.detail}
     return JSONResponse(body, status_code=200 if service.ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics (text format)", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (text format)",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {
+                "text/plain": {
+                    "example": 'snnet_requests_total{route="/classify",status="200"} 42.0'
+                }
+            }
+        }
+    },
+)
 async def metrics(service: Service) -> Response:
     if service.scheduler is not None:
         service.metrics.queue_predicted_wait.set(service.scheduler.predicted_wait_ms() / 1e3)

@@ -73,9 +73,10 @@ class Settings(BaseSettings):
     profile_repeats: int = Field(
         5, ge=1, description="Timed runs per stitch and batch size (median kept)."
     )
-    controller_period_s: float = Field(0.5, gt=0, description="Period of the controller loop.")
     api_key: str | None = Field(None, description="If set, /classify requires header X-API-Key.")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
 
     @field_validator("device")
     @classmethod

@@ -96,11 +96,40 @@ class StitchInfo(BaseModel):
     pareto: bool = Field(description="On the accuracy/GFLOPs Pareto front.")
 
 
+STITCH_EXAMPLE = {
+    "id": 34,
+    "description": "vit_small[0:6] -> vit_base[5:6]",
+    "anchors": ["vit_small_patch16_224", "vit_base_patch16_224"],
+    "gflops": 0.00615,
+    "params_m": 0.41,
+    "accuracy": 97.1,
+    "latency_ms": {"1": 1.9, "2": 2.1, "4": 2.4, "8": 3.0},
+    "predicted_ms": {"1": 2.0, "2": 2.2, "4": 2.5, "8": 3.1},
+    "pareto": True,
+}
+StitchInfo.model_config["json_schema_extra"] = {"example": STITCH_EXAMPLE}
+
+
 class StitchesResponse(BaseModel):
     device: str
     dtype: str
     stitches: list[StitchInfo]
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {"device": "cpu", "dtype": "float32", "stitches": [STITCH_EXAMPLE]}
+        }
+    )
+
+
+class HealthResponse(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class ReadyResponse(BaseModel):
+    ready: bool = Field(examples=[True])
+    detail: str = Field(examples=["ready"])
+
 
 class ErrorResponse(BaseModel):
-    detail: str
+    detail: str = Field(examples=["unknown stitch_id 99; valid ids are 0..34 (GET /stitches)"])

@@ -1,0 +1,55 @@
+"""Start `snnet serve` on a free loopback port for a benchmark and wait until it is ready."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+
+SNNET = str(Path(sys.executable).with_name("snnet"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cache = Path(tempfile.mkdtemp()) / "profiles.json"
+    proc = subprocess.Popen(
+        [SNNET, "serve", "--port", str(port), "--host", "127.0.0.1"],
+        env={**os.environ, "SNNET_PROFILE_CACHE": str(cache), **(env or {})},
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    for line in proc.stderr:
+        if "ready in" in line:
+            break
+        if "Traceback" in line or "error:" in line:
+            raise SystemExit(f"server failed to start: {line}")
+    else:
+        raise SystemExit("server exited before it was ready")
+    # Keep draining the log so the server never blocks on a full pipe.
+    import threading
+
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def digit_pngs(n: int = 32) -> list[bytes]:
+    from snnet_core.data import mnist_subset
+
+    x, _ = mnist_subset("held_out")
+    out = []
+    for i in range(0, 1000, 1000 // n)[:n]:
+        buf = io.BytesIO()
+        Image.fromarray((x[i, 0].numpy() * 255).round().astype("uint8"), "L").save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out

@@ -1,0 +1,89 @@
+"""Closed loop: 8 concurrent clients with mixed latency budgets against `snnet serve`.
+
+    python bench/closed_loop.py [--clients 8] [--seconds 30] [--budgets 5,10,20,50]
+
+Each client sends single-image requests back to back, each with a budget drawn from the mix.
+Prints the share of answered requests within their budget (client-measured; target >= 99%),
+throughput, status counts and how often each stitch answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _server import digit_pngs, start_server  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--budgets", default="5,10,20,50", help="ms, drawn uniformly")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    budgets = [float(b) for b in args.budgets.split(",")]
+    proc, url = start_server()
+    pngs = digit_pngs()
+    records: list[tuple[float, float, int, int | None]] = []  # budget, rtt ms, status, stitch
+    lock = threading.Lock()
+    stop_at = time.monotonic() + args.seconds
+
+    def client(k: int) -> None:
+        rng = random.Random(args.seed * 100 + k)
+        with httpx.Client(timeout=30) as c:
+            while time.monotonic() < stop_at:
+                budget = rng.choice(budgets)
+                files = [("image", ("d.png", rng.choice(pngs), "image/png"))]
+                t0 = time.perf_counter()
+                r = c.post(f"{url}/classify", files=files, data={"latency_budget_ms": str(budget)})
+                ms = (time.perf_counter() - t0) * 1e3
+                stitch = r.json()["stitch"]["id"] if r.status_code == 200 else None
+                with lock:
+                    records.append((budget, ms, r.status_code, stitch))
+
+    try:
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - t0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    ok = [r for r in records if r[2] == 200]
+    within = sum(1 for b, ms, _, _ in ok if ms <= b)
+    print(f"# {args.clients} clients, {args.seconds:g} s, budgets {budgets} ms (uniform)")
+    print(
+        f"requests {len(records)}, answered {len(ok)}, statuses {dict(collections.Counter(r[2] for r in records))}"
+    )
+    print(
+        f"within budget (client-measured): {within}/{len(ok)} = {100 * within / max(1, len(ok)):.2f}% of answered (target >= 99%)"
+    )
+    print(
+        f"throughput {len(ok) / elapsed:.1f} answered/s; latency median {statistics.median(r[1] for r in ok):.2f} ms"
+    )
+    for b in budgets:
+        sub = [r for r in ok if r[0] == b]
+        if sub:
+            print(
+                f"  budget {b:>5g} ms: {len(sub)} answered, {100 * sum(r[1] <= b for r in sub) / len(sub):.2f}% within, "
+                f"median {statistics.median(r[1] for r in sub):.2f} ms"
+            )
+    usage = collections.Counter(r[3] for r in ok)
+    print("stitch usage: " + ", ".join(f"{s}:{n}" for s, n in sorted(usage.items())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""`snnet serve` with the bundled trained weights, over real HTTP on a free loopback port."""
+
+import concurrent.futures
+import io
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+import snnet_core
+from snnet_core.data import mnist_subset
+
+ROOT = Path(__file__).resolve().parents[2]
+SNNET = str(Path(sys.executable).with_name("snnet"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `snnet serve` subprocess whose log lines can be awaited."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [SNNET, "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            env={**os.environ, **env},
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _pump(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, text: str, timeout: float = 300) -> None:
+        while True:
+            line = self.lines.get(timeout=timeout)
+            if line is None:
+                raise AssertionError(f"server exited before logging {text!r}:\n{''.join(self.log)}")
+            self.log.append(line)
+            if text in line:
+                return
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(
+        {
+            "SNNET_PROFILE_CACHE": str(tmp_path_factory.mktemp("cache") / "profiles.json"),
+            "SNNET_PROFILE_REPEATS": "3",
+        }
+    )
+    srv.wait_for("ready in")
+    yield srv
+    if srv.proc.poll() is None:
+        srv.proc.terminate()
+        srv.proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return snnet_core.load(ROOT / "weights")
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    x, y = mnist_subset("held_out")
+    idx = list(range(5, 1000, 50))  # 20 digits, two of each class
+    pngs = []
+    for i in idx:
+        buf = io.BytesIO()
+        Image.fromarray((x[i, 0].numpy() * 255).round().astype("uint8"), "L").save(buf, "PNG")
+        pngs.append(buf.getvalue())
+    return pngs, y[idx].tolist(), x[idx]
+
+
+def expected(net, x, stitch):
+    with torch.no_grad():
+        return net((x - 0.5) / 0.5, stitch).argmax(-1).tolist()
+
+
+def classify(url, pngs, **fields):
+    files = [("image", (f"{i}.png", b, "image/png")) for i, b in enumerate(pngs)]
+    return httpx.post(
+        f"{url}/classify", files=files, data={k: str(v) for k, v in fields.items()}, timeout=60
+    )
+
+
+def test_held_out_digits_are_classified_correctly(server, bundled, held_out):
+    pngs, labels, x = held_out
+    r = classify(server.url, pngs, latency_budget_ms=10_000, top_k=1)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    got = [p[0]["class_index"] for p in body["predictions"]]
+    net, manifest = bundled
+    assert got == expected(net, x, body["stitch"]["id"])
+    assert sum(g == t for g, t in zip(got, labels, strict=True)) >= 18
+    best = max(manifest.stitches, key=lambda s: (s["accuracy"], -s["gflops"]))
+    assert body["stitch"]["id"] == best["id"] and body["budget_met"]
+
+
+def test_tight_budget_picks_a_cheaper_stitch_and_impossible_is_422(server, bundled, held_out):
+    pngs = held_out[0][:1]
+    menu = httpx.get(f"{server.url}/stitches").json()["stitches"]
+    by_acc = sorted(menu, key=lambda s: -s["accuracy"])
+    fastest = min(s["predicted_ms"]["1"] for s in menu)
+    best_ms = by_acc[0]["predicted_ms"]["1"]
+    budget = (fastest + best_ms) / 2
+    r = classify(server.url, pngs, latency_budget_ms=f"{budget:.3f}").json()
+    assert r["stitch"]["gflops"] < by_acc[0]["gflops"]
+    assert r["stitch"]["accuracy"] <= by_acc[0]["accuracy"]
+    r = classify(server.url, pngs, latency_budget_ms=fastest / 10)
+    assert r.status_code == 422 and "even on an idle server" in r.json()["detail"]
+
+
+def test_stitch_id_and_max_gflops_are_honoured(server, bundled, held_out):
+    pngs, _, x = held_out
+    net, manifest = bundled
+    r = classify(server.url, pngs[:3], stitch_id=7, top_k=1).json()
+    assert r["stitch"]["id"] == 7
+    assert [p[0]["class_index"] for p in r["predictions"]] == expected(net, x[:3], 7)
+    cap = manifest.stitches[1]["gflops"]
+    r = classify(server.url, pngs[:1], max_gflops=cap).json()
+    assert r["stitch"]["gflops"] <= cap
+    assert r["stitch"]["accuracy"] == max(
+        s["accuracy"] for s in manifest.stitches if s["gflops"] <= cap
+    )
+
+
+def test_errors_over_http(server):
+    r = httpx.post(f"{server.url}/classify", content=b"x", headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
+    r = httpx.post(
+        f"{server.url}/classify", files=[("image", ("a.png", b"not a png", "image/png"))]
+    )
+    assert r.status_code == 400 and "could not be decoded" in r.json()["detail"]
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_concurrent_requests_for_different_stitches(server, bundled, held_out):
+    pngs, _, x = held_out
+    net, manifest = bundled
+    jobs = [(i % len(manifest.stitches), i % len(pngs)) for i in range(48)]
+
+    def one(job):
+        s, i = job
+        r = classify(server.url, [pngs[i]], stitch_id=s, top_k=1)
+        assert r.status_code == 200, r.text
+        return s, i, r.json()["predictions"][0][0]["class_index"]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, jobs))
+    for s, i, got in results:
+        assert got == expected(net, x[i : i + 1], s)[0]
+
+
+def test_metrics_and_readiness(server):
+    assert httpx.get(f"{server.url}/readyz").json() == {"ready": True, "detail": "ready"}
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'snnet_requests_total{route="/classify",status="200"}' in text
+    assert (
+        'snnet_model_info{anchors="vit_tiny_patch16_224,vit_small_patch16_224,vit_base_patch16_224"'
+        in text
+    )
+
+
+def test_sigterm_finishes_accepted_requests_then_exits(tmp_path, held_out):
+    srv = Server({"SNNET_PROFILE_CACHE": str(tmp_path / "p.json"), "SNNET_PROFILE_REPEATS": "1"})
+    srv.wait_for("ready in")
+    pngs = held_out[0][:4]
+
+    def attempt():
+        try:
+            return classify(srv.url, pngs, stitch_id=2).status_code
+        except httpx.TransportError:  # arrived after the listener closed
+            return "refused"
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(attempt) for _ in range(64)]
+        next(concurrent.futures.as_completed(futures))  # traffic is flowing
+        srv.proc.send_signal(signal.SIGTERM)
+        outcomes = [f.result() for f in futures]
+    assert srv.proc.wait(60) == 0
+    assert outcomes.count(200) >= 1
+    assert set(outcomes) <= {200, "refused"}  # nothing accepted is dropped or failed

@@ -1,0 +1,336 @@
+"""The HTTP API on a tiny real checkpoint, in process (httpx against the ASGI app)."""
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import snnet_core
+from server.app import create_app
+from server.config import Settings
+from tests.conftest import TINY_NUM_STITCHES, build_tiny
+
+
+def png(array, mode="L", fmt="PNG", size=None) -> bytes:
+    img = Image.fromarray(array, mode)
+    if size:
+        img = img.resize(size)
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, train_digits):
+    d = tmp_path_factory.mktemp("tiny")
+    net = build_tiny(seed=7)
+    net.init_stitching_layers((train_digits - 0.5) / 0.5)
+    manifest = snnet_core.new_manifest(net, labels=[f"digit {i}" for i in range(10)])
+    for r in manifest.stitches:
+        r["accuracy"] = round(50 + r["gflops"] * 1e5 - 2 * (r["id"] % 3), 2)  # a known ranking
+    snnet_core.save(net, d, manifest)
+    return d
+
+
+@pytest.fixture(scope="module")
+def client(ckpt, tmp_path_factory):
+    settings = Settings(
+        weights=ckpt,
+        profile_repeats=1,
+        max_image_pixels=100_000,
+        max_body_bytes=300_000,
+        max_image_bytes=200_000,
+        max_images_per_request=4,
+        profile_cache=tmp_path_factory.mktemp("cache") / "profiles.json",
+    )
+    app = create_app(settings)
+    with TestClient(app) as c:
+        assert app.state.service.started.wait(120) and app.state.service.ready
+        yield c
+
+
+@pytest.fixture(scope="module")
+def digit_png(digits):
+    return png((digits[0][0, 0].numpy() * 255).round().astype("uint8"))
+
+
+def test_not_ready_until_started(ckpt, tmp_path, digit_png):
+    app = create_app(Settings(weights=ckpt, profile_repeats=1, profile_cache=tmp_path / "p.json"))
+    c = TestClient(app)  # no lifespan: nothing has started the model
+    assert c.get("/healthz").json() == {"status": "ok"}
+    r = c.get("/readyz")
+    assert r.status_code == 503 and r.json()["ready"] is False
+    r = c.post("/classify", files=[("image", ("a.png", digit_png, "image/png"))])
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    assert c.get("/stitches").status_code == 503
+    app.state.service.start()
+    assert c.get("/readyz").status_code == 200
+    assert (tmp_path / "p.json").is_file()  # the measured profile is kept
+    app.state.service.stop()
+
+
+def test_classify_multipart_and_json_agree(client, digit_png):
+    r1 = client.post(
+        "/classify",
+        files=[("image", ("a.png", digit_png, "image/png"))],
+        data={"stitch_id": "5", "top_k": "3"},
+    )
+    r2 = client.post(
+        "/classify",
+        json={"image": base64.b64encode(digit_png).decode(), "stitch_id": 5, "top_k": 3},
+    )
+    assert r1.status_code == r2.status_code == 200
+    a, b = r1.json(), r2.json()
+    assert a["predictions"] == b["predictions"]
+    assert len(a["predictions"]) == 1 and len(a["predictions"][0]) == 3
+    assert a["stitch"]["id"] == 5 and a["latency_budget_ms"] is None and a["budget_met"] is True
+    p = a["predictions"][0][0]
+    assert p["label"] == f"digit {p['class_index']}" and 0 < p["score"] <= 1
+    assert set(a["timing"]) == {"queue_ms", "compute_ms", "total_ms"}
+
+
+def test_predictions_match_the_model(client, ckpt, digits):
+    net, manifest = snnet_core.load(ckpt)
+    imgs = [png((d[0].numpy() * 255).round().astype("uint8")) for d in digits[0][:4]]
+    r = client.post(
+        "/classify",
+        files=[("image", (f"{i}.png", b, "image/png")) for i, b in enumerate(imgs)],
+        data={"stitch_id": "12", "top_k": "1"},
+    )
+    assert r.status_code == 200
+    x = torch.stack(
+        [
+            torch.from_numpy(
+                __import__("numpy").asarray(Image.open(io.BytesIO(b)), dtype="float32") / 255
+            )
+            for b in imgs
+        ]
+    )[:, None]
+    with torch.no_grad():
+        expected = net((x - 0.5) / 0.5, 12).argmax(-1).tolist()
+    assert [p[0]["class_index"] for p in r.json()["predictions"]] == expected
+
+
+def test_choice_rules(client, digit_png):
+    files = [("image", ("a.png", digit_png, "image/png"))]
+    stitches = client.get("/stitches").json()["stitches"]
+    best = max(stitches, key=lambda s: s["accuracy"])
+    r = client.post("/classify", files=files, data={"latency_budget_ms": "60000"}).json()
+    assert r["stitch"]["id"] == best["id"] and r["budget_met"]
+    cap = sorted(s["gflops"] for s in stitches)[5]
+    r = client.post("/classify", files=files, data={"max_gflops": str(cap)}).json()
+    under = [s for s in stitches if s["gflops"] <= cap]
+    assert r["stitch"]["id"] == max(under, key=lambda s: s["accuracy"])["id"]
+    r = client.post("/classify", files=files).json()  # no budget: the server's default applies
+    assert r["latency_budget_ms"] == 1000.0
+
+
+def bomb_png() -> bytes:
+    img = Image.new("L", (6_000, 6_000))  # 36 Mpx in about 35 kB of PNG
+    buf = io.BytesIO()
+    img.save(buf, "PNG", optimize=False)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "message"),
+    [
+        (
+            {"content": b"hello", "headers": {"content-type": "text/plain"}},
+            415,
+            "not supported; send multipart/form-data",
+        ),
+        ({"json": {"image": "@@@"}}, 400, "images[0] is not valid base64"),
+        (
+            {"json": {"image": base64.b64encode(b"not an image").decode()}},
+            400,
+            "could not be decoded",
+        ),
+        (
+            {"json": {"image": base64.b64encode(b"GIF89a" + b"\0" * 20).decode()}},
+            400,
+            "could not be decoded",
+        ),
+        (
+            {"content": b"{oops", "headers": {"content-type": "application/json"}},
+            400,
+            "not valid JSON",
+        ),
+        ({"json": {}}, 422, "no image given"),
+        ({"json": {"images": ["x"], "image": "y"}}, 422, "not both"),
+        (
+            {"json": {"image": "DIGIT", "stitch_id": 999}},
+            422,
+            "unknown stitch_id 999; valid ids are 0..22",
+        ),
+        (
+            {"json": {"image": "DIGIT", "latency_budget_ms": -1}},
+            422,
+            "latency_budget_ms: Input should be greater than 0",
+        ),
+        (
+            {"json": {"image": "DIGIT", "latency_budget_ms": 1e-6}},
+            422,
+            "below the fastest stitch's compute time",
+        ),
+        ({"json": {"image": "DIGIT", "max_gflops": 1e-12}}, 422, "below the cheapest stitch"),
+        (
+            {"json": {"image": "DIGIT", "stitch_id": 1, "max_gflops": 1}},
+            422,
+            "at most one of stitch_id and max_gflops",
+        ),
+        ({"json": {"image": "DIGIT", "top_k": 11}}, 422, "top_k=11 but the model has 10 classes"),
+        (
+            {"json": {"image": "DIGIT", "colour": "red"}},
+            422,
+            "colour: Extra inputs are not permitted",
+        ),
+        ({"json": {"images": ["DIGIT"] * 5}}, 422, "at most 4 per request"),
+        ({"json": {"image": "BIG"}}, 413, "the limit is 100000 pixels"),
+        ({"json": {"image": "BOMB"}}, 413, "pixels"),
+        (
+            {"content": b"x" * 400_000, "headers": {"content-type": "application/json"}},
+            413,
+            "the limit is 300000 bytes",
+        ),
+    ],
+)
+def test_errors_say_what_is_wrong(client, digit_png, kwargs, status, message):
+    if "json" in kwargs:
+        body = json.dumps(kwargs["json"])
+        b64 = {
+            "DIGIT": digit_png,
+            "BIG": png(__import__("numpy").zeros((400, 400), "uint8")),
+            "BOMB": bomb_png() if "BOMB" in body else b"",
+        }
+        for k, v in b64.items():
+            body = body.replace(f'"{k}"', json.dumps(base64.b64encode(v).decode()))
+        kwargs = {"content": body, "headers": {"content-type": "application/json"}}
+    r = client.post("/classify", **kwargs)
+    assert r.status_code == status, r.text
+    assert message in r.json()["detail"]
+    assert client.get("/healthz").status_code == 200  # and the service keeps running
+
+
+def test_multipart_errors(client, digit_png):
+    r = client.post(
+        "/classify", files=[("image", ("a.png", digit_png, "image/png"))], data={"stitch_id": "abc"}
+    )
+    assert r.status_code == 422 and "stitch_id" in r.json()["detail"]
+    r = client.post("/classify", files=[("photo", ("a.png", digit_png, "image/png"))])
+    assert r.status_code == 422 and "unknown form fields ['photo']" in r.json()["detail"]
+    r = client.post("/classify", files=[("image", ("a.png", digit_png, "image/png"))] * 6)
+    assert r.status_code == 422 and "at most 4" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "BMP", "GIF"])
+def test_image_formats(client, digits, fmt):
+    data = png((digits[0][3, 0].numpy() * 255).round().astype("uint8"), "L", fmt, size=(56, 56))
+    r = client.post(
+        "/classify", files=[("image", (f"a.{fmt.lower()}", data, "application/octet-stream"))]
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_stitches_menu(client):
+    body = client.get("/stitches").json()
+    assert body["device"] == "cpu" and body["dtype"] == "float32"
+    rows = body["stitches"]
+    assert [r["id"] for r in rows] == list(range(TINY_NUM_STITCHES))
+    r = rows[4]
+    assert set(r) >= {
+        "id",
+        "description",
+        "anchors",
+        "gflops",
+        "params_m",
+        "accuracy",
+        "latency_ms",
+        "pareto",
+    }
+    assert set(r["latency_ms"]) == {"1", "2", "4", "8"}
+    front = client.get("/stitches", params={"pareto": "true"}).json()["stitches"]
+    assert 0 < len(front) < len(rows) and all(s["pareto"] for s in front)
+    assert client.get("/stitches/4").json() == r | {
+        "predicted_ms": client.get("/stitches/4").json()["predicted_ms"]
+    }
+    assert client.get("/stitches/99").status_code == 404
+    assert "valid integer" in client.get("/stitches/x").json()["detail"]
+
+
+def test_metrics_exposition(client, digit_png):
+    client.post(
+        "/classify",
+        files=[("image", ("a.png", digit_png, "image/png"))],
+        data={"latency_budget_ms": "60000"},
+    )
+    text = client.get("/metrics").text
+    for name in [
+        'snnet_requests_total{route="/classify",status="200"}',
+        "snnet_request_duration_seconds_bucket",
+        "snnet_queue_wait_seconds_bucket",
+        "snnet_compute_seconds_bucket",
+        "snnet_batch_size_bucket",
+        "snnet_stitch_chosen_total",
+        "snnet_budget_met_total",
+        "snnet_budget_missed_total",
+        "snnet_shed_total",
+        "snnet_queue_depth",
+        "snnet_model_info{",
+        "snnet_latency_correction",
+        "process_resident_memory_bytes",
+    ]:
+        assert name in text, name
+
+
+def test_api_key(ckpt, tmp_path, digit_png):
+    app = create_app(
+        Settings(
+            weights=ckpt, api_key="s3cret", profile_repeats=1, profile_cache=tmp_path / "p.json"
+        )
+    )
+    with TestClient(app) as c:
+        assert app.state.service.started.wait(120)
+        files = [("image", ("a.png", digit_png, "image/png"))]
+        assert c.post("/classify", files=files).status_code == 401
+        assert c.post("/classify", files=files, headers={"X-API-Key": "s3cret"}).status_code == 200
+
+
+def test_openapi_documents_both_bodies_with_examples(client):
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+    assert set(body) == {"multipart/form-data", "application/json"}
+    assert body["application/json"]["examples"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_readme_lists_every_setting():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [n for n in Settings.model_fields if f"`SNNET_{n.upper()}`" not in readme]
+    assert not missing
+
+
+def test_every_route_has_an_example_in_the_openapi_docs(client):
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+
+    def has_example(node) -> bool:
+        if isinstance(node, dict):
+            if "example" in node or "examples" in node:
+                return True
+            ref = node.get("$ref")
+            if ref and has_example(schemas[ref.split("/")[-1]]):
+                return True
+            return any(has_example(v) for v in node.values())
+        if isinstance(node, list):
+            return any(has_example(v) for v in node)
+        return False
+
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            assert has_example(op.get("responses", {}).get("200", {})), f"{method.upper()} {path}"

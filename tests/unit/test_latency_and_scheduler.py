@@ -1,0 +1,142 @@
+"""The latency model and the scheduler's choices, on the tiny real family with a known profile."""
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from server.latency import LatencyModel
+from server.scheduler import ChoiceError, Scheduler
+from snnet_core import DeviceFingerprint, LatencyProfile
+from tests.conftest import TINY_NUM_STITCHES, build_tiny
+
+
+def profile(ms_of):
+    fp = DeviceFingerprint.current("cpu", torch.float32)
+    return LatencyProfile(
+        fp,
+        [1, 2, 4, 8],
+        {s: {b: ms_of(s, b) for b in (1, 2, 4, 8)} for s in range(TINY_NUM_STITCHES)},
+    )
+
+
+def test_prediction_interpolates_and_never_falls_with_batch():
+    m = LatencyModel(profile(lambda s, b: {1: 2.0, 2: 3.0, 4: 1.0, 8: 9.0}[b]))  # bs 4 is noise
+    assert m.predict_ms(0, 1) == 2.0 and m.predict_ms(0, 2) == 3.0
+    assert m.predict_ms(0, 4) == 3.0  # raised to bs 2's
+    assert m.predict_ms(0, 6) == pytest.approx(6.0)  # between 4 (3.0) and 8 (9.0)
+    assert m.predict_ms(0, 16) == pytest.approx(21.0)  # extrapolated from 4 and 8
+
+
+def test_corrections_converge_to_the_observed_ratio():
+    m = LatencyModel(profile(lambda s, b: 10.0 * b), smoothing=0.2)
+    for _ in range(60):
+        m.observe(3, 2, 40.0)  # twice as slow as profiled
+    assert m.correction(3) == pytest.approx(2.0, rel=1e-3)
+    assert m.predict_ms(3, 4) == pytest.approx(80.0, rel=1e-3)
+    assert m.correction(4) == 1.0  # other stitches untouched
+    for _ in range(60):
+        m.observe(3, 2, 20.0)
+    assert m.correction(3) == pytest.approx(1.0, rel=1e-3)
+
+
+def make_scheduler(ms_of, max_batch=4, max_queue=64):
+    net = build_tiny().eval()
+    lat = LatencyModel(profile(ms_of))
+    ranking = list(range(TINY_NUM_STITCHES - 1, -1, -1))  # pretend: higher id = more accurate
+    return Scheduler(
+        net,
+        lat,
+        ranking,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        max_batch=max_batch,
+        max_wait_ms=0,
+        max_queue=max_queue,
+    ), net
+
+
+def test_choice_is_the_best_stitch_that_fits():
+    sched, _ = make_scheduler(lambda s, b: (s + 1) * b)  # stitch s: (s+1) ms per image
+    assert sched.choose(1000.0).stitch == TINY_NUM_STITCHES - 1
+    assert sched.choose(5.5).stitch == 4
+    assert sched.choose(5.5, n=2).stitch == 1  # a 2-image request costs twice as much
+    assert sched.choose(100, candidates=[0, 3, 7]).stitch == 7
+
+
+def test_budget_below_the_fastest_idle_stitch_is_422_with_the_time():
+    sched, _ = make_scheduler(lambda s, b: (s + 1) * b)
+    with pytest.raises(ChoiceError) as e:
+        sched.choose(0.5)
+    assert e.value.status == 422
+    assert (
+        "1.00 ms for stitch 0" in e.value.detail and "latency_budget_ms >= 1.00" in e.value.detail
+    )
+
+
+def test_queue_shifts_choices_to_cheaper_stitches_then_sheds():
+    sched, net = make_scheduler(lambda s, b: (s + 1) * b)
+    x = torch.zeros(1, *net.input_size)
+
+    async def scenario():
+        # Worker not started: queued work stays queued and is part of every prediction.
+        for _ in range(3):
+            sched.submit(x, 9, None)  # 3 images of stitch 9: 10 ms each, 30 ms ahead
+        first = sched.choose(40.0).stitch
+        with pytest.raises(ChoiceError) as e:
+            sched.choose(30.5)  # even stitch 0 (1 ms) behind 30 ms of work misses it
+        return first, e.value
+
+    first, err = asyncio.run(scenario())
+    assert first == 9  # joins stitch 9's batch: 4 images -> 40 ms in all
+    assert err.status == 503 and err.retry_after_s >= 1 and "overloaded" in err.detail
+
+
+def test_full_queue_is_refused():
+    sched, net = make_scheduler(lambda s, b: 1.0, max_queue=2)
+    x = torch.zeros(2, *net.input_size)
+
+    async def scenario():
+        sched.submit(x, 0, None)
+        with pytest.raises(ChoiceError, match="queue full") as e:
+            sched.submit(x, 0, None)
+        return e.value.status
+
+    assert asyncio.run(scenario()) == 503
+
+
+def test_worker_batches_requests_and_answers_each_correctly(digits):
+    sched, net = make_scheduler(lambda s, b: 1.0, max_batch=8)
+    images = digits[0][:12]
+    with torch.no_grad():
+        expected = {s: net(images, s) for s in (2, 5)}
+
+    async def scenario():
+        futs = [(i, s, sched.submit(images[i : i + 1], s, None)) for i in range(12) for s in (2, 5)]
+        sched.start()  # everything already queued: batches of up to 8 per stitch
+        return [(i, s, await f) for i, s, f in futs]
+
+    results = asyncio.run(scenario())
+    sched.stop()
+    for i, s, r in results:
+        assert r.stitch == s
+        torch.testing.assert_close(r.logits[0], expected[s][i], rtol=1e-4, atol=1e-5)
+    assert max(r.batch_size for _, _, r in results) == 8
+
+
+def test_stop_drains_everything_accepted(digits):
+    sched, net = make_scheduler(lambda s, b: 1.0)
+
+    async def scenario():
+        futs = [sched.submit(digits[0][:1], s % 5, None) for s in range(10)]
+        sched.start()
+        await asyncio.to_thread(sched.stop)
+        with pytest.raises(ChoiceError, match="shutting down"):
+            sched.submit(digits[0][:1], 0, None)
+        return await asyncio.gather(*futs)
+
+    start = time.monotonic()
+    results = asyncio.run(scenario())
+    assert len(results) == 10 and all(r.logits.shape == (1, 10) for r in results)
+    assert time.monotonic() - start < 60
