@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import json
 import time
 from typing import Annotated, Any
@@ -18,7 +19,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from .imaging import ImageError, decode_image
-from .scheduler import ChoiceError
+from .scheduler import ChoiceError, ComputeError
 from .schemas import (
     ClassifyJSON,
     ClassifyOptions,
@@ -166,7 +167,7 @@ async def _parse_multipart(
 def _parse_json(body: bytes) -> tuple[list[tuple[str, bytes]], ClassifyOptions]:
     try:
         raw = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise APIError(400, f"body is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise APIError(
@@ -245,7 +246,9 @@ def _choose(service: ModelService, opts: ClassifyOptions, n: int) -> tuple[int, 
 async def classify(request: Request, service: Service) -> Any:
     arrived = time.monotonic()
     s = service.settings
-    if s.api_key is not None and request.headers.get("x-api-key") != s.api_key:
+    if s.api_key is not None and not hmac.compare_digest(
+        request.headers.get("x-api-key", "").encode(), s.api_key.encode()
+    ):
         raise APIError(401, "missing or wrong X-API-Key header")
     if not service.ready:
         raise APIError(503, f"model not ready: {service.detail}", {"Retry-After": "5"})
@@ -285,6 +288,8 @@ async def classify(request: Request, service: Service) -> Any:
     except ChoiceError as e:
         headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s else None
         raise APIError(e.status, e.detail, headers) from None
+    except ComputeError as e:
+        raise APIError(500, str(e)) from None
 
     probs = torch.softmax(result.logits, dim=-1)
     top = probs.topk(opts.top_k, dim=-1)

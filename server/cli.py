@@ -13,6 +13,7 @@ from snnet_core.cli import add_commands, run
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from .app import create_app
     from .config import Settings
@@ -21,6 +22,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     try:
         settings = Settings(**overrides)
+    except SettingsError as e:  # e.g. a list setting that is not JSON
+        print(f"error: invalid settings: {e}", file=sys.stderr)
+        return 2
     except ValidationError as e:
         lines = [
             f"  SNNET_{'_'.join(str(x) for x in err['loc']).upper()}: {err['msg']}"
@@ -35,8 +39,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # A missing or corrupt checkpoint, or a device that is not there, is a start-up error,
         # reported before the port is bound.
         verify(settings.weights)
-        resolve_device(settings.device)
-    except (CheckpointError, ValueError) as e:
+        device = resolve_device(settings.device)
+        if settings.dtype == "float16" and device.type != "cuda":
+            raise ValueError(
+                f"SNNET_DTYPE=float16 needs CUDA but the device is {device}; use float32 or bfloat16"
+            )
+    except (CheckpointError, ValueError, RuntimeError) as e:
         print(f"error: cannot serve: {e}", file=sys.stderr)
         return 2
     app = create_app(settings)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import io
-import warnings
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+ALLOWED_FORMATS = (
+    "JPEG",
+    "MPO",
+    "PNG",
+    "WEBP",
+    "BMP",
+    "GIF",
+)  # MPO: multi-picture JPEG from phones
 
 
 class ImageError(ValueError):
@@ -32,29 +38,22 @@ def decode_image(
     if not data:
         raise ImageError(400, f"{name} is empty; send a JPEG, PNG, WebP, BMP or GIF image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # reads the header only
-            fmt = img.format
-            if fmt not in ALLOWED_FORMATS:
-                raise ImageError(
-                    400,
-                    f"{name} is {fmt or 'an unknown format'}; allowed: JPEG, PNG, WebP, BMP, GIF",
-                )
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageError(
-                    413, f"{name} is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels"
-                )
-            img.seek(0)  # first frame of an animation
-            img.load()
+        # Only the allowed decoders are tried; the size check comes before any pixel is decoded.
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageError(
+                413, f"{name} is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels"
+            )
+        img.seek(0)  # first frame of an animation
+        img.load()
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageError(413, f"{name} refused as a decompression bomb: {e}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(
-            400, f"{name} could not be decoded ({e}); send a JPEG, PNG, WebP, BMP or GIF image"
+            400, f"{name} could not be decoded as JPEG, PNG, WebP, BMP or GIF ({e})"
         ) from None
     return img
 

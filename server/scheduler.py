@@ -12,6 +12,7 @@ remaining time, plus the queued work, plus its own batch's compute, all from the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -36,6 +37,10 @@ class ChoiceError(Exception):
     def __init__(self, status: int, detail: str, retry_after_s: int | None = None) -> None:
         super().__init__(detail)
         self.status, self.detail, self.retry_after_s = status, detail, retry_after_s
+
+
+class ComputeError(RuntimeError):
+    """The model failed on a batch; every request in it gets this."""
 
 
 @dataclass
@@ -287,35 +292,42 @@ class Scheduler:
                 batch = self._next_batch_locked()
             if batch is None:
                 return
-            self._compute(batch)
-            with self._cv:
-                self._running_until = 0.0
+            try:
+                self._compute(batch)
+            finally:
+                with self._cv:
+                    self._running_until = 0.0
 
     def _compute(self, batch: list[_Job]) -> None:
+        """Run one batch and answer its requests; any failure is reported to each of them and
+        the worker goes on."""
         stitch = batch[0].stitch
         start = time.monotonic()
-        x = torch.cat([j.x for j in batch]) if len(batch) > 1 else batch[0].x
         try:
+            x = torch.cat([j.x for j in batch]) if len(batch) > 1 else batch[0].x
             with torch.inference_mode():
                 logits = self.net(x.to(self.device, self.dtype, non_blocking=True), stitch)
                 logits = logits.float().cpu()
-        except Exception as e:  # reported to every waiting request, the worker goes on
+            compute_ms = (time.monotonic() - start) * 1e3
+            n = x.shape[0]
+            self.latency.observe(stitch, n, compute_ms)
+            if self.metrics:
+                self.metrics.compute_seconds.labels(str(stitch)).observe(compute_ms / 1e3)
+                self.metrics.batch_size.observe(n)
+                self.metrics.latency_correction.labels(str(stitch)).set(
+                    self.latency.correction(stitch)
+                )
+        except Exception as e:
             log.exception("batch of stitch %d failed", stitch)
+            error = ComputeError(f"the model failed on stitch {stitch}: {type(e).__name__}: {e}")
             for j in batch:
-                j.loop.call_soon_threadsafe(_resolve, j.future, None, e)
+                j.loop.call_soon_threadsafe(_resolve, j.future, None, error)
             return
-        end = time.monotonic()
-        compute_ms = (end - start) * 1e3
-        n = x.shape[0]
-        self.latency.observe(stitch, n, compute_ms)
-        if self.metrics:
-            self.metrics.compute_seconds.labels(str(stitch)).observe(compute_ms / 1e3)
-            self.metrics.batch_size.observe(n)
-            self.metrics.latency_correction.labels(str(stitch)).set(self.latency.correction(stitch))
         i = 0
         for j in batch:
             result = Result(logits[i : i + j.n], stitch, (start - j.enqueued) * 1e3, compute_ms, n)
             i += j.n
             if self.metrics:
                 self.metrics.queue_seconds.observe(result.queue_ms / 1e3)
-            j.loop.call_soon_threadsafe(_resolve, j.future, result, None)
+            with contextlib.suppress(RuntimeError):  # its event loop is closed: nobody waits
+                j.loop.call_soon_threadsafe(_resolve, j.future, result, None)

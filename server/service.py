@@ -76,6 +76,8 @@ class ModelService:
         self.profile: LatencyProfile | None = None
         self.device = resolve_device(settings.device)
         self.dtype = DTYPES[settings.dtype]
+        if self.dtype == torch.float16 and self.device.type != "cuda":
+            raise ValueError(f"SNNET_DTYPE=float16 needs CUDA but the device is {self.device}")
         self.ranking: list[int] = []
         self.pareto: set[int] = set()
         self.profile_source = ""
@@ -187,14 +189,14 @@ class ModelService:
 
     @staticmethod
     def _read_cache(path: Path, sha: str) -> list[LatencyProfile]:
-        if not path.is_file():
-            return []
         try:
+            if not path.is_file():
+                return []
             raw = json.loads(path.read_text())
             if raw.get("weights_sha256") != sha:
                 return []
             return [LatencyProfile.from_dict(p) for p in raw["profiles"]]
-        except (ValueError, KeyError, TypeError) as e:
+        except Exception as e:  # any unreadable cache is ignored, never fatal
             log.warning("ignoring unreadable profile cache %s: %s", path, e)
             return []
 

@@ -221,8 +221,23 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
         )
     try:
         return Manifest.from_dict(raw)
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise CheckpointError(f"{path} is malformed: {e}") from None
+
+
+def _checked_weights(d: Path, manifest: Manifest) -> bytes:
+    weights = d / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing")
+    data = weights.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest.weights_sha256:
+        raise CheckpointError(
+            f"{weights} does not match its manifest: sha256 {digest[:16]}... but "
+            f"{MANIFEST_FILE} records {manifest.weights_sha256[:16] or '(none)'}...; the file "
+            "is corrupt or was changed after saving"
+        )
+    return data
 
 
 def verify(directory: str | os.PathLike[str]) -> Manifest:
@@ -231,18 +246,8 @@ def verify(directory: str | os.PathLike[str]) -> Manifest:
     Raises:
         CheckpointError: naming the file and what is wrong with it.
     """
-    d = Path(directory)
-    manifest = read_manifest(d)
-    weights = d / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{weights} is missing")
-    digest = sha256_file(weights)
-    if digest != manifest.weights_sha256:
-        raise CheckpointError(
-            f"{weights} does not match its manifest: sha256 {digest[:16]}... but "
-            f"{MANIFEST_FILE} records {manifest.weights_sha256[:16] or '(none)'}...; the file "
-            "is corrupt or was changed after saving"
-        )
+    manifest = read_manifest(directory)
+    _checked_weights(Path(directory), manifest)
     return manifest
 
 
@@ -256,16 +261,20 @@ def load(directory: str | os.PathLike[str], *, check_hash: bool = True) -> tuple
     """
     d = Path(directory)
     weights = d / WEIGHTS_FILE
-    manifest = verify(d) if check_hash else read_manifest(d)
-    if not weights.is_file():
+    manifest = read_manifest(d)
+    if check_hash:
+        data = _checked_weights(d, manifest)  # hashed and parsed from the same bytes
+    elif weights.is_file():
+        data = weights.read_bytes()
+    else:
         raise CheckpointError(f"{weights} is missing")
     try:
-        state = safetensors.torch.load_file(weights)
+        state = safetensors.torch.load(data)
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"{weights} is not a readable safetensors file: {e}") from None
     try:
         net = snnet_from_config(manifest.config)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"{d / MANIFEST_FILE}: cannot build its SN-Net: {e}") from None
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -152,7 +153,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import save
     from .data import load_dataset
     from .evaluate import evaluate
-    from .train import TrainConfig, config_dict, train
+    from .train import TRAIN_STATE, TrainConfig, config_dict, train
 
     cfg = TrainConfig(
         epochs=args.epochs,
@@ -164,6 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         label_smoothing=args.label_smoothing,
         sampling=args.sampling,
         mode=args.mode,
+        anchor_lr_scale=args.anchor_lr_scale,
         distill=args.distill,
         amp=args.amp,
         checkpoint_every=args.checkpoint_every,
@@ -190,7 +192,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         [str(i) for i in range(net.num_classes)] if manifest is None else manifest.labels
     )
     rank = int(__import__("os").environ.get("RANK", 0))
-    if manifest is None and not args.resume:
+    resuming = args.resume and (Path(args.out) / TRAIN_STATE).is_file()
+    if manifest is None and not resuming:
         # Least-squares init from real training images (the same on every rank: seeded).
         idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[
             : args.ls_images
@@ -200,6 +203,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         net.init_stitching_layers(batch)
     if manifest is None:
         manifest = new_manifest(net, labels=list(labels))
+        if args.data == "mnist":
+            manifest.preprocessing["crop_pct"] = 1.0  # 28x28 digits, used as they are
+    else:  # fine-tuning: the old accuracies no longer describe these weights
+        for r in manifest.stitches:
+            r["accuracy"] = None
+            r.pop("top5", None)
+        manifest.evaluation = {}
     history = train(
         net,
         data,
@@ -322,6 +332,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--sampling", choices=["uniform", "flops"], default="uniform")
     p.add_argument("--mode", choices=["full", "stitching"], default="full", help="what to train")
+    p.add_argument(
+        "--anchor-lr-scale", type=float, default=1.0,
+        help="anchors' lr relative to the stitching layers' (default 1, as the reference)",
+    )  # fmt: skip
     p.add_argument(
         "--distill", action="store_true", help="distil from a frozen copy of the largest anchor"
     )

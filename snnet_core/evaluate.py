@@ -33,30 +33,33 @@ def evaluate(
     dtype = next(net.parameters()).dtype
     mean = torch.tensor(normalize[0], device=device, dtype=dtype).view(1, -1, 1, 1)
     std = torch.tensor(normalize[1], device=device, dtype=dtype).view(1, -1, 1, 1)
-    batches = [
-        ((x.to(device, dtype) - mean) / std, y.to(device))
-        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    ]
     k = min(5, net.num_classes)
-    results = {}
+    counts = {s: [0, 0] for s in ids}  # top-1, top-5 hits
+    n = 0
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(ids, desc="eval", unit="stitch", file=sys.stderr)
-    for s in ids:
-        top1 = top5 = n = 0
-        for x, y in batches:
+        bar = tqdm(total=len(dataset), desc="eval", unit="img", file=sys.stderr)
+    # One pass over the data (any size), every stitch on each batch.
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        x = (x.to(device, dtype) - mean) / std
+        y = y.to(device)
+        for s in ids:
             pred = net(x, s).topk(k, dim=-1).indices
-            top1 += (pred[:, 0] == y).sum().item()
-            top5 += (pred == y[:, None]).any(-1).sum().item()
-            n += len(y)
-        results[s] = {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "n": n}
+            counts[s][0] += (pred[:, 0] == y).sum().item()
+            counts[s][1] += (pred == y[:, None]).any(-1).sum().item()
+        n += len(y)
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(stitch=s, top1=f"{results[s]['top1']:.1f}")
+            bar.update(len(y))
     if bar is not None:
         bar.close()
+    if n == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    results = {
+        s: {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "n": n}
+        for s, (c1, c5) in counts.items()
+    }
     return results
 
 

@@ -56,6 +56,11 @@ class FamilyAdapter(ABC):
     def feature_width(self, model: nn.Module, after_unit: int) -> int:
         """Channels of the features after unit ``after_unit`` (-1: after the stem)."""
 
+    def feature_layout(self, model: nn.Module) -> tuple:
+        """What must match between two anchors for a stitching layer to join them, besides
+        channels (e.g. token count and prefix tokens); compared across anchors at build time."""
+        return ()
+
     @abstractmethod
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
         """(channels, height, width) the model was built for (timm's data config may not know
@@ -93,12 +98,17 @@ class ViTFamily(FamilyAdapter):
 
     def head_modules(self, model: nn.Module) -> list[nn.Module]:
         mods = [model.norm, model.fc_norm, model.head_drop, model.head]
-        if getattr(model, "attn_pool", None) is not None:
-            mods.append(model.attn_pool)
+        for extra in ("attn_pool", "head_dist"):  # attention pooling; DeiT-distilled second head
+            if getattr(model, extra, None) is not None:
+                mods.append(getattr(model, extra))
         return mods
 
     def feature_width(self, model: nn.Module, after_unit: int) -> int:
         return int(model.embed_dim)
+
+    def feature_layout(self, model: nn.Module) -> tuple:
+        grid = tuple(int(g) for g in model.patch_embed.grid_size)
+        return ("tokens", grid, int(model.num_prefix_tokens))
 
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
         pe = model.patch_embed

@@ -40,10 +40,26 @@ class SNNetConfig:
         anchors = []
         for a in d["anchors"]:
             _check_keys(a, {"name", "overrides"}, "anchor")
-            anchors.append(AnchorSpec(a["name"], dict(a.get("overrides") or {})))
+            overrides = dict(a.get("overrides") or {})
+            # A checkpoint's architecture must not make timm load other files or fetch weights.
+            loading = sorted(set(overrides) & LOADING_KWARGS)
+            if loading:
+                raise ValueError(
+                    f"anchor {a['name']!r} overrides {loading}, which load weights; not allowed in a config"
+                )
+            anchors.append(AnchorSpec(a["name"], overrides))
         space = d.get("space") or {}
         _check_keys(space, {"window", "stride"}, "space config")
         return cls(anchors, SpaceConfig(**space))
+
+
+LOADING_KWARGS = {
+    "pretrained",
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+    "checkpoint_path",
+    "cache_dir",
+}
 
 
 def _check_keys(d: dict[str, Any], allowed: set[str], what: str) -> None:
@@ -85,6 +101,12 @@ class SNNet(nn.Module):
         if len(set(sizes)) != 1:
             raise ValueError(f"anchors disagree on input size (C, H, W): {sizes}")
         self.input_size: tuple[int, int, int] = sizes[0]
+        layouts = [ad.feature_layout(m) for ad, m in zip(self.adapters, anchors, strict=True)]
+        if len(set(layouts)) != 1:
+            raise ValueError(
+                f"anchors disagree on their feature layout (kind, patch grid, prefix tokens): {layouts}; "
+                "stitched anchors need the same patch size and the same class/register tokens"
+            )
 
         names = [a.name for a in config.anchors]
         depths = [len(ad.units(m)) for ad, m in zip(self.adapters, anchors, strict=True)]

@@ -40,6 +40,7 @@ class TrainConfig:
     sampling: str = "uniform"  # "uniform" over stitches, or "flops": a FLOPs group, then a stitch
     flops_groups: int = 10  # groups for "flops" sampling (SN-Netv2)
     mode: str = "full"  # "full": anchors and stitching layers; "stitching": stitching layers only
+    anchor_lr_scale: float = 1.0  # anchors' lr relative to the stitching layers' (reference: 1)
     distill: bool = False  # soft distillation from a frozen copy of the largest anchor
     distill_alpha: float = 0.5  # weight of the distillation term
     distill_tau: float = 1.0  # temperature of the distillation term
@@ -59,6 +60,10 @@ class TrainConfig:
             )
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.anchor_lr_scale < 0:
+            raise ValueError(f"anchor_lr_scale must be >= 0, got {self.anchor_lr_scale}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 epoch, got {self.checkpoint_every}")
 
 
 class StitchSampler:
@@ -92,16 +97,21 @@ def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
 
 
 def _param_groups(
-    params: list[tuple[str, nn.Parameter]], weight_decay: float
+    params: list[tuple[str, nn.Parameter]], weight_decay: float, anchor_lr_scale: float
 ) -> list[dict[str, Any]]:
-    # No weight decay on biases, norms, tokens and position embeddings (1-d or tokens), as in timm.
-    decay = [p for n, p in params if p.ndim > 1 and "token" not in n and "pos_embed" not in n]
-    no_decay = [
-        p for n, p in params if not (p.ndim > 1 and "token" not in n and "pos_embed" not in n)
-    ]
+    """AdamW groups: no weight decay on biases, norms, tokens and position embeddings (as in
+    timm); anchors' learning rate scaled by ``anchor_lr_scale`` relative to stitching layers."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for n, p in params:
+        decay = p.ndim > 1 and "token" not in n and "pos_embed" not in n
+        groups.setdefault((n.startswith("anchors."), decay), []).append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {
+            "params": ps,
+            "weight_decay": weight_decay if decay else 0.0,
+            "lr_scale": anchor_lr_scale if is_anchor else 1.0,
+        }
+        for (is_anchor, decay), ps in groups.items()
     ]
 
 
@@ -151,6 +161,7 @@ def train(
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    own_group = world > 1 and not dist.is_initialized()
     setup_distributed(device)
     torch.manual_seed(cfg.seed)
     out = Path(out_dir)
@@ -164,7 +175,9 @@ def train(
     if cfg.distill:
         teacher = copy.deepcopy(net.anchors[-1]).eval().requires_grad_(False)
     trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(_param_groups(trainable, cfg.weight_decay), lr=cfg.lr)
+    opt = torch.optim.AdamW(
+        _param_groups(trainable, cfg.weight_decay, cfg.anchor_lr_scale), lr=cfg.lr
+    )
     model: nn.Module = net
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
@@ -208,7 +221,12 @@ def train(
         gen.set_state(state["loader_rng"])
         torch.set_rng_state(state["torch_rng"])
         scaler.load_state_dict(state["scaler"])
-        pick.gen.set_state(state["stitch_rng"][rank] if world > 1 else state["stitch_rng"][0])
+        if len(state["stitch_rng"]) != world:
+            raise ValueError(
+                f"{state_path} was written by {len(state['stitch_rng'])} processes; resume with the same "
+                f"number (got {world})"
+            )
+        pick.gen.set_state(state["stitch_rng"][rank])
         if rank == 0:
             print(f"resumed from {state_path} at epoch {start_epoch}", file=sys.stderr)
 
@@ -228,7 +246,7 @@ def train(
             step = epoch * steps_per_epoch + i
             lr = lr_at(step, total, warmup, cfg)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g["lr_scale"]
             x = (x.to(device, non_blocking=True) - mean) / std
             y = y.to(device, non_blocking=True)
             stitch_id = pick()
@@ -274,6 +292,8 @@ def train(
             _save_state(state_path, net, opt, scaler, epoch + 1, history, gen, pick, world)
     if world > 1:
         dist.barrier()
+    if own_group:
+        dist.destroy_process_group()
     return history
 
 

@@ -75,6 +75,29 @@ def test_training_lowers_the_loss_and_updates_what_it_should(mode, small_train, 
     assert (tmp_path / "train_state.pt").is_file()
 
 
+def test_anchor_lr_scale_zero_freezes_the_anchors_only(small_train, tmp_path):
+    net = build_tiny(seed=3)
+    pre = net.data_config()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cfg = TrainConfig(
+        epochs=1, batch_size=25, lr=2e-3, warmup_epochs=0, anchor_lr_scale=0.0, weight_decay=0.0
+    )
+    train(
+        net,
+        small_train,
+        cfg,
+        tmp_path,
+        gflops=[1.0] * TINY_NUM_STITCHES,
+        normalize=(pre["mean"], pre["std"]),
+        progress=False,
+    )
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in after if k.startswith("anchors."))
+    assert any(
+        not torch.equal(before[k], after[k]) for k in after if k.startswith("stitch_layers.")
+    )
+
+
 def test_resume_continues_from_the_saved_epoch(small_train, tmp_path):
     pre = build_tiny().data_config()
     norm = (pre["mean"], pre["std"])
