@@ -7,14 +7,8 @@ import io
 import torch
 from PIL import Image, UnidentifiedImageError
 
-ALLOWED_FORMATS = (
-    "JPEG",
-    "MPO",
-    "PNG",
-    "WEBP",
-    "BMP",
-    "GIF",
-)  # MPO: multi-picture JPEG from phones
+# The only decoders Pillow may try (phones' multi-picture JPEGs, "MPO", open through JPEG's).
+OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 
 
 class ImageError(ValueError):
@@ -39,7 +33,7 @@ def decode_image(
         raise ImageError(400, f"{name} is empty; send a JPEG, PNG, WebP, BMP or GIF image")
     try:
         # Only the allowed decoders are tried; the size check comes before any pixel is decoded.
-        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        img = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
         w, h = img.size
         if w * h > max_pixels:
             raise ImageError(

@@ -67,25 +67,48 @@ class TrainConfig:
 
 
 class StitchSampler:
-    """Draws the stitch of each iteration from a seeded generator (one per rank)."""
+    """Draws the stitch of each iteration from a seeded generator (one per rank).
 
-    def __init__(self, gflops: list[float], mode: str, groups: int, seed: int) -> None:
+    Args:
+        gflops: Cost of every stitch, by id.
+        mode: ``"uniform"`` over the candidates, or ``"flops"``: a FLOPs group uniformly, then a
+            stitch within it (SN-Netv2).
+        groups: Number of equal-width FLOPs groups.
+        seed: Generator seed.
+        candidates: Stitch ids to draw from (default: all).
+    """
+
+    def __init__(
+        self,
+        gflops: list[float],
+        mode: str,
+        groups: int,
+        seed: int,
+        candidates: list[int] | None = None,
+    ) -> None:
         self.gen = torch.Generator().manual_seed(seed)
-        self.n = len(gflops)
+        self.ids = list(range(len(gflops))) if candidates is None else list(candidates)
+        if not self.ids:
+            raise ValueError("no stitch to sample from")
         self.mode = mode
         if mode == "flops":
-            lo, hi = min(gflops), max(gflops)
+            costs = [gflops[i] for i in self.ids]
+            lo, hi = min(costs), max(costs)
             width = (hi - lo) / groups or 1.0
             bins: dict[int, list[int]] = {}
-            for i, g in enumerate(gflops):
+            for i, g in zip(self.ids, costs, strict=True):
                 bins.setdefault(min(int((g - lo) / width), groups - 1), []).append(i)
             self.groups = list(bins.values())
 
+    def _pick(self, items: list[int]) -> int:
+        return items[int(torch.randint(len(items), (1,), generator=self.gen))]
+
     def __call__(self) -> int:
         if self.mode == "uniform":
-            return int(torch.randint(self.n, (1,), generator=self.gen))
-        group = self.groups[int(torch.randint(len(self.groups), (1,), generator=self.gen))]
-        return group[int(torch.randint(len(group), (1,), generator=self.gen))]
+            return self._pick(self.ids)
+        return self._pick(
+            self.groups[int(torch.randint(len(self.groups), (1,), generator=self.gen))]
+        )
 
 
 def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
@@ -205,7 +228,11 @@ def train(
             f"dataset of {len(dataset)} images is smaller than one batch of {cfg.batch_size}"
         )
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-    pick = StitchSampler(gflops, cfg.sampling, cfg.flops_groups, seed=cfg.seed * 1000 + rank)
+    # With frozen anchors, an anchor's own route has nothing to train: sample stitched routes only.
+    candidates = [s.id for s in net.stitches if not (cfg.mode == "stitching" and s.is_anchor)]
+    pick = StitchSampler(
+        gflops, cfg.sampling, cfg.flops_groups, seed=cfg.seed * 1000 + rank, candidates=candidates
+    )
     mean = torch.tensor(normalize[0], device=device).view(1, -1, 1, 1)
     std = torch.tensor(normalize[1], device=device).view(1, -1, 1, 1)
     amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16

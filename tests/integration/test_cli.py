@@ -78,7 +78,7 @@ def test_profile_writes_into_the_manifest(tmp_path):
             ["stitches", "--anchors", "no_such_model,vit_tiny_patch16_224"],
             "unknown timm model 'no_such_model'",
         ),
-        (["serve", "--port", "0"], "port"),
+        (["serve", "--port", "0"], "SNNET_PORT"),
     ],
 )
 def test_bad_input_is_a_clear_error(args, message):

@@ -143,16 +143,15 @@ def test_two_process_torchrun_on_cpu_ends_with_identical_weights(tmp_path):
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",  # rendezvous on a free local port
             "--nproc-per-node",
             "2",
-            "--master-port",
-            "0",
             str(ROOT / "tests/integration/ddp_worker.py"),
             str(tmp_path),
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=180,
         env=env,
         cwd=ROOT,
     )
