@@ -18,10 +18,8 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server import digit_pngs, start_server  # noqa: E402
+from _server import Client, digit_pngs, start_server  # noqa: E402
 
 
 def main() -> None:
@@ -40,16 +38,16 @@ def main() -> None:
 
     def client(k: int) -> None:
         rng = random.Random(args.seed * 100 + k)
-        with httpx.Client(timeout=30) as c:
-            while time.monotonic() < stop_at:
-                budget = rng.choice(budgets)
-                files = [("image", ("d.png", rng.choice(pngs), "image/png"))]
-                t0 = time.perf_counter()
-                r = c.post(f"{url}/classify", files=files, data={"latency_budget_ms": str(budget)})
-                ms = (time.perf_counter() - t0) * 1e3
-                stitch = r.json()["stitch"]["id"] if r.status_code == 200 else None
-                with lock:
-                    records.append((budget, ms, r.status_code, stitch))
+        c = Client(url)
+        while time.monotonic() < stop_at:
+            budget = rng.choice(budgets)
+            t0 = time.perf_counter()
+            status, body = c.classify(rng.choice(pngs), latency_budget_ms=budget)
+            ms = (time.perf_counter() - t0) * 1e3
+            stitch = body["stitch"]["id"] if status == 200 else None
+            with lock:
+                records.append((budget, ms, status, stitch))
+        c.close()
 
     try:
         threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]

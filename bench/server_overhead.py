@@ -11,16 +11,16 @@ forward timed in this process. Target: overhead median <= 3 ms.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server import digit_pngs, start_server  # noqa: E402
+from _server import Client, digit_pngs, start_server  # noqa: E402
 
 import snnet_core  # noqa: E402
 
@@ -36,20 +36,19 @@ def main() -> None:
     pngs = digit_pngs()
     rtt, compute, overhead = [], [], []
     try:
-        with httpx.Client(timeout=30) as client:
-            for i in range(args.requests + 20):
-                files = [("image", ("d.png", pngs[i % len(pngs)], "image/png"))]
-                t0 = time.perf_counter()
-                r = client.post(
-                    f"{url}/classify", files=files, data={"stitch_id": str(args.stitch)}
-                )
-                ms = (time.perf_counter() - t0) * 1e3
-                r.raise_for_status()
-                if i >= 20:  # warm-up
-                    c = r.json()["timing"]["compute_ms"]
-                    rtt.append(ms)
-                    compute.append(c)
-                    overhead.append(ms - c)
+        client = Client(url)
+        for i in range(args.requests + 20):
+            t0 = time.perf_counter()
+            status, body = client.classify(pngs[i % len(pngs)], stitch_id=args.stitch)
+            ms = (time.perf_counter() - t0) * 1e3
+            if status != 200:
+                raise SystemExit(f"status {status}: {body}")
+            if i >= 20:  # warm-up
+                c = body["timing"]["compute_ms"]
+                rtt.append(ms)
+                compute.append(c)
+                overhead.append(ms - c)
+        client.close()
     finally:
         proc.terminate()
         proc.wait(30)
@@ -63,7 +62,8 @@ def main() -> None:
             local.append((time.perf_counter() - t0) * 1e3)
     med = statistics.median
     print(
-        f"# stitch {args.stitch}, batch 1, {args.requests} sequential requests, keep-alive client"
+        f"# stitch {args.stitch}, batch 1, {args.requests} sequential requests, keep-alive "
+        f"http.client; server SNNET_THREADS={os.environ.get('SNNET_THREADS', 'default')}"
     )
     print(f"client round trip      median {med(rtt):7.3f} ms")
     print(f"server compute         median {med(compute):7.3f} ms")

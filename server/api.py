@@ -32,6 +32,10 @@ from .schemas import (
 )
 from .service import ModelService
 
+# Payloads up to this size are decoded on the event loop (well under a millisecond); larger
+# ones in a worker thread so that one big image cannot stall every other request.
+INLINE_DECODE_BYTES = 64 * 1024
+
 
 class APIError(Exception):
     """An error answer: JSON ``{"detail": ...}`` with ``status`` and optional headers."""
@@ -233,7 +237,8 @@ def _choose(service: ModelService, opts: ClassifyOptions, n: int) -> tuple[int, 
         if opts.latency_budget_ms is not None
         else service.settings.default_budget_ms
     )
-    return service.scheduler.choose(budget, n, candidates).stitch, budget
+    extra = service.ingress_wait_ms()
+    return service.scheduler.choose(budget, n, candidates, extra).stitch, budget
 
 
 @router.post(
@@ -244,6 +249,14 @@ def _choose(service: ModelService, opts: ClassifyOptions, n: int) -> tuple[int, 
     summary="Classify images with the most accurate stitch that fits the latency budget",
 )
 async def classify(request: Request, service: Service) -> Any:
+    service.in_flight += 1
+    try:
+        return await _classify(request, service)
+    finally:
+        service.in_flight -= 1
+
+
+async def _classify(request: Request, service: Service) -> Any:
     arrived = time.monotonic()
     s = service.settings
     if s.api_key is not None and not hmac.compare_digest(
@@ -276,7 +289,10 @@ async def classify(request: Request, service: Service) -> Any:
             f"top_k={opts.top_k} but the model has {num_classes} classes; allowed: 1..{num_classes}",
         )
     try:
-        x = await asyncio.to_thread(_decode_all, service, images)
+        if sum(len(b) for _, b in images) <= INLINE_DECODE_BYTES:
+            x = _decode_all(service, images)  # small: cheaper than a hop to a thread
+        else:
+            x = await asyncio.to_thread(_decode_all, service, images)
     except ImageError as e:
         raise APIError(e.status, e.detail) from None
 
@@ -302,6 +318,7 @@ async def classify(request: Request, service: Service) -> Any:
         for ps, cs in zip(top.values.tolist(), top.indices.tolist(), strict=True)
     ]
     total_ms = (time.monotonic() - arrived) * 1e3
+    service.observe_http(total_ms, result.queue_ms, result.compute_ms)
     met = budget is None or total_ms <= budget
     m = service.metrics
     m.stitch_chosen.labels(str(stitch)).inc()

@@ -35,6 +35,37 @@ accurate stitch whose predicted queue wait + compute fits it under the current l
 """
 
 
+class RequestMetrics:
+    """Pure ASGI middleware: requests by route template and status, and their duration.
+
+    (Starlette's ``@app.middleware("http")`` wraps every request in extra tasks and streams;
+    this costs a fraction of that on the hot path.)
+    """
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_and_record(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = getattr(scope.get("route"), "path", "other")
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.request_seconds.labels(route).observe(time.perf_counter() - start)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     metrics = Metrics()
@@ -71,18 +102,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        start = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            path = getattr(route, "path", "other")
-            metrics.requests.labels(path, str(status)).inc()
-            metrics.request_seconds.labels(path).observe(time.perf_counter() - start)
-
+    app.add_middleware(RequestMetrics, metrics=metrics)
     return app

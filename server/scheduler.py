@@ -160,9 +160,16 @@ class Scheduler:
     # -- choice -------------------------------------------------------------------------------
 
     def choose(
-        self, budget_ms: float, n: int = 1, candidates: Sequence[int] | None = None
+        self,
+        budget_ms: float,
+        n: int = 1,
+        candidates: Sequence[int] | None = None,
+        extra_wait_ms: float = 0.0,
     ) -> Choice:
         """The most preferred stitch whose predicted wait + compute fits ``budget_ms``.
+
+        ``extra_wait_ms`` is time the request will spend outside the model queue (the HTTP
+        layer's own backlog under load), added to every prediction.
 
         Raises:
             ChoiceError: 422 if no stitch fits even on an idle server; 503 (with Retry-After)
@@ -187,6 +194,7 @@ class Scheduler:
             wait_ms = 0.0
             for s in ranking:
                 wait_ms, compute_ms = self._predict_locked(s, n, now)
+                wait_ms += extra_wait_ms
                 if wait_ms + compute_ms <= budget_ms:
                     return Choice(s, wait_ms + compute_ms, wait_ms)
         if self.metrics:

@@ -81,6 +81,19 @@ class ModelService:
         self.ranking: list[int] = []
         self.pareto: set[int] = set()
         self.profile_source = ""
+        # HTTP-side cost of one request (parsing, decoding, answering: its time minus queue wait
+        # and compute), and the requests inside /classify now. Under load the event loop works
+        # through the others before a new one gets far, so a choice adds their HTTP cost to its
+        # prediction. Event-loop state: read and written on the loop thread only.
+        self.http_ms = 1.0
+        self.in_flight = 0
+
+    def observe_http(self, total_ms: float, queue_ms: float, compute_ms: float) -> None:
+        self.http_ms = 0.9 * self.http_ms + 0.1 * max(0.0, total_ms - queue_ms - compute_ms)
+
+    def ingress_wait_ms(self) -> float:
+        """Predicted HTTP-layer wait of a new request behind the others in flight."""
+        return max(0, self.in_flight - 1) * self.http_ms
 
     # -- start-up -----------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -191,7 +192,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     labels = getattr(data, "classes", None) or (
         [str(i) for i in range(net.num_classes)] if manifest is None else manifest.labels
     )
-    rank = int(__import__("os").environ.get("RANK", 0))
+    rank = int(os.environ.get("RANK", 0))
     resuming = args.resume and (Path(args.out) / TRAIN_STATE).is_file()
     if manifest is None and not resuming:
         # Least-squares init from real training images (the same on every rank: seeded).

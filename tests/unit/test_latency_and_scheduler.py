@@ -140,3 +140,28 @@ def test_stop_drains_everything_accepted(digits):
     results = asyncio.run(scenario())
     assert len(results) == 10 and all(r.logits.shape == (1, 10) for r in results)
     assert time.monotonic() - start < 60
+
+
+def test_http_backlog_counts_in_the_choice():
+    sched, _ = make_scheduler(lambda s, b: (s + 1) * b)
+    assert sched.choose(12.0).stitch == 11
+    assert sched.choose(12.0, extra_wait_ms=6.0).stitch == 5  # 6 ms of HTTP backlog ahead
+    with pytest.raises(ChoiceError) as e:
+        sched.choose(12.0, extra_wait_ms=11.5)
+    assert e.value.status == 503
+
+
+def test_service_estimates_the_http_backlog(tmp_path):
+    from server.config import Settings
+    from server.metrics import Metrics
+    from server.service import ModelService
+
+    svc = ModelService(Settings(weights=tmp_path), Metrics())
+    svc.http_ms = 2.0
+    svc.in_flight = 1  # only the request being chosen for
+    assert svc.ingress_wait_ms() == 0.0
+    svc.in_flight = 4
+    assert svc.ingress_wait_ms() == pytest.approx(6.0)
+    for _ in range(100):
+        svc.observe_http(total_ms=10.0, queue_ms=3.0, compute_ms=4.0)
+    assert svc.http_ms == pytest.approx(3.0, rel=1e-3)
