@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import io
 
-import torch
 from PIL import Image, UnidentifiedImageError
+
+from snnet_core import image_transform
 
 # The only decoders Pillow may try (phones' multi-picture JPEGs, "MPO", open through JPEG's).
 OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
@@ -53,27 +54,6 @@ def decode_image(
 
 
 def make_transform(pre: dict):
-    """PIL image -> normalised (C, H, W) float32 tensor, per the manifest's preprocessing.
-
-    timm's own evaluation transform (resize the shorter side to ``size / crop_pct``, centre crop,
-    scale to [0, 1], normalise), after converting to grey or RGB to match the channel count: the
-    same steps ``snnet eval`` and ``snnet train`` use.
-    """
-    from timm.data import create_transform
-
-    c, h, w = pre["input_size"]
-    tf = create_transform(
-        input_size=(3, h, w),
-        is_training=False,
-        interpolation=pre.get("interpolation", "bicubic"),
-        crop_pct=pre.get("crop_pct", 1.0),
-        crop_mode=pre.get("crop_mode", "center"),
-        mean=tuple(pre["mean"]),
-        std=tuple(pre["std"]),
-    )
-    mode = "L" if c == 1 else "RGB"
-
-    def transform(img: Image.Image) -> torch.Tensor:
-        return tf(img.convert(mode)).contiguous()
-
-    return transform
+    """PIL image -> normalised (C, H, W) float32 tensor, per the manifest's preprocessing: the
+    same function training and evaluation use (``snnet_core.data.image_transform``)."""
+    return image_transform(pre, training=False, normalize=True)

@@ -16,6 +16,7 @@ from .checkpoint import (
     verify,
     write_manifest,
 )
+from .data import image_transform
 from .families import FAMILIES, FamilyAdapter, ViTFamily, adapter_for
 from .profile import (
     DeviceFingerprint,
@@ -54,6 +55,7 @@ __all__ = [
     "adapter_for",
     "build_snnet",
     "enumerate_stitches",
+    "image_transform",
     "least_squares_affine",
     "measure_latency",
     "paired_stitching",

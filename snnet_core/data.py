@@ -62,27 +62,47 @@ class DigitsDataset(torch.utils.data.Dataset):
         return x, self.labels[i]
 
 
-def image_folder(root: str, data_config: dict, training: bool) -> torch.utils.data.Dataset:
-    """An ImageNet-layout folder (one sub-folder per class) with timm's transforms.
+def image_transform(data_config: dict, training: bool = False, normalize: bool = True):
+    """PIL image -> (C, H, W) float tensor, as a checkpoint's preprocessing says.
 
-    Images come out as (C, H, W) floats in [0, 1]; normalisation is applied by the caller from
-    the same data config, so training, evaluation and the server preprocess alike.
+    Converts to grey or RGB to match the channel count, then timm's own transform for the data
+    config (training: random resized crop and flips; evaluation: resize the shorter side to
+    ``size / crop_pct`` and centre crop), scaling to [0, 1] and, if ``normalize``, normalising with
+    the config's mean and std. Training, ``snnet eval`` and the server all preprocess through it.
     """
     from timm.data import create_transform
-    from torchvision import datasets, transforms
 
     c, h, w = data_config["input_size"]
+    mean, std = (
+        (tuple(data_config["mean"]), tuple(data_config["std"]))
+        if normalize
+        else ((0.0,) * c, (1.0,) * c)
+    )
     tf = create_transform(
         input_size=(3, h, w),
         is_training=training,
         interpolation=data_config.get("interpolation", "bicubic"),
         crop_pct=data_config.get("crop_pct", 0.875),
-        mean=(0.0, 0.0, 0.0),
-        std=(1.0, 1.0, 1.0),
+        crop_mode=data_config.get("crop_mode", "center"),
+        mean=mean,
+        std=std,
     )
-    if c == 1:
-        tf = transforms.Compose([tf, transforms.Grayscale(1)])
-    return datasets.ImageFolder(root, transform=tf)
+    mode = "L" if c == 1 else "RGB"
+
+    def transform(img):
+        return tf(img.convert(mode)).contiguous()
+
+    return transform
+
+
+def image_folder(root: str, data_config: dict, training: bool) -> torch.utils.data.Dataset:
+    """An ImageNet-layout folder (one sub-folder per class), preprocessed by ``image_transform``
+    without normalisation (the training loop and ``evaluate`` normalise)."""
+    from torchvision import datasets
+
+    return datasets.ImageFolder(
+        root, transform=image_transform(data_config, training, normalize=False)
+    )
 
 
 def load_dataset(spec: str, split: str, data_config: dict, training: bool, max_shift: int = 2):

@@ -245,3 +245,31 @@ def test_train_command_writes_a_servable_checkpoint(tmp_path):
     assert manifest.evaluation == {"dataset": "mnist", "split": "held_out", "images": 1000}
     assert len(manifest.accuracy()) == TINY_NUM_STITCHES
     assert (tmp_path / "train_state.pt").is_file()
+
+
+def test_image_folder_data_matches_the_in_memory_digits(tmp_path):
+    """An ImageNet-layout folder goes through the same preprocessing as everything else."""
+    from PIL import Image
+
+    from snnet_core.data import load_dataset
+    from snnet_core.evaluate import evaluate
+
+    x, y = mnist_subset("held_out")
+    idx = list(range(0, 1000, 25))  # 40 digits, 4 per class
+    for i in idx:
+        d = tmp_path / "val" / f"class_{int(y[i])}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((x[i, 0].numpy() * 255).round().astype("uint8"), "L").convert("RGB").save(
+            d / f"{i}.png"
+        )
+    net = build_tiny(seed=6).eval()
+    pre = {**net.data_config(), "crop_pct": 1.0}
+    folder = load_dataset(str(tmp_path), "val", pre, training=False)
+    assert folder.classes == [f"class_{c}" for c in range(10)]
+    img, label = folder[0]
+    assert img.shape == (1, 28, 28) and img.min() >= 0.0 and img.max() <= 1.0
+    norm = (pre["mean"], pre["std"])
+    from_folder = evaluate(net, folder, norm, stitch_ids=[0, 9])
+    order = sorted(idx, key=lambda i: (int(y[i]), f"{i}.png"))  # ImageFolder's order
+    in_memory = evaluate(net, DigitsDataset(x[order], y[order]), norm, stitch_ids=[0, 9])
+    assert from_folder == in_memory
