@@ -4,7 +4,7 @@ The base is the latency profile measured on this device (median ms at a few batc
 between measured sizes it interpolates linearly, above the largest it extrapolates from the two
 largest. Each stitch carries a multiplicative correction, an exponentially weighted mean of
 observed / predicted, so the model follows the machine when it is slower (or faster) than when
-it was profiled. The controller may also set corrections from metrics.
+it was profiled.
 """
 
 from __future__ import annotations
@@ -44,10 +44,6 @@ class LatencyModel:
         self._base = {s: _monotone(per_bs) for s, per_bs in profile.latency_ms.items()}
         self._correction = {s: 1.0 for s in self._base}
 
-    @property
-    def stitch_ids(self) -> list[int]:
-        return sorted(self._base)
-
     def base_ms(self, stitch: int, batch: int) -> float:
         """Profiled time, interpolated in batch size."""
         points = self._base[stitch]
@@ -78,11 +74,3 @@ class LatencyModel:
 
     def correction(self, stitch: int) -> float:
         return self._correction[stitch]
-
-    def set_correction(self, stitch: int, value: float) -> None:
-        with self._lock:
-            self._correction[stitch] = min(max(value, MIN_CORRECTION), MAX_CORRECTION)
-
-    def corrections(self) -> dict[int, float]:
-        with self._lock:
-            return dict(self._correction)

@@ -80,9 +80,6 @@ class Metrics:
             ["stitch"],
             registry=r,
         )
-        self.load_level = Gauge(
-            "snnet_load_level", "Controller load level (0 idle .. 1 saturated)", registry=r
-        )
         self.ready = Gauge(
             "snnet_ready", "1 when the model is loaded, verified and profiled", registry=r
         )

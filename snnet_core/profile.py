@@ -10,7 +10,6 @@ pass per anchor.
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
 import statistics
 import sys
@@ -280,8 +279,3 @@ def pareto_front(costs: Sequence[float], scores: Sequence[float]) -> list[int]:
             front.append(i)
             best = scores[i]
     return front
-
-
-def threads_note() -> str:
-    """One line on the CPU threading in effect, for logs and benchmark headers."""
-    return f"torch threads={torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
