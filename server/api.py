@@ -289,16 +289,16 @@ async def _classify(request: Request, service: Service) -> Any:
             f"top_k={opts.top_k} but the model has {num_classes} classes; allowed: 1..{num_classes}",
         )
     try:
-        if sum(len(b) for _, b in images) <= INLINE_DECODE_BYTES:
-            x = _decode_all(service, images)  # small: cheaper than a hop to a thread
-        else:
-            x = await asyncio.to_thread(_decode_all, service, images)
-    except ImageError as e:
-        raise APIError(e.status, e.detail) from None
-
-    try:
+        # Choose first: a request that will be refused is refused before any image is decoded.
         stitch, budget = _choose(service, opts, len(images))
-        # The budget counts from arrival: decoding already spent part of it.
+        try:
+            if sum(len(b) for _, b in images) <= INLINE_DECODE_BYTES:
+                x = _decode_all(service, images)  # small: cheaper than a hop to a thread
+            else:
+                x = await asyncio.to_thread(_decode_all, service, images)
+        except ImageError as e:
+            raise APIError(e.status, e.detail) from None
+        # The budget counts from arrival: parsing and decoding already spent part of it.
         remaining = None if budget is None else budget - (time.monotonic() - arrived) * 1e3
         result = await service.scheduler.submit(x, stitch, remaining)
     except ChoiceError as e:

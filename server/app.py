@@ -74,7 +74,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         starting = asyncio.create_task(asyncio.to_thread(service.start))
+        watching = asyncio.create_task(service.watch_loop_lag())
         yield
+        watching.cancel()
         await starting
         await asyncio.to_thread(service.stop)
 

@@ -13,6 +13,7 @@ Start-up runs in a worker thread while the HTTP server already answers ``/health
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -87,13 +88,24 @@ class ModelService:
         # prediction. Event-loop state: read and written on the loop thread only.
         self.http_ms = 1.0
         self.in_flight = 0
+        self.loop_lag_ms = 0.0
 
     def observe_http(self, total_ms: float, queue_ms: float, compute_ms: float) -> None:
         self.http_ms = 0.9 * self.http_ms + 0.1 * max(0.0, total_ms - queue_ms - compute_ms)
 
     def ingress_wait_ms(self) -> float:
-        """Predicted HTTP-layer wait of a new request behind the others in flight."""
-        return max(0, self.in_flight - 1) * self.http_ms
+        """Predicted HTTP-layer wait of a new request: behind the others in flight, plus how late
+        the event loop runs ready work now (requests not yet in the handler show up only there)."""
+        return max(0, self.in_flight - 1) * self.http_ms + self.loop_lag_ms
+
+    async def watch_loop_lag(self, period_s: float = 0.005) -> None:
+        """Track how late the event loop wakes a sleeper: an EWMA of the oversleep, in ms."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(period_s)
+            late = max(0.0, (loop.time() - t - period_s) * 1e3)
+            self.loop_lag_ms = 0.8 * self.loop_lag_ms + 0.2 * late
 
     # -- start-up -----------------------------------------------------------------------------
 

@@ -165,3 +165,25 @@ def test_service_estimates_the_http_backlog(tmp_path):
     for _ in range(100):
         svc.observe_http(total_ms=10.0, queue_ms=3.0, compute_ms=4.0)
     assert svc.http_ms == pytest.approx(3.0, rel=1e-3)
+
+
+def test_loop_lag_shows_up_in_the_ingress_estimate(tmp_path):
+    from server.config import Settings
+    from server.metrics import Metrics
+    from server.service import ModelService
+
+    svc = ModelService(Settings(weights=tmp_path), Metrics())
+
+    async def scenario():
+        watcher = asyncio.create_task(svc.watch_loop_lag(period_s=0.001))
+        await asyncio.sleep(0)  # let it start its first sleep
+        for _ in range(10):
+            start = time.perf_counter()
+            while time.perf_counter() - start < 0.02:  # the loop is busy for 20 ms
+                pass
+            await asyncio.sleep(0.002)
+        watcher.cancel()
+
+    asyncio.run(scenario())
+    assert svc.loop_lag_ms > 5.0
+    assert svc.ingress_wait_ms() >= svc.loop_lag_ms
