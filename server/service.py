@@ -103,7 +103,7 @@ class ModelService:
         loop = asyncio.get_running_loop()
         while True:
             t = loop.time()
-            await asyncio.sleep(period_s)
+            await asyncio.sleep(period_s)  # the instrument: how late this timer fires is the lag
             late = max(0.0, (loop.time() - t - period_s) * 1e3)
             self.loop_lag_ms = 0.8 * self.loop_lag_ms + 0.2 * late
 
