@@ -80,6 +80,24 @@ class Metrics:
             ["stitch"],
             registry=r,
         )
+        self.request_budget_seconds = Histogram(
+            "snnet_request_budget_seconds", "Latency budget of classify requests that had one",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        # Controller state (server/controller.py).
+        self.load_level = Gauge(
+            "snnet_load_level",
+            "Controller load level: 0 = requests without a budget may use the most accurate "
+            "stitch, 1 = only the cheapest",
+            registry=r,
+        )
+        self.arrival_rate = Gauge(
+            "snnet_arrival_rate", "Classify requests arriving per second (controller estimate)",
+            registry=r,
+        )  # fmt: skip
+        self.controller_updates = Counter(
+            "snnet_controller_updates", "Controller iterations", registry=r
+        )
         self.ready = Gauge(
             "snnet_ready", "1 when the model is loaded, verified and profiled", registry=r
         )
