@@ -1,8 +1,8 @@
 """`snnet serve` as a subprocess on a free loopback port, whose log lines can be awaited.
 
-    with SnnetServer({"SNNET_PROFILE_CACHE": str(tmp_path / "p.json")}) as srv:
-        srv.wait_for("ready in")
-        httpx.get(f"{srv.url}/readyz")
+with SnnetServer({"SNNET_PROFILE_CACHE": str(tmp_path / "p.json")}) as srv:
+    srv.wait_for("ready in")
+    httpx.get(f"{srv.url}/readyz")
 """
 
 from __future__ import annotations
