@@ -214,3 +214,22 @@ def test_dockerfile_commands_build_a_serving_environment(tmp_path):
         )
         assert r.status_code == 200, r.text
     assert any(f"kept in {paths['/var/cache/snnet']}/profiles.json" in line for line in srv.log)
+
+
+def test_dockerignore_sends_exactly_what_the_dockerfile_copies():
+    """.dockerignore excludes everything, then re-includes the COPY sources (a build context
+    without the venv, tests and training data is small and does not bust the cache)."""
+    lines = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*"
+    included = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    copied = {
+        src.rstrip("/")
+        for keyword, args in parse((ROOT / "Dockerfile").read_text())
+        if keyword == "COPY" and not args.startswith("--from")
+        for src in args.split()[:-1]
+    }
+    assert copied == included
