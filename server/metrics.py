@@ -73,7 +73,7 @@ class Metrics:
             "snnet_budget_missed", "Requests answered after their budget ran out", registry=r
         )
         self.shed = Counter(
-            "snnet_shed", "Requests refused at once because no stitch could meet their budget under the current load",
+            "snnet_shed", "Requests refused at once (503): no stitch could meet their budget under the current load, or the queue was full",
             registry=r,
         )  # fmt: skip
         self.queue_depth = Gauge("snnet_queue_depth", "Images waiting for the model", registry=r)
