@@ -16,6 +16,8 @@ Deterministic for a given machine and thread count; prints progress throughout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -63,6 +65,13 @@ SNNET = TrainConfig(
     epochs=20, batch_size=64, lr=1e-3, min_lr=1e-6, weight_decay=0.05, warmup_epochs=1,
     label_smoothing=0.1, distill=True, distill_alpha=0.5, amp=True,
 )  # fmt: skip
+# The widest anchor trains better with a lower learning rate and more epochs (at lr 2e-3 and
+# 20 epochs it reached 93.2% held out, below the middle anchor's 95.5%).
+ZOO_PER_ANCHOR = [
+    {"lr": 2e-3, "epochs": 20},
+    {"lr": 2e-3, "epochs": 20},
+    {"lr": 1e-3, "epochs": 30},
+]
 MAX_SHIFT = 2
 TRAIN_THREADS = 1  # one core: steady speed on a machine shared with other work
 LS_IMAGES = 100
@@ -72,6 +81,15 @@ PROFILE_BATCH_SIZES = [
     4,
     8,
 ]  # the server's default batch sizes: reused when the device matches
+
+
+def zoo_file(work: str, i: int, cfg: TrainConfig) -> Path:
+    """Where anchor i, trained with cfg, is kept: named by a hash of everything that shaped it."""
+    key = json.dumps(
+        [ANCHORS[i], OVERRIDES[i], snnet_core.train.config_dict(cfg), MAX_SHIFT, TRAIN_THREADS],
+        sort_keys=True,
+    )
+    return Path(work) / f"zoo-{i}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
 
 
 def train_classifier(
@@ -151,10 +169,12 @@ def main() -> None:
     )
     ap.add_argument("--out", default=str(HERE), help="output directory (default: weights/)")
     ap.add_argument("--work", default="runs/bundled", help="scratch directory for train state")
-    ap.add_argument("--zoo-epochs", type=int, default=ZOO.epochs, help="smoke tests only")
+    ap.add_argument("--zoo-epochs", type=int, help="smoke tests only (default: per anchor)")
     ap.add_argument("--snnet-epochs", type=int, default=SNNET.epochs, help="smoke tests only")
     ap.add_argument(
-        "--reuse-zoo", action="store_true", help="development: reuse WORK/zoo.safetensors"
+        "--reuse-zoo",
+        action="store_true",
+        help="development: reuse anchors already trained with the same settings in WORK/",
     )
     ap.add_argument(
         "--readme-only", action="store_true", help="only rewrite README.md from the manifest"
@@ -163,7 +183,10 @@ def main() -> None:
     if args.readme_only:
         write_readme(Path(args.out))
         return
-    ZOO.epochs, SNNET.epochs = args.zoo_epochs, args.snnet_epochs
+    SNNET.epochs = args.snnet_epochs
+    zoo_cfgs = [dataclasses.replace(ZOO, **kw) for kw in ZOO_PER_ANCHOR]
+    if args.zoo_epochs is not None:
+        zoo_cfgs = [dataclasses.replace(c, epochs=args.zoo_epochs) for c in zoo_cfgs]
     t_start = time.perf_counter()
     # A fixed thread count: results are reproducible for a given machine and thread count.
     default_threads = torch.get_num_threads()
@@ -186,18 +209,16 @@ def main() -> None:
     net = snnet_core.SNNet(models, config)
     pre = net.data_config()
     norm = (pre["mean"], pre["std"])
-    zoo_file = Path(args.work) / "zoo.safetensors"
-    if args.reuse_zoo and zoo_file.is_file():
-        print(f"reusing the trained anchors in {zoo_file}", file=sys.stderr)
-        net.anchors.load_state_dict(safetensors.torch.load_file(zoo_file))
-    else:
-        for m, (width, _) in zip(net.anchors, WIDTHS, strict=True):
-            torch.manual_seed(width)
-            train_classifier(m, train_set, ZOO, norm, f"width {width}")
-        zoo_file.parent.mkdir(parents=True, exist_ok=True)
-        safetensors.torch.save_file(
-            {k: v.contiguous() for k, v in net.anchors.state_dict().items()}, zoo_file
-        )
+    for i, (m, (width, _)) in enumerate(zip(net.anchors, WIDTHS, strict=True)):
+        done = zoo_file(args.work, i, zoo_cfgs[i])
+        if args.reuse_zoo and done.is_file():
+            print(f"reusing the trained anchor in {done}", file=sys.stderr)
+            m.load_state_dict(safetensors.torch.load_file(done))
+            continue
+        torch.manual_seed(width)
+        train_classifier(m, train_set, zoo_cfgs[i], norm, f"width {width}")
+        done.parent.mkdir(parents=True, exist_ok=True)
+        safetensors.torch.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, done)
     zoo_acc = evaluate(net, held, norm, stitch_ids=range(len(WIDTHS)))
     print(
         "zoo anchors, held-out top-1: "
@@ -250,7 +271,7 @@ def main() -> None:
     }
     manifest.training = {
         "recipe": "weights/recipe.py",
-        "zoo": snnet_core.train.config_dict(ZOO),
+        "zoo": [snnet_core.train.config_dict(c) for c in zoo_cfgs],
         "snnet": snnet_core.train.config_dict(SNNET),
         "max_shift": MAX_SHIFT,
         "ls_init_images": LS_IMAGES,
@@ -295,8 +316,10 @@ networks and trained as one SN-Net. Reproduce from scratch with `make weights`
   1,000 held out. Training uses random shifts of up to {MAX_SHIFT} pixels.
 - Anchors (`timm.create_model(..., pretrained=False)`): patch 4 (49 tokens), depth 6, no class
   token, average pooling, widths {" / ".join(str(w) for w, _ in WIDTHS)} with
-  {" / ".join(str(h) for _, h in WIDTHS)} heads. Each trained alone for {manifest.training["zoo"]["epochs"]} epochs (AdamW lr {ZOO.lr}, bfloat16 autocast,
-  batch {ZOO.batch_size}, {ZOO.warmup_epochs} warm-up epochs then cosine, label smoothing {ZOO.label_smoothing}).
+  {" / ".join(str(h) for _, h in WIDTHS)} heads. Each trained alone (AdamW, bfloat16 autocast, batch {ZOO.batch_size},
+  {ZOO.warmup_epochs} warm-up epochs then cosine, label smoothing {ZOO.label_smoothing}) for
+  {" / ".join(str(c["epochs"]) for c in manifest.training["zoo"])} epochs at learning rates
+  {" / ".join(f"{c['lr']:g}" for c in manifest.training["zoo"])}.
 - SN-Net: nearest-neighbour pairs, window 2, stride 1; stitching layers least-squares initialised
   from {LS_IMAGES} training images; then {manifest.training["snnet"]["epochs"]} epochs of SN-Net training (one uniformly
   sampled stitch per iteration, anchors and stitching layers trained, AdamW lr {SNNET.lr},
