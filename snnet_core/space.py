@@ -39,8 +39,15 @@ class SpaceConfig:
     # False only for nets imported from the reference DeiT release, whose stitched routes end
     # with the back anchor's head *without* its final norm (anchor routes keep it).
     stitched_final_norm: bool = True
+    # Which unpaired stitches share a layer: "front" (those leaving the same front block) or
+    # "reference" (the release's assignment, for imported weights; see unpaired_stitching).
+    unpaired_layers: str = "front"
 
     def __post_init__(self) -> None:
+        if self.unpaired_layers not in ("front", "reference"):
+            raise ValueError(
+                f"unpaired_layers must be 'front' or 'reference', got {self.unpaired_layers!r}"
+            )
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.stride < 1:
@@ -109,17 +116,22 @@ def paired_stitching(
 
 
 def unpaired_stitching(
-    front_depth: int, back_depth: int
+    front_depth: int, back_depth: int, layers: str = "front"
 ) -> tuple[list[tuple[int, int]], list[int]]:
     """Cut points of a stage against a deeper one (the reference's "unpaired" stitching).
 
     Block ``i`` of the back stage is matched to front block ``m[i] = floor(i * front / back)``
     (nearest interpolation of the front's block ids to the back's depth). Every ``(m[i], i)``
-    with ``m[i] < i`` is a stitch, ordered by front block then back block. The ``t``-th stitch
-    uses layer ``m[t]``: that is how the reference release assigns layers (so imported weights
-    land on the right routes), which groups stitches in runs of ``back // front`` shifted by one
-    from their front block. Swin-T -> Swin-S stage 2 (6 against 18): 17 stitches, 6 layers,
-    ``(0,1), (0,2), (1,3)`` on layer 0, ``(1,4), (1,5), (2,6)`` on layer 1, ...
+    with ``m[i] < i`` is a stitch, ordered by front block then back block. Swin-T -> Swin-S
+    stage 2 (6 against 18): 17 stitches ``(0,1), (0,2), (1,3), (1,4), (1,5), (2,6), ...``, 6
+    layers.
+
+    Layers: with ``layers="front"`` the stitches leaving one front block share its layer, so a
+    layer is fitted to one kind of input. The reference release instead gives the ``t``-th
+    stitch layer ``m[t]``, which shifts the runs by one (``(0,1), (0,2), (1,3)`` share layer 0);
+    a least-squares layer averaged over two different front blocks can then fit worse than no
+    fit at all (seen on ResNet-18/50 in tests), so ``"reference"`` is kept for imported
+    release weights only.
 
     Returns:
         ``(cuts, layer_of)`` as for ``paired_stitching``.
@@ -133,7 +145,11 @@ def unpaired_stitching(
     # used here (ratios 1/2 and 1/3).
     match = [i * front_depth // back_depth for i in range(back_depth)]
     cuts = [(j, i) for j in range(front_depth) for i, m in enumerate(match) if m == j and j < i]
-    return cuts, match[: len(cuts)]
+    if layers == "reference":
+        return cuts, match[: len(cuts)]
+    if layers != "front":
+        raise ValueError(f"layers must be 'front' or 'reference', got {layers!r}")
+    return cuts, [j for j, _ in cuts]
 
 
 def short_names(names: list[str]) -> list[str]:
@@ -194,7 +210,7 @@ def enumerate_stitches(
             if len(ra) == len(rb):
                 cuts, layer_of = paired_stitching(len(ra), config.window, config.stride, overlap[p])
             elif len(ra) < len(rb):
-                cuts, layer_of = unpaired_stitching(len(ra), len(rb))
+                cuts, layer_of = unpaired_stitching(len(ra), len(rb), config.unpaired_layers)
             else:
                 raise ValueError(
                     f"stage {st} of {names[a]} ({len(ra)} blocks) is deeper than that of the "

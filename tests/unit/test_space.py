@@ -58,13 +58,19 @@ def test_paired_without_overlap_cuts_forward_only():
 
 
 def test_unpaired_stitching_matches_the_reference_nearest_mapping():
-    cuts, layers = unpaired_stitching(6, 18)
+    cuts, layers = unpaired_stitching(6, 18, "reference")
     assert len(cuts) == 17 and max(layers) + 1 == 6
     assert cuts[:6] == [(0, 1), (0, 2), (1, 3), (1, 4), (1, 5), (2, 6)]
     # The release pairs the t-th cut with layer floor(t / 3), not with its front block.
     assert layers[:6] == [0, 0, 0, 1, 1, 1]
-    assert unpaired_stitching(2, 4) == ([(0, 1), (1, 2), (1, 3)], [0, 0, 1])
-    assert unpaired_stitching(2, 6) == ([(0, 1), (0, 2), (1, 3), (1, 4), (1, 5)], [0, 0, 0, 1, 1])
+    assert unpaired_stitching(2, 4, "reference") == ([(0, 1), (1, 2), (1, 3)], [0, 0, 1])
+    five = [(0, 1), (0, 2), (1, 3), (1, 4), (1, 5)]
+    assert unpaired_stitching(2, 6, "reference") == (five, [0, 0, 0, 1, 1])
+    # Our default: one layer per front block, same cuts, same number of layers.
+    assert unpaired_stitching(2, 6) == (five, [0, 0, 1, 1, 1])
+    assert unpaired_stitching(6, 18)[1] == [j for j, _ in cuts]
+    with pytest.raises(ValueError, match="unpaired_layers must be 'front' or 'reference'"):
+        SpaceConfig(unpaired_layers="back")
 
 
 @pytest.mark.parametrize(
