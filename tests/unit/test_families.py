@@ -114,20 +114,21 @@ def expected_params(net, stitch_id: int) -> set[str]:
         if m is None:
             continue
         i, part = int(m[1]), part_of(m[2])
-        if i == a:  # front: stem, earlier stages, this stage's downsampling and blocks 0..j
-            if (
-                part[0] == "stem"
-                or (part[0] == "down" and part[1] <= st)
-                or (part[0] == "block" and (part[1] < st or (part[1] == st and part[2] <= j)))
-            ):
-                used.add(n)
-        if i == b:  # back: this stage's blocks k.., later stages, head
-            if (
-                part[0] == "head"
-                or (part[0] == "down" and part[1] > st)
-                or (part[0] == "block" and (part[1], part[2]) >= (st, k))
-            ):
-                used.add(n)
+        kind, where = part[0], part[1:]
+        # Front: stem, earlier stages, this stage's downsampling and blocks 0..j.
+        front = (
+            kind == "stem"
+            or (kind == "down" and where[0] <= st)
+            or (kind == "block" and (where[0] < st or (where[0] == st and where[1] <= j)))
+        )
+        # Back: this stage's blocks k.., later stages (downsampling included), head.
+        back = (
+            kind == "head"
+            or (kind == "down" and where[0] > st)
+            or (kind == "block" and tuple(where) >= (st, k))
+        )
+        if (i == a and front) or (i == b and back):
+            used.add(n)
     return used
 
 
