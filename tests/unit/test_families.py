@@ -227,3 +227,31 @@ def test_mixing_families_with_different_grids_is_refused():
             # Patch 2 halves Swin's stride: its stage-1 grid is 8x8, ResNet's 4x4.
             overrides=[RESNET_OVERRIDES, {**SWIN_OVERRIDES[0], "patch_size": 2}],
         )
+
+
+def test_summed_part_costs_equal_a_whole_forward_count(family_net):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from snnet_core.profile import _EXTRA_FORMULAS
+
+    _, net = family_net
+    net.eval()
+    costs = snnet_core.stitch_costs(net)
+    x = torch.zeros(1, *net.input_size)
+    for s in {0, len(net.anchors), len(net.stitches) // 2, len(net.stitches) - 1}:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as c:
+            net(x, s)
+        assert costs[s].gflops == pytest.approx(c.get_total_flops() / 2e9, rel=1e-6)
+
+
+def test_windowed_attention_is_counted_like_its_explicit_matmuls():
+    """timm's Swin runs fused SDPA on CPU; the count must equal that of the explicit path."""
+    from timm.models.swin_transformer import WindowAttention
+
+    net = build("swin")
+    m = net.anchors[0].eval()
+    fused = snnet_core.stitch_costs(net)[0].gflops
+    for mod in m.modules():
+        if isinstance(mod, WindowAttention):
+            mod.fused_attn = False
+    assert snnet_core.stitch_costs(net)[0].gflops == pytest.approx(fused, rel=1e-9)
