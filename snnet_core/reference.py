@@ -192,6 +192,7 @@ def convert_reference(
     *,
     anchors: list[str] | None = None,
     overrides: dict[str, Any] | list[dict[str, Any]] | None = None,
+    input_size: list[int] | None = None,
     trusted_pickle: bool = False,
 ) -> tuple[SNNet, ImportReport]:
     """Build our SN-Net holding the tensors of a reference release state dict.
@@ -202,6 +203,7 @@ def convert_reference(
         anchors: timm names (default: the release's anchors for ``family``).
         overrides: ``timm.create_model`` overrides (one dict or one per anchor); for
             architectures smaller than the release's, e.g. in tests.
+        input_size: (C, H, W) for ResNet-only nets (default: timm's 3x224x224).
         trusted_pickle: Recorded in the report.
 
     Raises:
@@ -213,6 +215,7 @@ def convert_reference(
     config = SNNetConfig(
         [AnchorSpec(n, dict(o or {})) for n, o in zip(names, per_anchor, strict=True)],
         SpaceConfig(stitched_final_norm=family != "deit", unpaired_layers="reference"),
+        tuple(input_size) if input_size else None,
     )
     net = snnet_from_config(config)
 
