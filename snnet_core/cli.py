@@ -304,8 +304,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .checkpoint import save
-    from .checkpoint import sha256_file as file_sha256
+    from .checkpoint import save, sha256_file
     from .reference import convert_reference, read_state_dict
 
     if args.trust_pickle:
@@ -317,13 +316,18 @@ def cmd_import(args: argparse.Namespace) -> int:
     state, trusted = read_state_dict(args.src, trust_pickle=args.trust_pickle)
     anchors = [n.strip() for n in args.anchors.split(",") if n.strip()] if args.anchors else None
     net, report = convert_reference(
-        state, args.family, anchors=anchors, overrides=args.overrides, trusted_pickle=trusted
+        state,
+        args.family,
+        anchors=anchors,
+        overrides=args.overrides,
+        input_size=args.input_size,
+        trusted_pickle=trusted,
     )
     manifest = new_manifest(net)
     manifest.training = {
         "imported_from": {
             "file": Path(args.src).name,
-            "sha256": file_sha256(args.src),
+            "sha256": sha256_file(args.src),
             **report.to_dict(),
         }
     }
@@ -431,6 +435,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overrides", type=parse_overrides, help="timm.create_model overrides, as for stitches"
     )
+    p.add_argument("--input-size", type=parse_input_size, help="C,H,W for ResNet-only files")
     p.set_defaults(func=cmd_import)
 
 

@@ -48,7 +48,10 @@ def reference_stitches(depths, stages, overlap):
                 for i in range(f):
                     ids = range(i, min(i + 2, f))
                     new = [
-                        (j, k) for j in ids for k in ids if (j, k) not in cfgs and (overlap or j < k)
+                        (j, k)
+                        for j in ids
+                        for k in ids
+                        if (j, k) not in cfgs and (overlap or j < k)
                     ]
                     n += bool(new)
                     cfgs += new
