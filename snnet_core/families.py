@@ -260,13 +260,15 @@ class ResNetFamily(FamilyAdapter):
         return next(s for s, r in enumerate(self.stages(model)) if after_unit in r)
 
     def feature_width(self, model: nn.Module, after_unit: int) -> int:
-        # feature_info: [stem act1, layer1, ..., layer4]
+        # feature_info: [stem (act1), layer1, ..., layer4]
         return int(model.feature_info[self._stage(model, after_unit) + 1]["num_chs"])
 
     def feature_grid(
         self, model: nn.Module, after_unit: int, input_size: tuple[int, int, int]
     ) -> tuple:
-        reduction = int(model.feature_info[self._stage(model, after_unit) + 1]["reduction"])
+        # The stem ends with the max pool, at layer1's stride (layer1 does not downsample).
+        stage = max(self._stage(model, after_unit), 0)
+        reduction = int(model.feature_info[stage + 1]["reduction"])
         # Every stride-2 layer (3x3 or 7x7, padded) rounds up, so the grid is a repeated ceil.
         grid = []
         for v in input_size[1:]:

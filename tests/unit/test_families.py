@@ -258,3 +258,29 @@ def test_windowed_attention_is_counted_like_its_explicit_matmuls():
         return snnet_core.stitch_costs(net)[0].gflops
 
     assert count(True) == pytest.approx(count(False), rel=1e-9)
+
+
+def test_declared_widths_and_grids_are_those_of_the_real_features(family_net, images):
+    """Layers are sized and cuts checked from the adapter's declarations, without a forward."""
+    _, net = family_net
+    net.eval()
+    for i, (m, ad) in enumerate(zip(net.anchors, net.adapters, strict=True)):
+        for after, h in enumerate(net.unit_features(i, images[0][:1]), start=-1):
+            hw, c = (
+                (h.shape[-2:], h.shape[1]) if ad.layout == "nchw" else (h.shape[1:3], h.shape[-1])
+            )
+            assert ad.feature_width(m, after) == c, (i, after)
+            assert ad.feature_grid(m, after, net.input_size)[1] == tuple(hw), (i, after)
+
+
+def test_bfloat16_on_cpu_runs_every_stitch(family_net, images):
+    family, net = family_net
+    net.eval().to(torch.bfloat16)
+    x = images[0][:2].bfloat16()
+    try:
+        with torch.no_grad():
+            for s in net.stitches:
+                out = net(x, s.id)
+                assert out.dtype == torch.bfloat16 and torch.isfinite(out).all(), s
+    finally:
+        net.float()
