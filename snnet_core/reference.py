@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from .snnet import AnchorSpec, SNNet, SNNetConfig, snnet_from_config
+from .snnet import AnchorSpec, SNNet, SNNetConfig, _per_anchor_overrides, snnet_from_config
 from .space import SpaceConfig
 
 REFERENCE_ANCHORS: dict[str, list[str]] = {
@@ -211,9 +211,9 @@ def convert_reference(
             shapes differ; the message names the keys.
     """
     names = anchors or reference_anchors(family, state)
-    per_anchor = overrides if isinstance(overrides, list) else [dict(overrides or {})] * len(names)
+    per_anchor = _per_anchor_overrides(overrides, len(names))
     config = SNNetConfig(
-        [AnchorSpec(n, dict(o or {})) for n, o in zip(names, per_anchor, strict=True)],
+        [AnchorSpec(n, o) for n, o in zip(names, per_anchor, strict=True)],
         SpaceConfig(stitched_final_norm=family != "deit", unpaired_layers="reference"),
         tuple(input_size) if input_size else None,
     )
