@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -101,15 +102,17 @@ def read_state_dict(
         trusted = False
     except FileNotFoundError:
         raise ReferenceFormatError(f"{path} does not exist") from None
-    except Exception as e:  # torch raises UnpicklingError (or RuntimeError) for foreign globals
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except pickle.UnpicklingError as e:  # what torch raises for anything it will not rebuild
         if not trust_pickle:
             raise ReferenceFormatError(
-                f"{path} cannot be read with torch.load(weights_only=True): {reason}. It needs "
-                "full unpickling, which runs whatever code the file names; only if you trust "
-                "where it came from, pass --trust-pickle"
+                f"{path} cannot be read with torch.load(weights_only=True) ({_why(str(e))}). "
+                "It needs full unpickling, which runs whatever code the file names; only if you "
+                "trust where it came from, pass --trust-pickle"
             ) from None
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e2:  # a corrupt file fails here in many ways
+            raise ReferenceFormatError(f"{path} is not a readable PyTorch file: {e2}") from None
         trusted = True
     for key in ("model", "state_dict"):  # DeiT/Swin scripts save 'model', timm's 'state_dict'
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -126,6 +129,14 @@ def read_state_dict(
             raise ReferenceFormatError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
         state[k.removeprefix("module.")] = v  # saved from a DDP wrapper
     return state, trusted
+
+
+def _why(message: str) -> str:
+    """The useful line of torch's weights-only refusal."""
+    if m := re.search(r"Unsupported global: GLOBAL (\S+)", message):
+        return f"it names {m[1]}, which is not a tensor or plain container"
+    tail = message.split("WeightsUnpickler error:", 1)[-1]
+    return next((line.strip() for line in tail.splitlines() if line.strip()), "unknown reason")
 
 
 def reference_anchors(family: str, state: dict[str, torch.Tensor]) -> list[str]:
