@@ -18,6 +18,11 @@ from tests.conftest import TINY_ANCHORS, TINY_NUM_STITCHES, TINY_OVERRIDES, buil
 
 ROOT = Path(__file__).resolve().parents[2]
 SNNET = str(Path(sys.executable).with_name("snnet"))
+# Subprocesses run this checkout's code even if the console script was installed from another.
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+}
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +142,7 @@ def test_schedule_and_sampling():
 
 
 def test_two_process_torchrun_on_cpu_ends_with_identical_weights(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [
             sys.executable,
@@ -193,6 +198,7 @@ def test_eval_gives_the_right_numbers_on_a_known_case(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        env=ENV,
     )
     assert proc.returncode == 0, proc.stderr
     rows = {r["id"]: r for r in json.loads(proc.stdout)}
@@ -237,6 +243,7 @@ def test_train_command_writes_a_servable_checkpoint(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
+        env=ENV,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "epoch 1/1" in proc.stderr  # progress bar
