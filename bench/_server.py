@@ -66,7 +66,8 @@ class Client:
         u = urlparse(url)
         self.conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
 
-    def classify(self, png: bytes, **fields: object) -> tuple[int, dict]:
+    def classify(self, png: bytes | list[bytes], **fields: object) -> tuple[int, dict]:
+        """POST /classify with one image (or several) as multipart parts; (status, JSON body)."""
         import json
 
         boundary = "snnetbench"
@@ -74,18 +75,26 @@ class Client:
             f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
             for k, v in fields.items()
         ]
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="d.png"\r\n'
-            f"Content-Type: image/png\r\n\r\n".encode()
-            + png
-            + b"\r\n"
-        )
+        for one in [png] if isinstance(png, bytes) else png:
+            parts.append(
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="d.png"\r\n'
+                f"Content-Type: image/png\r\n\r\n".encode()
+                + one
+                + b"\r\n"
+            )
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
         self.conn.request(
             "POST", "/classify", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
         )
         r = self.conn.getresponse()
         return r.status, json.loads(r.read())
+
+    def get(self, path: str) -> dict:
+        import json
+
+        self.conn.request("GET", path)
+        r = self.conn.getresponse()
+        return json.loads(r.read())
 
     def close(self) -> None:
         self.conn.close()

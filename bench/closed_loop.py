@@ -1,8 +1,9 @@
 """Closed loop: 8 concurrent clients with mixed latency budgets against `snnet serve`.
 
-    python bench/closed_loop.py [--clients 8] [--seconds 30] [--budgets 5,10,20,50]
+    python bench/closed_loop.py [--clients 8] [--seconds 30] [--budgets 2x,4x,8x,16x]
 
-Each client sends single-image requests back to back, each with a budget drawn from the mix.
+Each client sends single-image requests back to back, each with a budget drawn from the mix (a
+value ending in ``x`` is a multiple of the most accurate stitch's profiled time at batch 1).
 Prints the share of answered requests within their budget (client-measured; target >= 99%),
 throughput, status counts and how often each stitch answered.
 """
@@ -26,11 +27,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=30)
-    ap.add_argument("--budgets", default="5,10,20,50", help="ms, drawn uniformly")
+    ap.add_argument("--budgets", default="2x,4x,8x,16x", help="ms or multiples, drawn uniformly")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    budgets = [float(b) for b in args.budgets.split(",")]
     proc, url = start_server()
+    c = Client(url)
+    menu = c.get("/stitches")["stitches"]
+    c.close()
+    best = max(menu, key=lambda r: (r["accuracy"] or 0, r["gflops"]))
+    unit = best["predicted_ms"]["1"]
+    budgets = [
+        round(float(b[:-1]) * unit, 2) if b.endswith("x") else float(b)
+        for b in args.budgets.split(",")
+    ]
     pngs = digit_pngs()
     records: list[tuple[float, float, int, int | None]] = []  # budget, rtt ms, status, stitch
     lock = threading.Lock()
@@ -51,12 +60,16 @@ def main() -> None:
 
     try:
         threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
+        state: dict = {}
         t0 = time.monotonic()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         elapsed = time.monotonic() - t0
+        c = Client(url)
+        state = c.get("/controller")
+        c.close()
     finally:
         proc.terminate()
         proc.wait(30)
@@ -79,6 +92,10 @@ def main() -> None:
                 f"  budget {b:>5g} ms: {len(sub)} answered, {100 * sum(r[1] <= b for r in sub) / len(sub):.2f}% within, "
                 f"median {statistics.median(r[1] for r in sub):.2f} ms"
             )
+    print(
+        f"controller at the end: margin {state.get('margin_ms')} ms, load level "
+        f"{state.get('load_level')}, arrival rate {state.get('arrival_rate')}/s"
+    )
     usage = collections.Counter(r[3] for r in ok)
     print("stitch usage: " + ", ".join(f"{s}:{n}" for s, n in sorted(usage.items())))
 

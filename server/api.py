@@ -24,6 +24,7 @@ from .schemas import (
     ClassifyJSON,
     ClassifyOptions,
     ClassifyResponse,
+    ControllerState,
     ErrorResponse,
     HealthResponse,
     ReadyResponse,
@@ -209,8 +210,11 @@ def _decode_all(service: ModelService, images: list[tuple[str, bytes]]) -> torch
     return torch.stack(tensors)
 
 
-def _choose(service: ModelService, opts: ClassifyOptions, n: int) -> tuple[int, float | None]:
-    """The stitch to run and the budget that applies (None: no budget)."""
+def _choose(
+    service: ModelService, opts: ClassifyOptions, n: int
+) -> tuple[int, float | None, float | None]:
+    """The stitch to run, the budget that applies (None: no budget), and the predicted time of
+    a queue-aware choice without the controller's margin (None for other choices)."""
     stitches = service.manifest.stitches
     if opts.stitch_id is not None and opts.max_gflops is not None:
         raise APIError(422, "give at most one of stitch_id and max_gflops")
@@ -220,7 +224,7 @@ def _choose(service: ModelService, opts: ClassifyOptions, n: int) -> tuple[int, 
                 422,
                 f"unknown stitch_id {opts.stitch_id}; valid ids are 0..{len(stitches) - 1} (GET /stitches)",
             )
-        return opts.stitch_id, opts.latency_budget_ms
+        return opts.stitch_id, opts.latency_budget_ms, None
     candidates = None
     if opts.max_gflops is not None:
         candidates = [r["id"] for r in stitches if r["gflops"] <= opts.max_gflops]
@@ -231,14 +235,31 @@ def _choose(service: ModelService, opts: ClassifyOptions, n: int) -> tuple[int, 
                 f"max_gflops={opts.max_gflops:g} is below the cheapest stitch ({cheapest:.6g} GFLOPs); allowed: max_gflops >= {cheapest:.6g}",
             )
         if opts.latency_budget_ms is None:
-            return next(s for s in service.ranking if s in set(candidates)), None
+            return next(s for s in service.ranking if s in set(candidates)), None, None
     budget = (
         opts.latency_budget_ms
         if opts.latency_budget_ms is not None
         else service.settings.default_budget_ms
     )
-    extra = service.ingress_wait_ms()
-    return service.scheduler.choose(budget, n, candidates, extra).stitch, budget
+    policy = opts.policy or service.settings.policy
+    sched = service.scheduler
+    if policy == "most_accurate":
+        pool = candidates if candidates is not None else service.ranking
+        return next(s for s in service.ranking if s in set(pool)), budget, None
+    if policy == "cheapest":
+        pool = candidates if candidates is not None else service.ranking
+        return min(pool, key=lambda s: sched.idle_ms(s, n)), budget, None
+    if policy == "static":
+        return sched.choose(budget, n, candidates, static=True).stitch, budget, None
+    # adaptive: the controller's load level narrows the menu; its margin pads the prediction.
+    control = service.controller
+    allowed = set(control.allowed)
+    pool = [s for s in (candidates if candidates is not None else service.ranking) if s in allowed]
+    if not pool:  # a cost cap (max_gflops) below everything the load level allows
+        pool = candidates
+    margin = control.margin_ms
+    choice = sched.choose(budget, n, pool, service.ingress_wait_ms() + margin)
+    return choice.stitch, budget, choice.predicted_ms - margin
 
 
 @router.post(
@@ -249,6 +270,7 @@ def _choose(service: ModelService, opts: ClassifyOptions, n: int) -> tuple[int, 
     summary="Classify images with the most accurate stitch that fits the latency budget",
 )
 async def classify(request: Request, service: Service) -> Any:
+    service.metrics.arrivals.inc()
     service.in_flight += 1
     try:
         return await _classify(request, service)
@@ -288,9 +310,12 @@ async def _classify(request: Request, service: Service) -> Any:
             422,
             f"top_k={opts.top_k} but the model has {num_classes} classes; allowed: 1..{num_classes}",
         )
+    service.metrics.images.inc(len(images))
+    if opts.latency_budget_ms is not None:
+        service.metrics.request_budget_seconds.observe(opts.latency_budget_ms / 1e3)
     try:
         # Choose first: a request that will be refused is refused before any image is decoded.
-        stitch, budget = _choose(service, opts, len(images))
+        stitch, budget, predicted_ms = _choose(service, opts, len(images))
         try:
             if sum(len(b) for _, b in images) <= INLINE_DECODE_BYTES:
                 x = _decode_all(service, images)  # small: cheaper than a hop to a thread
@@ -319,6 +344,8 @@ async def _classify(request: Request, service: Service) -> Any:
     ]
     total_ms = (time.monotonic() - arrived) * 1e3
     service.observe_http(total_ms, result.queue_ms, result.compute_ms)
+    if predicted_ms is not None:
+        service.controller.observe_residual(total_ms - predicted_ms)
     met = budget is None or total_ms <= budget
     m = service.metrics
     m.stitch_chosen.labels(str(stitch)).inc()
@@ -338,6 +365,7 @@ async def _classify(request: Request, service: Service) -> Any:
             "queue_ms": round(result.queue_ms, 3),
             "compute_ms": round(result.compute_ms, 3),
             "total_ms": round(total_ms, 3),
+            "predicted_ms": None if predicted_ms is None else round(predicted_ms, 3),
         },
         "latency_budget_ms": budget,
         "budget_met": met,
@@ -398,6 +426,17 @@ async def get_stitch(stitch_id: int, service: Service) -> Any:
     if not 0 <= stitch_id < len(rows):
         raise APIError(404, f"no stitch {stitch_id}; valid ids are 0..{len(rows) - 1}")
     return _stitch_info(service, rows[stitch_id])
+
+
+@router.get(
+    "/controller",
+    response_model=ControllerState,
+    responses={503: ERRORS[503]},
+    summary="The controller's state: load level, arrival rate, corrections, fleet figures",
+)
+async def controller(service: Service) -> Any:
+    _require_ready(service)
+    return {"policy": service.settings.policy, **service.controller.state()}
 
 
 @router.get(

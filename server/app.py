@@ -75,8 +75,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         starting = asyncio.create_task(asyncio.to_thread(service.start))
         watching = asyncio.create_task(service.watch_loop_lag())
+        controlling = asyncio.create_task(service.run_controller())
         yield
         watching.cancel()
+        controlling.cancel()
         await starting
         await asyncio.to_thread(service.stop)
 

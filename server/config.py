@@ -63,6 +63,32 @@ class Settings(BaseSettings):
         description="Largest decoded image, width x height (413 above; decompression bombs).",
     )
 
+    policy: Literal["adaptive", "static", "most_accurate", "cheapest"] = Field(
+        "adaptive",
+        description="How budget-driven requests pick a stitch: adaptive (queue-aware, controller "
+        "load level, sheds what cannot be served in time), static (most accurate stitch whose idle "
+        "compute fits, no load feedback), most_accurate, cheapest. A request's `policy` field "
+        "overrides it.",
+    )
+    controller_period_s: float = Field(
+        0.25, gt=0, le=60, description="Period of the controller loop, seconds."
+    )
+    target_utilisation: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Share of time the model may be busy at the current arrival rate before the "
+        "controller moves budget-driven requests to cheaper stitches.",
+    )
+    prometheus_url: str | None = Field(
+        None,
+        description="Prometheus server whose query API gives fleet-wide figures to the controller "
+        "(e.g. http://prometheus:9090); unset: local metrics only.",
+    )
+    prometheus_period_s: float = Field(
+        5.0, gt=0, description="How often the controller queries SNNET_PROMETHEUS_URL, seconds."
+    )
+
     profile_cache: Path | None = Field(
         None,
         description="Where the latency profile measured on this device is kept "
@@ -85,6 +111,13 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
         return v
+
+    @field_validator("prometheus_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v and not re.match(r"https?://[^/\s]+", v):
+            raise ValueError(f"prometheus_url must be an http(s) URL, got {v!r}")
+        return v or None
 
     @model_validator(mode="after")
     def _dtype_fits_device(self) -> Settings:

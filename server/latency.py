@@ -2,9 +2,10 @@
 
 The base is the latency profile measured on this device (median ms at a few batch sizes);
 between measured sizes it interpolates linearly, above the largest it extrapolates from the two
-largest. Each stitch carries a multiplicative correction, an exponentially weighted mean of
-observed / predicted, so the model follows the machine when it is slower (or faster) than when
-it was profiled.
+largest. Each stitch carries a multiplicative correction, observed / profiled time, so the model
+follows the machine when it is slower (or faster) than when it was profiled. The controller sets
+the corrections from the service's metrics (``set_correction``); ``observe`` folds in single
+measurements where no controller runs.
 """
 
 from __future__ import annotations
@@ -74,3 +75,14 @@ class LatencyModel:
 
     def correction(self, stitch: int) -> float:
         return self._correction[stitch]
+
+    def set_correction(self, stitch: int, value: float) -> float:
+        """Set one stitch's correction (clamped to a sane range); returns what was set."""
+        value = min(max(float(value), MIN_CORRECTION), MAX_CORRECTION)
+        with self._lock:
+            self._correction[stitch] = value
+        return value
+
+    def corrections(self) -> dict[int, float]:
+        with self._lock:
+            return dict(self._correction)

@@ -48,6 +48,13 @@ class Metrics:
             "snnet_compute_seconds", "Model time of one batch, by stitch", ["stitch"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.compute_profiled_seconds = Counter(
+            "snnet_compute_profiled_seconds",
+            "The latency profile's (uncorrected) time for the batches run, by stitch; "
+            "rate(snnet_compute_seconds_sum) / rate(this) is the observed slow-down",
+            ["stitch"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "snnet_batch_size", "Images per model batch", buckets=BATCH_BUCKETS, registry=r
         )
@@ -66,7 +73,7 @@ class Metrics:
             "snnet_budget_missed", "Requests answered after their budget ran out", registry=r
         )
         self.shed = Counter(
-            "snnet_shed", "Requests refused at once because no stitch could meet their budget under the current load",
+            "snnet_shed", "Requests refused at once (503): no stitch could meet their budget under the current load, or the queue was full",
             registry=r,
         )  # fmt: skip
         self.queue_depth = Gauge("snnet_queue_depth", "Images waiting for the model", registry=r)
@@ -79,6 +86,12 @@ class Metrics:
             "Observed / profiled compute time, by stitch",
             ["stitch"],
             registry=r,
+        )
+        self.arrivals = Counter(
+            "snnet_arrivals", "Classify requests received (counted on arrival)", registry=r
+        )
+        self.images = Counter(
+            "snnet_images", "Images in classify requests that passed validation", registry=r
         )
         self.request_budget_seconds = Histogram(
             "snnet_request_budget_seconds", "Latency budget of classify requests that had one",

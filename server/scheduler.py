@@ -7,6 +7,9 @@ stitch until it is full, ``max_batch_wait`` has passed, or the head's deadline w
 
 Every choice is made against a prediction of when the request would finish: the running batch's
 remaining time, plus the queued work, plus its own batch's compute, all from the latency model.
+A request of more images than ``max_batch`` runs as consecutive batches of at most ``max_batch``,
+as predicted. Requests without a budget are ordered as if their deadline were ``order_budget_ms``
+away, so that under load they are not starved by requests with budgets.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ class Result:
 class _Job:
     x: torch.Tensor  # (n, C, H, W) float32
     stitch: int
-    deadline: float  # time.monotonic() seconds; math.inf without a budget
+    deadline: float  # time.monotonic() seconds; ordering only for requests without a budget
     enqueued: float
     future: asyncio.Future = field(repr=False)
     loop: asyncio.AbstractEventLoop = field(repr=False)
@@ -93,6 +96,7 @@ class Scheduler:
         max_wait_ms: Longest a batch is held open for more requests.
         max_queue: Images allowed to wait in all queues together.
         metrics: Where queue depth, batch sizes and compute times go.
+        order_budget_ms: Deadline used to order requests that have no budget.
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class Scheduler:
         max_wait_ms: float,
         max_queue: int,
         metrics: Metrics | None = None,
+        order_budget_ms: float = 1000.0,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError(
@@ -117,6 +122,7 @@ class Scheduler:
         self.device, self.dtype = device, dtype
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_ms / 1e3, max_queue
         self.metrics = metrics
+        self.order_budget_s = order_budget_ms / 1e3
         self._cv = threading.Condition()
         self._queues: dict[int, deque[_Job]] = {s: deque() for s in range(len(net.stitches))}
         self._queued = 0  # images waiting
@@ -165,11 +171,14 @@ class Scheduler:
         n: int = 1,
         candidates: Sequence[int] | None = None,
         extra_wait_ms: float = 0.0,
+        static: bool = False,
     ) -> Choice:
         """The most preferred stitch whose predicted wait + compute fits ``budget_ms``.
 
         ``extra_wait_ms`` is time the request will spend outside the model queue (the HTTP
-        layer's own backlog under load), added to every prediction.
+        layer's own backlog under load, and the controller's safety margin), added to every
+        prediction. ``static`` ignores the load: the most preferred stitch whose compute on an
+        idle server fits (the baseline without load feedback; it never sheds).
 
         Raises:
             ChoiceError: 422 if no stitch fits even on an idle server; 503 (with Retry-After)
@@ -189,6 +198,9 @@ class Scheduler:
                 f"({fastest_ms:.2f} ms for stitch {fastest} at batch {n}) even on an idle server; "
                 f"allowed: latency_budget_ms >= {math.ceil(fastest_ms * 100) / 100:.2f}",
             )
+        if static:
+            s = next(s for s in ranking if self.idle_ms(s, n) <= budget_ms)
+            return Choice(s, self.idle_ms(s, n), 0.0)
         now = time.monotonic()
         with self._cv:
             wait_ms = 0.0
@@ -219,7 +231,7 @@ class Scheduler:
         """
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        deadline = now + budget_ms / 1e3 if budget_ms is not None else math.inf
+        deadline = now + (budget_ms / 1e3 if budget_ms is not None else self.order_budget_s)
         job = _Job(x, stitch, deadline, now, loop.create_future(), loop)
         with self._cv:
             if self._stopping:
@@ -276,9 +288,8 @@ class Scheduler:
         # Hold the batch open for more requests of this stitch, but never past the point where
         # the head would miss its deadline, and not at all when shutting down.
         hold_until = head.enqueued + self.max_wait_s
-        if head.deadline < math.inf:
-            slack = head.deadline - self.latency.predict_ms(head.stitch, self.max_batch) / 1e3
-            hold_until = min(hold_until, slack)
+        slack = head.deadline - self.latency.predict_ms(head.stitch, self.max_batch) / 1e3
+        hold_until = min(hold_until, slack)
         while not self._stopping and sum(j.n for j in q) < self.max_batch:
             remaining = hold_until - time.monotonic()
             if remaining <= 0:
@@ -289,7 +300,7 @@ class Scheduler:
             images += q[0].n
             batch.append(q.popleft())
         self._queued -= images
-        self._running_until = time.monotonic() + self.latency.predict_ms(head.stitch, images) / 1e3
+        self._running_until = time.monotonic() + self._batches_ms(head.stitch, images) / 1e3
         self._update_gauges_locked()
         return batch
 
@@ -313,18 +324,27 @@ class Scheduler:
         start = time.monotonic()
         try:
             x = torch.cat([j.x for j in batch]) if len(batch) > 1 else batch[0].x
-            with torch.inference_mode():
-                logits = self.net(x.to(self.device, self.dtype, non_blocking=True), stitch)
-                logits = logits.float().cpu()
-            compute_ms = (time.monotonic() - start) * 1e3
             n = x.shape[0]
-            self.latency.observe(stitch, n, compute_ms)
+            # Only a single request larger than max_batch gets here with n > max_batch: run it
+            # in chunks, as _batches_ms predicts (and as memory was sized for).
+            out, base_ms = [], 0.0
+            with torch.inference_mode():
+                for chunk in x.split(self.max_batch):
+                    t0 = time.monotonic()
+                    y = self.net(chunk.to(self.device, self.dtype, non_blocking=True), stitch)
+                    out.append(y.float().cpu())
+                    chunk_ms = (time.monotonic() - t0) * 1e3
+                    b = chunk.shape[0]
+                    base_ms += self.latency.base_ms(stitch, b)
+                    if self.metrics:
+                        self.metrics.compute_seconds.labels(str(stitch)).observe(chunk_ms / 1e3)
+                        self.metrics.batch_size.observe(b)
+            logits = torch.cat(out) if len(out) > 1 else out[0]
+            compute_ms = (time.monotonic() - start) * 1e3
             if self.metrics:
-                self.metrics.compute_seconds.labels(str(stitch)).observe(compute_ms / 1e3)
-                self.metrics.batch_size.observe(n)
-                self.metrics.latency_correction.labels(str(stitch)).set(
-                    self.latency.correction(stitch)
-                )
+                self.metrics.compute_profiled_seconds.labels(str(stitch)).inc(base_ms / 1e3)
+            else:  # no metrics, no controller: correct the latency model directly
+                self.latency.observe(stitch, n, compute_ms)
         except Exception as e:
             log.exception("batch of stitch %d failed", stitch)
             error = ComputeError(f"the model failed on stitch {stitch}: {type(e).__name__}: {e}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -20,6 +22,11 @@ class ClassifyOptions(BaseModel):
         None, gt=0, description="The most accurate stitch costing at most this."
     )
     top_k: int = Field(5, ge=1, description="Predictions per image.")
+    policy: Literal["adaptive", "static", "most_accurate", "cheapest"] | None = Field(
+        None,
+        description="Override the server's SNNET_POLICY for this request (benchmarks compare "
+        "policies with it).",
+    )
 
 
 class ClassifyJSON(ClassifyOptions):
@@ -46,6 +53,11 @@ class Timing(BaseModel):
     queue_ms: float = Field(description="Wait before the batch ran.")
     compute_ms: float = Field(description="Model time of the batch.")
     total_ms: float = Field(description="From request arrival to response.")
+    predicted_ms: float | None = Field(
+        None,
+        description="What the scheduler predicted for queue wait + compute when it chose the "
+        "stitch (adaptive choices only; without the controller's safety margin).",
+    )
 
 
 class ClassifyResponse(BaseModel):
@@ -133,3 +145,64 @@ class ReadyResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str = Field(examples=["unknown stitch_id 99; valid ids are 0..34 (GET /stitches)"])
+
+
+class FleetState(BaseModel):
+    arrival_rate: float | None = Field(description="Requests/s across all replicas.")
+    replicas: int | None = Field(description="Ready replicas Prometheus sees.")
+    attainment: float | None = Field(description="Budget met / (met + missed + shed), fleet.")
+    corrections: dict[str, float] = Field(description="Fleet observed/profiled time by stitch.")
+    error: str | None = Field(description="Last query error, if the last query failed.")
+    age_s: float | None = Field(description="Seconds since the last successful query.")
+
+
+class ControllerState(BaseModel):
+    policy: str = Field(description="The server's default policy (SNNET_POLICY).")
+    load_level: float = Field(
+        description="0: budget-driven requests may use every stitch; 1: only the cheapest."
+    )
+    load_level_from_rate: float = Field(
+        description="Feed-forward term: arrival rate x per-image cost."
+    )
+    load_level_from_queue: float = Field(
+        description="Feedback term: predicted queue wait vs half the mean budget."
+    )
+    arrival_rate: float = Field(description="Classify requests/s (smoothed).")
+    image_rate: float = Field(description="Images/s (smoothed).")
+    images_per_request: float
+    mean_budget_ms: float | None = Field(description="Mean budget of recent requests that had one.")
+    queue_wait_ms: float = Field(description="Predicted wait of a new request now.")
+    margin_ms: float = Field(
+        description="Safety margin added to predictions (p99 of time not predicted)."
+    )
+    target_utilisation: float
+    allowed_stitches: list[int] = Field(
+        description="Stitches budget-driven requests may use now, most accurate first."
+    )
+    corrections: dict[str, float] = Field(description="Observed / profiled compute time by stitch.")
+    updates: int = Field(description="Controller iterations so far.")
+    fleet: FleetState | None = Field(description="Figures from SNNET_PROMETHEUS_URL, if set.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "policy": "adaptive",
+                    "load_level": 0.35,
+                    "load_level_from_rate": 0.35,
+                    "load_level_from_queue": 0.1,
+                    "arrival_rate": 42.0,
+                    "image_rate": 168.0,
+                    "images_per_request": 4.0,
+                    "mean_budget_ms": 100.0,
+                    "queue_wait_ms": 12.5,
+                    "margin_ms": 1.8,
+                    "target_utilisation": 0.8,
+                    "allowed_stitches": [1, 20, 3, 0],
+                    "corrections": {"0": 1.02, "1": 0.97},
+                    "updates": 1200,
+                    "fleet": None,
+                }
+            ]
+        }
+    )

@@ -8,7 +8,7 @@ Start-up runs in a worker thread while the HTTP server already answers ``/health
 3. find a latency profile for this device fingerprint covering every stitch and the batch
    sizes the batcher forms: in the manifest, else in the profile cache, else measure it now
    (progress in the log) and keep it in the cache;
-4. build the latency model and start the scheduler.
+4. build the latency model and start the scheduler and its controller.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import snnet_core
 from snnet_core import DeviceFingerprint, LatencyProfile, Manifest, SNNet, pareto_front
 
 from .config import Settings
+from .controller import Controller, Fleet, PrometheusSource, read_metrics
 from .imaging import make_transform
 from .latency import LatencyModel
 from .metrics import Metrics
@@ -74,6 +75,7 @@ class ModelService:
         self.manifest: Manifest | None = None
         self.scheduler: Scheduler | None = None
         self.latency: LatencyModel | None = None
+        self.controller: Controller | None = None
         self.profile: LatencyProfile | None = None
         self.device = resolve_device(settings.device)
         self.dtype = DTYPES[settings.dtype]
@@ -146,7 +148,11 @@ class ModelService:
         self.scheduler = Scheduler(
             net, self.latency, self.ranking, device=self.device, dtype=self.dtype,
             max_batch=s.max_batch_size, max_wait_ms=s.max_batch_wait_ms, max_queue=s.max_queue,
-            metrics=self.metrics,
+            metrics=self.metrics, order_budget_ms=s.default_budget_ms,
+        )  # fmt: skip
+        self.controller = Controller(
+            self.latency, self.ranking, max_batch=s.max_batch_size,
+            target_utilisation=s.target_utilisation,
         )  # fmt: skip
         self.scheduler.start()
         self.metrics.model.info(
@@ -236,6 +242,48 @@ class ModelService:
         self.ranking = sorted(score, key=lambda i: (-score[i], rows[i]["gflops"]))
         front = pareto_front([r["gflops"] for r in rows], [score[r["id"]] for r in rows])
         self.pareto = {rows[i]["id"] for i in front}
+
+    # -- controller -----------------------------------------------------------------------------
+
+    async def run_controller(self) -> None:
+        """The controller loop: every period, read the metrics, step, publish its state. Starts
+        once the model is ready; queries Prometheus (if configured) in a thread, never waiting
+        on it."""
+        s = self.settings
+        await asyncio.to_thread(self.started.wait)
+        if not self.ready:
+            return
+        source = PrometheusSource(s.prometheus_url) if s.prometheus_url else None
+        querying: asyncio.Task | None = None
+        next_query = 0.0
+        while True:
+            self.step_controller()
+            now = time.monotonic()
+            if source is not None and now >= next_query and (querying is None or querying.done()):
+                next_query = now + s.prometheus_period_s
+                querying = asyncio.create_task(self._query_fleet(source))
+            await asyncio.sleep(s.controller_period_s)  # the period itself, not a wait for an event
+
+    def step_controller(self) -> None:
+        c, m = self.controller, self.metrics
+        wait_ms = self.scheduler.predicted_wait_ms()
+        c.update(read_metrics(m, wait_ms))
+        m.queue_predicted_wait.set(wait_ms / 1e3)
+        m.load_level.set(c.level)
+        m.arrival_rate.set(c.arrival_rate)
+        m.controller_updates.inc()
+        for stitch, value in c.latency.corrections().items():
+            m.latency_correction.labels(str(stitch)).set(value)
+
+    async def _query_fleet(self, source: PrometheusSource) -> None:
+        try:
+            self.controller.fleet = await asyncio.to_thread(source.fleet)
+        except Exception as e:  # Prometheus down or slow: keep the last figures, show the error
+            old = self.controller.fleet or Fleet()
+            if old.error is None:
+                log.warning("controller: %s", e)
+            old.error = str(e)
+            self.controller.fleet = old
 
     def accuracy(self, stitch: int) -> float | None:
         return self.manifest.stitches[stitch].get("accuracy")

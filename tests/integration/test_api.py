@@ -91,7 +91,7 @@ def test_classify_multipart_and_json_agree(client, digit_png):
     assert a["stitch"]["id"] == 5 and a["latency_budget_ms"] is None and a["budget_met"] is True
     p = a["predictions"][0][0]
     assert p["label"] == f"digit {p['class_index']}" and 0 < p["score"] <= 1
-    assert set(a["timing"]) == {"queue_ms", "compute_ms", "total_ms"}
+    assert set(a["timing"]) == {"queue_ms", "compute_ms", "total_ms", "predicted_ms"}
 
 
 def test_predictions_match_the_model(client, ckpt, digits):

@@ -187,3 +187,72 @@ def test_loop_lag_shows_up_in_the_ingress_estimate(tmp_path):
     asyncio.run(scenario())
     assert svc.loop_lag_ms > 5.0
     assert svc.ingress_wait_ms() >= svc.loop_lag_ms
+
+
+def test_a_request_larger_than_max_batch_runs_in_max_batch_chunks(digits):
+    from server.metrics import Metrics
+
+    net = build_tiny().eval()
+    m = Metrics()
+    sched = Scheduler(
+        net, LatencyModel(profile(lambda s, b: 1.0 * b)), list(range(TINY_NUM_STITCHES)),
+        device=torch.device("cpu"), dtype=torch.float32, max_batch=4, max_wait_ms=0,
+        max_queue=64, metrics=m,
+    )  # fmt: skip
+    images = digits[0][:10]
+    with torch.no_grad():
+        expected = net(images, 3)
+
+    async def scenario():
+        fut = sched.submit(images, 3, None)
+        sched.start()
+        return await fut
+
+    result = asyncio.run(scenario())
+    sched.stop()
+    torch.testing.assert_close(result.logits, expected, rtol=1e-4, atol=1e-5)
+    # As predicted: 4 + 4 + 2, never one batch of 10.
+    assert sched.idle_ms(3, 10) == pytest.approx(10.0)
+    assert (
+        m.batch_size._sum.get() == 10
+        and m.registry.get_sample_value("snnet_batch_size_bucket", {"le": "4.0"}) == 3
+    )
+    assert m.registry.get_sample_value(
+        "snnet_compute_profiled_seconds_total", {"stitch": "3"}
+    ) == pytest.approx(0.010)
+
+
+def test_requests_without_a_budget_are_not_starved_by_requests_with_one(digits):
+    sched, net = make_scheduler(lambda s, b: 1.0)
+    x = digits[0][:1]
+    order = []
+
+    async def scenario():
+        no_budget = sched.submit(x, 1, None)  # ordered as if due in order_budget_ms (1 s)
+        later = [sched.submit(x, 2, 5000.0) for _ in range(3)]  # due later than that
+        for name, f in [("none", no_budget), *[("budget", f) for f in later]]:
+            f.add_done_callback(lambda _, n=name: order.append(n))
+        sched.start()
+        await asyncio.gather(no_budget, *later)
+        await asyncio.sleep(0)  # let the done-callbacks run
+
+    asyncio.run(scenario())
+    sched.stop()
+    assert order[0] == "none"
+
+
+def test_static_choice_ignores_the_queue():
+    sched, net = make_scheduler(lambda s, b: (s + 1) * b)
+    x = torch.zeros(1, *net.input_size)
+
+    async def scenario():
+        for _ in range(3):
+            sched.submit(x, 9, None)  # 30 ms of queued work
+        static = sched.choose(12.0, static=True)
+        with pytest.raises(ChoiceError) as e:  # queue-aware: nothing fits 12 ms behind 30 ms
+            sched.choose(12.0)
+        return static, e.value
+
+    static, err = asyncio.run(scenario())
+    assert static.stitch == 11  # as if idle: 12 ms per image fits stitch 11
+    assert err.status == 503

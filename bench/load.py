@@ -1,0 +1,367 @@
+"""Open-loop load against `snnet serve`: stitch policies side by side on one arrival schedule.
+
+    python bench/load.py [--quick] [--url URL] [--policies adaptive,most_accurate,cheapest,static]
+                         [--schedule SPEC] [--budgets SPEC] [--images 8] [--out DIR] [--seed 0]
+
+Arrivals are Poisson with a rate that follows the schedule; every request carries ``--images``
+digit images and a latency budget drawn from the mix. Rates are multiples of C, the rate (in
+requests/s) that the most accurate stitch sustains on this server: max_batch images per
+profiled batch time, from GET /stitches. Each policy (the request field ``policy``, so the
+server needs no restart) runs the same schedule with the same seed, one after the other, with
+the server drained in between. Latency is measured from the scheduled send time (no
+coordinated omission).
+
+Schedule SPEC: comma-separated phases ``name:seconds:rate`` or ``name:seconds:from-to`` (a
+ramp), rates in multiples of C. Budget SPEC: comma-separated ``value[:weight]``; a value ending
+in ``x`` is a multiple of the most accurate stitch's idle time for one request.
+
+Writes DIR/records.csv (one row per request), DIR/summary.json, DIR/load.png (offered load,
+GFLOPs served, p99 latency, attainment and the controller's load level over time per
+policy), and prints the summary JSON
+as the last line: per policy slo_attainment (answered within budget / sent), shed_rate,
+mean_accuracy (manifest accuracy of the answering stitch, averaged over answered requests),
+throughput, p50/p99 latency, and for the adaptive policy how long after the queue drained it
+took to offer the most accurate stitch again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import queue
+import random
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _server import Client, digit_pngs, start_server  # noqa: E402
+
+FULL_SCHEDULE = "steady:10:0.5,step:10:1.0,ramp:10:1.0-2.0,spike:10:3.0,down:15:0.5"
+QUICK_SCHEDULE = "steady:3:0.5,spike:4:3.0,down:4:0.5"
+POLICIES = "adaptive,most_accurate,cheapest,static"
+
+
+@dataclass
+class Phase:
+    name: str
+    seconds: float
+    start_rate: float  # multiples of C
+    end_rate: float
+
+
+@dataclass
+class Record:
+    policy: str
+    phase: str
+    t: float  # scheduled send time, seconds from the start of the policy's run
+    budget_ms: float
+    latency_ms: float  # from scheduled send time to answer
+    status: int
+    stitch: int | None
+    gflops: float | None
+    accuracy: float | None
+    within: bool
+
+
+def parse_schedule(spec: str) -> list[Phase]:
+    phases = []
+    for part in spec.split(","):
+        try:
+            name, seconds, rate = part.split(":")
+            lo, _, hi = rate.partition("-")
+            phases.append(Phase(name, float(seconds), float(lo), float(hi or lo)))
+        except ValueError:
+            raise SystemExit(
+                f"bad schedule phase {part!r}; expected name:seconds:rate or name:seconds:from-to"
+            ) from None
+    return phases
+
+
+def parse_budgets(spec: str, unit_ms: float) -> tuple[list[float], list[float]]:
+    values, weights = [], []
+    for part in spec.split(","):
+        value, _, weight = part.partition(":")
+        ms = float(value[:-1]) * unit_ms if value.endswith("x") else float(value)
+        values.append(round(ms, 3))
+        weights.append(float(weight or 1))
+    return values, weights
+
+
+def arrivals(phases: list[Phase], capacity: float, rng: random.Random) -> list[tuple[float, str]]:
+    """Poisson arrival times (thinning against the peak rate) with their phase names."""
+    peak = max(max(p.start_rate, p.end_rate) for p in phases) * capacity
+    out, t0 = [], 0.0
+    for p in phases:
+        t = t0
+        while True:
+            t += rng.expovariate(peak)
+            if t >= t0 + p.seconds:
+                break
+            frac = (t - t0) / p.seconds
+            rate = (p.start_rate + (p.end_rate - p.start_rate) * frac) * capacity
+            if rng.random() < rate / peak:
+                out.append((t, p.name))
+        t0 += p.seconds
+    return out
+
+
+def wait_until_idle(client: Client, timeout_s: float = 30.0) -> None:
+    """Until the server's queue is empty and its load level back at 0 (polling its state)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        s = client.get("/controller")
+        if s["queue_wait_ms"] <= 0.0 and s["load_level"] <= 0.0:
+            return
+        time.sleep(0.1)  # polling a remote server: there is no event to await
+    print("warning: server not idle after the drain timeout", file=sys.stderr)
+
+
+def run_policy(
+    url: str,
+    policy: str,
+    schedule: list[tuple[float, str]],
+    budgets: tuple[list[float], list[float]],
+    pngs: list[bytes],
+    images: int,
+    seed: int,
+    stitches: dict[int, dict],
+    workers: int,
+) -> tuple[list[Record], list[dict]]:
+    rng = random.Random(seed)
+    jobs = [
+        (t, phase, rng.choices(*budgets)[0], [rng.choice(pngs) for _ in range(images)])
+        for t, phase in schedule
+    ]
+    records: list[Record] = []
+    lock = threading.Lock()
+    todo: queue.Queue = queue.Queue()
+    start = time.monotonic() + 0.2
+
+    def worker() -> None:
+        c = Client(url)
+        while (job := todo.get()) is not None:
+            t, phase, budget, body = job
+            status, answer = c.classify(body, latency_budget_ms=budget, policy=policy)
+            ms = (time.monotonic() - start - t) * 1e3
+            stitch = answer["stitch"]["id"] if status == 200 else None
+            row = stitches.get(stitch, {})
+            rec = Record(
+                policy, phase, t, budget, ms, status, stitch,
+                row.get("gflops"), row.get("accuracy"), status == 200 and ms <= budget,
+            )  # fmt: skip
+            with lock:
+                records.append(rec)
+        c.close()
+
+    timeline: list[dict] = []
+    stop = threading.Event()
+
+    def monitor() -> None:  # the controller's view, 4 times a second, until told to stop
+        c = Client(url)
+        while not stop.wait(0.25):
+            s = c.get("/controller")
+            timeline.append(
+                {"t": time.monotonic() - start, "load_level": s["load_level"],
+                 "queue_wait_ms": s["queue_wait_ms"]}
+            )  # fmt: skip
+        c.close()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+    watcher = threading.Thread(target=monitor, daemon=True)
+    for th in [*threads, watcher]:
+        th.start()
+    for job in jobs:
+        delay = start + job[0] - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)  # open loop: send at the scheduled instant
+        todo.put(job)
+    for _ in threads:
+        todo.put(None)
+    for th in threads:
+        th.join()
+    # Keep watching a few seconds past the schedule: the recovery after the last phase.
+    end = start + (schedule[-1][0] if schedule else 0.0) + 6
+    stop.wait(max(0.0, end - time.monotonic()))
+    stop.set()
+    watcher.join()
+    return records, timeline
+
+
+def summarise(
+    records: list[Record], timeline: list[dict], phases: list[Phase], duration: float
+) -> dict:
+    sent = len(records)
+    ok = [r for r in records if r.status == 200]
+    lat = sorted(r.latency_ms for r in ok)
+    acc = [r.accuracy for r in ok if r.accuracy is not None]
+    out = {
+        "sent": sent,
+        "answered": len(ok),
+        "slo_attainment": round(sum(r.within for r in records) / max(1, sent), 4),
+        "shed_rate": round(sum(r.status == 503 for r in records) / max(1, sent), 4),
+        "other_errors": sum(r.status not in (200, 503) for r in records),
+        "mean_accuracy": round(statistics.fmean(acc), 3) if acc else None,
+        "mean_gflops": round(statistics.fmean(r.gflops for r in ok), 6) if ok else None,
+        "throughput_rps": round(len(ok) / duration, 2),
+        "p50_ms": round(lat[len(lat) // 2], 2) if lat else None,
+        "p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 2) if lat else None,
+        "by_phase": {},
+    }
+    for p in phases:
+        sub = [r for r in records if r.phase == p.name]
+        if sub:
+            out["by_phase"][p.name] = {
+                "sent": len(sub),
+                "slo_attainment": round(sum(r.within for r in sub) / len(sub), 4),
+                "shed_rate": round(sum(r.status == 503 for r in sub) / len(sub), 4),
+            }
+    # Recovery: the spike phase (the one with the highest rate) ends; once the queue is empty,
+    # how long until the load level is back at 0 (the most accurate stitch allowed again).
+    peak = max(phases, key=lambda p: max(p.start_rate, p.end_rate))
+    spike_end = sum(p.seconds for p in phases[: phases.index(peak) + 1])
+    after = [s for s in timeline if s["t"] >= spike_end]
+    drained = next((s["t"] for s in after if s["queue_wait_ms"] <= 0.0), None)
+    back = next(
+        (
+            s["t"]
+            for s in after
+            if drained is not None and s["t"] >= drained and s["load_level"] <= 0
+        ),
+        None,
+    )
+    out["spike_end_s"] = round(spike_end, 2)
+    out["queue_drained_s"] = None if drained is None else round(drained, 2)
+    out["recovery_s"] = None if back is None or drained is None else round(back - drained, 2)
+    return out
+
+
+def plot(path: Path, results: dict, bin_s: float = 1.0) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(5, 1, figsize=(10, 13), sharex=True)
+    for policy, (records, timeline) in results.items():
+        end = max((r.t for r in records), default=0) + bin_s
+        bins = [i * bin_s for i in range(int(end / bin_s) + 1)]
+        xs, load, gfl, p99, att = [], [], [], [], []
+        for b in bins:
+            sub = [r for r in records if b <= r.t < b + bin_s]
+            ok = [r for r in sub if r.status == 200]
+            xs.append(b + bin_s / 2)
+            load.append(len(sub) / bin_s)
+            gfl.append(statistics.fmean(r.gflops for r in ok) * 1e3 if ok else math.nan)
+            lat = sorted(r.latency_ms for r in ok)
+            p99.append(lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else math.nan)
+            att.append(100 * sum(r.within for r in sub) / len(sub) if sub else math.nan)
+        axes[0].plot(xs, load, label=policy)
+        axes[1].plot(xs, gfl, label=policy)
+        axes[2].plot(xs, p99, label=policy)
+        axes[3].plot(xs, att, label=policy)
+        axes[4].plot([s["t"] for s in timeline], [s["load_level"] for s in timeline], label=policy)
+    axes[0].set_ylabel("offered load (req/s)")
+    axes[1].set_ylabel("MFLOPs of answering stitch")
+    axes[2].set_ylabel("p99 latency (ms)")
+    axes[2].set_yscale("log")
+    axes[3].set_ylabel("within budget (% of sent)")
+    axes[4].set_ylabel("controller load level")
+    axes[4].set_xlabel(f"time (s), {bin_s:g} s bins")
+    axes[0].legend(loc="upper left", ncol=4)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help=f"schedule {QUICK_SCHEDULE}")
+    ap.add_argument("--url", help="a running server (default: start `snnet serve` here)")
+    ap.add_argument("--policies", default=POLICIES)
+    ap.add_argument("--schedule", help=f"default {FULL_SCHEDULE}")
+    ap.add_argument("--budgets", default="2x,4x,8x", help="default 2x,4x,8x (equal weights)")
+    ap.add_argument("--images", type=int, default=8, help="images per request")
+    ap.add_argument("--workers", type=int, default=32, help="client connections")
+    ap.add_argument("--out", default="bench/results/load")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    phases = parse_schedule(args.schedule or (QUICK_SCHEDULE if args.quick else FULL_SCHEDULE))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    proc = None
+    if args.url is None:
+        print("starting snnet serve ...", file=sys.stderr)
+        proc, url = start_server()
+    else:
+        url = args.url.rstrip("/")
+    try:
+        c = Client(url)
+        menu = c.get("/stitches")
+        ctl = c.get("/controller")
+        c.close()
+        stitches = {r["id"]: r for r in menu["stitches"]}
+        best = max(stitches.values(), key=lambda r: (r["accuracy"] or 0, r["gflops"]))
+        sizes = sorted(int(b) for b in best["predicted_ms"])
+        max_batch = sizes[-1]
+        # C: images/s of the most accurate stitch at the largest batch, in requests/s.
+        capacity = max_batch / best["predicted_ms"][str(max_batch)] * 1e3 / args.images
+        one = best["predicted_ms"][str(min(max_batch, args.images))]
+        budgets = parse_budgets(args.budgets, one)
+        schedule = arrivals(phases, capacity, random.Random(args.seed))
+        duration = sum(p.seconds for p in phases)
+        head = {
+            "url": url,
+            "device": menu["device"],
+            "dtype": menu["dtype"],
+            "most_accurate": best["id"],
+            "capacity_rps": round(capacity, 2),
+            "images_per_request": args.images,
+            "budgets_ms": budgets[0],
+            "schedule": [asdict(p) for p in phases],
+            "requests_per_policy": len(schedule),
+            "server_policy": ctl["policy"],
+        }
+        print(json.dumps(head), file=sys.stderr)
+        pngs = digit_pngs()
+        results, summary = {}, {"setup": head, "policies": {}}
+        for policy in args.policies.split(","):
+            c = Client(url)
+            wait_until_idle(c)
+            c.close()
+            print(f"policy {policy}: {len(schedule)} requests over {duration:g} s", file=sys.stderr)
+            records, timeline = run_policy(
+                url, policy, schedule, budgets, pngs, args.images, args.seed, stitches,
+                args.workers,
+            )  # fmt: skip
+            results[policy] = (records, timeline)
+            summary["policies"][policy] = summarise(records, timeline, phases, duration)
+            print(json.dumps({policy: summary["policies"][policy]}), file=sys.stderr)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+    with (out / "records.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(Record.__dataclass_fields__))
+        w.writeheader()
+        for records, _ in results.values():
+            w.writerows(asdict(r) for r in records)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot(out / "load.png", results)
+    print(f"wrote {out}/records.csv, summary.json, load.png", file=sys.stderr)
+    line = {
+        p: {k: v for k, v in s.items() if k != "by_phase"} for p, s in summary["policies"].items()
+    }
+    print(json.dumps({"capacity_rps": head["capacity_rps"], "policies": line}))
+
+
+if __name__ == "__main__":
+    main()

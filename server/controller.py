@@ -1,0 +1,345 @@
+"""Controller: a periodic loop that turns the service's metrics into what the scheduler uses.
+
+Every ``period`` it reads the service's own Prometheus metrics (the counters and histograms in
+``server/metrics.py``: arrivals, images, compute time observed vs profiled per stitch, budgets,
+met / missed / shed) and the scheduler's predicted queue wait, and updates:
+
+- **latency corrections** per stitch: observed / profiled compute over the last period, folded
+  into the latency model with a weight that grows with the evidence (seconds of compute seen);
+- **arrival rate** (requests/s and images/s), smoothed, quick to rise and slower to fall;
+- **load level** L in [0, 1]: how far down the cost range budget-chosen requests must go. It is
+  the larger of two terms: a feed-forward one (the arrival rate times each stitch's per-image
+  compute must keep the model busy at most ``target_utilisation`` of the time) and a feedback one
+  (the predicted queue wait against half the mean budget). L rises at once and falls at most
+  ``release_per_s`` per second, so it does not flap. Stitches whose per-image cost is above
+  ``max - L * (max - min)`` are left out of budget-driven choices;
+- **safety margin**: the 99th percentile of (server time - predicted time) of recent answered
+  requests, added to every prediction, so that what the latency model does not see (HTTP parsing,
+  decoding, contention) is still budgeted for.
+
+With ``SNNET_PROMETHEUS_URL`` set it also queries a Prometheus server for the same figures
+across all replicas: the fleet's per-replica arrival rate acts as a floor under the local
+estimate, and the fleet's corrections stand in for stitches this replica has not run yet.
+Prometheus being slow or down never stops the local loop; the error is shown in the state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .latency import LatencyModel
+
+log = logging.getLogger("snnet.controller")
+
+
+@dataclass
+class Reading:
+    """One sample of the figures the controller works from (counters are running totals)."""
+
+    t: float  # monotonic seconds
+    arrivals: float = 0.0
+    images: float = 0.0
+    budget_sum_s: float = 0.0  # sum and count of request budgets (histogram)
+    budget_count: float = 0.0
+    queue_wait_ms: float = 0.0  # predicted wait of a new request now
+    observed_s: dict[int, float] = field(default_factory=dict)  # compute seconds, by stitch
+    profiled_s: dict[int, float] = field(default_factory=dict)  # profile's seconds, same batches
+
+
+@dataclass
+class Fleet:
+    """Figures across all replicas, from a Prometheus server."""
+
+    arrival_rate: float | None = None  # requests/s, all replicas
+    replicas: int | None = None  # ready replicas
+    attainment: float | None = None  # met / (met + missed + shed)
+    corrections: dict[int, float] = field(default_factory=dict)
+    error: str | None = None
+    updated: float | None = None  # monotonic time of the last successful query
+
+
+class PrometheusSource:
+    """Instant queries against a Prometheus server's HTTP API (``/api/v1/query``)."""
+
+    WINDOW = "1m"
+
+    def __init__(self, url: str, timeout_s: float = 2.0) -> None:
+        self.url, self.timeout_s = url.rstrip("/"), timeout_s
+
+    def query(self, expr: str) -> list[tuple[dict[str, str], float]]:
+        """(labels, value) per series; raises RuntimeError with Prometheus's message on failure."""
+        q = urllib.parse.urlencode({"query": expr})
+        try:
+            with urllib.request.urlopen(
+                f"{self.url}/api/v1/query?{q}", timeout=self.timeout_s
+            ) as r:
+                body = json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            try:
+                detail = json.loads(e.read()).get("error", "")
+            except Exception:
+                detail = ""
+            raise RuntimeError(f"Prometheus answered {e.code} for {expr!r}: {detail}") from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise RuntimeError(f"Prometheus at {self.url} unreachable: {e}") from None
+        if body.get("status") != "success":
+            raise RuntimeError(f"Prometheus query {expr!r} failed: {body.get('error')}")
+        out = []
+        for series in body["data"]["result"]:
+            value = float(series["value"][1])
+            if math.isfinite(value):
+                out.append((series["metric"], value))
+        return out
+
+    def scalar(self, expr: str) -> float | None:
+        rows = self.query(expr)
+        return rows[0][1] if rows else None
+
+    def fleet(self) -> Fleet:
+        w = self.WINDOW
+        met, missed, shed = (
+            f"sum(rate(snnet_{n}_total[{w}]))" for n in ("budget_met", "budget_missed", "shed")
+        )
+        corrections = {
+            int(labels["stitch"]): value
+            for labels, value in self.query(
+                f"sum by (stitch) (rate(snnet_compute_seconds_sum[{w}])) / "
+                f"sum by (stitch) (rate(snnet_compute_profiled_seconds_total[{w}]))"
+            )
+            if labels.get("stitch", "").isdigit()
+        }
+        replicas = self.scalar("sum(snnet_ready)")
+        return Fleet(
+            arrival_rate=self.scalar(f"sum(rate(snnet_arrivals_total[{w}]))"),
+            replicas=None if replicas is None else int(replicas),
+            attainment=self.scalar(f"{met} / ({met} + {missed} + {shed})"),
+            corrections=corrections,
+            updated=time.monotonic(),
+        )
+
+
+def _ewma(old: float, new: float, dt: float, tau: float) -> float:
+    a = 1.0 - math.exp(-dt / tau) if tau > 0 else 1.0
+    return old + a * (new - old)
+
+
+class Controller:
+    """The control law; ``update`` is a pure step from one reading to the next state.
+
+    Args:
+        latency: The latency model whose corrections this controller owns.
+        ranking: Stitch ids, most preferred first.
+        max_batch: The batcher's largest batch (per-image costs are taken at the batch size
+            requests arrive in, up to this).
+        target_utilisation: Share of time the model may be busy at the current arrival rate.
+        release_per_s: Fastest fall of the load level, per second.
+        rate_tau_up_s, rate_tau_down_s: Smoothing of the arrival rate when it rises / falls.
+        correction_evidence_s: Seconds of compute that move a correction 63% of the way.
+        residual_window: Answered requests kept for the safety margin.
+    """
+
+    def __init__(
+        self,
+        latency: LatencyModel,
+        ranking: Sequence[int],
+        *,
+        max_batch: int,
+        target_utilisation: float = 0.8,
+        release_per_s: float = 0.5,
+        rate_tau_up_s: float = 0.3,
+        rate_tau_down_s: float = 1.0,
+        correction_evidence_s: float = 0.2,
+        residual_window: int = 256,
+    ) -> None:
+        if not 0 < target_utilisation <= 1:
+            raise ValueError(f"target_utilisation must be in (0, 1], got {target_utilisation}")
+        self.latency, self.ranking, self.max_batch = latency, list(ranking), max_batch
+        self.target_utilisation, self.release_per_s = target_utilisation, release_per_s
+        self.rate_tau_up_s, self.rate_tau_down_s = rate_tau_up_s, rate_tau_down_s
+        self.correction_evidence_s = correction_evidence_s
+        self.level = 0.0
+        self.level_rate = self.level_queue = 0.0
+        self.arrival_rate = 0.0  # requests/s
+        self.image_rate = 0.0  # images/s
+        self.images_per_request = 1.0
+        self.mean_budget_ms: float | None = None
+        self.queue_wait_ms = 0.0
+        self.margin_ms = 0.0
+        self.allowed: list[int] = list(self.ranking)
+        self.fleet: Fleet | None = None
+        self.updates = 0
+        self._prev: Reading | None = None
+        self._residuals: deque[float] = deque(maxlen=residual_window)
+        self._lock = threading.Lock()  # residuals come from the event loop, reads from anywhere
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def observe_residual(self, ms: float) -> None:
+        """Server-measured time minus the predicted time (without margin) of one answered request."""
+        with self._lock:
+            self._residuals.append(ms)
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def per_image_ms(self, stitch: int) -> float:
+        b = min(self.max_batch, max(1, round(self.images_per_request)))
+        return self.latency.predict_ms(stitch, b) / b
+
+    def update(self, r: Reading) -> None:
+        prev, self._prev = self._prev, r
+        self.updates += 1
+        self.queue_wait_ms = r.queue_wait_ms
+        if prev is None or r.t <= prev.t:
+            self._set_level(0.0, r.t)
+            return
+        dt = r.t - prev.t
+        self._update_corrections(prev, r)
+        self._update_rates(prev, r, dt)
+        self._update_margin()
+        self._set_level(self._target_level(), dt)
+
+    def _update_corrections(self, prev: Reading, r: Reading) -> None:
+        local = set()
+        for s, profiled in r.profiled_s.items():
+            d_prof = profiled - prev.profiled_s.get(s, 0.0)
+            d_obs = r.observed_s.get(s, 0.0) - prev.observed_s.get(s, 0.0)
+            if d_prof <= 0 or d_obs <= 0:
+                continue
+            local.add(s)
+            a = 1.0 - math.exp(-d_prof / self.correction_evidence_s)
+            c = self.latency.correction(s)
+            self.latency.set_correction(s, c + a * (d_obs / d_prof - c))
+        if self.fleet is not None:  # stitches this replica has never run: the fleet's figure
+            for s, ratio in self.fleet.corrections.items():
+                if s not in local and s not in r.profiled_s and s in self.latency.corrections():
+                    self.latency.set_correction(s, ratio)
+
+    def _update_rates(self, prev: Reading, r: Reading, dt: float) -> None:
+        req = max(0.0, r.arrivals - prev.arrivals) / dt
+        img = max(0.0, r.images - prev.images) / dt
+        tau = self.rate_tau_up_s if req > self.arrival_rate else self.rate_tau_down_s
+        self.arrival_rate = _ewma(self.arrival_rate, req, dt, tau)
+        tau = self.rate_tau_up_s if img > self.image_rate else self.rate_tau_down_s
+        self.image_rate = _ewma(self.image_rate, img, dt, tau)
+        if self.arrival_rate > 0:
+            self.images_per_request = max(1.0, self.image_rate / self.arrival_rate)
+        d_count = r.budget_count - prev.budget_count
+        if d_count > 0:
+            mean = (r.budget_sum_s - prev.budget_sum_s) / d_count * 1e3
+            self.mean_budget_ms = (
+                mean if self.mean_budget_ms is None else _ewma(self.mean_budget_ms, mean, dt, 1.0)
+            )
+
+    def _update_margin(self) -> None:
+        with self._lock:
+            res = sorted(self._residuals)
+        # Fewer than 20 answers say little about a 99th percentile: no margin until then.
+        self.margin_ms = (
+            max(0.0, res[min(len(res) - 1, int(0.99 * len(res)))]) if len(res) >= 20 else 0.0
+        )
+
+    def image_rate_used(self) -> float:
+        """Local images/s, floored by the fleet's per-replica share when Prometheus is known."""
+        rate = self.image_rate
+        f = self.fleet
+        if f and f.arrival_rate is not None and f.replicas:
+            rate = max(rate, f.arrival_rate * self.images_per_request / f.replicas)
+        return rate
+
+    def _target_level(self) -> float:
+        costs = {s: self.per_image_ms(s) for s in self.ranking}
+        hi, lo = max(costs.values()), min(costs.values())
+        if hi - lo <= 1e-9:
+            return 0.0
+        rate = self.image_rate_used()
+        level_rate = 0.0
+        if rate > 0:
+            cap = self.target_utilisation * 1e3 / rate  # ms of compute one image may cost
+            level_rate = min(1.0, max(0.0, (hi - cap) / (hi - lo)))
+        level_queue = 0.0
+        if self.mean_budget_ms:
+            level_queue = min(1.0, max(0.0, self.queue_wait_ms / (0.5 * self.mean_budget_ms)))
+        self.level_rate, self.level_queue = level_rate, level_queue
+        return max(level_rate, level_queue)
+
+    def _set_level(self, target: float, dt: float) -> None:
+        if target >= self.level:
+            self.level = target
+        else:
+            self.level = max(target, self.level - self.release_per_s * dt)
+        costs = {s: self.per_image_ms(s) for s in self.ranking}
+        hi, lo = max(costs.values()), min(costs.values())
+        cap = hi - self.level * (hi - lo)
+        self.allowed = [s for s in self.ranking if costs[s] <= cap + 1e-9]
+
+    # -- views --------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        f = self.fleet
+        return {
+            "load_level": round(self.level, 4),
+            "load_level_from_rate": round(self.level_rate, 4),
+            "load_level_from_queue": round(self.level_queue, 4),
+            "arrival_rate": round(self.arrival_rate, 3),
+            "image_rate": round(self.image_rate, 3),
+            "images_per_request": round(self.images_per_request, 3),
+            "mean_budget_ms": None
+            if self.mean_budget_ms is None
+            else round(self.mean_budget_ms, 3),
+            "queue_wait_ms": round(self.queue_wait_ms, 3),
+            "margin_ms": round(self.margin_ms, 3),
+            "target_utilisation": self.target_utilisation,
+            "allowed_stitches": list(self.allowed),
+            "corrections": {
+                str(s): round(c, 4) for s, c in sorted(self.latency.corrections().items())
+            },
+            "updates": self.updates,
+            "fleet": None
+            if f is None
+            else {
+                "arrival_rate": f.arrival_rate,
+                "replicas": f.replicas,
+                "attainment": f.attainment,
+                "corrections": {str(s): round(c, 4) for s, c in sorted(f.corrections.items())},
+                "error": f.error,
+                "age_s": None if f.updated is None else round(time.monotonic() - f.updated, 3),
+            },
+        }
+
+
+def _values(metric) -> dict[tuple[str, str], float]:
+    """(sample name, stitch label or "") -> value, for one prometheus-client metric."""
+    out = {}
+    for family in metric.collect():
+        for s in family.samples:
+            out[(s.name, s.labels.get("stitch", ""))] = s.value
+    return out
+
+
+def read_metrics(metrics, queue_wait_ms: float) -> Reading:
+    """A Reading from the service's own metrics objects (the registry ``/metrics`` exposes)."""
+    budget = _values(metrics.request_budget_seconds)
+    observed = _values(metrics.compute_seconds)
+    profiled = _values(metrics.compute_profiled_seconds)
+    return Reading(
+        t=time.monotonic(),
+        arrivals=_values(metrics.arrivals).get(("snnet_arrivals_total", ""), 0.0),
+        images=_values(metrics.images).get(("snnet_images_total", ""), 0.0),
+        budget_sum_s=budget.get(("snnet_request_budget_seconds_sum", ""), 0.0),
+        budget_count=budget.get(("snnet_request_budget_seconds_count", ""), 0.0),
+        queue_wait_ms=queue_wait_ms,
+        observed_s={int(s): v for (name, s), v in observed.items() if name.endswith("_sum") and s},
+        profiled_s={
+            int(s): v for (name, s), v in profiled.items() if name.endswith("_total") and s
+        },
+    )

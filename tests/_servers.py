@@ -1,0 +1,70 @@
+"""`snnet serve` as a subprocess on a free loopback port, whose log lines can be awaited.
+
+with SnnetServer({"SNNET_PROFILE_CACHE": str(tmp_path / "p.json")}) as srv:
+    srv.wait_for("ready in")
+    httpx.get(f"{srv.url}/readyz")
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from tests._prometheus import free_port
+
+SNNET = str(Path(sys.executable).with_name("snnet"))
+
+
+class SnnetServer:
+    """A `snnet serve` process (`command` defaults to this environment's console script).
+
+    `env` is added to this process's environment (or is the whole environment if not
+    `inherit_env`); SNNET_HOST and SNNET_PORT are set here: loopback and a free port.
+    """
+
+    def __init__(
+        self, env: dict[str, str], command: list[str] | None = None, inherit_env: bool = True
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        listen = {"SNNET_HOST": "127.0.0.1", "SNNET_PORT": str(self.port)}
+        self.proc = subprocess.Popen(
+            command or [SNNET, "serve"],
+            env={**(os.environ if inherit_env else {}), **env, **listen},
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, text: str, timeout: float = 300) -> None:
+        """Wait for a log line containing `text`; fails with the log if the server exits first."""
+        while True:
+            line = self.lines.get(timeout=timeout)
+            if line is None:
+                raise AssertionError(f"server exited before logging {text!r}:\n{''.join(self.log)}")
+            self.log.append(line)
+            if text in line:
+                return
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(60)
+
+    def __enter__(self) -> SnnetServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,151 @@
+"""The controller's reaction to synthetic metric histories."""
+
+import pytest
+import torch
+
+from server.controller import Controller, Fleet, Reading, read_metrics
+from server.latency import LatencyModel
+from server.metrics import Metrics
+from snnet_core import DeviceFingerprint, LatencyProfile
+
+STITCHES = 10
+
+
+def model(ms_of=lambda s, b: (s + 1) * b) -> LatencyModel:
+    """Stitch s costs (s + 1) ms per image: stitch 9 is the dearest (and, below, the best)."""
+    fp = DeviceFingerprint.current("cpu", torch.float32)
+    sizes = [1, 2, 4, 8]
+    return LatencyModel(
+        LatencyProfile(fp, sizes, {s: {b: ms_of(s, b) for b in sizes} for s in range(STITCHES)})
+    )
+
+
+def controller(**kw) -> Controller:
+    ranking = list(range(STITCHES - 1, -1, -1))  # most accurate (and dearest) first
+    return Controller(model(), ranking, max_batch=8, **kw)
+
+
+class History:
+    """Feeds a controller readings as a service under a given load would produce them."""
+
+    def __init__(self, c: Controller, period: float = 0.25) -> None:
+        self.c, self.period, self.r = c, period, Reading(t=0.0)
+        c.update(self.r)
+
+    def run(
+        self, seconds: float, rps: float, images: int = 1, wait_ms: float = 0.0, budget_ms=None
+    ):
+        levels = []
+        for _ in range(round(seconds / self.period)):
+            r = self.r
+            n = rps * self.period
+            self.r = Reading(
+                t=r.t + self.period,
+                arrivals=r.arrivals + n,
+                images=r.images + n * images,
+                budget_sum_s=r.budget_sum_s + (n * budget_ms / 1e3 if budget_ms else 0),
+                budget_count=r.budget_count + (n if budget_ms else 0),
+                queue_wait_ms=wait_ms,
+                observed_s=dict(r.observed_s),
+                profiled_s=dict(r.profiled_s),
+            )
+            self.c.update(self.r)
+            levels.append(self.c.level)
+        return levels
+
+
+def test_idle_server_allows_every_stitch():
+    c = controller()
+    History(c).run(2, rps=0)
+    assert c.level == 0 and c.allowed == list(range(STITCHES - 1, -1, -1))
+
+
+def test_rising_arrivals_move_choices_to_cheaper_stitches_and_back_when_they_fall():
+    c = controller(target_utilisation=0.8)
+    h = History(c)
+    h.run(3, rps=50)  # 50 images/s x 10 ms (dearest) = 50% busy: everything allowed
+    assert c.level == 0 and c.allowed[0] == 9
+    h.run(3, rps=200)  # 200/s: at most 0.8 * 1000 / 200 = 4 ms per image
+    assert 0 < c.level < 1
+    assert max(c.allowed) == 3 and c.allowed == [3, 2, 1, 0]
+    h.run(3, rps=2000)  # beyond even the cheapest: only the cheapest
+    assert c.level == 1 and c.allowed == [0]
+    levels = h.run(6, rps=20)  # load gone: back to the most accurate, not at once but within s
+    assert levels[0] > 0.5  # no flapping: the level falls gradually
+    back = next(i for i, v in enumerate(levels) if v == 0) * h.period
+    assert back <= 4.0 and c.allowed[0] == 9
+
+
+def test_a_growing_queue_raises_the_level_even_at_a_modest_rate():
+    c = controller()
+    h = History(c)
+    h.run(1, rps=10, budget_ms=100)
+    assert c.level == 0
+    h.run(1, rps=10, wait_ms=25, budget_ms=100)  # a quarter of the budget queued
+    assert c.level_queue == pytest.approx(0.5) and c.level >= 0.5
+    assert max(c.allowed) < 9
+    h.run(4, rps=10, wait_ms=0, budget_ms=100)  # drained
+    assert c.level == 0
+
+
+def test_requests_of_several_images_count_per_image_cost_at_their_batch():
+    c = controller()
+    History(c).run(3, rps=25, images=8)  # 200 images/s, like 200 single-image requests
+    assert c.images_per_request == pytest.approx(8, rel=0.01)
+    assert max(c.allowed) == 3
+
+
+def test_corrections_converge_to_observed_over_profiled():
+    c = controller()
+    h = History(c)
+    for _ in range(20):  # stitch 4 runs 1.5x slower than profiled, stitch 2 as profiled
+        r = h.r
+        h.r = Reading(
+            t=r.t + 0.25,
+            observed_s={4: r.observed_s.get(4, 0) + 0.15, 2: r.observed_s.get(2, 0) + 0.1},
+            profiled_s={4: r.profiled_s.get(4, 0) + 0.1, 2: r.profiled_s.get(2, 0) + 0.1},
+        )
+        c.update(h.r)
+    assert c.latency.correction(4) == pytest.approx(1.5, rel=1e-3)
+    assert c.latency.correction(2) == pytest.approx(1.0, rel=1e-3)
+    assert c.latency.correction(7) == 1.0  # never ran: unchanged
+    assert c.per_image_ms(4) == pytest.approx(7.5, rel=1e-3)
+
+
+def test_fleet_figures_fill_in_stitches_never_run_here_and_floor_the_rate():
+    c = controller()
+    h = History(c)
+    c.fleet = Fleet(arrival_rate=800.0, replicas=4, corrections={7: 2.0, 4: 3.0})
+    r = h.r
+    h.r = Reading(t=r.t + 0.25, observed_s={4: 0.1}, profiled_s={4: 0.1})
+    c.update(h.r)
+    assert c.latency.correction(7) == 2.0  # from the fleet
+    assert c.latency.correction(4) == pytest.approx(1.0)  # seen here: the local figure wins
+    assert c.image_rate_used() == pytest.approx(200.0)  # 800 req/s over 4 replicas, 1 image each
+    assert c.level > 0
+
+
+def test_margin_is_the_99th_percentile_of_what_the_prediction_missed():
+    c = controller()
+    h = History(c)
+    for ms in range(10):
+        c.observe_residual(ms)
+    h.run(0.25, rps=0)
+    assert c.margin_ms == 0  # too few answers to trust a percentile
+    for ms in range(200):
+        c.observe_residual(ms / 10)
+    h.run(0.25, rps=0)
+    assert c.margin_ms == pytest.approx(19.8, abs=0.2)
+
+
+def test_read_metrics_takes_the_figures_from_the_registry():
+    m = Metrics()
+    m.arrivals.inc(5)
+    m.images.inc(12)
+    m.request_budget_seconds.observe(0.05)
+    m.compute_seconds.labels("3").observe(0.02)
+    m.compute_profiled_seconds.labels("3").inc(0.01)
+    r = read_metrics(m, queue_wait_ms=7.0)
+    assert (r.arrivals, r.images, r.queue_wait_ms) == (5, 12, 7.0)
+    assert r.budget_count == 1 and r.budget_sum_s == pytest.approx(0.05)
+    assert r.observed_s == {3: pytest.approx(0.02)} and r.profiled_s == {3: pytest.approx(0.01)}
