@@ -1,8 +1,9 @@
 """snnet_core: Stitchable Neural Networks built from timm anchor families.
 
-Public API: build an SN-Net (``build_snnet``), run any stitch (``net(x, stitch_id)``), count and
-measure its cost (``stitch_costs``, ``measure_latency``), and save/load self-describing
-checkpoints (``save``, ``load``).
+Public API: build an SN-Net (``build_snnet``; ViT/DeiT, Swin and ResNet anchors), run any stitch
+(``net(x, stitch_id)``), count and measure its cost (``stitch_costs``, ``measure_latency``),
+save/load self-describing checkpoints (``save``, ``load``), and import the reference release
+files (``read_state_dict``, ``convert_reference``).
 """
 
 from .checkpoint import (
@@ -17,7 +18,7 @@ from .checkpoint import (
     write_manifest,
 )
 from .data import image_transform
-from .families import FAMILIES, FamilyAdapter, ViTFamily, adapter_for
+from .families import FAMILIES, FamilyAdapter, ResNetFamily, SwinFamily, ViTFamily, adapter_for
 from .profile import (
     DeviceFingerprint,
     LatencyProfile,
@@ -26,6 +27,7 @@ from .profile import (
     pareto_front,
     stitch_costs,
 )
+from .reference import ReferenceFormatError, convert_reference, read_state_dict
 from .snnet import AnchorSpec, SNNet, SNNetConfig, build_snnet, snnet_from_config
 from .space import SpaceConfig, Stitch, enumerate_stitches, paired_stitching
 from .stitching import StitchingLayer, least_squares_affine
@@ -45,21 +47,26 @@ __all__ = [
     "DeviceFingerprint",
     "FamilyAdapter",
     "LatencyProfile",
+    "ReferenceFormatError",
+    "ResNetFamily",
     "SNNet",
     "SNNetConfig",
     "SpaceConfig",
     "Stitch",
     "StitchCost",
     "StitchingLayer",
+    "SwinFamily",
     "ViTFamily",
     "adapter_for",
     "build_snnet",
+    "convert_reference",
     "enumerate_stitches",
     "image_transform",
     "least_squares_affine",
     "measure_latency",
     "paired_stitching",
     "pareto_front",
+    "read_state_dict",
     "snnet_from_config",
     "stitch_costs",
 ]

@@ -1,4 +1,5 @@
-"""Model-side commands of the ``snnet`` CLI: ``stitches``, ``profile``, ``train``, ``eval``.
+"""Model-side commands of the ``snnet`` CLI: ``stitches``, ``profile``, ``train``, ``eval``,
+``import``.
 
 The console script itself lives in ``server.cli`` (it adds ``serve``); these commands only need
 ``snnet_core`` and also run as ``python -m snnet_core``.
@@ -71,13 +72,29 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--window", type=int, default=2, help="paired-stitching window (default 2)")
     p.add_argument("--stride", type=int, default=1, help="paired-stitching stride (default 1)")
+    p.add_argument(
+        "--input-size",
+        type=parse_input_size,
+        help="C,H,W for anchors that take any size (ResNet); default: the anchors' own",
+    )
+
+
+def parse_input_size(text: str) -> list[int]:
+    values = parse_int_list(text)
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (3 positive integers), got {text!r}")
+    return values
 
 
 def _load_source(args: argparse.Namespace):
     if args.weights:
         return load(args.weights)
     net = build_snnet(
-        args.anchors, overrides=args.overrides, window=args.window, stride=args.stride
+        args.anchors,
+        overrides=args.overrides,
+        window=args.window,
+        stride=args.stride,
+        input_size=args.input_size,
     )
     return net, new_manifest(net)
 
@@ -183,6 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             overrides=args.overrides,
             window=args.window,
             stride=args.stride,
+            input_size=args.input_size,
         )
         manifest = None
     pre = net.data_config() if manifest is None else manifest.preprocessing
@@ -285,8 +303,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from .checkpoint import save, sha256_file
+    from .reference import convert_reference, read_state_dict
+
+    if args.trust_pickle:
+        print(
+            f"warning: --trust-pickle: {args.src} may be fully unpickled, which runs any code "
+            "it names; use it only on files from a source you trust",
+            file=sys.stderr,
+        )
+    state, trusted = read_state_dict(args.src, trust_pickle=args.trust_pickle)
+    anchors = [n.strip() for n in args.anchors.split(",") if n.strip()] if args.anchors else None
+    net, report = convert_reference(
+        state,
+        args.family,
+        anchors=anchors,
+        overrides=args.overrides,
+        input_size=args.input_size,
+        trusted_pickle=trusted,
+    )
+    manifest = new_manifest(net)
+    manifest.training = {
+        "imported_from": {
+            "file": Path(args.src).name,
+            "sha256": sha256_file(args.src),
+            **report.to_dict(),
+        }
+    }
+    save(net, args.out, manifest)
+    print(
+        f"imported {report.tensors} tensors ({report.family}: {', '.join(report.anchors)}; "
+        f"{len(net.stitches)} stitches) into {args.out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``stitches`` and ``profile`` on a subparsers object."""
+    """Register the model commands on a subparsers object."""
     p = sub.add_parser("stitches", help="print the stitch table of an anchor family or checkpoint")
     _add_source(p)
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
@@ -362,6 +417,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--write", action="store_true", help="store the accuracies in the manifest")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "import",
+        help="convert a reference SN-Net release file (ziplab/SN-Net .pth) into a checkpoint",
+    )
+    p.add_argument("src", help="the release file, e.g. snnet_deit.pth")
+    p.add_argument("--family", required=True, choices=["deit", "swin", "resnet"])
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow full unpickling when torch.load(weights_only=True) refuses the file "
+        "(runs code from the file: only for files you trust)",
+    )
+    p.add_argument("--anchors", help="timm names if not the release's (default: the release's)")
+    p.add_argument(
+        "--overrides", type=parse_overrides, help="timm.create_model overrides, as for stitches"
+    )
+    p.add_argument("--input-size", type=parse_input_size, help="C,H,W for ResNet-only files")
+    p.set_defaults(func=cmd_import)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,13 +30,19 @@ class SNNetConfig:
 
     anchors: list[AnchorSpec]
     space: SpaceConfig = field(default_factory=SpaceConfig)
+    # (C, H, W) for families that take any size (ResNet); None: the anchors' own size, or
+    # timm's default input size when no anchor fixes one.
+    input_size: tuple[int, int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"anchors": [asdict(a) for a in self.anchors], "space": asdict(self.space)}
+        d = {"anchors": [asdict(a) for a in self.anchors], "space": asdict(self.space)}
+        if self.input_size is not None:
+            d["input_size"] = list(self.input_size)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SNNetConfig:
-        _check_keys(d, {"anchors", "space"}, "SN-Net config")
+        _check_keys(d, {"anchors", "space", "input_size"}, "SN-Net config")
         anchors = []
         for a in d["anchors"]:
             _check_keys(a, {"name", "overrides"}, "anchor")
@@ -49,8 +55,15 @@ class SNNetConfig:
                 )
             anchors.append(AnchorSpec(a["name"], overrides))
         space = d.get("space") or {}
-        _check_keys(space, {"window", "stride"}, "space config")
-        return cls(anchors, SpaceConfig(**space))
+        _check_keys(space, set(SpaceConfig.__dataclass_fields__), "space config")
+        size = d.get("input_size")
+        return cls(anchors, SpaceConfig(**space), _input_size(size) if size else None)
+
+
+def _input_size(size: Sequence[int]) -> tuple[int, int, int]:
+    if len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
+        raise ValueError(f"input_size must be 3 positive ints (C, H, W), got {list(size)}")
+    return (size[0], size[1], size[2])
 
 
 LOADING_KWARGS = {
@@ -89,28 +102,24 @@ class SNNet(nn.Module):
         self.config = config
         self.anchors = nn.ModuleList(anchors)
         self.adapters: list[FamilyAdapter] = [adapter_for(m) for m in anchors]
-        families = {a.name for a in self.adapters}
-        if len(families) != 1:
-            raise ValueError(f"anchors mix families {sorted(families)}; use anchors of one family")
-        self.family = self.adapters[0].name
+        # One family, or a mix joined through feature maps of equal grids (ResNet -> Swin).
+        self.family = "+".join(dict.fromkeys(ad.name for ad in self.adapters))
         classes = {getattr(m, "num_classes", None) for m in anchors}
         if len(classes) != 1:
             raise ValueError(f"anchors disagree on num_classes: {[m.num_classes for m in anchors]}")
         self.num_classes = int(anchors[0].num_classes)
-        sizes = [ad.input_size(m) for ad, m in zip(self.adapters, anchors, strict=True)]
-        if len(set(sizes)) != 1:
-            raise ValueError(f"anchors disagree on input size (C, H, W): {sizes}")
-        self.input_size: tuple[int, int, int] = sizes[0]
-        layouts = [ad.feature_layout(m) for ad, m in zip(self.adapters, anchors, strict=True)]
-        if len(set(layouts)) != 1:
-            raise ValueError(
-                f"anchors disagree on their feature layout (kind, patch grid, prefix tokens): {layouts}; "
-                "stitched anchors need the same patch size and the same class/register tokens"
-            )
+        self.input_size: tuple[int, int, int] = self._resolve_input_size(anchors, config)
 
         names = [a.name for a in config.anchors]
-        depths = [len(ad.units(m)) for ad, m in zip(self.adapters, anchors, strict=True)]
-        self.stitches, layers_per_pair = enumerate_stitches(names, depths, config.space)
+        stages = [ad.stages(m) for ad, m in zip(self.adapters, anchors, strict=True)]
+        pairs = list(zip(self.adapters[:-1], self.adapters[1:], strict=True))
+        self.stitches, layers_per_pair = enumerate_stitches(
+            names,
+            stages,
+            config.space,
+            cut_stages=[sorted(set(fa.stitch_stages) & set(ba.stitch_stages)) for fa, ba in pairs],
+            overlap=[fa.overlapping_cuts and ba.overlapping_cuts for fa, ba in pairs],
+        )
 
         # One width pair per layer; every stitch sharing a layer must agree on it.
         widths: dict[tuple[int, int], tuple[int, int]] = {}
@@ -119,15 +128,51 @@ class SNNet(nn.Module):
                 continue
             a, b = s.anchors
             j, k = s.cut
+            grids = (self._grid(a, j), self._grid(b, k - 1))
+            if grids[0] != grids[1]:
+                raise ValueError(
+                    f"stitch {s.id} ({s.description}): the front's features have layout "
+                    f"{grids[0]} but the back expects {grids[1]}; stitched anchors need the same "
+                    "patch grid (and the same class/register tokens) at every cut"
+                )
             w = (self._width(a, j), self._width(b, k - 1))
             if widths.setdefault((s.pair, s.layer), w) != w:
                 raise ValueError(f"stitch {s.id} ({s.description}) disagrees on widths {w}")
         self.stitch_layers = nn.ModuleList(
             nn.ModuleList(
-                StitchingLayer(*widths[(p, i)], layout=self.adapters[p].layout) for i in range(n)
+                StitchingLayer(
+                    *widths[(p, i)],
+                    layout=self.adapters[p].layout,
+                    out_layout=self.adapters[p + 1].layout,
+                )
+                for i in range(n)
             )
             for p, n in enumerate(layers_per_pair)
         )
+
+    def _resolve_input_size(
+        self, anchors: Sequence[nn.Module], config: SNNetConfig
+    ) -> tuple[int, int, int]:
+        sizes = [ad.input_size(m) for ad, m in zip(self.adapters, anchors, strict=True)]
+        fixed = sorted({s for s in sizes if s is not None})
+        if len(fixed) > 1:
+            raise ValueError(f"anchors disagree on input size (C, H, W): {sizes}")
+        if config.input_size is not None:
+            if fixed and tuple(config.input_size) != fixed[0]:
+                raise ValueError(
+                    f"config input_size {list(config.input_size)} differs from the anchors' "
+                    f"{list(fixed[0])}; leave it unset or give the anchors' size"
+                )
+            return tuple(config.input_size)
+        if fixed:
+            return fixed[0]
+        # Fully convolutional anchors only: timm's default size, channels as built.
+        default = timm.data.resolve_model_data_config(anchors[0])["input_size"]
+        return (_in_channels(anchors[0]), int(default[1]), int(default[2]))
+
+    def _grid(self, anchor: int, after_unit: int) -> tuple:
+        ad, m = self.adapters[anchor], self.anchors[anchor]
+        return ad.feature_grid(m, after_unit, self.input_size)
 
     def _width(self, anchor: int, after_unit: int) -> int:
         return self.adapters[anchor].feature_width(self.anchors[anchor], after_unit)
@@ -161,7 +206,7 @@ class SNNet(nn.Module):
         h = self.stitch_layers[s.pair][s.layer](h)
         for unit in self.adapters[b].units(back)[k:]:
             h = unit(h)
-        return self.adapters[b].head(back, h)
+        return self.adapters[b].head(back, h, final_norm=self.config.space.stitched_final_norm)
 
     @torch.no_grad()
     def unit_features(self, anchor: int, x: torch.Tensor) -> list[torch.Tensor]:
@@ -220,6 +265,11 @@ class SNNet(nn.Module):
         return f"family={self.family}, anchors={self.anchor_names}, stitches={len(self.stitches)}"
 
 
+def _in_channels(model: nn.Module) -> int:
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    return int(first.in_channels)
+
+
 def _per_anchor_overrides(
     overrides: dict[str, Any] | Sequence[dict[str, Any] | None] | None, n: int
 ) -> list[dict[str, Any]]:
@@ -242,6 +292,7 @@ def build_snnet(
     overrides: dict[str, Any] | Sequence[dict[str, Any] | None] | None = None,
     window: int = 2,
     stride: int = 1,
+    input_size: Sequence[int] | None = None,
 ) -> SNNet:
     """Build an SN-Net from timm model names, small to large.
 
@@ -252,8 +303,10 @@ def build_snnet(
         overrides: ``timm.create_model`` keyword overrides: one dict for all anchors, or a list
             with one dict (or None) per anchor, e.g. ``img_size``, ``patch_size``,
             ``embed_dim``, ``depth``, ``num_heads``, ``num_classes``, ``in_chans``.
-        window: Sliding-window size of paired stitching, in units.
+        window: Sliding-window size of paired stitching, in blocks.
         stride: Sliding-window stride.
+        input_size: (C, H, W) for anchors that take any size (ResNet); default: the anchors'
+            size, else timm's default.
     """
     names = [n.strip() for n in anchors.split(",")] if isinstance(anchors, str) else list(anchors)
     names = [n for n in names if n]
@@ -261,6 +314,7 @@ def build_snnet(
     config = SNNetConfig(
         [AnchorSpec(n, o) for n, o in zip(names, per_anchor, strict=True)],
         SpaceConfig(window=window, stride=stride),
+        _input_size(list(input_size)) if input_size is not None else None,
     )
     return snnet_from_config(config, pretrained=pretrained)
 

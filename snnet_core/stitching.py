@@ -2,7 +2,9 @@
 
 A stitching layer maps the front anchor's features at a cut to the features the back anchor
 expects there: a Linear with bias over the channel dimension of every token (class token
-included), or a 1x1 convolution with bias for feature maps. Initialisation solves
+included), a 1x1 convolution with bias for feature maps, and for a CNN front with a
+channels-last back (ResNet -> Swin) a 1x1 convolution whose output is moved channels-last, which
+is the same affine map applied to every pixel. Initialisation solves
 ``[X, 1] @ [W; b] = Y`` by least squares on real inputs, as the reference does with a
 pseudo-inverse, and averages the solutions of the stitches that share one layer.
 """
@@ -19,22 +21,36 @@ class StitchingLayer(nn.Module):
     Args:
         in_dim: Channels of the front anchor's features.
         out_dim: Channels the back anchor expects.
-        layout: ``"tokens"`` ((B, N, C) or channels-last) or ``"nchw"`` ((B, C, H, W)).
+        layout: Layout of the front's features: ``"tokens"`` ((B, N, C) or channels-last) or
+            ``"nchw"`` ((B, C, H, W)).
+        out_layout: Layout the back anchor expects (default: ``layout``). ``"nchw"`` to
+            ``"tokens"`` is supported (channels-last output, (B, H, W, C)); the reverse is not.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, layout: str = "tokens") -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, layout: str = "tokens", out_layout: str | None = None
+    ) -> None:
         super().__init__()
-        if layout not in ("tokens", "nchw"):
-            raise ValueError(f"layout must be 'tokens' or 'nchw', got {layout!r}")
-        self.in_dim, self.out_dim, self.layout = in_dim, out_dim, layout
-        # Attribute name `transform` matches the reference release's state-dict keys.
+        out_layout = layout if out_layout is None else out_layout
+        for name, value in (("layout", layout), ("out_layout", out_layout)):
+            if value not in ("tokens", "nchw"):
+                raise ValueError(f"{name} must be 'tokens' or 'nchw', got {value!r}")
+        if (layout, out_layout) == ("tokens", "nchw"):
+            raise ValueError("stitching tokens into a feature-map (nchw) anchor is not supported")
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.layout, self.out_layout = layout, out_layout
+        # Attribute name `transform` matches the reference release's state-dict keys; a conv
+        # for nchw input keeps their weight shape (out, in, 1, 1) for ResNet -> Swin too.
         if layout == "tokens":
             self.transform: nn.Module = nn.Linear(in_dim, out_dim)
         else:
             self.transform = nn.Conv2d(in_dim, out_dim, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.transform(x)
+        x = self.transform(x)
+        if self.layout != self.out_layout:
+            x = x.movedim(1, -1)  # (B, C, H, W) -> (B, H, W, C)
+        return x
 
     @torch.no_grad()
     def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:

@@ -122,11 +122,13 @@ def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
 def _param_groups(
     params: list[tuple[str, nn.Parameter]], weight_decay: float, anchor_lr_scale: float
 ) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms, tokens and position embeddings (as in
-    timm); anchors' learning rate scaled by ``anchor_lr_scale`` relative to stitching layers."""
+    """AdamW groups: no weight decay on biases, norms, tokens and position embeddings, Swin's
+    relative position bias tables included (as in timm); anchors' learning rate scaled by
+    ``anchor_lr_scale`` relative to stitching layers."""
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    no_decay = ("token", "pos_embed", "relative_position_bias_table")
     for n, p in params:
-        decay = p.ndim > 1 and "token" not in n and "pos_embed" not in n
+        decay = p.ndim > 1 and not any(s in n for s in no_decay)
         groups.setdefault((n.startswith("anchors."), decay), []).append(p)
     return [
         {

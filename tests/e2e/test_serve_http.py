@@ -36,7 +36,8 @@ class Server:
         self.port = free_port()
         self.proc = subprocess.Popen(
             [SNNET, "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            env={**os.environ, **env},
+            # This checkout's code, even if the console script was installed from another.
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), **env},
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,

@@ -334,3 +334,37 @@ def test_every_route_has_an_example_in_the_openapi_docs(client):
     for path, ops in spec["paths"].items():
         for method, op in ops.items():
             assert has_example(op.get("responses", {}).get("200", {})), f"{method.upper()} {path}"
+
+
+def test_serves_a_resnet_to_swin_checkpoint(tmp_path, digit_png):
+    """The service is family-agnostic: a narrowed ResNet-18 -> Swin-T net (64x64 input) serves
+    every stitch, with preprocessing from its manifest."""
+    from tests.unit.test_families import build
+
+    net = build("resnet_swin", seed=1).eval()
+    snnet_core.save(net, tmp_path / "ckpt")
+    settings = Settings(
+        weights=tmp_path / "ckpt",
+        threads=1,
+        profile_repeats=1,
+        profile_batch_sizes=[1],
+        max_batch_size=1,
+        profile_cache=tmp_path / "profiles.json",
+    )
+    app = create_app(settings)
+    threads = torch.get_num_threads()  # the service sets the process-wide count
+    try:
+        with TestClient(app) as c:
+            assert app.state.service.started.wait(120) and app.state.service.ready
+            for sid in range(len(net.stitches)):
+                r = c.post(
+                    "/classify",
+                    files=[("image", ("a.png", digit_png, "image/png"))],
+                    data={"stitch_id": str(sid), "top_k": "2"},
+                )
+                assert r.status_code == 200, r.text
+                body = r.json()
+                assert body["stitch"]["description"] == net.stitches[sid].description
+                assert len(body["predictions"][0]) == 2
+    finally:
+        torch.set_num_threads(threads)

@@ -1,20 +1,28 @@
 """The `snnet` console script, run as a user runs it (a real subprocess)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import snnet_core
 from tests.conftest import TINY_ANCHORS, TINY_NUM_STITCHES, TINY_OVERRIDES, build_tiny
 
 SNNET = str(Path(sys.executable).with_name("snnet"))
+# The console script may come from an install of another checkout; run this one's code.
+ROOT = str(Path(__file__).resolve().parents[2])
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+}
 
 
 def snnet(*args, check=True):
-    proc = subprocess.run([SNNET, *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([SNNET, *args], capture_output=True, text=True, timeout=300, env=ENV)
     if check and proc.returncode != 0:
         raise AssertionError(f"snnet {args} exited {proc.returncode}:\n{proc.stderr}")
     return proc
@@ -40,6 +48,39 @@ def test_stitches_table_for_a_tiny_family():
     assert lines[0].split()[:6] == ["id", "description", "anchors", "cut", "gflops", "params_m"]
     assert len(lines) == 1 + TINY_NUM_STITCHES
     assert "vit_tiny[0:1] -> vit_small[0:4]" in lines[4]
+
+
+def test_stitches_lists_the_resnet_family():
+    out = snnet("stitches", "--anchors", "resnet18,resnet50", "--json")
+    rows = json.loads(out.stdout)
+    assert len(rows) == 10 and rows[0]["description"] == "resnet18[2,2,2,2]"
+    assert rows[2]["description"] == "resnet18[:s1.0] -> resnet50[s1.1:]"
+
+
+def test_import_converts_a_release_file(tmp_path):
+    torch.manual_seed(0)
+    names = TINY_ANCHORS.split(",")
+    net = build_tiny()
+    raw = {k: v for k, v in net.state_dict().items()}  # DeiT's release keys are ours
+    torch.save({"model": raw}, tmp_path / "snnet_deit.pth")
+    out = snnet(
+        "import",
+        str(tmp_path / "snnet_deit.pth"),
+        "--family",
+        "deit",
+        "--out",
+        str(tmp_path / "ckpt"),
+        "--anchors",
+        ",".join(names),
+        "--overrides",
+        json.dumps(TINY_OVERRIDES),
+    )
+    assert f"imported {len(raw)} tensors" in out.stderr
+    loaded, manifest = snnet_core.load(tmp_path / "ckpt")
+    assert manifest.config.space.stitched_final_norm is False
+    info = manifest.training["imported_from"]
+    assert info["file"] == "snnet_deit.pth" and len(info["sha256"]) == 64
+    assert len(manifest.stitches) == TINY_NUM_STITCHES
 
 
 def test_profile_writes_into_the_manifest(tmp_path):
@@ -79,6 +120,10 @@ def test_profile_writes_into_the_manifest(tmp_path):
             "unknown timm model 'no_such_model'",
         ),
         (["serve", "--port", "0"], "SNNET_PORT"),
+        (
+            ["import", "/nonexistent/snnet_swin.pth", "--family", "swin", "--out", "/tmp/x"],
+            "/nonexistent/snnet_swin.pth does not exist",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error(args, message):
@@ -98,7 +143,7 @@ def test_serve_refuses_a_corrupt_checkpoint(tmp_path):
         capture_output=True,
         text=True,
         timeout=60,
-        env={"SNNET_WEIGHTS": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        env={"SNNET_WEIGHTS": str(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT},
     )
     assert proc.returncode == 2
     assert "cannot serve" in proc.stderr and "does not match its manifest" in proc.stderr

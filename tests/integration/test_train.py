@@ -18,6 +18,11 @@ from tests.conftest import TINY_ANCHORS, TINY_NUM_STITCHES, TINY_OVERRIDES, buil
 
 ROOT = Path(__file__).resolve().parents[2]
 SNNET = str(Path(sys.executable).with_name("snnet"))
+# Subprocesses run this checkout's code even if the console script was installed from another.
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+}
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +142,7 @@ def test_schedule_and_sampling():
 
 
 def test_two_process_torchrun_on_cpu_ends_with_identical_weights(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [
             sys.executable,
@@ -193,6 +198,7 @@ def test_eval_gives_the_right_numbers_on_a_known_case(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        env=ENV,
     )
     assert proc.returncode == 0, proc.stderr
     rows = {r["id"]: r for r in json.loads(proc.stdout)}
@@ -237,6 +243,7 @@ def test_train_command_writes_a_servable_checkpoint(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
+        env=ENV,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "epoch 1/1" in proc.stderr  # progress bar
@@ -273,3 +280,39 @@ def test_image_folder_data_matches_the_in_memory_digits(tmp_path):
     order = sorted(idx, key=lambda i: (int(y[i]), f"{i}.png"))  # ImageFolder's order
     in_memory = evaluate(net, DigitsDataset(x[order], y[order]), norm, stitch_ids=[0, 9])
     assert from_folder == in_memory
+
+
+def test_training_eval_and_checkpoints_run_on_resnet_to_swin(tmp_path):
+    """Nothing in training, evaluation or checkpoints is ViT-specific: the narrowed ResNet-18 ->
+    Swin-T family (reference depths; a ResNet front, a Swin back, a conv-to-tokens stitching
+    layer) trains, evaluates and reloads."""
+    from snnet_core.evaluate import evaluate
+    from tests.unit.test_families import build
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops; see tests/unit/test_families.py
+    try:
+        net = build("resnet_swin", seed=4)
+        size = net.input_size[1:]
+        x, y = mnist_subset("train")
+        x = F.interpolate(x[::40][:100], size=size, mode="bilinear", align_corners=False)
+        data = DigitsDataset(x, y[::40][:100])
+        pre = net.data_config()
+        norm = (pre["mean"], pre["std"])
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in norm)
+        net.init_stitching_layers((x[:50] - mean) / std)
+        cfg = TrainConfig(epochs=2, batch_size=25, lr=1e-3, warmup_epochs=0.5)
+        gflops = [c.gflops for c in snnet_core.stitch_costs(net)]
+        history = train(net, data, cfg, tmp_path, gflops=gflops, normalize=norm, progress=False)
+        assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+        res = evaluate(net, data, norm, batch_size=50)
+        assert set(res) == set(range(len(net.stitches)))
+        assert all(0 <= r["top1"] <= 100 for r in res.values())
+        snnet_core.save(net.eval(), tmp_path / "ckpt")
+        loaded, manifest = snnet_core.load(tmp_path / "ckpt")
+        assert manifest.family == net.family
+        with torch.no_grad():
+            for s in range(len(net.stitches)):
+                assert torch.equal(loaded(x[:2], s), net(x[:2], s))
+    finally:
+        torch.set_num_threads(threads)

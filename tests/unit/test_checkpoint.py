@@ -32,7 +32,12 @@ def test_manifest_is_self_describing(saved):
     raw = json.loads((path / MANIFEST_FILE).read_text())
     assert raw["schema_version"] == 1 and raw["family"] == "vit"
     assert raw["config"]["anchors"][0]["overrides"]["embed_dim"] == 16
-    assert raw["config"]["space"] == {"window": 2, "stride": 1}
+    assert raw["config"]["space"] == {
+        "window": 2,
+        "stride": 1,
+        "stitched_final_norm": True,
+        "unpaired_layers": "front",
+    }
     assert len(raw["stitches"]) == TINY_NUM_STITCHES
     row = raw["stitches"][5]
     assert set(row) >= {"id", "description", "anchors", "cut", "gflops", "params_m", "accuracy"}

@@ -176,5 +176,5 @@ def test_build_errors_are_clear():
     bad[1]["num_classes"] = 7
     with pytest.raises(ValueError, match="num_classes"):
         snnet_core.build_snnet(TINY_ANCHORS, overrides=bad)
-    with pytest.raises(ValueError, match="no SN-Net family adapter for ResNet"):
-        snnet_core.build_snnet("resnet18,resnet34")
+    with pytest.raises(ValueError, match="no SN-Net family adapter for MobileNetV3"):
+        snnet_core.build_snnet("mobilenetv3_small_050,mobilenetv3_small_075")

@@ -1,6 +1,16 @@
 import pytest
 
 from snnet_core import SpaceConfig, enumerate_stitches, paired_stitching
+from snnet_core.space import unpaired_stitching
+
+
+def stage_ranges(depths):
+    """Flat unit ranges of consecutive stages (no downsampling units)."""
+    out, start = [], 0
+    for d in depths:
+        out.append(range(start, start + d))
+        start += d
+    return out
 
 
 def test_paired_stitching_reference_depth12():
@@ -36,9 +46,59 @@ def test_enumeration_numbers_anchors_first_then_pairs():
     assert stitches[3 + 4 * 3 + 4].description == "a[0:6] -> b[6:12]"  # window 5: (5, 6)
 
 
-def test_unequal_depths_are_refused_with_names():
-    with pytest.raises(ValueError, match="x .6 units. and y .4 units"):
+def test_a_deeper_front_stage_is_refused_with_names():
+    with pytest.raises(ValueError, match=r"stage 0 of x \(6 blocks\) is deeper .* y \(4 blocks\)"):
         enumerate_stitches(["x", "y"], [6, 4], SpaceConfig())
+
+
+def test_paired_without_overlap_cuts_forward_only():
+    cuts, layers = paired_stitching(18, overlap=False)
+    assert cuts == [(j, j + 1) for j in range(17)] and layers == list(range(17))
+    assert paired_stitching(2, overlap=False) == ([(0, 1)], [0])
+
+
+def test_unpaired_stitching_matches_the_reference_nearest_mapping():
+    cuts, layers = unpaired_stitching(6, 18, "reference")
+    assert len(cuts) == 17 and max(layers) + 1 == 6
+    assert cuts[:6] == [(0, 1), (0, 2), (1, 3), (1, 4), (1, 5), (2, 6)]
+    # The release pairs the t-th cut with layer floor(t / 3), not with its front block.
+    assert layers[:6] == [0, 0, 0, 1, 1, 1]
+    assert unpaired_stitching(2, 4, "reference") == ([(0, 1), (1, 2), (1, 3)], [0, 0, 1])
+    five = [(0, 1), (0, 2), (1, 3), (1, 4), (1, 5)]
+    assert unpaired_stitching(2, 6, "reference") == (five, [0, 0, 0, 1, 1])
+    # Our default: one layer per front block, same cuts, same number of layers.
+    assert unpaired_stitching(2, 6) == (five, [0, 0, 1, 1, 1])
+    assert unpaired_stitching(6, 18)[1] == [j for j, _ in cuts]
+    with pytest.raises(ValueError, match="unpaired_layers must be 'front' or 'reference'"):
+        SpaceConfig(unpaired_layers="back")
+
+
+@pytest.mark.parametrize(
+    ("depths", "cut_stages", "count", "layers"),
+    [
+        ([[2, 2, 6, 2], [2, 2, 18, 2], [2, 2, 18, 2]], [0, 1, 2], 41, [8, 19]),  # Swin-T/S/B
+        ([[2, 2, 2, 2], [3, 4, 6, 3]], [1, 2], 10, [4]),  # ResNet-18/50
+        ([[2, 2, 2, 2], [2, 2, 6, 2]], [1, 2], 8, [3]),  # ResNet-18 -> Swin-T
+    ],
+)
+def test_staged_families_give_the_reference_counts(depths, cut_stages, count, layers):
+    names = [f"m{i}" for i in range(len(depths))]
+    stitches, per_pair = enumerate_stitches(
+        names,
+        [stage_ranges(d) for d in depths],
+        SpaceConfig(),
+        cut_stages=[cut_stages] * (len(depths) - 1),
+        overlap=[False] * (len(depths) - 1),
+    )
+    assert len(stitches) == count and per_pair == layers
+    # Stage-major order after the anchors, pairs in order inside a stage.
+    stages = [s.stage for s in stitches[len(depths) :]]
+    assert stages == sorted(stages)
+    for s in stitches[len(depths) :]:
+        (j, k), (fj, fk) = s.stage_cut, s.cut
+        a_start = stage_ranges(depths[s.anchors[0]])[s.stage].start
+        b_start = stage_ranges(depths[s.anchors[1]])[s.stage].start
+        assert (fj, fk) == (a_start + j, b_start + k) and j < k
 
 
 @pytest.mark.parametrize("bad", [{"window": 0}, {"stride": 0}])
