@@ -1,6 +1,6 @@
 """Closed loop: 8 concurrent clients with mixed latency budgets against `snnet serve`.
 
-    python bench/closed_loop.py [--clients 8] [--seconds 30] [--budgets 2x,4x,8x,16x]
+    python bench/closed_loop.py [--clients 8] [--seconds 30] [--budgets 2x,4x,8x,16x] [--weights DIR]
 
 Each client sends single-image requests back to back, each with a budget drawn from the mix (a
 value ending in ``x`` is a multiple of the most accurate stitch's profiled time at batch 1).
@@ -29,8 +29,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--budgets", default="2x,4x,8x,16x", help="ms or multiples, drawn uniformly")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", help="checkpoint to serve (default: the bundled weights/)")
     args = ap.parse_args()
-    proc, url = start_server()
+    proc, url = start_server({"SNNET_WEIGHTS": args.weights} if args.weights else None)
     c = Client(url)
     menu = c.get("/stitches")["stitches"]
     c.close()

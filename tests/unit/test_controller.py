@@ -81,7 +81,9 @@ def test_a_growing_queue_raises_the_level_even_at_a_modest_rate():
     h = History(c)
     h.run(1, rps=10, budget_ms=100)
     assert c.level == 0
-    h.run(1, rps=10, wait_ms=25, budget_ms=100)  # a quarter of the budget queued
+    h.run(1, rps=10, wait_ms=25, budget_ms=100)  # a quarter of the budget: a batch in flight
+    assert c.level == 0
+    h.run(1, rps=10, wait_ms=50, budget_ms=100)  # half the budget queued
     assert c.level_queue == pytest.approx(0.5) and c.level >= 0.5
     assert max(c.allowed) < 9
     h.run(4, rps=10, wait_ms=0, budget_ms=100)  # drained
