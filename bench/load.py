@@ -46,7 +46,7 @@ from _server import Client, digit_pngs, start_server  # noqa: E402
 
 MEDIUM = Path(__file__).resolve().parent / "models" / "medium"
 FULL_SCHEDULE = "steady:10:0.5,step:10:1.0,ramp:10:1.0-2.0,spike:10:3.0,down:15:0.5"
-QUICK_SCHEDULE = "steady:3:0.5,spike:4:3.0,down:4:0.5"
+QUICK_SCHEDULE = "steady:2:0.5,spike:4:3.0,down:3:0.5"
 POLICIES = "adaptive,most_accurate,cheapest,static"
 
 
@@ -188,8 +188,8 @@ def run_policy(
         todo.put(None)
     for th in threads:
         th.join()
-    # Keep watching a few seconds past the schedule: the recovery after the last phase.
-    end = start + (schedule[-1][0] if schedule else 0.0) + 6
+    # The adaptive policy: keep watching a few seconds past the schedule, for the recovery.
+    end = start + (schedule[-1][0] if schedule else 0.0) + (6 if policy == "adaptive" else 0)
     stop.wait(max(0.0, end - time.monotonic()))
     stop.set()
     watcher.join()
@@ -304,7 +304,9 @@ def main() -> None:
     proc = None
     if args.url is None:
         print("starting snnet serve ...", file=sys.stderr)
-        proc, url = start_server({"SNNET_WEIGHTS": args.weights})
+        # A short queue (8 full batches): policies that ignore the load hit it and get 503s
+        # instead of building a backlog that would take minutes to drain.
+        proc, url = start_server({"SNNET_WEIGHTS": args.weights, "SNNET_MAX_QUEUE": "64"})
     else:
         url = args.url.rstrip("/")
     try:

@@ -13,8 +13,9 @@ met / missed / shed) and the scheduler's predicted queue wait, and updates:
   (the predicted queue wait: from a quarter to three quarters of the mean budget, 0 to 1). L rises at once and falls at most
   ``release_per_s`` per second, so it does not flap. Stitches whose per-image cost is above
   ``max - L * (max - min)`` are left out of budget-driven choices;
-- **safety margin**: the 99th percentile of (server time - predicted time) of the answered
-  requests of the last 10 s (at most 256), added to every prediction, so that what the latency model does not see (HTTP parsing,
+- **safety margin**: the 95th percentile of (server time - predicted time) of the answered
+  requests of the last 10 s (at least 50, at most 256; capped at a quarter of the mean budget),
+  added to every prediction, so that what the latency model does not see (HTTP parsing,
   decoding, contention) is still budgeted for.
 
 With ``SNNET_PROMETHEUS_URL`` set it also queries a Prometheus server for the same figures
@@ -250,10 +251,15 @@ class Controller:
             while self._residuals and self._residuals[0][0] < oldest:
                 self._residuals.popleft()
             res = sorted(ms for _, ms in self._residuals)
-        # Fewer than 20 answers say little about a 99th percentile: no margin until then.
-        self.margin_ms = (
-            max(0.0, res[min(len(res) - 1, int(0.99 * len(res)))]) if len(res) >= 20 else 0.0
-        )
+        # The 95th percentile of at least 50 answers, and at most a quarter of the mean budget:
+        # a few stalls (a GC pause, a burst) must not make the margin shed everything.
+        if len(res) < 50:
+            self.margin_ms = 0.0
+            return
+        margin = max(0.0, res[int(0.95 * len(res))])
+        if self.mean_budget_ms:
+            margin = min(margin, 0.25 * self.mean_budget_ms)
+        self.margin_ms = margin
 
     def image_rate_used(self) -> float:
         """Local images/s, floored by the fleet's per-replica share when Prometheus is known."""
