@@ -17,6 +17,7 @@ from pathlib import Path
 from tests._prometheus import free_port
 
 SNNET = str(Path(sys.executable).with_name("snnet"))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class SnnetServer:
@@ -32,9 +33,11 @@ class SnnetServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         listen = {"SNNET_HOST": "127.0.0.1", "SNNET_PORT": str(self.port)}
+        # Inheriting: this checkout's code, even if the console script came from another one.
+        base = {**os.environ, "PYTHONPATH": str(ROOT)} if inherit_env else {}
         self.proc = subprocess.Popen(
             command or [SNNET, "serve"],
-            env={**(os.environ if inherit_env else {}), **env, **listen},
+            env={**base, **env, **listen},
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,

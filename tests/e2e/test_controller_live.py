@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from snnet_core.data import mnist_subset
-from tests.e2e.test_serve_http import Server
+from tests._servers import SnnetServer
 
 IMAGES = 8  # per request: one full batch
 MEDIUM = Path(__file__).resolve().parents[2] / "bench" / "models" / "medium"
@@ -24,7 +24,7 @@ MEDIUM = Path(__file__).resolve().parents[2] / "bench" / "models" / "medium"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(
+    srv = SnnetServer(
         {
             "SNNET_PROFILE_CACHE": str(tmp_path_factory.mktemp("cache") / "profiles.json"),
             "SNNET_PROFILE_REPEATS": "3",
@@ -36,8 +36,7 @@ def server(tmp_path_factory):
         srv.wait_for("ready in")
         yield srv
     finally:
-        srv.proc.terminate()
-        srv.proc.wait(60)
+        srv.stop()
 
 
 @pytest.fixture(scope="module")

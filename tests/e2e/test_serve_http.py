@@ -2,13 +2,8 @@
 
 import concurrent.futures
 import io
-import os
-import queue
 import signal
-import socket
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import httpx
@@ -18,48 +13,10 @@ from PIL import Image
 
 import snnet_core
 from snnet_core.data import mnist_subset
+from tests._servers import SnnetServer as Server
 
 ROOT = Path(__file__).resolve().parents[2]
 SNNET = str(Path(sys.executable).with_name("snnet"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A `snnet serve` subprocess whose log lines can be awaited."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [SNNET, "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            # This checkout's code, even if the console script was installed from another.
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), **env},
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def _pump(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def wait_for(self, text: str, timeout: float = 300) -> None:
-        while True:
-            line = self.lines.get(timeout=timeout)
-            if line is None:
-                raise AssertionError(f"server exited before logging {text!r}:\n{''.join(self.log)}")
-            self.log.append(line)
-            if text in line:
-                return
 
 
 @pytest.fixture(scope="module")
