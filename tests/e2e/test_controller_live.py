@@ -59,8 +59,8 @@ def test_burst_raises_the_load_level_sheds_and_recovers(server, pngs):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         menu = c.get("/stitches").json()["stitches"]
         best = max(menu, key=lambda r: (r["accuracy"], r["gflops"]))
-        # Room for about three full batches of the most accurate stitch.
-        budget = 3 * best["predicted_ms"][str(IMAGES)]
+        # Room for one and a half full batches of the most accurate stitch.
+        budget = 1.5 * best["predicted_ms"][str(IMAGES)]
         for _ in range(3):  # idle: the most accurate stitch, within budget
             r = classify(c, pngs, budget)
             assert r.status_code == 200 and r.json()["stitch"]["id"] == best["id"]
@@ -75,10 +75,9 @@ def test_burst_raises_the_load_level_sheds_and_recovers(server, pngs):
 
         watcher = threading.Thread(target=watch)
         watcher.start()
-        # 48 requests of 8 images from 4 keep-alive connections, as fast as they answer: far more
-        # than three batches of the best stitch. (Few client threads: on a 2-core machine the
-        # client's own CPU use slows the server's model.)
-        burst, conns = 48, 4
+        # 48 requests of 8 images from 16 keep-alive connections, as fast as they answer: 16
+        # batches at once are more than even the cheapest stitch can answer within the budget.
+        burst, conns = 48, 16
 
         def client(_):
             with httpx.Client(base_url=server.url, timeout=60) as cc:

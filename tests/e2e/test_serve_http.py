@@ -83,7 +83,11 @@ def test_tight_budget_picks_a_cheaper_stitch_and_impossible_is_422(server, bundl
     fastest = min(s["predicted_ms"]["1"] for s in menu)
     best_ms = by_acc[0]["predicted_ms"]["1"]
     budget = (fastest + best_ms) / 2
-    r = classify(server.url, pngs, latency_budget_ms=f"{budget:.3f}").json()
+    # policy=static: the choice for this budget on an idle server. (The bundled model's stitches
+    # are within a millisecond of each other, less than the HTTP layer's own jitter, so the
+    # adaptive policy may shed such a budget as unmeetable; tests/e2e/test_controller_live.py
+    # covers the adaptive choice on a model whose stitches differ.)
+    r = classify(server.url, pngs, latency_budget_ms=f"{budget:.3f}", policy="static").json()
     assert r["stitch"]["gflops"] < by_acc[0]["gflops"]
     assert r["stitch"]["accuracy"] <= by_acc[0]["accuracy"]
     r = classify(server.url, pngs, latency_budget_ms=fastest / 10)
