@@ -10,7 +10,8 @@ met / missed / shed) and the scheduler's predicted queue wait, and updates:
 - **load level** L in [0, 1]: how far down the cost range budget-chosen requests must go. It is
   the larger of two terms: a feed-forward one (the arrival rate times each stitch's per-image
   compute must keep the model busy at most ``target_utilisation`` of the time) and a feedback one
-  (the predicted queue wait: from a quarter to three quarters of the mean budget, 0 to 1). L rises at once and falls at most
+  (the queued work, not counting the batch in flight: from a quarter to three quarters of the
+  mean budget, 0 to 1). L rises at once and falls at most
   ``release_per_s`` per second, so it does not flap. Stitches whose per-image cost is above
   ``max - L * (max - min)`` are left out of budget-driven choices;
 - **safety margin**: the 95th percentile of (server time - predicted time) of the answered
@@ -52,7 +53,7 @@ class Reading:
     images: float = 0.0
     budget_sum_s: float = 0.0  # sum and count of request budgets (histogram)
     budget_count: float = 0.0
-    queue_wait_ms: float = 0.0  # predicted wait of a new request now
+    queue_wait_ms: float = 0.0  # predicted compute of the work waiting (not the batch running)
     observed_s: dict[int, float] = field(default_factory=dict)  # compute seconds, by stitch
     profiled_s: dict[int, float] = field(default_factory=dict)  # profile's seconds, same batches
 
@@ -281,8 +282,8 @@ class Controller:
             level_rate = min(1.0, max(0.0, (hi - cap) / (hi - lo)))
         level_queue = 0.0
         if self.mean_budget_ms:
-            # A quarter of the budget waiting is normal (a batch in flight); from there to three
-            # quarters the level rises from 0 to 1.
+            # Up to a quarter of the budget waiting is normal; from there to three quarters the
+            # level rises from 0 to 1.
             share = self.queue_wait_ms / self.mean_budget_ms
             level_queue = min(1.0, max(0.0, (share - 0.25) / 0.5))
         self.level_rate, self.level_queue = level_rate, level_queue

@@ -160,6 +160,13 @@ class Scheduler:
                 self._batches_ms(s, sum(j.n for j in q)) for s, q in self._queues.items() if q
             )
 
+    def queued_work_ms(self) -> float:
+        """Predicted compute of everything waiting (not the batch running now)."""
+        with self._cv:
+            return sum(
+                self._batches_ms(s, sum(j.n for j in q)) for s, q in self._queues.items() if q
+            )
+
     def idle_ms(self, stitch: int, n: int = 1) -> float:
         return self._batches_ms(stitch, n)
 

@@ -171,7 +171,9 @@ class ControllerState(BaseModel):
     image_rate: float = Field(description="Images/s (smoothed).")
     images_per_request: float
     mean_budget_ms: float | None = Field(description="Mean budget of recent requests that had one.")
-    queue_wait_ms: float = Field(description="Predicted wait of a new request now.")
+    queue_wait_ms: float = Field(
+        description="Predicted compute of the work waiting (not the batch in flight)."
+    )
     margin_ms: float = Field(
         description="Safety margin added to predictions (p99 of time not predicted)."
     )

@@ -291,7 +291,9 @@ class ModelService:
     def step_controller(self) -> None:
         c, m = self.controller, self.metrics
         wait_ms = self.scheduler.predicted_wait_ms()
-        c.update(read_metrics(m, wait_ms))
+        # The queue term looks at work waiting, not at the batch in flight: one request being
+        # served is not load, and counting it made the level flicker on a nearly idle server.
+        c.update(read_metrics(m, self.scheduler.queued_work_ms()))
         m.queue_predicted_wait.set(wait_ms / 1e3)
         m.load_level.set(c.level)
         m.arrival_rate.set(c.arrival_rate)
