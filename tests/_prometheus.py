@@ -83,7 +83,7 @@ class Prometheus:
                     return self
             except httpx.TransportError:
                 pass
-            time.sleep(0.1)
+            time.sleep(0.1)  # another process starting up: polling /-/ready is the only signal
         self.stop()
         raise TimeoutError(f"prometheus not ready after {timeout}s:\n{self.logs()}")
 
@@ -109,7 +109,7 @@ class Prometheus:
                 return result
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no data for {expr!r} after {timeout}s")
-            time.sleep(0.2)
+            time.sleep(0.2)  # data appears at the next scrape of another process; re-query
 
     def logs(self) -> str:
         path = self.workdir / "prometheus.log"

@@ -19,7 +19,7 @@ def poll(fetch, until, timeout: float = 60.0, what: str = ""):
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}: last {value}")
-        time.sleep(0.2)
+        time.sleep(0.2)  # the state lives in other processes: nothing to await but a re-read
 
 
 @pytest.fixture(scope="module")
