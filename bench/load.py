@@ -7,8 +7,10 @@ By default it starts `snnet serve` with bench/models/medium (a 35-stitch SN-Net 
 stitches span about 9x in compute; the bundled model is so small that HTTP overhead, not the
 stitch, sets its latency on a CPU). Arrivals are Poisson with a rate that follows the schedule; every request carries ``--images``
 digit images and a latency budget drawn from the mix. Rates are multiples of C, the rate (in
-requests/s) that the most accurate stitch sustains on this server: max_batch images per
-profiled batch time, from GET /stitches. Each policy (the request field ``policy``, so the
+requests/s) that the most accurate stitch sustains on this server, measured end to end
+before the policies run: four clients send back to back with ``policy=most_accurate`` for 3 s
+and C is the answered rate (``--capacity profile`` uses the profiled compute alone instead,
+which ignores HTTP, decoding and the load generator sharing the machine). Each policy (the request field ``policy``, so the
 server needs no restart) runs the same schedule with the same seed, one after the other, with
 the server drained in between. Latency is measured from the scheduled send time (no
 coordinated omission).
@@ -112,6 +114,34 @@ def arrivals(phases: list[Phase], capacity: float, rng: random.Random) -> list[t
                 out.append((t, p.name))
         t0 += p.seconds
     return out
+
+
+def measure_capacity(
+    url: str, pngs: list[bytes], images: int, connections: int = 4, seconds: float = 3.0
+) -> float:
+    """C measured end to end: requests/s this server answers when every request runs the most
+    accurate stitch and ``connections`` clients send back to back (1 s of warm-up first).
+    Everything a request costs counts: HTTP, decoding, the model, and this load generator."""
+    counts = [0] * connections
+    t_start = time.monotonic() + 1.0
+    t_end = t_start + seconds
+
+    def client(k: int) -> None:
+        c = Client(url)
+        rng = random.Random(k)
+        while (now := time.monotonic()) < t_end:
+            body = [rng.choice(pngs) for _ in range(images)]
+            status, _ = c.classify(body, latency_budget_ms=60_000, policy="most_accurate")
+            if status == 200 and now >= t_start:
+                counts[k] += 1
+        c.close()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(connections)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return sum(counts) / seconds
 
 
 def wait_until_idle(client: Client, timeout_s: float = 30.0) -> None:
@@ -295,6 +325,13 @@ def main() -> None:
     ap.add_argument("--budgets", default="2x,4x,8x", help="default 2x,4x,8x (equal weights)")
     ap.add_argument("--images", type=int, default=8, help="images per request")
     ap.add_argument("--workers", type=int, default=32, help="client connections")
+    ap.add_argument(
+        "--capacity",
+        default="measured",
+        help="C, the rate the schedule's multiples refer to: measured (closed loop with the most "
+        "accurate stitch, end to end; default), profile (the most accurate stitch's profiled "
+        "compute alone), or a number in requests/s",
+    )
     ap.add_argument("--out", default="bench/results/load")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -318,10 +355,18 @@ def main() -> None:
         best = max(stitches.values(), key=lambda r: (r["accuracy"] or 0, r["gflops"]))
         sizes = sorted(int(b) for b in best["predicted_ms"])
         max_batch = sizes[-1]
-        # C: images/s of the most accurate stitch at the largest batch, in requests/s.
-        capacity = max_batch / best["predicted_ms"][str(max_batch)] * 1e3 / args.images
+        # C from the profile: images/s of the most accurate stitch at the largest batch.
+        profiled = max_batch / best["predicted_ms"][str(max_batch)] * 1e3 / args.images
         one = best["predicted_ms"][str(min(max_batch, args.images))]
         budgets = parse_budgets(args.budgets, one)
+        pngs = digit_pngs()
+        if args.capacity == "measured":
+            print("measuring C (most accurate stitch, closed loop) ...", file=sys.stderr)
+            capacity = measure_capacity(url, pngs, args.images)
+        elif args.capacity == "profile":
+            capacity = profiled
+        else:
+            capacity = float(args.capacity)
         schedule = arrivals(phases, capacity, random.Random(args.seed))
         duration = sum(p.seconds for p in phases)
         head = {
@@ -330,6 +375,8 @@ def main() -> None:
             "dtype": menu["dtype"],
             "most_accurate": best["id"],
             "capacity_rps": round(capacity, 2),
+            "capacity_from": args.capacity,
+            "profiled_capacity_rps": round(profiled, 2),
             "images_per_request": args.images,
             "budgets_ms": budgets[0],
             "schedule": [asdict(p) for p in phases],
@@ -337,7 +384,6 @@ def main() -> None:
             "server_policy": ctl["policy"],
         }
         print(json.dumps(head), file=sys.stderr)
-        pngs = digit_pngs()
         results, summary = {}, {"setup": head, "policies": {}}
         for policy in args.policies.split(","):
             c = Client(url)

@@ -38,6 +38,13 @@ class Settings(BaseSettings):
         "a core to the event loop).",
     )
 
+    worker: Literal["auto", "process", "thread"] = Field(
+        "auto",
+        description="Where the model runs: process (a child process; the event loop never holds "
+        "up its GIL), thread (a worker thread of the server process), auto (process on CPU, "
+        "thread on CUDA).",
+    )
+
     default_budget_ms: float = Field(
         1000.0,
         gt=0,

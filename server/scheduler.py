@@ -21,7 +21,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +30,7 @@ from snnet_core import SNNet
 
 from .latency import LatencyModel
 from .metrics import Metrics
+from .runner import InlineRunner
 
 log = logging.getLogger("snnet.scheduler")
 
@@ -97,6 +98,8 @@ class Scheduler:
         max_queue: Images allowed to wait in all queues together.
         metrics: Where queue depth, batch sizes and compute times go.
         order_budget_ms: Deadline used to order requests that have no budget.
+        runner: Runs one batch (``runner(x, stitch) -> logits``); default: ``net`` in the
+            worker thread. See ``server.runner`` for the child-process runner.
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class Scheduler:
         max_queue: int,
         metrics: Metrics | None = None,
         order_budget_ms: float = 1000.0,
+        runner: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError(
@@ -120,6 +124,7 @@ class Scheduler:
             )
         self.net, self.latency, self.ranking = net, latency, list(ranking)
         self.device, self.dtype = device, dtype
+        self.runner = runner if runner is not None else InlineRunner(net, device, dtype)
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_ms / 1e3, max_queue
         self.metrics = metrics
         self.order_budget_s = order_budget_ms / 1e3
@@ -335,17 +340,15 @@ class Scheduler:
             # Only a single request larger than max_batch gets here with n > max_batch: run it
             # in chunks, as _batches_ms predicts (and as memory was sized for).
             out, base_ms = [], 0.0
-            with torch.inference_mode():
-                for chunk in x.split(self.max_batch):
-                    t0 = time.monotonic()
-                    y = self.net(chunk.to(self.device, self.dtype, non_blocking=True), stitch)
-                    out.append(y.float().cpu())
-                    chunk_ms = (time.monotonic() - t0) * 1e3
-                    b = chunk.shape[0]
-                    base_ms += self.latency.base_ms(stitch, b)
-                    if self.metrics:
-                        self.metrics.compute_seconds.labels(str(stitch)).observe(chunk_ms / 1e3)
-                        self.metrics.batch_size.observe(b)
+            for chunk in x.split(self.max_batch):
+                t0 = time.monotonic()
+                out.append(self.runner(chunk, stitch))
+                chunk_ms = (time.monotonic() - t0) * 1e3
+                b = chunk.shape[0]
+                base_ms += self.latency.base_ms(stitch, b)
+                if self.metrics:
+                    self.metrics.compute_seconds.labels(str(stitch)).observe(chunk_ms / 1e3)
+                    self.metrics.batch_size.observe(b)
             logits = torch.cat(out) if len(out) > 1 else out[0]
             compute_ms = (time.monotonic() - start) * 1e3
             if self.metrics:

@@ -4,10 +4,11 @@ Start-up runs in a worker thread while the HTTP server already answers ``/health
 ``/readyz`` turns 200 only after every step below is done:
 
 1. load + verify the checkpoint (schema, sha256), move it to the device and dtype;
-2. warm up every stitch;
-3. find a latency profile for this device fingerprint covering every stitch and the batch
+2. find a latency profile for this device fingerprint covering every stitch and the batch
    sizes the batcher forms: in the manifest, else in the profile cache, else measure it now
    (progress in the log) and keep it in the cache;
+3. start the runner (``SNNET_WORKER``: on CPU a child process that maps the weights from shared
+   memory, see ``server.runner``) and warm up every stitch where it will run;
 4. build the latency model and start the scheduler and its controller.
 """
 
@@ -32,6 +33,7 @@ from .controller import Controller, Fleet, PrometheusSource, read_metrics
 from .imaging import make_transform
 from .latency import LatencyModel
 from .metrics import Metrics
+from .runner import InlineRunner, ProcessRunner
 from .scheduler import Scheduler
 
 log = logging.getLogger("snnet.service")
@@ -93,10 +95,19 @@ class ModelService:
         self.latency: LatencyModel | None = None
         self.controller: Controller | None = None
         self.profile: LatencyProfile | None = None
+        self.runner: InlineRunner | ProcessRunner | None = None
         self.device = resolve_device(settings.device)
         self.dtype = DTYPES[settings.dtype]
         if self.dtype == torch.float16 and self.device.type != "cuda":
             raise ValueError(f"SNNET_DTYPE=float16 needs CUDA but the device is {self.device}")
+        self.worker = settings.worker
+        if self.worker == "auto":
+            self.worker = "process" if self.device.type == "cpu" else "thread"
+        if self.worker == "process" and self.device.type != "cpu":
+            raise ValueError(
+                f"SNNET_WORKER=process runs CPU models only but the device is {self.device}; "
+                "use SNNET_WORKER=thread (or auto)"
+            )
         self.ranking: list[int] = []
         self.pareto: set[int] = set()
         self.profile_source = ""
@@ -157,19 +168,23 @@ class ModelService:
             "loaded %s: %s, %d stitches, on %s %s (%.1fs)", s.weights, ",".join(net.anchor_names),
             len(net.stitches), self.device, s.dtype, time.perf_counter() - t0,
         )  # fmt: skip
-        self.detail = "warming up"
-        x = torch.zeros(1, *net.input_size, device=self.device, dtype=self.dtype)
-        with torch.inference_mode():
-            for i in range(len(net.stitches)):
-                net(x, i)
         self.detail = "latency profile"
         self.profile = self._profile()
         self.latency = LatencyModel(self.profile)
         self._rank()
+        # Warm up where the model will run, at the smallest and the largest batch it will see.
+        warm = sorted({1, s.max_batch_size})
+        if self.worker == "process":
+            self.detail = "starting the model process and warming up"
+            self.runner = ProcessRunner(net, self.dtype, threads, warm)
+        else:
+            self.detail = "warming up"
+            self.runner = InlineRunner(net, self.device, self.dtype)
+            self.runner.warm_up(warm)
         self.scheduler = Scheduler(
             net, self.latency, self.ranking, device=self.device, dtype=self.dtype,
             max_batch=s.max_batch_size, max_wait_ms=s.max_batch_wait_ms, max_queue=s.max_queue,
-            metrics=self.metrics, order_budget_ms=s.default_budget_ms,
+            metrics=self.metrics, order_budget_ms=s.default_budget_ms, runner=self.runner,
         )  # fmt: skip
         self.controller = Controller(
             self.latency, self.ranking, max_batch=s.max_batch_size,
@@ -180,7 +195,7 @@ class ModelService:
             {
                 "anchors": ",".join(net.anchor_names), "family": net.family, "stitches": str(len(net.stitches)),
                 "device": str(self.device), "dtype": s.dtype, "weights_sha256": manifest.weights_sha256[:16],
-                "profile": self.profile_source,
+                "profile": self.profile_source, "worker": self.runner.kind,
             }
         )  # fmt: skip
         for i in range(len(net.stitches)):
@@ -318,3 +333,5 @@ class ModelService:
         if self.scheduler is not None:
             log.info("draining %d queued images", self.scheduler.queued_images)
             self.scheduler.stop()
+        if self.runner is not None:
+            self.runner.close()

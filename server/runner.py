@@ -1,0 +1,208 @@
+"""Where the model runs: in the scheduler's worker thread, or in a child process of its own.
+
+The scheduler hands a runner one batch at a time: ``runner(x, stitch)`` takes float32 images on
+the CPU and returns float32 logits on the CPU.
+
+Why a process: a forward of a small network is a few hundred torch ops, and the thread that
+runs it needs the GIL back after every one. On CPU the event loop holds the GIL while it parses
+and answers requests, so under load the model thread waits for it again and again: batches ran
+2-3x slower than profiled with four clients on two cores (``bench/runner.py`` measures this).
+A child process has its own interpreter, so the model only competes for cores, not for the GIL.
+The weights are not copied: they are moved to shared memory and the child maps the same pages.
+Batches cross a pipe as raw bytes (a batch of 8 MNIST images is 25 KB).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import signal
+import time
+from multiprocessing.connection import Connection
+
+import numpy as np
+import torch
+
+from snnet_core import SNNet
+
+log = logging.getLogger("snnet.runner")
+
+# How long a child may take to start (import torch and timm, map the weights, warm up).
+START_TIMEOUT_S = 300.0
+
+
+class RunnerError(RuntimeError):
+    """The model failed on a batch, or its process died; the batch's requests get a 500."""
+
+
+class InlineRunner:
+    """Runs the model in the calling thread (the scheduler's worker)."""
+
+    kind = "thread"
+
+    def __init__(self, net: SNNet, device: torch.device, dtype: torch.dtype) -> None:
+        self.net, self.device, self.dtype = net, device, dtype
+
+    def __call__(self, x: torch.Tensor, stitch: int) -> torch.Tensor:
+        with torch.inference_mode():
+            y = self.net(x.to(self.device, self.dtype, non_blocking=True), stitch)
+            return y.float().cpu()
+
+    def warm_up(self, batch_sizes: list[int]) -> None:
+        _warm_up(self.net, batch_sizes, self.device, self.dtype)
+
+    def close(self) -> None:
+        pass
+
+
+def _warm_up(net: SNNet, batch_sizes: list[int], device: torch.device, dtype: torch.dtype) -> None:
+    """Run every stitch once at each batch size: the first call at a new shape is slow (kernel
+    selection, allocations), and a slow first batch would skew the latency corrections."""
+    with torch.inference_mode():
+        for b in batch_sizes:
+            x = torch.zeros(b, *net.input_size, device=device, dtype=dtype)
+            for i in range(len(net.stitches)):
+                net(x, i)
+
+
+def _serve(
+    conn: Connection,
+    net: SNNet,
+    threads: int | None,
+    dtype: torch.dtype,
+    warm_batch_sizes: list[int],
+) -> None:
+    """The child: answer ``(stitch, shape, bytes)`` with ``("ok", shape, bytes)`` or
+    ``("error", message)`` until it receives None or the parent goes away."""
+    # Ctrl-C reaches the whole process group. The parent drains what it accepted before it
+    # stops, and needs this process for that: only the parent ends it (None, or closing the pipe).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.set_grad_enabled(False)
+    net.eval()
+    _warm_up(net, warm_batch_sizes, torch.device("cpu"), dtype)
+    conn.send(("ready",))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if msg is None:
+            return
+        stitch, shape, data = msg
+        try:
+            x = torch.from_numpy(np.frombuffer(data, dtype=np.float32).reshape(shape))
+            with torch.inference_mode():
+                y = net(x.to(dtype), stitch).float()
+            conn.send(("ok", tuple(y.shape), y.numpy().tobytes()))
+        except Exception as e:
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+class ProcessRunner:
+    """Runs the model in a child process (CPU only); restarts the child if it dies.
+
+    Args:
+        net: The SN-Net on the CPU, in eval mode. Its tensors are moved to shared memory.
+        dtype: The dtype the net is in (inputs are cast to it in the child).
+        threads: torch threads in the child (None: torch's default).
+        warm_batch_sizes: Batch sizes at which the child runs every stitch once before it
+            reports ready.
+    """
+
+    kind = "process"
+
+    def __init__(
+        self,
+        net: SNNet,
+        dtype: torch.dtype,
+        threads: int | None,
+        warm_batch_sizes: list[int] = (1,),
+    ) -> None:
+        if next(net.parameters()).device.type != "cpu":
+            raise ValueError("ProcessRunner runs CPU models only; use InlineRunner on a GPU")
+        self.net, self.dtype, self.threads = net, dtype, threads
+        self.warm_batch_sizes = list(warm_batch_sizes)
+        net.share_memory()
+        self._ctx = mp.get_context("spawn")
+        self._conn: Connection | None = None
+        self._proc: mp.process.BaseProcess | None = None
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
+        t0 = time.perf_counter()
+        # torch.multiprocessing registers the pickling of tensors as shared-memory handles.
+        import torch.multiprocessing  # noqa: F401
+
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(
+            target=_serve, args=(child, self.net, self.threads, self.dtype, self.warm_batch_sizes),
+            name="snnet-model", daemon=True,
+        )  # fmt: skip
+        proc.start()
+        child.close()
+        if not parent.poll(START_TIMEOUT_S):
+            proc.kill()
+            raise RunnerError(f"the model process did not start within {START_TIMEOUT_S:g} s")
+        try:
+            msg = parent.recv()
+        except EOFError:
+            proc.join(5)
+            raise RunnerError(
+                f"the model process exited during start-up (exit code {proc.exitcode})"
+            ) from None
+        if msg != ("ready",):
+            raise RunnerError(f"the model process sent {msg!r} instead of ready")
+        self._conn, self._proc = parent, proc
+        log.info("model process %d ready (%.1fs)", proc.pid, time.perf_counter() - t0)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def __call__(self, x: torch.Tensor, stitch: int) -> torch.Tensor:
+        if self._conn is None:
+            self._start()
+        x = x.detach().to("cpu", torch.float32).contiguous()
+        try:
+            self._conn.send((stitch, tuple(x.shape), x.numpy().tobytes()))
+            msg = self._conn.recv()
+        except (EOFError, OSError, BrokenPipeError):
+            code = self._reap()
+            self.restarts += 1
+            log.error("the model process died (exit code %s); starting a new one", code)
+            try:
+                self._start()
+            except RunnerError:
+                log.exception("could not restart the model process; trying again on the next batch")
+            raise RunnerError(
+                f"the model process died (exit code {code}) while running stitch {stitch}; "
+                "it has been restarted"
+            ) from None
+        if msg[0] == "error":
+            raise RunnerError(msg[1])
+        _, shape, data = msg
+        return torch.from_numpy(np.frombuffer(data, dtype=np.float32).reshape(shape).copy())
+
+    def _reap(self) -> int | None:
+        proc, self._proc = self._proc, None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if proc is None:
+            return None
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+        return proc.exitcode
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(OSError):  # already gone
+                self._conn.send(None)
+        self._reap()
