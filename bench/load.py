@@ -201,7 +201,7 @@ def run_policy(
             s = c.get("/controller")
             timeline.append(
                 {"t": time.monotonic() - start, "load_level": s["load_level"],
-                 "queue_wait_ms": s["queue_wait_ms"]}
+                 "queue_wait_ms": s["queue_wait_ms"], "margin_ms": s["margin_ms"]}
             )  # fmt: skip
         c.close()
 
@@ -406,9 +406,14 @@ def main() -> None:
         w.writeheader()
         for records, _ in results.values():
             w.writerows(asdict(r) for r in records)
+    with (out / "controller.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["policy", "t", "load_level", "queue_wait_ms", "margin_ms"])
+        w.writeheader()
+        for policy, (_, timeline) in results.items():
+            w.writerows({"policy": policy, **s} for s in timeline)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(out / "load.png", results)
-    print(f"wrote {out}/records.csv, summary.json, load.png", file=sys.stderr)
+    print(f"wrote {out}/records.csv, controller.csv, summary.json, load.png", file=sys.stderr)
     line = {
         p: {k: v for k, v in s.items() if k != "by_phase"} for p, s in summary["policies"].items()
     }

@@ -212,9 +212,10 @@ def _decode_all(service: ModelService, images: list[tuple[str, bytes]]) -> torch
 
 def _choose(
     service: ModelService, opts: ClassifyOptions, n: int
-) -> tuple[int, float | None, float | None]:
-    """The stitch to run, the budget that applies (None: no budget), and the predicted time of
-    a queue-aware choice without the controller's margin (None for other choices)."""
+) -> tuple[int, float | None, float | None, float | None]:
+    """The stitch to run, the budget that applies (None: no budget), and for a queue-aware
+    choice (None for others) its predicted time without the controller's margin and the part of
+    that spent outside the model queue (compute and the HTTP layer's backlog)."""
     stitches = service.manifest.stitches
     if opts.stitch_id is not None and opts.max_gflops is not None:
         raise APIError(422, "give at most one of stitch_id and max_gflops")
@@ -224,7 +225,7 @@ def _choose(
                 422,
                 f"unknown stitch_id {opts.stitch_id}; valid ids are 0..{len(stitches) - 1} (GET /stitches)",
             )
-        return opts.stitch_id, opts.latency_budget_ms, None
+        return opts.stitch_id, opts.latency_budget_ms, None, None
     candidates = None
     if opts.max_gflops is not None:
         candidates = [r["id"] for r in stitches if r["gflops"] <= opts.max_gflops]
@@ -235,7 +236,7 @@ def _choose(
                 f"max_gflops={opts.max_gflops:g} is below the cheapest stitch ({cheapest:.6g} GFLOPs); allowed: max_gflops >= {cheapest:.6g}",
             )
         if opts.latency_budget_ms is None:
-            return next(s for s in service.ranking if s in set(candidates)), None, None
+            return next(s for s in service.ranking if s in set(candidates)), None, None, None
     budget = (
         opts.latency_budget_ms
         if opts.latency_budget_ms is not None
@@ -245,21 +246,22 @@ def _choose(
     sched = service.scheduler
     if policy == "most_accurate":
         pool = candidates if candidates is not None else service.ranking
-        return next(s for s in service.ranking if s in set(pool)), budget, None
+        return next(s for s in service.ranking if s in set(pool)), budget, None, None
     if policy == "cheapest":
         pool = candidates if candidates is not None else service.ranking
-        return min(pool, key=lambda s: sched.idle_ms(s, n)), budget, None
+        return min(pool, key=lambda s: sched.idle_ms(s, n)), budget, None, None
     if policy == "static":
-        return sched.choose(budget, n, candidates, static=True).stitch, budget, None
+        return sched.choose(budget, n, candidates, static=True).stitch, budget, None, None
     # adaptive: the controller's load level narrows the menu; its margin pads the prediction.
     control = service.controller
-    allowed = set(control.allowed)
+    allowed = set(control.allowed_now(time.monotonic()))
     pool = [s for s in (candidates if candidates is not None else service.ranking) if s in allowed]
     if not pool:  # a cost cap (max_gflops) below everything the load level allows
         pool = candidates
-    margin = control.margin_ms
-    choice = sched.choose(budget, n, pool, service.ingress_wait_ms() + margin)
-    return choice.stitch, budget, choice.predicted_ms - margin
+    margin, ingress = control.margin_ms, service.ingress_wait_ms()
+    choice = sched.choose(budget, n, pool, ingress + margin, protect_ms=margin)
+    unqueued = choice.predicted_ms - choice.predicted_wait_ms + ingress
+    return choice.stitch, budget, choice.predicted_ms - margin, unqueued
 
 
 @router.post(
@@ -311,11 +313,13 @@ async def _classify(request: Request, service: Service) -> Any:
             f"top_k={opts.top_k} but the model has {num_classes} classes; allowed: 1..{num_classes}",
         )
     service.metrics.images.inc(len(images))
+    if service.controller is not None:
+        service.controller.observe_arrival(len(images), arrived)
     if opts.latency_budget_ms is not None:
         service.metrics.request_budget_seconds.observe(opts.latency_budget_ms / 1e3)
     try:
         # Choose first: a request that will be refused is refused before any image is decoded.
-        stitch, budget, predicted_ms = _choose(service, opts, len(images))
+        stitch, budget, predicted_ms, unqueued_ms = _choose(service, opts, len(images))
         try:
             if sum(len(b) for _, b in images) <= INLINE_DECODE_BYTES:
                 x = _decode_all(service, images)  # small: cheaper than a hop to a thread
@@ -344,8 +348,12 @@ async def _classify(request: Request, service: Service) -> Any:
     ]
     total_ms = (time.monotonic() - arrived) * 1e3
     service.observe_http(total_ms, result.queue_ms, result.compute_ms)
-    if predicted_ms is not None:
-        service.controller.observe_residual(total_ms - predicted_ms)
+    if unqueued_ms is not None:
+        # The margin covers what the scheduler cannot plan: its own HTTP work and compute or
+        # backlog running over the prediction. Not the queue wait: under earliest-deadline-first
+        # a request may wait longer than predicted by design, for one due sooner, within its
+        # deadline (admission checks that).
+        service.controller.observe_residual(total_ms - result.queue_ms - unqueued_ms)
     met = budget is None or total_ms <= budget
     m = service.metrics
     m.stitch_chosen.labels(str(stitch)).inc()

@@ -14,8 +14,8 @@ met / missed / shed) and the scheduler's predicted queue wait, and updates:
   mean budget, 0 to 1). L rises at once and falls at most
   ``release_per_s`` per second, so it does not flap. Stitches whose per-image cost is above
   ``max - L * (max - min)`` are left out of budget-driven choices;
-- **safety margin**: the 95th percentile of (server time - predicted time) of the answered
-  requests of the last 10 s (at least 50, at most 256; capped at a quarter of the mean budget),
+- **safety margin**: the 95th percentile of (server time outside the model queue - its
+  prediction) of the answered requests of the last 10 s (at least 50, at most 256; capped at a quarter of the mean budget),
   added to every prediction, so that what the latency model does not see (HTTP parsing,
   decoding, contention) is still budgeted for.
 
@@ -150,6 +150,7 @@ class Controller:
         residual_window: Most answered requests kept for the safety margin.
         residual_max_age_s: Answers older than this no longer count (a past burst's misses
             should not pad predictions for ever).
+        recent_arrivals: How many of the last arrivals ``allowed_now`` takes the rate of.
     """
 
     def __init__(
@@ -165,6 +166,7 @@ class Controller:
         correction_evidence_s: float = 0.2,
         residual_window: int = 256,
         residual_max_age_s: float = 10.0,
+        recent_arrivals: int = 24,
     ) -> None:
         if not 0 < target_utilisation <= 1:
             raise ValueError(f"target_utilisation must be in (0, 1], got {target_utilisation}")
@@ -181,6 +183,9 @@ class Controller:
         self.queue_wait_ms = 0.0
         self.margin_ms = 0.0
         self.allowed: list[int] = list(self.ranking)
+        self._refresh_costs()
+        # The last arrivals (time, images), for the request path's burst check.
+        self._recent: deque[tuple[float, int]] = deque(maxlen=recent_arrivals)
         self.fleet: Fleet | None = None
         self.updates = 0
         self._prev: Reading | None = None
@@ -191,7 +196,8 @@ class Controller:
     # -- inputs -------------------------------------------------------------------------------
 
     def observe_residual(self, ms: float) -> None:
-        """Server-measured time minus the predicted time (without margin) of one answered request."""
+        """How much longer than predicted one answered request spent outside the model queue
+        (its compute and HTTP work, server-measured; see ``api._classify``)."""
         with self._lock:
             self._residuals.append((time.monotonic(), ms))
 
@@ -212,6 +218,7 @@ class Controller:
         self._update_corrections(prev, r)
         self._update_rates(prev, r, dt)
         self._update_margin()
+        self._refresh_costs()
         self._set_level(self._target_level(), dt)
 
     def _update_corrections(self, prev: Reading, r: Reading) -> None:
@@ -270,16 +277,17 @@ class Controller:
             rate = max(rate, f.arrival_rate * self.images_per_request / f.replicas)
         return rate
 
-    def _target_level(self) -> float:
-        costs = {s: self.per_image_ms(s) for s in self.ranking}
-        hi, lo = max(costs.values()), min(costs.values())
-        if hi - lo <= 1e-9:
+    def _rate_level(self, image_rate: float) -> float:
+        """The feed-forward level: how far down the cost range every image must go for the model
+        to stay busy at most ``target_utilisation`` of the time at ``image_rate`` images/s."""
+        hi, lo = self._hi, self._lo
+        if hi - lo <= 1e-9 or image_rate <= 0:
             return 0.0
-        rate = self.image_rate_used()
-        level_rate = 0.0
-        if rate > 0:
-            cap = self.target_utilisation * 1e3 / rate  # ms of compute one image may cost
-            level_rate = min(1.0, max(0.0, (hi - cap) / (hi - lo)))
+        cap = self.target_utilisation * 1e3 / image_rate  # ms of compute one image may cost
+        return min(1.0, max(0.0, (hi - cap) / (hi - lo)))
+
+    def _target_level(self) -> float:
+        level_rate = self._rate_level(self.image_rate_used())
         level_queue = 0.0
         if self.mean_budget_ms:
             # Up to a quarter of the budget waiting is normal; from there to three quarters the
@@ -294,10 +302,37 @@ class Controller:
             self.level = target
         else:
             self.level = max(target, self.level - self.release_per_s * dt)
-        costs = {s: self.per_image_ms(s) for s in self.ranking}
-        hi, lo = max(costs.values()), min(costs.values())
-        cap = hi - self.level * (hi - lo)
-        self.allowed = [s for s in self.ranking if costs[s] <= cap + 1e-9]
+        self._refresh_costs()
+        self.allowed = self._allowed_at(self.level)
+
+    def _refresh_costs(self) -> None:
+        self._costs = {s: self.per_image_ms(s) for s in self.ranking}
+        self._hi, self._lo = max(self._costs.values()), min(self._costs.values())
+
+    def _allowed_at(self, level: float) -> list[int]:
+        cap = self._hi - level * (self._hi - self._lo)
+        return [s for s in self.ranking if self._costs[s] <= cap + 1e-9]
+
+    # -- between steps: the request path --------------------------------------------------------
+
+    def observe_arrival(self, images: int, now: float) -> None:
+        """One request arrived (event loop thread)."""
+        self._recent.append((now, images))
+
+    def allowed_now(self, now: float) -> list[int]:
+        """The stitches a budget-driven request may use now. Between steps, a burst shows in the
+        last arrivals before the smoothed rate catches up: if their rate asks for a higher level
+        than the step set, that level applies (a spike's first requests then already go to
+        cheaper stitches instead of queueing on expensive ones)."""
+        recent = self._recent
+        if len(recent) < recent.maxlen:
+            return self.allowed
+        span = now - recent[0][0]
+        if span <= 0:
+            return self.allowed
+        rate = sum(n for _, n in recent) / span
+        level = self._rate_level(rate)
+        return self._allowed_at(level) if level > self.level else self.allowed
 
     # -- views --------------------------------------------------------------------------------
 

@@ -1,12 +1,15 @@
 """Scheduler: picks the stitch for each request, queues it, batches, runs the model off the loop.
 
-One worker thread owns the model (torch already spreads one forward over the CPU's cores, and
-a GPU runs one stream at a time). Requests wait in one queue per stitch; the worker serves the
+One worker thread feeds the model, which runs in that thread or in a child process
+(``server.runner``); torch already spreads one forward over the CPU's cores, and a GPU runs one
+stream at a time. Requests wait in one queue per stitch; the worker serves the
 queue whose head has the earliest deadline, and holds a batch open for more requests of the same
 stitch until it is full, ``max_batch_wait`` has passed, or the head's deadline would be at risk.
 
 Every choice is made against a prediction of when the request would finish: the running batch's
-remaining time, plus the queued work, plus its own batch's compute, all from the latency model.
+remaining time, plus the queued work due before it (the worker serves earliest deadline first),
+plus its own batch's compute, all from the latency model. A request is admitted only if it also
+leaves every queued request due later within its deadline.
 A request of more images than ``max_batch`` runs as consecutive batches of at most ``max_batch``,
 as predicted. Requests without a budget are ordered as if their deadline were ``order_budget_ms``
 away, so that under load they are not starved by requests with budgets.
@@ -15,6 +18,7 @@ away, so that under load they are not starved by requests with budgets.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import math
@@ -143,19 +147,34 @@ class Scheduler:
         ms = full * self.latency.predict_ms(stitch, self.max_batch)
         return ms + (self.latency.predict_ms(stitch, rest) if rest else 0.0)
 
-    def _predict_locked(self, stitch: int, n: int, now: float) -> tuple[float, float]:
-        """(wait ms, compute ms) of a new job of ``n`` images on ``stitch``, behind all queued work."""
-        wait = max(0.0, self._running_until - now) * 1e3
-        own = n
-        for s, q in self._queues.items():
-            if not q:
-                continue
-            images = sum(j.n for j in q)
-            if s == stitch:
-                own += images
-            else:
-                wait += self._batches_ms(s, images)
-        return wait, self._batches_ms(stitch, own)
+    def _plan_locked(self, deadline: float, now: float) -> tuple[float, dict[int, int], float]:
+        """The queue in deadline order, as seen by a new job due at ``deadline``.
+
+        Returns the ms of work predicted to run before it (the batch in flight and every queued
+        job due no later, in per-stitch batches), the images of each stitch among those jobs (a
+        job of the same stitch joins their batches), and the least slack (ms) among the jobs due
+        later that are predicted to make it: a new job may delay them by at most that.
+        """
+        jobs = sorted(
+            (j for q in self._queues.values() for j in q), key=lambda j: (j.deadline, j.enqueued)
+        )
+        total = max(0.0, self._running_until - now) * 1e3
+        counts: dict[int, int] = {}
+        ahead: tuple[float, dict[int, int]] | None = None
+        later_slack = math.inf
+        for j in jobs:
+            if ahead is None and j.deadline > deadline:
+                ahead = (total, dict(counts))
+            c = counts.get(j.stitch, 0)
+            total += self._batches_ms(j.stitch, c + j.n) - self._batches_ms(j.stitch, c)
+            counts[j.stitch] = c + j.n
+            if ahead is not None:
+                slack = (j.deadline - now) * 1e3 - total
+                if slack >= 0:  # one already late is not protected: it cannot be saved
+                    later_slack = min(later_slack, slack)
+        if ahead is None:
+            ahead = (total, counts)
+        return ahead[0], ahead[1], later_slack
 
     def predicted_wait_ms(self) -> float:
         """Predicted wait of a new request behind everything queued and running now."""
@@ -184,11 +203,16 @@ class Scheduler:
         candidates: Sequence[int] | None = None,
         extra_wait_ms: float = 0.0,
         static: bool = False,
+        protect_ms: float = 0.0,
     ) -> Choice:
-        """The most preferred stitch whose predicted wait + compute fits ``budget_ms``.
+        """The most preferred stitch whose predicted wait + compute fits ``budget_ms``, without
+        making a queued job miss its deadline.
 
-        ``extra_wait_ms`` is time the request will spend outside the model queue (the HTTP
-        layer's own backlog under load, and the controller's safety margin), added to every
+        The worker serves jobs earliest deadline first, so the wait counts only the work due no
+        later than this request; in exchange, the request's own compute must fit in the slack
+        of every job due later (less ``protect_ms``, the controller's safety margin, which they
+        were admitted with). ``extra_wait_ms`` is time the request will spend outside the model
+        queue (the HTTP layer's own backlog under load, and the safety margin), added to every
         prediction. ``static`` ignores the load: the most preferred stitch whose compute on an
         idle server fits (the baseline without load feedback; it never sheds).
 
@@ -215,21 +239,34 @@ class Scheduler:
             return Choice(s, self.idle_ms(s, n), 0.0)
         now = time.monotonic()
         with self._cv:
-            wait_ms = 0.0
+            ahead_ms, counts, later_slack = self._plan_locked(now + budget_ms / 1e3, now)
+            wait_ms, fits = 0.0, False
             for s in ranking:
-                wait_ms, compute_ms = self._predict_locked(s, n, now)
-                wait_ms += extra_wait_ms
-                if wait_ms + compute_ms <= budget_ms:
+                c = counts.get(s, 0)
+                before = self._batches_ms(s, c)
+                compute_ms = self._batches_ms(s, c + n)
+                wait_ms = ahead_ms - before + extra_wait_ms
+                if wait_ms + compute_ms > budget_ms:
+                    continue
+                fits = True
+                # It must not push a job due later past its deadline either.
+                if compute_ms - before <= later_slack - protect_ms:
                     return Choice(s, wait_ms + compute_ms, wait_ms)
         if self.metrics:
             self.metrics.shed.inc()
         retry = max(1, math.ceil(wait_ms / 1e3))
-        raise ChoiceError(
-            503,
-            f"overloaded: no stitch can answer within latency_budget_ms={budget_ms:g} behind the "
-            f"current queue (predicted wait {wait_ms:.0f} ms); retry later or allow a larger budget",
-            retry_after_s=retry,
-        )
+        if fits:
+            detail = (
+                f"overloaded: a stitch could answer within latency_budget_ms={budget_ms:g}, but "
+                "only by making queued requests miss their deadlines; retry later"
+            )
+        else:
+            detail = (
+                f"overloaded: no stitch can answer within latency_budget_ms={budget_ms:g} behind "
+                f"the current queue (predicted wait {wait_ms:.0f} ms); retry later or allow a "
+                "larger budget"
+            )
+        raise ChoiceError(503, detail, retry_after_s=retry)
 
     # -- queueing -----------------------------------------------------------------------------
 
@@ -256,7 +293,8 @@ class Scheduler:
                     f"queue full: {self._queued} images waiting, limit {self.max_queue}; retry later",
                     retry_after_s=1,
                 )
-            self._queues[stitch].append(job)
+            # Each queue in deadline order: batches take the most urgent jobs of their stitch.
+            bisect.insort(self._queues[stitch], job, key=lambda j: (j.deadline, j.enqueued))
             self._queued += job.n
             self._update_gauges_locked()
             self._cv.notify_all()

@@ -76,21 +76,55 @@ def test_budget_below_the_fastest_idle_stitch_is_422_with_the_time():
 
 
 def test_queue_shifts_choices_to_cheaper_stitches_then_sheds():
-    sched, net = make_scheduler(lambda s, b: (s + 1) * b)
+    sched, net = make_scheduler(lambda s, b: (s + 1) * b)  # stitch s: (s+1) ms per image
     x = torch.zeros(1, *net.input_size)
 
     async def scenario():
         # Worker not started: queued work stays queued and is part of every prediction.
-        for _ in range(3):
-            sched.submit(x, 9, None)  # 3 images of stitch 9: 10 ms each, 30 ms ahead
-        first = sched.choose(40.0).stitch
+        for _ in range(3):  # 3 images of stitch 9 (10 ms each) due in 20 ms: the third is late
+            sched.submit(x, 9, 20.0)
+        behind = sched.choose(45.5).stitch  # due after them: waits 30 ms, 15.5 ms left
         with pytest.raises(ChoiceError) as e:
-            sched.choose(30.5)  # even stitch 0 (1 ms) behind 30 ms of work misses it
+            sched.choose(25.0)  # even stitch 0 (1 ms) behind 30 ms of work misses it
+        return behind, e.value
+
+    behind, err = asyncio.run(scenario())
+    assert behind == 14  # 30 + 15 ms
+    assert err.status == 503 and err.retry_after_s >= 1 and "no stitch can answer" in err.detail
+
+
+def test_earlier_deadlines_go_first_but_never_make_queued_requests_late():
+    sched, net = make_scheduler(lambda s, b: (s + 1) * b)
+    x = torch.zeros(1, *net.input_size)
+
+    async def scenario():
+        for _ in range(3):  # stitch 9 jobs due in 40.5 ms, predicted done at 10, 20, 30 ms
+            sched.submit(x, 9, 40.5)
+        # Due before them, so it runs first: it need not wait, but it may only take as long
+        # as the tightest of them can spare (10.5 ms): stitch 9, not 22 (23 ms, which fits
+        # its own 30 ms budget).
+        first = sched.choose(30.0).stitch
+        for _ in range(2):  # more stitch 9 jobs due in 50.5 ms: done at 40 and 50, 0.5 ms spare
+            sched.submit(x, 9, 50.5)
+        with pytest.raises(ChoiceError) as e:
+            sched.choose(30.0)  # even stitch 0 (1 ms) would make the last one late
         return first, e.value
 
     first, err = asyncio.run(scenario())
-    assert first == 9  # joins stitch 9's batch: 4 images -> 40 ms in all
-    assert err.status == 503 and err.retry_after_s >= 1 and "overloaded" in err.detail
+    assert first == 9
+    assert err.status == 503 and "miss their deadlines" in err.detail
+
+
+def test_requests_without_a_budget_do_not_block_urgent_ones():
+    sched, net = make_scheduler(lambda s, b: (s + 1) * b)
+    x = torch.zeros(4, *net.input_size)
+
+    async def scenario():
+        sched.submit(x, 9, None)  # 40 ms of work, ordered as if due in order_budget_ms (1 s)
+        return sched.choose(30.0)
+
+    choice = asyncio.run(scenario())
+    assert choice.stitch == 22 and choice.predicted_wait_ms == 0.0  # runs first
 
 
 def test_full_queue_is_refused():
@@ -247,7 +281,7 @@ def test_static_choice_ignores_the_queue():
 
     async def scenario():
         for _ in range(3):
-            sched.submit(x, 9, None)  # 30 ms of queued work
+            sched.submit(x, 9, 10.0)  # 30 ms of queued work, all due first
         static = sched.choose(12.0, static=True)
         with pytest.raises(ChoiceError) as e:  # queue-aware: nothing fits 12 ms behind 30 ms
             sched.choose(12.0)
