@@ -274,9 +274,17 @@ def _choose(
 async def classify(request: Request, service: Service) -> Any:
     service.metrics.arrivals.inc()
     service.in_flight += 1
+    request.state.parsing = True
     try:
         return await _classify(request, service)
     finally:
+        _parsed(request, service)
+
+
+def _parsed(request: Request, service: ModelService) -> None:
+    """The request leaves the HTTP layer's backlog (queued for the model, or answered)."""
+    if request.state.parsing:
+        request.state.parsing = False
         service.in_flight -= 1
 
 
@@ -329,7 +337,9 @@ async def _classify(request: Request, service: Service) -> Any:
             raise APIError(e.status, e.detail) from None
         # The budget counts from arrival: parsing and decoding already spent part of it.
         remaining = None if budget is None else budget - (time.monotonic() - arrived) * 1e3
-        result = await service.scheduler.submit(x, stitch, remaining)
+        pending = service.scheduler.submit(x, stitch, remaining)
+        _parsed(request, service)
+        result = await pending
     except ChoiceError as e:
         headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s else None
         raise APIError(e.status, e.detail, headers) from None

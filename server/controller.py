@@ -166,7 +166,7 @@ class Controller:
         correction_evidence_s: float = 0.2,
         residual_window: int = 256,
         residual_max_age_s: float = 10.0,
-        recent_arrivals: int = 24,
+        recent_arrivals: int = 12,
     ) -> None:
         if not 0 < target_utilisation <= 1:
             raise ValueError(f"target_utilisation must be in (0, 1], got {target_utilisation}")

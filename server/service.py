@@ -112,9 +112,12 @@ class ModelService:
         self.pareto: set[int] = set()
         self.profile_source = ""
         # HTTP-side cost of one request (parsing, decoding, answering: its time minus queue wait
-        # and compute), and the requests inside /classify now. Under load the event loop works
-        # through the others before a new one gets far, so a choice adds their HTTP cost to its
-        # prediction. Event-loop state: read and written on the loop thread only.
+        # and compute), and the requests inside /classify that have not reached the model queue
+        # yet. Under load the event loop works through those before it gets back to a new one,
+        # so a choice adds their HTTP cost to its prediction. (Requests already queued for the
+        # model are not counted: their parsing is done, and counting them made a backlog look
+        # like an HTTP jam and shed requests the model could still serve.) Event-loop state:
+        # read and written on the loop thread only.
         self.http_ms = 1.0
         self.in_flight = 0
         self.loop_lag_ms = 0.0
@@ -123,8 +126,9 @@ class ModelService:
         self.http_ms = 0.9 * self.http_ms + 0.1 * max(0.0, total_ms - queue_ms - compute_ms)
 
     def ingress_wait_ms(self) -> float:
-        """Predicted HTTP-layer wait of a new request: behind the others in flight, plus how late
-        the event loop runs ready work now (requests not yet in the handler show up only there)."""
+        """Predicted HTTP-layer wait of a new request: behind the others still being parsed, plus
+        how late the event loop runs ready work now (requests not yet in the handler show up
+        only there)."""
         return max(0, self.in_flight - 1) * self.http_ms + self.loop_lag_ms
 
     async def watch_loop_lag(self, period_s: float = 0.005) -> None:
