@@ -15,6 +15,7 @@ Batches cross a pipe as raw bytes (a batch of 8 MNIST images is 25 KB).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing as mp
 import signal
@@ -84,6 +85,8 @@ def _serve(
     torch.set_grad_enabled(False)
     net.eval()
     _warm_up(net, warm_batch_sizes, torch.device("cpu"), dtype)
+    gc.collect()
+    gc.freeze()  # as in the server process: no full collections over the model's objects
     conn.send(("ready",))
     while True:
         try:
