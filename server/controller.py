@@ -36,7 +36,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .latency import LatencyModel
@@ -151,6 +151,9 @@ class Controller:
         residual_max_age_s: Answers older than this no longer count (a past burst's misses
             should not pad predictions for ever).
         recent_arrivals: How many of the last arrivals ``allowed_now`` takes the rate of.
+        scores: Each stitch's accuracy (what ``ranking`` sorts by). With them, ``allowed_now``
+            meets a cost cap on average by mixing the two stitches of the accuracy/cost hull
+            around it, instead of giving every request the best stitch under the cap.
     """
 
     def __init__(
@@ -167,6 +170,7 @@ class Controller:
         residual_window: int = 256,
         residual_max_age_s: float = 10.0,
         recent_arrivals: int = 12,
+        scores: Mapping[int, float] | None = None,
     ) -> None:
         if not 0 < target_utilisation <= 1:
             raise ValueError(f"target_utilisation must be in (0, 1], got {target_utilisation}")
@@ -183,6 +187,8 @@ class Controller:
         self.queue_wait_ms = 0.0
         self.margin_ms = 0.0
         self.allowed: list[int] = list(self.ranking)
+        self.scores = dict(scores) if scores is not None else None
+        self._credit = 0.0  # error diffusion between the two hull stitches, see allowed_now
         self._refresh_costs()
         # The last arrivals (time, images), for the request path's burst check.
         self._recent: deque[tuple[float, int]] = deque(maxlen=recent_arrivals)
@@ -308,9 +314,46 @@ class Controller:
     def _refresh_costs(self) -> None:
         self._costs = {s: self.per_image_ms(s) for s in self.ranking}
         self._hi, self._lo = max(self._costs.values()), min(self._costs.values())
+        self._hull = self._upper_hull() if self.scores is not None else []
+
+    def _upper_hull(self) -> list[int]:
+        """Stitches on the upper concave hull of (per-image cost, score), cheapest first: the
+        only ones an average-cost-constrained mix needs (any other is beaten by mixing two of
+        these at the same mean cost)."""
+        pts = sorted(self.ranking, key=lambda s: (self._costs[s], -self.scores[s]))
+        hull: list[int] = []
+        for s in pts:
+            if hull and self.scores[s] <= self.scores[hull[-1]]:
+                continue  # dominated: costs at least as much, no more accurate
+            while len(hull) >= 2:
+                a, b = hull[-2], hull[-1]
+                # b lies on or under the segment a..s: not on the hull.
+                cross = (self._costs[b] - self._costs[a]) * (self.scores[s] - self.scores[a]) - (
+                    self.scores[b] - self.scores[a]
+                ) * (self._costs[s] - self._costs[a])
+                if cross >= 0:
+                    hull.pop()
+                else:
+                    break
+            hull.append(s)
+        return hull
+
+    def mix(self, level: float) -> tuple[float, float, float]:
+        """For the cost cap at ``level``: the costs of the hull stitches just under and just over
+        it, and the share of requests that should get the dearer one so that the mean cost is
+        the cap. (cap, cap, 0) when there is nothing to mix."""
+        cap = self._hi - level * (self._hi - self._lo)
+        costs = [self._costs[s] for s in self._hull]
+        if len(costs) < 2 or cap >= costs[-1] or cap <= costs[0]:
+            return cap, cap, 0.0
+        i = next(k for k in range(1, len(costs)) if costs[k] > cap)
+        lo, hi = costs[i - 1], costs[i]
+        return lo, hi, (cap - lo) / (hi - lo)
 
     def _allowed_at(self, level: float) -> list[int]:
-        cap = self._hi - level * (self._hi - self._lo)
+        return self._allowed_under(self._hi - level * (self._hi - self._lo))
+
+    def _allowed_under(self, cap: float) -> list[int]:
         return [s for s in self.ranking if self._costs[s] <= cap + 1e-9]
 
     # -- between steps: the request path --------------------------------------------------------
@@ -324,15 +367,23 @@ class Controller:
         last arrivals before the smoothed rate catches up: if their rate asks for a higher level
         than the step set, that level applies (a spike's first requests then already go to
         cheaper stitches instead of queueing on expensive ones)."""
+        level = self.level
         recent = self._recent
-        if len(recent) < recent.maxlen:
+        if len(recent) == recent.maxlen and now > recent[0][0]:
+            level = max(level, self._rate_level(sum(n for _, n in recent) / (now - recent[0][0])))
+        if level <= 0.0:
             return self.allowed
-        span = now - recent[0][0]
-        if span <= 0:
-            return self.allowed
-        rate = sum(n for _, n in recent) / span
-        level = self._rate_level(rate)
-        return self._allowed_at(level) if level > self.level else self.allowed
+        lo, hi, p = self.mix(level)
+        if p <= 0.0:
+            return self._allowed_at(level)
+        # Error diffusion: over consecutive requests, a share p may go up to the dearer hull
+        # stitch and the rest up to the cheaper one, so the mean cost meets the cap with the
+        # accuracy of the hull, not of the best single stitch under the cap.
+        self._credit += p
+        if self._credit >= 1.0:
+            self._credit -= 1.0
+            return self._allowed_under(hi)
+        return self._allowed_under(lo)
 
     # -- views --------------------------------------------------------------------------------
 

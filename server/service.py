@@ -197,7 +197,7 @@ class ModelService:
             metrics=self.metrics, order_budget_ms=s.default_budget_ms, runner=self.runner,
         )  # fmt: skip
         self.controller = Controller(
-            self.latency, self.ranking, max_batch=s.max_batch_size,
+            self.latency, self.ranking, max_batch=s.max_batch_size, scores=self.scores,
             target_utilisation=s.target_utilisation,
         )  # fmt: skip
         self.scheduler.start()
@@ -286,6 +286,7 @@ class ModelService:
         else:
             score = {r["id"]: r["gflops"] for r in rows}
         self.ranking = sorted(score, key=lambda i: (-score[i], rows[i]["gflops"]))
+        self.scores = score
         front = pareto_front([r["gflops"] for r in rows], [score[r["id"]] for r in rows])
         self.pareto = {rows[i]["id"] for i in front}
 
