@@ -155,3 +155,33 @@ def test_read_metrics_takes_the_figures_from_the_registry():
     assert (r.arrivals, r.images, r.queue_wait_ms) == (5, 12, 7.0)
     assert r.budget_count == 1 and r.budget_sum_s == pytest.approx(0.05)
     assert r.observed_s == {3: pytest.approx(0.02)} and r.profiled_s == {3: pytest.approx(0.01)}
+
+
+def test_a_burst_in_the_last_arrivals_narrows_choices_before_the_next_step():
+    c = controller()
+    History(c).run(2, rps=10)  # 10 images/s: level 0
+    assert c.level == 0
+    now = 100.0
+    for k in range(12):  # then 12 arrivals within 12 ms: ~1000 images/s
+        c.observe_arrival(1, now + k * 1e-3)
+    allowed = c.allowed_now(now + 0.012)
+    assert c.level == 0  # the periodic step has not run yet
+    assert max(allowed) < STITCHES - 1  # but the request path already avoids the dearest
+
+
+def test_the_cost_cap_is_met_on_average_by_mixing_the_hull_stitches():
+    # Stitch s costs (s + 1) ms per image. Accuracies: 0 -> 80, 4 -> 90 and 9 -> 95 are on the
+    # hull; stitches 1-3 and 5-8 lie under it (a mix of their neighbours does better).
+    acc = {0: 80, 1: 81, 2: 82, 3: 83, 4: 90, 5: 90.5, 6: 91, 7: 91.5, 8: 92, 9: 95}
+    c = Controller(model(), sorted(acc, key=lambda s: -acc[s]), max_batch=8, scores=acc)
+    History(c).run(1, rps=0)
+    assert c._hull == [0, 4, 9]
+    c.level = 0.5  # cap = 10 - 0.5 * 9 = 5.5 ms per image, between stitch 4 (5) and 9 (10)
+    lo, hi, p = c.mix(0.5)
+    assert (lo, hi) == (5.0, 10.0) and p == pytest.approx(0.1)
+    best = [max(c.allowed_now(0.0), key=acc.get) for _ in range(1000)]
+    assert set(best) == {4, 9}
+    mean_cost = sum(s + 1 for s in best) / len(best)
+    assert mean_cost == pytest.approx(5.5, abs=0.01)  # the cap, on average
+    mean_acc = sum(acc[s] for s in best) / len(best)
+    assert mean_acc == pytest.approx(90.5, abs=0.01)  # the best under the cap alone: 90 (stitch 4)

@@ -290,3 +290,22 @@ def test_static_choice_ignores_the_queue():
     static, err = asyncio.run(scenario())
     assert static.stitch == 11  # as if idle: 12 ms per image fits stitch 11
     assert err.status == 503
+
+
+def test_within_a_stitch_the_earliest_deadline_runs_first(digits):
+    sched, _ = make_scheduler(lambda s, b: 1.0, max_batch=1)
+    order = []
+
+    async def scenario():
+        x = digits[0][:1]
+        late = sched.submit(x, 3, 500.0)
+        urgent = sched.submit(x, 3, 50.0)  # queued after, due first
+        late.add_done_callback(lambda _: order.append("late"))
+        urgent.add_done_callback(lambda _: order.append("urgent"))
+        sched.start()
+        await asyncio.gather(late, urgent)
+        await asyncio.sleep(0)  # let the done-callbacks run
+
+    asyncio.run(scenario())
+    sched.stop()
+    assert order == ["urgent", "late"]
