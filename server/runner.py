@@ -6,7 +6,7 @@ the CPU and returns float32 logits on the CPU.
 Why a process: a forward of a small network is a few hundred torch ops, and the thread that
 runs it needs the GIL back after every one. On CPU the event loop holds the GIL while it parses
 and answers requests, so under load the model thread waits for it again and again: batches ran
-2-3x slower than profiled with four clients on two cores (``bench/runner.py`` measures this).
+2-3x slower than profiled with four clients on two cores (``bench/worker.py`` measures this).
 A child process has its own interpreter, so the model only competes for cores, not for the GIL.
 The weights are not copied: they are moved to shared memory and the child maps the same pages.
 Batches cross a pipe as raw bytes (a batch of 8 MNIST images is 25 KB).
