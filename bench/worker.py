@@ -81,7 +81,9 @@ def main() -> None:
     by = {(k, p): (rps, ms) for k, p, _, rps, ms, _ in rows}
     for policy in ("cheapest", "most_accurate"):
         t, p = by[("thread", policy)], by[("process", policy)]
-        print(f"{policy}: process/thread throughput {p[0] / t[0]:.2f}x, batch time {p[1] / t[1]:.2f}x")
+        print(
+            f"{policy}: process/thread throughput {p[0] / t[0]:.2f}x, batch time {p[1] / t[1]:.2f}x"
+        )
 
 
 if __name__ == "__main__":

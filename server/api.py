@@ -250,8 +250,10 @@ def _choose(
     if policy == "cheapest":
         pool = candidates if candidates is not None else service.ranking
         return min(pool, key=lambda s: sched.idle_ms(s, n)), budget, None, None
+    network = service.settings.network_ms
     if policy == "static":
-        return sched.choose(budget, n, candidates, static=True).stitch, budget, None, None
+        choice = sched.choose(budget, n, candidates, static=True, network_ms=network)
+        return choice.stitch, budget, None, None
     # adaptive: the controller's load level narrows the menu; its margin pads the prediction.
     control = service.controller
     allowed = set(control.allowed_now(time.monotonic()))
@@ -259,7 +261,7 @@ def _choose(
     if not pool:  # a cost cap (max_gflops) below everything the load level allows
         pool = candidates
     margin, ingress = control.margin_ms, service.ingress_wait_ms()
-    choice = sched.choose(budget, n, pool, ingress + margin, protect_ms=margin)
+    choice = sched.choose(budget, n, pool, ingress + margin, protect_ms=margin, network_ms=network)
     unqueued = choice.predicted_ms - choice.predicted_wait_ms + ingress
     return choice.stitch, budget, choice.predicted_ms - margin, unqueued
 
@@ -335,8 +337,11 @@ async def _classify(request: Request, service: Service) -> Any:
                 x = await asyncio.to_thread(_decode_all, service, images)
         except ImageError as e:
             raise APIError(e.status, e.detail) from None
-        # The budget counts from arrival: parsing and decoding already spent part of it.
-        remaining = None if budget is None else budget - (time.monotonic() - arrived) * 1e3
+        # The budget counts from arrival: parsing and decoding already spent part of it, and
+        # SNNET_NETWORK_MS of it belongs to the way there and back.
+        remaining = (
+            None if budget is None else budget - s.network_ms - (time.monotonic() - arrived) * 1e3
+        )
         pending = service.scheduler.submit(x, stitch, remaining)
         _parsed(request, service)
         result = await pending
@@ -364,7 +369,7 @@ async def _classify(request: Request, service: Service) -> Any:
         # a request may wait longer than predicted by design, for one due sooner, within its
         # deadline (admission checks that).
         service.controller.observe_residual(total_ms - result.queue_ms - unqueued_ms)
-    met = budget is None or total_ms <= budget
+    met = budget is None or total_ms + s.network_ms <= budget
     m = service.metrics
     m.stitch_chosen.labels(str(stitch)).inc()
     row = service.manifest.stitches[stitch]

@@ -50,6 +50,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Latency budget of requests that give none (and no stitch_id/max_gflops).",
     )
+    network_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Part of every latency budget reserved for time the server cannot see (the "
+        "network, the client's own send and receive): choices, deadlines and budget_met use the "
+        "budget minus this.",
+    )
     max_batch_size: int = Field(8, ge=1, le=256, description="Largest batch the batcher forms.")
     max_batch_wait_ms: float = Field(
         0.0,

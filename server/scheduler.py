@@ -204,6 +204,7 @@ class Scheduler:
         extra_wait_ms: float = 0.0,
         static: bool = False,
         protect_ms: float = 0.0,
+        network_ms: float = 0.0,
     ) -> Choice:
         """The most preferred stitch whose predicted wait + compute fits ``budget_ms``, without
         making a queued job miss its deadline.
@@ -214,7 +215,8 @@ class Scheduler:
         were admitted with). ``extra_wait_ms`` is time the request will spend outside the model
         queue (the HTTP layer's own backlog under load, and the safety margin), added to every
         prediction. ``static`` ignores the load: the most preferred stitch whose compute on an
-        idle server fits (the baseline without load feedback; it never sheds).
+        idle server fits (the baseline without load feedback; it never sheds). ``network_ms`` of
+        the budget is reserved for time outside the server (``SNNET_NETWORK_MS``).
 
         Raises:
             ChoiceError: 422 if no stitch fits even on an idle server; 503 (with Retry-After)
@@ -227,13 +229,20 @@ class Scheduler:
         )
         fastest = min(ranking, key=lambda s: self.idle_ms(s, n))
         fastest_ms = self.idle_ms(fastest, n)
-        if budget_ms < fastest_ms:
+        if budget_ms - network_ms < fastest_ms:
+            reserved = (
+                f" plus the {network_ms:g} ms reserved for the network (SNNET_NETWORK_MS)"
+                if network_ms
+                else ""
+            )
+            least = math.ceil((fastest_ms + network_ms) * 100) / 100
             raise ChoiceError(
                 422,
                 f"latency_budget_ms={budget_ms:g} is below the fastest stitch's compute time "
-                f"({fastest_ms:.2f} ms for stitch {fastest} at batch {n}) even on an idle server; "
-                f"allowed: latency_budget_ms >= {math.ceil(fastest_ms * 100) / 100:.2f}",
+                f"({fastest_ms:.2f} ms for stitch {fastest} at batch {n}){reserved} even on an "
+                f"idle server; allowed: latency_budget_ms >= {least:.2f}",
             )
+        full_budget_ms, budget_ms = budget_ms, budget_ms - network_ms
         if static:
             s = next(s for s in ranking if self.idle_ms(s, n) <= budget_ms)
             return Choice(s, self.idle_ms(s, n), 0.0)
@@ -257,12 +266,12 @@ class Scheduler:
         retry = max(1, math.ceil(wait_ms / 1e3))
         if fits:
             detail = (
-                f"overloaded: a stitch could answer within latency_budget_ms={budget_ms:g}, but "
+                f"overloaded: a stitch could answer within latency_budget_ms={full_budget_ms:g}, but "
                 "only by making queued requests miss their deadlines; retry later"
             )
         else:
             detail = (
-                f"overloaded: no stitch can answer within latency_budget_ms={budget_ms:g} behind "
+                f"overloaded: no stitch can answer within latency_budget_ms={full_budget_ms:g} behind "
                 f"the current queue (predicted wait {wait_ms:.0f} ms); retry later or allow a "
                 "larger budget"
             )

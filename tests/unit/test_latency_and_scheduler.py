@@ -309,3 +309,14 @@ def test_within_a_stitch_the_earliest_deadline_runs_first(digits):
     asyncio.run(scenario())
     sched.stop()
     assert order == ["urgent", "late"]
+
+
+def test_the_network_allowance_comes_off_every_budget():
+    sched, _ = make_scheduler(lambda s, b: (s + 1) * b)
+    assert sched.choose(15.5).stitch == 14
+    assert sched.choose(15.5, network_ms=5.0).stitch == 9  # 10.5 ms left for the server
+    with pytest.raises(ChoiceError) as e:
+        sched.choose(5.5, network_ms=5.0)  # 0.5 ms left: not even stitch 0 (1 ms)
+    assert e.value.status == 422
+    assert "5 ms reserved for the network (SNNET_NETWORK_MS)" in e.value.detail
+    assert "latency_budget_ms >= 6.00" in e.value.detail
