@@ -15,9 +15,15 @@ met / missed / shed) and the scheduler's predicted queue wait, and updates:
   ``release_per_s`` per second, so it does not flap. Stitches whose per-image cost is above
   ``max - L * (max - min)`` are left out of budget-driven choices;
 - **safety margin**: the 95th percentile of (server time outside the model queue - its
-  prediction) of the answered requests of the last 10 s (at least 50, at most 256; capped at a quarter of the mean budget),
-  added to every prediction, so that what the latency model does not see (HTTP parsing,
-  decoding, contention) is still budgeted for.
+  prediction) of the answered requests of the last 10 s (at least 50, at most 256; capped at a
+  quarter of the mean budget), added to every prediction, so that what the latency model does
+  not see (HTTP parsing, decoding, contention) is still budgeted for.
+
+Between steps, the request path (``allowed_now``) does two more things: it takes the rate of the
+last few arrivals, so that a burst narrows the choices before the next step sees it, and it
+meets the level's cost cap on average by alternating between the two stitches of the
+accuracy/cost hull around the cap (error diffusion), which is more accurate at the same mean
+cost than the best single stitch under the cap.
 
 With ``SNNET_PROMETHEUS_URL`` set it also queries a Prometheus server for the same figures
 across all replicas: the fleet's per-replica arrival rate acts as a floor under the local
