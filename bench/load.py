@@ -5,23 +5,24 @@
 
 By default it starts `snnet serve` with bench/models/medium (a 35-stitch SN-Net on MNIST whose
 stitches span about 9x in compute; the bundled model is so small that HTTP overhead, not the
-stitch, sets its latency on a CPU). Arrivals are Poisson with a rate that follows the schedule; every request carries ``--images``
-digit images and a latency budget drawn from the mix. Rates are multiples of C, the rate (in
-requests/s) that the most accurate stitch sustains on this server, measured end to end
-before the policies run: four clients send back to back with ``policy=most_accurate`` for 3 s
-and C is the answered rate (``--capacity profile`` uses the profiled compute alone instead,
-which ignores HTTP, decoding and the load generator sharing the machine). Each policy (the request field ``policy``, so the
-server needs no restart) runs the same schedule with the same seed, one after the other, with
-the server drained in between. Latency is measured from the scheduled send time (no
-coordinated omission).
+stitch, sets its latency on a CPU) and ``SNNET_MAX_QUEUE=64``. Arrivals are Poisson with a rate
+that follows the schedule; every request carries ``--images`` digit images and a latency budget
+drawn from the mix. Rates are multiples of C, the rate (in requests/s) that the most accurate
+stitch sustains on this server, measured end to end before the policies run: four clients send
+back to back with ``policy=most_accurate`` for 3 s (2 s with ``--quick``) and C is the answered
+rate (``--capacity profile`` uses the profiled compute alone instead, which ignores HTTP,
+decoding and the load generator sharing the machine). Each policy (the request field
+``policy``, so the server needs no restart) runs the same schedule with the same seed, one after
+the other, with the server drained in between. Latency is measured from the scheduled send time
+(no coordinated omission).
 
 Schedule SPEC: comma-separated phases ``name:seconds:rate`` or ``name:seconds:from-to`` (a
 ramp), rates in multiples of C. Budget SPEC: comma-separated ``value[:weight]``; a value ending
 in ``x`` is a multiple of the most accurate stitch's idle time for one request.
 
-Writes DIR/records.csv (one row per request), DIR/summary.json, DIR/load.png (offered load,
-GFLOPs served, p99 latency, attainment and the controller's load level over time per
-policy), and prints the summary JSON
+Writes DIR/records.csv (one row per request), DIR/controller.csv (the controller's state four
+times a second), DIR/summary.json, DIR/load.png (offered load, GFLOPs served, p99 latency,
+attainment and the controller's load level over time per policy), and prints the summary JSON
 as the last line: per policy slo_attainment (answered within budget / sent), shed_rate,
 mean_accuracy (manifest accuracy of the answering stitch, averaged over answered requests),
 throughput, p50/p99 latency, and for the adaptive policy how long after the queue drained it
@@ -118,13 +119,18 @@ def arrivals(phases: list[Phase], capacity: float, rng: random.Random) -> list[t
 
 
 def measure_capacity(
-    url: str, pngs: list[bytes], images: int, connections: int = 4, seconds: float = 3.0
+    url: str,
+    pngs: list[bytes],
+    images: int,
+    connections: int = 4,
+    seconds: float = 3.0,
+    warmup_s: float = 1.0,
 ) -> float:
     """C measured end to end: requests/s this server answers when every request runs the most
-    accurate stitch and ``connections`` clients send back to back (1 s of warm-up first).
+    accurate stitch and ``connections`` clients send back to back (after ``warmup_s``).
     Everything a request costs counts: HTTP, decoding, the model, and this load generator."""
     counts = [0] * connections
-    t_start = time.monotonic() + 1.0
+    t_start = time.monotonic() + warmup_s
     t_end = t_start + seconds
 
     def client(k: int) -> None:
@@ -166,6 +172,7 @@ def run_policy(
     seed: int,
     stitches: dict[int, dict],
     workers: int,
+    recovery_watch_s: float = 6.0,
 ) -> tuple[list[Record], list[dict]]:
     rng = random.Random(seed)
     jobs = [
@@ -223,7 +230,11 @@ def run_policy(
     for th in threads:
         th.join()
     # The adaptive policy: keep watching a few seconds past the schedule, for the recovery.
-    end = start + (schedule[-1][0] if schedule else 0.0) + (6 if policy == "adaptive" else 0)
+    end = (
+        start
+        + (schedule[-1][0] if schedule else 0.0)
+        + (recovery_watch_s if policy == "adaptive" else 0)
+    )
     stop.wait(max(0.0, end - time.monotonic()))
     stop.set()
     watcher.join()
@@ -342,11 +353,17 @@ def main() -> None:
     phases = parse_schedule(args.schedule or (QUICK_SCHEDULE if args.quick else FULL_SCHEDULE))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # The digit images (this imports torch) load while the server starts.
+    loaded: dict[str, list[bytes]] = {}
+    loader = threading.Thread(target=lambda: loaded.setdefault("pngs", digit_pngs()))
+    loader.start()
     proc = None
     if args.url is None:
         print("starting snnet serve ...", file=sys.stderr)
-        # A short queue (8 full batches): policies that ignore the load hit it and get 503s
-        # instead of building a backlog that would take minutes to drain.
+        # A short queue (8 full batches): policies that ignore the load hit it and get 503s.
+        # With the default (256 images) "most accurate" kept the 32 client connections busy
+        # and this generator's own backlog grew to a p99 of 27 s; the adaptive policy, which
+        # then admitted more of a burst's first requests, did worse too (93.8% in the spike).
         proc, url = start_server({"SNNET_WEIGHTS": args.weights, "SNNET_MAX_QUEUE": "64"})
     else:
         url = args.url.rstrip("/")
@@ -363,10 +380,14 @@ def main() -> None:
         profiled = max_batch / best["predicted_ms"][str(max_batch)] * 1e3 / args.images
         one = best["predicted_ms"][str(min(max_batch, args.images))]
         budgets = parse_budgets(args.budgets, one)
-        pngs = digit_pngs()
+        loader.join()
+        pngs = loaded["pngs"]
         if args.capacity == "measured":
             print("measuring C (most accurate stitch, closed loop) ...", file=sys.stderr)
-            capacity = measure_capacity(url, pngs, args.images)
+            capacity = measure_capacity(
+                url, pngs, args.images, seconds=2.0 if args.quick else 3.0,
+                warmup_s=0.5 if args.quick else 1.0,
+            )  # fmt: skip
         elif args.capacity == "profile":
             capacity = profiled
         else:
@@ -396,7 +417,7 @@ def main() -> None:
             print(f"policy {policy}: {len(schedule)} requests over {duration:g} s", file=sys.stderr)
             records, timeline = run_policy(
                 url, policy, schedule, budgets, pngs, args.images, args.seed, stitches,
-                args.workers,
+                args.workers, recovery_watch_s=4.0 if args.quick else 6.0,
             )  # fmt: skip
             results[policy] = (records, timeline)
             summary["policies"][policy] = summarise(records, timeline, phases, duration)
