@@ -20,6 +20,7 @@ import logging
 import multiprocessing as mp
 import signal
 import time
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -50,14 +51,16 @@ class InlineRunner:
             y = self.net(x.to(self.device, self.dtype, non_blocking=True), stitch)
             return y.float().cpu()
 
-    def warm_up(self, batch_sizes: list[int]) -> None:
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
         _warm_up(self.net, batch_sizes, self.device, self.dtype)
 
     def close(self) -> None:
         pass
 
 
-def _warm_up(net: SNNet, batch_sizes: list[int], device: torch.device, dtype: torch.dtype) -> None:
+def _warm_up(
+    net: SNNet, batch_sizes: Sequence[int], device: torch.device, dtype: torch.dtype
+) -> None:
     """Run every stitch once at each batch size: the first call at a new shape is slow (kernel
     selection, allocations), and a slow first batch would skew the latency corrections."""
     with torch.inference_mode():
@@ -72,7 +75,7 @@ def _serve(
     net: SNNet,
     threads: int | None,
     dtype: torch.dtype,
-    warm_batch_sizes: list[int],
+    warm_batch_sizes: Sequence[int],
 ) -> None:
     """The child: answer ``(stitch, shape, bytes)`` with ``("ok", shape, bytes)`` or
     ``("error", message)`` until it receives None or the parent goes away."""
@@ -97,7 +100,8 @@ def _serve(
             return
         stitch, shape, data = msg
         try:
-            x = torch.from_numpy(np.frombuffer(data, dtype=np.float32).reshape(shape))
+            # bytearray: a writable buffer (torch warns on read-only NumPy arrays); 25 KB copy.
+            x = torch.from_numpy(np.frombuffer(bytearray(data), dtype=np.float32).reshape(shape))
             with torch.inference_mode():
                 y = net(x.to(dtype), stitch).float()
             conn.send(("ok", tuple(y.shape), y.numpy().tobytes()))
@@ -123,7 +127,7 @@ class ProcessRunner:
         net: SNNet,
         dtype: torch.dtype,
         threads: int | None,
-        warm_batch_sizes: list[int] = (1,),
+        warm_batch_sizes: Sequence[int] = (1,),
     ) -> None:
         if next(net.parameters()).device.type != "cpu":
             raise ValueError("ProcessRunner runs CPU models only; use InlineRunner on a GPU")
@@ -184,7 +188,7 @@ class ProcessRunner:
                 log.exception("could not restart the model process; trying again on the next batch")
             raise RunnerError(
                 f"the model process died (exit code {code}) while running stitch {stitch}; "
-                "it has been restarted"
+                "a new one serves the next batches"
             ) from None
         if msg[0] == "error":
             raise RunnerError(msg[1])

@@ -161,9 +161,10 @@ class ModelService:
 
     def _start(self) -> None:
         s = self.settings
-        # The worker thread needs the GIL back after every torch op; while the event loop parses
-        # requests it would wait up to Python's switch interval (5 ms) each time, and a forward
-        # of a few hundred ops became 10x slower than profiled under a burst. Hand over sooner.
+        # With SNNET_WORKER=thread the worker needs the GIL back after every torch op; while the
+        # event loop parses requests it would wait up to Python's switch interval (5 ms) each
+        # time, and a forward of a few hundred ops became 10x slower than profiled under a
+        # burst. Hand over sooner. (The process worker avoids the wait altogether.)
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         threads = s.threads or default_threads(self.device)
         if threads:
