@@ -356,6 +356,19 @@ class Controller:
         lo, hi = costs[i - 1], costs[i]
         return lo, hi, (cap - lo) / (hi - lo)
 
+    def mix_state(self) -> dict | None:
+        """The hull mix at the current level (None when every request gets the same menu)."""
+        if self.level <= 0.0:
+            return None
+        lo, hi, p = self.mix(self.level)
+        if p <= 0.0:
+            return None
+        return {
+            "cheaper_stitch": next(s for s in self._hull if self._costs[s] == lo),
+            "dearer_stitch": next(s for s in self._hull if self._costs[s] == hi),
+            "dearer_share": round(p, 4),
+        }
+
     def _allowed_at(self, level: float) -> list[int]:
         return self._allowed_under(self._hi - level * (self._hi - self._lo))
 
@@ -413,6 +426,7 @@ class Controller:
                 str(s): round(c, 4) for s, c in sorted(self.latency.corrections().items())
             },
             "updates": self.updates,
+            "mix": self.mix_state(),
             "fleet": None
             if f is None
             else {

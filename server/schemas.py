@@ -156,6 +156,15 @@ class FleetState(BaseModel):
     age_s: float | None = Field(description="Seconds since the last successful query.")
 
 
+class ControllerMix(BaseModel):
+    cheaper_stitch: int = Field(description="Hull stitch just under the load level's cost cap.")
+    dearer_stitch: int = Field(description="Hull stitch just over it.")
+    dearer_share: float = Field(
+        description="Share of budget-driven requests allowed up to the dearer stitch, so that "
+        "the mean per-image cost meets the cap."
+    )
+
+
 class ControllerState(BaseModel):
     policy: str = Field(description="The server's default policy (SNNET_POLICY).")
     load_level: float = Field(
@@ -165,7 +174,8 @@ class ControllerState(BaseModel):
         description="Feed-forward term: arrival rate x per-image cost."
     )
     load_level_from_queue: float = Field(
-        description="Feedback term: predicted queue wait vs half the mean budget."
+        description="Feedback term: queued work from a quarter (0) to three quarters (1) of the "
+        "mean budget."
     )
     arrival_rate: float = Field(description="Classify requests/s (smoothed).")
     image_rate: float = Field(description="Images/s (smoothed).")
@@ -175,7 +185,8 @@ class ControllerState(BaseModel):
         description="Predicted compute of the work waiting (not the batch in flight)."
     )
     margin_ms: float = Field(
-        description="Safety margin added to predictions (p99 of time not predicted)."
+        description="Safety margin added to predictions: p95 of how much longer than predicted "
+        "recent requests spent outside the model queue."
     )
     target_utilisation: float
     allowed_stitches: list[int] = Field(
@@ -184,6 +195,9 @@ class ControllerState(BaseModel):
     corrections: dict[str, float] = Field(description="Observed / profiled compute time by stitch.")
     updates: int = Field(description="Controller iterations so far.")
     fleet: FleetState | None = Field(description="Figures from SNNET_PROMETHEUS_URL, if set.")
+    mix: ControllerMix | None = Field(
+        None, description="How requests alternate between two hull stitches at this level."
+    )
 
     model_config = ConfigDict(
         json_schema_extra={

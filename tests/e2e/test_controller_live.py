@@ -64,7 +64,10 @@ def test_burst_raises_the_load_level_sheds_and_recovers(server, pngs):
         for _ in range(3):  # idle: the most accurate stitch, within budget
             r = classify(c, pngs, budget)
             assert r.status_code == 200, r.text
-            assert r.json()["stitch"]["id"] == best["id"], (r.json()["timing"], c.get("/controller").json())
+            assert r.json()["stitch"]["id"] == best["id"], (
+                r.json()["timing"],
+                c.get("/controller").json(),
+            )
         poll_deadline = time.monotonic() + 30
         while c.get("/controller").json()["load_level"] > 0:  # settled before the burst
             assert time.monotonic() < poll_deadline, "load level not back to 0 after 30 s"

@@ -179,6 +179,7 @@ def test_the_cost_cap_is_met_on_average_by_mixing_the_hull_stitches():
     c.level = 0.5  # cap = 10 - 0.5 * 9 = 5.5 ms per image, between stitch 4 (5) and 9 (10)
     lo, hi, p = c.mix(0.5)
     assert (lo, hi) == (5.0, 10.0) and p == pytest.approx(0.1)
+    assert c.state()["mix"] == {"cheaper_stitch": 4, "dearer_stitch": 9, "dearer_share": 0.1}
     best = [max(c.allowed_now(0.0), key=acc.get) for _ in range(1000)]
     assert set(best) == {4, 9}
     mean_cost = sum(s + 1 for s in best) / len(best)
