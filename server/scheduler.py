@@ -91,7 +91,7 @@ def _resolve(fut: asyncio.Future, value: object, error: BaseException | None) ->
 
 
 class Scheduler:
-    """Chooses stitches, queues and batches requests, and runs the model in a worker thread.
+    """Chooses stitches, queues and batches requests, and feeds the model from a worker thread.
 
     Args:
         net: The SN-Net, on ``device`` in ``dtype``, eval mode.
