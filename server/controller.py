@@ -224,6 +224,7 @@ class Controller:
         self.updates += 1
         self.queue_wait_ms = r.queue_wait_ms
         if prev is None or r.t <= prev.t:
+            self._refresh_costs()
             self._set_level(0.0, r.t)
             return
         dt = r.t - prev.t
@@ -314,10 +315,11 @@ class Controller:
             self.level = target
         else:
             self.level = max(target, self.level - self.release_per_s * dt)
-        self._refresh_costs()
         self.allowed = self._allowed_at(self.level)
 
     def _refresh_costs(self) -> None:
+        """Per-image cost of every stitch (corrections and images per request change them),
+        their range and the hull; once per step, before the level is set."""
         self._costs = {s: self.per_image_ms(s) for s in self.ranking}
         self._hi, self._lo = max(self._costs.values()), min(self._costs.values())
         self._hull = self._upper_hull() if self.scores is not None else []
