@@ -1,9 +1,9 @@
 """The FastAPI application: routes, error handling, request metrics, start-up and drain.
 
-The model starts in a worker thread after the server listens, so ``/healthz`` answers at once and
-``/readyz`` is 503 until the model is loaded, verified, warmed up and profiled. On shutdown
-(SIGTERM: uvicorn stops accepting and lets in-flight requests finish) the scheduler drains what
-it accepted before the process exits.
+The Engine is built in a worker thread after the server listens (``server.engine.Lifecycle``),
+so ``/healthz`` answers at once and ``/readyz`` is 503 until the model is loaded, verified,
+warmed up and profiled. On shutdown (SIGTERM: uvicorn stops accepting and lets in-flight
+requests finish) the scheduler drains what it accepted before the process exits.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .api import APIError, router
 from .config import Settings, get_settings
+from .engine import Lifecycle
+from .errors import ComputeError, Refusal
+from .ingress import Ingress
 from .metrics import Metrics
-from .service import ModelService
+from .routes import router
 
 log = logging.getLogger("snnet.server")
 
@@ -30,7 +32,9 @@ Serve a Stitchable Neural Network: each request names a latency budget and gets 
 accurate stitch whose predicted queue wait + compute fits it under the current load.
 
 * `POST /classify`: images as multipart `image` parts or base64 JSON; optional
-  `latency_budget_ms`, `stitch_id`, `max_gflops`, `top_k`.
+  `latency_budget_ms`, `stitch_id`, `max_gflops`, `top_k`. Every request passes the same
+  admission: it is answered within its budget without making an accepted request late, or
+  refused at once (503 with Retry-After).
 * `GET /stitches`: the menu (cost, accuracy, measured latency on this device, Pareto front).
 """
 
@@ -69,26 +73,31 @@ class RequestMetrics:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     metrics = Metrics()
-    service = ModelService(settings, metrics)
+    ingress = Ingress()
+    life = Lifecycle(settings, metrics, ingress)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        starting = asyncio.create_task(asyncio.to_thread(service.start))
-        watching = asyncio.create_task(service.watch_loop_lag())
-        controlling = asyncio.create_task(service.run_controller())
+        starting = asyncio.create_task(asyncio.to_thread(life.start))
+        watching = asyncio.create_task(ingress.watch_loop_lag())
+        controlling = asyncio.create_task(life.run_controller())
         yield
         watching.cancel()
         controlling.cancel()
         await starting
-        await asyncio.to_thread(service.stop)
+        await asyncio.to_thread(life.stop)
 
     app = FastAPI(title="snnet-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
-    app.state.service = service
+    app.state.lifecycle = life
     app.include_router(router)
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+    @app.exception_handler(Refusal)
+    async def refused(request: Request, exc: Refusal) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(ComputeError)
+    async def compute_failed(request: Request, exc: ComputeError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from snnet_core import CheckpointError, verify
+from snnet_core import CheckpointError, resolve_device, resolve_dtype, verify
 from snnet_core.cli import add_commands, run
 
 
@@ -17,7 +17,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .config import Settings
-    from .service import resolve_device
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     try:
@@ -39,11 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # A missing or corrupt checkpoint, or a device that is not there, is a start-up error,
         # reported before the port is bound.
         verify(settings.weights)
-        device = resolve_device(settings.device)
-        if settings.dtype == "float16" and device.type != "cuda":
-            raise ValueError(
-                f"SNNET_DTYPE=float16 needs CUDA but the device is {device}; use float32 or bfloat16"
-            )
+        resolve_dtype(settings.dtype, resolve_device(settings.device))
     except (CheckpointError, ValueError, RuntimeError) as e:
         print(f"error: cannot serve: {e}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -29,7 +29,7 @@ class Settings(BaseSettings):
         "auto", description="auto (cuda if present, else cpu), cpu, cuda or cuda:N."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Compute dtype; float16 needs CUDA."
+        "float32", description="Compute dtype; float16 needs CUDA (checked at start-up)."
     )
     threads: int | None = Field(
         None,
@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     default_budget_ms: float = Field(
         1000.0,
         gt=0,
-        description="Latency budget of requests that give none (and no stitch_id/max_gflops).",
+        description="Latency budget of requests that give none (also with stitch_id or "
+        "max_gflops): every request is planned and admitted against a budget.",
     )
     network_ms: float = Field(
         0.0,
@@ -80,12 +81,11 @@ class Settings(BaseSettings):
         description="Largest decoded image, width x height (413 above; decompression bombs).",
     )
 
-    policy: Literal["adaptive", "static", "most_accurate", "cheapest"] = Field(
-        "adaptive",
-        description="How budget-driven requests pick a stitch: adaptive (queue-aware, controller "
-        "load level, sheds what cannot be served in time), static (most accurate stitch whose idle "
-        "compute fits, no load feedback), most_accurate, cheapest. A request's `policy` field "
-        "overrides it.",
+    baseline_policies: bool = Field(
+        False,
+        description="Accept a request's `policy` field set to a baseline (static, most_accurate, "
+        "cheapest) for benchmarks; otherwise such a request is 422. Every policy passes the same "
+        "admission either way.",
     )
     controller_period_s: float = Field(
         0.25, gt=0, le=60, description="Period of the controller loop, seconds."
@@ -135,12 +135,6 @@ class Settings(BaseSettings):
         if v and not re.match(r"https?://[^/\s]+", v):
             raise ValueError(f"prometheus_url must be an http(s) URL, got {v!r}")
         return v or None
-
-    @model_validator(mode="after")
-    def _dtype_fits_device(self) -> Settings:
-        if self.dtype == "float16" and self.device == "cpu":
-            raise ValueError("dtype float16 needs a CUDA device; on cpu use float32 or bfloat16")
-        return self
 
     def batch_sizes(self) -> list[int]:
         """Batch sizes the latency profile covers."""

@@ -19,11 +19,14 @@ met / missed / shed) and the scheduler's predicted queue wait, and updates:
   quarter of the mean budget), added to every prediction, so that what the latency model does
   not see (HTTP parsing, decoding, contention) is still budgeted for.
 
-Between steps, the request path (``allowed_now``) does two more things: it takes the rate of the
-last few arrivals, so that a burst narrows the choices before the next step sees it, and it
-meets the level's cost cap on average by alternating between the two stitches of the
-accuracy/cost hull around the cap (error diffusion), which is more accurate at the same mean
-cost than the best single stitch under the cap.
+Between steps, the planner draws a surge-time request's menu with ``draw_allowed``, which does
+two more things: it takes the rate of the last few arrivals, so that a burst narrows the choices
+before the next step sees it, and it meets the level's cost cap on average by alternating
+between the two stitches of the accuracy/cost hull around the cap (error diffusion), which is
+more accurate at the same mean cost than the best single stitch under the cap. The planner draws
+only while the server is busy: a request that finds the model idle and nobody ahead of it gets
+the most accurate stitch its budget allows, whatever the arrival rate (a sequential client's
+rate rises exactly because it is answered fast).
 
 With ``SNNET_PROMETHEUS_URL`` set it also queries a Prometheus server for the same figures
 across all replicas: the fleet's per-replica arrival rate acts as a floor under the local
@@ -59,7 +62,7 @@ class Reading:
     images: float = 0.0
     budget_sum_s: float = 0.0  # sum and count of request budgets (histogram)
     budget_count: float = 0.0
-    queue_wait_ms: float = 0.0  # predicted compute of the work waiting (not the batch running)
+    queued_work_ms: float = 0.0  # predicted compute of the work waiting (not the batch running)
     observed_s: dict[int, float] = field(default_factory=dict)  # compute seconds, by stitch
     profiled_s: dict[int, float] = field(default_factory=dict)  # profile's seconds, same batches
 
@@ -156,8 +159,8 @@ class Controller:
         residual_window: Most answered requests kept for the safety margin.
         residual_max_age_s: Answers older than this no longer count (a past burst's misses
             should not pad predictions for ever).
-        recent_arrivals: How many of the last arrivals ``allowed_now`` takes the rate of.
-        scores: Each stitch's accuracy (what ``ranking`` sorts by). With them, ``allowed_now``
+        recent_arrivals: How many of the last arrivals ``draw_allowed`` takes the rate of.
+        scores: Each stitch's accuracy (what ``ranking`` sorts by). With them, ``draw_allowed``
             meets a cost cap on average by mixing the two stitches of the accuracy/cost hull
             around it, instead of giving every request the best stitch under the cap.
     """
@@ -190,11 +193,11 @@ class Controller:
         self.image_rate = 0.0  # images/s
         self.images_per_request = 1.0
         self.mean_budget_ms: float | None = None
-        self.queue_wait_ms = 0.0
+        self.queued_work_ms = 0.0
         self.margin_ms = 0.0
         self.allowed: list[int] = list(self.ranking)
         self.scores = dict(scores) if scores is not None else None
-        self._credit = 0.0  # error diffusion between the two hull stitches, see allowed_now
+        self._credit = 0.0  # error diffusion between the two hull stitches, see draw_allowed
         self._refresh_costs()
         # The last arrivals (time, images), for the request path's burst check.
         self._recent: deque[tuple[float, int]] = deque(maxlen=recent_arrivals)
@@ -222,7 +225,7 @@ class Controller:
     def update(self, r: Reading) -> None:
         prev, self._prev = self._prev, r
         self.updates += 1
-        self.queue_wait_ms = r.queue_wait_ms
+        self.queued_work_ms = r.queued_work_ms
         if prev is None or r.t <= prev.t:
             self._refresh_costs()
             self._set_level(0.0, r.t)
@@ -305,7 +308,7 @@ class Controller:
         if self.mean_budget_ms:
             # Up to a quarter of the budget waiting is normal; from there to three quarters the
             # level rises from 0 to 1.
-            share = self.queue_wait_ms / self.mean_budget_ms
+            share = self.queued_work_ms / self.mean_budget_ms
             level_queue = min(1.0, max(0.0, (share - 0.25) / 0.5))
         self.level_rate, self.level_queue = level_rate, level_queue
         return max(level_rate, level_queue)
@@ -383,11 +386,15 @@ class Controller:
         """One request arrived (event loop thread)."""
         self._recent.append((now, images))
 
-    def allowed_now(self, now: float) -> list[int]:
-        """The stitches a budget-driven request may use now. Between steps, a burst shows in the
-        last arrivals before the smoothed rate catches up: if their rate asks for a higher level
-        than the step set, that level applies (a spike's first requests then already go to
-        cheaper stitches instead of queueing on expensive ones)."""
+    def draw_allowed(self, now: float) -> list[int]:
+        """The stitches one request may use now; call once per request, as it advances the mix.
+
+        Between steps, a burst shows in the last arrivals before the smoothed rate catches up:
+        if their rate asks for a higher level than the step set, that level applies (a spike's
+        first requests then already go to cheaper stitches instead of queueing on expensive
+        ones). At a level between two hull stitches, successive draws alternate between their
+        menus (error diffusion), so the mean cost meets the cap.
+        """
         level = self.level
         recent = self._recent
         if len(recent) == recent.maxlen and now > recent[0][0]:
@@ -420,7 +427,7 @@ class Controller:
             "mean_budget_ms": None
             if self.mean_budget_ms is None
             else round(self.mean_budget_ms, 3),
-            "queue_wait_ms": round(self.queue_wait_ms, 3),
+            "queued_work_ms": round(self.queued_work_ms, 3),
             "margin_ms": round(self.margin_ms, 3),
             "target_utilisation": self.target_utilisation,
             "allowed_stitches": list(self.allowed),
@@ -451,7 +458,7 @@ def _values(metric) -> dict[tuple[str, str], float]:
     return out
 
 
-def read_metrics(metrics, queue_wait_ms: float) -> Reading:
+def read_metrics(metrics, queued_work_ms: float) -> Reading:
     """A Reading from the service's own metrics objects (the registry ``/metrics`` exposes)."""
     budget = _values(metrics.request_budget_seconds)
     observed = _values(metrics.compute_seconds)
@@ -462,7 +469,7 @@ def read_metrics(metrics, queue_wait_ms: float) -> Reading:
         images=_values(metrics.images).get(("snnet_images_total", ""), 0.0),
         budget_sum_s=budget.get(("snnet_request_budget_seconds_sum", ""), 0.0),
         budget_count=budget.get(("snnet_request_budget_seconds_count", ""), 0.0),
-        queue_wait_ms=queue_wait_ms,
+        queued_work_ms=queued_work_ms,
         observed_s={int(s): v for (name, s), v in observed.items() if name.endswith("_sum") and s},
         profiled_s={
             int(s): v for (name, s), v in profiled.items() if name.endswith("_total") and s

@@ -3,9 +3,9 @@
 The base is the latency profile measured on this device (median ms at a few batch sizes);
 between measured sizes it interpolates linearly, above the largest it extrapolates from the two
 largest. Each stitch carries a multiplicative correction, observed / profiled time, so the model
-follows the machine when it is slower (or faster) than when it was profiled. The controller sets
-the corrections from the service's metrics (``set_correction``); ``observe`` folds in single
-measurements where no controller runs.
+follows the machine when it is slower (or faster) than when it was profiled. Only the controller
+sets the corrections, from the service's metrics (``set_correction``; one law, see
+``server.controller``).
 """
 
 from __future__ import annotations
@@ -33,14 +33,10 @@ class LatencyModel:
 
     Args:
         profile: Measured medians on this device and dtype.
-        smoothing: Weight of one new observation in the per-stitch correction.
     """
 
-    def __init__(self, profile: LatencyProfile, smoothing: float = 0.1) -> None:
-        if not 0 < smoothing <= 1:
-            raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
+    def __init__(self, profile: LatencyProfile) -> None:
         self.profile = profile
-        self.smoothing = smoothing
         self._lock = threading.Lock()
         self._base = {s: _monotone(per_bs) for s, per_bs in profile.latency_ms.items()}
         self._correction = {s: 1.0 for s in self._base}
@@ -65,13 +61,6 @@ class LatencyModel:
 
     def predict_ms(self, stitch: int, batch: int) -> float:
         return self.base_ms(stitch, batch) * self._correction[stitch]
-
-    def observe(self, stitch: int, batch: int, ms: float) -> None:
-        """Fold one measured compute time into the stitch's correction."""
-        ratio = min(max(ms / self.base_ms(stitch, batch), MIN_CORRECTION), MAX_CORRECTION)
-        with self._lock:
-            c = self._correction[stitch]
-            self._correction[stitch] = (1 - self.smoothing) * c + self.smoothing * ratio
 
     def correction(self, stitch: int) -> float:
         return self._correction[stitch]

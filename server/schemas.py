@@ -6,34 +6,79 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+Policy = Literal["adaptive", "static", "most_accurate", "cheapest"]
+
+# A real 28x28 held-out MNIST digit (a 0) as PNG: the examples below are requests the bundled
+# model answers, so "Try it out" in /docs works as shown.
+DIGIT_PNG_B64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAABD0lEQVR42s2SsU4CQRRF7w6ECgPGgsLCxkRjLKhoLCDxBywszTo/"
+    "QIiNiaWNtb9gJwUkFHbr2mgnFVoQNFQUEkhMMITk5g02K84say3TzTuZd8/MG2AVVkXm5b+YblPatXQyuyeF3Fom+Ur/i+y8JsGj"
+    "OwpJX/9Aq/nJDaAAeFBRRf2yazPtD42ZTmBMvKeQATRZhY5n6k+ZBHvQz9U0sk8x+E65ALBdAIDQFSquqRQAvAEAPGUL7TfWLYds"
+    "xhEKSVr5rlBIni02u0P2Cu49xwvW2hgdf1gnH0QkymuK9HaisgcAOKzn8Dhvdc+9TGl21ey671MeUUhSGPjL09q8FJIc3OYSx3z6"
+    "wo5/8O+/9Bvp+HgppJKuvAAAAABJRU5ErkJggg=="
+)
+
 
 class ClassifyOptions(BaseModel):
     """How to pick the stitch; the same fields in multipart form data and in JSON."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     latency_budget_ms: float | None = Field(
         None,
         gt=0,
-        description="Answer within this many ms (queue wait + compute); the most accurate stitch that fits.",
+        description="Answer within this many ms, counted from arrival at the server: the most "
+        "accurate stitch that fits behind the current queue. Default: SNNET_DEFAULT_BUDGET_MS.",
     )
-    stitch_id: int | None = Field(None, description="Use exactly this stitch (see GET /stitches).")
+    stitch_id: int | None = Field(
+        None, ge=0, description="Use exactly this stitch (see GET /stitches)."
+    )
     max_gflops: float | None = Field(
-        None, gt=0, description="The most accurate stitch costing at most this."
+        None, gt=0, description="The most accurate stitch costing at most this many GFLOPs."
     )
-    top_k: int = Field(5, ge=1, description="Predictions per image.")
-    policy: Literal["adaptive", "static", "most_accurate", "cheapest"] | None = Field(
+    top_k: int = Field(5, ge=1, description="Predictions per image (at most the class count).")
+    policy: Policy | None = Field(
         None,
-        description="Override the server's SNNET_POLICY for this request (benchmarks compare "
-        "policies with it).",
+        description="adaptive (the default). The baselines static, most_accurate and cheapest "
+        "are for benchmarks and answer 422 unless the server runs with "
+        "SNNET_BASELINE_POLICIES=true; every policy passes the same admission.",
     )
 
 
 class ClassifyJSON(ClassifyOptions):
+    """A JSON request: exactly one of ``images`` and ``image``."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["images"]}, {"required": ["image"]}]}
+    )
+
     images: list[str] | None = Field(
-        None, description="Base64-encoded images (JPEG, PNG, WebP, BMP, GIF)."
+        None,
+        min_length=1,
+        description="Base64-encoded images (JPEG, PNG, WebP, BMP, GIF; a data: URL prefix is "
+        "allowed).",
     )
     image: str | None = Field(None, description="One base64-encoded image (instead of `images`).")
+
+
+def multipart_schema() -> dict:
+    """The multipart form's schema, from the same fields as JSON: `image` file parts instead of
+    base64, option values as form fields."""
+    options = ClassifyOptions.model_json_schema()
+    return {
+        "type": "object",
+        "required": ["image"],
+        "properties": {
+            "image": {
+                "type": "array",
+                "minItems": 1,
+                "items": {"type": "string", "format": "binary"},
+                "description": "One file part per image (JPEG, PNG, WebP, BMP, GIF).",
+            },
+            **options["properties"],
+        },
+        "additionalProperties": False,
+    }
 
 
 class Prediction(BaseModel):
@@ -53,10 +98,9 @@ class Timing(BaseModel):
     queue_ms: float = Field(description="Wait before the batch ran.")
     compute_ms: float = Field(description="Model time of the batch.")
     total_ms: float = Field(description="From request arrival to response.")
-    predicted_ms: float | None = Field(
-        None,
-        description="What the scheduler predicted for queue wait + compute when it chose the "
-        "stitch (adaptive choices only; without the controller's safety margin).",
+    predicted_ms: float = Field(
+        description="What the planner predicted for this request's server time (HTTP backlog + "
+        "queue wait + compute; without the controller's safety margin)."
     )
 
 
@@ -66,8 +110,10 @@ class ClassifyResponse(BaseModel):
     )
     stitch: StitchRef
     timing: Timing
-    latency_budget_ms: float | None
-    budget_met: bool
+    latency_budget_ms: float = Field(
+        description="The budget that applied: the request's own, or SNNET_DEFAULT_BUDGET_MS."
+    )
+    budget_met: bool = Field(description="total_ms + SNNET_NETWORK_MS <= latency_budget_ms.")
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -84,7 +130,12 @@ class ClassifyResponse(BaseModel):
                     "gflops": 0.0194,
                     "accuracy": 97.6,
                 },
-                "timing": {"queue_ms": 0.4, "compute_ms": 3.1, "total_ms": 4.2},
+                "timing": {
+                    "queue_ms": 0.4,
+                    "compute_ms": 3.1,
+                    "total_ms": 4.2,
+                    "predicted_ms": 3.9,
+                },
                 "latency_budget_ms": 50.0,
                 "budget_met": True,
             }
@@ -166,7 +217,6 @@ class ControllerMix(BaseModel):
 
 
 class ControllerState(BaseModel):
-    policy: str = Field(description="The server's default policy (SNNET_POLICY).")
     load_level: float = Field(
         description="0: budget-driven requests may use every stitch; 1: only the cheapest."
     )
@@ -181,7 +231,7 @@ class ControllerState(BaseModel):
     image_rate: float = Field(description="Images/s (smoothed).")
     images_per_request: float
     mean_budget_ms: float | None = Field(description="Mean budget of recent requests that had one.")
-    queue_wait_ms: float = Field(
+    queued_work_ms: float = Field(
         description="Predicted compute of the work waiting (not the batch in flight)."
     )
     margin_ms: float = Field(
@@ -190,7 +240,8 @@ class ControllerState(BaseModel):
     )
     target_utilisation: float
     allowed_stitches: list[int] = Field(
-        description="Stitches budget-driven requests may use now, most accurate first."
+        description="Stitches requests may use while the server is busy, most accurate first "
+        "(a request that finds the server idle may use every stitch)."
     )
     corrections: dict[str, float] = Field(description="Observed / profiled compute time by stitch.")
     updates: int = Field(description="Controller iterations so far.")
@@ -203,7 +254,6 @@ class ControllerState(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "policy": "adaptive",
                     "load_level": 0.35,
                     "load_level_from_rate": 0.35,
                     "load_level_from_queue": 0.1,
@@ -211,7 +261,7 @@ class ControllerState(BaseModel):
                     "image_rate": 168.0,
                     "images_per_request": 4.0,
                     "mean_budget_ms": 100.0,
-                    "queue_wait_ms": 12.5,
+                    "queued_work_ms": 12.5,
                     "margin_ms": 1.8,
                     "target_utilisation": 0.8,
                     "allowed_stitches": [1, 20, 3, 0],

@@ -2,7 +2,8 @@
 
 Public API: build an SN-Net (``build_snnet``; ViT/DeiT, Swin and ResNet anchors), run any stitch
 (``net(x, stitch_id)``), count and measure its cost (``stitch_costs``, ``measure_latency``),
-save/load self-describing checkpoints (``save``, ``load``), and import the reference release
+save/load self-describing checkpoints (``save``, ``load``), rank their stitches
+(``StitchMenu``), resolve where they run (``resolve_device``, ``resolve_dtype``), and import the reference release
 files (``read_state_dict``, ``convert_reference``).
 """
 
@@ -18,7 +19,9 @@ from .checkpoint import (
     write_manifest,
 )
 from .data import image_transform
+from .device import DTYPES, resolve_device, resolve_dtype
 from .families import FAMILIES, FamilyAdapter, ResNetFamily, SwinFamily, ViTFamily, adapter_for
+from .menu import StitchMenu, StitchRow, UnknownStitch
 from .profile import (
     DeviceFingerprint,
     LatencyProfile,
@@ -42,6 +45,7 @@ __all__ = [
     "stitch_table",
     "verify",
     "write_manifest",
+    "DTYPES",
     "FAMILIES",
     "AnchorSpec",
     "DeviceFingerprint",
@@ -54,8 +58,11 @@ __all__ = [
     "SpaceConfig",
     "Stitch",
     "StitchCost",
+    "StitchMenu",
+    "StitchRow",
     "StitchingLayer",
     "SwinFamily",
+    "UnknownStitch",
     "ViTFamily",
     "adapter_for",
     "build_snnet",
@@ -67,6 +74,8 @@ __all__ = [
     "paired_stitching",
     "pareto_front",
     "read_state_dict",
+    "resolve_device",
+    "resolve_dtype",
     "snnet_from_config",
     "stitch_costs",
 ]

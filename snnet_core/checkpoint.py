@@ -251,7 +251,7 @@ def verify(directory: str | os.PathLike[str]) -> Manifest:
     return manifest
 
 
-def load(directory: str | os.PathLike[str], *, check_hash: bool = True) -> tuple[SNNet, Manifest]:
+def load(directory: str | os.PathLike[str]) -> tuple[SNNet, Manifest]:
     """Load a checkpoint saved by ``save``: the SN-Net (float32, CPU, eval mode) and its manifest.
 
     Raises:
@@ -262,12 +262,7 @@ def load(directory: str | os.PathLike[str], *, check_hash: bool = True) -> tuple
     d = Path(directory)
     weights = d / WEIGHTS_FILE
     manifest = read_manifest(d)
-    if check_hash:
-        data = _checked_weights(d, manifest)  # hashed and parsed from the same bytes
-    elif weights.is_file():
-        data = weights.read_bytes()
-    else:
-        raise CheckpointError(f"{weights} is missing")
+    data = _checked_weights(d, manifest)  # hashed and parsed from the same bytes
     try:
         state = safetensors.torch.load(data)
     except Exception as e:  # safetensors raises its own error types for corrupt headers

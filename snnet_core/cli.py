@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from .checkpoint import load, new_manifest, write_manifest
-from .profile import measure_latency, pareto_front
+from .device import DTYPES, resolve_device, resolve_dtype
+from .menu import StitchMenu
+from .profile import measure_latency
 from .snnet import SNNet, build_snnet
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_int_list(text: str) -> list[int]:
@@ -47,17 +47,6 @@ def parse_overrides(text: str) -> dict[str, Any] | list[dict[str, Any]]:
     raise argparse.ArgumentTypeError(
         "--overrides must be a JSON object (for every anchor) or a list of objects (one per anchor)"
     )
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(
-            f"error: device {name!r} requested but CUDA is not available; use cpu or auto"
-        )
-    return device
 
 
 def _add_source(p: argparse.ArgumentParser) -> None:
@@ -119,11 +108,10 @@ def _format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def cmd_stitches(args: argparse.Namespace) -> int:
     _, manifest = _load_source(args)
     rows = [dict(r) for r in manifest.stitches]
-    acc = manifest.accuracy()
-    score = [acc.get(r["id"], float("-inf")) if acc else -r["gflops"] for r in rows]
-    front = set(pareto_front([r["gflops"] for r in rows], score)) if acc else set()
-    for i, r in enumerate(rows):
-        r["pareto"] = i in front if acc else None
+    menu = StitchMenu.of(manifest.stitches)
+    acc = menu.has_accuracy  # without accuracies a front would only say "cheaper"
+    for r in rows:
+        r["pareto"] = r["id"] in menu.pareto if acc else None
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -136,7 +124,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     net: SNNet
     net, manifest = _load_source(args)
     device = resolve_device(args.device)
-    dtype = DTYPES[args.dtype]
+    dtype = resolve_dtype(args.dtype, device)
     if args.threads:
         torch.set_num_threads(args.threads)
     net = net.to(device=device, dtype=dtype)

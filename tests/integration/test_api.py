@@ -50,7 +50,8 @@ def client(ckpt, tmp_path_factory):
     )
     app = create_app(settings)
     with TestClient(app) as c:
-        assert app.state.service.started.wait(120) and app.state.service.ready
+        life = app.state.lifecycle
+        assert life.started.wait(120) and life.engine is not None, life.detail
         yield c
 
 
@@ -68,10 +69,11 @@ def test_not_ready_until_started(ckpt, tmp_path, digit_png):
     r = c.post("/classify", files=[("image", ("a.png", digit_png, "image/png"))])
     assert r.status_code == 503 and r.headers["retry-after"] == "5"
     assert c.get("/stitches").status_code == 503
-    app.state.service.start()
+    assert c.get("/controller").status_code == 503
+    app.state.lifecycle.start()
     assert c.get("/readyz").status_code == 200
     assert (tmp_path / "p.json").is_file()  # the measured profile is kept
-    app.state.service.stop()
+    app.state.lifecycle.stop()
 
 
 def test_classify_multipart_and_json_agree(client, digit_png):
@@ -88,7 +90,8 @@ def test_classify_multipart_and_json_agree(client, digit_png):
     a, b = r1.json(), r2.json()
     assert a["predictions"] == b["predictions"]
     assert len(a["predictions"]) == 1 and len(a["predictions"][0]) == 3
-    assert a["stitch"]["id"] == 5 and a["latency_budget_ms"] is None and a["budget_met"] is True
+    # Every request has a budget: its own or SNNET_DEFAULT_BUDGET_MS.
+    assert a["stitch"]["id"] == 5 and a["latency_budget_ms"] == 1000.0 and a["budget_met"] is True
     p = a["predictions"][0][0]
     assert p["label"] == f"digit {p['class_index']}" and 0 < p["score"] <= 1
     assert set(a["timing"]) == {"queue_ms", "compute_ms", "total_ms", "predicted_ms"}
@@ -191,6 +194,18 @@ def bomb_png() -> bytes:
             "colour: Extra inputs are not permitted",
         ),
         ({"json": {"images": ["DIGIT"] * 5}}, 422, "at most 4 per request"),
+        ({"json": {"images": []}}, 422, "images: List should have at least 1 item"),
+        (
+            {"content": b'{"image": "DIGIT", "latency_budget_ms": Infinity}'},
+            422,
+            "latency_budget_ms: Input should be a finite number",
+        ),
+        (
+            {"json": {"image": "DIGIT", "policy": "most_accurate"}},
+            422,
+            "SNNET_BASELINE_POLICIES=false",
+        ),
+        ({"json": {"image": "DIGIT", "policy": "fastest"}}, 422, "policy: Input should be"),
         ({"json": {"image": "BIG"}}, 413, "the limit is 100000 pixels"),
         ({"json": {"image": "BOMB"}}, 413, "pixels"),
         (
@@ -201,8 +216,8 @@ def bomb_png() -> bytes:
     ],
 )
 def test_errors_say_what_is_wrong(client, digit_png, kwargs, status, message):
-    if "json" in kwargs:
-        body = json.dumps(kwargs["json"])
+    if "json" in kwargs or "headers" not in kwargs:
+        body = json.dumps(kwargs["json"]) if "json" in kwargs else kwargs["content"].decode()
         b64 = {
             "DIGIT": digit_png,
             "BIG": png(__import__("numpy").zeros((400, 400), "uint8")),
@@ -295,7 +310,7 @@ def test_api_key(ckpt, tmp_path, digit_png):
         )
     )
     with TestClient(app) as c:
-        assert app.state.service.started.wait(120)
+        assert app.state.lifecycle.started.wait(120)
         files = [("image", ("a.png", digit_png, "image/png"))]
         assert c.post("/classify", files=files).status_code == 401
         assert c.post("/classify", files=files, headers={"X-API-Key": "s3cret"}).status_code == 200
@@ -305,8 +320,58 @@ def test_openapi_documents_both_bodies_with_examples(client):
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/classify"]["post"]["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "application/json"}
-    assert body["application/json"]["examples"]
     assert client.get("/docs").status_code == 200
+    # Both bodies declare the same options, from one schema; each needs an image.
+    form = body["multipart/form-data"]["schema"]
+    options = set(form["properties"]) - {"image"}
+    json_schema = body["application/json"]["schema"]
+    assert options == set(json_schema["properties"]) - {"image", "images"} >= {"policy"}
+    assert form["required"] == ["image"] and form["properties"]["image"]["minItems"] == 1
+    assert json_schema["oneOf"] == [{"required": ["images"]}, {"required": ["image"]}]
+    # The examples are requests the server answers.
+    for name, example in body["application/json"]["examples"].items():
+        r = client.post("/classify", json=example["value"])
+        assert r.status_code == 200, (name, r.text)
+
+
+def test_every_declared_error_body_is_what_is_sent(client):
+    """422s (and the other errors) are {"detail": "..."}, not FastAPI's HTTPValidationError."""
+    spec = client.get("/openapi.json").json()
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            for status, resp in op["responses"].items():
+                if status.startswith(("4", "5")):
+                    ref = resp["content"]["application/json"]["schema"]["$ref"]
+                    assert ref.endswith(("/ErrorResponse", "/ReadyResponse")), (method, path, status)
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    r = client.get("/stitches", params={"pareto": "maybe"})
+    assert r.status_code == 422 and set(r.json()) == {"detail"}
+
+
+def test_a_sequential_client_with_room_in_its_budget_always_gets_the_best_stitch(
+    ckpt, tmp_path, digit_png
+):
+    """Issue 12: a closed-loop client's arrival rate rises because it is answered fast; that
+    must not cost it accuracy while nothing waits. target_utilisation=0.01 makes the controller's
+    rate term ask for the cheapest stitch at any rate this client reaches."""
+    settings = Settings(
+        weights=ckpt, profile_repeats=1, target_utilisation=0.01,
+        profile_cache=tmp_path / "p.json", controller_period_s=0.05,
+    )  # fmt: skip
+    app = create_app(settings)
+    with TestClient(app) as c:
+        life = app.state.lifecycle
+        assert life.started.wait(120) and life.engine is not None
+        best = life.engine.menu.ranking[0]
+        files = [("image", ("a.png", digit_png, "image/png"))]
+        stitches, levels = [], []
+        for _ in range(60):
+            r = c.post("/classify", files=files, data={"latency_budget_ms": "60000"})
+            assert r.status_code == 200, r.text
+            stitches.append(r.json()["stitch"]["id"])
+            levels.append(c.get("/controller").json()["load_level"])
+    assert max(levels) > 0.5  # the rate term was high: the old planner would have narrowed
+    assert stitches == [best] * 60
 
 
 def test_readme_lists_every_setting():
@@ -355,7 +420,7 @@ def test_serves_a_resnet_to_swin_checkpoint(tmp_path, digit_png):
     threads = torch.get_num_threads()  # the service sets the process-wide count
     try:
         with TestClient(app) as c:
-            assert app.state.service.started.wait(120) and app.state.service.ready
+            assert app.state.lifecycle.started.wait(120) and app.state.lifecycle.engine
             for sid in range(len(net.stitches)):
                 r = c.post(
                     "/classify",

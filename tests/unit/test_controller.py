@@ -45,7 +45,7 @@ class History:
                 images=r.images + n * images,
                 budget_sum_s=r.budget_sum_s + (n * budget_ms / 1e3 if budget_ms else 0),
                 budget_count=r.budget_count + (n if budget_ms else 0),
-                queue_wait_ms=wait_ms,
+                queued_work_ms=wait_ms,
                 observed_s=dict(r.observed_s),
                 profiled_s=dict(r.profiled_s),
             )
@@ -151,8 +151,8 @@ def test_read_metrics_takes_the_figures_from_the_registry():
     m.request_budget_seconds.observe(0.05)
     m.compute_seconds.labels("3").observe(0.02)
     m.compute_profiled_seconds.labels("3").inc(0.01)
-    r = read_metrics(m, queue_wait_ms=7.0)
-    assert (r.arrivals, r.images, r.queue_wait_ms) == (5, 12, 7.0)
+    r = read_metrics(m, queued_work_ms=7.0)
+    assert (r.arrivals, r.images, r.queued_work_ms) == (5, 12, 7.0)
     assert r.budget_count == 1 and r.budget_sum_s == pytest.approx(0.05)
     assert r.observed_s == {3: pytest.approx(0.02)} and r.profiled_s == {3: pytest.approx(0.01)}
 
@@ -164,7 +164,7 @@ def test_a_burst_in_the_last_arrivals_narrows_choices_before_the_next_step():
     now = 100.0
     for k in range(12):  # then 12 arrivals within 12 ms: ~1000 images/s
         c.observe_arrival(1, now + k * 1e-3)
-    allowed = c.allowed_now(now + 0.012)
+    allowed = c.draw_allowed(now + 0.012)
     assert c.level == 0  # the periodic step has not run yet
     assert max(allowed) < STITCHES - 1  # but the request path already avoids the dearest
 
@@ -180,7 +180,7 @@ def test_the_cost_cap_is_met_on_average_by_mixing_the_hull_stitches():
     lo, hi, p = c.mix(0.5)
     assert (lo, hi) == (5.0, 10.0) and p == pytest.approx(0.1)
     assert c.state()["mix"] == {"cheaper_stitch": 4, "dearer_stitch": 9, "dearer_share": 0.1}
-    best = [max(c.allowed_now(0.0), key=acc.get) for _ in range(1000)]
+    best = [max(c.draw_allowed(0.0), key=acc.get) for _ in range(1000)]
     assert set(best) == {4, 9}
     mean_cost = sum(s + 1 for s in best) / len(best)
     assert mean_cost == pytest.approx(5.5, abs=0.01)  # the cap, on average

@@ -1,4 +1,7 @@
-"""The model runners: the child process gives the in-thread answers, survives its own death."""
+"""The model runners: the child process gives the in-thread answers, survives its own death.
+
+Each test that kills or signals a child gets a child of its own, so no test depends on another
+having run before it (or not)."""
 
 import os
 import signal
@@ -10,13 +13,26 @@ from server.runner import InlineRunner, ProcessRunner, RunnerError
 
 
 @pytest.fixture(scope="module")
-def runners():
+def net():
     from tests.conftest import build_tiny
 
-    net = build_tiny().eval()
+    return build_tiny().eval()
+
+
+@pytest.fixture(scope="module")
+def runners(net):
+    """Shared by the tests that leave the child as they found it."""
     inline = InlineRunner(net, torch.device("cpu"), torch.float32)
     proc = ProcessRunner(net, torch.float32, threads=1)
     yield inline, proc
+    proc.close()
+
+
+@pytest.fixture
+def own_child(net):
+    """A child for one test that kills or signals it."""
+    proc = ProcessRunner(net, torch.float32, threads=1)
+    yield InlineRunner(net, torch.device("cpu"), torch.float32), proc
     proc.close()
 
 
@@ -42,8 +58,8 @@ def test_a_model_error_is_reported_and_the_child_goes_on(runners, digits):
     assert proc(digits[0][:2], 1).shape == (2, 10)
 
 
-def test_a_killed_child_fails_its_batch_and_is_replaced(runners, digits):
-    inline, proc = runners
+def test_a_killed_child_fails_its_batch_and_is_replaced(own_child, digits):
+    inline, proc = own_child
     old = proc.pid
     os.kill(old, signal.SIGKILL)
     with pytest.raises(RunnerError, match="died"):
@@ -52,9 +68,9 @@ def test_a_killed_child_fails_its_batch_and_is_replaced(runners, digits):
     torch.testing.assert_close(proc(digits[0][:4], 3), inline(digits[0][:4], 3))
 
 
-def test_ctrl_c_to_the_process_group_leaves_the_child_serving(runners, digits):
+def test_ctrl_c_to_the_process_group_leaves_the_child_serving(own_child, digits):
     """The parent drains accepted requests on Ctrl-C and still needs the model for that."""
-    _, proc = runners
+    _, proc = own_child
     pid, restarts = proc.pid, proc.restarts
     os.kill(pid, signal.SIGINT)
     assert proc(digits[0][:2], 0).shape == (2, 10)

@@ -1,0 +1,352 @@
+"""The Engine: everything start-up builds, typed and fixed once built; and the start-up itself.
+
+``build_engine`` loads and checks the checkpoint, chooses the latency profile (the manifest's,
+the cache's, or a fresh measurement on this device), starts the model where it runs
+(``server.runner``), and wires the latency model, scheduler, controller and planner together.
+Routes receive the Engine through one dependency (``server.routes.deps``); before it exists
+they answer 503 from there, so nothing on the request path checks readiness or reads an
+attribute that may be unset. ``Lifecycle`` is what the app holds before and after that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import snnet_core
+from snnet_core import (
+    DeviceFingerprint,
+    LatencyProfile,
+    Manifest,
+    SNNet,
+    StitchMenu,
+    resolve_device,
+    resolve_dtype,
+)
+
+from .config import Settings
+from .controller import Controller, Fleet, PrometheusSource, read_metrics
+from .imaging import make_transform
+from .ingress import Ingress
+from .latency import LatencyModel
+from .metrics import Metrics
+from .planner import Plan, Planner
+from .runner import InlineRunner, ProcessRunner
+from .scheduler import Result, Scheduler
+
+log = logging.getLogger("snnet.engine")
+
+SWITCH_INTERVAL_S = 0.0002
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The served model and the machinery around it; built once by ``build_engine``."""
+
+    settings: Settings
+    metrics: Metrics
+    net: SNNet
+    manifest: Manifest
+    menu: StitchMenu
+    device: torch.device
+    dtype: torch.dtype
+    transform: Callable  # PIL image -> (C, H, W) float32, as the manifest says
+    profile: LatencyProfile
+    profile_source: str  # "manifest", "cache <path>" or "measured ..."
+    latency: LatencyModel
+    runner: InlineRunner | ProcessRunner
+    scheduler: Scheduler
+    controller: Controller
+    ingress: Ingress
+    planner: Planner
+
+    def record_answer(self, plan: Plan, result: Result, images: int, total_ms: float) -> bool:
+        """Fold one answered request into the metrics, the HTTP-cost estimate and the safety
+        margin; whether it met its budget."""
+        self.ingress.observe(total_ms, result.queue_ms, result.compute_ms)
+        # The margin covers what the planner cannot plan: HTTP work and compute running over the
+        # prediction. Not the queue wait: under earliest-deadline-first a request may wait longer
+        # than predicted by design, for one due sooner, within its deadline (admission checks it).
+        self.controller.observe_residual(total_ms - result.queue_ms - plan.outside_queue_ms)
+        met = total_ms + self.settings.network_ms <= plan.budget_ms
+        m = self.metrics
+        m.stitch_chosen.labels(str(plan.stitch)).inc()
+        m.gflops_served.inc(self.menu.rows[plan.stitch].gflops * images)
+        (m.budget_met if met else m.budget_missed).inc()
+        return met
+
+    def step_controller(self, now: float) -> None:
+        """One controller iteration: read the metrics, update, publish the state."""
+        c, m = self.controller, self.metrics
+        # The queue term looks at work waiting, not at the batch in flight: one request being
+        # served is not load, and counting it made the level flicker on a nearly idle server.
+        c.update(read_metrics(m, self.scheduler.queued_work_ms()))
+        m.queue_predicted_wait.set(self.scheduler.predicted_wait_ms(now) / 1e3)
+        m.load_level.set(c.level)
+        m.arrival_rate.set(c.arrival_rate)
+        m.controller_updates.inc()
+        for stitch, value in c.latency.corrections().items():
+            m.latency_correction.labels(str(stitch)).set(value)
+
+    def close(self) -> None:
+        """Answer everything accepted, then stop the model."""
+        log.info("draining %d queued images", self.scheduler.queued_images)
+        self.scheduler.stop()
+        self.runner.close()
+
+
+def default_threads(device: torch.device) -> int | None:
+    """On CPU, one thread fewer than the cores this process may use (at least 1): the event loop
+    parses, decodes and answers on a core of its own. torch's default (one per core) makes the
+    model's threads and the event loop fight under load, and OpenMP threads that lose a core
+    stall the whole forward: on 2 cores a burst made batches 8x slower than profiled."""
+    if device.type != "cpu":
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+def build_engine(
+    settings: Settings,
+    metrics: Metrics,
+    ingress: Ingress,
+    status: Callable[[str], None] = lambda _: None,
+) -> Engine:
+    """Load, profile, warm up and wire everything; ``status`` hears each stage (for /readyz).
+
+    Raises:
+        CheckpointError: the weights are missing or corrupt.
+        ValueError: the device or dtype cannot be used here.
+    """
+    s = settings
+    t0 = time.perf_counter()
+    device = resolve_device(s.device)
+    dtype = resolve_dtype(s.dtype, device)
+    worker = s.worker if s.worker != "auto" else ("process" if device.type == "cpu" else "thread")
+    if worker == "process" and device.type != "cpu":
+        raise ValueError(
+            f"SNNET_WORKER=process runs CPU models only but the device is {device}; "
+            "use SNNET_WORKER=thread (or auto)"
+        )
+    # With SNNET_WORKER=thread the worker needs the GIL back after every torch op; while the
+    # event loop parses requests it would wait up to Python's switch interval (5 ms) each time,
+    # and a forward of a few hundred ops became 10x slower than profiled under a burst. Hand over
+    # sooner. (The process worker avoids the wait altogether.)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    threads = s.threads or default_threads(device)
+    if threads:
+        torch.set_num_threads(threads)
+    status("loading checkpoint")
+    net, manifest = snnet_core.load(s.weights)
+    net = net.to(device, dtype).eval()
+    menu = StitchMenu.of(manifest.stitches)
+    log.info(
+        "loaded %s: %s, %d stitches, on %s %s (%.1fs)", s.weights, ",".join(net.anchor_names),
+        len(menu), device, s.dtype, time.perf_counter() - t0,
+    )  # fmt: skip
+    status("latency profile")
+    profile, source = _choose_profile(s, net, manifest, device, dtype)
+    latency = LatencyModel(profile)
+    # Warm up where the model will run, at the smallest and the largest batch it will see.
+    warm = sorted({1, s.max_batch_size})
+    if worker == "process":
+        status("starting the model process and warming up")
+        runner = ProcessRunner(net, dtype, threads, warm)
+    else:
+        status("warming up")
+        runner = InlineRunner(net, device, dtype)
+        runner.warm_up(warm)
+    scheduler = Scheduler(
+        latency, runner, stitches=len(menu), max_batch=s.max_batch_size,
+        max_wait_ms=s.max_batch_wait_ms, max_queue=s.max_queue, metrics=metrics,
+    )  # fmt: skip
+    controller = Controller(
+        latency, menu.ranking, max_batch=s.max_batch_size, scores=menu.scores,
+        target_utilisation=s.target_utilisation,
+    )  # fmt: skip
+    planner = Planner(
+        menu, scheduler, controller, ingress, default_budget_ms=s.default_budget_ms,
+        network_ms=s.network_ms, baseline_policies=s.baseline_policies,
+    )  # fmt: skip
+    scheduler.start()
+    metrics.model.info(
+        {
+            "anchors": ",".join(net.anchor_names), "family": net.family, "stitches": str(len(menu)),
+            "device": str(device), "dtype": s.dtype, "weights_sha256": manifest.weights_sha256[:16],
+            "profile": source, "worker": runner.kind,
+        }
+    )  # fmt: skip
+    for i in range(len(menu)):
+        metrics.latency_correction.labels(str(i)).set(1.0)
+    log.info("ready in %.1fs (profile: %s)", time.perf_counter() - t0, source)
+    return Engine(
+        settings=s, metrics=metrics, net=net, manifest=manifest, menu=menu, device=device,
+        dtype=dtype, transform=make_transform(manifest.preprocessing), profile=profile,
+        profile_source=source, latency=latency, runner=runner, scheduler=scheduler,
+        controller=controller, ingress=ingress, planner=planner,
+    )  # fmt: skip
+
+
+# -- the latency profile ----------------------------------------------------------------------
+
+
+def default_cache_path(settings: Settings, sha: str) -> Path:
+    if settings.profile_cache is not None:
+        return settings.profile_cache
+    if os.access(settings.weights, os.W_OK):
+        return settings.weights / "profiles.json"
+    return Path.home() / ".cache" / "snnet" / f"profiles-{sha[:16]}.json"
+
+
+def _covers(profile: LatencyProfile, stitches: int, batch_sizes: list[int]) -> bool:
+    return set(profile.latency_ms) >= set(range(stitches)) and all(
+        set(per_bs) >= set(batch_sizes) for per_bs in profile.latency_ms.values()
+    )
+
+
+def _choose_profile(
+    s: Settings, net: SNNet, manifest: Manifest, device: torch.device, dtype: torch.dtype
+) -> tuple[LatencyProfile, str]:
+    """The manifest's profile for this device, else the cache's, else a fresh measurement (kept
+    in the cache); and where it came from."""
+    fp = DeviceFingerprint.current(device, dtype)
+    sizes = s.batch_sizes()
+    found = manifest.profile_for(fp)
+    if found and _covers(found, len(net.stitches), sizes):
+        return found, "manifest"
+    cache = default_cache_path(s, manifest.weights_sha256)
+    cached = _read_cache(cache, manifest.weights_sha256)
+    for p in cached:
+        if p.fingerprint == fp and _covers(p, len(net.stitches), sizes):
+            return p, f"cache {cache}"
+    log.info(
+        "no latency profile for this device (%s, %s, %d threads): measuring %d stitches x batch "
+        "sizes %s", fp.device_name, fp.dtype, fp.threads, len(net.stitches), sizes,
+    )  # fmt: skip
+    profile = snnet_core.measure_latency(
+        net, None, sizes, warmup=1, repeats=s.profile_repeats, progress=False,
+        on_progress=_log_progress,
+    )  # fmt: skip
+    cached = [p for p in cached if p.fingerprint != fp] + [profile]
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        body = {
+            "weights_sha256": manifest.weights_sha256,
+            "profiles": [p.to_dict() for p in cached],
+        }
+        tmp.write_text(json.dumps(body, indent=1))
+        os.replace(tmp, cache)
+        return profile, f"measured, kept in {cache}"
+    except OSError as e:
+        log.warning("could not write the profile cache %s: %s", cache, e)
+        return profile, "measured (not cached)"
+
+
+def _log_progress(done: int, total: int) -> None:
+    if done == total or done % max(1, total // 10) == 0:
+        log.info("profiling: %d/%d measurements", done, total)
+
+
+def _read_cache(path: Path, sha: str) -> list[LatencyProfile]:
+    try:
+        if not path.is_file():
+            return []
+        raw = json.loads(path.read_text())
+        if raw.get("weights_sha256") != sha:
+            return []
+        return [LatencyProfile.from_dict(p) for p in raw["profiles"]]
+    except Exception as e:  # any unreadable cache is ignored, never fatal
+        log.warning("ignoring unreadable profile cache %s: %s", path, e)
+        return []
+
+
+# -- the app's view: before, during and after start-up ----------------------------------------
+
+
+class Lifecycle:
+    """Holds the Engine once ``start`` built it, and what start-up is doing until then.
+
+    Args:
+        settings: The service settings.
+        metrics: The app's metrics (they exist before the engine: /metrics always answers).
+        ingress: The app's HTTP backlog estimate (the loop-lag watcher runs from the start).
+    """
+
+    def __init__(self, settings: Settings, metrics: Metrics, ingress: Ingress) -> None:
+        self.settings, self.metrics, self.ingress = settings, metrics, ingress
+        self.engine: Engine | None = None
+        self.detail = "loading"
+        self.started = threading.Event()  # set when start() finished, well or not
+
+    def _status(self, detail: str) -> None:
+        self.detail = detail
+
+    def start(self) -> None:
+        """Build the engine (blocking: run it in a thread); a failure is logged and kept in
+        ``detail`` for /readyz."""
+        try:
+            engine = build_engine(self.settings, self.metrics, self.ingress, self._status)
+            # Move everything start-up made (the model, timm, torch, FastAPI: ~400k objects) out
+            # of the collector's reach: a full collection over them took ~200 ms here, and one
+            # under load stalled every request in flight past its budget.
+            gc.collect()
+            gc.freeze()
+            self.engine, self.detail = engine, "ready"
+            self.metrics.ready.set(1)
+        except Exception as e:
+            self.detail = f"start-up failed: {e}"
+            log.exception("start-up failed")
+        finally:
+            self.started.set()
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+    async def run_controller(self) -> None:
+        """The controller loop: every period, step the controller; query Prometheus (if
+        configured) in a thread, never waiting on it. Starts once the engine is ready."""
+        s = self.settings
+        await asyncio.to_thread(self.started.wait)
+        engine = self.engine
+        if engine is None:
+            return
+        source = PrometheusSource(s.prometheus_url) if s.prometheus_url else None
+        querying: asyncio.Task | None = None
+        next_query = 0.0
+        while True:
+            now = time.monotonic()
+            try:
+                engine.step_controller(now)
+            except Exception:  # a bug here must not stop the loop (or the service) for good
+                log.exception("controller step failed")
+            if source is not None and now >= next_query and (querying is None or querying.done()):
+                next_query = now + s.prometheus_period_s
+                querying = asyncio.create_task(_query_fleet(engine.controller, source))
+            await asyncio.sleep(s.controller_period_s)  # the period itself, not a wait for an event
+
+
+async def _query_fleet(controller: Controller, source: PrometheusSource) -> None:
+    try:
+        controller.fleet = await asyncio.to_thread(source.fleet)
+    except Exception as e:  # Prometheus down or slow: keep the last figures, show the error
+        old = controller.fleet or Fleet()
+        if old.error is None:
+            log.warning("controller: %s", e)
+        old.error = str(e)
+        controller.fleet = old

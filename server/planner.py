@@ -1,0 +1,205 @@
+"""The planner: the one place that decides which stitch serves a request, or refuses it.
+
+``Planner.plan(options, n_images, now)`` combines everything a decision needs, in this order:
+
+1. **The menu the request allows**: an explicit ``stitch_id``, a ``max_gflops`` cap, or every
+   stitch; a baseline ``policy`` (benchmarks only) narrows it to one stitch.
+2. **The budget**: the request's ``latency_budget_ms`` or ``SNNET_DEFAULT_BUDGET_MS``, less
+   ``SNNET_NETWORK_MS`` (time the server cannot see). A budget no stitch on the menu meets even
+   on an idle server is a 422 that says the least budget that would do.
+3. **Slack first**: a request that finds the model idle and nobody else in the HTTP layer gets
+   the most accurate stitch that fits, whatever the arrival rate. Only while the server is busy
+   does the controller's load level (with its hull mix) narrow the menu: then arrivals, not
+   this request's budget, are what threaten the queue (an open-loop surge).
+4. **Admission**, the same for every request: its predicted time (HTTP backlog + the work due
+   before it under earliest-deadline-first + its own batch + the controller's safety margin)
+   fits its budget, and its compute fits in the slack of every queued request due later.
+   Otherwise 503 with Retry-After.
+
+It reads the scheduler's queue, the controller and the HTTP backlog, and is given the clock, so
+tests drive it without threads, HTTP or sleeping.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from snnet_core import StitchMenu, UnknownStitch
+
+from .controller import Controller
+from .errors import Refusal
+from .ingress import Ingress
+from .scheduler import Scheduler
+from .schemas import ClassifyOptions
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An admitted request: what runs, by when, and what the planner expected."""
+
+    stitch: int
+    budget_ms: float  # the request's budget (its own or the server's default)
+    deadline: float  # monotonic s by which the server must answer (arrival + budget - network)
+    ingress_ms: float  # predicted wait in the HTTP layer
+    queue_ms: float  # predicted wait for the model: work due before it
+    compute_ms: float  # predicted compute of the batch it will run in
+    margin_ms: float  # the controller's safety margin, included in admission
+
+    @property
+    def predicted_ms(self) -> float:
+        """Predicted server time without the margin (what ``timing.predicted_ms`` reports)."""
+        return self.ingress_ms + self.queue_ms + self.compute_ms
+
+    @property
+    def outside_queue_ms(self) -> float:
+        """Predicted time outside the model queue: what the safety margin learns from."""
+        return self.ingress_ms + self.compute_ms
+
+
+class Planner:
+    """Plans requests against the live queue, controller and HTTP backlog.
+
+    Args:
+        menu: The stitches, their ranking and costs.
+        scheduler: The EDF queues (read through ``Scheduler.view``) and batch cost predictions.
+        controller: Load level, hull mix and safety margin.
+        ingress: The HTTP layer's backlog.
+        default_budget_ms: Budget of requests that give none.
+        network_ms: Part of every budget reserved for time outside the server.
+        baseline_policies: Accept the ``policy`` field's baselines (benchmarks).
+    """
+
+    def __init__(
+        self,
+        menu: StitchMenu,
+        scheduler: Scheduler,
+        controller: Controller,
+        ingress: Ingress,
+        *,
+        default_budget_ms: float,
+        network_ms: float = 0.0,
+        baseline_policies: bool = False,
+    ) -> None:
+        self.menu, self.scheduler, self.controller, self.ingress = (
+            menu,
+            scheduler,
+            controller,
+            ingress,
+        )
+        self.default_budget_ms, self.network_ms = default_budget_ms, network_ms
+        self.baseline_policies = baseline_policies
+
+    def plan(self, opts: ClassifyOptions, n: int, now: float) -> Plan | Refusal:
+        """The stitch for a request of ``n`` images arriving at ``now`` (monotonic s), or why not."""
+        candidates = self._candidates(opts)
+        if isinstance(candidates, Refusal):
+            return candidates
+        budget = opts.latency_budget_ms or self.default_budget_ms
+        server_budget = budget - self.network_ms  # ms the server may spend
+        idle = {s: self.scheduler.batches_ms(s, n) for s in candidates}
+        fastest = min(candidates, key=lambda s: (idle[s], s))
+        if idle[fastest] > server_budget:
+            return self._too_tight(budget, fastest, idle[fastest], n, opts)
+        pool = self._pool(opts, candidates, idle, server_budget)
+        view = self.scheduler.view(now + server_budget / 1e3, now)
+        if opts.policy in (None, "adaptive") and (view.busy or self.ingress.others()):
+            allowed = set(self.controller.draw_allowed(now))
+            pool = [s for s in pool if s in allowed] or pool  # a cap below the level: its menu
+        return self._admit(pool, n, now, budget, server_budget, view)
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def _candidates(self, opts: ClassifyOptions) -> list[int] | Refusal:
+        """The stitches the request's own fields allow, most preferred first."""
+        if opts.policy not in (None, "adaptive") and not self.baseline_policies:
+            return Refusal(
+                422,
+                f"policy={opts.policy!r} is a benchmark baseline and is off on this server "
+                "(SNNET_BASELINE_POLICIES=false); allowed: adaptive, or leave policy out",
+            )
+        if opts.stitch_id is not None and opts.max_gflops is not None:
+            return Refusal(422, "give at most one of stitch_id and max_gflops")
+        if opts.stitch_id is not None:
+            try:
+                return [self.menu.row(opts.stitch_id).id]
+            except UnknownStitch as e:
+                return Refusal(422, f"{e} (GET /stitches)")
+        if opts.max_gflops is not None:
+            under = [s for s in self.menu.ranking if self.menu.rows[s].gflops <= opts.max_gflops]
+            if not under:
+                cheapest = min(r.gflops for r in self.menu.rows)
+                return Refusal(
+                    422,
+                    f"max_gflops={opts.max_gflops:g} is below the cheapest stitch ({cheapest:.6g} "
+                    f"GFLOPs); allowed: max_gflops >= {cheapest:.6g}",
+                )
+            return under
+        return list(self.menu.ranking)
+
+    def _pool(
+        self, opts: ClassifyOptions, candidates: list[int], idle: dict[int, float], budget: float
+    ) -> list[int]:
+        """The stitches admission may try, in order: all candidates, or one for a baseline."""
+        if opts.policy == "most_accurate":
+            return candidates[:1]
+        if opts.policy == "cheapest":
+            return [min(candidates, key=lambda s: (idle[s], s))]
+        if opts.policy == "static":  # the most accurate whose idle compute fits, load ignored
+            return [next(s for s in candidates if idle[s] <= budget)]
+        return candidates
+
+    def _admit(
+        self, pool: list[int], n: int, now: float, budget: float, server_budget: float, view
+    ) -> Plan | Refusal:
+        """The first stitch of ``pool`` that fits its budget behind the queue without making a
+        queued request late; else a 503 that says which of the two rules refused it."""
+        margin = self.controller.margin_ms
+        ingress = self.ingress.wait_ms()
+        fits, queue_ms = False, view.ahead_ms
+        for s in pool:
+            before = self.scheduler.batches_ms(s, view.counts.get(s, 0))
+            compute = self.scheduler.batches_ms(s, view.counts.get(s, 0) + n)
+            queue_ms = view.ahead_ms - before  # its batch starts where its stitch's queue does
+            if ingress + margin + queue_ms + compute > server_budget:
+                continue
+            fits = True
+            if compute - before <= view.later_slack_ms - margin:
+                deadline = now + server_budget / 1e3
+                return Plan(s, budget, deadline, ingress, queue_ms, compute, margin)
+        retry = max(1, math.ceil((ingress + queue_ms) / 1e3))
+        if fits:
+            return Refusal(
+                503,
+                f"overloaded: a stitch could answer within latency_budget_ms={budget:g}, but only "
+                "by making queued requests miss their deadlines; retry later",
+                retry,
+            )
+        return Refusal(
+            503,
+            f"overloaded: no stitch can answer within latency_budget_ms={budget:g} behind the "
+            f"current queue (predicted wait {ingress + queue_ms:.0f} ms); retry later or allow a "
+            "larger budget",
+            retry,
+        )
+
+    def _too_tight(
+        self, budget: float, fastest: int, fastest_ms: float, n: int, opts: ClassifyOptions
+    ) -> Refusal:
+        reserved = (
+            f" plus the {self.network_ms:g} ms reserved for the network (SNNET_NETWORK_MS)"
+            if self.network_ms
+            else ""
+        )
+        least = math.ceil((fastest_ms + self.network_ms) * 100) / 100
+        what = "latency_budget_ms" if opts.latency_budget_ms else "the default budget"
+        fix = (
+            f"allowed: latency_budget_ms >= {least:.2f}"
+            if opts.latency_budget_ms
+            else f"give latency_budget_ms >= {least:.2f}"
+        )
+        return Refusal(
+            422,
+            f"{what}={budget:g} is below the fastest stitch's compute time ({fastest_ms:.2f} ms "
+            f"for stitch {fastest} at batch {n}){reserved} even on an idle server; {fix}",
+        )

@@ -1,0 +1,12 @@
+"""HTTP routes, one module per resource. Nothing here decides: routes parse, call the Engine's
+planner and scheduler, and encode."""
+
+from fastapi import APIRouter
+
+from . import classify, controller, health, stitches
+
+router = APIRouter()
+for module in (classify, stitches, controller, health):
+    router.include_router(module.router)
+
+__all__ = ["router"]

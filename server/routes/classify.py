@@ -1,0 +1,170 @@
+"""POST /classify: parse -> plan -> decode -> submit -> encode."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from typing import Any
+
+import torch
+from fastapi import APIRouter, Request
+
+from ..engine import Engine
+from ..errors import Refusal
+from ..imaging import ImageError, decode_image
+from ..parsing import ClassifyRequest, parse_classify
+from ..planner import Plan
+from ..scheduler import Result
+from ..schemas import DIGIT_PNG_B64, ClassifyJSON, ClassifyResponse, ErrorResponse, multipart_schema
+from .deps import EngineDep
+
+router = APIRouter()
+
+# Payloads up to this size are decoded on the event loop (well under a millisecond); larger
+# ones in a worker thread so that one big image cannot stall every other request.
+INLINE_DECODE_BYTES = 64 * 1024
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    summary="Classify images with the most accurate stitch that fits the latency budget",
+    responses={
+        400: {"model": ErrorResponse, "description": "Malformed body, or an undecodable image."},
+        401: {
+            "model": ErrorResponse,
+            "description": "SNNET_API_KEY is set; X-API-Key missing or wrong.",
+        },
+        413: {"model": ErrorResponse, "description": "Body or image over the configured limits."},
+        415: {
+            "model": ErrorResponse,
+            "description": "Neither multipart/form-data nor application/json.",
+        },
+        422: {
+            "model": ErrorResponse,
+            "description": "Bad fields, unknown stitch, a disabled policy, or a budget no stitch meets.",
+        },
+        503: {
+            "model": ErrorResponse,
+            "description": "Not ready, or overloaded for this budget (see Retry-After).",
+        },
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": ClassifyJSON.model_json_schema(),
+                    "examples": {
+                        "budget": {
+                            "summary": "With a latency budget",
+                            "value": {"images": [DIGIT_PNG_B64], "latency_budget_ms": 50},
+                        },
+                        "stitch": {
+                            "summary": "A given stitch",
+                            "value": {"image": DIGIT_PNG_B64, "stitch_id": 2, "top_k": 3},
+                        },
+                        "cost": {
+                            "summary": "Under a GFLOPs cap",
+                            "value": {"image": DIGIT_PNG_B64, "max_gflops": 0.01},
+                        },
+                    },
+                },
+                "multipart/form-data": {
+                    "schema": multipart_schema(),
+                    "example": {"image": ["(binary PNG)"], "latency_budget_ms": 50},
+                },
+            },
+        }
+    },
+)
+async def classify(request: Request, engine: EngineDep) -> Any:
+    arrived = time.monotonic()
+    engine.metrics.arrivals.inc()
+    _authorise(request, engine)
+    with engine.ingress.entered() as ticket:  # in the HTTP backlog until queued
+        req = await parse_classify(request, engine.settings, engine.net.num_classes)
+        _count_arrival(engine, req, arrived)
+        plan = engine.planner.plan(req.options, len(req.images), arrived)
+        if isinstance(plan, Refusal):
+            if plan.status == 503:
+                engine.metrics.shed.inc()
+            raise plan
+        x = await _decode(engine, req)
+        pending = engine.scheduler.submit(x, plan.stitch, plan.deadline, time.monotonic())
+        ticket.queued()
+    result = await pending
+    return _encode(engine, req, plan, result, arrived)
+
+
+def _authorise(request: Request, engine: Engine) -> None:
+    key = engine.settings.api_key
+    given = request.headers.get("x-api-key", "").encode()
+    if key is not None and not hmac.compare_digest(given, key.encode()):
+        raise Refusal(401, "missing or wrong X-API-Key header")
+
+
+def _count_arrival(engine: Engine, req: ClassifyRequest, arrived: float) -> None:
+    engine.metrics.images.inc(len(req.images))
+    engine.controller.observe_arrival(len(req.images), arrived)
+    if req.options.latency_budget_ms is not None:
+        engine.metrics.request_budget_seconds.observe(req.options.latency_budget_ms / 1e3)
+
+
+async def _decode(engine: Engine, req: ClassifyRequest) -> torch.Tensor:
+    """Decode and preprocess every image: (n, C, H, W) float32."""
+    if sum(len(b) for _, b in req.images) <= INLINE_DECODE_BYTES:
+        return _decode_all(engine, req.images)  # small: cheaper than a hop to a thread
+    return await asyncio.to_thread(_decode_all, engine, req.images)
+
+
+def _decode_all(engine: Engine, images: list[tuple[str, bytes]]) -> torch.Tensor:
+    s = engine.settings
+    try:
+        return torch.stack(
+            [
+                engine.transform(
+                    decode_image(
+                        data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, name=name
+                    )
+                )
+                for name, data in images
+            ]
+        )
+    except ImageError as e:
+        raise Refusal(e.status, e.detail) from None
+
+
+def _encode(
+    engine: Engine, req: ClassifyRequest, plan: Plan, result: Result, arrived: float
+) -> dict[str, Any]:
+    labels, k = engine.manifest.labels, req.options.top_k
+    top = torch.softmax(result.logits, dim=-1).topk(k, dim=-1)
+    predictions = [
+        [
+            {"label": labels[c], "class_index": c, "score": round(p, 6)}
+            for p, c in zip(ps, cs, strict=True)
+        ]
+        for ps, cs in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+    ]
+    total_ms = (time.monotonic() - arrived) * 1e3
+    met = engine.record_answer(plan, result, len(req.images), total_ms)
+    row = engine.menu.rows[plan.stitch]
+    return {
+        "predictions": predictions,
+        "stitch": {
+            "id": row.id,
+            "description": row.description,
+            "gflops": row.gflops,
+            "accuracy": row.accuracy,
+        },
+        "timing": {
+            "queue_ms": round(result.queue_ms, 3),
+            "compute_ms": round(result.compute_ms, 3),
+            "total_ms": round(total_ms, 3),
+            "predicted_ms": round(plan.predicted_ms, 3),
+        },
+        "latency_budget_ms": plan.budget_ms,
+        "budget_met": met,
+    }

@@ -1,0 +1,28 @@
+"""The dependencies routes are given: the Engine, or a 503 from this one place until it exists."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from ..engine import Engine, Lifecycle
+from ..errors import Refusal
+from ..schemas import ErrorResponse
+
+
+def get_lifecycle(request: Request) -> Lifecycle:
+    return request.app.state.lifecycle
+
+
+def get_engine(request: Request) -> Engine:
+    life: Lifecycle = request.app.state.lifecycle
+    if life.engine is None:
+        raise Refusal(503, f"model not ready: {life.detail}", 5)
+    return life.engine
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+LifecycleDep = Annotated[Lifecycle, Depends(get_lifecycle)]
+
+NOT_READY = {503: {"model": ErrorResponse, "description": "Not ready yet (see Retry-After)."}}

@@ -1,0 +1,164 @@
+"""The planner's decisions on a known profile, with an injected clock: no threads, HTTP or sleep.
+
+Stitch s costs (s + 1) ms per image and stitch 22 is the most accurate (tests/_planning.py).
+"""
+
+import asyncio
+
+import pytest
+import torch
+
+from server.errors import Refusal
+from server.planner import Plan
+from server.schemas import ClassifyOptions
+from tests._planning import NOW, make
+
+
+def opts(**kw) -> ClassifyOptions:
+    return ClassifyOptions(**kw)
+
+
+def stitch(result: Plan | Refusal) -> int:
+    assert isinstance(result, Plan), result
+    return result.stitch
+
+
+def queue(sched, net, jobs):
+    """Queue (images, stitch, budget_ms) jobs as admitted at NOW; needs a running loop."""
+    for n, s, budget in jobs:
+        sched.submit(torch.zeros(n, *net.input_size), s, NOW + budget / 1e3, NOW)
+
+
+def test_the_most_accurate_stitch_that_fits_the_budget():
+    planner, _, _ = make()
+    assert stitch(planner.plan(opts(latency_budget_ms=1000), 1, NOW)) == 22
+    assert stitch(planner.plan(opts(latency_budget_ms=5.5), 1, NOW)) == 4
+    assert stitch(planner.plan(opts(latency_budget_ms=5.5), 2, NOW)) == 1  # twice the cost
+    assert stitch(planner.plan(opts(max_gflops=0.0075), 1, NOW)) == 6  # cap: stitches 0..6
+    assert stitch(planner.plan(opts(stitch_id=3), 1, NOW)) == 3
+    plan = planner.plan(opts(), 1, NOW)  # no budget: the server's default applies
+    assert plan.budget_ms == 1000.0 and plan.deadline == pytest.approx(NOW + 1.0)
+
+
+def test_a_budget_no_stitch_meets_even_idle_is_422_with_the_least_that_would_do():
+    planner, _, _ = make()
+    r = planner.plan(opts(latency_budget_ms=0.5), 1, NOW)
+    assert isinstance(r, Refusal) and r.status == 422
+    assert "1.00 ms for stitch 0" in r.detail and "latency_budget_ms >= 1.00" in r.detail
+    r = planner.plan(opts(stitch_id=22, latency_budget_ms=20), 1, NOW)  # 23 ms at batch 1
+    assert r.status == 422 and "23.00 ms for stitch 22" in r.detail
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"stitch_id": 99}, "unknown stitch_id 99; valid ids are 0..22"),
+        ({"stitch_id": 1, "max_gflops": 1.0}, "at most one of stitch_id and max_gflops"),
+        ({"max_gflops": 1e-6}, "below the cheapest stitch (0.001 GFLOPs)"),
+        ({"policy": "most_accurate"}, "SNNET_BASELINE_POLICIES=false"),
+    ],
+)
+def test_bad_choices_are_422_and_say_why(fields, message):
+    planner, _, _ = make()
+    r = planner.plan(opts(**fields), 1, NOW)
+    assert isinstance(r, Refusal) and r.status == 422 and message in r.detail
+
+
+def test_a_queue_shifts_the_choice_to_cheaper_stitches_then_sheds():
+    planner, sched, net = make()
+
+    async def scenario():
+        queue(sched, net, [(1, 9, 20.0)] * 3)  # 3 x 10 ms due in 20 ms: the third is late
+        behind = planner.plan(opts(latency_budget_ms=45.5), 1, NOW)  # waits 30 ms, 15.5 left
+        shed = planner.plan(opts(latency_budget_ms=25.0), 1, NOW)  # even 1 ms misses
+        return behind, shed
+
+    behind, shed = asyncio.run(scenario())
+    assert stitch(behind) == 14 and behind.queue_ms == pytest.approx(30.0)
+    assert shed.status == 503 and shed.retry_after_s >= 1 and "no stitch can answer" in shed.detail
+
+
+def test_earlier_deadlines_go_first_but_never_make_queued_requests_late():
+    planner, sched, net = make()
+
+    async def scenario():
+        queue(sched, net, [(1, 9, 40.5)] * 3)  # done at 10, 20, 30 ms: 10.5 ms to spare
+        # Due before them, so it runs first and need not wait, but it may only take as long as
+        # the tightest of them can spare: stitch 9 (10 ms), not 22 (23 ms, which fits 30 ms).
+        first = planner.plan(opts(latency_budget_ms=30.0), 1, NOW)
+        queue(sched, net, [(1, 9, 50.5)] * 2)  # done at 40 and 50 ms: 0.5 ms to spare
+        late = planner.plan(opts(latency_budget_ms=30.0), 1, NOW)  # even 1 ms: too much
+        return first, late
+
+    first, late = asyncio.run(scenario())
+    assert stitch(first) == 9 and first.queue_ms == 0.0
+    assert late.status == 503 and "miss their deadlines" in late.detail
+
+
+def test_every_policy_passes_the_same_admission():
+    """The security bug of issue 12: most_accurate used to skip admission."""
+    planner, sched, net = make(baseline_policies=True)
+    idle = {p: planner.plan(opts(policy=p, latency_budget_ms=50), 1, NOW) for p in
+            ("most_accurate", "cheapest", "static", "adaptive")}  # fmt: skip
+    assert {p: stitch(r) for p, r in idle.items()} == {
+        "most_accurate": 22, "cheapest": 0, "static": 22, "adaptive": 22,
+    }  # fmt: skip
+
+    async def scenario():
+        queue(sched, net, [(1, 9, 40.5)] * 3)  # 10.5 ms to spare among them
+        return {p: planner.plan(opts(policy=p, latency_budget_ms=30), 1, NOW) for p in
+                ("most_accurate", "static", "cheapest", "adaptive")}  # fmt: skip
+
+    busy = asyncio.run(scenario())
+    # most_accurate (23 ms) and static (22: its idle time fits 30 ms) would make the queued
+    # requests late: refused, not accepted to finish late.
+    assert busy["most_accurate"].status == 503 and "miss their deadlines" in busy["most_accurate"].detail
+    assert busy["static"].status == 503
+    assert stitch(busy["cheapest"]) == 0 and stitch(busy["adaptive"]) == 9
+
+
+def test_an_explicit_stitch_is_admitted_like_any_other():
+    planner, sched, net = make()
+
+    async def scenario():
+        queue(sched, net, [(4, 9, 45.0)])  # 40 ms of work due in 45 ms
+        return planner.plan(opts(stitch_id=9, latency_budget_ms=30), 1, NOW)
+
+    r = asyncio.run(scenario())
+    assert r.status == 503  # joining their batch would make them late; it is not queued anyway
+
+
+def test_slack_first_an_idle_server_gives_the_best_stitch_whatever_the_level():
+    """A sequential client's arrival rate rises because it is answered fast; while nothing is
+    queued or running and nobody else is being parsed, the load level must not cost accuracy."""
+    planner, sched, net = make()
+    planner.controller.level = 1.0  # the rate term at its maximum: only the cheapest allowed
+    assert stitch(planner.plan(opts(latency_budget_ms=1000), 1, NOW)) == 22
+
+    async def busy():
+        queue(sched, net, [(1, 0, 900.0)])  # someone else is waiting: the level applies
+        return planner.plan(opts(latency_budget_ms=1000), 1, NOW)
+
+    assert stitch(asyncio.run(busy())) == 0
+
+
+def test_the_http_backlog_and_the_margin_count_in_the_prediction():
+    planner, _, _ = make()
+    assert stitch(planner.plan(opts(latency_budget_ms=12.0), 1, NOW)) == 11
+    planner.ingress.unqueued, planner.ingress.http_ms = 4, 2.0  # 3 others ahead: 6 ms
+    planner.controller.level = 0.0
+    plan = planner.plan(opts(latency_budget_ms=12.0), 1, NOW)
+    assert stitch(plan) == 5 and plan.ingress_ms == pytest.approx(6.0)
+    planner.controller.margin_ms = 3.0
+    assert stitch(planner.plan(opts(latency_budget_ms=12.0), 1, NOW)) == 2
+    assert planner.plan(opts(latency_budget_ms=9.5), 1, NOW).status == 503
+
+
+def test_the_network_allowance_comes_off_every_budget():
+    planner, _, _ = make(network_ms=5.0)
+    plan = planner.plan(opts(latency_budget_ms=15.5), 1, NOW)
+    assert stitch(plan) == 9 and plan.deadline == pytest.approx(NOW + 0.0105)
+    r = planner.plan(opts(latency_budget_ms=5.5), 1, NOW)  # 0.5 ms left: not even 1 ms
+    assert r.status == 422
+    assert "5 ms reserved for the network (SNNET_NETWORK_MS)" in r.detail
+    assert "latency_budget_ms >= 6.00" in r.detail

@@ -1,0 +1,185 @@
+"""The latency model, the scheduler's queues and worker, and the HTTP backlog estimate, on the tiny
+real family with a known profile."""
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from server.errors import Refusal
+from server.ingress import Ingress
+from server.latency import LatencyModel
+from tests._planning import NOW, make, profile
+
+
+def test_prediction_interpolates_and_never_falls_with_batch():
+    m = LatencyModel(profile(lambda s, b: {1: 2.0, 2: 3.0, 4: 1.0, 8: 9.0}[b]))  # bs 4 is noise
+    assert m.predict_ms(0, 1) == 2.0 and m.predict_ms(0, 2) == 3.0
+    assert m.predict_ms(0, 4) == 3.0  # raised to bs 2's
+    assert m.predict_ms(0, 6) == pytest.approx(6.0)  # between 4 (3.0) and 8 (9.0)
+    assert m.predict_ms(0, 16) == pytest.approx(21.0)  # extrapolated from 4 and 8
+    m.set_correction(0, 2.0)
+    assert m.predict_ms(0, 6) == pytest.approx(12.0) and m.base_ms(0, 6) == pytest.approx(6.0)
+
+
+def test_the_queue_view_orders_by_deadline_and_protects_later_jobs():
+    _, sched, net = make()
+    x = torch.zeros(1, *net.input_size)
+
+    async def scenario():
+        sched.submit(x, 9, NOW + 0.040, NOW)  # 10 ms each
+        sched.submit(x, 9, NOW + 0.020, NOW)
+        sched.submit(x, 2, NOW + 0.100, NOW)  # 3 ms
+        return sched.view(NOW + 0.030, NOW), sched.view(NOW + 1.0, NOW)
+
+    early, late = asyncio.run(scenario())
+    assert early.ahead_ms == pytest.approx(10.0) and early.counts == {9: 1} and early.busy
+    # Due later: the stitch-9 job due at 40 ms ends at 20 ms (20 ms spare), stitch 2 at 23 ms.
+    assert early.later_slack_ms == pytest.approx(20.0)
+    assert late.ahead_ms == pytest.approx(23.0) and late.counts == {9: 2, 2: 1}
+    assert late.later_slack_ms == float("inf")
+    assert sched.queued_work_ms() == pytest.approx(23.0)
+
+
+def test_a_full_queue_is_refused():
+    _, sched, net = make(lambda s, b: 1.0, max_queue=2)
+    x = torch.zeros(2, *net.input_size)
+
+    async def scenario():
+        sched.submit(x, 0, NOW + 1, NOW)
+        with pytest.raises(Refusal, match="queue full") as e:
+            sched.submit(x, 0, NOW + 1, NOW)
+        return e.value
+
+    err = asyncio.run(scenario())
+    assert err.status == 503 and err.headers == {"Retry-After": "1"}
+
+
+def test_worker_batches_requests_and_answers_each_correctly(digits):
+    _, sched, net = make(lambda s, b: 1.0, max_batch=8)
+    images = digits[0][:12]
+    with torch.no_grad():
+        expected = {s: net(images, s) for s in (2, 5)}
+
+    async def scenario():
+        now = time.monotonic()
+        futs = [
+            (i, s, sched.submit(images[i : i + 1], s, now + 60, now))
+            for i in range(12)
+            for s in (2, 5)
+        ]
+        sched.start()  # everything already queued: batches of up to 8 per stitch
+        return [(i, s, await f) for i, s, f in futs]
+
+    results = asyncio.run(scenario())
+    sched.stop()
+    for i, s, r in results:
+        assert r.stitch == s
+        torch.testing.assert_close(r.logits[0], expected[s][i], rtol=1e-4, atol=1e-5)
+    assert max(r.batch_size for _, _, r in results) == 8
+
+
+def test_stop_drains_everything_accepted(digits):
+    _, sched, _ = make(lambda s, b: 1.0)
+
+    async def scenario():
+        now = time.monotonic()
+        futs = [sched.submit(digits[0][:1], s % 5, now + 60, now) for s in range(10)]
+        sched.start()
+        await asyncio.to_thread(sched.stop)
+        with pytest.raises(Refusal, match="shutting down"):
+            sched.submit(digits[0][:1], 0, now + 60, now)
+        return await asyncio.gather(*futs)
+
+    results = asyncio.run(scenario())
+    assert len(results) == 10 and all(r.logits.shape == (1, 10) for r in results)
+
+
+def test_a_request_larger_than_max_batch_runs_in_max_batch_chunks(digits):
+    _, sched, net = make(lambda s, b: 1.0 * b, max_batch=4)
+    images = digits[0][:10]
+    with torch.no_grad():
+        expected = net(images, 3)
+
+    async def scenario():
+        fut = sched.submit(images, 3, time.monotonic() + 60, time.monotonic())
+        sched.start()
+        return await fut
+
+    result = asyncio.run(scenario())
+    sched.stop()
+    torch.testing.assert_close(result.logits, expected, rtol=1e-4, atol=1e-5)
+    # As predicted: 4 + 4 + 2, never one batch of 10.
+    assert sched.batches_ms(3, 10) == pytest.approx(10.0)
+    reg = sched.metrics.registry
+    assert reg.get_sample_value("snnet_batch_size_sum") == 10
+    assert reg.get_sample_value("snnet_batch_size_bucket", {"le": "4.0"}) == 3
+    profiled = reg.get_sample_value("snnet_compute_profiled_seconds_total", {"stitch": "3"})
+    assert profiled == pytest.approx(0.010)
+
+
+def test_within_a_stitch_the_earliest_deadline_runs_first(digits):
+    _, sched, _ = make(lambda s, b: 1.0, max_batch=1)
+    order = []
+
+    async def scenario():
+        x, now = digits[0][:1], time.monotonic()
+        late = sched.submit(x, 3, now + 0.5, now)
+        urgent = sched.submit(x, 3, now + 0.05, now)  # queued after, due first
+        late.add_done_callback(lambda _: order.append("late"))
+        urgent.add_done_callback(lambda _: order.append("urgent"))
+        sched.start()
+        await asyncio.gather(late, urgent)
+        await asyncio.sleep(0)  # let the done-callbacks run
+
+    asyncio.run(scenario())
+    sched.stop()
+    assert order == ["urgent", "late"]
+
+
+def test_the_model_is_idle_again_before_the_answer_arrives(digits):
+    """A sequential client's next request must find the model free (slack first relies on it)."""
+    _, sched, _ = make(lambda s, b: 1.0)
+
+    async def scenario():
+        now = time.monotonic()
+        sched.start()
+        await sched.submit(digits[0][:1], 0, now + 60, now)
+        return sched.view(time.monotonic() + 60, time.monotonic())
+
+    view = asyncio.run(scenario())
+    sched.stop()
+    assert not view.busy and view.ahead_ms == 0.0
+
+
+def test_the_http_backlog_estimate():
+    ing = Ingress()
+    ing.http_ms = 2.0
+    with ing.entered() as ticket:  # only the request being planned
+        assert ing.wait_ms() == 0.0
+        with ing.entered(), ing.entered(), ing.entered():
+            assert ing.others() == 3 and ing.wait_ms() == pytest.approx(6.0)
+        ticket.queued()
+        assert ing.unqueued == 0
+    assert ing.unqueued == 0  # leaving twice counts once
+    for _ in range(100):
+        ing.observe(total_ms=10.0, queue_ms=3.0, compute_ms=4.0)
+    assert ing.http_ms == pytest.approx(3.0, rel=1e-3)
+
+
+def test_loop_lag_shows_up_in_the_ingress_estimate():
+    ing = Ingress()
+
+    async def scenario():
+        watcher = asyncio.create_task(ing.watch_loop_lag(period_s=0.001))
+        await asyncio.sleep(0)  # let it start its first sleep
+        for _ in range(10):
+            start = time.perf_counter()
+            while time.perf_counter() - start < 0.02:  # the loop is busy for 20 ms
+                pass
+            await asyncio.sleep(0)  # yield: the watcher's timer expired meanwhile and runs now
+        watcher.cancel()
+
+    asyncio.run(scenario())
+    assert ing.loop_lag_ms > 5.0 and ing.wait_ms() >= ing.loop_lag_ms
