@@ -5,7 +5,8 @@
 
 By default it starts `snnet serve` with bench/models/medium (a 35-stitch SN-Net on MNIST whose
 stitches span about 9x in compute; the bundled model is so small that HTTP overhead, not the
-stitch, sets its latency on a CPU) and ``SNNET_MAX_QUEUE=64``. Arrivals are Poisson with a rate
+stitch, sets its latency on a CPU), ``SNNET_MAX_QUEUE=64`` and ``SNNET_BASELINE_POLICIES=true``
+(a server given with ``--url`` needs that setting too). Arrivals are Poisson with a rate
 that follows the schedule; every request carries ``--images`` digit images and a latency budget
 drawn from the mix. Rates are multiples of C, the rate (in requests/s) that the most accurate
 stitch sustains on this server, measured end to end before the policies run: four clients send
@@ -156,7 +157,7 @@ def wait_until_idle(client: Client, timeout_s: float = 30.0) -> None:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         s = client.get("/controller")
-        if s["queue_wait_ms"] <= 0.0 and s["load_level"] <= 0.0:
+        if s["queued_work_ms"] <= 0.0 and s["load_level"] <= 0.0:
             return
         time.sleep(0.1)  # polling a remote server: there is no event to await
     print("warning: server not idle after the drain timeout", file=sys.stderr)
@@ -212,7 +213,7 @@ def run_policy(
             s = c.get("/controller")
             timeline.append(
                 {"t": time.monotonic() - start, "load_level": s["load_level"],
-                 "queue_wait_ms": s["queue_wait_ms"], "margin_ms": s["margin_ms"]}
+                 "queued_work_ms": s["queued_work_ms"], "margin_ms": s["margin_ms"]}
             )  # fmt: skip
         c.close()
 
@@ -274,7 +275,7 @@ def summarise(
     peak = max(phases, key=lambda p: max(p.start_rate, p.end_rate))
     spike_end = sum(p.seconds for p in phases[: phases.index(peak) + 1])
     after = [s for s in timeline if s["t"] >= spike_end]
-    drained = next((s["t"] for s in after if s["queue_wait_ms"] <= 0.0), None)
+    drained = next((s["t"] for s in after if s["queued_work_ms"] <= 0.0), None)
     back = next(
         (
             s["t"]
@@ -364,13 +365,19 @@ def main() -> None:
         # With the default (256 images) "most accurate" kept the 32 client connections busy
         # and this generator's own backlog grew to a p99 of 27 s; the adaptive policy, which
         # then admitted more of a burst's first requests, did worse too (93.8% in the spike).
-        proc, url = start_server({"SNNET_WEIGHTS": args.weights, "SNNET_MAX_QUEUE": "64"})
+        # The baseline policies are for benchmarks: off by default, on for this server.
+        proc, url = start_server(
+            {
+                "SNNET_WEIGHTS": args.weights,
+                "SNNET_MAX_QUEUE": "64",
+                "SNNET_BASELINE_POLICIES": "true",
+            }
+        )
     else:
         url = args.url.rstrip("/")
     try:
         c = Client(url)
         menu = c.get("/stitches")
-        ctl = c.get("/controller")
         c.close()
         stitches = {r["id"]: r for r in menu["stitches"]}
         best = max(stitches.values(), key=lambda r: (r["accuracy"] or 0, r["gflops"]))
@@ -406,7 +413,6 @@ def main() -> None:
             "budgets_ms": budgets[0],
             "schedule": [asdict(p) for p in phases],
             "requests_per_policy": len(schedule),
-            "server_policy": ctl["policy"],
         }
         print(json.dumps(head), file=sys.stderr)
         results, summary = {}, {"setup": head, "policies": {}}
@@ -433,7 +439,7 @@ def main() -> None:
             w.writerows(asdict(r) for r in records)
     with (out / "controller.csv").open("w", newline="") as f:
         w = csv.DictWriter(
-            f, fieldnames=["policy", "t", "load_level", "queue_wait_ms", "margin_ms"]
+            f, fieldnames=["policy", "t", "load_level", "queued_work_ms", "margin_ms"]
         )
         w.writeheader()
         for policy, (_, timeline) in results.items():

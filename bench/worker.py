@@ -59,7 +59,9 @@ def main() -> None:
     gc.freeze()
     rows = []
     for kind in ("thread", "process"):
-        proc, url = start_server({"SNNET_WEIGHTS": args.weights, "SNNET_WORKER": kind})
+        proc, url = start_server(
+            {"SNNET_WEIGHTS": args.weights, "SNNET_WORKER": kind, "SNNET_BASELINE_POLICIES": "true"}
+        )
         try:
             c = Client(url)
             menu = c.get("/stitches")["stitches"]

@@ -9,8 +9,8 @@
    on an idle server is a 422 that says the least budget that would do.
 3. **Slack first**: a request that finds the model idle and nobody else in the HTTP layer gets
    the most accurate stitch that fits, whatever the arrival rate. Only while the server is busy
-   does the controller's load level (with its hull mix) narrow the menu: then arrivals, not
-   this request's budget, are what threaten the queue (an open-loop surge).
+   does the controller's load level (with its hull mix) narrow a menu of more than one stitch:
+   then arrivals, not this request's budget, are what threaten the queue (an open-loop surge).
 4. **Admission**, the same for every request: its predicted time (HTTP backlog + the work due
    before it under earliest-deadline-first + its own batch + the controller's safety margin)
    fits its budget, and its compute fits in the slack of every queued request due later.
@@ -103,7 +103,7 @@ class Planner:
             return self._too_tight(budget, fastest, idle[fastest], n, opts)
         pool = self._pool(opts, candidates, idle, server_budget)
         view = self.scheduler.view(now + server_budget / 1e3, now)
-        if opts.policy in (None, "adaptive") and (view.busy or self.ingress.others()):
+        if len(pool) > 1 and (view.busy or self.ingress.others()):
             allowed = set(self.controller.draw_allowed(now))
             pool = [s for s in pool if s in allowed] or pool  # a cap below the level: its menu
         return self._admit(pool, n, now, budget, server_budget, view)

@@ -83,13 +83,17 @@ def test_tight_budget_picks_a_cheaper_stitch_and_impossible_is_422(server, bundl
     fastest = min(s["predicted_ms"]["1"] for s in menu)
     best_ms = by_acc[0]["predicted_ms"]["1"]
     budget = (fastest + best_ms) / 2
-    # policy=static: the choice for this budget on an idle server. (The bundled model's stitches
-    # are within a millisecond of each other, less than the HTTP layer's own jitter, so the
-    # adaptive policy may shed such a budget as unmeetable; tests/e2e/test_controller_live.py
-    # covers the adaptive choice on a model whose stitches differ.)
-    r = classify(server.url, pngs, latency_budget_ms=f"{budget:.3f}", policy="static").json()
-    assert r["stitch"]["gflops"] < by_acc[0]["gflops"]
-    assert r["stitch"]["accuracy"] <= by_acc[0]["accuracy"]
+    # The bundled model's stitches are within a millisecond of each other, less than the HTTP
+    # layer's own jitter, so the planner may also refuse this budget as unmeetable (503) when its
+    # safety margin has grown; what it must never do is answer it with the best stitch, whose
+    # compute alone does not fit. (tests/unit/test_planner.py covers the choice exactly.)
+    for _ in range(5):
+        r = classify(server.url, pngs, latency_budget_ms=f"{budget:.3f}")
+        assert r.status_code in (200, 503), r.text
+        if r.status_code == 200:
+            assert r.json()["stitch"]["gflops"] < by_acc[0]["gflops"]
+    best = classify(server.url, pngs, latency_budget_ms=60_000).json()
+    assert best["stitch"]["id"] == by_acc[0]["id"]
     r = classify(server.url, pngs, latency_budget_ms=fastest / 10)
     assert r.status_code == 422 and "even on an idle server" in r.json()["detail"]
 

@@ -342,7 +342,11 @@ def test_every_declared_error_body_is_what_is_sent(client):
             for status, resp in op["responses"].items():
                 if status.startswith(("4", "5")):
                     ref = resp["content"]["application/json"]["schema"]["$ref"]
-                    assert ref.endswith(("/ErrorResponse", "/ReadyResponse")), (method, path, status)
+                    assert ref.endswith(("/ErrorResponse", "/ReadyResponse")), (
+                        method,
+                        path,
+                        status,
+                    )
     assert "HTTPValidationError" not in spec["components"]["schemas"]
     r = client.get("/stitches", params={"pareto": "maybe"})
     assert r.status_code == 422 and set(r.json()) == {"detail"}

@@ -112,7 +112,10 @@ def test_every_policy_passes_the_same_admission():
     busy = asyncio.run(scenario())
     # most_accurate (23 ms) and static (22: its idle time fits 30 ms) would make the queued
     # requests late: refused, not accepted to finish late.
-    assert busy["most_accurate"].status == 503 and "miss their deadlines" in busy["most_accurate"].detail
+    assert (
+        busy["most_accurate"].status == 503
+        and "miss their deadlines" in busy["most_accurate"].detail
+    )
     assert busy["static"].status == 503
     assert stitch(busy["cheapest"]) == 0 and stitch(busy["adaptive"]) == 9
 
