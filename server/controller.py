@@ -212,7 +212,7 @@ class Controller:
 
     def observe_residual(self, ms: float) -> None:
         """How much longer than predicted one answered request spent outside the model queue
-        (its compute and HTTP work, server-measured; see ``api._classify``)."""
+        (its compute and HTTP work, server-measured; see ``Engine.record_answer``)."""
         with self._lock:
             self._residuals.append((time.monotonic(), ms))
 

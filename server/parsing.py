@@ -76,9 +76,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _options(model: type[ClassifyOptions], raw: dict[str, Any]) -> Any:
+def _options(model: type[ClassifyOptions], raw: dict[str, Any], *, strict: bool) -> Any:
+    """Validate ``raw`` as ``model``: strict for JSON (``false`` is not a stitch id), lax for
+    form fields, which are all text."""
     try:
-        return model(**raw)
+        return model.model_validate(raw, strict=strict)
     except ValidationError as e:
         raise Refusal(422, validation_message(e)) from None
 
@@ -117,7 +119,7 @@ async def _parse_multipart(request: Request, body: bytes, max_images: int) -> Cl
     if unknown:
         raise Refusal(422, f"unknown form fields {unknown}; allowed: {sorted(known)}")
     raw = {k: form.get(k) for k in ClassifyOptions.model_fields if form.get(k) not in (None, "")}
-    return ClassifyRequest(images, _options(ClassifyOptions, raw))
+    return ClassifyRequest(images, _options(ClassifyOptions, raw, strict=False))
 
 
 def _parse_json(body: bytes) -> ClassifyRequest:
@@ -130,7 +132,7 @@ def _parse_json(body: bytes) -> ClassifyRequest:
             422,
             'JSON body must be an object like {"images": ["<base64>"], "latency_budget_ms": 50}',
         )
-    req: ClassifyJSON = _options(ClassifyJSON, raw)
+    req: ClassifyJSON = _options(ClassifyJSON, raw, strict=True)
     if req.images is not None and req.image is not None:
         raise Refusal(422, "give either 'images' (a list) or 'image' (one), not both")
     encoded = req.images if req.images is not None else [req.image] if req.image is not None else []

@@ -14,7 +14,7 @@
 4. **Admission**, the same for every request: its predicted time (HTTP backlog + the work due
    before it under earliest-deadline-first + its own batch + the controller's safety margin)
    fits its budget, and its compute fits in the slack of every queued request due later.
-   Otherwise 503 with Retry-After.
+   Otherwise 503 with Retry-After; or 422 if nothing was ahead of it, as waiting would not help.
 
 It reads the scheduler's queue, the controller and the HTTP backlog, and is given the clock, so
 tests drive it without threads, HTTP or sleeping.
@@ -167,6 +167,17 @@ class Planner:
             if compute - before <= view.later_slack_ms - margin:
                 deadline = now + server_budget / 1e3
                 return Plan(s, budget, deadline, ingress, queue_ms, compute, margin)
+        if not fits and not view.busy and not self.ingress.others():
+            # Nothing ahead of it: waiting would not help, the budget is below what the fastest
+            # stitch needs on this server now (its compute plus HTTP and safety margin).
+            need = min(self.scheduler.batches_ms(s, n) for s in pool) + ingress + margin
+            least = math.ceil((need + self.network_ms) * 100) / 100
+            return Refusal(
+                422,
+                f"latency_budget_ms={budget:g} is below what this server needs now even when "
+                f"idle ({need:.2f} ms: compute, HTTP work and the {margin:.2f} ms safety margin); "
+                f"allowed: latency_budget_ms >= {least:.2f}",
+            )
         retry = max(1, math.ceil((ingress + queue_ms) / 1e3))
         if fits:
             return Refusal(
@@ -192,14 +203,11 @@ class Planner:
             else ""
         )
         least = math.ceil((fastest_ms + self.network_ms) * 100) / 100
-        what = "latency_budget_ms" if opts.latency_budget_ms else "the default budget"
-        fix = (
-            f"allowed: latency_budget_ms >= {least:.2f}"
-            if opts.latency_budget_ms
-            else f"give latency_budget_ms >= {least:.2f}"
-        )
+        given = opts.latency_budget_ms is not None
+        what = f"latency_budget_ms={budget:g}" if given else f"SNNET_DEFAULT_BUDGET_MS={budget:g}"
         return Refusal(
             422,
-            f"{what}={budget:g} is below the fastest stitch's compute time ({fastest_ms:.2f} ms "
-            f"for stitch {fastest} at batch {n}){reserved} even on an idle server; {fix}",
+            f"{what} is below the fastest stitch's compute time ({fastest_ms:.2f} ms for stitch "
+            f"{fastest} at batch {n}){reserved} even on an idle server; allowed: "
+            f"latency_budget_ms >= {least:.2f}",
         )

@@ -206,6 +206,12 @@ def bomb_png() -> bytes:
             "SNNET_BASELINE_POLICIES=false",
         ),
         ({"json": {"image": "DIGIT", "policy": "fastest"}}, 422, "policy: Input should be"),
+        (
+            {"json": {"image": "DIGIT", "stitch_id": False}},
+            422,
+            "stitch_id: Input should be a valid integer",
+        ),
+        ({"json": {"image": "DIGIT", "top_k": "3"}}, 422, "top_k: Input should be a valid integer"),
         ({"json": {"image": "BIG"}}, 413, "the limit is 100000 pixels"),
         ({"json": {"image": "BOMB"}}, 413, "pixels"),
         (
