@@ -75,16 +75,22 @@ def parse_input_size(text: str) -> list[int]:
     return values
 
 
-def _load_source(args: argparse.Namespace):
-    if args.weights:
-        return load(args.weights)
-    net = build_snnet(
+def _build_from_args(args: argparse.Namespace) -> SNNet:
+    """The SN-Net that ``--anchors`` and its options describe (``--pretrained`` where offered)."""
+    return build_snnet(
         args.anchors,
+        pretrained=getattr(args, "pretrained", False),
         overrides=args.overrides,
         window=args.window,
         stride=args.stride,
         input_size=args.input_size,
     )
+
+
+def _load_source(args: argparse.Namespace):
+    if args.weights:
+        return load(args.weights)
+    net = _build_from_args(args)
     return net, new_manifest(net)
 
 
@@ -182,14 +188,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.weights:
         net, manifest = load(args.weights)
     else:
-        net = build_snnet(
-            args.anchors,
-            pretrained=args.pretrained,
-            overrides=args.overrides,
-            window=args.window,
-            stride=args.stride,
-            input_size=args.input_size,
-        )
+        net = _build_from_args(args)
         manifest = None
     pre = net.data_config() if manifest is None else manifest.preprocessing
     norm = (pre["mean"], pre["std"])
