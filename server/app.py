@@ -78,14 +78,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        starting = asyncio.create_task(asyncio.to_thread(life.start))
+        life.start_in_background()
         watching = asyncio.create_task(ingress.watch_loop_lag())
         controlling = asyncio.create_task(life.run_controller())
         yield
         watching.cancel()
         controlling.cancel()
-        await starting
-        await asyncio.to_thread(life.stop)
+        await life.shutdown()
 
     app = FastAPI(title="snnet-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.lifecycle = life

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from snnet_core import CheckpointError, resolve_device, resolve_dtype, verify
@@ -43,8 +44,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: cannot serve: {e}", file=sys.stderr)
         return 2
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
-    return 0
+    code = 0
+    try:
+        uvicorn.run(
+            app, host=settings.host, port=settings.port, log_level=settings.log_level,
+            timeout_graceful_shutdown=settings.shutdown_grace_s,
+        )  # fmt: skip
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down
+        code = 130
+    if not app.state.lifecycle.started.is_set():
+        # Stopped during start-up: its thread ends within one forward, but finalising the
+        # interpreter under a thread inside torch aborts the process. Nothing is left to save.
+        logging.getLogger("snnet.server").info("exiting before start-up finished")
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:

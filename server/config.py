@@ -117,6 +117,13 @@ class Settings(BaseSettings):
     profile_repeats: int = Field(
         5, ge=1, description="Timed runs per stitch and batch size (median kept)."
     )
+    shutdown_grace_s: float = Field(
+        30.0,
+        gt=0,
+        description="On SIGTERM or Ctrl-C after start-up: how long open connections may take to "
+        "finish before the server closes them (uvicorn's graceful-shutdown timeout); everything "
+        "already queued for the model is still answered. During start-up the server exits at once.",
+    )
     api_key: str | None = Field(None, description="If set, /classify requires header X-API-Key.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."

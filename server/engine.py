@@ -42,10 +42,15 @@ from .ingress import Ingress
 from .latency import LatencyModel
 from .metrics import Metrics
 from .planner import Plan, Planner
-from .runner import InlineRunner, ProcessRunner
+from .runner import InlineRunner, ProcessRunner, RunnerError
 from .scheduler import Result, Scheduler
 
 log = logging.getLogger("snnet.engine")
+
+
+class StartupCancelled(Exception):
+    """Start-up was asked to stop (SIGTERM or Ctrl-C before the engine was built)."""
+
 
 SWITCH_INTERVAL_S = 0.0002
 
@@ -125,14 +130,28 @@ def build_engine(
     metrics: Metrics,
     ingress: Ingress,
     status: Callable[[str], None] = lambda _: None,
+    cancel: threading.Event | None = None,
 ) -> Engine:
     """Load, profile, warm up and wire everything; ``status`` hears each stage (for /readyz).
+
+    ``cancel`` is checked between stages and between measurements: setting it makes start-up
+    stop within one measurement or warm-up forward.
 
     Raises:
         CheckpointError: the weights are missing or corrupt.
         ValueError: the device or dtype cannot be used here.
+        StartupCancelled: ``cancel`` was set.
     """
     s = settings
+
+    def check() -> None:
+        if cancel is not None and cancel.is_set():
+            raise StartupCancelled("start-up cancelled")
+
+    def stage(detail: str) -> None:
+        check()
+        status(detail)
+
     t0 = time.perf_counter()
     device = resolve_device(s.device)
     dtype = resolve_dtype(s.dtype, device)
@@ -150,7 +169,7 @@ def build_engine(
     threads = s.threads or default_threads(device)
     if threads:
         torch.set_num_threads(threads)
-    status("loading checkpoint")
+    stage("loading checkpoint")
     net, manifest = snnet_core.load(s.weights)
     net = net.to(device, dtype).eval()
     menu = StitchMenu.of(manifest.stitches)
@@ -158,18 +177,27 @@ def build_engine(
         "loaded %s: %s, %d stitches, on %s %s (%.1fs)", s.weights, ",".join(net.anchor_names),
         len(menu), device, s.dtype, time.perf_counter() - t0,
     )  # fmt: skip
-    status("latency profile")
-    profile, source = _choose_profile(s, net, manifest, device, dtype)
+    stage("latency profile")
+    profile, source = _choose_profile(s, net, manifest, device, dtype, check, cancel)
     latency = LatencyModel(profile)
     # Warm up where the model will run, at the smallest and the largest batch it will see.
     warm = sorted({1, s.max_batch_size})
     if worker == "process":
-        status("starting the model process and warming up")
-        runner = ProcessRunner(net, dtype, threads, warm)
+        stage("starting the model process and warming up")
+        try:
+            runner = ProcessRunner(net, dtype, threads, warm, cancelled=cancel)
+        except RunnerError:
+            check()  # cancelled: say so, not "failed"
+            raise
     else:
-        status("warming up")
+        stage("warming up")
         runner = InlineRunner(net, device, dtype)
-        runner.warm_up(warm)
+        runner.warm_up(warm, check)
+    try:
+        check()
+    except StartupCancelled:
+        runner.close()
+        raise
     scheduler = Scheduler(
         latency, runner, stitches=len(menu), max_batch=s.max_batch_size,
         max_wait_ms=s.max_batch_wait_ms, max_queue=s.max_queue, metrics=metrics,
@@ -219,7 +247,13 @@ def _covers(profile: LatencyProfile, stitches: int, batch_sizes: list[int]) -> b
 
 
 def _choose_profile(
-    s: Settings, net: SNNet, manifest: Manifest, device: torch.device, dtype: torch.dtype
+    s: Settings,
+    net: SNNet,
+    manifest: Manifest,
+    device: torch.device,
+    dtype: torch.dtype,
+    check: Callable[[], None],
+    stop: threading.Event | None,
 ) -> tuple[LatencyProfile, str]:
     """The manifest's profile for this device, else the cache's, else a fresh measurement (kept
     in the cache); and where it came from."""
@@ -237,10 +271,19 @@ def _choose_profile(
         "no latency profile for this device (%s, %s, %d threads): measuring %d stitches x batch "
         "sizes %s", fp.device_name, fp.dtype, fp.threads, len(net.stitches), sizes,
     )  # fmt: skip
-    profile = snnet_core.measure_latency(
-        net, None, sizes, warmup=1, repeats=s.profile_repeats, progress=False,
-        on_progress=_log_progress,
-    )  # fmt: skip
+
+    def progress(done: int, total: int) -> None:
+        check()
+        _log_progress(done, total)
+
+    try:
+        profile = snnet_core.measure_latency(
+            net, None, sizes, warmup=1, repeats=s.profile_repeats, progress=False,
+            on_progress=progress, stop=stop,
+        )  # fmt: skip
+    except InterruptedError:
+        check()
+        raise
     cached = [p for p in cached if p.fingerprint != fp] + [profile]
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -292,6 +335,7 @@ class Lifecycle:
         self.engine: Engine | None = None
         self.detail = "loading"
         self.started = threading.Event()  # set when start() finished, well or not
+        self.cancel = threading.Event()  # set to stop start-up early
 
     def _status(self, detail: str) -> None:
         self.detail = detail
@@ -300,7 +344,9 @@ class Lifecycle:
         """Build the engine (blocking: run it in a thread); a failure is logged and kept in
         ``detail`` for /readyz."""
         try:
-            engine = build_engine(self.settings, self.metrics, self.ingress, self._status)
+            engine = build_engine(
+                self.settings, self.metrics, self.ingress, self._status, self.cancel
+            )
             # Move everything start-up made (the model, timm, torch, FastAPI: ~400k objects) out
             # of the collector's reach: a full collection over them took ~200 ms here, and one
             # under load stalled every request in flight past its budget.
@@ -308,11 +354,32 @@ class Lifecycle:
             gc.freeze()
             self.engine, self.detail = engine, "ready"
             self.metrics.ready.set(1)
+        except StartupCancelled:
+            self.detail = "start-up cancelled"
+            log.info("start-up cancelled")
         except Exception as e:
             self.detail = f"start-up failed: {e}"
             log.exception("start-up failed")
         finally:
             self.started.set()
+
+    def start_in_background(self) -> threading.Thread:
+        """``start`` in a daemon thread: a process told to stop during start-up need not wait
+        for it (see ``shutdown``)."""
+        thread = threading.Thread(target=self.start, name="snnet-startup", daemon=True)
+        thread.start()
+        return thread
+
+    async def shutdown(self, startup_wait_s: float = 1.0) -> None:
+        """Stop: during start-up, cancel it and wait at most ``startup_wait_s`` (start-up stops
+        within one measurement or forward; the process may exit without it); after, answer
+        everything accepted, then stop the model."""
+        if not self.started.is_set():
+            self.cancel.set()
+            log.info("stopping during start-up (%s)", self.detail)
+            await asyncio.to_thread(self.started.wait, startup_wait_s)
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.close)
 
     def stop(self) -> None:
         if self.engine is not None:
@@ -322,7 +389,8 @@ class Lifecycle:
         """The controller loop: every period, step the controller; query Prometheus (if
         configured) in a thread, never waiting on it. Starts once the engine is ready."""
         s = self.settings
-        await asyncio.to_thread(self.started.wait)
+        while not self.started.is_set():  # polled, not awaited in a thread that could outlive us
+            await asyncio.sleep(0.05)
         engine = self.engine
         if engine is None:
             return

@@ -19,8 +19,9 @@ import gc
 import logging
 import multiprocessing as mp
 import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -51,22 +52,28 @@ class InlineRunner:
             y = self.net(x.to(self.device, self.dtype, non_blocking=True), stitch)
             return y.float().cpu()
 
-    def warm_up(self, batch_sizes: Sequence[int]) -> None:
-        _warm_up(self.net, batch_sizes, self.device, self.dtype)
+    def warm_up(self, batch_sizes: Sequence[int], check: Callable[[], None] = lambda: None) -> None:
+        _warm_up(self.net, batch_sizes, self.device, self.dtype, check)
 
     def close(self) -> None:
         pass
 
 
 def _warm_up(
-    net: SNNet, batch_sizes: Sequence[int], device: torch.device, dtype: torch.dtype
+    net: SNNet,
+    batch_sizes: Sequence[int],
+    device: torch.device,
+    dtype: torch.dtype,
+    check: Callable[[], None] = lambda: None,
 ) -> None:
     """Run every stitch once at each batch size: the first call at a new shape is slow (kernel
-    selection, allocations), and a slow first batch would skew the latency corrections."""
+    selection, allocations), and a slow first batch would skew the latency corrections.
+    ``check`` runs before each forward (it raises to stop early)."""
     with torch.inference_mode():
         for b in batch_sizes:
             x = torch.zeros(b, *net.input_size, device=device, dtype=dtype)
             for i in range(len(net.stitches)):
+                check()
                 net(x, i)
 
 
@@ -118,6 +125,8 @@ class ProcessRunner:
         threads: torch threads in the child (None: torch's default).
         warm_batch_sizes: Batch sizes at which the child runs every stitch once before it
             reports ready.
+        cancelled: Set to give up waiting for the child to start (it is killed); start-up
+            stops at once instead of after the warm-up.
     """
 
     kind = "process"
@@ -128,11 +137,13 @@ class ProcessRunner:
         dtype: torch.dtype,
         threads: int | None,
         warm_batch_sizes: Sequence[int] = (1,),
+        cancelled: threading.Event | None = None,
     ) -> None:
         if next(net.parameters()).device.type != "cpu":
             raise ValueError("ProcessRunner runs CPU models only; use InlineRunner on a GPU")
         self.net, self.dtype, self.threads = net, dtype, threads
         self.warm_batch_sizes = list(warm_batch_sizes)
+        self._cancelled = cancelled or threading.Event()
         net.share_memory()
         self._ctx = mp.get_context("spawn")
         self._conn: Connection | None = None
@@ -152,9 +163,14 @@ class ProcessRunner:
         )  # fmt: skip
         proc.start()
         child.close()
-        if not parent.poll(START_TIMEOUT_S):
-            proc.kill()
-            raise RunnerError(f"the model process did not start within {START_TIMEOUT_S:g} s")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not parent.poll(0.05):
+            if self._cancelled.is_set() or time.monotonic() > deadline:
+                proc.kill()
+                proc.join(5)
+                if self._cancelled.is_set():
+                    raise RunnerError("start-up cancelled while the model process warmed up")
+                raise RunnerError(f"the model process did not start within {START_TIMEOUT_S:g} s")
         try:
             msg = parent.recv()
         except EOFError:

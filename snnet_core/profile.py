@@ -13,6 +13,7 @@ import hashlib
 import platform
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -201,6 +202,7 @@ def measure_latency(
     repeats: int = 5,
     progress: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> LatencyProfile:
     """Median wall time of ``net(x, stitch_id)`` per stitch and batch size.
 
@@ -215,6 +217,10 @@ def measure_latency(
         repeats: Timed calls; the median is kept.
         progress: Print a progress bar (tqdm) to stderr.
         on_progress: Called with (measurements done, total) after each one (e.g. to log).
+        stop: When set, the measurement ends before the next forward.
+
+    Raises:
+        InterruptedError: ``stop`` was set.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -247,6 +253,10 @@ def measure_latency(
             _sync(device)
             times = []
             for _ in range(repeats):
+                if stop is not None and stop.is_set():
+                    raise InterruptedError(
+                        f"latency measurement stopped after {done - 1} of {len(jobs)}"
+                    )
                 t0 = time.perf_counter()
                 net(x, s)
                 _sync(device)

@@ -32,16 +32,21 @@ nets set ``SpaceConfig.unpaired_layers = "reference"`` to keep it (see
 
 Pickles can run code when loaded. Files are read with ``torch.load(weights_only=True)``, which
 only rebuilds tensors and plain containers (plus ``argparse.Namespace``, a plain attribute bag
-the reference training scripts store next to the weights). A file that needs anything else is
-refused unless the caller passes ``trust_pickle=True``.
+the reference training scripts store next to the weights). The official Swin script also pickles
+its yacs ``CfgNode`` config beside the weights, which that refuses; such files are read again
+with every class the weights do not need replaced by an inert stand-in (nothing the file names
+is imported or run), so neither ``yacs`` nor trust is needed. Only a file whose weights
+themselves need arbitrary classes is refused unless the caller passes ``trust_pickle=True``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pickle
 import re
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +65,9 @@ REFERENCE_ANCHORS: dict[str, list[str]] = {
     "resnet": ["resnet18", "resnet50"],
 }
 RESNET_SWIN_ANCHORS = ["resnet18", "swin_tiny_patch4_window7_224"]
+
+
+log = logging.getLogger("snnet.reference")
 
 
 class ReferenceFormatError(ValueError):
@@ -92,6 +100,10 @@ def read_state_dict(
 ) -> tuple[dict[str, torch.Tensor], bool]:
     """The tensors of a reference checkpoint file, and whether full unpickling was needed.
 
+    Objects beside the weights that ``weights_only`` refuses (the Swin script's yacs config) are
+    read as inert stand-ins, without trust; only weights that need arbitrary classes to rebuild
+    need ``trust_pickle``.
+
     Raises:
         ReferenceFormatError: the file needs full unpickling and ``trust_pickle`` is False, or
             it holds no state dict.
@@ -103,21 +115,23 @@ def read_state_dict(
     except FileNotFoundError:
         raise ReferenceFormatError(f"{path} does not exist") from None
     except pickle.UnpicklingError as e:  # what torch raises for anything it will not rebuild
-        if not trust_pickle:
+        obj, ignored = _load_with_stand_ins(path)
+        trusted = False
+        if _tensors_of(obj) is not None:  # the weights are plain tensors: what else is, is not read
+            log.info("%s: ignored what the weights do not need: %s", path, ", ".join(ignored))
+        elif not trust_pickle:
             raise ReferenceFormatError(
                 f"{path} cannot be read with torch.load(weights_only=True) ({_why(str(e))}). "
                 "It needs full unpickling, which runs whatever code the file names; only if you "
                 "trust where it came from, pass --trust-pickle"
             ) from None
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e2:  # a corrupt file fails here in many ways
-            raise ReferenceFormatError(f"{path} is not a readable PyTorch file: {e2}") from None
-        trusted = True
-    for key in ("model", "state_dict"):  # DeiT/Swin scripts save 'model', timm's 'state_dict'
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
+        else:
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as e2:  # a corrupt file fails here in many ways
+                raise ReferenceFormatError(f"{path} is not a readable PyTorch file: {e2}") from None
+            trusted = True
+    obj = _state_of(obj)
     if not isinstance(obj, dict) or not obj:
         raise ReferenceFormatError(
             f"{path} holds no state dict (expected a dict of tensors, or one under 'model' or "
@@ -129,6 +143,84 @@ def read_state_dict(
             raise ReferenceFormatError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
         state[k.removeprefix("module.")] = v  # saved from a DDP wrapper
     return state, trusted
+
+
+def _state_of(obj: Any) -> Any:
+    """The state dict inside a checkpoint object: DeiT/Swin scripts save 'model', timm's
+    'state_dict'; else the object itself."""
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            return obj[key]
+    return obj
+
+
+def _tensors_of(obj: Any) -> dict | None:
+    """The state dict if it holds only tensors, else None."""
+    state = _state_of(obj)
+    ok = (
+        isinstance(state, dict)
+        and state
+        and all(isinstance(v, torch.Tensor) for v in state.values())
+    )
+    return state if ok else None
+
+
+class _StandIn(dict):
+    """Takes the place of a class the file names that rebuilding tensors does not need (yacs's
+    ``CfgNode``, an optimizer's state class...): whatever the pickle passes it is kept as inert
+    data; nothing of the named class is imported or run."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _StandIn:
+        return dict.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["_state"] = state
+
+
+def _tensor_globals() -> dict[str, Any]:
+    """The globals ``torch.load(weights_only=True)`` rebuilds (tensors, storages, plain
+    containers), by name."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed = dict(_get_allowed_globals())
+    except (ImportError, AttributeError):  # a torch without it: the rebuild functions it uses
+        import collections
+
+        allowed = {
+            "collections.OrderedDict": collections.OrderedDict,
+            "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+            "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+        }
+    allowed["argparse.Namespace"] = argparse.Namespace
+    return allowed
+
+
+def _load_with_stand_ins(path: str | os.PathLike[str]) -> tuple[Any, list[str]]:
+    """``torch.load`` with every global outside ``_tensor_globals`` replaced by ``_StandIn``;
+    the object and the names replaced."""
+    allowed, ignored = _tensor_globals(), []
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            full = f"{module}.{name}"
+            if full in allowed:
+                return allowed[full]
+            if full not in ignored:
+                ignored.append(full)
+            return _StandIn
+
+    lenient = types.ModuleType("snnet_stand_in_pickle")
+    lenient.Unpickler = Unpickler
+    lenient.load = lambda f, **kw: Unpickler(f, **kw).load()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=lenient)
+    except Exception as e:  # a corrupt file fails here in many ways
+        raise ReferenceFormatError(f"{path} is not a readable PyTorch file: {e}") from None
+    return obj, ignored
 
 
 def _why(message: str) -> str:

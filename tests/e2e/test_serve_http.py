@@ -4,6 +4,7 @@ import concurrent.futures
 import io
 import signal
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -171,3 +172,19 @@ def test_sigterm_finishes_accepted_requests_then_exits(tmp_path, held_out):
     assert any(line and "draining" in line for line in srv.log + list(srv.lines.queue))
     assert outcomes.count(200) >= 1
     assert set(outcomes) <= {200, "refused"}  # nothing accepted is dropped or failed
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_start_up_stops_the_server_at_once(tmp_path, sig):
+    """Profiling every stitch 2000 times would take minutes; a stop signal must not wait for it
+    (Kubernetes would kill the pod; a user at a terminal would wait)."""
+    srv = Server({"SNNET_PROFILE_CACHE": str(tmp_path / "p.json"), "SNNET_PROFILE_REPEATS": "2000"})
+    srv.wait_for("no latency profile for this device")
+    start = time.monotonic()
+    srv.proc.send_signal(sig)
+    code = srv.proc.wait(30)
+    took = time.monotonic() - start
+    assert code in (0, 130, -sig), code  # 130: Ctrl-C, as a shell reports it
+    assert took < 10, f"took {took:.1f} s to stop"  # the profile alone would take minutes
+    print(f"stopped {took:.2f} s after {sig.name}")
+    assert not (tmp_path / "p.json").exists()  # nothing half-measured is kept

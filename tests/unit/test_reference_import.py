@@ -9,7 +9,10 @@ the raw stitching tensors, with the reference's own numbering re-derived here fr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
+import sys
+import types
 
 import pytest
 import timm
@@ -32,6 +35,28 @@ def one_thread():
 
 class Opaque:
     """Something a weights-only unpickler must refuse."""
+
+
+@contextlib.contextmanager
+def yacs_while_saving():
+    """``yacs.config.CfgNode`` as the official Swin script pickles its config beside the weights
+    (a dict subclass with attributes), importable only inside this block: the files are read
+    where yacs is not installed."""
+    package, module = types.ModuleType("yacs"), types.ModuleType("yacs.config")
+
+    class CfgNode(dict):
+        def __init__(self, init=None):
+            super().__init__(init or {})
+            self.__dict__["__immutable__"] = False
+            self.__dict__["__new_allowed__"] = True
+
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    module.CfgNode, package.config = CfgNode, module
+    sys.modules |= {"yacs": package, "yacs.config": module}
+    try:
+        yield CfgNode
+    finally:
+        del sys.modules["yacs"], sys.modules["yacs.config"]
 
 
 # --- the reference's numbering, from its rules --------------------------------------------------
@@ -176,7 +201,12 @@ def check_all_ids(net, anchors, stitches, raw, slot_of, x, until, back_from, con
 
 def import_round_trip(tmp_path, file_obj, family, names, overrides, input_size=None):
     path = tmp_path / "release.pth"
-    torch.save(file_obj, path)
+    with yacs_while_saving() as CfgNode:
+        if family == "swin":  # the official save_checkpoint's layout, config included
+            model = CfgNode({"TYPE": "swin", "DEPTHS": CfgNode({"T": [2, 2, 6, 2]})})
+            file_obj = {**file_obj, "config": CfgNode({"MODEL": model}), "max_accuracy": 81.3}
+        torch.save(file_obj, path)
+    assert "yacs" not in sys.modules
     state, trusted = read_state_dict(path)
     assert not trusted
     net, report = convert_reference(
@@ -306,15 +336,25 @@ def test_resnet_release_round_trip(tmp_path, digits, back):
 # --- refusals -----------------------------------------------------------------------------------
 
 
-def test_files_that_need_full_unpickling_are_refused_unless_trusted(tmp_path):
+def test_objects_beside_the_weights_are_read_as_inert_stand_ins(tmp_path, caplog):
     path = tmp_path / "odd.pth"
-    torch.save({"model": {"anchors.0.x": torch.zeros(1)}, "extra": Opaque()}, path)
+    with yacs_while_saving() as CfgNode:
+        torch.save({"model": {"anchors.0.x": torch.zeros(1)}, "config": CfgNode({"A": 1})}, path)
+    caplog.set_level("INFO", logger="snnet.reference")
+    state, trusted = read_state_dict(path)  # no yacs, no trust needed
+    assert not trusted and list(state) == ["anchors.0.x"]
+    assert "ignored what the weights do not need: yacs.config.CfgNode" in caplog.text
+
+
+def test_weights_that_need_arbitrary_classes_are_refused_unless_trusted(tmp_path):
+    path = tmp_path / "odd.pth"
+    torch.save({"model": {"anchors.0.x": Opaque()}}, path)
     with pytest.raises(
         ReferenceFormatError, match=r"weights_only=True\) \(it names .*Opaque.*--trust-pickle"
     ):
         read_state_dict(path)
-    state, trusted = read_state_dict(path, trust_pickle=True)
-    assert trusted and list(state) == ["anchors.0.x"]
+    with pytest.raises(ReferenceFormatError, match="entry 'anchors.0.x' is a Opaque, not a tensor"):
+        read_state_dict(path, trust_pickle=True)  # read in full, then refused for what it is
 
 
 def test_foreign_or_incomplete_files_name_the_keys(tmp_path):
