@@ -4,8 +4,14 @@ Every ``period`` it reads the service's own Prometheus metrics (the counters and
 ``server/metrics.py``: arrivals, images, compute time observed vs profiled per stitch, budgets,
 met / missed / shed) and the scheduler's predicted queue wait, and updates:
 
-- **latency corrections** per stitch: observed / profiled compute over the last period, folded
-  into the latency model with a weight that grows with the evidence (seconds of compute seen);
+- **latency corrections**: one device-wide factor times a factor per stitch. Each period, the
+  observed / predicted compute of every batch run moves the device factor, with a weight that
+  grows with the seconds of compute seen (``correction_evidence_s``): when the whole device slows
+  down (a co-tenant, thermal limits) every stitch's prediction follows within a few batches,
+  including stitches not run since. Each stitch's own factor (how it runs relative to the device
+  level) learns more slowly (``stitch_evidence_s``); the stitch factors of the stitches seen
+  here are kept at a geometric mean of 1, so the device factor is the common level.
+  Start-up calibration sets the first device factor (``server.engine``);
 - **arrival rate** (requests/s and images/s), smoothed, quick to rise and slower to fall;
 - **load level** L in [0, 1]: how far down the cost range budget-chosen requests must go. It is
   the larger of two terms: a feed-forward one (the arrival rate times each stitch's per-image
@@ -30,7 +36,8 @@ rate rises exactly because it is answered fast).
 
 With ``SNNET_PROMETHEUS_URL`` set it also queries a Prometheus server for the same figures
 across all replicas: the fleet's per-replica arrival rate acts as a floor under the local
-estimate, and the fleet's corrections stand in for stitches this replica has not run yet.
+estimate, and the fleet's corrections, relative to their median, stand in for the stitch factors
+of stitches this replica has not run yet (the fleet gives the shape, this device the level).
 Prometheus being slow or down never stops the local loop; the error is shown in the state.
 """
 
@@ -39,6 +46,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import threading
 import time
 import urllib.error
@@ -48,7 +56,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .latency import LatencyModel
+from .latency import MAX_CORRECTION, MIN_CORRECTION, LatencyModel
 
 log = logging.getLogger("snnet.controller")
 
@@ -139,6 +147,10 @@ class PrometheusSource:
         )
 
 
+def _clamp(factor: float) -> float:
+    return min(max(factor, MIN_CORRECTION), MAX_CORRECTION)
+
+
 def _ewma(old: float, new: float, dt: float, tau: float) -> float:
     a = 1.0 - math.exp(-dt / tau) if tau > 0 else 1.0
     return old + a * (new - old)
@@ -155,7 +167,9 @@ class Controller:
         target_utilisation: Share of time the model may be busy at the current arrival rate.
         release_per_s: Fastest fall of the load level, per second.
         rate_tau_up_s, rate_tau_down_s: Smoothing of the arrival rate when it rises / falls.
-        correction_evidence_s: Seconds of compute that move a correction 63% of the way.
+        correction_evidence_s: Seconds of compute that move the device factor 63% of the way.
+        stitch_evidence_s: Seconds of a stitch's compute that move its own factor 63% of the way.
+        device_factor: The first device factor (start-up calibration: measured / profiled).
         residual_window: Most answered requests kept for the safety margin.
         residual_max_age_s: Answers older than this no longer count (a past burst's misses
             should not pad predictions for ever).
@@ -176,6 +190,8 @@ class Controller:
         rate_tau_up_s: float = 0.3,
         rate_tau_down_s: float = 1.0,
         correction_evidence_s: float = 0.2,
+        stitch_evidence_s: float = 1.0,
+        device_factor: float = 1.0,
         residual_window: int = 256,
         residual_max_age_s: float = 10.0,
         recent_arrivals: int = 12,
@@ -187,6 +203,11 @@ class Controller:
         self.target_utilisation, self.release_per_s = target_utilisation, release_per_s
         self.rate_tau_up_s, self.rate_tau_down_s = rate_tau_up_s, rate_tau_down_s
         self.correction_evidence_s = correction_evidence_s
+        self.stitch_evidence_s = stitch_evidence_s
+        self.device_factor = _clamp(device_factor)
+        self._stitch_factor: dict[int, float] = {}  # stitch -> its time relative to the device
+        self._seen: set[int] = set()  # stitches run here
+        self._apply_corrections()
         self.level = 0.0
         self.level_rate = self.level_queue = 0.0
         self.arrival_rate = 0.0  # requests/s
@@ -238,20 +259,43 @@ class Controller:
         self._set_level(self._target_level(), dt)
 
     def _update_corrections(self, prev: Reading, r: Reading) -> None:
-        local = set()
+        seen: dict[int, tuple[float, float]] = {}  # stitch -> (observed s, profiled s) this period
         for s, profiled in r.profiled_s.items():
             d_prof = profiled - prev.profiled_s.get(s, 0.0)
             d_obs = r.observed_s.get(s, 0.0) - prev.observed_s.get(s, 0.0)
-            if d_prof <= 0 or d_obs <= 0:
-                continue
-            local.add(s)
-            a = 1.0 - math.exp(-d_prof / self.correction_evidence_s)
-            c = self.latency.correction(s)
-            self.latency.set_correction(s, c + a * (d_obs / d_prof - c))
-        if self.fleet is not None:  # stitches this replica has never run: the fleet's figure
-            for s, ratio in self.fleet.corrections.items():
-                if s not in local and s not in r.profiled_s and s in self.latency.corrections():
-                    self.latency.set_correction(s, ratio)
+            if d_prof > 0 and d_obs > 0:
+                seen[s] = (d_obs, d_prof)
+        if seen:
+            # The device factor: everything run this period against what the stitch factors
+            # predict for it.
+            observed = sum(o for o, _ in seen.values())
+            expected = sum(p * self._stitch_factor.get(s, 1.0) for s, (_, p) in seen.items())
+            a = 1.0 - math.exp(-sum(p for _, p in seen.values()) / self.correction_evidence_s)
+            f = self.device_factor
+            self.device_factor = _clamp(f + a * (observed / expected - f))
+            for s, (o, p) in seen.items():
+                b = 1.0 - math.exp(-p / self.stitch_evidence_s)
+                k = self._stitch_factor.get(s, 1.0)
+                self._stitch_factor[s] = k + b * (o / (p * self.device_factor) - k)
+                self._seen.add(s)
+            # Keep the device factor the common level: the stitch factors of the stitches run
+            # here have a geometric mean of 1 (otherwise the split between the two drifts, and
+            # stitches never run would inherit an arbitrary level).
+            g = math.exp(statistics.fmean(math.log(self._stitch_factor[s]) for s in self._seen))
+            for s in self._seen:
+                self._stitch_factor[s] /= g
+            self.device_factor = _clamp(self.device_factor * g)
+        f = self.fleet
+        if f is not None and f.corrections:  # the fleet's shape for stitches never run here
+            level = statistics.median(f.corrections.values())
+            for s, ratio in f.corrections.items():
+                if s not in self._seen and level > 0:
+                    self._stitch_factor[s] = ratio / level
+        self._apply_corrections()
+
+    def _apply_corrections(self) -> None:
+        for s in self.latency.corrections():
+            self.latency.set_correction(s, self.device_factor * self._stitch_factor.get(s, 1.0))
 
     def _update_rates(self, prev: Reading, r: Reading, dt: float) -> None:
         req = max(0.0, r.arrivals - prev.arrivals) / dt
@@ -431,6 +475,7 @@ class Controller:
             "margin_ms": round(self.margin_ms, 3),
             "target_utilisation": self.target_utilisation,
             "allowed_stitches": list(self.allowed),
+            "device_factor": round(self.device_factor, 4),
             "corrections": {
                 str(s): round(c, 4) for s, c in sorted(self.latency.corrections().items())
             },

@@ -15,6 +15,7 @@ import gc
 import json
 import logging
 import os
+import statistics
 import sys
 import threading
 import time
@@ -37,7 +38,7 @@ from snnet_core import (
 
 from .config import Settings
 from .controller import Controller, Fleet, PrometheusSource, read_metrics
-from .imaging import make_transform
+from .imaging import decode_cost_points, make_transform
 from .ingress import Ingress
 from .latency import LatencyModel
 from .metrics import Metrics
@@ -76,10 +77,13 @@ class Engine:
     ingress: Ingress
     planner: Planner
 
-    def record_answer(self, plan: Plan, result: Result, images: int, total_ms: float) -> bool:
+    def record_answer(
+        self, plan: Plan, result: Result, images: int, payload_bytes: int, total_ms: float
+    ) -> bool:
         """Fold one answered request into the metrics, the HTTP-cost estimate and the safety
         margin; whether it met its budget."""
-        self.ingress.observe(total_ms, result.queue_ms, result.compute_ms)
+        http = total_ms - result.queue_ms - result.compute_ms
+        self.ingress.observe(payload_bytes, http - plan.spent_ms - plan.ingress_ms, http)
         # The margin covers what the planner cannot plan: HTTP work and compute running over the
         # prediction. Not the queue wait: under earliest-deadline-first a request may wait longer
         # than predicted by design, for one due sooner, within its deadline (admission checks it).
@@ -198,13 +202,23 @@ def build_engine(
     except StartupCancelled:
         runner.close()
         raise
+    transform = make_transform(manifest.preprocessing)
+    points = decode_cost_points(transform)
+    ingress.seed(points)
+    log.info(
+        "decoding and preprocessing here: %s",
+        ", ".join(f"{b} bytes {ms:.2f} ms" for b, ms in points),
+    )
+    stage("calibrating the latency profile")
+    factor, calibration = _calibrate(net, runner, latency, warm, check)
+    source = f"{source}; {calibration}"
     scheduler = Scheduler(
         latency, runner, stitches=len(menu), max_batch=s.max_batch_size,
         max_wait_ms=s.max_batch_wait_ms, max_queue=s.max_queue, metrics=metrics,
     )  # fmt: skip
     controller = Controller(
         latency, menu.ranking, max_batch=s.max_batch_size, scores=menu.scores,
-        target_utilisation=s.target_utilisation,
+        target_utilisation=s.target_utilisation, device_factor=factor,
     )  # fmt: skip
     planner = Planner(
         menu, scheduler, controller, ingress, default_budget_ms=s.default_budget_ms,
@@ -223,7 +237,7 @@ def build_engine(
     log.info("ready in %.1fs (profile: %s)", time.perf_counter() - t0, source)
     return Engine(
         settings=s, metrics=metrics, net=net, manifest=manifest, menu=menu, device=device,
-        dtype=dtype, transform=make_transform(manifest.preprocessing), profile=profile,
+        dtype=dtype, transform=transform, profile=profile,
         profile_source=source, latency=latency, runner=runner, scheduler=scheduler,
         controller=controller, ingress=ingress, planner=planner,
     )  # fmt: skip
@@ -298,6 +312,49 @@ def _choose_profile(
     except OSError as e:
         log.warning("could not write the profile cache %s: %s", cache, e)
         return profile, "measured (not cached)"
+
+
+CALIBRATION_TOLERANCE = 0.15
+CALIBRATION_REPEATS = 3
+
+
+def _calibrate(
+    net: SNNet,
+    runner: Callable[[torch.Tensor, int], torch.Tensor],
+    latency: LatencyModel,
+    batch_sizes: list[int],
+    check: Callable[[], None],
+) -> tuple[float, str]:
+    """Time the anchors where the model serves (through ``runner``: the same process layout,
+    threads and pipe as requests) against the profile; the device factor to start from, and
+    what was found.
+
+    A profile from the manifest or the cache names a CPU model, but on a virtual machine that
+    is not an identity: a slower machine with the same name used to inherit a faster one's
+    profile. Within ``CALIBRATION_TOLERANCE`` the profile is trusted as it is; otherwise every
+    prediction is rescaled by the median ratio (the controller refines it online).
+    """
+    anchors = [st.id for st in net.stitches if not st.cut]
+    ratios = []
+    for b in batch_sizes:
+        x = torch.zeros(b, *net.input_size)
+        for a in anchors:
+            times = []
+            for _ in range(CALIBRATION_REPEATS):
+                check()
+                t0 = time.perf_counter()
+                runner(x, a)
+                times.append((time.perf_counter() - t0) * 1e3)
+            ratios.append(statistics.median(times) / latency.base_ms(a, b))
+    ratio = statistics.median(ratios)
+    spread = f"anchors ran x{min(ratios):.2f}..x{max(ratios):.2f} of the profile here"
+    if abs(ratio - 1.0) <= CALIBRATION_TOLERANCE:
+        log.info("calibration: %s (median x%.2f): within %.0f%%, profile trusted",
+                 spread, ratio, CALIBRATION_TOLERANCE * 100)  # fmt: skip
+        return 1.0, f"calibrated x{ratio:.2f}, trusted"
+    log.warning("calibration: %s (median x%.2f): outside %.0f%%, every prediction rescaled by it",
+                spread, ratio, CALIBRATION_TOLERANCE * 100)  # fmt: skip
+    return ratio, f"calibrated x{ratio:.2f}, rescaled"
 
 
 def _log_progress(done: int, total: int) -> None:

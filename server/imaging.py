@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import statistics
+import time
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from snnet_core import image_transform
@@ -57,3 +60,26 @@ def make_transform(pre: dict):
     """PIL image -> normalised (C, H, W) float32 tensor, per the manifest's preprocessing: the
     same function training and evaluation use (``snnet_core.data.image_transform``)."""
     return image_transform(pre, training=False, normalize=True)
+
+
+def decode_cost_points(transform, repeats: int = 5) -> list[tuple[int, float]]:
+    """(encoded bytes, ms to decode and preprocess) for a 28x28 PNG and a 500x375 photo-like
+    JPEG, measured here: the start of the HTTP cost line (``server.ingress``), which answered
+    requests then correct."""
+    gen = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:375, 0:500]
+    photo = np.stack([xx * 255 // 500, yy * 255 // 375, (xx + yy) * 255 // 875], -1)
+    photo = np.clip(photo + gen.normal(0, 24, photo.shape), 0, 255).astype(np.uint8)
+    small = gen.integers(0, 255, (28, 28), dtype=np.uint8)
+    points = []
+    for array, fmt in ((small, "PNG"), (photo, "JPEG")):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, fmt, quality=90)
+        data = buf.getvalue()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            transform(decode_image(data, max_bytes=len(data), max_pixels=500 * 375))
+            times.append((time.perf_counter() - t0) * 1e3)
+        points.append((len(data), statistics.median(times)))
+    return points

@@ -28,6 +28,10 @@ class ClassifyRequest:
     images: list[tuple[str, bytes]]  # (name for error messages, encoded bytes)
     options: ClassifyOptions
 
+    @property
+    def payload_bytes(self) -> int:
+        return sum(len(b) for _, b in self.images)
+
 
 async def parse_classify(request: Request, settings: Settings, num_classes: int) -> ClassifyRequest:
     """Read, parse and check a /classify body against the limits and the model.

@@ -11,7 +11,8 @@
    the most accurate stitch that fits, whatever the arrival rate. Only while the server is busy
    does the controller's load level (with its hull mix) narrow a menu of more than one stitch:
    then arrivals, not this request's budget, are what threaten the queue (an open-loop surge).
-4. **Admission**, the same for every request: its predicted time (HTTP backlog + the work due
+4. **Admission**, the same for every request: its predicted time (what it already spent being
+   read and parsed + the HTTP backlog + its own HTTP work for its payload size + the work due
    before it under earliest-deadline-first + its own batch + the controller's safety margin)
    fits its budget, and its compute fits in the slack of every queued request due later.
    Otherwise 503 with Retry-After; or 422 if nothing was ahead of it, as waiting would not help.
@@ -30,7 +31,7 @@ from snnet_core import StitchMenu, UnknownStitch
 from .controller import Controller
 from .errors import Refusal
 from .ingress import Ingress
-from .scheduler import Scheduler
+from .scheduler import QueueView, Scheduler
 from .schemas import ClassifyOptions
 
 
@@ -41,7 +42,9 @@ class Plan:
     stitch: int
     budget_ms: float  # the request's budget (its own or the server's default)
     deadline: float  # monotonic s by which the server must answer (arrival + budget - network)
-    ingress_ms: float  # predicted wait in the HTTP layer
+    spent_ms: float  # already spent when it was planned (reading and parsing the body)
+    ingress_ms: float  # predicted wait behind other requests in the HTTP layer
+    http_ms: float  # predicted HTTP work of its own from here: decoding, answering
     queue_ms: float  # predicted wait for the model: work due before it
     compute_ms: float  # predicted compute of the batch it will run in
     margin_ms: float  # the controller's safety margin, included in admission
@@ -49,12 +52,12 @@ class Plan:
     @property
     def predicted_ms(self) -> float:
         """Predicted server time without the margin (what ``timing.predicted_ms`` reports)."""
-        return self.ingress_ms + self.queue_ms + self.compute_ms
+        return self.outside_queue_ms + self.queue_ms
 
     @property
     def outside_queue_ms(self) -> float:
         """Predicted time outside the model queue: what the safety margin learns from."""
-        return self.ingress_ms + self.compute_ms
+        return self.spent_ms + self.ingress_ms + self.http_ms + self.compute_ms
 
 
 class Planner:
@@ -90,23 +93,35 @@ class Planner:
         self.default_budget_ms, self.network_ms = default_budget_ms, network_ms
         self.baseline_policies = baseline_policies
 
-    def plan(self, opts: ClassifyOptions, n: int, now: float) -> Plan | Refusal:
-        """The stitch for a request of ``n`` images arriving at ``now`` (monotonic s), or why not."""
+    def plan(
+        self,
+        opts: ClassifyOptions,
+        n: int,
+        now: float,
+        *,
+        arrived: float | None = None,
+        payload_bytes: int = 0,
+    ) -> Plan | Refusal:
+        """The stitch for a request of ``n`` images (``payload_bytes`` of them encoded) planned at
+        ``now`` (monotonic s) after arriving at ``arrived`` (default: now), or why not."""
         candidates = self._candidates(opts)
         if isinstance(candidates, Refusal):
             return candidates
+        arrived = now if arrived is None else arrived
         budget = opts.latency_budget_ms or self.default_budget_ms
-        server_budget = budget - self.network_ms  # ms the server may spend
+        server_budget = budget - self.network_ms  # ms the server may spend, from arrival
         idle = {s: self.scheduler.batches_ms(s, n) for s in candidates}
         fastest = min(candidates, key=lambda s: (idle[s], s))
         if idle[fastest] > server_budget:
             return self._too_tight(budget, fastest, idle[fastest], n, opts)
         pool = self._pool(opts, candidates, idle, server_budget)
-        view = self.scheduler.view(now + server_budget / 1e3, now)
+        deadline = arrived + server_budget / 1e3
+        view = self.scheduler.view(deadline, now)
         if len(pool) > 1 and (view.busy or self.ingress.others()):
             allowed = set(self.controller.draw_allowed(now))
             pool = [s for s in pool if s in allowed] or pool  # a cap below the level: its menu
-        return self._admit(pool, n, now, budget, server_budget, view)
+        spent = max(0.0, (now - arrived) * 1e3)
+        return self._admit(pool, n, deadline, budget, spent, payload_bytes, view)
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -150,33 +165,42 @@ class Planner:
         return candidates
 
     def _admit(
-        self, pool: list[int], n: int, now: float, budget: float, server_budget: float, view
+        self,
+        pool: list[int],
+        n: int,
+        deadline: float,
+        budget: float,
+        spent: float,
+        payload_bytes: int,
+        view: QueueView,
     ) -> Plan | Refusal:
         """The first stitch of ``pool`` that fits its budget behind the queue without making a
         queued request late; else a 503 that says which of the two rules refused it."""
+        server_budget = budget - self.network_ms
         margin = self.controller.margin_ms
         ingress = self.ingress.wait_ms()
+        http = self.ingress.own_ms(payload_bytes)
+        outside = spent + ingress + http + margin  # everything but the queue and compute
         fits, queue_ms = False, view.ahead_ms
         for s in pool:
             before = self.scheduler.batches_ms(s, view.counts.get(s, 0))
             compute = self.scheduler.batches_ms(s, view.counts.get(s, 0) + n)
             queue_ms = view.ahead_ms - before  # its batch starts where its stitch's queue does
-            if ingress + margin + queue_ms + compute > server_budget:
+            if outside + queue_ms + compute > server_budget:
                 continue
             fits = True
             if compute - before <= view.later_slack_ms - margin:
-                deadline = now + server_budget / 1e3
-                return Plan(s, budget, deadline, ingress, queue_ms, compute, margin)
+                return Plan(s, budget, deadline, spent, ingress, http, queue_ms, compute, margin)
         if not fits and not view.busy and not self.ingress.others():
             # Nothing ahead of it: waiting would not help, the budget is below what the fastest
-            # stitch needs on this server now (its compute plus HTTP and safety margin).
-            need = min(self.scheduler.batches_ms(s, n) for s in pool) + ingress + margin
+            # stitch needs on this server now (its compute plus HTTP work and safety margin).
+            need = min(self.scheduler.batches_ms(s, n) for s in pool) + outside
             least = math.ceil((need + self.network_ms) * 100) / 100
             return Refusal(
                 422,
-                f"latency_budget_ms={budget:g} is below what this server needs now even when "
-                f"idle ({need:.2f} ms: compute, HTTP work and the {margin:.2f} ms safety margin); "
-                f"allowed: latency_budget_ms >= {least:.2f}",
+                f"latency_budget_ms={budget:g} is below what this request needs on this server "
+                f"even when idle ({need:.2f} ms: compute, HTTP work for its {payload_bytes} bytes "
+                f"and the {margin:.2f} ms safety margin); allowed: latency_budget_ms >= {least:.2f}",
             )
         retry = max(1, math.ceil((ingress + queue_ms) / 1e3))
         if fits:

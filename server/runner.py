@@ -165,6 +165,11 @@ class ProcessRunner:
         child.close()
         deadline = time.monotonic() + START_TIMEOUT_S
         while not parent.poll(0.05):
+            if not proc.is_alive():  # died before it could even report (its pipe may stay open)
+                proc.join(5)
+                raise RunnerError(
+                    f"the model process exited during start-up (exit code {proc.exitcode})"
+                )
             if self._cancelled.is_set() or time.monotonic() > deadline:
                 proc.kill()
                 proc.join(5)

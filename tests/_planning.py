@@ -47,8 +47,10 @@ def make(ms_of=per_image, *, max_batch=4, max_queue=64, **planner_kw):
         metrics=Metrics(),
     )  # fmt: skip
     controller = Controller(latency, m.ranking, max_batch=max_batch, scores=m.scores)
+    ingress = Ingress()
+    ingress.seed([(0, 0.0)])  # no HTTP work unless a test says so
     planner = Planner(
-        m, sched, controller, Ingress(), default_budget_ms=planner_kw.pop("default_budget_ms", 1000.0),
+        m, sched, controller, ingress, default_budget_ms=planner_kw.pop("default_budget_ms", 1000.0),
         **planner_kw,
     )  # fmt: skip
     return planner, sched, net

@@ -86,7 +86,10 @@ async def classify(request: Request, engine: EngineDep) -> Any:
     with engine.ingress.entered() as ticket:  # in the HTTP backlog until queued
         req = await parse_classify(request, engine.settings, engine.net.num_classes)
         _count_arrival(engine, req, arrived)
-        plan = engine.planner.plan(req.options, len(req.images), arrived)
+        plan = engine.planner.plan(
+            req.options, len(req.images), time.monotonic(), arrived=arrived,
+            payload_bytes=req.payload_bytes,
+        )  # fmt: skip
         if isinstance(plan, Refusal):
             if plan.status == 503:
                 engine.metrics.shed.inc()
@@ -114,7 +117,7 @@ def _count_arrival(engine: Engine, req: ClassifyRequest, arrived: float) -> None
 
 async def _decode(engine: Engine, req: ClassifyRequest) -> torch.Tensor:
     """Decode and preprocess every image: (n, C, H, W) float32."""
-    if sum(len(b) for _, b in req.images) <= INLINE_DECODE_BYTES:
+    if req.payload_bytes <= INLINE_DECODE_BYTES:
         return _decode_all(engine, req.images)  # small: cheaper than a hop to a thread
     return await asyncio.to_thread(_decode_all, engine, req.images)
 
@@ -149,7 +152,7 @@ def _encode(
         for ps, cs in zip(top.values.tolist(), top.indices.tolist(), strict=True)
     ]
     total_ms = (time.monotonic() - arrived) * 1e3
-    met = engine.record_answer(plan, result, len(req.images), total_ms)
+    met = engine.record_answer(plan, result, len(req.images), req.payload_bytes, total_ms)
     row = engine.menu.rows[plan.stitch]
     return {
         "predictions": predictions,

@@ -97,31 +97,56 @@ def test_requests_of_several_images_count_per_image_cost_at_their_batch():
     assert max(c.allowed) == 3
 
 
-def test_corrections_converge_to_observed_over_profiled():
-    c = controller()
-    h = History(c)
-    for _ in range(20):  # stitch 4 runs 1.5x slower than profiled, stitch 2 as profiled
+def run_stitches(h: History, ratios: dict[int, float], steps: int, compute_s: float = 0.1):
+    """Each step, every stitch in ``ratios`` runs ``compute_s`` of profiled compute, taking
+    ``ratio`` times that."""
+    for _ in range(steps):
         r = h.r
         h.r = Reading(
             t=r.t + 0.25,
-            observed_s={4: r.observed_s.get(4, 0) + 0.15, 2: r.observed_s.get(2, 0) + 0.1},
-            profiled_s={4: r.profiled_s.get(4, 0) + 0.1, 2: r.profiled_s.get(2, 0) + 0.1},
+            observed_s={s: r.observed_s.get(s, 0) + compute_s * k for s, k in ratios.items()}
+            | {s: v for s, v in r.observed_s.items() if s not in ratios},
+            profiled_s={s: r.profiled_s.get(s, 0) + compute_s for s in ratios}
+            | {s: v for s, v in r.profiled_s.items() if s not in ratios},
         )
-        c.update(h.r)
+        h.c.update(h.r)
+
+
+def test_corrections_converge_to_observed_over_profiled():
+    c = controller()
+    h = History(c)
+    run_stitches(h, {4: 1.5, 2: 1.0}, steps=120)  # stitch 4 1.5x slower than profiled
     assert c.latency.correction(4) == pytest.approx(1.5, rel=1e-3)
     assert c.latency.correction(2) == pytest.approx(1.0, rel=1e-3)
-    assert c.latency.correction(7) == 1.0  # never ran: unchanged
     assert c.per_image_ms(4) == pytest.approx(7.5, rel=1e-3)
+    # The device level is their geometric mean; a stitch never run here is predicted at it.
+    assert c.device_factor == pytest.approx(1.5**0.5, rel=1e-3)
+    assert c.latency.correction(7) == pytest.approx(c.device_factor)
+
+
+def test_when_the_whole_device_slows_down_every_prediction_follows_within_a_few_batches():
+    """A co-tenant takes the cores: stitch 3 is seen running 3x slower; stitches not run since
+    (here 5 and 9) must not keep their profiled times."""
+    c = controller()
+    h = History(c)
+    run_stitches(h, {3: 1.0, 5: 1.0, 9: 1.0}, steps=20)  # as profiled
+    assert c.latency.correction(9) == pytest.approx(1.0)
+    run_stitches(h, {3: 3.0}, steps=3)  # three periods of 100 ms of compute, 3x slower
+    assert c.latency.correction(3) > 2.5
+    # Not run since: they follow the device (most of the slow-down is the device's, as far as
+    # one stitch's evidence can tell).
+    assert c.latency.correction(5) > 2.3 and c.latency.correction(9) > 2.3
+    run_stitches(h, {3: 1.0}, steps=4)  # the co-tenant leaves
+    assert c.latency.correction(9) < 1.2
 
 
 def test_fleet_figures_fill_in_stitches_never_run_here_and_floor_the_rate():
     c = controller()
     h = History(c)
-    c.fleet = Fleet(arrival_rate=800.0, replicas=4, corrections={7: 2.0, 4: 3.0})
-    r = h.r
-    h.r = Reading(t=r.t + 0.25, observed_s={4: 0.1}, profiled_s={4: 0.1})
-    c.update(h.r)
-    assert c.latency.correction(7) == 2.0  # from the fleet
+    c.fleet = Fleet(arrival_rate=800.0, replicas=4, corrections={7: 2.0, 4: 3.0, 1: 2.5})
+    run_stitches(h, {4: 1.0}, steps=1)
+    # Stitch 7 runs at 0.8x the fleet's median elsewhere; this device runs at its profile.
+    assert c.latency.correction(7) == pytest.approx(0.8)
     assert c.latency.correction(4) == pytest.approx(1.0)  # seen here: the local figure wins
     assert c.image_rate_used() == pytest.approx(200.0)  # 800 req/s over 4 replicas, 1 image each
     assert c.level > 0

@@ -168,3 +168,15 @@ def test_the_network_allowance_comes_off_every_budget():
     assert r.status == 422
     assert "5 ms reserved for the network (SNNET_NETWORK_MS)" in r.detail
     assert "latency_budget_ms >= 6.00" in r.detail
+
+
+def test_time_already_spent_and_the_payload_s_own_http_work_count():
+    planner, _, _ = make()
+    # Arrived 4 ms ago (reading and parsing its body): 6.5 ms left -> stitch 5 (6 ms).
+    plan = planner.plan(opts(latency_budget_ms=10.5), 1, NOW, arrived=NOW - 0.004)
+    assert stitch(plan) == 5 and plan.spent_ms == pytest.approx(4.0)
+    assert plan.deadline == pytest.approx(NOW + 0.0065)  # the budget counts from arrival
+    planner.ingress.seed([(0, 0.0), (100_000, 3.0)])  # decoding costs 3 ms per 100 KB here
+    plan = planner.plan(opts(latency_budget_ms=10.5), 1, NOW, payload_bytes=100_000)
+    assert stitch(plan) == 6 and plan.http_ms == pytest.approx(3.0)
+    assert plan.predicted_ms == pytest.approx(10.0)

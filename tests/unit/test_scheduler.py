@@ -164,8 +164,20 @@ def test_the_http_backlog_estimate():
         assert ing.unqueued == 0
     assert ing.unqueued == 0  # leaving twice counts once
     for _ in range(100):
-        ing.observe(total_ms=10.0, queue_ms=3.0, compute_ms=4.0)
+        ing.observe(payload_bytes=1000, after_plan_ms=2.0, http_ms=3.0)
     assert ing.http_ms == pytest.approx(3.0, rel=1e-3)
+
+
+def test_the_own_http_cost_is_a_line_in_the_payload_size_learnt_online():
+    ing = Ingress()
+    ing.seed([(300, 0.1), (170_000, 5.0)])  # start-up: a small PNG and a photo-sized JPEG
+    assert ing.own_ms(300) == pytest.approx(0.1, abs=0.01)
+    assert ing.own_ms(85_000) == pytest.approx(2.55, rel=0.02)
+    for i in range(400):  # the machine turns out twice as slow, plus 1 ms of JSON per request
+        nbytes = [500, 50_000, 200_000][i % 3]
+        ing.observe(nbytes, after_plan_ms=1.0 + 2 * 5.0 * nbytes / 170_000, http_ms=9.0)
+    assert ing.own_ms(200_000) == pytest.approx(1.0 + 2 * 5.0 * 200_000 / 170_000, rel=0.03)
+    assert ing.own_ms(0) == pytest.approx(1.0, abs=0.05)
 
 
 def test_loop_lag_shows_up_in_the_ingress_estimate():
