@@ -243,7 +243,14 @@ class ControllerState(BaseModel):
         description="Stitches requests may use while the server is busy, most accurate first "
         "(a request that finds the server idle may use every stitch)."
     )
-    corrections: dict[str, float] = Field(description="Observed / profiled compute time by stitch.")
+    device_factor: float = Field(
+        description="How much slower (>1) or faster than its profile this device runs now, for "
+        "every stitch: start-up calibration, then observed / predicted compute."
+    )
+    corrections: dict[str, float] = Field(
+        description="Observed / profiled compute time by stitch: the device factor times the "
+        "stitch's own factor."
+    )
     updates: int = Field(description="Controller iterations so far.")
     fleet: FleetState | None = Field(description="Figures from SNNET_PROMETHEUS_URL, if set.")
     mix: ControllerMix | None = Field(
@@ -265,7 +272,8 @@ class ControllerState(BaseModel):
                     "margin_ms": 1.8,
                     "target_utilisation": 0.8,
                     "allowed_stitches": [1, 20, 3, 0],
-                    "corrections": {"0": 1.02, "1": 0.97},
+                    "device_factor": 1.3,
+                    "corrections": {"0": 1.32, "1": 1.27},
                     "updates": 1200,
                     "fleet": None,
                 }
