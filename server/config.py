@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,11 +31,11 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Compute dtype; float16 needs CUDA (checked at start-up)."
     )
-    threads: int | None = Field(
-        None,
-        ge=1,
-        description="torch CPU threads (default on CPU: the cores minus one, at least 1, leaving "
-        "a core to the event loop).",
+    threads: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="torch CPU threads for the model. auto: measured at start-up on the largest "
+        "anchor, the cores minus one (leaving a core to the event loop) unless all the cores are "
+        "at least 15% faster; the choice is logged with its figures.",
     )
 
     worker: Literal["auto", "process", "thread"] = Field(
@@ -113,6 +113,14 @@ class Settings(BaseSettings):
     )
     profile_batch_sizes: list[int] | None = Field(
         None, description="Batch sizes to profile (default: 1, 2, 4, ... up to max_batch_size)."
+    )
+    profile_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="Time start-up may spend measuring stitch latencies on this device when no "
+        "stored profile covers them (the anchors are always measured); the rest are estimated "
+        "from GFLOPs, corrected online, and measured on later starts (the cache keeps what was "
+        "measured).",
     )
     profile_repeats: int = Field(
         5, ge=1, description="Timed runs per stitch and batch size (median kept)."

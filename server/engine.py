@@ -12,22 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
-import os
-import statistics
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 import snnet_core
 from snnet_core import (
-    DeviceFingerprint,
     LatencyProfile,
     Manifest,
     SNNet,
@@ -43,6 +38,7 @@ from .ingress import Ingress
 from .latency import LatencyModel
 from .metrics import Metrics
 from .planner import Plan, Planner
+from .profiling import calibrate, choose_profile, choose_threads
 from .runner import InlineRunner, ProcessRunner, RunnerError
 from .scheduler import Result, Scheduler
 
@@ -68,8 +64,9 @@ class Engine:
     device: torch.device
     dtype: torch.dtype
     transform: Callable  # PIL image -> (C, H, W) float32, as the manifest says
-    profile: LatencyProfile
-    profile_source: str  # "manifest", "cache <path>" or "measured ..."
+    profile: LatencyProfile  # every stitch at every batch size, measured or estimated
+    profile_source: str  # "manifest", "cache <path>" or "measured ...", and the calibration
+    estimated: frozenset[int]  # stitches whose profiled times are estimated from GFLOPs
     latency: LatencyModel
     runner: InlineRunner | ProcessRunner
     scheduler: Scheduler
@@ -115,20 +112,6 @@ class Engine:
         self.runner.close()
 
 
-def default_threads(device: torch.device) -> int | None:
-    """On CPU, one thread fewer than the cores this process may use (at least 1): the event loop
-    parses, decodes and answers on a core of its own. torch's default (one per core) makes the
-    model's threads and the event loop fight under load, and OpenMP threads that lose a core
-    stall the whole forward: on 2 cores a burst made batches 8x slower than profiled."""
-    if device.type != "cpu":
-        return None
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
-
-
 def build_engine(
     settings: Settings,
     metrics: Metrics,
@@ -170,19 +153,26 @@ def build_engine(
     # and a forward of a few hundred ops became 10x slower than profiled under a burst. Hand over
     # sooner. (The process worker avoids the wait altogether.)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    threads = s.threads or default_threads(device)
-    if threads:
-        torch.set_num_threads(threads)
     stage("loading checkpoint")
     net, manifest = snnet_core.load(s.weights)
     net = net.to(device, dtype).eval()
     menu = StitchMenu.of(manifest.stitches)
+    threads = None  # on CUDA: torch's default for the few CPU ops
+    if device.type == "cpu":
+        stage("choosing threads")
+        if s.threads == "auto":
+            threads, figures = choose_threads(net, menu)
+            log.info("threads: %d (SNNET_THREADS=auto; %s)", threads, figures)
+        else:
+            threads = s.threads
+        torch.set_num_threads(threads)
     log.info(
         "loaded %s: %s, %d stitches, on %s %s (%.1fs)", s.weights, ",".join(net.anchor_names),
         len(menu), device, s.dtype, time.perf_counter() - t0,
     )  # fmt: skip
     stage("latency profile")
-    profile, source = _choose_profile(s, net, manifest, device, dtype, check, cancel)
+    start = choose_profile(s, net, manifest, menu, device, dtype, check, cancel)
+    profile, source = start.profile, start.source
     latency = LatencyModel(profile)
     # Warm up where the model will run, at the smallest and the largest batch it will see.
     warm = sorted({1, s.max_batch_size})
@@ -210,7 +200,7 @@ def build_engine(
         ", ".join(f"{b} bytes {ms:.2f} ms" for b, ms in points),
     )
     stage("calibrating the latency profile")
-    factor, calibration = _calibrate(net, runner, latency, warm, check)
+    factor, calibration = calibrate(net, runner, latency, warm, check)
     source = f"{source}; {calibration}"
     scheduler = Scheduler(
         latency, runner, stitches=len(menu), max_batch=s.max_batch_size,
@@ -237,142 +227,10 @@ def build_engine(
     log.info("ready in %.1fs (profile: %s)", time.perf_counter() - t0, source)
     return Engine(
         settings=s, metrics=metrics, net=net, manifest=manifest, menu=menu, device=device,
-        dtype=dtype, transform=transform, profile=profile,
+        dtype=dtype, transform=transform, profile=profile, estimated=start.estimated,
         profile_source=source, latency=latency, runner=runner, scheduler=scheduler,
         controller=controller, ingress=ingress, planner=planner,
     )  # fmt: skip
-
-
-# -- the latency profile ----------------------------------------------------------------------
-
-
-def default_cache_path(settings: Settings, sha: str) -> Path:
-    if settings.profile_cache is not None:
-        return settings.profile_cache
-    if os.access(settings.weights, os.W_OK):
-        return settings.weights / "profiles.json"
-    return Path.home() / ".cache" / "snnet" / f"profiles-{sha[:16]}.json"
-
-
-def _covers(profile: LatencyProfile, stitches: int, batch_sizes: list[int]) -> bool:
-    return set(profile.latency_ms) >= set(range(stitches)) and all(
-        set(per_bs) >= set(batch_sizes) for per_bs in profile.latency_ms.values()
-    )
-
-
-def _choose_profile(
-    s: Settings,
-    net: SNNet,
-    manifest: Manifest,
-    device: torch.device,
-    dtype: torch.dtype,
-    check: Callable[[], None],
-    stop: threading.Event | None,
-) -> tuple[LatencyProfile, str]:
-    """The manifest's profile for this device, else the cache's, else a fresh measurement (kept
-    in the cache); and where it came from."""
-    fp = DeviceFingerprint.current(device, dtype)
-    sizes = s.batch_sizes()
-    found = manifest.profile_for(fp)
-    if found and _covers(found, len(net.stitches), sizes):
-        return found, "manifest"
-    cache = default_cache_path(s, manifest.weights_sha256)
-    cached = _read_cache(cache, manifest.weights_sha256)
-    for p in cached:
-        if p.fingerprint == fp and _covers(p, len(net.stitches), sizes):
-            return p, f"cache {cache}"
-    log.info(
-        "no latency profile for this device (%s, %s, %d threads): measuring %d stitches x batch "
-        "sizes %s", fp.device_name, fp.dtype, fp.threads, len(net.stitches), sizes,
-    )  # fmt: skip
-
-    def progress(done: int, total: int) -> None:
-        check()
-        _log_progress(done, total)
-
-    try:
-        profile = snnet_core.measure_latency(
-            net, None, sizes, warmup=1, repeats=s.profile_repeats, progress=False,
-            on_progress=progress, stop=stop,
-        )  # fmt: skip
-    except InterruptedError:
-        check()
-        raise
-    cached = [p for p in cached if p.fingerprint != fp] + [profile]
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        body = {
-            "weights_sha256": manifest.weights_sha256,
-            "profiles": [p.to_dict() for p in cached],
-        }
-        tmp.write_text(json.dumps(body, indent=1))
-        os.replace(tmp, cache)
-        return profile, f"measured, kept in {cache}"
-    except OSError as e:
-        log.warning("could not write the profile cache %s: %s", cache, e)
-        return profile, "measured (not cached)"
-
-
-CALIBRATION_TOLERANCE = 0.15
-CALIBRATION_REPEATS = 3
-
-
-def _calibrate(
-    net: SNNet,
-    runner: Callable[[torch.Tensor, int], torch.Tensor],
-    latency: LatencyModel,
-    batch_sizes: list[int],
-    check: Callable[[], None],
-) -> tuple[float, str]:
-    """Time the anchors where the model serves (through ``runner``: the same process layout,
-    threads and pipe as requests) against the profile; the device factor to start from, and
-    what was found.
-
-    A profile from the manifest or the cache names a CPU model, but on a virtual machine that
-    is not an identity: a slower machine with the same name used to inherit a faster one's
-    profile. Within ``CALIBRATION_TOLERANCE`` the profile is trusted as it is; otherwise every
-    prediction is rescaled by the median ratio (the controller refines it online).
-    """
-    anchors = [st.id for st in net.stitches if not st.cut]
-    ratios = []
-    for b in batch_sizes:
-        x = torch.zeros(b, *net.input_size)
-        for a in anchors:
-            times = []
-            for _ in range(CALIBRATION_REPEATS):
-                check()
-                t0 = time.perf_counter()
-                runner(x, a)
-                times.append((time.perf_counter() - t0) * 1e3)
-            ratios.append(statistics.median(times) / latency.base_ms(a, b))
-    ratio = statistics.median(ratios)
-    spread = f"anchors ran x{min(ratios):.2f}..x{max(ratios):.2f} of the profile here"
-    if abs(ratio - 1.0) <= CALIBRATION_TOLERANCE:
-        log.info("calibration: %s (median x%.2f): within %.0f%%, profile trusted",
-                 spread, ratio, CALIBRATION_TOLERANCE * 100)  # fmt: skip
-        return 1.0, f"calibrated x{ratio:.2f}, trusted"
-    log.warning("calibration: %s (median x%.2f): outside %.0f%%, every prediction rescaled by it",
-                spread, ratio, CALIBRATION_TOLERANCE * 100)  # fmt: skip
-    return ratio, f"calibrated x{ratio:.2f}, rescaled"
-
-
-def _log_progress(done: int, total: int) -> None:
-    if done == total or done % max(1, total // 10) == 0:
-        log.info("profiling: %d/%d measurements", done, total)
-
-
-def _read_cache(path: Path, sha: str) -> list[LatencyProfile]:
-    try:
-        if not path.is_file():
-            return []
-        raw = json.loads(path.read_text())
-        if raw.get("weights_sha256") != sha:
-            return []
-        return [LatencyProfile.from_dict(p) for p in raw["profiles"]]
-    except Exception as e:  # any unreadable cache is ignored, never fatal
-        log.warning("ignoring unreadable profile cache %s: %s", path, e)
-        return []
 
 
 # -- the app's view: before, during and after start-up ----------------------------------------

@@ -151,7 +151,12 @@ class StitchInfo(BaseModel):
     params_m: float
     accuracy: float | None
     latency_ms: dict[str, float] = Field(
-        description="Measured median ms on this device, by batch size."
+        description="Profiled median ms on this device, by batch size: measured, or estimated "
+        "from GFLOPs where `measured` is false."
+    )
+    measured: bool = Field(
+        description="Whether latency_ms was measured on this device (false: estimated from "
+        "GFLOPs at start-up within SNNET_PROFILE_SECONDS; predicted_ms learns it online)."
     )
     predicted_ms: dict[str, float] = Field(
         description="What the scheduler predicts now (profile x online correction)."
@@ -167,6 +172,7 @@ STITCH_EXAMPLE = {
     "params_m": 0.41,
     "accuracy": 97.1,
     "latency_ms": {"1": 1.9, "2": 2.1, "4": 2.4, "8": 3.0},
+    "measured": True,
     "predicted_ms": {"1": 2.0, "2": 2.2, "4": 2.5, "8": 3.1},
     "pareto": True,
 }

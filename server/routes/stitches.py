@@ -27,6 +27,7 @@ def _info(engine: Engine, row: StitchRow) -> dict:
         params_m=row.params_m,
         accuracy=row.accuracy,
         latency_ms={str(b): ms for b, ms in sorted(measured.items())},
+        measured=row.id not in engine.estimated,
         predicted_ms={
             str(b): round(engine.latency.predict_ms(row.id, b), 4) for b in sorted(measured)
         },

@@ -43,3 +43,61 @@ def test_a_stored_profile_that_this_machine_does_not_match_is_rescaled(tmp_path)
             assert predicted > 2.0 * optimistic.latency_ms[s][1]
     finally:
         engine.close()
+
+
+def test_start_up_measures_what_its_time_allows_and_estimates_the_rest(tmp_path):
+    """SNNET_PROFILE_SECONDS=0: only the anchors are measured, the rest estimated from GFLOPs;
+    the cache keeps the anchors, and the next start with time measures the rest."""
+    net = build_tiny(seed=4).eval()
+    manifest = snnet_core.new_manifest(net)
+    snnet_core.save(net, tmp_path / "ckpt", manifest)
+    common = dict(
+        weights=tmp_path / "ckpt", threads=1, worker="thread", max_batch_size=2,
+        profile_cache=tmp_path / "profiles.json", profile_repeats=2,
+    )  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        first = build_engine(Settings(**common, profile_seconds=0), Metrics(), Ingress())
+        first.close()
+        second = build_engine(Settings(**common, profile_seconds=60), Metrics(), Ingress())
+        second.close()
+    finally:
+        torch.set_num_threads(threads)
+    anchors = {r.id for r in first.menu.rows if len(r.anchors) == 1}
+    assert anchors == {0, 1, 2}
+    assert first.estimated == frozenset(range(len(first.menu))) - anchors
+    assert "measured 3 stitches" in first.profile_source
+    assert "20 estimated" in first.profile_source
+    for s in first.estimated:  # every stitch has a time at every batch size, in a sane range
+        assert set(first.profile.latency_ms[s]) == {1, 2}
+        assert 0 < first.profile.latency_ms[s][1] < 100
+    assert second.estimated == frozenset() and "measured 20 stitches" in second.profile_source
+    for s in anchors:  # reused from the cache, not measured again
+        assert second.profile.latency_ms[s] == first.profile.latency_ms[s]
+
+
+def test_threads_are_chosen_by_measurement_and_the_figures_are_logged(tmp_path, caplog):
+    from server.profiling import cores
+
+    net = build_tiny(seed=5).eval()
+    snnet_core.save(net, tmp_path / "ckpt")
+    settings = Settings(
+        weights=tmp_path / "ckpt", worker="thread", max_batch_size=1,
+        profile_cache=tmp_path / "profiles.json", profile_repeats=1,
+    )  # fmt: skip
+    assert settings.threads == "auto"
+    threads = torch.get_num_threads()
+    caplog.set_level("INFO", logger="snnet.engine")
+    try:
+        engine = build_engine(settings, Metrics(), Ingress())
+        chosen = torch.get_num_threads()
+        engine.close()
+    finally:
+        torch.set_num_threads(threads)
+    n = cores()
+    assert chosen in ({n - 1, n} if n > 1 else {1})
+    line = next(r.message for r in caplog.records if r.message.startswith("threads:"))
+    assert line.startswith(f"threads: {chosen} (SNNET_THREADS=auto; stitch 2 at batch 1:")
+    if n > 1:
+        assert f"{n - 1} threads" in line and f"{n} threads" in line
+    assert engine.profile.fingerprint.threads == chosen  # the profile was measured with them
