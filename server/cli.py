@@ -39,7 +39,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # A missing or corrupt checkpoint, or a device that is not there, is a start-up error,
         # reported before the port is bound.
         verify(settings.weights)
-        resolve_dtype(settings.dtype, resolve_device(settings.device))
+        device = resolve_device(settings.device)
+        if settings.dtype != "auto":
+            resolve_dtype(settings.dtype, device)
     except (CheckpointError, ValueError, RuntimeError) as e:
         print(f"error: cannot serve: {e}", file=sys.stderr)
         return 2

@@ -38,7 +38,7 @@ from .ingress import Ingress
 from .latency import LatencyModel
 from .metrics import Metrics
 from .planner import Plan, Planner
-from .profiling import calibrate, choose_profile, choose_threads
+from .profiling import calibrate, choose_dtype, choose_profile, choose_threads, cores
 from .runner import InlineRunner, ProcessRunner, RunnerError
 from .scheduler import Result, Scheduler
 
@@ -141,7 +141,7 @@ def build_engine(
 
     t0 = time.perf_counter()
     device = resolve_device(s.device)
-    dtype = resolve_dtype(s.dtype, device)
+    dtype = None if s.dtype == "auto" else resolve_dtype(s.dtype, device)
     worker = s.worker if s.worker != "auto" else ("process" if device.type == "cpu" else "thread")
     if worker == "process" and device.type != "cpu":
         raise ValueError(
@@ -155,9 +155,16 @@ def build_engine(
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     stage("loading checkpoint")
     net, manifest = snnet_core.load(s.weights)
-    net = net.to(device, dtype).eval()
     menu = StitchMenu.of(manifest.stitches)
     threads = None  # on CUDA: torch's default for the few CPU ops
+    if device.type == "cpu":  # dtype is measured with a core left to the event loop
+        torch.set_num_threads(max(1, cores() - 1))
+    if dtype is None:
+        stage("choosing the dtype")
+        name, figures = choose_dtype(net, menu, manifest, device)
+        dtype = snnet_core.DTYPES[name]
+        log.info("dtype: %s (SNNET_DTYPE=auto; %s)", name, figures)
+    net = net.to(device, dtype).eval()
     if device.type == "cpu":
         stage("choosing threads")
         if s.threads == "auto":
@@ -166,9 +173,10 @@ def build_engine(
         else:
             threads = s.threads
         torch.set_num_threads(threads)
+    dtype_name = str(dtype).removeprefix("torch.")
     log.info(
         "loaded %s: %s, %d stitches, on %s %s (%.1fs)", s.weights, ",".join(net.anchor_names),
-        len(menu), device, s.dtype, time.perf_counter() - t0,
+        len(menu), device, dtype_name, time.perf_counter() - t0,
     )  # fmt: skip
     stage("latency profile")
     start = choose_profile(s, net, manifest, menu, device, dtype, check, cancel)
@@ -218,7 +226,7 @@ def build_engine(
     metrics.model.info(
         {
             "anchors": ",".join(net.anchor_names), "family": net.family, "stitches": str(len(menu)),
-            "device": str(device), "dtype": s.dtype, "weights_sha256": manifest.weights_sha256[:16],
+            "device": str(device), "dtype": dtype_name, "weights_sha256": manifest.weights_sha256[:16],
             "profile": source, "worker": runner.kind,
         }
     )  # fmt: skip

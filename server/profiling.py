@@ -16,6 +16,7 @@ and calibrated where requests will run.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -273,3 +274,66 @@ def choose_threads(net: SNNet, menu: StitchMenu, repeats: int = 3) -> tuple[int,
     pick = n if ms[n] < (1 - THREADS_GAIN) * ms[n - 1] else n - 1
     figures = ", ".join(f"{k} threads {v:.2f} ms" for k, v in ms.items())
     return pick, f"stitch {largest} at batch 1: {figures}"
+
+
+DTYPE_ACCURACY_POINTS = 0.5  # a dtype may serve if no stitch loses more top-1 than this
+
+
+def eligible_dtypes(manifest: Manifest, device: torch.device) -> tuple[list[str], str]:
+    """float32, and each other dtype this device runs whose held-out top-1 the manifest records
+    (``snnet eval --dtype ... --write``) within ``DTYPE_ACCURACY_POINTS`` of float32 for every
+    stitch; and why the others are not."""
+    by_dtype = manifest.evaluation.get("accuracy_by_dtype", {})
+    every = {str(r["id"]) for r in manifest.stitches}
+    reference = by_dtype.get("float32", {})
+    ok, why = ["float32"], []
+    for name in ("bfloat16", "float16"):
+        if name == "float16" and device.type != "cuda":
+            continue
+        acc = by_dtype.get(name, {})
+        if not set(acc) >= every or not set(reference) >= every:
+            why.append(
+                f"{name}: no recorded accuracy for every stitch in it and in float32 "
+                f"(snnet eval --dtype {name} --write)"
+            )
+            continue
+        worst = max(reference[s] - acc[s] for s in every)
+        if worst > DTYPE_ACCURACY_POINTS:
+            why.append(f"{name}: loses up to {worst:.2f} points")
+        else:
+            ok.append(name)
+    return ok, "; ".join(why)
+
+
+def choose_dtype(
+    net: SNNet, menu: StitchMenu, manifest: Manifest, device: torch.device, repeats: int = 3
+) -> tuple[str, str]:
+    """The fastest eligible dtype for the largest anchor at batch 1 on ``device`` (float32 when
+    it is the only one eligible), and the figures behind the choice."""
+    names, why = eligible_dtypes(manifest, device)
+    if len(names) == 1:
+        return "float32", f"the only dtype eligible ({why})" if why else "the only dtype eligible"
+    anchors = [r for r in menu.rows if len(r.anchors) == 1]
+    largest = max(anchors, key=lambda r: r.gflops).id
+    ms = {}
+    with torch.inference_mode():
+        for name in names:
+            dtype = snnet_core.DTYPES[name]
+            # A copy: casting the net itself down and back would round its float32 weights.
+            trial = copy.deepcopy(net).to(device, dtype)
+            x = torch.zeros(1, *net.input_size, device=device, dtype=dtype)
+            trial(x, largest)
+            times = []
+            for _ in range(repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                trial(x, largest)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append((time.perf_counter() - t0) * 1e3)
+            ms[name] = statistics.median(times)
+            del trial
+    pick = min(ms, key=ms.get)
+    figures = ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items())
+    return pick, f"stitch {largest} at batch 1: {figures}" + (f"; {why}" if why else "")

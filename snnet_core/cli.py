@@ -248,6 +248,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, plot_accuracy
 
     net, manifest = load(args.weights)
+    device = resolve_device(args.device)
+    net = net.to(device, resolve_dtype(args.dtype, device))
     pre = manifest.preprocessing
     data = load_dataset(args.data, args.split, pre, training=False)
     if args.limit:
@@ -258,7 +260,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         (pre["mean"], pre["std"]),
         stitch_ids=args.stitches,
         batch_size=args.batch_size,
-        device=resolve_device(args.device),
+        device=device,
         progress=True,
     )
     rows = []
@@ -273,13 +275,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     "top5": res[r["id"]]["top5"],
                 }
             )
-            if args.write:
+            if args.write and args.dtype == "float32":
                 r["accuracy"] = round(res[r["id"]]["top1"], 2)
                 r["top5"] = round(res[r["id"]]["top5"], 2)
     if args.write:
-        manifest.evaluation = {"dataset": args.data, "split": args.split, "images": len(data)}
+        _record_evaluation(manifest, args.data, args.split, len(data), args.dtype, res)
         write_manifest(args.weights, manifest)
-        print(f"wrote accuracies into {args.weights}/manifest.json", file=sys.stderr)
+        print(f"wrote {args.dtype} accuracies into {args.weights}/manifest.json", file=sys.stderr)
     if args.plot:
         plot_accuracy(
             [{**r, "accuracy": res[r["id"]]["top1"]} for r in manifest.stitches if r["id"] in res],
@@ -288,6 +290,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"wrote {args.plot}", file=sys.stderr)
     print(json.dumps(rows, indent=1) if args.json else _format_table(rows, list(rows[0])))
     return 0
+
+
+def _record_evaluation(manifest, data: str, split: str, images: int, dtype: str, res) -> None:
+    """The manifest's ``evaluation``: what the accuracies are from, and top-1 per dtype (the
+    server runs a dtype other than float32 only where it is within 0.5 point of it). Figures of
+    other dtypes are kept while the dataset and split stay the same."""
+    ev = manifest.evaluation
+    same = ev.get("dataset") == data and ev.get("split") == split and ev.get("images") == images
+    by_dtype = dict(ev.get("accuracy_by_dtype", {})) if same else {}
+    by_dtype[dtype] = {str(s): round(r["top1"], 2) for s, r in sorted(res.items())}
+    manifest.evaluation = {
+        "dataset": data, "split": split, "images": images, "accuracy_by_dtype": by_dtype,
+    }  # fmt: skip
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -401,6 +416,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument(
         "--plot", help="write a PNG of accuracy vs GFLOPs (Pareto front, anchors marked)"
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(DTYPES),
+        help="evaluate in this dtype (with --write: recorded per dtype; the server's "
+        "SNNET_DTYPE=auto considers a dtype only where every stitch is within 0.5 point of float32)",
     )
     p.add_argument("--write", action="store_true", help="store the accuracies in the manifest")
     p.set_defaults(func=cmd_eval)

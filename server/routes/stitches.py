@@ -48,7 +48,7 @@ async def list_stitches(
     rows = [r for r in engine.menu.rows if not pareto or r.id in engine.menu.pareto]
     return {
         "device": str(engine.device),
-        "dtype": engine.settings.dtype,
+        "dtype": str(engine.dtype).removeprefix("torch."),
         "stitches": [_info(engine, r) for r in rows],
     }
 

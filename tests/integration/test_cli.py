@@ -107,6 +107,20 @@ def test_profile_writes_into_the_manifest(tmp_path):
     assert set(profile.latency_ms) == {0, 4} and profile.batch_sizes == [1, 2]
 
 
+def test_eval_records_accuracy_per_dtype(tmp_path):
+    """What SNNET_DTYPE=auto reads: held-out top-1 per dtype, beside float32's."""
+    snnet_core.save(build_tiny(), tmp_path)
+    common = ["eval", "--weights", str(tmp_path), "--data", "mnist", "--limit", "64", "--write"]
+    snnet(*common, "--stitches", "0,5", "--device", "cpu")
+    snnet(*common, "--stitches", "0,5", "--device", "cpu", "--dtype", "bfloat16")
+    _, manifest = snnet_core.load(tmp_path)
+    by_dtype = manifest.evaluation["accuracy_by_dtype"]
+    assert set(by_dtype) == {"float32", "bfloat16"}
+    assert set(by_dtype["bfloat16"]) == {"0", "5"} == set(by_dtype["float32"])
+    assert manifest.stitches[0]["accuracy"] == by_dtype["float32"]["0"]  # rows: float32 only
+    assert manifest.evaluation["images"] == 64
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -101,3 +101,37 @@ def test_threads_are_chosen_by_measurement_and_the_figures_are_logged(tmp_path, 
     if n > 1:
         assert f"{n - 1} threads" in line and f"{n} threads" in line
     assert engine.profile.fingerprint.threads == chosen  # the profile was measured with them
+
+
+def test_dtype_auto_takes_float32_unless_another_dtype_keeps_the_accuracy(tmp_path, caplog):
+    net = build_tiny(seed=6).eval()
+    manifest = snnet_core.new_manifest(net)
+    acc = {str(r["id"]): 90.0 for r in manifest.stitches}
+    settings = Settings(
+        weights=tmp_path / "ckpt", worker="thread", threads=1, max_batch_size=1,
+        profile_cache=tmp_path / "profiles.json", profile_repeats=1,
+    )  # fmt: skip
+    assert settings.dtype == "auto"
+    caplog.set_level("INFO", logger="snnet.engine")
+    threads = torch.get_num_threads()
+    try:
+        snnet_core.save(net, tmp_path / "ckpt", manifest)  # no accuracy per dtype recorded
+        first = build_engine(settings, Metrics(), Ingress())
+        first.close()
+        # bfloat16 recorded 0.4 points below float32 on every stitch: eligible, measured.
+        manifest.evaluation = {"accuracy_by_dtype": {
+            "float32": acc, "bfloat16": {k: v - 0.4 for k, v in acc.items()}}}  # fmt: skip
+        snnet_core.save(net, tmp_path / "ckpt", manifest)
+        second = build_engine(settings, Metrics(), Ingress())
+        second.close()
+    finally:
+        torch.set_num_threads(threads)
+    lines = [r.message for r in caplog.records if r.message.startswith("dtype:")]
+    assert first.dtype == torch.float32
+    assert lines[0].startswith("dtype: float32 (SNNET_DTYPE=auto; the only dtype eligible")
+    assert "bfloat16: no recorded accuracy for every stitch" in lines[0]
+    assert second.dtype in (torch.float32, torch.bfloat16)
+    assert "float32 " in lines[1] and "bfloat16 " in lines[1] and " ms" in lines[1]
+    # Trying bfloat16 did not round the weights it serves with.
+    served = next(second.net.parameters())
+    torch.testing.assert_close(served, next(first.net.parameters()).to(served.dtype))
