@@ -21,7 +21,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(
+    env: dict[str, str] | None = None, log: list[str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`snnet serve` on a free port with a fresh profile cache; returns when it is ready. The
+    log lines up to then are appended to ``log`` if given."""
     port = free_port()
     cache = Path(tempfile.mkdtemp()) / "profiles.json"
     proc = subprocess.Popen(
@@ -30,6 +34,8 @@ def start_server(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, s
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     for line in proc.stderr:
+        if log is not None:
+            log.append(line)
         if "ready in" in line:
             break
         if "Traceback" in line or "error:" in line:

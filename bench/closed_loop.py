@@ -119,7 +119,7 @@ def main() -> None:
                 f"median {statistics.median(r[1] for r in sub):.2f} ms"
             )
     print(
-        f"controller at the end: margin {state.get('margin_ms')} ms, load level "
+        f"controller at the end: margin {state.get('margin')}, load level "
         f"{state.get('load_level')}, arrival rate {state.get('arrival_rate')}/s"
     )
     usage = collections.Counter(r[3] for r in ok)

@@ -213,7 +213,7 @@ def run_policy(
             s = c.get("/controller")
             timeline.append(
                 {"t": time.monotonic() - start, "load_level": s["load_level"],
-                 "queued_work_ms": s["queued_work_ms"], "margin_ms": s["margin_ms"]}
+                 "queued_work_ms": s["queued_work_ms"], "margin": s["margin"]}
             )  # fmt: skip
         c.close()
 
@@ -438,9 +438,7 @@ def main() -> None:
         for records, _ in results.values():
             w.writerows(asdict(r) for r in records)
     with (out / "controller.csv").open("w", newline="") as f:
-        w = csv.DictWriter(
-            f, fieldnames=["policy", "t", "load_level", "queued_work_ms", "margin_ms"]
-        )
+        w = csv.DictWriter(f, fieldnames=["policy", "t", "load_level", "queued_work_ms", "margin"])
         w.writeheader()
         for policy, (_, timeline) in results.items():
             w.writerows({"policy": policy, **s} for s in timeline)

@@ -84,7 +84,9 @@ class Engine:
         # The margin covers what the planner cannot plan: HTTP work and compute running over the
         # prediction. Not the queue wait: under earliest-deadline-first a request may wait longer
         # than predicted by design, for one due sooner, within its deadline (admission checks it).
-        self.controller.observe_residual(total_ms - result.queue_ms - plan.outside_queue_ms)
+        self.controller.observe_residual(
+            total_ms - plan.spent_ms - result.queue_ms, plan.outside_queue_ms
+        )
         met = total_ms + self.settings.network_ms <= plan.budget_ms
         m = self.metrics
         m.stitch_chosen.labels(str(plan.stitch)).inc()

@@ -47,17 +47,18 @@ class Plan:
     http_ms: float  # predicted HTTP work of its own from here: decoding, answering
     queue_ms: float  # predicted wait for the model: work due before it
     compute_ms: float  # predicted compute of the batch it will run in
-    margin_ms: float  # the controller's safety margin, included in admission
+    margin_ms: float  # the controller's safety margin for it, included in admission
 
     @property
     def predicted_ms(self) -> float:
         """Predicted server time without the margin (what ``timing.predicted_ms`` reports)."""
-        return self.outside_queue_ms + self.queue_ms
+        return self.spent_ms + self.outside_queue_ms + self.queue_ms
 
     @property
     def outside_queue_ms(self) -> float:
-        """Predicted time outside the model queue: what the safety margin learns from."""
-        return self.spent_ms + self.ingress_ms + self.http_ms + self.compute_ms
+        """Predicted time outside the model queue, from planning on: what the safety margin
+        learns from."""
+        return self.ingress_ms + self.http_ms + self.compute_ms
 
 
 class Planner:
@@ -177,16 +178,16 @@ class Planner:
         """The first stitch of ``pool`` that fits its budget behind the queue without making a
         queued request late; else a 503 that says which of the two rules refused it."""
         server_budget = budget - self.network_ms
-        margin = self.controller.margin_ms
+        pad = 1.0 + self.controller.margin  # the safety margin, on what is predicted
         ingress = self.ingress.wait_ms()
         http = self.ingress.own_ms(payload_bytes)
-        outside = spent + ingress + http + margin  # everything but the queue and compute
         fits, queue_ms = False, view.ahead_ms
         for s in pool:
             before = self.scheduler.batches_ms(s, view.counts.get(s, 0))
             compute = self.scheduler.batches_ms(s, view.counts.get(s, 0) + n)
             queue_ms = view.ahead_ms - before  # its batch starts where its stitch's queue does
-            if outside + queue_ms + compute > server_budget:
+            margin = (pad - 1.0) * (ingress + http + compute)
+            if spent + ingress + http + compute + margin + queue_ms > server_budget:
                 continue
             fits = True
             if compute - before <= view.later_slack_ms - margin:
@@ -194,13 +195,15 @@ class Planner:
         if not fits and not view.busy and not self.ingress.others():
             # Nothing ahead of it: waiting would not help, the budget is below what the fastest
             # stitch needs on this server now (its compute plus HTTP work and safety margin).
-            need = min(self.scheduler.batches_ms(s, n) for s in pool) + outside
+            fastest = min(self.scheduler.batches_ms(s, n) for s in pool)
+            need = spent + pad * (ingress + http + fastest)
             least = math.ceil((need + self.network_ms) * 100) / 100
             return Refusal(
                 422,
                 f"latency_budget_ms={budget:g} is below what this request needs on this server "
                 f"even when idle ({need:.2f} ms: compute, HTTP work for its {payload_bytes} bytes "
-                f"and the {margin:.2f} ms safety margin); allowed: latency_budget_ms >= {least:.2f}",
+                f"and a {100 * (pad - 1):.0f}% safety margin); allowed: latency_budget_ms >= "
+                f"{least:.2f}",
             )
         retry = max(1, math.ceil((ingress + queue_ms) / 1e3))
         if fits:

@@ -240,9 +240,10 @@ class ControllerState(BaseModel):
     queued_work_ms: float = Field(
         description="Predicted compute of the work waiting (not the batch in flight)."
     )
-    margin_ms: float = Field(
-        description="Safety margin added to predictions: p95 of how much longer than predicted "
-        "recent requests spent outside the model queue."
+    margin: float = Field(
+        description="Safety margin: the fraction by which predictions of the time outside the "
+        "model queue are padded; p95 of (measured / predicted) - 1 over recent answers, at most "
+        "0.5 (0.2 until there are 20 answers)."
     )
     target_utilisation: float
     allowed_stitches: list[int] = Field(
@@ -275,7 +276,7 @@ class ControllerState(BaseModel):
                     "images_per_request": 4.0,
                     "mean_budget_ms": 100.0,
                     "queued_work_ms": 12.5,
-                    "margin_ms": 1.8,
+                    "margin": 0.08,
                     "target_utilisation": 0.8,
                     "allowed_stitches": [1, 20, 3, 0],
                     "device_factor": 1.3,

@@ -47,6 +47,7 @@ def make(ms_of=per_image, *, max_batch=4, max_queue=64, **planner_kw):
         metrics=Metrics(),
     )  # fmt: skip
     controller = Controller(latency, m.ranking, max_batch=max_batch, scores=m.scores)
+    controller.margin = 0.0  # no safety margin unless a test says so (it never steps here)
     ingress = Ingress()
     ingress.seed([(0, 0.0)])  # no HTTP work unless a test says so
     planner = Planner(

@@ -152,21 +152,21 @@ def test_fleet_figures_fill_in_stitches_never_run_here_and_floor_the_rate():
     assert c.level > 0
 
 
-def test_margin_is_a_capped_95th_percentile_of_what_the_prediction_missed():
+def test_margin_is_a_capped_95th_percentile_of_how_far_predictions_ran_over():
     c = controller()
     h = History(c)
-    for ms in range(40):
-        c.observe_residual(ms)
+    for k in range(15):
+        c.observe_residual(10.0 + k / 10, 10.0)  # over by 0..1.4%
     h.run(0.25, rps=0)
-    assert c.margin_ms == 0  # too few answers to trust a percentile
-    for ms in range(200):
-        c.observe_residual(ms / 10)
+    assert c.margin == 0.2  # too few answers to trust a percentile: the prior
+    for k in range(100):  # over by 0..49.5%: relative, whatever the size of the prediction
+        c.observe_residual((1 + k / 200) * (3.0 if k % 2 else 150.0), 3.0 if k % 2 else 150.0)
     h.run(0.25, rps=0)
-    assert c.margin_ms == pytest.approx(28.0)  # 95th of 0..39 and 0..19.9 ms
-    for _ in range(50):
-        c.observe_residual(500.0)  # a stall
+    assert c.margin == pytest.approx(0.47)  # the 95th percentile of the 115
+    for _ in range(200):
+        c.observe_residual(500.0, 10.0)  # stalls
     h.run(0.25, rps=10, budget_ms=100)
-    assert c.margin_ms == 25.0  # a quarter of the mean budget at most
+    assert c.margin == 0.5  # at most
 
 
 def test_read_metrics_takes_the_figures_from_the_registry():

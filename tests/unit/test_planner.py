@@ -152,12 +152,13 @@ def test_the_http_backlog_and_the_margin_count_in_the_prediction():
     planner.controller.level = 0.0
     plan = planner.plan(opts(latency_budget_ms=12.0), 1, NOW)
     assert stitch(plan) == 5 and plan.ingress_ms == pytest.approx(6.0)
-    planner.controller.margin_ms = 3.0
-    assert stitch(planner.plan(opts(latency_budget_ms=12.0), 1, NOW)) == 2
+    planner.controller.margin = 0.5  # pad the 6 ms backlog and compute by half: 9 + 1.5 x s
+    plan = planner.plan(opts(latency_budget_ms=12.0), 1, NOW)
+    assert stitch(plan) == 1 and plan.margin_ms == pytest.approx(4.0)
     assert planner.plan(opts(latency_budget_ms=9.5), 1, NOW).status == 503  # others ahead
     planner.ingress.unqueued = 1  # alone and idle: no point in retrying, say what would do
-    r = planner.plan(opts(latency_budget_ms=3.5), 1, NOW)
-    assert r.status == 422 and "latency_budget_ms >= 4.00" in r.detail
+    r = planner.plan(opts(latency_budget_ms=1.2), 1, NOW)
+    assert r.status == 422 and "latency_budget_ms >= 1.50" in r.detail
 
 
 def test_the_network_allowance_comes_off_every_budget():

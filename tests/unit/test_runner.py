@@ -5,6 +5,7 @@ having run before it (or not)."""
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +76,20 @@ def test_ctrl_c_to_the_process_group_leaves_the_child_serving(own_child, digits)
     os.kill(pid, signal.SIGINT)
     assert proc(digits[0][:2], 0).shape == (2, 10)
     assert (proc.pid, proc.restarts) == (pid, restarts)
+
+
+def test_the_child_gets_a_short_openmp_spin_unless_the_user_set_one(net, monkeypatch):
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    proc = ProcessRunner(net, torch.float32, threads=1)
+    try:
+        env = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+        assert b"GOMP_SPINCOUNT=10000" in env
+        assert "GOMP_SPINCOUNT" not in os.environ  # this process's environment is as it was
+    finally:
+        proc.close()
+    monkeypatch.setenv("GOMP_SPINCOUNT", "123")
+    proc = ProcessRunner(net, torch.float32, threads=1)
+    try:
+        assert b"GOMP_SPINCOUNT=123" in Path(f"/proc/{proc.pid}/environ").read_bytes()
+    finally:
+        proc.close()
