@@ -185,11 +185,16 @@ def test_a_signal_during_start_up_stops_the_server_at_once(tmp_path, sig):
             "SNNET_PROFILE_SECONDS": "600",
         }
     )
-    srv.wait_for("measuring the rest")
-    start = time.monotonic()
-    srv.proc.send_signal(sig)
-    code = srv.proc.wait(30)
-    took = time.monotonic() - start
+    try:
+        srv.wait_for("measuring the rest")
+        start = time.monotonic()
+        srv.proc.send_signal(sig)
+        code = srv.proc.wait(30)
+        took = time.monotonic() - start
+    finally:
+        if srv.proc.poll() is None:  # never left running, whatever failed
+            srv.proc.kill()
+            srv.proc.wait(30)
     assert code in (0, 130, -sig), code  # 130: Ctrl-C, as a shell reports it
     assert took < 10, f"took {took:.1f} s to stop"  # the profile alone would take minutes
     print(f"stopped {took:.2f} s after {sig.name}")
