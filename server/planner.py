@@ -85,12 +85,8 @@ class Planner:
         network_ms: float = 0.0,
         baseline_policies: bool = False,
     ) -> None:
-        self.menu, self.scheduler, self.controller, self.ingress = (
-            menu,
-            scheduler,
-            controller,
-            ingress,
-        )
+        self.menu, self.scheduler = menu, scheduler
+        self.controller, self.ingress = controller, ingress
         self.default_budget_ms, self.network_ms = default_budget_ms, network_ms
         self.baseline_policies = baseline_policies
 
