@@ -11,6 +11,7 @@ attribute that may be unset. ``Lifecycle`` is what the app holds before and afte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import sys
@@ -261,6 +262,7 @@ class Lifecycle:
         self.detail = "loading"
         self.started = threading.Event()  # set when start() finished, well or not
         self.cancel = threading.Event()  # set to stop start-up early
+        self._started_async: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
 
     def _status(self, detail: str) -> None:
         self.detail = detail
@@ -287,10 +289,15 @@ class Lifecycle:
             log.exception("start-up failed")
         finally:
             self.started.set()
+            if self._started_async is not None:
+                loop, event = self._started_async
+                with contextlib.suppress(RuntimeError):  # the loop is already closed
+                    loop.call_soon_threadsafe(event.set)
 
     def start_in_background(self) -> threading.Thread:
         """``start`` in a daemon thread: a process told to stop during start-up need not wait
-        for it (see ``shutdown``)."""
+        for it (see ``shutdown``). Call from the event loop: ``run_controller`` awaits it."""
+        self._started_async = (asyncio.get_running_loop(), asyncio.Event())
         thread = threading.Thread(target=self.start, name="snnet-startup", daemon=True)
         thread.start()
         return thread
@@ -303,8 +310,7 @@ class Lifecycle:
             self.cancel.set()
             log.info("stopping during start-up (%s)", self.detail)
             await asyncio.to_thread(self.started.wait, startup_wait_s)
-        if self.engine is not None:
-            await asyncio.to_thread(self.engine.close)
+        await asyncio.to_thread(self.stop)
 
     def stop(self) -> None:
         if self.engine is not None:
@@ -314,8 +320,8 @@ class Lifecycle:
         """The controller loop: every period, step the controller; query Prometheus (if
         configured) in a thread, never waiting on it. Starts once the engine is ready."""
         s = self.settings
-        while not self.started.is_set():  # polled, not awaited in a thread that could outlive us
-            await asyncio.sleep(0.05)
+        if self._started_async is not None:
+            await self._started_async[1].wait()
         engine = self.engine
         if engine is None:
             return

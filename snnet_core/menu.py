@@ -87,10 +87,3 @@ class StitchMenu:
                 f"unknown stitch_id {stitch_id}; valid ids are 0..{len(self.rows) - 1}"
             )
         return self.rows[stitch_id]
-
-    def best(self, candidates: Iterable[int] | None = None) -> int:
-        """The most preferred stitch among ``candidates`` (all if None)."""
-        if candidates is None:
-            return self.ranking[0]
-        pool = set(candidates)
-        return next(s for s in self.ranking if s in pool)
