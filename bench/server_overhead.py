@@ -1,79 +1,102 @@
-"""Server overhead at batch 1: end-to-end HTTP time minus the model's compute time, one run.
+"""Server overhead at batch 1 against the framework's floor, side by side in one run.
 
-    python bench/server_overhead.py [--requests 300] [--stitch 2]
+    python bench/server_overhead.py [--requests 300] [--stitch 2] [--rounds 5]
 
-Starts `snnet serve` on the bundled weights, sends sequential single-image requests for one
-stitch, and prints medians of: client round trip, server-reported compute, their difference per
-request (the overhead: HTTP, parsing, decoding, queueing), and, for reference, the same stitch's
-forward timed in this process. Target: overhead median <= 3 ms.
+Starts `snnet serve` on the bundled weights and a bare FastAPI app on the same uvicorn
+(``bench/_bare.py``: its POST route only reads the body and answers a small JSON), and drives
+both with the same sequential keep-alive ``http.client`` loop and the same 28x28 PNG digits as
+multipart, in alternating rounds. Prints medians of: our round trip, the server-reported compute
+(which includes the hop to the model process), our overhead (round trip - compute, per request:
+HTTP, parsing, decoding, planning, queueing, answering), the bare app's round trip, and their
+ratio (target: <= 1.5). Ends with one JSON line: ``{"overhead_ms", "bare_ms", "ratio", ...}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server import Client, digit_pngs, start_server  # noqa: E402
+from _server import Client, digit_pngs, free_port, start_server  # noqa: E402
 
-import snnet_core  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
-ROOT = Path(__file__).resolve().parents[1]
+
+def start_bare() -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(HERE / "_bare.py"), str(port)])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:  # uvicorn logs nothing at warning level: poll until it accepts a connection
+        try:
+            Client(url).get("/openapi.json")
+            return proc, url
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit("the bare FastAPI app did not start") from None
+            time.sleep(0.05)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--requests", type=int, default=300, help="per server, over all rounds")
     ap.add_argument("--stitch", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    proc, url = start_server()
     pngs = digit_pngs()
-    rtt, compute, overhead = [], [], []
+    ours, url = start_server()
+    bare, bare_url = start_bare()
+    rtt, compute, overhead, floor = [], [], [], []
+    per_round = max(1, args.requests // args.rounds)
     try:
-        client = Client(url)
-        for i in range(args.requests + 20):
-            t0 = time.perf_counter()
-            status, body = client.classify(pngs[i % len(pngs)], stitch_id=args.stitch)
-            ms = (time.perf_counter() - t0) * 1e3
-            if status != 200:
-                raise SystemExit(f"status {status}: {body}")
-            if i >= 20:  # warm-up
-                c = body["timing"]["compute_ms"]
-                rtt.append(ms)
-                compute.append(c)
-                overhead.append(ms - c)
+        client, peer = Client(url), Client(bare_url)
+        for r in range(args.rounds + 1):  # round 0 warms both up and is not counted
+            for i in range(per_round):
+                t0 = time.perf_counter()
+                status, body = client.classify(pngs[i % len(pngs)], stitch_id=args.stitch)
+                ms = (time.perf_counter() - t0) * 1e3
+                if status != 200:
+                    raise SystemExit(f"status {status}: {body}")
+                if r:
+                    rtt.append(ms)
+                    compute.append(body["timing"]["compute_ms"])
+                    overhead.append(ms - body["timing"]["compute_ms"])
+            for i in range(per_round):
+                t0 = time.perf_counter()
+                status, _ = peer.classify(pngs[i % len(pngs)], stitch_id=args.stitch)
+                ms = (time.perf_counter() - t0) * 1e3
+                if status != 200:
+                    raise SystemExit(f"bare app: status {status}")
+                if r:
+                    floor.append(ms)
         client.close()
+        peer.close()
     finally:
-        proc.terminate()
-        proc.wait(30)
-    net, _ = snnet_core.load(ROOT / "weights")
-    x = torch.zeros(1, *net.input_size)
-    local = []
-    with torch.inference_mode():
-        for _ in range(args.requests):
-            t0 = time.perf_counter()
-            net(x, args.stitch)
-            local.append((time.perf_counter() - t0) * 1e3)
+        for p in (ours, bare):
+            p.terminate()
+            p.wait(30)
     med = statistics.median
+    p90 = sorted(overhead)[int(0.9 * len(overhead))]
+    ratio = med(overhead) / med(floor)
     print(
-        f"# stitch {args.stitch}, batch 1, {args.requests} sequential requests, keep-alive "
-        f"http.client; server SNNET_THREADS={os.environ.get('SNNET_THREADS', 'default')}"
+        f"# stitch {args.stitch}, batch 1, {len(rtt)} sequential requests per server in "
+        f"{args.rounds} alternating rounds, keep-alive http.client, one 28x28 PNG as multipart; "
+        f"server SNNET_THREADS={os.environ.get('SNNET_THREADS', 'default')}"
     )
-    print(f"client round trip      median {med(rtt):7.3f} ms")
-    print(f"server compute         median {med(compute):7.3f} ms")
-    print(f"in-process forward     median {med(local):7.3f} ms")
-    print(
-        f"overhead (rtt-compute) median {med(overhead):7.3f} ms   p90 {sorted(overhead)[int(0.9 * len(overhead))]:.3f} ms  (target <= 3 ms)"
-    )
-    # The server's compute includes handing the batch to the model process and back (on CPU);
-    # counting that as overhead too:
-    print(f"rtt - in-process fwd   median {med(rtt) - med(local):7.3f} ms")
+    print(f"snnet serve round trip        median {med(rtt):7.3f} ms")
+    print(f"  server compute (with hop)   median {med(compute):7.3f} ms")
+    print(f"  overhead (rtt - compute)    median {med(overhead):7.3f} ms   p90 {p90:.3f} ms")
+    print(f"bare FastAPI round trip       median {med(floor):7.3f} ms")
+    print(f"ratio overhead / bare         {ratio:7.2f}   (target <= 1.5)")
+    print(json.dumps({"overhead_ms": round(med(overhead), 3), "bare_ms": round(med(floor), 3),
+                      "ratio": round(ratio, 2), "rtt_ms": round(med(rtt), 3),
+                      "compute_ms": round(med(compute), 3), "overhead_p90_ms": round(p90, 3)}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .config import Settings, get_settings
 from .engine import Lifecycle
 from .errors import ComputeError, Refusal
-from .ingress import Ingress
+from .ingress import ARRIVED, Ingress
 from .metrics import Metrics
 from .routes import router
 
@@ -54,6 +54,9 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
+        # When the request reached the app: handlers count their budget from here, so what
+        # routing and dependencies take is inside the time the server reports and predicts.
+        scope[ARRIVED] = time.monotonic()
         status = 500
 
         async def send_and_record(message) -> None:

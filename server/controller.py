@@ -21,7 +21,7 @@ met / missed / shed) and the scheduler's predicted queue wait, and updates:
   ``release_per_s`` per second, so it does not flap. Stitches whose per-image cost is above
   ``max - L * (max - min)`` are left out of budget-driven choices;
 - **safety margin**: a fraction by which the planner pads what it predicts outside the model
-  queue (HTTP backlog, the request's own HTTP work, compute): the 95th percentile of
+  queue (HTTP backlog, the request's own HTTP work, compute): the 99th percentile of
   (server time outside the queue / its prediction) - 1 over the answered requests of the last
   30 s (at least 20, at most 256; at most 0.5; 0.2 until there are 20), so that what the
   latency model does not see
@@ -152,6 +152,8 @@ class PrometheusSource:
 
 
 MARGIN_MIN_ANSWERS = 20
+# The margin covers this share of recent answers: what the budget promise is measured against.
+MARGIN_QUANTILE = 0.99
 MAX_MARGIN = 0.5
 # Until there are enough answers to measure it: the first requests of a fresh process run cold
 # paths (a DeiT net here missed 5 of its first 10 budgets by 5-30% with no margin).
@@ -331,12 +333,14 @@ class Controller:
             while self._residuals and self._residuals[0][0] < oldest:
                 self._residuals.popleft()
             ratios = sorted(r for _, r in self._residuals)
-        # The 95th percentile of at least MARGIN_MIN_ANSWERS, at most MAX_MARGIN: a few stalls
+        # The MARGIN_QUANTILE of at least MARGIN_MIN_ANSWERS, at most MAX_MARGIN: a few stalls
         # (a GC pause, a burst) must not make the margin shed everything.
         if len(ratios) < MARGIN_MIN_ANSWERS:
             self.margin = MARGIN_PRIOR
             return
-        self.margin = min(MAX_MARGIN, max(0.0, ratios[int(0.95 * len(ratios))] - 1.0))
+        self.margin = min(
+            MAX_MARGIN, max(0.0, ratios[int(MARGIN_QUANTILE * (len(ratios) - 1))] - 1.0)
+        )
 
     def image_rate_used(self) -> float:
         """Local images/s, floored by the fleet's per-replica share when Prometheus is known."""

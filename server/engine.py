@@ -184,7 +184,6 @@ def build_engine(
     stage("latency profile")
     start = choose_profile(s, net, manifest, menu, device, dtype, check, cancel)
     profile, source = start.profile, start.source
-    latency = LatencyModel(profile)
     # Warm up where the model will run, at the smallest and the largest batch it will see.
     warm = sorted({1, s.max_batch_size})
     if worker == "process":
@@ -196,13 +195,17 @@ def build_engine(
             raise
     else:
         stage("warming up")
-        runner = InlineRunner(net, device, dtype)
+        runner = InlineRunner(net, device, dtype, s.max_batch_size)
         runner.warm_up(warm, check)
     try:
         check()
     except StartupCancelled:
         runner.close()
         raise
+    if runner.kind == "process":
+        # The model has its own process and threads; this one decodes one image at a time, and
+        # an OpenMP team here would only contend with the model's for the cores.
+        torch.set_num_threads(1)
     transform = make_transform(manifest.preprocessing)
     points = decode_cost_points(transform)
     ingress.seed(points)
@@ -211,15 +214,16 @@ def build_engine(
         ", ".join(f"{b} bytes {ms:.2f} ms" for b, ms in points),
     )
     stage("calibrating the latency profile")
-    factor, calibration = calibrate(net, runner, latency, warm, check)
+    serving, calibration = calibrate(net, runner, profile, warm, check)
     source = f"{source}; {calibration}"
+    latency = LatencyModel(serving)
     scheduler = Scheduler(
         latency, runner, stitches=len(menu), max_batch=s.max_batch_size,
         max_wait_ms=s.max_batch_wait_ms, max_queue=s.max_queue, metrics=metrics,
     )  # fmt: skip
     controller = Controller(
         latency, menu.ranking, max_batch=s.max_batch_size, scores=menu.scores,
-        target_utilisation=s.target_utilisation, device_factor=factor,
+        target_utilisation=s.target_utilisation,
     )  # fmt: skip
     planner = Planner(
         menu, scheduler, controller, ingress, default_budget_ms=s.default_budget_ms,

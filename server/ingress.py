@@ -20,6 +20,8 @@ import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+ARRIVED = "snnet.arrived"  # ASGI scope key: time.monotonic() when the request reached the app
+
 
 class Ingress:
     """Requests in the HTTP layer (not yet queued for the model), their cost and the loop's lag.

@@ -152,7 +152,7 @@ def test_fleet_figures_fill_in_stitches_never_run_here_and_floor_the_rate():
     assert c.level > 0
 
 
-def test_margin_is_a_capped_95th_percentile_of_how_far_predictions_ran_over():
+def test_margin_is_a_capped_99th_percentile_of_how_far_predictions_ran_over():
     c = controller()
     h = History(c)
     for k in range(15):
@@ -162,7 +162,7 @@ def test_margin_is_a_capped_95th_percentile_of_how_far_predictions_ran_over():
     for k in range(100):  # over by 0..49.5%: relative, whatever the size of the prediction
         c.observe_residual((1 + k / 200) * (3.0 if k % 2 else 150.0), 3.0 if k % 2 else 150.0)
     h.run(0.25, rps=0)
-    assert c.margin == pytest.approx(0.47)  # the 95th percentile of the 115
+    assert c.margin == pytest.approx(0.485)  # the 99th percentile of the 115
     for _ in range(200):
         c.observe_residual(500.0, 10.0)  # stalls
     h.run(0.25, rps=10, budget_ms=100)

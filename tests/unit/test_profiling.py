@@ -1,0 +1,53 @@
+"""Start-up estimates of stitches the profile did not measure."""
+
+import statistics
+
+import pytest
+
+from server.profiling import _affine_fit, _at, estimate
+from snnet_core import StitchMenu, StitchRow
+from snnet_core.profile import DeviceFingerprint, LatencyProfile
+
+
+def _menu(gflops: dict[int, float], anchors: set[int]) -> StitchMenu:
+    return StitchMenu.of(
+        StitchRow(s, f"stitch {s}", ("a",) if s in anchors else ("a", "b"), g, 1.0, None)
+        for s, g in gflops.items()
+    )
+
+
+def test_an_unmeasured_stitch_is_estimated_no_cheaper_than_the_measured_routes_like_it():
+    """Anchors cost 10 ms per GFLOP, measured stitched routes up to 1.3x the line through all of
+    them: an unmeasured stitched route is predicted at that worst ratio, not on the line, so
+    its first run does not send a request over budget."""
+    gflops = {0: 1.0, 1: 4.0, 2: 2.0, 3: 3.0, 4: 2.5}
+    menu = _menu(gflops, anchors={0, 1})
+    fp = DeviceFingerprint("cpu", "test", "x", 1, "float32")
+    measured = {0: 10.0, 1: 40.0, 2: 26.0, 3: 33.0}  # stitch 2: 1.3x, stitch 3: 1.1x of 10/GFLOP
+    profile = LatencyProfile(fp, [1], {s: {1: ms} for s, ms in measured.items()})
+
+    full, estimated = estimate(profile, menu, [1])
+
+    assert estimated == frozenset({4})
+    assert {s: full.latency_ms[s][1] for s in measured} == measured  # measured ones kept as is
+    fit = statistics.linear_regression([gflops[s] for s in measured], list(measured.values()))
+    on_line = {s: fit.intercept + fit.slope * g for s, g in gflops.items()}
+    pad = max(measured[2] / on_line[2], measured[3] / on_line[3])
+    assert pad > 1.15
+    assert abs(full.latency_ms[4][1] - pad * on_line[4]) < 1e-3
+    assert full.latency_ms[4][1] > on_line[4]
+
+
+def test_calibration_fits_a_per_batch_cost_and_a_factor_over_the_anchors():
+    """Served = 1.1 x profiled + 2 ms (a hop to the model process) at batch 1, + 5 ms at 8: the
+    fit recovers both, so a small stitch gets its 2 ms rather than a share of a factor."""
+    small, mid, large = 15.0, 40.0, 150.0
+    at1 = _affine_fit([(p, 1.1 * p + 2.0) for p in (small, mid, large)])
+    at8 = _affine_fit([(8 * p, 1.1 * 8 * p + 5.0) for p in (small, mid, large)])
+    assert at1 == pytest.approx((1.1, 2.0)) and at8 == pytest.approx((1.1, 5.0))
+    fits = {1: at1, 8: at8}
+    assert _at(fits, 4) == pytest.approx((1.1, 2.0 + 3 / 7 * 3.0))  # between: interpolated
+    assert _at(fits, 16) == pytest.approx(at8)  # outside: the nearest
+    # A line that would start below zero is refitted through the origin: no negative cost.
+    f, c = _affine_fit([(10.0, 9.0), (20.0, 21.0)])
+    assert c == 0.0 and f == pytest.approx((90 + 420) / 500)
