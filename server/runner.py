@@ -106,6 +106,7 @@ class InlineRunner:
     def close(self) -> None:
         pass
 
+
 def _warm_up(
     net: SNNet,
     batch_sizes: Sequence[int],
