@@ -114,7 +114,7 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=60)
     bad = [s for s, d, _ in rows if d > tol]
-    print(f"every stitch vs the CPU ({dtype} on the GPU): largest score difference {worst:.2e} "
+    print(f"every stitch vs the CPU ({dtype} on {args.device}): largest score difference {worst:.2e} "
           f"(tolerance {tol:.0e}); top-1 agrees on {top1}/{len(cpu)}; over tolerance: {bad}")  # fmt: skip
     print("compute ms at batch 1, cheapest and dearest stitch:",
           min(c for *_, c in rows), max(c for *_, c in rows))  # fmt: skip

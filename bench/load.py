@@ -21,7 +21,9 @@ Schedule SPEC: comma-separated phases ``name:seconds:rate`` or ``name:seconds:fr
 ramp), rates in multiples of C. Budget SPEC: comma-separated ``value[:weight]``; a value ending
 in ``x`` is a multiple of the most accurate stitch's idle time for one request.
 
-Writes DIR/records.csv (one row per request), DIR/controller.csv (the controller's state four
+DIR is ``--out`` (default bench/results/load; bench/results/load-quick with ``--quick``, so a
+quick run never overwrites the committed full-run results). Writes DIR/records.csv (one row per
+request), DIR/controller.csv (the controller's state four
 times a second), DIR/summary.json, DIR/load.png (offered load, GFLOPs served, p99 latency,
 attainment and the controller's load level over time per policy), and prints the summary JSON
 as the last line: per policy slo_attainment (answered within budget / sent), shed_rate,
@@ -348,11 +350,15 @@ def main() -> None:
         "accurate stitch, end to end; default), profile (the most accurate stitch's profiled "
         "compute alone), or a number in requests/s",
     )
-    ap.add_argument("--out", default="bench/results/load")
+    ap.add_argument(
+        "--out",
+        help="default bench/results/load, or bench/results/load-quick with --quick (so a quick "
+        "run never overwrites the committed full-run results)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     phases = parse_schedule(args.schedule or (QUICK_SCHEDULE if args.quick else FULL_SCHEDULE))
-    out = Path(args.out)
+    out = Path(args.out or ("bench/results/load-quick" if args.quick else "bench/results/load"))
     out.mkdir(parents=True, exist_ok=True)
     # The digit images (this imports torch) load while the server starts.
     loaded: dict[str, list[bytes]] = {}
