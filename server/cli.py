@@ -50,6 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         uvicorn.run(
             app, host=settings.host, port=settings.port, log_level=settings.log_level,
+            access_log=settings.access_log,
             timeout_graceful_shutdown=settings.shutdown_grace_s,
         )  # fmt: skip
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down

@@ -139,6 +139,11 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
+    access_log: bool = Field(
+        False,
+        description="uvicorn's access log, a line per request (off by default: formatting and "
+        "writing it was 3% of the server's time per small request; Prometheus counts requests).",
+    )
 
     @field_validator("device")
     @classmethod

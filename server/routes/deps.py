@@ -11,11 +11,12 @@ from ..errors import Refusal
 from ..schemas import ErrorResponse
 
 
-def get_lifecycle(request: Request) -> Lifecycle:
+async def get_lifecycle(request: Request) -> Lifecycle:
     return request.app.state.lifecycle
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per request.
     life: Lifecycle = request.app.state.lifecycle
     if life.engine is None:
         raise Refusal(503, f"model not ready: {life.detail}", 5)

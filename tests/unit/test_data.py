@@ -1,0 +1,28 @@
+"""Evaluation preprocessing: the fast path gives exactly what timm's transform gives."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data import create_transform
+
+from snnet_core.data import image_transform
+
+
+@pytest.mark.parametrize(
+    ("channels", "size", "mean", "std"),
+    [(1, 28, (0.5,), (0.5,)), (3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))],
+)
+@pytest.mark.parametrize("image_size", [(28, 28), (500, 375), (33, 17)])
+def test_the_evaluation_transform_matches_timms_bit_for_bit(channels, size, mean, std, image_size):
+    config = {"input_size": (channels, size, size), "mean": mean, "std": std, "crop_pct": 0.875}
+    reference = create_transform(
+        input_size=(3, size, size), is_training=False, interpolation="bicubic", crop_pct=0.875,
+        crop_mode="center", mean=mean, std=std,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (*image_size[::-1], 3), dtype=np.uint8))
+    got = image_transform(config)(img)
+    want = reference(img.convert("L" if channels == 1 else "RGB"))
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.equal(got, want)
