@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+from python_multipart.multipart import parse_options_header
 from starlette.requests import Request
 
 from .config import Settings
@@ -102,28 +101,89 @@ def validation_message(e: ValidationError) -> str:
 
 
 async def _parse_multipart(request: Request, body: bytes, max_images: int) -> ClassifyRequest:
-    async def stream():
-        yield body
-
-    try:
-        form = await MultiPartParser(
-            request.headers, stream(), max_files=max_images + 1, max_fields=16
-        ).parse()
-    except MultiPartException as e:
-        if "Too many files" in e.message:
-            raise Refusal(422, f"too many images; at most {max_images} per request") from None
-        raise Refusal(400, f"malformed multipart body: {e.message}") from None
+    fields, files = _split_multipart(request.headers.get("content-type", ""), body, max_images)
     images = []
-    for i, part in enumerate(form.getlist("image")):
-        if not isinstance(part, UploadFile):
-            raise Refusal(422, "form field 'image' must be a file part, not text")
-        images.append((part.filename or f"image[{i}]", await part.read()))
+    for name, filename, data in files:
+        if name == "image":
+            images.append((filename or f"image[{len(images)}]", data))
+        else:
+            fields.append((name, data.decode("utf-8", "replace")))
+    if any(name == "image" for name, _ in fields):
+        raise Refusal(422, "form field 'image' must be a file part, not text")
     known = {"image", *ClassifyOptions.model_fields}
-    unknown = sorted(set(form.keys()) - known)
+    unknown = sorted({name for name, _ in fields} - known)
     if unknown:
         raise Refusal(422, f"unknown form fields {unknown}; allowed: {sorted(known)}")
-    raw = {k: form.get(k) for k in ClassifyOptions.model_fields if form.get(k) not in (None, "")}
+    raw = {name: value for name, value in fields if value != ""}
     return ClassifyRequest(images, _options(ClassifyOptions, raw, strict=False))
+
+
+MAX_FORM_FIELDS = 16
+
+
+def _split_multipart(
+    content_type: str, body: bytes, max_images: int
+) -> tuple[list[tuple[str, str]], list[tuple[str, str, bytes]]]:
+    """A multipart/form-data body (RFC 7578), already in memory, to its text fields
+    ``(name, value)`` and file parts ``(name, filename, bytes)``.
+
+    The body is whole (read under the byte limit), so the parts are slices of it: no temporary
+    files or form objects, which cost more than the rest of a small request's parsing (Starlette's
+    form parser: 0.07 ms of a 28x28 PNG request here). Raises a 400 for a malformed body and a
+    422 for too many files.
+    """
+
+    def bad(why: str) -> Refusal:
+        return Refusal(400, f"malformed multipart body: {why}")
+
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise bad("no boundary in the Content-Type header")
+    delimiter = b"--" + boundary
+    at = body.find(delimiter)
+    if at < 0 or (at > 0 and body[at - 2 : at] != b"\r\n"):
+        raise bad("no opening boundary")
+    at += len(delimiter)
+    fields: list[tuple[str, str]] = []
+    files: list[tuple[str, str, bytes]] = []
+    while True:
+        if body[at : at + 2] == b"--":
+            return fields, files  # the closing boundary (an epilogue after it is ignored)
+        eol = body.find(b"\r\n", at)
+        if eol < 0 or body[at:eol].strip(b" \t"):
+            raise bad("a boundary line is not followed by a line break")
+        head_end = body.find(b"\r\n\r\n", eol)
+        end = body.find(b"\r\n" + delimiter, eol)
+        if end < 0:
+            raise bad("no closing boundary")
+        if head_end < 0 or head_end > end:
+            head_end, content = end, b""  # a part with headers only
+        else:
+            content = body[head_end + 4 : end]
+        name, filename = None, None
+        for line in body[eol + 2 : head_end].split(b"\r\n"):
+            key, sep, value = line.partition(b":")
+            if not sep:
+                raise bad(f"part header without a colon: {line[:60]!r}")
+            if key.strip().lower() == b"content-disposition":
+                kind, opts = parse_options_header(value.strip())
+                if kind.lower() != b"form-data" or b"name" not in opts:
+                    raise bad("a part's Content-Disposition is not form-data with a name")
+                name = opts[b"name"].decode("utf-8", "replace")
+                if b"filename" in opts:
+                    filename = opts[b"filename"].decode("utf-8", "replace")
+        if name is None:
+            raise bad("a part has no Content-Disposition header")
+        if filename is not None:
+            if len(files) >= max_images + 1:
+                raise Refusal(422, f"too many images; at most {max_images} per request")
+            files.append((name, filename, content))
+        else:
+            if len(fields) >= MAX_FORM_FIELDS:
+                raise bad(f"more than {MAX_FORM_FIELDS} form fields")
+            fields.append((name, content.decode("utf-8", "replace")))
+        at = end + 2 + len(delimiter)
 
 
 def _parse_json(body: bytes) -> ClassifyRequest:

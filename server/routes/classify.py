@@ -19,7 +19,7 @@ from ..parsing import ClassifyRequest, parse_classify
 from ..planner import Plan
 from ..scheduler import Result
 from ..schemas import DIGIT_PNG_B64, ClassifyJSON, ClassifyResponse, ErrorResponse, multipart_schema
-from .deps import EngineDep
+from .deps import engine_of
 
 router = APIRouter()
 
@@ -81,8 +81,9 @@ INLINE_DECODE_BYTES = 64 * 1024
         }
     },
 )
-async def classify(request: Request, engine: EngineDep) -> JSONResponse:
+async def classify(request: Request) -> JSONResponse:
     arrived = request.scope.get(ARRIVED) or time.monotonic()
+    engine = engine_of(request)  # not a Depends: FastAPI's dependency solving cost 0.04 ms here
     engine.metrics.arrivals.inc()
     _authorise(request, engine)
     with engine.ingress.entered() as ticket:  # in the HTTP backlog until queued

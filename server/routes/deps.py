@@ -15,12 +15,17 @@ async def get_lifecycle(request: Request) -> Lifecycle:
     return request.app.state.lifecycle
 
 
-async def get_engine(request: Request) -> Engine:
-    # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per request.
+def engine_of(request: Request) -> Engine:
+    """The Engine, or a 503 with Retry-After while start-up is still under way (or failed)."""
     life: Lifecycle = request.app.state.lifecycle
     if life.engine is None:
         raise Refusal(503, f"model not ready: {life.detail}", 5)
     return life.engine
+
+
+async def get_engine(request: Request) -> Engine:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per request.
+    return engine_of(request)
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
