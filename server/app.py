@@ -93,29 +93,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.lifecycle = life
     app.include_router(router)
 
+    def error(request: Request, detail: str, status: int, headers=None) -> JSONResponse:
+        # One shape per protocol: {"detail": ...} as FastAPI's own, {"error": ...} under /v2 as
+        # the Open Inference Protocol says.
+        key = "error" if request.url.path.startswith("/v2") else "detail"
+        return JSONResponse({key: detail}, status_code=status, headers=headers)
+
     @app.exception_handler(Refusal)
     async def refused(request: Request, exc: Refusal) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+        return error(request, exc.detail, exc.status, exc.headers)
 
     @app.exception_handler(ComputeError)
     async def compute_failed(request: Request, exc: ComputeError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=500)
+        return error(request, str(exc), 500)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+        return error(request, "; ".join(parts), 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(
-            {"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
-        )
+        return error(request, str(exc.detail), exc.status_code, exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+        return error(request, f"internal error: {type(exc).__name__}", 500)
 
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -135,7 +135,14 @@ class Settings(BaseSettings):
         "finish before the server closes them (uvicorn's graceful-shutdown timeout); everything "
         "already queued for the model is still answered. During start-up the server exits at once.",
     )
-    api_key: str | None = Field(None, description="If set, /classify requires header X-API-Key.")
+    api_key: str | None = Field(
+        None, description="If set, /classify and V2 inference require header X-API-Key."
+    )
+    model_name: str | None = Field(
+        None,
+        description="The model's name in the Open Inference Protocol (/v2/models/{name}); "
+        "default: the checkpoint directory's name.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 from python_multipart.multipart import parse_options_header
 from starlette.requests import Request
@@ -26,9 +27,16 @@ from .schemas import ClassifyJSON, ClassifyOptions
 class ClassifyRequest:
     images: list[tuple[str, bytes]]  # (name for error messages, encoded bytes)
     options: ClassifyOptions
+    tensor: torch.Tensor | None = None  # or images already preprocessed: (n, C, H, W) float32
+
+    @property
+    def n(self) -> int:
+        return len(self.images) if self.tensor is None else int(self.tensor.shape[0])
 
     @property
     def payload_bytes(self) -> int:
+        if self.tensor is not None:
+            return self.tensor.numel() * self.tensor.element_size()
         return sum(len(b) for _, b in self.images)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -204,6 +204,14 @@ class ErrorResponse(BaseModel):
     detail: str = Field(examples=["unknown stitch_id 99; valid ids are 0..34 (GET /stitches)"])
 
 
+class V2ErrorResponse(BaseModel):
+    """An error of the Open Inference Protocol routes (/v2/...)."""
+
+    error: str = Field(
+        examples=["unknown version '99' of 'weights': a version is a stitch id, 0..34"]
+    )
+
+
 class FleetState(BaseModel):
     arrival_rate: float | None = Field(description="Requests/s across all replicas.")
     replicas: int | None = Field(description="Ready replicas Prometheus sees.")
@@ -287,3 +295,81 @@ class ControllerState(BaseModel):
             ]
         }
     )
+
+
+# -- the Open Inference Protocol (V2) ------------------------------------------------------------
+
+
+class V2Live(BaseModel):
+    live: bool = Field(examples=[True])
+
+
+class V2Ready(BaseModel):
+    ready: bool = Field(examples=[True])
+
+
+class V2ServerMetadata(BaseModel):
+    name: str = Field(examples=["snnet-serve"])
+    version: str = Field(examples=["0.1.0"])
+    extensions: list[str] = Field(examples=[["classification", "binary_tensor_data", "parameters"]])
+
+
+class V2TensorMetadata(BaseModel):
+    name: str = Field(examples=["image"])
+    datatype: str = Field(examples=["BYTES"])
+    shape: list[int] = Field(description="-1 for a variable dimension.", examples=[[-1]])
+
+
+class V2ModelMetadata(BaseModel):
+    name: str = Field(examples=["weights"])
+    versions: list[str] = Field(description="One per stitch: its id.", examples=[["0", "1", "2"]])
+    platform: str = Field(examples=["pytorch_snnet"])
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+
+
+class V2ModelReady(BaseModel):
+    name: str = Field(examples=["weights"])
+    ready: bool = Field(examples=[True])
+
+
+class V2OutputTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[float | str] | None = Field(None, description="Absent when sent as binary data.")
+    parameters: dict[str, Any] | None = Field(None, description="binary_data_size if binary.")
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str = Field(description="The stitch that answered.")
+    id: str | None = Field(None, description="The request's id, echoed.")
+    parameters: dict[str, Any] = Field(
+        description="stitch_id, stitch, gflops, accuracy, queue_ms, compute_ms, total_ms, "
+        "predicted_ms, latency_budget_ms, budget_met."
+    )
+    outputs: list[V2OutputTensor]
+
+    model_config = ConfigDict(
+        protected_namespaces=(),  # the protocol's own field names start with "model_"
+        json_schema_extra={
+            "example": {
+                "model_name": "weights",
+                "model_version": "2",
+                "id": "req-1",
+                "parameters": {"stitch_id": 2, "gflops": 0.0004, "budget_met": True},
+                "outputs": [
+                    {"name": "labels", "datatype": "BYTES", "shape": [1, 1], "data": ["0.98:7:7"]}
+                ],
+            }
+        },
+    )
+
+
+V2_INFER_EXAMPLE = {
+    "id": "req-1",
+    "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [DIGIT_PNG_B64]}],
+    "outputs": [{"name": "labels"}],
+    "parameters": {"latency_budget_ms": 50, "top_k": 3},
+}

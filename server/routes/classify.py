@@ -85,26 +85,52 @@ async def classify(request: Request) -> JSONResponse:
     arrived = request.scope.get(ARRIVED) or time.monotonic()
     engine = engine_of(request)  # not a Depends: FastAPI's dependency solving cost 0.04 ms here
     engine.metrics.arrivals.inc()
-    _authorise(request, engine)
+    authorise(request, engine)
     with engine.ingress.entered() as ticket:  # in the HTTP backlog until queued
         req = await parse_classify(request, engine.settings, engine.net.num_classes)
-        _count_arrival(engine, req, arrived)
-        plan = engine.planner.plan(
-            req.options, len(req.images), time.monotonic(), arrived=arrived,
-            payload_bytes=req.payload_bytes,
-        )  # fmt: skip
-        if isinstance(plan, Refusal):
-            if plan.status == 503:
-                engine.metrics.shed.inc()
-            raise plan
-        x = await _decode(engine, req)
-        pending = engine.scheduler.submit(x, plan.stitch, plan.deadline, time.monotonic())
+        plan, pending = await admit(engine, req, arrived)
         ticket.queued()
     result = await pending
     return _encode(engine, req, plan, result, arrived)
 
 
-def _authorise(request: Request, engine: Engine) -> None:
+async def admit(
+    engine: Engine, req: ClassifyRequest, arrived: float
+) -> tuple[Plan, asyncio.Future]:
+    """Plan a parsed request, decode its images (unless it brought a preprocessed tensor) and
+    queue it for the model: the plan, and the future of its Result. Every route that classifies
+    goes through here, so /classify and the V2 protocol share one queue, one planner and one
+    set of metrics.
+
+    Raises:
+        Refusal: what the planner refused (422, or 503 when shed) or a bad image (400/413).
+    """
+    _count_arrival(engine, req, arrived)
+    plan = engine.planner.plan(
+        req.options, req.n, time.monotonic(), arrived=arrived, payload_bytes=req.payload_bytes
+    )
+    if isinstance(plan, Refusal):
+        if plan.status == 503:
+            engine.metrics.shed.inc()
+        raise plan
+    x = req.tensor if req.tensor is not None else await _decode(engine, req)
+    return plan, engine.scheduler.submit(x, plan.stitch, plan.deadline, time.monotonic())
+
+
+def probabilities(result: Result) -> np.ndarray:
+    """Softmax of a result's logits, (n, classes) float32: in numpy, a third of the torch
+    version's time for a few rows."""
+    z = result.logits.numpy()
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def top_k(probs: np.ndarray, k: int) -> np.ndarray:
+    """Class indices of the ``k`` most probable classes per row, best first."""
+    return np.argsort(-probs, axis=1, kind="stable")[:, :k]
+
+
+def authorise(request: Request, engine: Engine) -> None:
     key = engine.settings.api_key
     given = request.headers.get("x-api-key", "").encode()
     if key is not None and not hmac.compare_digest(given, key.encode()):
@@ -112,8 +138,8 @@ def _authorise(request: Request, engine: Engine) -> None:
 
 
 def _count_arrival(engine: Engine, req: ClassifyRequest, arrived: float) -> None:
-    engine.metrics.images.inc(len(req.images))
-    engine.controller.observe_arrival(len(req.images), arrived)
+    engine.metrics.images.inc(req.n)
+    engine.controller.observe_arrival(req.n, arrived)
     if req.options.latency_budget_ms is not None:
         engine.metrics.request_budget_seconds.observe(req.options.latency_budget_ms / 1e3)
 
@@ -148,11 +174,8 @@ def _encode(
     """The answer, rendered here: returning a Response skips FastAPI's re-validation of it
     against ``ClassifyResponse`` (which documents it), after the clock has stopped."""
     labels, k = engine.manifest.labels, req.options.top_k
-    # Softmax and top-k of a few rows in numpy: a third of the torch version's time here.
-    z = result.logits.numpy()
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    probs = e / e.sum(axis=1, keepdims=True)
-    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    probs = probabilities(result)
+    top = top_k(probs, k)
     predictions = [
         [
             {"label": labels[c], "class_index": c, "score": round(float(p[c]), 6)}
@@ -161,7 +184,7 @@ def _encode(
         for p, cs in zip(probs, top, strict=True)
     ]
     total_ms = (time.monotonic() - arrived) * 1e3
-    met = engine.record_answer(plan, result, len(req.images), req.payload_bytes, total_ms)
+    met = engine.record_answer(plan, result, req.n, req.payload_bytes, total_ms)
     row = engine.menu.rows[plan.stitch]
     content = {
         "predictions": predictions,

@@ -1,0 +1,442 @@
+"""The Open Inference Protocol ("V2", as Triton, KServe and MLServer speak it) over REST, on the
+same planner, queue and metrics as /classify.
+
+- The model is the checkpoint (``SNNET_MODEL_NAME``, default the checkpoint directory's name);
+  a version is a stitch: ``/versions/{stitch_id}`` pins one, and no version lets the planner
+  choose, as /classify does.
+- Inputs: ``image``, encoded images as a BYTES tensor [N] (base64 strings in JSON, raw bytes in
+  the binary extension), or ``input``, images already preprocessed as FP32 [N, C, H, W] in the
+  manifest's input size.
+- Outputs: ``probabilities`` FP32 [N, classes] and ``labels`` BYTES [N, top_k] of
+  ``"score:index:label"`` (the classification extension's format); ``outputs`` in the request
+  picks which, and ``parameters.classification = k`` on an output returns it in that format.
+- Request ``parameters``: ``latency_budget_ms``, ``max_gflops``, ``stitch_id``, ``top_k``;
+  Triton's ``timeout`` (microseconds) is the budget when ``latency_budget_ms`` is absent.
+  Response ``parameters``: the stitch that answered, its GFLOPs and accuracy, timing and
+  ``budget_met``.
+- The binary tensor extension (``Inference-Header-Content-Length``, ``binary_data_size``,
+  ``binary_data`` outputs), which Triton's own clients use by default.
+- Errors are ``{"error": "..."}`` with /classify's statuses (the app's handlers say so for
+  every path under /v2).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from ..engine import Engine
+from ..errors import Refusal
+from ..ingress import ARRIVED
+from ..parsing import ClassifyRequest, _read_body, validation_message
+from ..planner import Plan
+from ..scheduler import Result
+from ..schemas import (
+    V2_INFER_EXAMPLE,
+    ClassifyOptions,
+    V2ErrorResponse,
+    V2InferResponse,
+    V2Live,
+    V2ModelMetadata,
+    V2ModelReady,
+    V2Ready,
+    V2ServerMetadata,
+)
+from .classify import admit, authorise, probabilities, top_k
+from .deps import engine_of
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
+HEADER_LENGTH = "inference-header-content-length"
+EXTENSIONS = ["classification", "binary_tensor_data", "parameters"]
+INPUTS = ("image", "input")
+OUTPUTS = ("probabilities", "labels")
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {k: {"model": V2ErrorResponse} for k in statuses}
+
+
+MODEL_ERRORS = _errors(404, 422, 503)
+INFER_ERRORS = _errors(400, 401, 404, 413, 415, 422, 503)
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "required": ["inputs"]},
+                "example": V2_INFER_EXAMPLE,
+            },
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "The binary tensor extension: Inference-Header-Content-Length "
+                "bytes of JSON, then the inputs' binary data.",
+            },
+        },
+    }
+}
+
+
+def _version() -> str:
+    try:
+        return version("snnet-serve")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def model_name(engine: Engine) -> str:
+    return engine.settings.model_name or engine.settings.weights.resolve().name
+
+
+def _model(request: Request, name: str, version: str | None) -> tuple[Engine, int | None]:
+    """The engine and the pinned stitch, or a 404 that names what exists."""
+    engine = engine_of(request)
+    if name != model_name(engine):
+        raise Refusal(404, f"unknown model {name!r}; this server serves {model_name(engine)!r}")
+    if version is None or version == "":
+        return engine, None
+    if not version.isdigit() or int(version) >= len(engine.menu):
+        raise Refusal(
+            404,
+            f"unknown version {version!r} of {name!r}: a version is a stitch id, "
+            f"0..{len(engine.menu) - 1}",
+        )
+    return engine, int(version)
+
+
+# -- health and metadata ----------------------------------------------------------------------
+
+
+@router.get("/health/live", summary="Server live (V2)", response_model=V2Live)
+async def live() -> dict:
+    return {"live": True}
+
+
+@router.get(
+    "/health/ready", summary="Server ready (V2)", response_model=V2Ready, responses=_errors(503)
+)
+async def ready(request: Request) -> dict:
+    engine_of(request)  # 503 until start-up has finished
+    return {"ready": True}
+
+
+@router.get("", summary="Server metadata (V2)", response_model=V2ServerMetadata)
+async def server_metadata() -> dict:
+    return {"name": "snnet-serve", "version": _version(), "extensions": EXTENSIONS}
+
+
+@router.get(
+    "/models/{name}",
+    summary="Model metadata (V2)",
+    response_model=V2ModelMetadata,
+    responses=MODEL_ERRORS,
+)
+@router.get(
+    "/models/{name}/versions/{version}",
+    summary="Model metadata of one stitch (V2)",
+    response_model=V2ModelMetadata,
+    responses=MODEL_ERRORS,
+)
+async def model_metadata(request: Request, name: str, version: str | None = None) -> dict:
+    engine, _ = _model(request, name, version)
+    c, h, w = engine.net.input_size
+    return {
+        "name": model_name(engine),
+        "versions": [str(r.id) for r in engine.menu.rows],
+        "platform": "pytorch_snnet",
+        "inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": [-1]},
+            {"name": "input", "datatype": "FP32", "shape": [-1, c, h, w]},
+        ],
+        "outputs": [
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, engine.net.num_classes]},
+            {"name": "labels", "datatype": "BYTES", "shape": [-1, -1]},
+        ],
+    }
+
+
+@router.get(
+    "/models/{name}/ready",
+    summary="Model ready (V2)",
+    response_model=V2ModelReady,
+    responses=MODEL_ERRORS,
+)
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    summary="Stitch ready (V2)",
+    response_model=V2ModelReady,
+    responses=MODEL_ERRORS,
+)
+async def model_ready(request: Request, name: str, version: str | None = None) -> dict:
+    _model(request, name, version)
+    return {"name": name, "ready": True}
+
+
+# -- inference -----------------------------------------------------------------------------------
+
+
+@router.post(
+    "/models/{name}/infer",
+    summary="Classify (V2): the most accurate stitch that fits the budget in `parameters`",
+    response_model=V2InferResponse,
+    responses=INFER_ERRORS,
+    openapi_extra=INFER_BODY,
+)
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    summary="Classify with one stitch (V2)",
+    response_model=V2InferResponse,
+    responses=INFER_ERRORS,
+    openapi_extra=INFER_BODY,
+)
+async def infer(request: Request, name: str, version: str | None = None) -> Response:
+    arrived = request.scope.get(ARRIVED) or time.monotonic()
+    engine, pinned = _model(request, name, version)
+    engine.metrics.arrivals.inc()
+    authorise(request, engine)
+    with engine.ingress.entered() as ticket:
+        doc, req, wanted = await _parse(request, engine, pinned)
+        plan, pending = await admit(engine, req, arrived)
+        ticket.queued()
+    result = await pending
+    return _answer(engine, doc, req, wanted, plan, result, arrived)
+
+
+async def _parse(
+    request: Request, engine: Engine, pinned: int | None
+) -> tuple[dict, ClassifyRequest, dict[str, dict]]:
+    """The request document, the ClassifyRequest it asks for, and the outputs it wants (name ->
+    their parameters)."""
+    s = engine.settings
+    body = await _read_body(request, s.max_body_bytes)
+    header = request.headers.get(HEADER_LENGTH)
+    if header is not None:
+        if not header.isdigit() or int(header) > len(body):
+            raise Refusal(400, f"{HEADER_LENGTH} {header!r} is not a length within the body")
+        raw, binary = body[: int(header)], memoryview(body)[int(header) :]
+    else:
+        raw, binary = body, memoryview(b"")
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise Refusal(400, f"inference request is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
+        raise Refusal(400, 'an inference request is an object with a non-empty "inputs" list')
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise Refusal(400, '"parameters" must be an object')
+    options = _options(params, pinned)
+    if options.top_k > engine.net.num_classes:
+        raise Refusal(
+            422, f"top_k={options.top_k} but the model has {engine.net.num_classes} classes"
+        )
+    images, tensor, offset = None, None, 0
+    for spec in doc["inputs"]:
+        if not isinstance(spec, dict) or spec.get("name") not in INPUTS:
+            got = spec.get("name") if isinstance(spec, dict) else spec
+            raise Refusal(400, f"unknown input {got!r}; inputs are {list(INPUTS)} (one of them)")
+        data, offset = _tensor_data(spec, binary, offset)
+        if spec["name"] == "image":
+            images = _images(spec, data)
+        else:
+            tensor = _preprocessed(spec, data, engine.net.input_size)
+    if (images is None) == (tensor is None):
+        raise Refusal(400, "give exactly one input: 'image' (BYTES) or 'input' (FP32)")
+    if offset != len(binary):
+        raise Refusal(400, f"{len(binary) - offset} bytes of binary data no input claims")
+    n = len(images) if images is not None else tensor.shape[0]
+    if n == 0 or n > s.max_images_per_request:
+        raise Refusal(422, f"{n} images; 1..{s.max_images_per_request} per request")
+    wanted = _outputs(doc, params, engine.net.num_classes)
+    req = ClassifyRequest(images or [], options, tensor)
+    return doc, req, wanted
+
+
+def _options(params: dict[str, Any], pinned: int | None) -> ClassifyOptions:
+    known = {"latency_budget_ms", "max_gflops", "stitch_id", "top_k"}
+    raw = {k: v for k, v in params.items() if k in known}
+    if "latency_budget_ms" not in raw and isinstance(params.get("timeout"), int | float):
+        raw["latency_budget_ms"] = params["timeout"] / 1e3  # Triton's timeout is in microseconds
+    if pinned is not None:
+        if raw.get("stitch_id", pinned) != pinned:
+            raise Refusal(
+                422, f"parameters.stitch_id={raw['stitch_id']} differs from version {pinned}"
+            )
+        raw["stitch_id"] = pinned
+    try:
+        return ClassifyOptions.model_validate(raw, strict=True)
+    except ValidationError as e:
+        raise Refusal(422, "parameters." + validation_message(e)) from None
+
+
+def _tensor_data(spec: dict, binary: memoryview, offset: int) -> tuple[Any, int]:
+    """An input's data: its JSON ``data``, or its slice of the binary part."""
+    size = (spec.get("parameters") or {}).get("binary_data_size")
+    if size is None:
+        if "data" not in spec:
+            raise Refusal(400, f"input {spec['name']!r} has neither data nor binary_data_size")
+        return spec["data"], offset
+    if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+        raise Refusal(400, f"input {spec['name']!r}: binary_data_size {size!r} past the body")
+    return binary[offset : offset + size], offset + size
+
+
+def _shape(spec: dict) -> list[int]:
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise Refusal(400, f"input {spec['name']!r}: shape must be a list of sizes, got {shape!r}")
+    return shape
+
+
+def _images(spec: dict, data: Any) -> list[tuple[str, bytes]]:
+    if spec.get("datatype") != "BYTES":
+        raise Refusal(400, f"input 'image' is BYTES (encoded images), not {spec.get('datatype')}")
+    shape = _shape(spec)
+    if isinstance(data, memoryview):  # binary: each element a 4-byte little-endian length + bytes
+        out, at = [], 0
+        while at < len(data):
+            if at + 4 > len(data):
+                raise Refusal(400, "input 'image': truncated BYTES element")
+            (n,) = struct.unpack_from("<I", data, at)
+            if at + 4 + n > len(data):
+                raise Refusal(400, "input 'image': a BYTES element runs past its data")
+            out.append(bytes(data[at + 4 : at + 4 + n]))
+            at += 4 + n
+    else:  # JSON: base64 strings, possibly nested as the shape is
+        flat = np.asarray(data, dtype=object).reshape(-1).tolist() if data else []
+        out = []
+        for i, text in enumerate(flat):
+            if not isinstance(text, str):
+                raise Refusal(400, f"input 'image'[{i}]: a base64 string in JSON, got {text!r:.40}")
+            try:
+                out.append(base64.b64decode(text, validate=True))
+            except (binascii.Error, ValueError):
+                raise Refusal(400, f"input 'image'[{i}] is not valid base64") from None
+    if int(np.prod(shape)) != len(out):
+        raise Refusal(400, f"input 'image': shape {shape} but {len(out)} elements")
+    return [(f"image[{i}]", b) for i, b in enumerate(out)]
+
+
+def _preprocessed(spec: dict, data: Any, size: tuple[int, int, int]) -> torch.Tensor:
+    if spec.get("datatype") != "FP32":
+        raise Refusal(400, f"input 'input' is FP32, not {spec.get('datatype')}")
+    shape = _shape(spec)
+    if len(shape) != 4 or tuple(shape[1:]) != tuple(size):
+        raise Refusal(422, f"input 'input' must be [N, {', '.join(map(str, size))}], got {shape}")
+    try:
+        if isinstance(data, memoryview):
+            x = np.frombuffer(data, dtype="<f4")
+        else:
+            x = np.asarray(data, dtype=np.float32).reshape(-1)
+        x = x.reshape(shape)
+    except (ValueError, TypeError) as e:
+        raise Refusal(400, f"input 'input': data does not fit shape {shape} ({e})") from None
+    if not np.isfinite(x).all():
+        raise Refusal(422, "input 'input' has NaN or infinite values")
+    return torch.from_numpy(np.array(x, dtype=np.float32))
+
+
+def _outputs(doc: dict, params: dict, classes: int) -> dict[str, dict]:
+    """Requested outputs and their parameters (every output when none is named)."""
+    binary_all = bool(params.get("binary_data_output", False))
+    requested = doc.get("outputs")
+    if requested is None:
+        return {name: {"binary_data": binary_all} for name in OUTPUTS}
+    if not isinstance(requested, list):
+        raise Refusal(400, '"outputs" must be a list')
+    wanted = {}
+    for spec in requested:
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if name not in OUTPUTS:
+            raise Refusal(400, f"unknown output {name!r}; outputs are {list(OUTPUTS)}")
+        p = dict(spec.get("parameters") or {})
+        p.setdefault("binary_data", binary_all)
+        k = p.get("classification")
+        if k is not None and (
+            not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= classes
+        ):
+            raise Refusal(400, f"output {name!r}: classification={k!r}; allowed 0..{classes}")
+        wanted[name] = p
+    return wanted
+
+
+# -- the answer -----------------------------------------------------------------------------------
+
+
+def _answer(
+    engine: Engine, doc: dict, req: ClassifyRequest, wanted: dict[str, dict], plan: Plan,
+    result: Result, arrived: float,
+) -> Response:  # fmt: skip
+    probs = probabilities(result)
+    labels = engine.manifest.labels
+    outputs, blobs = [], []
+    for name, p in wanted.items():
+        k = p.get("classification")
+        if name == "labels" or k:
+            k = int(k or req.options.top_k)
+            top = top_k(probs, k)
+            values = [
+                f"{probs[i, c]:.6f}:{c}:{labels[c]}".encode()
+                for i in range(len(probs))
+                for c in top[i].tolist()
+            ]
+            out = {"name": name, "datatype": "BYTES", "shape": [len(probs), k]}
+            payload: Any = values
+        else:
+            out = {"name": name, "datatype": "FP32", "shape": list(probs.shape)}
+            payload = probs.astype("<f4")
+        if p.get("binary_data"):
+            blob = (
+                b"".join(struct.pack("<I", len(v)) + v for v in payload)
+                if out["datatype"] == "BYTES"
+                else payload.tobytes()
+            )
+            out["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            out["data"] = (
+                [v.decode() for v in payload]
+                if out["datatype"] == "BYTES"
+                else payload.reshape(-1).tolist()
+            )
+        outputs.append(out)
+    total_ms = (time.monotonic() - arrived) * 1e3
+    met = engine.record_answer(plan, result, req.n, req.payload_bytes, total_ms)
+    row = engine.menu.rows[plan.stitch]
+    head: dict[str, Any] = {
+        "model_name": model_name(engine),
+        "model_version": str(plan.stitch),
+        "parameters": {
+            "stitch_id": row.id,
+            "stitch": row.description,
+            "gflops": row.gflops,
+            "accuracy": row.accuracy,
+            "queue_ms": round(result.queue_ms, 3),
+            "compute_ms": round(result.compute_ms, 3),
+            "total_ms": round(total_ms, 3),
+            "predicted_ms": round(plan.predicted_ms, 3),
+            "latency_budget_ms": plan.budget_ms,
+            "budget_met": met,
+        },  # fmt: skip
+        "outputs": outputs,
+    }
+    if "id" in doc:
+        head["id"] = doc["id"]
+    if not blobs:
+        return JSONResponse(head)
+    text = json.dumps(head).encode()
+    return Response(
+        text + b"".join(blobs),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(text))},
+    )

@@ -1,0 +1,191 @@
+"""The Open Inference Protocol (V2) over REST, driven by Triton's own Python client against a
+real `snnet serve` with the bundled weights."""
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as triton
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+import snnet_core
+from snnet_core.data import mnist_subset
+from tests._servers import ROOT, SnnetServer
+
+MODEL = "weights"  # the default model name: the checkpoint directory's
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = SnnetServer(
+        {"SNNET_PROFILE_CACHE": str(tmp_path_factory.mktemp("cache") / "profiles.json")}
+    )
+    srv.wait_for("ready in")
+    yield srv
+    srv.proc.terminate()
+    srv.proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = mnist_subset("held_out")
+    idx = list(range(7, 1000, 63))[:16]
+    pngs = []
+    for i in idx:
+        buf = io.BytesIO()
+        Image.fromarray((x[i, 0].numpy() * 255).round().astype("uint8"), "L").save(buf, "PNG")
+        pngs.append(buf.getvalue())
+    return pngs, y[idx].tolist(), x[idx]
+
+
+@pytest.fixture(scope="module")
+def menu():
+    _, manifest = snnet_core.load(ROOT / "weights")
+    best = max(manifest.stitches, key=lambda s: (s["accuracy"], -s["gflops"]))
+    return manifest, best
+
+
+def text(v) -> str:
+    """A BYTES element as the client gives it: bytes from binary data, str from JSON."""
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def image_input(pngs, binary=True) -> triton.InferInput:
+    inp = triton.InferInput("image", [len(pngs)], "BYTES")
+    if binary:
+        inp.set_data_from_numpy(np.array(pngs, dtype=np.object_), binary_data=True)
+    else:  # JSON: base64 strings
+        encoded = [base64.b64encode(p).decode() for p in pngs]
+        inp.set_data_from_numpy(np.array(encoded, dtype=np.object_), binary_data=False)
+    return inp
+
+
+def test_health_and_metadata(client, menu):
+    manifest, _ = menu
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(MODEL) and client.is_model_ready(MODEL, "2")
+    server = client.get_server_metadata()
+    assert server["name"] == "snnet-serve" and "binary_tensor_data" in server["extensions"]
+    meta = client.get_model_metadata(MODEL)
+    assert meta["versions"] == [str(s["id"]) for s in manifest.stitches]
+    assert {i["name"]: (i["datatype"], i["shape"]) for i in meta["inputs"]} == {
+        "image": ("BYTES", [-1]),
+        "input": ("FP32", [-1, *manifest.preprocessing["input_size"]]),
+    }
+    assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {
+        "probabilities": "FP32",
+        "labels": "BYTES",
+    }
+    assert not client.is_model_ready("no-such-model")
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_held_out_digits_are_classified_with_a_budget_in_the_parameters(
+    client, digits, menu, binary
+):
+    pngs, labels, _ = digits
+    _, best = menu
+    outputs = [
+        triton.InferRequestedOutput("probabilities", binary_data=binary),
+        triton.InferRequestedOutput("labels", binary_data=binary),
+    ]
+    r = client.infer(
+        MODEL, [image_input(pngs, binary)], outputs=outputs, request_id="req-7",
+        parameters={"latency_budget_ms": 10_000, "top_k": 2},
+    )  # fmt: skip
+    probs = r.as_numpy("probabilities")
+    assert probs.dtype == np.float32 and probs.shape == (16, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-4)
+    assert sum(int(p.argmax()) == t for p, t in zip(probs, labels, strict=True)) >= 14
+    top = r.as_numpy("labels")
+    assert top.shape == (16, 2)
+    score, index, label = text(top[0, 0]).split(":")
+    assert int(index) == int(probs[0].argmax()) and label == str(index)
+    assert abs(float(score) - probs[0].max()) < 1e-5
+    body = r.get_response()
+    assert body["id"] == "req-7" and body["model_name"] == MODEL
+    assert body["model_version"] == str(best["id"]) and body["parameters"]["budget_met"]
+
+
+def test_the_classification_extension_and_a_pinned_version(client, digits):
+    pngs = digits[0][:3]
+    out = triton.InferRequestedOutput("probabilities", binary_data=True, class_count=3)
+    r = client.infer(MODEL, [image_input(pngs)], outputs=[out], model_version="1")
+    assert r.get_response()["model_version"] == "1"
+    assert r.get_response()["parameters"]["stitch_id"] == 1
+    top = r.as_numpy("probabilities")
+    assert top.shape == (3, 3) and top.dtype == np.object_
+    scores = [float(text(v).split(":")[0]) for v in top[0]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_a_cost_cap_or_budget_in_the_parameters_changes_the_stitch(client, digits, menu):
+    manifest, best = menu
+    pngs = digits[0][:1]
+    cheap = min(manifest.stitches, key=lambda s: s["gflops"])
+    r = client.infer(MODEL, [image_input(pngs)], parameters={"max_gflops": cheap["gflops"]})
+    assert r.get_response()["parameters"]["stitch_id"] == cheap["id"] != best["id"]
+    # Triton's own `timeout` (microseconds) is the budget when latency_budget_ms is absent: far
+    # below what any stitch needs, it is refused with the least budget that would do.
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(MODEL, [image_input(pngs)], timeout=10)
+    assert "even on an idle server" in e.value.message()
+
+
+def test_a_preprocessed_fp32_tensor_gives_what_the_image_gives(client, digits):
+    pngs, _, x = digits
+    by_image = client.infer(MODEL, [image_input(pngs[:4])], model_version="2")
+    inp = triton.InferInput("input", [4, 1, 28, 28], "FP32")
+    inp.set_data_from_numpy(((x[:4] - 0.5) / 0.5).numpy().astype(np.float32))
+    by_tensor = client.infer(MODEL, [inp], model_version="2")
+    np.testing.assert_allclose(
+        by_tensor.as_numpy("probabilities"), by_image.as_numpy("probabilities"), atol=1e-3
+    )
+
+
+def test_errors_surface_in_the_client_with_what_was_wrong(client, digits):
+    pngs = digits[0][:1]
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(MODEL, [image_input(pngs)], model_version="999")
+    assert "version is a stitch id" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(MODEL, [image_input([b"not an image"])])
+    assert "could not be decoded" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(MODEL, [image_input(pngs)], parameters={"top_k": 11})
+    assert "11" in e.value.message()
+    bad = triton.InferInput("input", [1, 3, 28, 28], "FP32")
+    bad.set_data_from_numpy(np.zeros((1, 3, 28, 28), np.float32))
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(MODEL, [bad])
+    assert "[N, 1, 28, 28]" in e.value.message()
+
+
+def test_v2_errors_are_error_objects_and_v2_requests_are_counted(server, digits):
+    r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=b"{", timeout=30)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+    r = httpx.get(f"{server.url}/v2/models/other")
+    assert r.status_code == 404 and "serves 'weights'" in r.json()["error"]
+    body = {
+        "inputs": [
+            {"name": "image", "shape": [1], "datatype": "BYTES",
+             "data": [base64.b64encode(digits[0][0]).decode()]}
+        ],
+        "parameters": {"latency_budget_ms": 5000},
+    }  # fmt: skip
+    r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body, timeout=30)
+    assert r.status_code == 200 and r.json()["outputs"][0]["name"] == "probabilities"
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'snnet_requests_total{route="/v2/models/{name}/infer",status="200"}' in metrics
+    assert torch.tensor(r.json()["outputs"][0]["data"]).sum().item() == pytest.approx(1, abs=1e-4)
