@@ -30,7 +30,10 @@ def start_server(
     cache = Path(tempfile.mkdtemp()) / "profiles.json"
     proc = subprocess.Popen(
         [SNNET, "serve", "--port", str(port), "--host", "127.0.0.1"],
-        env={**os.environ, "SNNET_PROFILE_CACHE": str(cache), **(env or {})},
+        env={
+            **os.environ, "SNNET_PROFILE_CACHE": str(cache), "SNNET_GRPC_PORT": "0",
+            **(env or {}),
+        },  # fmt: skip
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     for line in proc.stderr:

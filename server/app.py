@@ -81,12 +81,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        grpc_server = None
+        if settings.grpc_port:
+            from . import grpc_v2  # grpcio only when the gRPC endpoint is on
+
+            grpc_server = await grpc_v2.start(life, settings.host, settings.grpc_port)
         life.start_in_background()
         watching = asyncio.create_task(ingress.watch_loop_lag())
         controlling = asyncio.create_task(life.run_controller())
         yield
         watching.cancel()
         controlling.cancel()
+        if grpc_server is not None:
+            await grpc_server.stop(settings.shutdown_grace_s)
         await life.shutdown()
 
     app = FastAPI(title="snnet-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)

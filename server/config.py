@@ -24,6 +24,12 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+    grpc_port: int = Field(
+        8081,
+        ge=0,
+        le=65535,
+        description="Port of the Open Inference Protocol over gRPC (0: off).",
+    )
     weights: Path = Field(BUNDLED_WEIGHTS, description="Checkpoint directory to serve.")
     device: str = Field(
         "auto", description="auto (cuda if present, else cpu), cpu, cuda or cuda:N."

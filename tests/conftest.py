@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import snnet_core
 from snnet_core.data import mnist_subset
+
+# Servers and apps the tests start have no gRPC endpoint unless a test asks for one (with a free
+# port): the default port would be taken by the first of them.
+os.environ.setdefault("SNNET_GRPC_PORT", "0")
 
 # Three timm VisionTransformers for 28x28 grey digits, patch 7 (16 tokens + class token), depth 4,
 # increasing width: 23 stitches (3 anchors + 2 pairs x 10).

@@ -215,10 +215,9 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
 async def _parse(
     request: Request, engine: Engine, pinned: int | None
 ) -> tuple[dict, ClassifyRequest, dict[str, dict]]:
-    """The request document, the ClassifyRequest it asks for, and the outputs it wants (name ->
-    their parameters)."""
-    s = engine.settings
-    body = await _read_body(request, s.max_body_bytes)
+    """REST framing: the request document (JSON, then the binary part if the header says so),
+    and what ``build_request`` makes of it."""
+    body = await _read_body(request, engine.settings.max_body_bytes)
     header = request.headers.get(HEADER_LENGTH)
     if header is not None:
         if not header.isdigit() or int(header) > len(body):
@@ -232,6 +231,25 @@ async def _parse(
         raise Refusal(400, f"inference request is not valid JSON: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise Refusal(400, 'an inference request is an object with a non-empty "inputs" list')
+    data, offset = [], 0
+    for spec in doc["inputs"]:
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise Refusal(400, f"an input is an object with a name, got {spec!r:.60}")
+        one, offset = _tensor_data(spec, binary, offset)
+        data.append(one)
+    if offset != len(binary):
+        raise Refusal(400, f"{len(binary) - offset} bytes of binary data no input claims")
+    req, wanted = build_request(engine, doc, data, pinned)
+    return doc, req, wanted
+
+
+def build_request(
+    engine: Engine, doc: dict, data: list[Any], pinned: int | None
+) -> tuple[ClassifyRequest, dict[str, dict]]:
+    """The protocol's request, whatever carried it (REST or gRPC), as a ClassifyRequest and the
+    outputs it wants (name -> their parameters). ``data[i]`` is input i's data: a buffer of raw
+    tensor bytes, or a list (JSON values, or gRPC's typed contents)."""
+    s = engine.settings
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise Refusal(400, '"parameters" must be an object')
@@ -240,26 +258,23 @@ async def _parse(
         raise Refusal(
             422, f"top_k={options.top_k} but the model has {engine.net.num_classes} classes"
         )
-    images, tensor, offset = None, None, 0
-    for spec in doc["inputs"]:
-        if not isinstance(spec, dict) or spec.get("name") not in INPUTS:
-            got = spec.get("name") if isinstance(spec, dict) else spec
-            raise Refusal(400, f"unknown input {got!r}; inputs are {list(INPUTS)} (one of them)")
-        data, offset = _tensor_data(spec, binary, offset)
+    images, tensor = None, None
+    for spec, one in zip(doc["inputs"], data, strict=True):
+        if spec.get("name") not in INPUTS:
+            raise Refusal(
+                400, f"unknown input {spec.get('name')!r}; inputs are {list(INPUTS)} (one of them)"
+            )
         if spec["name"] == "image":
-            images = _images(spec, data)
+            images = _images(spec, one)
         else:
-            tensor = _preprocessed(spec, data, engine.net.input_size)
+            tensor = _preprocessed(spec, one, engine.net.input_size)
     if (images is None) == (tensor is None):
         raise Refusal(400, "give exactly one input: 'image' (BYTES) or 'input' (FP32)")
-    if offset != len(binary):
-        raise Refusal(400, f"{len(binary) - offset} bytes of binary data no input claims")
     n = len(images) if images is not None else tensor.shape[0]
     if n == 0 or n > s.max_images_per_request:
         raise Refusal(422, f"{n} images; 1..{s.max_images_per_request} per request")
     wanted = _outputs(doc, params, engine.net.num_classes)
-    req = ClassifyRequest(images or [], options, tensor)
-    return doc, req, wanted
+    return ClassifyRequest(images or [], options, tensor), wanted
 
 
 def _options(params: dict[str, Any], pinned: int | None) -> ClassifyOptions:
@@ -316,6 +331,9 @@ def _images(spec: dict, data: Any) -> list[tuple[str, bytes]]:
         flat = np.asarray(data, dtype=object).reshape(-1).tolist() if data else []
         out = []
         for i, text in enumerate(flat):
+            if isinstance(text, bytes):  # gRPC bytes_contents: the bytes themselves
+                out.append(text)
+                continue
             if not isinstance(text, str):
                 raise Refusal(400, f"input 'image'[{i}]: a base64 string in JSON, got {text!r:.40}")
             try:
@@ -373,61 +391,70 @@ def _outputs(doc: dict, params: dict, classes: int) -> dict[str, dict]:
 # -- the answer -----------------------------------------------------------------------------------
 
 
-def _answer(
-    engine: Engine, doc: dict, req: ClassifyRequest, wanted: dict[str, dict], plan: Plan,
-    result: Result, arrived: float,
-) -> Response:  # fmt: skip
+def answer_tensors(
+    engine: Engine, req: ClassifyRequest, wanted: dict[str, dict], plan: Plan, result: Result,
+    arrived: float,
+) -> tuple[list[tuple[dict, Any]], dict[str, Any]]:  # fmt: skip
+    """The outputs as (tensor metadata, values: FP32 array or a list of bytes) and the response
+    parameters, whatever carries them; records the answer (metrics, margin, HTTP cost)."""
     probs = probabilities(result)
     labels = engine.manifest.labels
-    outputs, blobs = [], []
+    tensors = []
     for name, p in wanted.items():
         k = p.get("classification")
         if name == "labels" or k:
             k = int(k or req.options.top_k)
             top = top_k(probs, k)
-            values = [
+            values: Any = [
                 f"{probs[i, c]:.6f}:{c}:{labels[c]}".encode()
                 for i in range(len(probs))
                 for c in top[i].tolist()
             ]
-            out = {"name": name, "datatype": "BYTES", "shape": [len(probs), k]}
-            payload: Any = values
+            tensors.append(({"name": name, "datatype": "BYTES", "shape": [len(probs), k]}, values))
         else:
-            out = {"name": name, "datatype": "FP32", "shape": list(probs.shape)}
-            payload = probs.astype("<f4")
-        if p.get("binary_data"):
-            blob = (
-                b"".join(struct.pack("<I", len(v)) + v for v in payload)
-                if out["datatype"] == "BYTES"
-                else payload.tobytes()
-            )
-            out["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            out["data"] = (
-                [v.decode() for v in payload]
-                if out["datatype"] == "BYTES"
-                else payload.reshape(-1).tolist()
-            )
-        outputs.append(out)
+            meta = {"name": name, "datatype": "FP32", "shape": list(probs.shape)}
+            tensors.append((meta, probs.astype("<f4")))
     total_ms = (time.monotonic() - arrived) * 1e3
     met = engine.record_answer(plan, result, req.n, req.payload_bytes, total_ms)
     row = engine.menu.rows[plan.stitch]
+    params = {
+        "stitch_id": row.id, "stitch": row.description, "gflops": row.gflops,
+        "accuracy": row.accuracy, "queue_ms": round(result.queue_ms, 3),
+        "compute_ms": round(result.compute_ms, 3), "total_ms": round(total_ms, 3),
+        "predicted_ms": round(plan.predicted_ms, 3), "latency_budget_ms": plan.budget_ms,
+        "budget_met": met,
+    }  # fmt: skip
+    return tensors, params
+
+
+def raw_bytes(meta: dict, values: Any) -> bytes:
+    """A tensor's binary form: FP32 little-endian, BYTES as 4-byte length + bytes each."""
+    if meta["datatype"] == "BYTES":
+        return b"".join(struct.pack("<I", len(v)) + v for v in values)
+    return values.tobytes()
+
+
+def _answer(
+    engine: Engine, doc: dict, req: ClassifyRequest, wanted: dict[str, dict], plan: Plan,
+    result: Result, arrived: float,
+) -> Response:  # fmt: skip
+    tensors, params = answer_tensors(engine, req, wanted, plan, result, arrived)
+    outputs, blobs = [], []
+    for meta, values in tensors:
+        out = dict(meta)
+        if wanted[meta["name"]].get("binary_data"):
+            blob = raw_bytes(meta, values)
+            out["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        elif meta["datatype"] == "BYTES":
+            out["data"] = [v.decode() for v in values]
+        else:
+            out["data"] = values.reshape(-1).tolist()
+        outputs.append(out)
     head: dict[str, Any] = {
         "model_name": model_name(engine),
         "model_version": str(plan.stitch),
-        "parameters": {
-            "stitch_id": row.id,
-            "stitch": row.description,
-            "gflops": row.gflops,
-            "accuracy": row.accuracy,
-            "queue_ms": round(result.queue_ms, 3),
-            "compute_ms": round(result.compute_ms, 3),
-            "total_ms": round(total_ms, 3),
-            "predicted_ms": round(plan.predicted_ms, 3),
-            "latency_budget_ms": plan.budget_ms,
-            "budget_met": met,
-        },  # fmt: skip
+        "parameters": params,
         "outputs": outputs,
     }
     if "id" in doc:

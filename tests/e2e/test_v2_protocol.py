@@ -189,3 +189,80 @@ def test_v2_errors_are_error_objects_and_v2_requests_are_counted(server, digits)
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'snnet_requests_total{route="/v2/models/{name}/infer",status="200"}' in metrics
     assert torch.tensor(r.json()["outputs"][0]["data"]).sum().item() == pytest.approx(1, abs=1e-4)
+
+
+# -- gRPC ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grpc_server(tmp_path_factory):
+    from tests._prometheus import free_port
+
+    port = free_port()
+    srv = SnnetServer(
+        {
+            "SNNET_PROFILE_CACHE": str(tmp_path_factory.mktemp("gcache") / "profiles.json"),
+            "SNNET_GRPC_PORT": str(port),
+        }
+    )
+    srv.wait_for("ready in")
+    yield srv, f"127.0.0.1:{port}"
+    srv.proc.terminate()
+    srv.proc.wait(60)
+
+
+def test_grpc_health_metadata_and_digits_with_a_budget(grpc_server, digits, menu):
+    import tritonclient.grpc as tgrpc
+
+    _, address = grpc_server
+    manifest, best = menu
+    pngs, labels, _ = digits
+    with tgrpc.InferenceServerClient(address) as c:
+        assert c.is_server_live() and c.is_server_ready() and c.is_model_ready(MODEL)
+        assert not c.is_model_ready(MODEL, "999")
+        assert c.get_server_metadata().name == "snnet-serve"
+        meta = c.get_model_metadata(MODEL)
+        assert list(meta.versions) == [str(s["id"]) for s in manifest.stitches]
+        image = tgrpc.InferInput("image", [len(pngs)], "BYTES")
+        image.set_data_from_numpy(np.array(pngs, dtype=np.object_))
+        r = c.infer(
+            MODEL, [image], outputs=[tgrpc.InferRequestedOutput("probabilities")],
+            parameters={"latency_budget_ms": 10_000}, request_id="g-1",
+        )  # fmt: skip
+        probs = r.as_numpy("probabilities")
+        assert probs.shape == (16, 10)
+        assert sum(int(p.argmax()) == t for p, t in zip(probs, labels, strict=True)) >= 14
+        response = r.get_response()
+        assert response.id == "g-1" and response.model_version == str(best["id"])
+        assert response.parameters["budget_met"].bool_param
+        # A version pins the stitch; the classification extension gives the top k.
+        top = tgrpc.InferRequestedOutput("probabilities", class_count=2)
+        r = c.infer(MODEL, [image], outputs=[top], model_version="0")
+        assert r.get_response().model_version == "0" and r.as_numpy("probabilities").shape == (
+            16,
+            2,
+        )
+        # A cost cap in the parameters changes the stitch.
+        cheap = min(manifest.stitches, key=lambda s: s["gflops"])
+        r = c.infer(MODEL, [image], parameters={"max_gflops": cheap["gflops"]})
+        assert r.get_response().parameters["stitch_id"].int64_param == cheap["id"]
+
+
+def test_grpc_errors_carry_the_status_and_our_message(grpc_server, digits):
+    import tritonclient.grpc as tgrpc
+
+    _, address = grpc_server
+    with tgrpc.InferenceServerClient(address) as c:
+        image = tgrpc.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
+        with pytest.raises(InferenceServerException) as e:
+            c.infer(MODEL, [image])
+        assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "could not be decoded" in e.value.message()
+        with pytest.raises(InferenceServerException) as e:
+            c.get_model_metadata("other")
+        assert e.value.status() == "StatusCode.NOT_FOUND"
+        image.set_data_from_numpy(np.array([digits[0][0]], dtype=np.object_))
+        with pytest.raises(InferenceServerException) as e:
+            c.infer(MODEL, [image], client_timeout=30, parameters={"latency_budget_ms": 0.001})
+        assert "even on an idle server" in e.value.message()

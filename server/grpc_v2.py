@@ -1,0 +1,200 @@
+"""The Open Inference Protocol over gRPC (``inference.GRPCInferenceService``), on
+``SNNET_GRPC_PORT``, in the same event loop and through the same planner, queue and metrics as
+/classify and the REST routes (``server.routes.v2``, whose request and answer logic it shares).
+
+Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer
+(the others answer UNIMPLEMENTED). A shed request is ``UNAVAILABLE``, bad input
+``INVALID_ARGUMENT``, an unknown model or version ``NOT_FOUND``, a missing API key
+``UNAUTHENTICATED``. The message classes come from Triton's client package
+(``tritonclient.grpc``), generated from the protocol's own ``grpc_service.proto``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from typing import Any
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from .engine import Engine, Lifecycle
+from .errors import ComputeError, Refusal
+from .routes.classify import admit
+from .routes.v2 import answer_tensors, build_request, model_name, raw_bytes
+
+log = logging.getLogger("snnet.grpc")
+ROUTE = "/inference.GRPCInferenceService/ModelInfer"  # its route label in the metrics
+CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
+    415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
+    503: grpc.StatusCode.UNAVAILABLE,
+}  # fmt: skip
+
+
+def _param(p: pb.InferParameter) -> Any:
+    kind = p.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(p, kind)
+
+
+def _set_param(p: pb.InferParameter, value: Any) -> None:
+    if isinstance(value, bool):
+        p.bool_param = value
+    elif isinstance(value, int):
+        p.int64_param = value
+    elif isinstance(value, float):
+        p.double_param = value
+    elif value is not None:
+        p.string_param = str(value)
+
+
+class Servicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The protocol's methods against the app's Lifecycle (an engine once start-up is done)."""
+
+    def __init__(self, life: Lifecycle) -> None:
+        self.life = life
+
+    def _engine(self) -> Engine:
+        if self.life.engine is None:
+            raise Refusal(503, f"model not ready: {self.life.detail}")
+        return self.life.engine
+
+    def _model(self, name: str, version: str) -> tuple[Engine, int | None]:
+        engine = self._engine()
+        if name != model_name(engine):
+            raise Refusal(404, f"unknown model {name!r}; this server serves {model_name(engine)!r}")
+        if not version:
+            return engine, None
+        if not version.isdigit() or int(version) >= len(engine.menu):
+            raise Refusal(
+                404,
+                f"unknown version {version!r} of {name!r}: a version is a stitch id, "
+                f"0..{len(engine.menu) - 1}",
+            )
+        return engine, int(version)
+
+    async def ServerLive(self, request, context):  # noqa: N802 (the protocol's names)
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):  # noqa: N802
+        return pb.ServerReadyResponse(ready=self.life.engine is not None)
+
+    async def ModelReady(self, request, context):  # noqa: N802
+        engine = self.life.engine
+        ok = engine is not None and request.name == model_name(engine)
+        if ok and request.version:
+            ok = request.version.isdigit() and int(request.version) < len(engine.menu)
+        return pb.ModelReadyResponse(ready=ok)
+
+    async def ServerMetadata(self, request, context):  # noqa: N802
+        from .routes.v2 import EXTENSIONS, _version
+
+        return pb.ServerMetadataResponse(
+            name="snnet-serve", version=_version(), extensions=EXTENSIONS
+        )
+
+    async def ModelMetadata(self, request, context):  # noqa: N802
+        try:
+            engine, _ = self._model(request.name, request.version)
+        except Refusal as e:
+            await context.abort(CODES.get(e.status, grpc.StatusCode.INTERNAL), e.detail)
+        c, h, w = engine.net.input_size
+        meta = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=model_name(engine),
+            versions=[str(r.id) for r in engine.menu.rows],
+            platform="pytorch_snnet",
+            inputs=[
+                meta(name="image", datatype="BYTES", shape=[-1]),
+                meta(name="input", datatype="FP32", shape=[-1, c, h, w]),
+            ],
+            outputs=[
+                meta(name="probabilities", datatype="FP32", shape=[-1, engine.net.num_classes]),
+                meta(name="labels", datatype="BYTES", shape=[-1, -1]),
+            ],
+        )
+
+    async def ModelInfer(self, request, context):  # noqa: N802
+        arrived = time.monotonic()
+        status, start = 200, time.perf_counter()
+        metrics = self.life.metrics
+        try:
+            engine, pinned = self._model(request.model_name, request.model_version)
+            engine.metrics.arrivals.inc()
+            key = engine.settings.api_key
+            given = dict(context.invocation_metadata() or ()).get("x-api-key", "")
+            if key is not None and not hmac.compare_digest(given.encode(), key.encode()):
+                raise Refusal(401, "missing or wrong x-api-key metadata")
+            with engine.ingress.entered() as ticket:
+                doc, data = _document(request)
+                req, wanted = build_request(engine, doc, data, pinned)
+                plan, pending = await admit(engine, req, arrived)
+                ticket.queued()
+            result = await pending
+            tensors, params = answer_tensors(engine, req, wanted, plan, result, arrived)
+        except Refusal as e:
+            status = e.status
+            await context.abort(CODES.get(e.status, grpc.StatusCode.INTERNAL), e.detail)
+        except ComputeError as e:
+            status = 500
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
+        finally:
+            metrics.requests.labels(ROUTE, str(status)).inc()
+            metrics.request_seconds.labels(ROUTE).observe(time.perf_counter() - start)
+        response = pb.ModelInferResponse(
+            model_name=model_name(engine), model_version=str(plan.stitch), id=request.id
+        )
+        for k, v in params.items():
+            _set_param(response.parameters[k], v)
+        for meta, values in tensors:
+            response.outputs.add(name=meta["name"], datatype=meta["datatype"], shape=meta["shape"])
+            response.raw_output_contents.append(raw_bytes(meta, values))
+        return response
+
+
+def _document(request: pb.ModelInferRequest) -> tuple[dict, list[Any]]:
+    """A ModelInferRequest as the protocol's JSON document and each input's data (its raw bytes,
+    or its typed contents)."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise Refusal(400, f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    inputs, data = [], []
+    for i, t in enumerate(request.inputs):
+        inputs.append({"name": t.name, "datatype": t.datatype, "shape": list(t.shape)})
+        if raw:
+            data.append(memoryview(raw[i]))
+        elif t.datatype == "BYTES":
+            data.append(list(t.contents.bytes_contents))
+        else:
+            data.append(np.asarray(t.contents.fp32_contents, dtype=np.float32).tolist())
+    outputs = []
+    for o in request.outputs:
+        p = {k: _param(v) for k, v in o.parameters.items()}
+        outputs.append({"name": o.name, "parameters": {"binary_data": True, **p}})
+    doc: dict[str, Any] = {
+        "inputs": inputs,
+        "parameters": {k: _param(v) for k, v in request.parameters.items()},
+    }
+    if outputs:
+        doc["outputs"] = outputs
+    return doc, data
+
+
+async def start(life: Lifecycle, host: str, port: int) -> grpc.aio.Server:
+    """Serve the protocol on ``host:port`` from the running event loop."""
+    server = grpc.aio.server()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(life), server)
+    address = f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise RuntimeError(f"cannot serve gRPC on {address}: {e}") from None
+    if not bound:
+        raise RuntimeError(f"cannot serve gRPC on {address} (in use?); set SNNET_GRPC_PORT")
+    await server.start()
+    log.info("Open Inference Protocol over gRPC on %s", address)
+    return server
