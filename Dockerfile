@@ -38,7 +38,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     SNNET_PROFILE_CACHE=/var/cache/snnet/profiles.json
 VOLUME /var/cache/snnet
 USER 10001
-EXPOSE 8000
+EXPOSE 8000 8081
 # Liveness only: /healthz answers as soon as the server listens, while /readyz waits for the model.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD python -c "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('SNNET_PORT', '8000'), timeout=4)"

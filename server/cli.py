@@ -19,7 +19,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .config import Settings
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    given = (("host", args.host), ("port", args.port), ("model_name", args.model_name))
+    overrides = {k: v for k, v in given if v is not None}
     try:
         settings = Settings(**overrides)
     except SettingsError as e:  # e.g. a list setting that is not JSON
@@ -73,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP")
     p.add_argument("--host", help="interface (overrides SNNET_HOST; default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (overrides SNNET_PORT; default 8000)")
+    p.add_argument(
+        "--model-name",
+        help="the model's name in the Open Inference Protocol (overrides SNNET_MODEL_NAME; "
+        "default: the checkpoint directory's name)",
+    )
     p.set_defaults(func=cmd_serve)
     return parser
 
