@@ -130,9 +130,26 @@ def test_the_classification_extension_and_a_pinned_version(client, digits):
     assert scores == sorted(scores, reverse=True)
 
 
-def test_a_cost_cap_or_budget_in_the_parameters_changes_the_stitch(client, digits, menu):
+def test_a_cost_cap_or_budget_in_the_parameters_changes_the_stitch(client, server, digits, menu):
     manifest, best = menu
     pngs = digits[0][:1]
+    # A budget between the fastest stitch's time and the best one's: never the best stitch (the
+    # bundled stitches are within a millisecond of each other, so it may also be refused, with
+    # the least budget that would do; tests/unit/test_planner.py covers the choice exactly).
+    stitches = httpx.get(f"{server.url}/stitches").json()["stitches"]
+    fastest = min(s["predicted_ms"]["1"] for s in stitches)
+    best_ms = next(s for s in stitches if s["id"] == best["id"])["predicted_ms"]["1"]
+    for _ in range(5):
+        try:
+            r = client.infer(
+                MODEL,
+                [image_input(pngs)],
+                parameters={"latency_budget_ms": (fastest + best_ms) / 2},
+            )
+        except InferenceServerException as e:
+            assert "latency_budget_ms >=" in e.message() or "retry" in e.message()
+        else:
+            assert r.get_response()["model_version"] != str(best["id"])
     cheap = min(manifest.stitches, key=lambda s: s["gflops"])
     r = client.infer(MODEL, [image_input(pngs)], parameters={"max_gflops": cheap["gflops"]})
     assert r.get_response()["parameters"]["stitch_id"] == cheap["id"] != best["id"]
@@ -246,6 +263,9 @@ def test_grpc_health_metadata_and_digits_with_a_budget(grpc_server, digits, menu
         cheap = min(manifest.stitches, key=lambda s: s["gflops"])
         r = c.infer(MODEL, [image], parameters={"max_gflops": cheap["gflops"]})
         assert r.get_response().parameters["stitch_id"].int64_param == cheap["id"]
+    srv, _ = grpc_server
+    metrics = httpx.get(f"{srv.url}/metrics").text  # one picture: gRPC requests counted too
+    assert 'route="/inference.GRPCInferenceService/ModelInfer",status="200"' in metrics
 
 
 def test_grpc_errors_carry_the_status_and_our_message(grpc_server, digits):
