@@ -52,6 +52,25 @@ def start_server(
     return proc, f"http://127.0.0.1:{port}"
 
 
+def start_script(args: list[str], probe: str, timeout_s: float = 120.0):
+    """``python *args`` (a server script whose last argument is its port, chosen here), polled
+    on ``probe`` until it answers; returns (process, url)."""
+    import time
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, *args, str(port)])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:  # such scripts log nothing at warning level: poll until one answers
+        try:
+            Client(url).get(probe)
+            return proc, url
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit(f"{args[0]} did not start") from None
+            time.sleep(0.05)
+
+
 def digit_pngs(n: int = 32) -> list[bytes]:
     from snnet_core.data import mnist_subset
 

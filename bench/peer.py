@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server import Client, free_port, start_server  # noqa: E402
+from _server import Client, start_script, start_server  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MEDIUM = HERE / "models" / "medium"
@@ -64,18 +64,7 @@ def held_out_digits(n: int = 256) -> list[tuple[bytes, int]]:
 
 
 def start_plain(weights: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(HERE / "_plain.py"), weights, str(port)])
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:  # it logs nothing at warning level: poll until it answers
-        try:
-            Client(url).get("/healthz")
-            return proc, url
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("the plain server did not start") from None
-            time.sleep(0.1)
+    return start_script([str(HERE / "_plain.py"), weights], "/healthz")
 
 
 def drive(

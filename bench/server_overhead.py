@@ -23,24 +23,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server import Client, digit_pngs, free_port, start_server  # noqa: E402
+from _server import Client, digit_pngs, start_script, start_server  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
 
 def start_bare() -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(HERE / "_bare.py"), str(port)])
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:  # uvicorn logs nothing at warning level: poll until it accepts a connection
-        try:
-            Client(url).get("/openapi.json")
-            return proc, url
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("the bare FastAPI app did not start") from None
-            time.sleep(0.05)
+    return start_script([str(HERE / "_bare.py")], "/openapi.json", timeout_s=60)
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from .engine import Engine, Lifecycle
 from .errors import ComputeError, Refusal
 from .routes.classify import admit
-from .routes.v2 import answer_tensors, build_request, model_name, raw_bytes
+from .routes.v2 import answer_tensors, build_request, model_name, pinned_stitch, raw_bytes
 
 log = logging.getLogger("snnet.grpc")
 ROUTE = "/inference.GRPCInferenceService/ModelInfer"  # its route label in the metrics
@@ -65,17 +65,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _model(self, name: str, version: str) -> tuple[Engine, int | None]:
         engine = self._engine()
-        if name != model_name(engine):
-            raise Refusal(404, f"unknown model {name!r}; this server serves {model_name(engine)!r}")
-        if not version:
-            return engine, None
-        if not version.isdigit() or int(version) >= len(engine.menu):
-            raise Refusal(
-                404,
-                f"unknown version {version!r} of {name!r}: a version is a stitch id, "
-                f"0..{len(engine.menu) - 1}",
-            )
-        return engine, int(version)
+        return engine, pinned_stitch(engine, name, version)
 
     async def ServerLive(self, request, context):  # noqa: N802 (the protocol's names)
         return pb.ServerLiveResponse(live=True)
@@ -84,11 +74,11 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.life.engine is not None)
 
     async def ModelReady(self, request, context):  # noqa: N802
-        engine = self.life.engine
-        ok = engine is not None and request.name == model_name(engine)
-        if ok and request.version:
-            ok = request.version.isdigit() and int(request.version) < len(engine.menu)
-        return pb.ModelReadyResponse(ready=ok)
+        try:
+            self._model(request.name, request.version)
+        except Refusal:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(self, request, context):  # noqa: N802
         from .routes.v2 import EXTENSIONS, _version

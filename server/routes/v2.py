@@ -98,20 +98,25 @@ def model_name(engine: Engine) -> str:
     return engine.settings.model_name or engine.settings.weights.resolve().name
 
 
-def _model(request: Request, name: str, version: str | None) -> tuple[Engine, int | None]:
-    """The engine and the pinned stitch, or a 404 that names what exists."""
-    engine = engine_of(request)
+def pinned_stitch(engine: Engine, name: str, version: str | None) -> int | None:
+    """The stitch a model name and version pin (None: the planner chooses), or a 404 that names
+    what exists. REST and gRPC resolve them here."""
     if name != model_name(engine):
         raise Refusal(404, f"unknown model {name!r}; this server serves {model_name(engine)!r}")
     if version is None or version == "":
-        return engine, None
+        return None
     if not version.isdigit() or int(version) >= len(engine.menu):
         raise Refusal(
             404,
             f"unknown version {version!r} of {name!r}: a version is a stitch id, "
             f"0..{len(engine.menu) - 1}",
         )
-    return engine, int(version)
+    return int(version)
+
+
+def _model(request: Request, name: str, version: str | None) -> tuple[Engine, int | None]:
+    engine = engine_of(request)
+    return engine, pinned_stitch(engine, name, version)
 
 
 # -- health and metadata ----------------------------------------------------------------------
