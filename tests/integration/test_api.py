@@ -447,3 +447,19 @@ def test_serves_a_resnet_to_swin_checkpoint(tmp_path, digit_png):
                 assert len(body["predictions"][0]) == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_api_docs_need_no_cdn(client):
+    """/docs and /redoc load their scripts and styles from this server: in an air-gapped cluster
+    FastAPI's default pages (a CDN's Swagger UI) are blank."""
+    import re
+
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        urls = re.findall(r'(?:src|href)="([^"]+)"', html) + re.findall(r"url: '([^']+)'", html)
+        assert urls, page
+        for url in urls:
+            assert url.startswith("/"), (page, url)  # nothing from another host
+            r = client.get(url)
+            assert r.status_code == 200 and len(r.content) > 100, (page, url)
+    assert "SwaggerUIBundle" in client.get("/docs-assets/swagger-ui-bundle.js").text
