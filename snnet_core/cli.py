@@ -111,6 +111,17 @@ def _format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _with_cost_unit(rows: list[dict]) -> str:
+    """Give ``rows`` a cost column in a unit that fits the table (``mflops`` when every stitch
+    is under a GFLOP, as in the bundled model, where three decimals of GFLOPs printed 0.000);
+    its name."""
+    if rows and max(r["gflops"] for r in rows) < 1.0:
+        for r in rows:
+            r["mflops"] = r["gflops"] * 1e3
+        return "mflops"
+    return "gflops"
+
+
 def cmd_stitches(args: argparse.Namespace) -> int:
     _, manifest = _load_source(args)
     rows = [dict(r) for r in manifest.stitches]
@@ -121,7 +132,8 @@ def cmd_stitches(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        cols = ["id", "description", "anchors", "cut", "gflops", "params_m", "accuracy"]
+        cost = _with_cost_unit(rows)
+        cols = ["id", "description", "anchors", "cut", cost, "params_m", "accuracy"]
         print(_format_table(rows, cols + (["pareto"] if acc else [])))
     return 0
 
@@ -149,7 +161,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
             row = {"id": s["id"], "description": s["description"], "gflops": s["gflops"]}
             row.update({f"ms@{b}": ms for b, ms in profile.latency_ms[s["id"]].items()})
             rows.append(row)
-    print(_format_table(rows, list(rows[0])))
+    cost = _with_cost_unit(rows)
+    times = [k for k in rows[0] if k.startswith("ms@")]
+    print(_format_table(rows, ["id", "description", cost, *times]))
     if args.weights:
         manifest.set_profile(profile)
         path = write_manifest(args.weights, manifest)

@@ -45,9 +45,13 @@ def test_stitches_json_for_deit():
 def test_stitches_table_for_a_tiny_family():
     out = snnet("stitches", "--anchors", TINY_ANCHORS, "--overrides", json.dumps(TINY_OVERRIDES))
     lines = out.stdout.strip().splitlines()
-    assert lines[0].split()[:6] == ["id", "description", "anchors", "cut", "gflops", "params_m"]
+    # Every stitch of the tiny family is well under a GFLOP: the cost is in MFLOPs, and no row
+    # reads 0.000 (three decimals of GFLOPs did, for the bundled model).
+    assert lines[0].split()[:6] == ["id", "description", "anchors", "cut", "mflops", "params_m"]
     assert len(lines) == 1 + TINY_NUM_STITCHES
     assert "vit_tiny[0:1] -> vit_small[0:4]" in lines[4]
+    at = lines[0].index("mflops")  # columns are aligned: the value starts where its name does
+    assert all(float(line[at:].split()[0]) > 0 for line in lines[1:])
 
 
 def test_stitches_lists_the_resnet_family():
