@@ -120,7 +120,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.grpc_port:
             from . import grpc_v2  # grpcio only when the gRPC endpoint is on
 
-            grpc_server = await grpc_v2.start(life, settings.host, settings.grpc_port)
+            grpc_server = await grpc_v2.start(
+                life, settings.host, settings.grpc_port, settings.max_body_bytes + 64 * 1024
+            )
         life.start_in_background()
         watching = asyncio.create_task(ingress.watch_loop_lag())
         controlling = asyncio.create_task(life.run_controller())

@@ -30,7 +30,7 @@ log = logging.getLogger("snnet.grpc")
 ROUTE = "/inference.GRPCInferenceService/ModelInfer"  # its route label in the metrics
 CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-    404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
     503: grpc.StatusCode.UNAVAILABLE,
 }  # fmt: skip
@@ -128,10 +128,16 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             tensors, params = answer_tensors(engine, req, wanted, plan, result, arrived)
         except Refusal as e:
             status = e.status
+            if e.retry_after_s is not None:
+                context.set_trailing_metadata((("retry-after", str(e.retry_after_s)),))
             await context.abort(CODES.get(e.status, grpc.StatusCode.INTERNAL), e.detail)
         except ComputeError as e:
             status = 500
             await context.abort(grpc.StatusCode.INTERNAL, str(e))
+        except Exception as e:  # a bug: say so as INTERNAL, count it as a 500
+            status = 500
+            log.exception("ModelInfer failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
         finally:
             metrics.requests.labels(ROUTE, str(status)).inc()
             metrics.request_seconds.labels(ROUTE).observe(time.perf_counter() - start)
@@ -174,9 +180,16 @@ def _document(request: pb.ModelInferRequest) -> tuple[dict, list[Any]]:
     return doc, data
 
 
-async def start(life: Lifecycle, host: str, port: int) -> grpc.aio.Server:
-    """Serve the protocol on ``host:port`` from the running event loop."""
-    server = grpc.aio.server()
+async def start(life: Lifecycle, host: str, port: int, max_message: int) -> grpc.aio.Server:
+    """Serve the protocol on ``host:port`` from the running event loop; messages up to
+    ``max_message`` bytes (the REST body limit: gRPC's default 4 MiB would refuse requests REST
+    takes)."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.max_send_message_length", max_message),
+        ]
+    )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(life), server)
     address = f"{host}:{port}"
     try:

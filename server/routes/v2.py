@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -87,6 +88,16 @@ INFER_BODY = {
 }
 
 
+def _is_index(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts characters ``int`` refuses (\u00b2) or
+    reads as other digits (Arabic-Indic)."""
+    return text.isascii() and text.isdigit()
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _version() -> str:
     try:
         return version("snnet-serve")
@@ -105,7 +116,7 @@ def pinned_stitch(engine: Engine, name: str, version: str | None) -> int | None:
         raise Refusal(404, f"unknown model {name!r}; this server serves {model_name(engine)!r}")
     if version is None or version == "":
         return None
-    if not version.isdigit() or int(version) >= len(engine.menu):
+    if not _is_index(version) or int(version) >= len(engine.menu):
         raise Refusal(
             404,
             f"unknown version {version!r} of {name!r}: a version is a stitch id, "
@@ -225,21 +236,23 @@ async def _parse(
     body = await _read_body(request, engine.settings.max_body_bytes)
     header = request.headers.get(HEADER_LENGTH)
     if header is not None:
-        if not header.isdigit() or int(header) > len(body):
+        if not _is_index(header) or int(header) > len(body):
             raise Refusal(400, f"{HEADER_LENGTH} {header!r} is not a length within the body")
         raw, binary = body[: int(header)], memoryview(body)[int(header) :]
     else:
         raw, binary = body, memoryview(b"")
     try:
         doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, 4300+ digit ints
         raise Refusal(400, f"inference request is not valid JSON: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise Refusal(400, 'an inference request is an object with a non-empty "inputs" list')
     data, offset = [], 0
     for spec in doc["inputs"]:
-        if not isinstance(spec, dict) or "name" not in spec:
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise Refusal(400, f"an input is an object with a name, got {spec!r:.60}")
+        if not isinstance(spec.get("parameters") or {}, dict):
+            raise Refusal(400, f"input {spec['name']!r}: parameters must be an object")
         one, offset = _tensor_data(spec, binary, offset)
         data.append(one)
     if offset != len(binary):
@@ -263,6 +276,9 @@ def build_request(
         raise Refusal(
             422, f"top_k={options.top_k} but the model has {engine.net.num_classes} classes"
         )
+    names = [spec.get("name") for spec in doc["inputs"]]
+    if len(set(names)) != len(names):
+        raise Refusal(400, f"inputs {names}: each input may appear once")
     images, tensor = None, None
     for spec, one in zip(doc["inputs"], data, strict=True):
         if spec.get("name") not in INPUTS:
@@ -270,9 +286,9 @@ def build_request(
                 400, f"unknown input {spec.get('name')!r}; inputs are {list(INPUTS)} (one of them)"
             )
         if spec["name"] == "image":
-            images = _images(spec, one)
+            images = _images(spec, one, s.max_images_per_request)
         else:
-            tensor = _preprocessed(spec, one, engine.net.input_size)
+            tensor = _preprocessed(spec, one, engine.net.input_size, s.max_images_per_request)
     if (images is None) == (tensor is None):
         raise Refusal(400, "give exactly one input: 'image' (BYTES) or 'input' (FP32)")
     n = len(images) if images is not None else tensor.shape[0]
@@ -285,8 +301,13 @@ def build_request(
 def _options(params: dict[str, Any], pinned: int | None) -> ClassifyOptions:
     known = {"latency_budget_ms", "max_gflops", "stitch_id", "top_k"}
     raw = {k: v for k, v in params.items() if k in known}
-    if "latency_budget_ms" not in raw and isinstance(params.get("timeout"), int | float):
-        raw["latency_budget_ms"] = params["timeout"] / 1e3  # Triton's timeout is in microseconds
+    timeout = params.get("timeout")
+    if "latency_budget_ms" not in raw and timeout is not None:
+        if not _is_int(timeout) or not 0 < timeout < 10**12:
+            raise Refusal(
+                422, f"parameters.timeout: microseconds, a positive integer; got {timeout!r}"
+            )
+        raw["latency_budget_ms"] = timeout / 1e3  # Triton's timeout is in microseconds
     if pinned is not None:
         if raw.get("stitch_id", pinned) != pinned:
             raise Refusal(
@@ -306,25 +327,31 @@ def _tensor_data(spec: dict, binary: memoryview, offset: int) -> tuple[Any, int]
         if "data" not in spec:
             raise Refusal(400, f"input {spec['name']!r} has neither data nor binary_data_size")
         return spec["data"], offset
-    if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+    if not _is_int(size) or size < 0 or offset + size > len(binary):
         raise Refusal(400, f"input {spec['name']!r}: binary_data_size {size!r} past the body")
     return binary[offset : offset + size], offset + size
 
 
 def _shape(spec: dict) -> list[int]:
     shape = spec.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise Refusal(400, f"input {spec['name']!r}: shape must be a list of sizes, got {shape!r}")
     return shape
 
 
-def _images(spec: dict, data: Any) -> list[tuple[str, bytes]]:
+def _images(spec: dict, data: Any, limit: int) -> list[tuple[str, bytes]]:
+    """The encoded images of a BYTES input: at most ``limit``, counted from its shape before
+    any element is read (a body of millions of empty elements costs nothing)."""
     if spec.get("datatype") != "BYTES":
         raise Refusal(400, f"input 'image' is BYTES (encoded images), not {spec.get('datatype')}")
     shape = _shape(spec)
+    count = math.prod(shape)
+    if not 1 <= count <= limit:
+        raise Refusal(422, f"input 'image' has shape {shape}: {count} images; 1..{limit} allowed")
+    out: list[bytes] = []
     if isinstance(data, memoryview):  # binary: each element a 4-byte little-endian length + bytes
-        out, at = [], 0
-        while at < len(data):
+        at = 0
+        while at < len(data) and len(out) < count:
             if at + 4 > len(data):
                 raise Refusal(400, "input 'image': truncated BYTES element")
             (n,) = struct.unpack_from("<I", data, at)
@@ -332,38 +359,60 @@ def _images(spec: dict, data: Any) -> list[tuple[str, bytes]]:
                 raise Refusal(400, "input 'image': a BYTES element runs past its data")
             out.append(bytes(data[at + 4 : at + 4 + n]))
             at += 4 + n
-    else:  # JSON: base64 strings, possibly nested as the shape is
-        flat = np.asarray(data, dtype=object).reshape(-1).tolist() if data else []
-        out = []
-        for i, text in enumerate(flat):
-            if isinstance(text, bytes):  # gRPC bytes_contents: the bytes themselves
-                out.append(text)
+        if at != len(data):
+            raise Refusal(400, f"input 'image': more BYTES data than its shape {shape} holds")
+    else:  # JSON: base64 strings (gRPC: the bytes), possibly nested as the shape is
+        for i, item in enumerate(_flat(data, count + 1)):
+            if isinstance(item, bytes):
+                out.append(item)
                 continue
-            if not isinstance(text, str):
-                raise Refusal(400, f"input 'image'[{i}]: a base64 string in JSON, got {text!r:.40}")
+            if not isinstance(item, str):
+                raise Refusal(400, f"input 'image'[{i}]: a base64 string in JSON, got {item!r:.40}")
             try:
-                out.append(base64.b64decode(text, validate=True))
+                out.append(base64.b64decode(item, validate=True))
             except (binascii.Error, ValueError):
                 raise Refusal(400, f"input 'image'[{i}] is not valid base64") from None
-    if int(np.prod(shape)) != len(out):
-        raise Refusal(400, f"input 'image': shape {shape} but {len(out)} elements")
+    if len(out) != count:
+        raise Refusal(400, f"input 'image': shape {shape} but {len(out)} or more elements")
     return [(f"image[{i}]", b) for i, b in enumerate(out)]
 
 
-def _preprocessed(spec: dict, data: Any, size: tuple[int, int, int]) -> torch.Tensor:
+def _flat(data: Any, most: int) -> list[Any]:
+    """The leaves of nested lists, in order, stopping after ``most``."""
+    out: list[Any] = []
+    stack = [iter(data if isinstance(data, list) else [data])]
+    while stack and len(out) < most:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, list):
+            if len(stack) > 8:
+                raise Refusal(400, "tensor data nested deeper than its shape")
+            stack.append(iter(item))
+        else:
+            out.append(item)
+    return out
+
+
+_END = object()
+
+
+def _preprocessed(spec: dict, data: Any, size: tuple[int, int, int], limit: int) -> torch.Tensor:
     if spec.get("datatype") != "FP32":
         raise Refusal(400, f"input 'input' is FP32, not {spec.get('datatype')}")
     shape = _shape(spec)
     if len(shape) != 4 or tuple(shape[1:]) != tuple(size):
         raise Refusal(422, f"input 'input' must be [N, {', '.join(map(str, size))}], got {shape}")
+    if not 1 <= shape[0] <= limit:
+        raise Refusal(422, f"input 'input' has {shape[0]} images; 1..{limit} allowed")
     try:
         if isinstance(data, memoryview):
             x = np.frombuffer(data, dtype="<f4")
         else:
-            x = np.asarray(data, dtype=np.float32).reshape(-1)
+            x = np.asarray(_flat(data, math.prod(shape) + 1), dtype=np.float32)
         x = x.reshape(shape)
-    except (ValueError, TypeError) as e:
-        raise Refusal(400, f"input 'input': data does not fit shape {shape} ({e})") from None
+    except (ValueError, TypeError, OverflowError) as e:
+        raise Refusal(400, f"input 'input': data does not fit FP32 shape {shape} ({e})") from None
     if not np.isfinite(x).all():
         raise Refusal(422, "input 'input' has NaN or infinite values")
     return torch.from_numpy(np.array(x, dtype=np.float32))
@@ -371,23 +420,31 @@ def _preprocessed(spec: dict, data: Any, size: tuple[int, int, int]) -> torch.Te
 
 def _outputs(doc: dict, params: dict, classes: int) -> dict[str, dict]:
     """Requested outputs and their parameters (every output when none is named)."""
-    binary_all = bool(params.get("binary_data_output", False))
+    binary_all = params.get("binary_data_output", False)
+    if not isinstance(binary_all, bool):
+        raise Refusal(
+            400, f"parameters.binary_data_output must be true or false, got {binary_all!r}"
+        )
     requested = doc.get("outputs")
-    if requested is None:
+    if not requested:  # absent or empty: every output, as Triton does
         return {name: {"binary_data": binary_all} for name in OUTPUTS}
     if not isinstance(requested, list):
         raise Refusal(400, '"outputs" must be a list')
-    wanted = {}
+    wanted: dict[str, dict] = {}
     for spec in requested:
         name = spec.get("name") if isinstance(spec, dict) else None
         if name not in OUTPUTS:
             raise Refusal(400, f"unknown output {name!r}; outputs are {list(OUTPUTS)}")
-        p = dict(spec.get("parameters") or {})
-        p.setdefault("binary_data", binary_all)
+        if name in wanted:
+            raise Refusal(400, f"output {name!r} requested twice")
+        p = spec.get("parameters") or {}
+        if not isinstance(p, dict):
+            raise Refusal(400, f"output {name!r}: parameters must be an object")
+        p = {"binary_data": binary_all, **p}
+        if not isinstance(p["binary_data"], bool):
+            raise Refusal(400, f"output {name!r}: binary_data must be true or false")
         k = p.get("classification")
-        if k is not None and (
-            not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= classes
-        ):
+        if k is not None and (not _is_int(k) or not 0 <= k <= classes):
             raise Refusal(400, f"output {name!r}: classification={k!r}; allowed 0..{classes}")
         wanted[name] = p
     return wanted

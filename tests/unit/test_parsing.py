@@ -1,5 +1,6 @@
 """The in-memory multipart/form-data parser of /classify."""
 
+import base64
 import random
 
 import pytest
@@ -116,3 +117,64 @@ def test_it_agrees_with_python_multipart_on_random_bodies():
         assert [v for _, v in fields] == [
             d.decode("utf-8", "replace") for is_file, d in contents if not is_file
         ]
+
+
+# -- the Open Inference Protocol's request parts (server/routes/v2.py) -------------------------
+
+
+def v2_refusal(fn, *args) -> Refusal:
+    with pytest.raises(Refusal) as e:
+        fn(*args)
+    return e.value
+
+
+def test_v2_inputs_that_are_not_what_the_protocol_says_are_4xx_never_500():
+    from server.routes.v2 import _images, _options, _outputs, _preprocessed
+
+    b64 = base64.b64encode(b"x").decode()
+    cases = [
+        (_images, {"datatype": "BYTES", "shape": [True]}, [b64], 4),  # a bool is not a size
+        (_images, {"datatype": "BYTES", "shape": [2**62, 2**62]}, [b64], 4),  # no wrap-around
+        (_images, {"datatype": "BYTES", "shape": [5_000_000]}, memoryview(bytes(20_000_000)), 4),
+        (_images, {"datatype": "BYTES", "shape": [1]}, [b64, b64], 4),
+        (_images, {"datatype": "BYTES", "shape": [1]}, [[[[[[[[[[b64]]]]]]]]]], 4),
+        (_images, {"datatype": "BYTES", "shape": [1]}, memoryview(b"\x01\x00\x00\x00ab"), 4),
+        (
+            _preprocessed,
+            {"datatype": "FP32", "shape": [1, 1, 2, 2]},
+            [10**400, 0, 0, 0],
+            (1, 2, 2),
+            4,
+        ),
+        (_preprocessed, {"datatype": "FP32", "shape": [9, 1, 2, 2]}, [0.0] * 36, (1, 2, 2), 4),
+        (_preprocessed, {"datatype": "FP32", "shape": [1, 1, 2, 2]}, {"a": 1}, (1, 2, 2), 4),
+        (_outputs, {"outputs": [{"name": "labels", "parameters": 5}]}, {}, 10),
+        (_outputs, {"outputs": [{"name": "labels"}, {"name": "labels"}]}, {}, 10),
+        (_outputs, {}, {"binary_data_output": "false"}, 10),
+        (_outputs, {"outputs": [{"name": "labels", "parameters": {"binary_data": "no"}}]}, {}, 10),
+        (
+            _outputs,
+            {"outputs": [{"name": "labels", "parameters": {"classification": True}}]},
+            {},
+            10,
+        ),
+        (_options, {"timeout": True}, None),
+        (_options, {"timeout": 10**400}, None),
+    ]
+    for fn, *args in cases:
+        if fn in (_images, _preprocessed):
+            args[0] = {"name": "x", **args[0]}
+        assert 400 <= v2_refusal(fn, *args).status < 500, (fn.__name__, args)
+    # And an empty outputs list means every output, as Triton does.
+    assert set(_outputs({"outputs": []}, {}, 10)) == {"probabilities", "labels"}
+
+
+def test_v2_versions_and_lengths_are_ascii_digits_only():
+    from server.routes.v2 import _is_index
+
+    assert (
+        _is_index("12")
+        and not _is_index("\u00b2")
+        and not _is_index("\u0663")
+        and not _is_index("")
+    )
