@@ -24,7 +24,15 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from .engine import Engine, Lifecycle
 from .errors import ComputeError, Refusal
 from .routes.classify import admit
-from .routes.v2 import answer_tensors, build_request, model_name, pinned_stitch, raw_bytes
+from .routes.v2 import (
+    EXTENSIONS,
+    answer_tensors,
+    build_request,
+    model_name,
+    pinned_stitch,
+    raw_bytes,
+    server_version,
+)
 
 log = logging.getLogger("snnet.grpc")
 ROUTE = "/inference.GRPCInferenceService/ModelInfer"  # its route label in the metrics
@@ -81,10 +89,8 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(self, request, context):  # noqa: N802
-        from .routes.v2 import EXTENSIONS, _version
-
         return pb.ServerMetadataResponse(
-            name="snnet-serve", version=_version(), extensions=EXTENSIONS
+            name="snnet-serve", version=server_version(), extensions=EXTENSIONS
         )
 
     async def ModelMetadata(self, request, context):  # noqa: N802

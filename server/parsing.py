@@ -53,7 +53,7 @@ async def parse_classify(request: Request, settings: Settings, num_classes: int)
             f"content type {ctype or '(none)'!r} not supported; send multipart/form-data (image "
             "parts) or application/json (base64 images)",
         )
-    body = await _read_body(request, settings.max_body_bytes)
+    body = await read_body(request, settings.max_body_bytes)
     limit = settings.max_images_per_request
     if ctype == "application/json":
         req = _parse_json(body)
@@ -74,7 +74,7 @@ async def parse_classify(request: Request, settings: Settings, num_classes: int)
     return req
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise Refusal(413, f"request body is {declared} bytes; the limit is {limit} bytes")

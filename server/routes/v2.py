@@ -40,7 +40,7 @@ from pydantic import ValidationError
 from ..engine import Engine
 from ..errors import Refusal
 from ..ingress import ARRIVED
-from ..parsing import ClassifyRequest, _read_body, validation_message
+from ..parsing import ClassifyRequest, read_body, validation_message
 from ..planner import Plan
 from ..scheduler import Result
 from ..schemas import (
@@ -98,7 +98,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _version() -> str:
+def server_version() -> str:
     try:
         return version("snnet-serve")
     except PackageNotFoundError:
@@ -148,7 +148,7 @@ async def ready(request: Request) -> dict:
 
 @router.get("", summary="Server metadata (V2)", response_model=V2ServerMetadata)
 async def server_metadata() -> dict:
-    return {"name": "snnet-serve", "version": _version(), "extensions": EXTENSIONS}
+    return {"name": "snnet-serve", "version": server_version(), "extensions": EXTENSIONS}
 
 
 @router.get(
@@ -233,7 +233,7 @@ async def _parse(
 ) -> tuple[dict, ClassifyRequest, dict[str, dict]]:
     """REST framing: the request document (JSON, then the binary part if the header says so),
     and what ``build_request`` makes of it."""
-    body = await _read_body(request, engine.settings.max_body_bytes)
+    body = await read_body(request, engine.settings.max_body_bytes)
     header = request.headers.get(HEADER_LENGTH)
     if header is not None:
         if not _is_index(header) or int(header) > len(body):
