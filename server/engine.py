@@ -262,6 +262,7 @@ class Lifecycle:
 
     def __init__(self, settings: Settings, metrics: Metrics, ingress: Ingress) -> None:
         self.settings, self.metrics, self.ingress = settings, metrics, ingress
+        ingress.serving = False  # until start() has built the engine
         self.engine: Engine | None = None
         self.detail = "loading"
         self.started = threading.Event()  # set when start() finished, well or not
@@ -284,6 +285,7 @@ class Lifecycle:
             gc.collect()
             gc.freeze()
             self.engine, self.detail = engine, "ready"
+            self.ingress.loop_lag_ms, self.ingress.serving = 0.0, True
             self.metrics.ready.set(1)
         except StartupCancelled:
             self.detail = "start-up cancelled"

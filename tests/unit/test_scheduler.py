@@ -195,3 +195,34 @@ def test_loop_lag_shows_up_in_the_ingress_estimate():
 
     asyncio.run(scenario())
     assert ing.loop_lag_ms > 5.0 and ing.wait_ms() >= ing.loop_lag_ms
+
+
+def test_loop_lag_during_start_up_is_not_counted():
+    """While start-up holds the loop back (profiling, warm-up, the final full GC), the lag is
+    start-up's: counted, it made the first request after `ready` look ~35 ms dearer."""
+    ing = Ingress()
+    ing.serving = False
+
+    async def scenario():
+        watcher = asyncio.create_task(ing.watch_loop_lag(period_s=0.001))
+        await asyncio.sleep(0)
+        for _ in range(5):
+            start = time.perf_counter()
+            while time.perf_counter() - start < 0.02:  # start-up keeps the loop busy
+                pass
+            await asyncio.sleep(0)
+        ing.serving = True  # ready: a tick that began before this is still start-up's
+        start = time.perf_counter()
+        while time.perf_counter() - start < 0.02:
+            pass
+        await asyncio.sleep(0)
+        assert ing.loop_lag_ms == 0.0
+        for _ in range(5):  # serving from here: counted
+            start = time.perf_counter()
+            while time.perf_counter() - start < 0.02:
+                pass
+            await asyncio.sleep(0.002)
+        watcher.cancel()
+
+    asyncio.run(scenario())
+    assert ing.loop_lag_ms > 5.0
