@@ -1,0 +1,64 @@
+"""The API docs in a real browser with no internet: headless Chromium (the Debian package, driven
+by Playwright) may load nothing but the server itself, and /docs must still list the operations
+(FastAPI's default page loads Swagger UI from a CDN and stays blank offline)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from tests._servers import SnnetServer
+
+
+def chromium() -> str:
+    path = shutil.which("chromium")
+    if not path:
+        msg = "chromium not found (Debian package `chromium`; .ci/run installs it)"
+        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = SnnetServer(
+        {"SNNET_PROFILE_CACHE": str(tmp_path_factory.mktemp("cache") / "profiles.json")}
+    )
+    srv.wait_for("ready in")
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize(("page", "selector"), [("/docs", ".opblock-summary-path"),
+                                                ("/redoc", "[data-section-id]")])  # fmt: skip
+def test_the_api_docs_render_offline(server, tmp_path, page, selector):
+    from playwright.sync_api import sync_playwright
+
+    blocked: list[str] = []
+
+    def only_this_server(route) -> None:
+        if route.request.url.startswith(server.url):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        try:
+            tab = browser.new_page()
+            tab.route("**/*", only_this_server)
+            tab.goto(server.url + page)
+            tab.wait_for_selector(selector, timeout=30_000)
+            shown = " ".join(tab.locator(selector).all_inner_texts())
+            tab.screenshot(path=str(tmp_path / f"{page.strip('/')}.png"), full_page=True)
+        finally:
+            browser.close()
+    for path in ("/classify", "/stitches", "/v2/models/{name}/infer"):
+        assert path in shown or page == "/redoc", (page, path)
+    assert shown.strip(), page
+    if page == "/docs":
+        assert not blocked, blocked  # it needed nothing from elsewhere
+    else:  # ReDoc's bundle fetches its footer logo from its CDN: missing offline, nothing else
+        assert all(url.endswith((".svg", ".png")) for url in blocked), blocked
