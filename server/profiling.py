@@ -8,8 +8,9 @@ and calibrated where requests will run.
    ``SNNET_PROFILE_SECONDS`` is spent. Measurements already in the cache are reused, and what
    is measured is kept there, so a later start measures the rest.
 3. Stitches not measured are **estimated**: per batch size, a least-squares line of time against
-   GFLOPs over the measured stitches, padded to the worst measured stitched route. The controller's per-stitch factor corrects them online
-   once they run; ``GET /stitches`` says which stitches are estimated.
+   GFLOPs over the measured stitches, padded to the worst measured stitched route. The
+   controller's per-stitch factor corrects them online once they run; ``GET /stitches`` says
+   which stitches are estimated.
 4. ``calibrate``: time the anchors through the serving runner; when any is outside a 15%
    tolerance, every stitch's profile is mapped onto serving (a factor and a cost per batch, the
    hop to the model process) before the first request.
@@ -221,7 +222,8 @@ def calibrate(
 
     Two things make served times differ from a profile. A cost per batch that profiling in
     this process does not see: the hop to the model process and back (on the DeiT-Ti/S/B net
-    here about 2 ms at batch 1, +20% on DeiT-Ti but +1% on DeiT-B, so one factor fits neither).
+    here 1-5 ms at batch 1 from run to run, +20% on DeiT-Ti but +2% on DeiT-B, so one factor
+    fits neither).
     And a factor: a profile from the manifest or the cache names a CPU model, but on a virtual
     machine that is not an identity (a slower machine with the same name used to inherit a
     faster one's profile). So per timed batch size, ``served = f x profiled + c`` (c >= 0) is
