@@ -12,6 +12,7 @@ import queue
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests._prometheus import free_port
@@ -71,3 +72,16 @@ class SnnetServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def bundled(tmp_path_factory, grpc: bool = False) -> Iterator[SnnetServer]:
+    """A ready `snnet serve` of the bundled weights with a fresh profile cache, for a module
+    fixture (``yield from bundled(tmp_path_factory)``); with ``grpc``, the V2 gRPC endpoint on a
+    free port too, its address in ``srv.grpc``."""
+    env = {"SNNET_PROFILE_CACHE": str(tmp_path_factory.mktemp("cache") / "profiles.json")}
+    grpc_port = free_port() if grpc else 0
+    env["SNNET_GRPC_PORT"] = str(grpc_port)
+    with SnnetServer(env) as srv:
+        srv.grpc = f"127.0.0.1:{grpc_port}" if grpc else None
+        srv.wait_for("ready in")
+        yield srv

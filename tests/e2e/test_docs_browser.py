@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from tests._servers import SnnetServer
+from tests._servers import bundled
 
 
 def chromium() -> str:
@@ -22,12 +22,7 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = SnnetServer(
-        {"SNNET_PROFILE_CACHE": str(tmp_path_factory.mktemp("cache") / "profiles.json")}
-    )
-    srv.wait_for("ready in")
-    yield srv
-    srv.stop()
+    yield from bundled(tmp_path_factory)
 
 
 @pytest.mark.parametrize(("page", "selector"), [("/docs", ".opblock-summary-path"),

@@ -14,8 +14,7 @@ import pytest
 from PIL import Image
 
 from snnet_core.data import mnist_subset
-from tests._prometheus import free_port
-from tests._servers import ROOT, SnnetServer
+from tests._servers import ROOT, bundled
 
 README = (ROOT / "README.md").read_text()
 
@@ -38,22 +37,14 @@ def curl_commands() -> list[str]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    grpc = free_port()
-    srv = SnnetServer(
-        {
-            "SNNET_PROFILE_CACHE": str(tmp_path_factory.mktemp("cache") / "profiles.json"),
-            "SNNET_GRPC_PORT": str(grpc),
-        }
-    )
-    srv.wait_for("ready in")
-    yield srv, grpc
-    srv.stop()
+    yield from bundled(tmp_path_factory, grpc=True)
 
 
-def local(text: str, server) -> str:
-    srv, grpc = server
+def local(text: str, srv) -> str:
+    """The README's localhost ports as this test server's."""
+    grpc_port = srv.grpc.rsplit(":", 1)[1]
     return text.replace("localhost:8000", f"127.0.0.1:{srv.port}").replace(
-        "localhost:8081", f"127.0.0.1:{grpc}"
+        "localhost:8081", f"127.0.0.1:{grpc_port}"
     )
 
 

@@ -1,7 +1,6 @@
 """`snnet serve` with the bundled trained weights, over real HTTP on a free loopback port."""
 
 import concurrent.futures
-import io
 import signal
 import sys
 import time
@@ -10,10 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from PIL import Image
 
 import snnet_core
-from snnet_core.data import mnist_subset
 from tests._servers import SnnetServer as Server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,18 +35,6 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundled():
     return snnet_core.load(ROOT / "weights")
-
-
-@pytest.fixture(scope="module")
-def held_out():
-    x, y = mnist_subset("held_out")
-    idx = list(range(5, 1000, 63))  # 16 digits (the per-request limit), one or two of each class
-    pngs = []
-    for i in idx:
-        buf = io.BytesIO()
-        Image.fromarray((x[i, 0].numpy() * 255).round().astype("uint8"), "L").save(buf, "PNG")
-        pngs.append(buf.getvalue())
-    return pngs, y[idx].tolist(), x[idx]
 
 
 def expected(net, x, stitch):

@@ -2,32 +2,23 @@
 real `snnet serve` with the bundled weights."""
 
 import base64
-import io
 
 import httpx
 import numpy as np
 import pytest
 import torch
 import tritonclient.http as triton
-from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 import snnet_core
-from snnet_core.data import mnist_subset
-from tests._servers import ROOT, SnnetServer
+from tests._servers import ROOT, bundled
 
 MODEL = "weights"  # the default model name: the checkpoint directory's
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = SnnetServer(
-        {"SNNET_PROFILE_CACHE": str(tmp_path_factory.mktemp("cache") / "profiles.json")}
-    )
-    srv.wait_for("ready in")
-    yield srv
-    srv.proc.terminate()
-    srv.proc.wait(60)
+    yield from bundled(tmp_path_factory, grpc=True)  # one server for REST and gRPC
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +26,6 @@ def client(server):
     c = triton.InferenceServerClient(server.url.removeprefix("http://"))
     yield c
     c.close()
-
-
-@pytest.fixture(scope="module")
-def digits():
-    x, y = mnist_subset("held_out")
-    idx = list(range(7, 1000, 63))[:16]
-    pngs = []
-    for i in idx:
-        buf = io.BytesIO()
-        Image.fromarray((x[i, 0].numpy() * 255).round().astype("uint8"), "L").save(buf, "PNG")
-        pngs.append(buf.getvalue())
-    return pngs, y[idx].tolist(), x[idx]
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +71,9 @@ def test_health_and_metadata(client, menu):
 
 @pytest.mark.parametrize("binary", [True, False])
 def test_held_out_digits_are_classified_with_a_budget_in_the_parameters(
-    client, digits, menu, binary
+    client, held_out, menu, binary
 ):
-    pngs, labels, _ = digits
+    pngs, labels, _ = held_out
     _, best = menu
     outputs = [
         triton.InferRequestedOutput("probabilities", binary_data=binary),
@@ -118,8 +97,8 @@ def test_held_out_digits_are_classified_with_a_budget_in_the_parameters(
     assert body["model_version"] == str(best["id"]) and body["parameters"]["budget_met"]
 
 
-def test_the_classification_extension_and_a_pinned_version(client, digits):
-    pngs = digits[0][:3]
+def test_the_classification_extension_and_a_pinned_version(client, held_out):
+    pngs = held_out[0][:3]
     out = triton.InferRequestedOutput("probabilities", binary_data=True, class_count=3)
     r = client.infer(MODEL, [image_input(pngs)], outputs=[out], model_version="1")
     assert r.get_response()["model_version"] == "1"
@@ -130,9 +109,9 @@ def test_the_classification_extension_and_a_pinned_version(client, digits):
     assert scores == sorted(scores, reverse=True)
 
 
-def test_a_cost_cap_or_budget_in_the_parameters_changes_the_stitch(client, server, digits, menu):
+def test_a_cost_cap_or_budget_in_the_parameters_changes_the_stitch(client, server, held_out, menu):
     manifest, best = menu
-    pngs = digits[0][:1]
+    pngs = held_out[0][:1]
     # A budget between the fastest stitch's time and the best one's: never the best stitch (the
     # bundled stitches are within a millisecond of each other, so it may also be refused, with
     # the least budget that would do; tests/unit/test_planner.py covers the choice exactly).
@@ -160,8 +139,8 @@ def test_a_cost_cap_or_budget_in_the_parameters_changes_the_stitch(client, serve
     assert "even on an idle server" in e.value.message()
 
 
-def test_a_preprocessed_fp32_tensor_gives_what_the_image_gives(client, digits):
-    pngs, _, x = digits
+def test_a_preprocessed_fp32_tensor_gives_what_the_image_gives(client, held_out):
+    pngs, _, x = held_out
     by_image = client.infer(MODEL, [image_input(pngs[:4])], model_version="2")
     inp = triton.InferInput("input", [4, 1, 28, 28], "FP32")
     inp.set_data_from_numpy(((x[:4] - 0.5) / 0.5).numpy().astype(np.float32))
@@ -171,8 +150,8 @@ def test_a_preprocessed_fp32_tensor_gives_what_the_image_gives(client, digits):
     )
 
 
-def test_errors_surface_in_the_client_with_what_was_wrong(client, digits):
-    pngs = digits[0][:1]
+def test_errors_surface_in_the_client_with_what_was_wrong(client, held_out):
+    pngs = held_out[0][:1]
     with pytest.raises(InferenceServerException) as e:
         client.infer(MODEL, [image_input(pngs)], model_version="999")
     assert "version is a stitch id" in e.value.message()
@@ -189,7 +168,7 @@ def test_errors_surface_in_the_client_with_what_was_wrong(client, digits):
     assert "[N, 1, 28, 28]" in e.value.message()
 
 
-def test_v2_errors_are_error_objects_and_v2_requests_are_counted(server, digits):
+def test_v2_errors_are_error_objects_and_v2_requests_are_counted(server, held_out):
     r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=b"{", timeout=30)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
     r = httpx.get(f"{server.url}/v2/models/other")
@@ -197,7 +176,7 @@ def test_v2_errors_are_error_objects_and_v2_requests_are_counted(server, digits)
     body = {
         "inputs": [
             {"name": "image", "shape": [1], "datatype": "BYTES",
-             "data": [base64.b64encode(digits[0][0]).decode()]}
+             "data": [base64.b64encode(held_out[0][0]).decode()]}
         ],
         "parameters": {"latency_budget_ms": 5000},
     }  # fmt: skip
@@ -211,29 +190,12 @@ def test_v2_errors_are_error_objects_and_v2_requests_are_counted(server, digits)
 # -- gRPC ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def grpc_server(tmp_path_factory):
-    from tests._prometheus import free_port
-
-    port = free_port()
-    srv = SnnetServer(
-        {
-            "SNNET_PROFILE_CACHE": str(tmp_path_factory.mktemp("gcache") / "profiles.json"),
-            "SNNET_GRPC_PORT": str(port),
-        }
-    )
-    srv.wait_for("ready in")
-    yield srv, f"127.0.0.1:{port}"
-    srv.proc.terminate()
-    srv.proc.wait(60)
-
-
-def test_grpc_health_metadata_and_digits_with_a_budget(grpc_server, digits, menu):
+def test_grpc_health_metadata_and_digits_with_a_budget(server, held_out, menu):
     import tritonclient.grpc as tgrpc
 
-    _, address = grpc_server
+    address = server.grpc
     manifest, best = menu
-    pngs, labels, _ = digits
+    pngs, labels, _ = held_out
     with tgrpc.InferenceServerClient(address) as c:
         assert c.is_server_live() and c.is_server_ready() and c.is_model_ready(MODEL)
         assert not c.is_model_ready(MODEL, "999")
@@ -263,15 +225,14 @@ def test_grpc_health_metadata_and_digits_with_a_budget(grpc_server, digits, menu
         cheap = min(manifest.stitches, key=lambda s: s["gflops"])
         r = c.infer(MODEL, [image], parameters={"max_gflops": cheap["gflops"]})
         assert r.get_response().parameters["stitch_id"].int64_param == cheap["id"]
-    srv, _ = grpc_server
-    metrics = httpx.get(f"{srv.url}/metrics").text  # one picture: gRPC requests counted too
+    metrics = httpx.get(f"{server.url}/metrics").text  # one picture: gRPC requests counted too
     assert 'route="/inference.GRPCInferenceService/ModelInfer",status="200"' in metrics
 
 
-def test_grpc_errors_carry_the_status_and_our_message(grpc_server, digits):
+def test_grpc_errors_carry_the_status_and_our_message(server, held_out):
     import tritonclient.grpc as tgrpc
 
-    _, address = grpc_server
+    address = server.grpc
     with tgrpc.InferenceServerClient(address) as c:
         image = tgrpc.InferInput("image", [1], "BYTES")
         image.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
@@ -282,7 +243,7 @@ def test_grpc_errors_carry_the_status_and_our_message(grpc_server, digits):
         with pytest.raises(InferenceServerException) as e:
             c.get_model_metadata("other")
         assert e.value.status() == "StatusCode.NOT_FOUND"
-        image.set_data_from_numpy(np.array([digits[0][0]], dtype=np.object_))
+        image.set_data_from_numpy(np.array([held_out[0][0]], dtype=np.object_))
         with pytest.raises(InferenceServerException) as e:
             c.infer(MODEL, [image], client_timeout=30, parameters={"latency_budget_ms": 0.001})
         assert "even on an idle server" in e.value.message()
