@@ -189,17 +189,27 @@ class Planner:
             if compute - before <= view.later_slack_ms - margin:
                 return Plan(s, budget, deadline, spent, ingress, http, queue_ms, compute, margin)
         if not fits and not view.busy and not self.ingress.others():
-            # Nothing ahead of it: waiting would not help, the budget is below what the fastest
-            # stitch needs on this server now (its compute plus HTTP work and safety margin).
+            # Nothing ahead of it. If the budget is below what the fastest stitch needs on this
+            # server even when idle (its compute plus HTTP work and the safety margin), waiting
+            # would not help: say what would do. If it only missed because of time already gone
+            # (a busy event loop before planning: a burst just answered), that is load: 503.
             fastest = min(self.scheduler.batches_ms(s, n) for s in pool)
-            need = spent + pad * (ingress + http + fastest)
-            least = math.ceil((need + self.network_ms) * 100) / 100
+            need = pad * (http + fastest)
+            if need > server_budget:
+                least = math.ceil((need + self.network_ms) * 100) / 100
+                return Refusal(
+                    422,
+                    f"latency_budget_ms={budget:g} is below what this request needs on this "
+                    f"server even when idle ({need:.2f} ms: compute, HTTP work for its "
+                    f"{payload_bytes} bytes and a {100 * (pad - 1):.0f}% safety margin); allowed: "
+                    f"latency_budget_ms >= {least:.2f}",
+                )
             return Refusal(
-                422,
-                f"latency_budget_ms={budget:g} is below what this request needs on this server "
-                f"even when idle ({need:.2f} ms: compute, HTTP work for its {payload_bytes} bytes "
-                f"and a {100 * (pad - 1):.0f}% safety margin); allowed: latency_budget_ms >= "
-                f"{least:.2f}",
+                503,
+                f"overloaded: latency_budget_ms={budget:g} would do on an idle server, but "
+                f"{spent + ingress:.1f} ms of it went by in the server's busy HTTP layer before "
+                "this request could be planned; retry later",
+                1,
             )
         retry = max(1, math.ceil((ingress + queue_ms) / 1e3))
         if fits:

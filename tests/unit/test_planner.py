@@ -181,3 +181,16 @@ def test_time_already_spent_and_the_payload_s_own_http_work_count():
     plan = planner.plan(opts(latency_budget_ms=10.5), 1, NOW, payload_bytes=100_000)
     assert stitch(plan) == 6 and plan.http_ms == pytest.approx(3.0)
     assert plan.predicted_ms == pytest.approx(10.0)
+
+
+def test_a_budget_lost_to_a_busy_http_layer_is_load_503_not_a_bad_budget_422():
+    # Alone and idle when planned, but 10 ms of the 10.5 went by before (a burst was being
+    # parsed): a budget that fits an idle server is not the client's fault, so 503, retry.
+    planner, _, _ = make()
+    r = planner.plan(opts(latency_budget_ms=10.5), 1, NOW, arrived=NOW - 0.010)
+    assert r.status == 503 and "would do on an idle server" in r.detail and r.retry_after_s >= 1
+    planner.ingress.loop_lag_ms = 10.0  # the same when the loop is late right now
+    r = planner.plan(opts(latency_budget_ms=10.5), 1, NOW)
+    assert r.status == 503 and "10.0 ms of it went by" in r.detail
+    planner.ingress.loop_lag_ms = 0.0
+    assert stitch(planner.plan(opts(latency_budget_ms=10.5), 1, NOW)) == 9
