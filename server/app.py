@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import Settings, get_settings
@@ -24,6 +25,7 @@ from .errors import ComputeError, Refusal
 from .ingress import ARRIVED, Ingress
 from .metrics import Metrics
 from .routes import router
+from .routes.web import WEB
 
 log = logging.getLogger("snnet.server")
 
@@ -82,7 +84,6 @@ def _offline_docs(app: FastAPI) -> None:
     from importlib.resources import files
 
     from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-    from fastapi.staticfiles import StaticFiles
     from starlette.responses import HTMLResponse
 
     assets = files("fastapi_offline") / "static"
@@ -140,6 +141,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.lifecycle = life
     app.include_router(router)
     _offline_docs(app)
+    # The page's script and stylesheet (GET / serves its HTML, server/routes/web.py).
+    app.mount("/ui", StaticFiles(directory=str(WEB)), name="ui")
 
     def error(request: Request, detail: str, status: int, headers=None) -> JSONResponse:
         # One shape per protocol: {"detail": ...} as FastAPI's own, {"error": ...} under /v2 as

@@ -205,6 +205,7 @@ class Controller:
         correction_evidence_s: float = 0.2,
         stitch_evidence_s: float = 1.0,
         device_factor: float = 1.0,
+        idle_relax_s: float = 2.0,
         residual_window: int = 256,
         residual_max_age_s: float = 30.0,
         recent_arrivals: int = 12,
@@ -218,6 +219,10 @@ class Controller:
         self.correction_evidence_s = correction_evidence_s
         self.stitch_evidence_s = stitch_evidence_s
         self.device_factor = _clamp(device_factor)
+        # With nothing run, the device factor returns to its start-up value with this time
+        # constant: a slow-down seen under a burst (CPU contention) is evidence about that
+        # moment, and a server that refuses every request as too slow gathers no other.
+        self.settled_device_factor, self.idle_relax_s = self.device_factor, idle_relax_s
         self._stitch_factor: dict[int, float] = {}  # stitch -> its time relative to the device
         self._seen: set[int] = set()  # stitches run here
         self._apply_corrections()
@@ -266,13 +271,13 @@ class Controller:
             self._set_level(0.0, r.t)
             return
         dt = r.t - prev.t
-        self._update_corrections(prev, r)
+        self._update_corrections(prev, r, dt)
         self._update_rates(prev, r, dt)
         self._update_margin()
         self._refresh_costs()
         self._set_level(self._target_level(), dt)
 
-    def _update_corrections(self, prev: Reading, r: Reading) -> None:
+    def _update_corrections(self, prev: Reading, r: Reading, dt: float) -> None:
         seen: dict[int, tuple[float, float]] = {}  # stitch -> (observed s, profiled s) this period
         for s, profiled in r.profiled_s.items():
             d_prof = profiled - prev.profiled_s.get(s, 0.0)
@@ -299,6 +304,10 @@ class Controller:
             for s in self._seen:
                 self._stitch_factor[s] /= g
             self.device_factor = _clamp(self.device_factor * g)
+        elif self.idle_relax_s > 0:  # idle this period
+            keep = math.exp(-dt / self.idle_relax_s)
+            settled = self.settled_device_factor
+            self.device_factor = settled + (self.device_factor - settled) * keep
         f = self.fleet
         if f is not None and f.corrections:  # the fleet's shape for stitches never run here
             level = statistics.median(f.corrections.values())

@@ -75,6 +75,12 @@ class Engine:
     ingress: Ingress
     planner: Planner
 
+    @property
+    def model_name(self) -> str:
+        """The model's name in /stitches and the Open Inference Protocol: SNNET_MODEL_NAME, else
+        the checkpoint directory's name."""
+        return self.settings.model_name or self.settings.weights.resolve().name
+
     def record_answer(
         self, plan: Plan, result: Result, images: int, payload_bytes: int, total_ms: float
     ) -> bool:

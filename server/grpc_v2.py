@@ -28,7 +28,6 @@ from .routes.v2 import (
     EXTENSIONS,
     answer_tensors,
     build_request,
-    model_name,
     pinned_stitch,
     raw_bytes,
     server_version,
@@ -101,7 +100,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         c, h, w = engine.net.input_size
         meta = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=model_name(engine),
+            name=engine.model_name,
             versions=[str(r.id) for r in engine.menu.rows],
             platform="pytorch_snnet",
             inputs=[
@@ -148,7 +147,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             metrics.requests.labels(ROUTE, str(status)).inc()
             metrics.request_seconds.labels(ROUTE).observe(time.perf_counter() - start)
         response = pb.ModelInferResponse(
-            model_name=model_name(engine), model_version=str(plan.stitch), id=request.id
+            model_name=engine.model_name, model_version=str(plan.stitch), id=request.id
         )
         for k, v in params.items():
             _set_param(response.parameters[k], v)

@@ -109,8 +109,9 @@ class Planner:
         server_budget = budget - self.network_ms  # ms the server may spend, from arrival
         idle = {s: self.scheduler.batches_ms(s, n) for s in candidates}
         fastest = min(candidates, key=lambda s: (idle[s], s))
-        if idle[fastest] > server_budget:
-            return self._too_tight(budget, fastest, idle[fastest], n, opts)
+        at_rest = idle[fastest] / max(1.0, self._slow_down())  # not today's contention
+        if at_rest > server_budget:
+            return self._too_tight(budget, fastest, at_rest, n, opts)
         pool = self._pool(opts, candidates, idle, server_budget)
         deadline = arrived + server_budget / 1e3
         view = self.scheduler.view(deadline, now)
@@ -191,10 +192,12 @@ class Planner:
         if not fits and not view.busy and not self.ingress.others():
             # Nothing ahead of it. If the budget is below what the fastest stitch needs on this
             # server even when idle (its compute plus HTTP work and the safety margin), waiting
-            # would not help: say what would do. If it only missed because of time already gone
-            # (a busy event loop before planning: a burst just answered), that is load: 503.
+            # would not help: say what would do. If it only missed because of the moment (time
+            # gone in a busy event loop before planning, or the device running slower than its
+            # start-up level, as under CPU contention from a burst), that is load: 503.
             fastest = min(self.scheduler.batches_ms(s, n) for s in pool)
-            need = pad * (http + fastest)
+            slow = self._slow_down()
+            need = pad * (http + fastest / max(1.0, slow))
             if need > server_budget:
                 least = math.ceil((need + self.network_ms) * 100) / 100
                 return Refusal(
@@ -204,11 +207,15 @@ class Planner:
                     f"{payload_bytes} bytes and a {100 * (pad - 1):.0f}% safety margin); allowed: "
                     f"latency_budget_ms >= {least:.2f}",
                 )
+            why = []
+            if spent + ingress >= 0.5:
+                why.append(f"{spent + ingress:.1f} ms went by in the busy HTTP layer first")
+            if slow > 1.05:
+                why.append(f"the device runs {slow:.2f}x slower than at start-up just now")
             return Refusal(
                 503,
-                f"overloaded: latency_budget_ms={budget:g} would do on an idle server, but "
-                f"{spent + ingress:.1f} ms of it went by in the server's busy HTTP layer before "
-                "this request could be planned; retry later",
+                f"overloaded: latency_budget_ms={budget:g} would do on an idle server, but not "
+                f"now ({'; '.join(why) or 'load'}); retry later",
                 1,
             )
         retry = max(1, math.ceil((ingress + queue_ms) / 1e3))
@@ -226,6 +233,11 @@ class Planner:
             "larger budget",
             retry,
         )
+
+    def _slow_down(self) -> float:
+        """How much slower than at start-up the device runs now, as the controller has seen it
+        (above 1 under CPU contention; it returns to 1 when idle)."""
+        return self.controller.device_factor / self.controller.settled_device_factor
 
     def _too_tight(
         self, budget: float, fastest: int, fastest_ms: float, n: int, opts: ClassifyOptions

@@ -179,14 +179,38 @@ STITCH_EXAMPLE = {
 StitchInfo.model_config["json_schema_extra"] = {"example": STITCH_EXAMPLE}
 
 
+class AnchorInfo(BaseModel):
+    name: str = Field(description="The timm model name it was built from.")
+    short_name: str = Field(description="Its name in stitch descriptions.")
+    display_name: str = Field(
+        description="What it is: the manifest's display name, else the timm name and the "
+        "overrides that change its architecture."
+    )
+
+
+ANCHOR_EXAMPLE = {
+    "name": "vit_small_patch16_224",
+    "short_name": "vit_small",
+    "display_name": "ViT, width 16, 2 heads, depth 6, 7x7 patches of 28x28 grey",
+}
+
+
 class StitchesResponse(BaseModel):
+    model: str = Field(description="The served model's name (SNNET_MODEL_NAME).")
     device: str
     dtype: str
+    anchors: list[AnchorInfo]
     stitches: list[StitchInfo]
 
     model_config = ConfigDict(
         json_schema_extra={
-            "example": {"device": "cpu", "dtype": "float32", "stitches": [STITCH_EXAMPLE]}
+            "example": {
+                "model": "snnet",
+                "device": "cpu",
+                "dtype": "float32",
+                "anchors": [ANCHOR_EXAMPLE],
+                "stitches": [STITCH_EXAMPLE],
+            }  # fmt: skip
         }
     )
 

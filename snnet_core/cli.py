@@ -21,6 +21,7 @@ from .device import DTYPES, resolve_device, resolve_dtype
 from .menu import StitchMenu
 from .profile import measure_latency
 from .snnet import SNNet, build_snnet
+from .space import short_names
 
 
 def parse_int_list(text: str) -> list[int]:
@@ -133,6 +134,9 @@ def cmd_stitches(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=1))
     else:
         cost = _with_cost_unit(rows)
+        anchors = manifest.config.anchors
+        for short, a in zip(short_names([a.name for a in anchors]), anchors, strict=True):
+            print(f"# {short}: {a.title}")
         cols = ["id", "description", "anchors", "cut", cost, "params_m", "accuracy"]
         print(_format_table(rows, cols + (["pareto"] if acc else [])))
     return 0

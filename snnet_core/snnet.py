@@ -18,10 +18,37 @@ from .stitching import StitchingLayer, as_rows, least_squares_affine
 
 @dataclass
 class AnchorSpec:
-    """One anchor: a timm model name and the ``timm.create_model`` overrides it was built with."""
+    """One anchor: a timm model name and the ``timm.create_model`` overrides it was built with,
+    and optionally a display name that says what it is (see ``title``)."""
 
     name: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    display_name: str | None = None
+
+    @property
+    def title(self) -> str:
+        """What the anchor is, for people: its display name, else the timm name and the
+        overrides that change its architecture (``vit_tiny_patch16_224`` with ``embed_dim=8``
+        is not a ViT-Ti)."""
+        if self.display_name:
+            return self.display_name
+        shape = {k: v for k, v in self.overrides.items() if k in ARCHITECTURE_KWARGS}
+        if not shape:
+            return self.name
+        return f"{self.name} with " + ", ".join(f"{k}={v}" for k, v in shape.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "overrides": dict(self.overrides)}
+        if self.display_name:
+            d["display_name"] = self.display_name
+        return d
+
+
+# The timm.create_model keyword arguments that change what an anchor is (named in its title).
+ARCHITECTURE_KWARGS = (
+    "embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "img_size", "in_chans",
+    "num_classes", "embed_dims", "depths", "layers", "window_size",
+)  # fmt: skip
 
 
 @dataclass
@@ -35,7 +62,7 @@ class SNNetConfig:
     input_size: tuple[int, int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"anchors": [asdict(a) for a in self.anchors], "space": asdict(self.space)}
+        d = {"anchors": [a.to_dict() for a in self.anchors], "space": asdict(self.space)}
         if self.input_size is not None:
             d["input_size"] = list(self.input_size)
         return d
@@ -45,7 +72,7 @@ class SNNetConfig:
         _check_keys(d, {"anchors", "space", "input_size"}, "SN-Net config")
         anchors = []
         for a in d["anchors"]:
-            _check_keys(a, {"name", "overrides"}, "anchor")
+            _check_keys(a, {"name", "overrides", "display_name"}, "anchor")
             overrides = dict(a.get("overrides") or {})
             # A checkpoint's architecture must not make timm load other files or fetch weights.
             loading = sorted(set(overrides) & LOADING_KWARGS)
@@ -53,7 +80,7 @@ class SNNetConfig:
                 raise ValueError(
                     f"anchor {a['name']!r} overrides {loading}, which load weights; not allowed in a config"
                 )
-            anchors.append(AnchorSpec(a["name"], overrides))
+            anchors.append(AnchorSpec(a["name"], overrides, a.get("display_name") or None))
         space = d.get("space") or {}
         _check_keys(space, set(SpaceConfig.__dataclass_fields__), "space config")
         size = d.get("input_size")

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 import snnet_core
 from snnet_core.data import MNIST_LABELS, DigitsDataset, mnist_subset
 from snnet_core.evaluate import evaluate, plot_accuracy
+from snnet_core.space import short_names
 from snnet_core.train import TrainConfig, lr_at, train
 
 HERE = Path(__file__).resolve().parent
@@ -93,6 +94,17 @@ VARIANTS = {
         threads=1,
     ),
 }
+
+
+def display_name(ov: dict) -> str:
+    """What an anchor is, for the menu: timm's ViT class with this recipe's overrides is a
+    small ViT of its own, not the ViT-Ti/S/B its timm name says."""
+    heads = ov["num_heads"]
+    return (
+        f"ViT, width {ov['embed_dim']}, {heads} head{'s' if heads > 1 else ''}, depth "
+        f"{ov['depth']}, {ov['patch_size']}x{ov['patch_size']} patches of {ov['img_size']}x"
+        f"{ov['img_size']} grey"
+    )
 
 
 def configure(variant: str) -> None:
@@ -239,7 +251,10 @@ def main() -> None:
         torch.manual_seed(width)
         models.append(timm.create_model(name, pretrained=False, **ov))
     config = snnet_core.SNNetConfig(
-        [snnet_core.AnchorSpec(n, o) for n, o in zip(ANCHORS, OVERRIDES, strict=True)]
+        [
+            snnet_core.AnchorSpec(n, o, display_name(o))
+            for n, o in zip(ANCHORS, OVERRIDES, strict=True)
+        ]
     )
     net = snnet_core.SNNet(models, config)
     pre = net.data_config()
@@ -369,7 +384,8 @@ networks and trained as one SN-Net. Reproduce from scratch with {make}; it took
   {" / ".join(str(h) for _, h in WIDTHS)} heads. Each trained alone (AdamW{amp}, batch {zoo[0]["batch_size"]},
   {zoo[0]["warmup_epochs"]} warm-up epochs then cosine, label smoothing {zoo[0]["label_smoothing"]}) for
   {" / ".join(str(c["epochs"]) for c in zoo)} epochs at learning rates
-  {" / ".join(f"{c['lr']:g}" for c in zoo)}.
+  {" / ".join(f"{c['lr']:g}" for c in zoo)}. The menu names them (`display_name` in the manifest):
+  {"; ".join(f"`{short}` = {a.title}" for short, a in zip(short_names([a.name for a in manifest.config.anchors]), manifest.config.anchors, strict=True))}.
 - SN-Net: nearest-neighbour pairs, window 2, stride 1; stitching layers least-squares initialised
   from {LS_IMAGES} training images; then {snnet["epochs"]} epochs of SN-Net training (one uniformly
   sampled stitch per iteration, stitching layers trained at AdamW lr {snnet["lr"]} and the anchors at

@@ -3,10 +3,10 @@ planner and scheduler, and encode."""
 
 from fastapi import APIRouter
 
-from . import classify, controller, health, stitches, v2
+from . import classify, controller, health, stitches, v2, web
 
 router = APIRouter()
-for module in (classify, stitches, controller, health, v2):
+for module in (classify, stitches, controller, health, v2, web):
     router.include_router(module.router)
 
 __all__ = ["router"]

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 
 from snnet_core import StitchRow, UnknownStitch
+from snnet_core.space import short_names
 
 from ..engine import Engine
 from ..errors import Refusal
@@ -46,9 +47,16 @@ async def list_stitches(
     pareto: Annotated[bool, Query(description="Only the accuracy/GFLOPs Pareto front.")] = False,
 ) -> Any:
     rows = [r for r in engine.menu.rows if not pareto or r.id in engine.menu.pareto]
+    anchors = engine.manifest.config.anchors
+    short = short_names([a.name for a in anchors])
     return {
+        "model": engine.model_name,
         "device": str(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."),
+        "anchors": [
+            {"name": a.name, "short_name": s, "display_name": a.title}
+            for a, s in zip(anchors, short, strict=True)
+        ],
         "stitches": [_info(engine, r) for r in rows],
     }
 

@@ -105,15 +105,11 @@ def server_version() -> str:
         return "unknown"
 
 
-def model_name(engine: Engine) -> str:
-    return engine.settings.model_name or engine.settings.weights.resolve().name
-
-
 def pinned_stitch(engine: Engine, name: str, version: str | None) -> int | None:
     """The stitch a model name and version pin (None: the planner chooses), or a 404 that names
     what exists. REST and gRPC resolve them here."""
-    if name != model_name(engine):
-        raise Refusal(404, f"unknown model {name!r}; this server serves {model_name(engine)!r}")
+    if name != engine.model_name:
+        raise Refusal(404, f"unknown model {name!r}; this server serves {engine.model_name!r}")
     if version is None or version == "":
         return None
     if not _is_index(version) or int(version) >= len(engine.menu):
@@ -167,7 +163,7 @@ async def model_metadata(request: Request, name: str, version: str | None = None
     engine, _ = _model(request, name, version)
     c, h, w = engine.net.input_size
     return {
-        "name": model_name(engine),
+        "name": engine.model_name,
         "versions": [str(r.id) for r in engine.menu.rows],
         "platform": "pytorch_snnet",
         "inputs": [
@@ -514,7 +510,7 @@ def _answer(
             out["data"] = values.reshape(-1).tolist()
         outputs.append(out)
     head: dict[str, Any] = {
-        "model_name": model_name(engine),
+        "model_name": engine.model_name,
         "model_version": str(plan.stitch),
         "parameters": params,
         "outputs": outputs,

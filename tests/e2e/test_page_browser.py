@@ -1,0 +1,160 @@
+"""The page at GET / in a real browser (headless Debian Chromium via Playwright), offline: it
+loads nothing but the server itself, shows the stitch menu, classifies an uploaded and a drawn
+digit, answers a tight budget with a cheaper stitch, says in words why a budget is impossible,
+and a burst makes the controller act.
+
+Served: bench/models/medium, whose stitches differ ~9x in compute, so budgets visibly choose.
+``SNNET_PAGE_SCREENSHOT=path.png`` also saves the screenshot there (the README's is made so).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests._servers import SnnetServer
+
+ROOT = Path(__file__).resolve().parents[2]
+MEDIUM = ROOT / "bench" / "models" / "medium"
+SEVEN = ROOT / "examples" / "digits" / "7.png"
+
+
+def chromium() -> str:
+    path = shutil.which("chromium")
+    if not path:
+        msg = "chromium not found (Debian package `chromium`; .ci/run installs it)"
+        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = SnnetServer(
+        {
+            "SNNET_PROFILE_CACHE": str(tmp_path_factory.mktemp("cache") / "profiles.json"),
+            "SNNET_PROFILE_REPEATS": "3",
+            "SNNET_WEIGHTS": str(MEDIUM),
+        }
+    )
+    try:
+        srv.wait_for("ready in")
+        yield srv
+    finally:
+        srv.stop()
+
+
+def send(tab, budget_ms: float) -> dict:
+    """Type a budget, press Send, wait for the answer: its HTTP status, stitch and text."""
+    tab.evaluate("delete document.getElementById('answer').dataset.status")
+    tab.fill("#budget-ms", f"{budget_ms:.2f}")
+    tab.press("#budget-ms", "Enter")
+    tab.click("#send")
+    tab.wait_for_selector("#answer[data-status]", timeout=30_000)
+    box = tab.locator("#answer")
+    return {
+        "status": int(box.get_attribute("data-status")),
+        "stitch": box.get_attribute("data-stitch"),
+        "label": box.get_attribute("data-label"),
+        "text": box.inner_text(),
+    }
+
+
+def test_the_page_classifies_shows_the_menu_and_the_controller_offline(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    menu = httpx.get(f"{server.url}/stitches").json()
+    best = max(menu["stitches"], key=lambda r: (r["accuracy"], r["gflops"]))
+    blocked, errors = [], []
+
+    def only_this_server(route) -> None:
+        if route.request.url.startswith(server.url):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        try:
+            tab = browser.new_page(viewport={"width": 1200, "height": 900})
+            tab.on("pageerror", lambda e: errors.append(str(e)))
+            tab.route("**/*", only_this_server)
+            tab.goto(server.url)
+
+            # The menu: one mark per stitch on the chart, the anchors by what they are.
+            tab.wait_for_function(
+                f"document.querySelectorAll('#chart .pt').length === {len(menu['stitches'])}",
+                timeout=30_000,
+            )
+            assert "ViT, width 192, 3 heads" in tab.inner_text("#anchors")
+            assert f"{len(menu['stitches'])} stitches" in tab.inner_text("#model")
+
+            # An uploaded held-out 7 with a generous budget: the most accurate stitch answers.
+            tab.set_input_files("#file", str(SEVEN))
+            tab.wait_for_timeout(200)  # the preview is drawn on an image's load event
+            generous = send(tab, 200.0)
+            assert generous["status"] == 200, generous["text"]
+            assert generous["label"] == "7" and generous["stitch"] == str(best["id"])
+            assert "Budget of 200 ms met" in generous["text"]
+            ring = tab.locator("#chart .answered")
+            assert ring.count() == 1
+
+            # Tighter budgets: a cheaper stitch answers before the budget becomes impossible.
+            cheaper = None
+            for budget in (12.0, 9.0, 7.0, 5.5, 4.5, 3.5):
+                answer = send(tab, budget)
+                if answer["status"] == 200 and answer["stitch"] != str(best["id"]):
+                    cheaper = answer
+                    break
+            assert cheaper is not None, answer
+            assert cheaper["label"] == "7"
+
+            # An impossible budget: the error in words, with the budget that would do.
+            tight = send(tab, 0.2)
+            assert tight["status"] == 422
+            assert "Not possible as asked (422)" in tight["text"]
+            assert "latency_budget_ms >= " in tight["text"]
+            assert tab.locator("#answer button").inner_text().startswith("Use ")
+
+            # A digit drawn with the mouse: a one, one vertical stroke.
+            tab.click("#clear")
+            pad = tab.locator("#pad").bounding_box()
+            x = pad["x"] + pad["width"] / 2
+            tab.mouse.move(x, pad["y"] + 40)
+            tab.mouse.down()
+            tab.mouse.move(x + 6, pad["y"] + pad["height"] - 40, steps=12)
+            tab.mouse.up()
+            drawn = send(tab, 200.0)
+            assert drawn["status"] == 200 and drawn["label"] == "1", drawn["text"]
+
+            # A burst: the controller raises the load level; every request is answered or shed.
+            tab.set_input_files("#file", str(SEVEN))
+            tab.wait_for_timeout(200)
+            budget = 2 * best["predicted_ms"]["1"] + 5
+            tab.fill("#budget-ms", f"{budget:.2f}")
+            tab.press("#budget-ms", "Enter")
+            tab.click("#burst")
+            tab.wait_for_selector("#burst-result[data-answered]", timeout=60_000)
+            result = tab.locator("#burst-result")
+            answered = int(result.get_attribute("data-answered"))
+            shed = int(result.get_attribute("data-shed"))
+            sent = int(result.get_attribute("data-sent"))
+            assert answered > 0 and answered + shed == sent, result.inner_text()
+            assert float(result.get_attribute("data-level")) > 0, result.inner_text()
+            tab.wait_for_timeout(1200)  # one more refresh of the live panel after the burst
+            state = tab.inner_text("#state")
+            after = send(tab, budget)  # while the level falls back: answered or shed, in words
+            assert after["status"] in (200, 503), after["text"]
+            tab.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            if os.environ.get("SNNET_PAGE_SCREENSHOT"):
+                tab.screenshot(path=os.environ["SNNET_PAGE_SCREENSHOT"], full_page=True)
+        finally:
+            browser.close()
+    assert "load level" in state and "stitches allowed" in state
+    assert not errors, errors
+    assert not blocked, blocked
+    assert httpx.get(f"{server.url}/readyz").status_code == 200  # and the server is fine
