@@ -147,7 +147,10 @@ class StitchInfo(BaseModel):
     id: int
     description: str
     anchors: list[str]
-    gflops: float
+    gflops: float = Field(
+        description="Compute per image in GFLOPs, full precision (small models are fractions: "
+        "0.000105 GFLOPs is 0.105 MFLOPs; `snnet stitches` and the page at / print MFLOPs then)."
+    )
     params_m: float
     accuracy: float | None
     latency_ms: dict[str, float] = Field(
