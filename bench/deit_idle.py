@@ -2,6 +2,7 @@
 photo-sized JPEGs.
 
     python bench/deit_idle.py [--requests 60] [--dir /tmp/snnet-deit] [--budget-scale 1.3]
+                              [--think-s 0]
 
 Builds the DeiT-Ti/S/B SN-Net (71 stitches; random weights: ``pretrained=False``, no network;
 the checkpoint has no accuracies, so stitches rank by GFLOPs) once into ``--dir``, starts
@@ -10,8 +11,9 @@ after the weights were loaded `/readyz` answered. Then one client sends single-i
 one after another, a 500x375 JPEG base64-encoded in JSON, with budgets spread over the stitches'
 predicted range (``--budget-scale`` x the fastest to ``--budget-scale`` x the slowest stitch's
 batch-1 time, cycling), and the script prints the share within budget as the server and as the
-client measured it, and how server time compared with the planner's prediction. Ends with one
-JSON line.
+client measured it, and how server time compared with the planner's prediction. With
+``--think-s``, the client waits that long between requests, as a person at the page or any
+sparse client does: the server is idle in between. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=60)
     ap.add_argument("--dir", default="/tmp/snnet-deit")
     ap.add_argument("--budget-scale", type=float, default=1.3)
+    ap.add_argument("--think-s", type=float, default=0.0, help="idle time between requests")
     ap.add_argument("--rows", help="write every request's figures (JSON lines) here")
     args = ap.parse_args()
     ckpt = Path(args.dir)
@@ -80,6 +83,8 @@ def main() -> None:
         body_img = base64.b64encode(photo_jpeg()).decode()
         rows = []
         for i in range(args.requests):
+            if args.think_s and i:
+                time.sleep(args.think_s)  # the client's think time: the server idles
             budget = round(budgets[i % len(budgets)], 1)
             body = json.dumps({"image": body_img, "latency_budget_ms": budget})
             t1 = time.perf_counter()
@@ -123,7 +128,7 @@ def main() -> None:
     print(json.dumps({"ready_s": round(ready_s, 1), "estimated": estimated, "refused": len(refused),
                       "server_within": round(server, 4), "client_within": round(client, 4),
                       "over_median_ms": round(statistics.median(over), 2),
-                      "over_max_ms": round(max(over), 2)}))  # fmt: skip
+                      "over_max_ms": round(max(over), 2), "think_s": args.think_s}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from .errors import ComputeError, Refusal
 from .ingress import ARRIVED, Ingress
 from .metrics import Metrics
 from .routes import router
-from .routes.web import WEB
+from .routes.page import WEB
 
 log = logging.getLogger("snnet.server")
 
@@ -141,7 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.lifecycle = life
     app.include_router(router)
     _offline_docs(app)
-    # The page's script and stylesheet (GET / serves its HTML, server/routes/web.py).
+    # The page's script and stylesheet (GET / serves its HTML, server/routes/page.py).
     app.mount("/ui", StaticFiles(directory=str(WEB)), name="ui")
 
     def error(request: Request, detail: str, status: int, headers=None) -> JSONResponse:
