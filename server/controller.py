@@ -219,9 +219,10 @@ class Controller:
         self.correction_evidence_s = correction_evidence_s
         self.stitch_evidence_s = stitch_evidence_s
         self.device_factor = _clamp(device_factor)
-        # With nothing run, the device factor returns to its start-up value with this time
-        # constant: a slow-down seen under a burst (CPU contention) is evidence about that
-        # moment, and a server that refuses every request as too slow gathers no other.
+        # While requests arrive and nothing runs, the device factor returns to its start-up
+        # value with this time constant: a slow-down seen under a burst (CPU contention) is
+        # evidence about that moment, and a server that refuses every request as too slow
+        # would gather no other.
         self.settled_device_factor, self.idle_relax_s = self.device_factor, idle_relax_s
         self._stitch_factor: dict[int, float] = {}  # stitch -> its time relative to the device
         self._seen: set[int] = set()  # stitches run here
@@ -304,7 +305,9 @@ class Controller:
             for s in self._seen:
                 self._stitch_factor[s] /= g
             self.device_factor = _clamp(self.device_factor * g)
-        elif self.idle_relax_s > 0:  # idle this period
+        elif r.arrivals > prev.arrivals and self.idle_relax_s > 0:
+            # Requests came and nothing ran: all refused, maybe only because of this factor.
+            # (A period with no requests keeps it: a sparse client's evidence is rare but real.)
             keep = math.exp(-dt / self.idle_relax_s)
             settled = self.settled_device_factor
             self.device_factor = settled + (self.device_factor - settled) * keep

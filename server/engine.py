@@ -295,7 +295,9 @@ class Lifecycle:
             self.ingress.loop_lag_ms, self.ingress.serving = 0.0, True
             self.metrics.ready.set(1)
             # Only now: whoever waits for this line (people, tests, benchmarks) may send at once.
-            log.info("ready in %.1fs (profile: %s)", time.perf_counter() - t0, engine.profile_source)
+            log.info(
+                "ready in %.1fs (profile: %s)", time.perf_counter() - t0, engine.profile_source
+            )
         except StartupCancelled:
             self.detail = "start-up cancelled"
             log.info("start-up cancelled")

@@ -159,7 +159,8 @@ class Planner:
         if opts.policy == "cheapest":
             return [min(candidates, key=lambda s: (idle[s], s))]
         if opts.policy == "static":  # the most accurate whose idle compute fits, load ignored
-            return [next(s for s in candidates if idle[s] <= budget)]
+            fastest = min(candidates, key=lambda s: (idle[s], s))  # (on a device slowed now)
+            return [next((s for s in candidates if idle[s] <= budget), fastest)]
         return candidates
 
     def _admit(
@@ -197,7 +198,11 @@ class Planner:
             # start-up level, as under CPU contention from a burst), that is load: 503.
             fastest = min(self.scheduler.batches_ms(s, n) for s in pool)
             slow = self._slow_down()
-            need = pad * (http + fastest / max(1.0, slow))
+            # Reading and parsing its body is part of what a request needs, up to what that
+            # usually takes here (the HTTP time of answered requests less their work after
+            # planning); more than that was waiting for a busy event loop.
+            usual_pre = max(0.0, self.ingress.http_ms - http)
+            need = min(spent + ingress, usual_pre) + pad * (http + fastest / max(1.0, slow))
             if need > server_budget:
                 least = math.ceil((need + self.network_ms) * 100) / 100
                 return Refusal(

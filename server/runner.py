@@ -40,10 +40,16 @@ START_TIMEOUT_S = 300.0
 # (libgomp's default: 300000 spins). Between torch ops that keeps a forward fast, but after a
 # batch they went on spinning while the server process decoded the next request on the same
 # cores. On 2 cores, a DeiT-Ti/S/B net answering 120 sequential JPEG requests met 88.4% of the
-# budgets with the default spin and 96.9% with this one (`bench/deit_idle.py --requests 120`,
-# side by side); the forward is as fast (DeiT-Ti batch 1: 13.6 ms, default 15.0 ms; passive
-# waiting, OMP_WAIT_POLICY=PASSIVE, 26.1 ms). A value the user set wins.
-CHILD_ENV = {"GOMP_SPINCOUNT": "10000"}
+# budgets with the default spin and 96.9% with 10000 spins (`bench/deit_idle.py --requests 120`).
+# Too short a spin has its own cliff: on a VM whose idle vCPUs halt, after a second of idle
+# the threads fell asleep between the ops of a forward and each hand-off waited for a vCPU to
+# wake: the first forwards after an idle gap ran 2-4x slower at 10000 spins (medium model,
+# batch 8, in one process: 36-49 ms against 12), 1.2x at 20000 and up. With a client that
+# thinks 1 s between requests (`bench/deit_idle.py --requests 40 --think-s 1`), 10000 spins met
+# 80.0% of budgets, 30000 88.2-91.4%, 100000 94.4%; back to back (`--requests 60`) 98.1%, 96.3%
+# and 96.3% (one request is 1.7-2.9 points). 100000 keeps well clear of the cliff, which sits
+# at a time, not a count, and a faster CPU spins faster. A value the user set wins.
+CHILD_ENV = {"GOMP_SPINCOUNT": "100000"}
 
 
 @contextlib.contextmanager

@@ -80,7 +80,12 @@ class SNNetConfig:
                 raise ValueError(
                     f"anchor {a['name']!r} overrides {loading}, which load weights; not allowed in a config"
                 )
-            anchors.append(AnchorSpec(a["name"], overrides, a.get("display_name") or None))
+            title = a.get("display_name")
+            if title is not None and not isinstance(title, str):
+                raise ValueError(
+                    f"anchor {a['name']!r}: display_name must be a string, got {title!r}"
+                )
+            anchors.append(AnchorSpec(a["name"], overrides, title or None))
         space = d.get("space") or {}
         _check_keys(space, set(SpaceConfig.__dataclass_fields__), "space config")
         size = d.get("input_size")

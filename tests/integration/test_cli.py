@@ -47,7 +47,9 @@ def test_stitches_table_for_a_tiny_family():
     legend = [line for line in out.stdout.splitlines() if line.startswith("# ")]
     lines = [line for line in out.stdout.strip().splitlines() if not line.startswith("# ")]
     # Above the table, what each anchor is: the timm name says ViT-Ti, the overrides say not.
-    assert legend[0].startswith("# vit_tiny: vit_tiny_patch16_224 with ") and "embed_dim=" in legend[0]
+    assert (
+        legend[0].startswith("# vit_tiny: vit_tiny_patch16_224 with ") and "embed_dim=" in legend[0]
+    )
     assert len(legend) == len(TINY_ANCHORS.split(","))
     # Every stitch of the tiny family is well under a GFLOP: the cost is in MFLOPs, and no row
     # reads 0.000 (three decimals of GFLOPs did, for the bundled model).

@@ -202,3 +202,17 @@ def test_a_budget_lost_to_a_busy_http_layer_is_load_503_not_a_bad_budget_422():
     assert r.status == 503 and "runs 3.00x slower than at start-up" in r.detail
     r = planner.plan(opts(latency_budget_ms=0.5), 1, NOW)
     assert r.status == 422 and "latency_budget_ms >= 1.00" in r.detail
+    planner.baseline_policies = True  # the static baseline alike (it raised StopIteration)
+    r = planner.plan(opts(latency_budget_ms=2.5, policy="static"), 1, NOW)
+    assert r.status == 503 and "runs 3.00x slower" in r.detail
+
+
+def test_the_least_budget_a_422_names_counts_the_usual_time_to_read_the_request():
+    # Reading and parsing a request takes about 0.8 ms here (1.0 ms of HTTP work in all, none
+    # of it after planning): a request that spent that much is short of a 1.5 ms budget by it,
+    # and the 422 names a least budget that would be admitted.
+    planner, _, _ = make()
+    planner.ingress.http_ms = 0.8
+    r = planner.plan(opts(latency_budget_ms=1.5), 1, NOW, arrived=NOW - 0.0008)
+    assert r.status == 422 and "latency_budget_ms >= 1.80" in r.detail
+    assert stitch(planner.plan(opts(latency_budget_ms=1.81), 1, NOW, arrived=NOW - 0.0008)) == 0

@@ -178,3 +178,20 @@ def test_build_errors_are_clear():
         snnet_core.build_snnet(TINY_ANCHORS, overrides=bad)
     with pytest.raises(ValueError, match="no SN-Net family adapter for MobileNetV3"):
         snnet_core.build_snnet("mobilenetv3_small_050,mobilenetv3_small_075")
+
+
+def test_an_anchor_says_what_it_is_and_old_configs_still_load():
+    from snnet_core.snnet import SNNetConfig
+
+    old = {"anchors": [{"name": "vit_tiny_patch16_224", "overrides": {"embed_dim": 8, "depth": 6,
+                                                                        "class_token": False}}]}  # fmt: skip
+    a = SNNetConfig.from_dict(old).anchors[0]
+    # Without a display name: the timm name and the overrides that change the architecture.
+    assert a.title == "vit_tiny_patch16_224 with embed_dim=8, depth=6"
+    assert "display_name" not in SNNetConfig.from_dict(old).to_dict()["anchors"][0]
+    named = {"anchors": [{**old["anchors"][0], "display_name": "ViT, width 8"}]}
+    config = SNNetConfig.from_dict(named)
+    assert config.anchors[0].title == "ViT, width 8"
+    assert SNNetConfig.from_dict(config.to_dict()) == config  # round trip
+    with pytest.raises(ValueError, match="display_name must be a string"):
+        SNNetConfig.from_dict({"anchors": [{**old["anchors"][0], "display_name": 8}]})
