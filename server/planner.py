@@ -119,7 +119,8 @@ class Planner:
             allowed = set(self.controller.draw_allowed(now))
             pool = [s for s in pool if s in allowed] or pool  # a cap below the level: its menu
         spent = max(0.0, (now - arrived) * 1e3)
-        return self._admit(pool, n, deadline, budget, spent, payload_bytes, view)
+        cold = self.scheduler.cold_factor(now)  # the model idled: its next batch runs slower
+        return self._admit(pool, n, deadline, budget, spent, payload_bytes, view, cold)
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -172,6 +173,7 @@ class Planner:
         spent: float,
         payload_bytes: int,
         view: QueueView,
+        cold: float = 1.0,
     ) -> Plan | Refusal:
         """The first stitch of ``pool`` that fits its budget behind the queue without making a
         queued request late; else a 503 that says which of the two rules refused it."""
@@ -182,7 +184,7 @@ class Planner:
         fits, queue_ms = False, view.ahead_ms
         for s in pool:
             before = self.scheduler.batches_ms(s, view.counts.get(s, 0))
-            compute = self.scheduler.batches_ms(s, view.counts.get(s, 0) + n)
+            compute = cold * self.scheduler.batches_ms(s, view.counts.get(s, 0) + n)
             queue_ms = view.ahead_ms - before  # its batch starts where its stitch's queue does
             margin = (pad - 1.0) * (ingress + http + compute)
             if spent + ingress + http + compute + margin + queue_ms > server_budget:
@@ -196,7 +198,7 @@ class Planner:
             # would not help: say what would do. If it only missed because of the moment (time
             # gone in a busy event loop before planning, or the device running slower than its
             # start-up level, as under CPU contention from a burst), that is load: 503.
-            fastest = min(self.scheduler.batches_ms(s, n) for s in pool)
+            fastest = cold * min(self.scheduler.batches_ms(s, n) for s in pool)
             slow = self._slow_down()
             # Reading and parsing its body is part of what a request needs, up to what that
             # usually takes here (the HTTP time of answered requests less their work after

@@ -33,6 +33,12 @@ from .errors import ComputeError, Refusal
 from .latency import LatencyModel
 from .metrics import Metrics
 
+# A batch that starts after the model has been idle this long runs "cold": caches, and on a VM
+# the halted vCPUs, make the first forwards after a pause slower than the warm profile (on the
+# 2-core VM: DeiT-Ti/S/B stitches 1.3-1.8x on some requests of a client pausing 1 s).
+COLD_GAP_S = 0.1
+COLD_EWMA = 0.2  # weight of one batch in the learned ratios
+
 log = logging.getLogger("snnet.scheduler")
 
 Runner = Callable[[torch.Tensor, int], torch.Tensor]  # (x, stitch) -> float32 logits on the CPU
@@ -122,6 +128,10 @@ class Scheduler:
         self._running_until = 0.0  # predicted monotonic end of the batch being computed
         self._running = False
         self._stopping = False
+        # When the model last finished a batch (start-up counts: warm-up ran before), and the
+        # observed / predicted compute of warm and of cold batches (EWMA).
+        self._idle_since = time.monotonic()
+        self._ratio = {False: 1.0, True: 1.0}
         self._thread: threading.Thread | None = None
 
     # -- prediction ---------------------------------------------------------------------------
@@ -133,6 +143,26 @@ class Scheduler:
         full, rest = divmod(images, self.max_batch)
         ms = full * self.latency.predict_ms(stitch, self.max_batch)
         return ms + (self.latency.predict_ms(stitch, rest) if rest else 0.0)
+
+    def cold_factor(self, now: float) -> float:
+        """The factor on the predicted compute of a batch that would start at ``now``: how much
+        slower than predicted batches after an idle gap have run (learned), if the model has
+        been idle longer than ``COLD_GAP_S``; else 1."""
+        with self._cv:
+            idle = not self._running and self._queued == 0
+            cold = idle and now - self._idle_since > COLD_GAP_S
+        return min(3.0, max(1.0, self._ratio[True])) if cold else 1.0
+
+    @property
+    def cold_ratio(self) -> float:
+        """Observed / predicted compute of batches that started cold (EWMA; 1 until seen)."""
+        return self._ratio[True]
+
+    def learn_ratio(self, cold: bool, compute_ms: float, predicted_ms: float) -> None:
+        """One batch's observed against predicted compute, for warm or cold batches."""
+        if predicted_ms > 0:
+            r = min(4.0, max(0.25, compute_ms / predicted_ms))
+            self._ratio[cold] += COLD_EWMA * (r - self._ratio[cold])
 
     def view(self, deadline: float, now: float) -> QueueView:
         """The queue in deadline order, as a new job due at ``deadline`` (monotonic s) meets it.
@@ -267,6 +297,7 @@ class Scheduler:
             # as it has the answer must find the model free, not a batch predicted to be running.
             with self._cv:
                 self._running, self._running_until = False, 0.0
+                self._idle_since = time.monotonic()
             for job, value, error in answers:
                 with contextlib.suppress(RuntimeError):  # its event loop is closed: nobody waits
                     job.loop.call_soon_threadsafe(_resolve, job.future, value, error)
@@ -275,21 +306,24 @@ class Scheduler:
         """Run one batch; the answer (or the failure) for each of its jobs."""
         stitch = batch[0].stitch
         start = time.monotonic()
+        cold = start - self._idle_since > COLD_GAP_S
         try:
             x = torch.cat([j.x for j in batch]) if len(batch) > 1 else batch[0].x
             n = x.shape[0]
             # Only a single request larger than max_batch gets here with n > max_batch: run it
             # in chunks, as batches_ms predicts (and as memory was sized for).
-            out, base_ms = [], 0.0
+            out, base_ms, predicted_ms = [], 0.0, 0.0
             for chunk in x.split(self.max_batch):
                 t0 = time.monotonic()
                 out.append(self.runner(chunk, stitch))
                 b = chunk.shape[0]
                 base_ms += self.latency.base_ms(stitch, b)
+                predicted_ms += self.latency.predict_ms(stitch, b)
                 self.metrics.compute_seconds.labels(str(stitch)).observe(time.monotonic() - t0)
                 self.metrics.batch_size.observe(b)
             logits = torch.cat(out) if len(out) > 1 else out[0]
             compute_ms = (time.monotonic() - start) * 1e3
+            self.learn_ratio(cold, compute_ms, predicted_ms)
             # The controller corrects the latency model from these two (one law: observed /
             # profiled compute, see server.controller).
             self.metrics.compute_profiled_seconds.labels(str(stitch)).inc(base_ms / 1e3)

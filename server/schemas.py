@@ -285,6 +285,12 @@ class ControllerState(BaseModel):
         description="Stitches requests may use while the server is busy, most accurate first "
         "(a request that finds the server idle may use every stitch)."
     )
+    cold_start_ratio: float = Field(
+        1.0,
+        description="Observed / predicted compute of batches that started after the model had "
+        "been idle over 0.1 s (learned; 1 until seen). A request that finds the model idle that "
+        "long is planned with its compute times this (at least 1, at most 3).",
+    )
     device_factor: float = Field(
         description="How much slower (>1) or faster than its profile this device runs now, for "
         "every stitch: start-up calibration, then observed / predicted compute."

@@ -19,4 +19,4 @@ router = APIRouter()
     summary="The controller's state: load level, arrival rate, corrections, fleet figures",
 )
 async def controller(engine: EngineDep) -> Any:
-    return engine.controller.state()
+    return {**engine.controller.state(), "cold_start_ratio": round(engine.scheduler.cold_ratio, 4)}

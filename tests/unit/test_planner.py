@@ -216,3 +216,19 @@ def test_the_least_budget_a_422_names_counts_the_usual_time_to_read_the_request(
     r = planner.plan(opts(latency_budget_ms=1.5), 1, NOW, arrived=NOW - 0.0008)
     assert r.status == 422 and "latency_budget_ms >= 1.80" in r.detail
     assert stitch(planner.plan(opts(latency_budget_ms=1.81), 1, NOW, arrived=NOW - 0.0008)) == 0
+
+
+def test_after_an_idle_gap_the_first_batch_is_planned_as_slow_as_cold_batches_ran():
+    # Batches that started after the model idled ran 1.5x their prediction: a request that
+    # finds the model idle that long is planned with 1.5x the compute (10.5 ms: stitch 6, not
+    # 9); one that finds it just busy is planned warm.
+    planner, sched, _ = make()
+    for _ in range(40):
+        sched.learn_ratio(True, 15.0, 10.0)
+        sched.learn_ratio(False, 10.0, 10.0)
+    assert sched.cold_ratio == pytest.approx(1.5, rel=1e-3)
+    sched._idle_since = NOW - 1.0  # idle for a second
+    plan = planner.plan(opts(latency_budget_ms=10.5), 1, NOW)
+    assert stitch(plan) == 6 and plan.compute_ms == pytest.approx(10.5, rel=1e-3)
+    sched._idle_since = NOW - 0.01  # it just finished a batch: warm
+    assert stitch(planner.plan(opts(latency_budget_ms=10.5), 1, NOW)) == 9
