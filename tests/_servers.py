@@ -85,3 +85,16 @@ def bundled(tmp_path_factory, grpc: bool = False) -> Iterator[SnnetServer]:
         srv.grpc = f"127.0.0.1:{grpc_port}" if grpc else None
         srv.wait_for("ready in")
         yield srv
+
+
+MEDIUM = ROOT / "bench" / "models" / "medium"
+
+
+def medium(tmp_path_factory, **env: str) -> Iterator[SnnetServer]:
+    """A ready `snnet serve` of ``bench/models/medium`` (stitches ~9x apart in compute, so budgets
+    choose) with a fresh profile cache, for a module fixture; ``env`` adds settings."""
+    cache = tmp_path_factory.mktemp("cache") / "profiles.json"
+    defaults = {"SNNET_PROFILE_CACHE": str(cache), "SNNET_PROFILE_REPEATS": "3"}
+    with SnnetServer({**defaults, "SNNET_WEIGHTS": str(MEDIUM), **env}) as srv:
+        srv.wait_for("ready in")
+        yield srv

@@ -9,34 +9,20 @@ import concurrent.futures
 import io
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
 from snnet_core.data import mnist_subset
-from tests._servers import SnnetServer
+from tests._servers import medium
 
 IMAGES = 8  # per request: one full batch
-MEDIUM = Path(__file__).resolve().parents[2] / "bench" / "models" / "medium"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = SnnetServer(
-        {
-            "SNNET_PROFILE_CACHE": str(tmp_path_factory.mktemp("cache") / "profiles.json"),
-            "SNNET_PROFILE_REPEATS": "3",
-            "SNNET_CONTROLLER_PERIOD_S": "0.1",
-            "SNNET_WEIGHTS": str(MEDIUM),
-        }
-    )
-    try:
-        srv.wait_for("ready in")
-        yield srv
-    finally:
-        srv.stop()
+    yield from medium(tmp_path_factory, SNNET_CONTROLLER_PERIOD_S="0.1")
 
 
 @pytest.fixture(scope="module")

@@ -4,20 +4,10 @@ by Playwright) may load nothing but the server itself, and /docs must still list
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 
+from tests._browser import chromium, only
 from tests._servers import bundled
-
-
-def chromium() -> str:
-    path = shutil.which("chromium")
-    if not path:
-        msg = "chromium not found (Debian package `chromium`; .ci/run installs it)"
-        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +22,11 @@ def test_the_api_docs_render_offline(server, tmp_path, page, selector):
 
     blocked: list[str] = []
 
-    def only_this_server(route) -> None:
-        if route.request.url.startswith(server.url):
-            route.continue_()
-        else:
-            blocked.append(route.request.url)
-            route.abort()
-
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
         try:
             tab = browser.new_page()
-            tab.route("**/*", only_this_server)
+            tab.route("**/*", only(server.url, blocked))
             tab.goto(server.url + page)
             tab.wait_for_selector(selector, timeout=30_000)
             shown = " ".join(tab.locator(selector).all_inner_texts())

@@ -10,41 +10,21 @@ Served: bench/models/medium, whose stitches differ ~9x in compute, so budgets vi
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests._servers import SnnetServer
+from tests._browser import chromium, only
+from tests._servers import medium
 
 ROOT = Path(__file__).resolve().parents[2]
-MEDIUM = ROOT / "bench" / "models" / "medium"
 SEVEN = ROOT / "examples" / "digits" / "7.png"
-
-
-def chromium() -> str:
-    path = shutil.which("chromium")
-    if not path:
-        msg = "chromium not found (Debian package `chromium`; .ci/run installs it)"
-        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
-    return path
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = SnnetServer(
-        {
-            "SNNET_PROFILE_CACHE": str(tmp_path_factory.mktemp("cache") / "profiles.json"),
-            "SNNET_PROFILE_REPEATS": "3",
-            "SNNET_WEIGHTS": str(MEDIUM),
-        }
-    )
-    try:
-        srv.wait_for("ready in")
-        yield srv
-    finally:
-        srv.stop()
+    yield from medium(tmp_path_factory)
 
 
 def send(tab, budget_ms: float) -> dict:
@@ -70,19 +50,12 @@ def test_the_page_classifies_shows_the_menu_and_the_controller_offline(server, t
     best = max(menu["stitches"], key=lambda r: (r["accuracy"], r["gflops"]))
     blocked, errors = [], []
 
-    def only_this_server(route) -> None:
-        if route.request.url.startswith(server.url):
-            route.continue_()
-        else:
-            blocked.append(route.request.url)
-            route.abort()
-
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
         try:
             tab = browser.new_page(viewport={"width": 1200, "height": 900})
             tab.on("pageerror", lambda e: errors.append(str(e)))
-            tab.route("**/*", only_this_server)
+            tab.route("**/*", only(server.url, blocked))
             tab.goto(server.url)
 
             # The menu: one mark per stitch on the chart, the anchors by what they are.
