@@ -277,8 +277,8 @@ class ControllerState(BaseModel):
     )
     margin: float = Field(
         description="Safety margin: the fraction by which predictions of the time outside the "
-        "model queue are padded; p95 of (measured / predicted) - 1 over recent answers, at most "
-        "0.5 (0.2 until there are 20 answers)."
+        "model queue are padded; p99 of (measured / predicted) - 1 over the answers of the last "
+        "30 s, at most 0.5 (0.2 until there are 20 answers)."
     )
     target_utilisation: float
     allowed_stitches: list[int] = Field(
