@@ -47,6 +47,10 @@ def test_burst_raises_the_load_level_sheds_and_recovers(server, pngs):
         best = max(menu, key=lambda r: (r["accuracy"], r["gflops"]))
         # Room for one and a half full batches of the most accurate stitch.
         budget = 1.5 * best["predicted_ms"][str(IMAGES)]
+        # The first request after start-up runs cold paths (its HTTP work, the model's first
+        # batch after a pause) and may rightly be planned on a cheaper stitch at this budget
+        # (seen once in CI); the claim below is about a server that has answered one.
+        assert classify(c, pngs, 10 * budget).status_code == 200
         for _ in range(3):  # idle: the most accurate stitch, within budget
             r = classify(c, pngs, budget)
             assert r.status_code == 200, r.text
