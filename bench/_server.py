@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import io
 import os
+import queue
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
@@ -126,3 +130,32 @@ class Client:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def open_loop(
+    url: str, jobs: list[tuple], handle: Callable[[Client, tuple], None], workers: int, start: float
+) -> None:
+    """Send on a schedule, whether or not earlier requests were answered (as independent users
+    do): each job (a tuple whose first item is its time in s after ``start``, monotonic) is
+    handed at its instant to one of ``workers`` threads, each with its own keep-alive Client,
+    which calls ``handle(client, job)``. Returns when every job is handled."""
+    todo: queue.Queue = queue.Queue()
+
+    def worker() -> None:
+        c = Client(url)
+        while (job := todo.get()) is not None:
+            handle(c, job)
+        c.close()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+    for th in threads:
+        th.start()
+    for job in jobs:
+        delay = start + job[0] - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)  # the schedule's instant
+        todo.put(job)
+    for _ in threads:
+        todo.put(None)
+    for th in threads:
+        th.join()

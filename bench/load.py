@@ -43,7 +43,6 @@ import csv
 import gc
 import json
 import math
-import queue
 import random
 import statistics
 import sys
@@ -53,7 +52,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server import Client, digit_pngs, start_server  # noqa: E402
+from _server import Client, digit_pngs, open_loop, start_server  # noqa: E402
 
 MEDIUM = Path(__file__).resolve().parent / "models" / "medium"
 FULL_SCHEDULE = "steady:10:0.5,step:10:1.0,ramp:10:1.0-2.0,spike:10:3.0,down:15:0.5"
@@ -228,27 +227,23 @@ def run_policy(
     ]
     records: list[Record] = []
     lock = threading.Lock()
-    todo: queue.Queue = queue.Queue()
     # This client imports torch too: keep full collections (~200 ms) out of its measurements.
     gc.collect()
     gc.freeze()
     start = time.monotonic() + 0.2
 
-    def worker() -> None:
-        c = Client(url)
-        while (job := todo.get()) is not None:
-            t, phase, budget, body = job
-            status, answer = c.classify(body, latency_budget_ms=budget, policy=policy)
-            ms = (time.monotonic() - start - t) * 1e3
-            stitch = answer["stitch"]["id"] if status == 200 else None
-            row = stitches.get(stitch, {})
-            rec = Record(
-                policy, phase, t, budget, ms, status, stitch,
-                row.get("gflops"), row.get("accuracy"), status == 200 and ms <= budget,
-            )  # fmt: skip
-            with lock:
-                records.append(rec)
-        c.close()
+    def handle(c: Client, job: tuple) -> None:
+        t, phase, budget, body = job
+        status, answer = c.classify(body, latency_budget_ms=budget, policy=policy)
+        ms = (time.monotonic() - start - t) * 1e3
+        stitch = answer["stitch"]["id"] if status == 200 else None
+        row = stitches.get(stitch, {})
+        rec = Record(
+            policy, phase, t, budget, ms, status, stitch,
+            row.get("gflops"), row.get("accuracy"), status == 200 and ms <= budget,
+        )  # fmt: skip
+        with lock:
+            records.append(rec)
 
     timeline: list[dict] = []
     stop = threading.Event()
@@ -263,19 +258,9 @@ def run_policy(
             )  # fmt: skip
         c.close()
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
     watcher = threading.Thread(target=monitor, daemon=True)
-    for th in [*threads, watcher]:
-        th.start()
-    for job in jobs:
-        delay = start + job[0] - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)  # open loop: send at the scheduled instant
-        todo.put(job)
-    for _ in threads:
-        todo.put(None)
-    for th in threads:
-        th.join()
+    watcher.start()
+    open_loop(url, jobs, handle, workers, start)
     # The adaptive policy: keep watching a few seconds past the schedule, for the recovery.
     end = (
         start

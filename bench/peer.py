@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import queue
 import random
 import statistics
 import subprocess
@@ -38,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server import Client, start_script, start_server  # noqa: E402
+from _server import Client, open_loop, start_script, start_server  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MEDIUM = HERE / "models" / "medium"
@@ -76,43 +75,28 @@ def drive(
     t, sends = 0.0, []
     while (t := t + rng.expovariate(rate)) < seconds:
         sends.append((t, rng.choice(digits)))
-    todo: queue.Queue = queue.Queue()
     rows, lock = [], threading.Lock()
     gc.collect()
     gc.freeze()
     start = time.monotonic() + 0.2
 
-    def worker() -> None:
-        c = Client(url)
-        while (job := todo.get()) is not None:
-            at, (png, label) = job
-            try:
-                status, answer = c.classify(png, latency_budget_ms=budget)
-            except OSError:
-                status, answer = 0, {}
-            ms = (time.monotonic() - start - at) * 1e3
-            got, expected = None, None
-            if status == 200 and "predictions" in answer:  # snnet-serve
-                got = answer["predictions"][0][0]["class_index"]
-                expected = answer["stitch"]["accuracy"]
-            elif status == 200:  # the plain server
-                got, expected = answer["class_index"], held_out
-            with lock:
-                rows.append((status, ms, got == label if got is not None else None, expected))
-        c.close()
+    def handle(c: Client, job: tuple) -> None:
+        at, (png, label) = job
+        try:
+            status, answer = c.classify(png, latency_budget_ms=budget)
+        except OSError:
+            status, answer = 0, {}
+        ms = (time.monotonic() - start - at) * 1e3
+        got, expected = None, None
+        if status == 200 and "predictions" in answer:  # snnet-serve
+            got = answer["predictions"][0][0]["class_index"]
+            expected = answer["stitch"]["accuracy"]
+        elif status == 200:  # the plain server
+            got, expected = answer["class_index"], held_out
+        with lock:
+            rows.append((status, ms, got == label if got is not None else None, expected))
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(32)]
-    for th in threads:
-        th.start()
-    for job in sends:
-        delay = start + job[0] - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        todo.put(job)
-    for _ in threads:
-        todo.put(None)
-    for th in threads:
-        th.join()
+    open_loop(url, sends, handle, 32, start)
     answered = [r for r in rows if r[0] == 200]
     lat = sorted(r[1] for r in answered) or [float("nan")]
     return {
