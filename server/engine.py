@@ -235,6 +235,11 @@ def build_engine(
         menu, scheduler, controller, ingress, default_budget_ms=s.default_budget_ms,
         network_ms=s.network_ms, baseline_policies=s.baseline_policies,
     )  # fmt: skip
+    stage("timing a batch after an idle second")
+    check()
+    cheapest = min(range(len(menu)), key=lambda i: latency.predict_ms(i, 1))
+    cold = scheduler.probe_cold(cheapest, tuple(net.input_size))
+    log.info("a batch after an idle second ran x%.2f of its prediction (stitch %d)", cold, cheapest)
     scheduler.start()
     metrics.model.info(
         {

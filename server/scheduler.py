@@ -158,6 +158,24 @@ class Scheduler:
         """Observed / predicted compute of batches that started cold (EWMA; 1 until seen)."""
         return self._ratio[True]
 
+    def probe_cold(self, stitch: int, input_size: tuple[int, ...], gap_s: float = 1.0) -> float:
+        """Seed the cold ratio before the first request (call before ``start``): leave the model
+        idle for ``gap_s``, then time one single-image batch of ``stitch`` against its
+        prediction. Without it the first request after a quiet start is planned as if warm;
+        on this project's 2-core VM such a first batch ran up to 2-4x its warm time."""
+        if self._thread is not None:
+            raise RuntimeError("probe_cold runs before the scheduler starts")
+        x = torch.zeros(1, *input_size)
+        time.sleep(gap_s)
+        t0 = time.monotonic()
+        self.runner(x, stitch)
+        compute_ms = (time.monotonic() - t0) * 1e3
+        predicted = self.latency.predict_ms(stitch, 1)
+        if predicted > 0:
+            self._ratio[True] = min(4.0, max(1.0, compute_ms / predicted))
+        self._idle_since = time.monotonic()
+        return self._ratio[True]
+
     def learn_ratio(self, cold: bool, compute_ms: float, predicted_ms: float) -> None:
         """One batch's observed against predicted compute, for warm or cold batches."""
         if predicted_ms > 0:

@@ -41,6 +41,10 @@ class TrainConfig:
     flops_groups: int = 10  # groups for "flops" sampling (SN-Netv2)
     mode: str = "full"  # "full": anchors and stitching layers; "stitching": stitching layers only
     anchor_lr_scale: float = 1.0  # anchors' lr relative to the stitching layers' (reference: 1)
+    # Share of iterations that train an anchor's own route (drawn uniformly among the anchors),
+    # the rest a stitched route drawn by `sampling`. None: the reference, where an anchor is one
+    # route among all (1 in 35 iterations for three anchors, window 2).
+    anchor_share: float | None = None
     distill: bool = False  # soft distillation from a frozen copy of the largest anchor
     distill_alpha: float = 0.5  # weight of the distillation term
     distill_tau: float = 1.0  # temperature of the distillation term
@@ -60,6 +64,10 @@ class TrainConfig:
             )
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.anchor_share is not None and not 0 <= self.anchor_share < 1:
+            raise ValueError(f"anchor_share must be in [0, 1) or None, got {self.anchor_share}")
+        if self.anchor_share is not None and self.mode == "stitching":
+            raise ValueError("anchor_share needs mode='full': frozen anchors have nothing to train")
         if self.anchor_lr_scale < 0:
             raise ValueError(f"anchor_lr_scale must be >= 0, got {self.anchor_lr_scale}")
         if self.checkpoint_every < 1:
@@ -76,6 +84,10 @@ class StitchSampler:
         groups: Number of equal-width FLOPs groups.
         seed: Generator seed.
         candidates: Stitch ids to draw from (default: all).
+        anchors: With ``anchor_share``, the anchors' ids: they are drawn (uniformly) in that
+            share of iterations and are left out of the other draw.
+        anchor_share: Share of iterations that draw an anchor (None: anchors are candidates like
+            any other route).
     """
 
     def __init__(
@@ -85,9 +97,17 @@ class StitchSampler:
         groups: int,
         seed: int,
         candidates: list[int] | None = None,
+        anchors: list[int] | None = None,
+        anchor_share: float | None = None,
     ) -> None:
         self.gen = torch.Generator().manual_seed(seed)
         self.ids = list(range(len(gflops))) if candidates is None else list(candidates)
+        self.anchor_share = anchor_share
+        self.anchors = list(anchors or [])
+        if anchor_share is not None:
+            if not self.anchors:
+                raise ValueError("anchor_share needs the anchors' ids")
+            self.ids = [i for i in self.ids if i not in self.anchors]
         if not self.ids:
             raise ValueError("no stitch to sample from")
         self.mode = mode
@@ -104,6 +124,10 @@ class StitchSampler:
         return items[int(torch.randint(len(items), (1,), generator=self.gen))]
 
     def __call__(self) -> int:
+        # With a share, one draw decides anchor or stitch in every iteration.
+        share = self.anchor_share
+        if share is not None and float(torch.rand((1,), generator=self.gen)) < share:
+            return self._pick(self.anchors)
         if self.mode == "uniform":
             return self._pick(self.ids)
         return self._pick(
@@ -233,7 +257,13 @@ def train(
     # With frozen anchors, an anchor's own route has nothing to train: sample stitched routes only.
     candidates = [s.id for s in net.stitches if not (cfg.mode == "stitching" and s.is_anchor)]
     pick = StitchSampler(
-        gflops, cfg.sampling, cfg.flops_groups, seed=cfg.seed * 1000 + rank, candidates=candidates
+        gflops,
+        cfg.sampling,
+        cfg.flops_groups,
+        seed=cfg.seed * 1000 + rank,
+        candidates=candidates,
+        anchors=[s.id for s in net.stitches if s.is_anchor],
+        anchor_share=cfg.anchor_share,
     )
     mean = torch.tensor(normalize[0], device=device).view(1, -1, 1, 1)
     std = torch.tensor(normalize[1], device=device).view(1, -1, 1, 1)

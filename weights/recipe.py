@@ -81,6 +81,18 @@ VARIANTS = {
     # lower lr and for longer (at 2e-3 and 20 epochs: 93.2% held out, below the middle one's
     # 95.5%), and SN-Net training fine-tunes the anchors at a tenth of the stitching layers'
     # lr (at 1e-3 for everything the widest fell from 97.4% to 95.1%).
+    "default": dict(
+        out=HERE,
+        patch=4,
+        widths=[(48, 1), (96, 2), (192, 3)],
+        zoo=[
+            _zoo(epochs=20, batch_size=64, lr=2e-3),
+            _zoo(epochs=20, batch_size=64, lr=2e-3),
+            _zoo(epochs=50, batch_size=64, lr=1e-3),
+        ],
+        snnet=_snnet(epochs=10, batch_size=64, anchor_lr_scale=0.1),
+        threads=2,
+    ),
     "medium": dict(
         out=HERE.parent / "bench" / "models" / "medium",
         patch=4,
@@ -126,10 +138,18 @@ PROFILE_BATCH_SIZES = [
 ]  # the server's default batch sizes: reused when the device matches
 
 
+# The TrainConfig fields that train_classifier reads: the zoo cache's key.
+ZOO_FIELDS = (
+    "epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing",
+    "amp", "seed",
+)  # fmt: skip
+
+
 def zoo_file(work: str, i: int, cfg: TrainConfig) -> Path:
     """Where anchor i, trained with cfg, is kept: named by a hash of everything that shaped it."""
+    used = {k: v for k, v in snnet_core.train.config_dict(cfg).items() if k in ZOO_FIELDS}
     key = json.dumps(
-        [ANCHORS[i], OVERRIDES[i], snnet_core.train.config_dict(cfg), MAX_SHIFT, TRAIN_THREADS],
+        [ANCHORS[i], OVERRIDES[i], used, MAX_SHIFT, TRAIN_THREADS],
         sort_keys=True,
     )
     return Path(work) / f"zoo-{i}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"

@@ -137,8 +137,17 @@ def test_schedule_and_sampling():
     n = 4000
     assert abs(sum(uni() == 8 for _ in range(n)) / n - 1 / 9) < 0.03
     assert abs(sum(grp() == 8 for _ in range(n)) / n - 1 / 2) < 0.03
+    # anchor_share: anchors (ids 0, 8) take that share, split evenly; the rest never draws them.
+    share = StitchSampler(gflops, "uniform", 2, seed=0, anchors=[0, 8], anchor_share=0.3)
+    draws = [share() for _ in range(n)]
+    assert abs(draws.count(0) / n - 0.15) < 0.03 and abs(draws.count(8) / n - 0.15) < 0.03
+    assert abs(sum(d in (1, 2, 3, 4, 5, 6, 7) for d in draws) / n - 0.7) < 0.03
     with pytest.raises(ValueError, match="sampling must be"):
         TrainConfig(sampling="nope")
+    with pytest.raises(ValueError, match="anchor_share must be"):
+        TrainConfig(anchor_share=1.0)
+    with pytest.raises(ValueError, match="frozen anchors"):
+        TrainConfig(anchor_share=0.2, mode="stitching")
 
 
 def test_two_process_torchrun_on_cpu_ends_with_identical_weights(tmp_path):

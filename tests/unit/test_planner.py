@@ -4,6 +4,7 @@ Stitch s costs (s + 1) ms per image and stitch 22 is the most accurate (tests/_p
 """
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -232,3 +233,31 @@ def test_after_an_idle_gap_the_first_batch_is_planned_as_slow_as_cold_batches_ra
     assert stitch(plan) == 6 and plan.compute_ms == pytest.approx(10.5, rel=1e-3)
     sched._idle_since = NOW - 0.01  # it just finished a batch: warm
     assert stitch(planner.plan(opts(latency_budget_ms=10.5), 1, NOW)) == 9
+
+
+def test_start_up_seeds_the_cold_ratio_from_one_batch_after_an_idle_gap():
+    # A model that takes 20 ms more than its 10 ms prediction after a pause: the probe
+    # measures it, and the first request after a quiet start is planned with it.
+    planner, sched, net = make()
+    sched._idle_since = NOW - 1.0
+    warm = planner.plan(opts(latency_budget_ms=12), 1, NOW)  # not yet probed: planned warm
+    assert warm.compute_ms >= 12 / 2
+    real = sched.runner
+
+    def slow_after_idle(x, stitch):
+        time.sleep(0.02)
+        return real(x, stitch)
+
+    sched.runner = slow_after_idle
+    ratio = sched.probe_cold(9, tuple(net.input_size), gap_s=0.0)
+    assert 2.0 <= ratio <= 4.0 and sched.cold_ratio == ratio
+    sched.runner = real
+    sched._idle_since = NOW - 1.0
+    cold = planner.plan(opts(latency_budget_ms=12), 1, NOW)
+    assert stitch(cold) != stitch(warm) and cold.compute_ms <= 12  # x ratio
+    sched.start()
+    try:
+        with pytest.raises(RuntimeError, match="before the scheduler starts"):
+            sched.probe_cold(9, tuple(net.input_size), gap_s=0.0)
+    finally:
+        sched.stop()
