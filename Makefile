@@ -25,7 +25,7 @@ lint: setup
 	$(BIN)/ruff check snnet_core server tests bench
 	$(BIN)/ruff format --check snnet_core server tests bench
 
-weights: setup  ## retrain the bundled SN-Net from scratch into weights/ (about 15 minutes on 2 cores)
+weights: setup  ## retrain the bundled SN-Net from scratch into weights/ (about 25 minutes on 2 cores)
 	$(BIN)/python weights/recipe.py
 
 bench: setup  ## snnet_core benchmarks (printed, not asserted)

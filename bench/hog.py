@@ -2,7 +2,7 @@
 
     python bench/hog.py [--seconds 24] [--hog-at 8] [--hog-for 8] [--hogs 2] [--images 8]
 
-Starts `snnet serve` on ``--weights`` (default bench/models/medium) and sends requests of
+Starts `snnet serve` on ``--weights`` (default: the bundled weights/) and sends requests of
 ``--images`` held-out digits back to back from one client, with budgets spread over the
 stitches' range (from twice the cheapest stitch's predicted time to 1.5x the most accurate
 one's, cycling, times ``--budget-scale``), so that many stitches answer. At ``--hog-at`` seconds
@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _server import Client, digit_pngs, start_server  # noqa: E402
 
-MEDIUM = Path(__file__).resolve().parent / "models" / "medium"
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 HOG = "while True: pass"
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument(
         "--budget-scale", type=float, default=1.0, help="multiply every budget (looser: > 1)"
     )
-    ap.add_argument("--weights", default=str(MEDIUM))
+    ap.add_argument("--weights", default=str(WEIGHTS))
     args = ap.parse_args()
     proc, url = start_server({"SNNET_WEIGHTS": args.weights})
     pngs = digit_pngs()

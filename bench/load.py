@@ -3,9 +3,8 @@
     python bench/load.py [--quick] [--url URL | --weights DIR] [--policies adaptive,most_accurate,cheapest,static]
                          [--schedule SPEC] [--budgets SPEC] [--images 8] [--out DIR] [--seed 0]
 
-By default it starts `snnet serve` with bench/models/medium (a 35-stitch SN-Net on MNIST whose
-stitches span about 9x in compute; the bundled model is so small that HTTP overhead, not the
-stitch, sets its latency on a CPU), ``SNNET_MAX_QUEUE=64`` and ``SNNET_BASELINE_POLICIES=true``
+By default it starts `snnet serve` with the bundled weights (a 35-stitch SN-Net on MNIST whose
+stitches span several times over in compute, weights/README.md), ``SNNET_MAX_QUEUE=64`` and ``SNNET_BASELINE_POLICIES=true``
 (a server given with ``--url`` needs that setting too). Arrivals are Poisson with a rate
 that follows the schedule; every request carries ``--images`` digit images and a latency budget
 drawn from the mix. Rates are multiples of C, the rate (in requests/s) that the most accurate
@@ -54,7 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _server import Client, digit_pngs, open_loop, start_server  # noqa: E402
 
-MEDIUM = Path(__file__).resolve().parent / "models" / "medium"
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 FULL_SCHEDULE = "steady:10:0.5,step:10:1.0,ramp:10:1.0-2.0,spike:10:3.0,down:15:0.5"
 QUICK_SCHEDULE = "steady:2:0.5,spike:4:3.0,down:3:0.5"
 POLICIES = "adaptive,most_accurate,cheapest,static"
@@ -366,7 +365,7 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help=f"schedule {QUICK_SCHEDULE}")
     ap.add_argument("--url", help="a running server (default: start `snnet serve` here)")
-    ap.add_argument("--weights", default=str(MEDIUM), help="checkpoint to serve if no --url")
+    ap.add_argument("--weights", default=str(WEIGHTS), help="checkpoint to serve if no --url")
     ap.add_argument("--policies", default=POLICIES)
     ap.add_argument("--schedule", help=f"default {FULL_SCHEDULE}")
     ap.add_argument("--budgets", default="2x,4x,8x", help="default 2x,4x,8x (equal weights)")

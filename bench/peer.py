@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _server import Client, open_loop, start_script, start_server  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-MEDIUM = HERE / "models" / "medium"
+WEIGHTS = HERE.parent / "weights"
 QUICK_RATES = "25,50,75,100,150,200,300,400,600"
 FULL_RATES = "20,30,40,50,60,80,100,125,150,200,250,300,400,500,600,800"
 
@@ -127,7 +127,7 @@ def hull_cost(stitches: list[dict], accuracy: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help=f"rates {QUICK_RATES}, 4 s each")
-    ap.add_argument("--weights", default=str(MEDIUM))
+    ap.add_argument("--weights", default=str(WEIGHTS))
     ap.add_argument("--budget", type=float, default=100.0, help="ms, every request")
     ap.add_argument("--rates", help=f"requests/s, comma-separated (default {FULL_RATES})")
     ap.add_argument("--seconds", type=float, help="per rate (default 8, 4 with --quick)")

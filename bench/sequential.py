@@ -2,7 +2,7 @@
 
     python bench/sequential.py [--requests 150] [--images 8] [--budget-ms 1000] [--weights DIR]
 
-Starts `snnet serve` on bench/models/medium (default) and sends ``--requests`` requests of
+Starts `snnet serve` on the bundled weights (default) and sends ``--requests`` requests of
 ``--images`` held-out digits back to back, each with the same generous budget, as a script or a
 batch job would. Nobody waits behind anybody, so every answer should come from the most accurate
 stitch. Prints the share that did, the stitches that answered, latency medians, the controller's
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _server import Client, digit_pngs, start_server  # noqa: E402
 
-MEDIUM = Path(__file__).resolve().parent / "models" / "medium"
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=150)
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--budget-ms", type=float, default=1000.0)
-    ap.add_argument("--weights", default=str(MEDIUM))
+    ap.add_argument("--weights", default=str(WEIGHTS))
     args = ap.parse_args()
     proc, url = start_server({"SNNET_WEIGHTS": args.weights})
     pngs = digit_pngs()

@@ -1,6 +1,6 @@
 """Model in a worker thread vs a child process (``SNNET_WORKER``), side by side.
 
-    python bench/worker.py [--weights bench/models/medium] [--clients 4] [--seconds 5]
+    python bench/worker.py [--weights weights] [--clients 4] [--seconds 5]
 
 Starts `snnet serve` once per worker kind and, for the cheapest and the most accurate stitch
 (``policy`` field), has ``--clients`` connections send 8-image requests back to back. Prints the
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _server import Client, digit_pngs, start_server  # noqa: E402
 
-MEDIUM = Path(__file__).resolve().parent / "models" / "medium"
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 
 
 def run(url: str, policy: str, pngs: list[bytes], clients: int, seconds: float):
@@ -50,7 +50,7 @@ def run(url: str, policy: str, pngs: list[bytes], clients: int, seconds: float):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--weights", default=str(MEDIUM))
+    ap.add_argument("--weights", default=str(WEIGHTS))
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=5.0)
     args = ap.parse_args()

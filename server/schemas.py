@@ -288,8 +288,12 @@ class ControllerState(BaseModel):
     cold_start_ratio: float = Field(
         1.0,
         description="Observed / predicted compute of batches that started after the model had "
-        "been idle over 0.1 s (learned; 1 until seen). A request that finds the model idle that "
-        "long is planned with its compute times this (at least 1, at most 3).",
+        "been idle over 0.1 s (learned, seeded at start-up by one batch after an idle second).",
+    )
+    cold_start_factor: float = Field(
+        1.0,
+        description="What a request that finds the model idle that long is planned at: its "
+        "compute times the cold ratio plus three mean deviations of it (at least 1, at most 3).",
     )
     device_factor: float = Field(
         description="How much slower (>1) or faster than its profile this device runs now, for "

@@ -196,6 +196,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         sampling=args.sampling,
         mode=args.mode,
         anchor_lr_scale=args.anchor_lr_scale,
+        anchor_share=args.anchor_share,
         distill=args.distill,
         amp=args.amp,
         checkpoint_every=args.checkpoint_every,
@@ -411,6 +412,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--anchor-lr-scale", type=float, default=1.0,
         help="anchors' lr relative to the stitching layers' (default 1, as the reference)",
+    )  # fmt: skip
+    p.add_argument(
+        "--anchor-share", type=float, default=None,
+        help="share of iterations that train an anchor's own route, the rest a stitched route "
+        "(default: none, as the reference: an anchor is one route among all)",
     )  # fmt: skip
     p.add_argument(
         "--distill", action="store_true", help="distil from a frozen copy of the largest anchor"

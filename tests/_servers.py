@@ -74,27 +74,14 @@ class SnnetServer:
         self.stop()
 
 
-def bundled(tmp_path_factory, grpc: bool = False) -> Iterator[SnnetServer]:
+def bundled(tmp_path_factory, grpc: bool = False, **env: str) -> Iterator[SnnetServer]:
     """A ready `snnet serve` of the bundled weights with a fresh profile cache, for a module
-    fixture (``yield from bundled(tmp_path_factory)``); with ``grpc``, the V2 gRPC endpoint on a
-    free port too, its address in ``srv.grpc``."""
-    env = {"SNNET_PROFILE_CACHE": str(tmp_path_factory.mktemp("cache") / "profiles.json")}
+    fixture (``yield from bundled(tmp_path_factory)``); ``env`` adds settings. With ``grpc``,
+    the V2 gRPC endpoint on a free port too, its address in ``srv.grpc``."""
+    env = {"SNNET_PROFILE_CACHE": str(tmp_path_factory.mktemp("cache") / "profiles.json"), **env}
     grpc_port = free_port() if grpc else 0
     env["SNNET_GRPC_PORT"] = str(grpc_port)
     with SnnetServer(env) as srv:
         srv.grpc = f"127.0.0.1:{grpc_port}" if grpc else None
-        srv.wait_for("ready in")
-        yield srv
-
-
-MEDIUM = ROOT / "bench" / "models" / "medium"
-
-
-def medium(tmp_path_factory, **env: str) -> Iterator[SnnetServer]:
-    """A ready `snnet serve` of ``bench/models/medium`` (stitches ~9x apart in compute, so budgets
-    choose) with a fresh profile cache, for a module fixture; ``env`` adds settings."""
-    cache = tmp_path_factory.mktemp("cache") / "profiles.json"
-    defaults = {"SNNET_PROFILE_CACHE": str(cache), "SNNET_PROFILE_REPEATS": "3"}
-    with SnnetServer({**defaults, "SNNET_WEIGHTS": str(MEDIUM), **env}) as srv:
         srv.wait_for("ready in")
         yield srv

@@ -19,4 +19,9 @@ router = APIRouter()
     summary="The controller's state: load level, arrival rate, corrections, fleet figures",
 )
 async def controller(engine: EngineDep) -> Any:
-    return {**engine.controller.state(), "cold_start_ratio": round(engine.scheduler.cold_ratio, 4)}
+    sched = engine.scheduler
+    return {
+        **engine.controller.state(),
+        "cold_start_ratio": round(sched.cold_ratio, 4),
+        "cold_start_factor": round(sched.cold_planning_factor, 4),
+    }

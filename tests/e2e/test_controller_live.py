@@ -1,8 +1,8 @@
 """The controller on a live `snnet serve`: a burst of requests raises the load level, moves work to
 cheaper stitches and sheds with 503 + Retry-After; the level falls back afterwards.
 
-Served: bench/models/medium, the load benchmark's trained SN-Net, whose stitches differ ~9x in
-compute (the bundled model's stitches all cost about the same on a CPU: HTTP overhead).
+Served: the bundled SN-Net, whose stitches differ several times over in compute (weights/README.md
+has the ratios).
 """
 
 import concurrent.futures
@@ -15,14 +15,14 @@ import pytest
 from PIL import Image
 
 from snnet_core.data import mnist_subset
-from tests._servers import medium
+from tests._servers import bundled
 
 IMAGES = 8  # per request: one full batch
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    yield from medium(tmp_path_factory, SNNET_CONTROLLER_PERIOD_S="0.1")
+    yield from bundled(tmp_path_factory, SNNET_CONTROLLER_PERIOD_S="0.1")
 
 
 @pytest.fixture(scope="module")

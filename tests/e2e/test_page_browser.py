@@ -3,7 +3,8 @@ loads nothing but the server itself, shows the stitch menu, classifies an upload
 digit, answers a tight budget with a cheaper stitch, says in words why a budget is impossible,
 and a burst makes the controller act.
 
-Served: bench/models/medium, whose stitches differ ~9x in compute, so budgets visibly choose.
+Served: the bundled SN-Net, whose stitches differ several times over in compute, so budgets
+visibly choose.
 ``SNNET_PAGE_SCREENSHOT=path.png`` also saves the screenshot there (the README's is made so).
 """
 
@@ -16,7 +17,7 @@ import httpx
 import pytest
 
 from tests._browser import chromium, only
-from tests._servers import medium
+from tests._servers import bundled
 
 ROOT = Path(__file__).resolve().parents[2]
 SEVEN = ROOT / "examples" / "digits" / "7.png"
@@ -24,7 +25,7 @@ SEVEN = ROOT / "examples" / "digits" / "7.png"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    yield from medium(tmp_path_factory)
+    yield from bundled(tmp_path_factory)
 
 
 def send(tab, budget_ms: float) -> dict:
