@@ -111,7 +111,10 @@ class Planner:
         fastest = min(candidates, key=lambda s: (idle[s], s))
         at_rest = idle[fastest] / max(1.0, self._slow_down())  # not today's contention
         if at_rest > server_budget:
-            return self._too_tight(budget, fastest, at_rest, n, opts)
+            spent = max(0.0, (now - arrived) * 1e3)
+            cold = self.scheduler.cold_factor(now)  # as admission below would count it
+            need = self._idle_need(cold * at_rest, payload_bytes, spent)
+            return self._too_tight(budget, fastest, at_rest, need, n, opts)
         pool = self._pool(opts, candidates, idle, server_budget)
         deadline = arrived + server_budget / 1e3
         view = self.scheduler.view(deadline, now)
@@ -200,11 +203,7 @@ class Planner:
             # start-up level, as under CPU contention from a burst), that is load: 503.
             fastest = cold * min(self.scheduler.batches_ms(s, n) for s in pool)
             slow = self._slow_down()
-            # Reading and parsing its body is part of what a request needs, up to what that
-            # usually takes here (the HTTP time of answered requests less their work after
-            # planning); more than that was waiting for a busy event loop.
-            usual_pre = max(0.0, self.ingress.http_ms - http)
-            need = min(spent + ingress, usual_pre) + pad * (http + fastest / max(1.0, slow))
+            need = self._idle_need(fastest / max(1.0, slow), payload_bytes, spent)
             if need > server_budget:
                 least = math.ceil((need + self.network_ms) * 100) / 100
                 return Refusal(
@@ -246,20 +245,39 @@ class Planner:
         (above 1 under CPU contention; it returns to 1 when idle)."""
         return self.controller.device_factor / self.controller.settled_device_factor
 
+    def _idle_need(self, compute_ms: float, payload_bytes: int, spent: float) -> float:
+        """What a request needs on this server when idle: reading and parsing its body, up to
+        what that usually takes here (the HTTP time of answered requests less their work after
+        planning; more than that was waiting for a busy event loop), then its own HTTP work and
+        ``compute_ms``, with the safety margin on those."""
+        http = self.ingress.own_ms(payload_bytes)
+        usual_pre = max(0.0, self.ingress.http_ms - http)
+        pre = min(spent + self.ingress.wait_ms(), usual_pre)
+        return pre + (1.0 + self.controller.margin) * (http + compute_ms)
+
     def _too_tight(
-        self, budget: float, fastest: int, fastest_ms: float, n: int, opts: ClassifyOptions
+        self,
+        budget: float,
+        fastest: int,
+        fastest_ms: float,
+        need: float,
+        n: int,
+        opts: ClassifyOptions,
     ) -> Refusal:
         reserved = (
             f" plus the {self.network_ms:g} ms reserved for the network (SNNET_NETWORK_MS)"
             if self.network_ms
             else ""
         )
-        least = math.ceil((fastest_ms + self.network_ms) * 100) / 100
+        # The least budget that would do is the whole idle need, not the compute alone: a
+        # client that retries with it must be admitted.
+        least = math.ceil((max(need, fastest_ms) + self.network_ms) * 100) / 100
         given = opts.latency_budget_ms is not None
         what = f"latency_budget_ms={budget:g}" if given else f"SNNET_DEFAULT_BUDGET_MS={budget:g}"
         return Refusal(
             422,
             f"{what} is below the fastest stitch's compute time ({fastest_ms:.2f} ms for stitch "
-            f"{fastest} at batch {n}){reserved} even on an idle server; allowed: "
-            f"latency_budget_ms >= {least:.2f}",
+            f"{fastest} at batch {n}){reserved} even on an idle server, and it needs {need:.2f} "
+            f"ms in all with HTTP work and the safety margin; allowed: latency_budget_ms >= "
+            f"{least:.2f}",
         )

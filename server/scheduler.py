@@ -38,10 +38,6 @@ from .metrics import Metrics
 # 2-core VM: DeiT-Ti/S/B stitches 1.3-1.8x on some requests of a client pausing 1 s).
 COLD_GAP_S = 0.1
 COLD_EWMA = 0.2  # weight of one batch in the learned ratios
-# Cold batches are planned at their mean ratio plus this many mean deviations (as TCP's
-# retransmission timeout is srtt + 4 rttvar): how much slower a cold batch runs varies from
-# pause to pause, and a plan at the mean misses about half the slow ones.
-COLD_DEVIATIONS = 3.0
 
 log = logging.getLogger("snnet.scheduler")
 
@@ -136,7 +132,6 @@ class Scheduler:
         # observed / predicted compute of warm and of cold batches (EWMA).
         self._idle_since = time.monotonic()
         self._ratio = {False: 1.0, True: 1.0}
-        self._deviation = {False: 0.0, True: 0.0}  # EWMA of |ratio - mean|
         self._thread: threading.Thread | None = None
 
     # -- prediction ---------------------------------------------------------------------------
@@ -160,10 +155,9 @@ class Scheduler:
 
     @property
     def cold_planning_factor(self) -> float:
-        """What a batch after an idle gap is planned at: the learned cold ratio plus
-        ``COLD_DEVIATIONS`` mean deviations, at least 1 and at most 3."""
-        ratio = self._ratio[True] + COLD_DEVIATIONS * self._deviation[True]
-        return min(3.0, max(1.0, ratio))
+        """What a batch after an idle gap is planned at: the learned cold ratio, at least 1 and
+        at most 3."""
+        return min(3.0, max(1.0, self._ratio[True]))
 
     @property
     def cold_ratio(self) -> float:
@@ -192,9 +186,7 @@ class Scheduler:
         """One batch's observed against predicted compute, for warm or cold batches."""
         if predicted_ms > 0:
             r = min(4.0, max(0.25, compute_ms / predicted_ms))
-            dev = abs(r - self._ratio[cold])
             self._ratio[cold] += COLD_EWMA * (r - self._ratio[cold])
-            self._deviation[cold] += COLD_EWMA * (dev - self._deviation[cold])
 
     def view(self, deadline: float, now: float) -> QueueView:
         """The queue in deadline order, as a new job due at ``deadline`` (monotonic s) meets it.

@@ -293,7 +293,7 @@ class ControllerState(BaseModel):
     cold_start_factor: float = Field(
         1.0,
         description="What a request that finds the model idle that long is planned at: its "
-        "compute times the cold ratio plus three mean deviations of it (at least 1, at most 3).",
+        "compute times the cold ratio, at least 1 and at most 3.",
     )
     device_factor: float = Field(
         description="How much slower (>1) or faster than its profile this device runs now, for "

@@ -71,9 +71,12 @@ def test_burst_raises_the_load_level_sheds_and_recovers(server, pngs):
 
         watcher = threading.Thread(target=watch)
         watcher.start()
-        # 48 requests of 8 images from 16 keep-alive connections, as fast as they answer: 16
-        # batches at once are more than even the cheapest stitch can answer within the budget.
-        burst, conns = 48, 16
+        # 96 requests of 8 images from 16 keep-alive connections, as fast as they answer: 16
+        # batches at once are more than even the cheapest stitch can answer within the budget,
+        # and it lasts long enough for the smoothed arrival rate to cross the most accurate
+        # stitch's capacity (with 48 the burst was over before one controller step saw it, in
+        # one full-suite run of three).
+        burst, conns = 96, 16
 
         def client(_):
             with httpx.Client(base_url=server.url, timeout=60) as cc:
