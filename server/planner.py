@@ -112,7 +112,8 @@ class Planner:
         at_rest = idle[fastest] / max(1.0, self._slow_down())  # not today's contention
         if at_rest > server_budget:
             spent = max(0.0, (now - arrived) * 1e3)
-            cold = self.scheduler.cold_factor(now)  # as admission below would count it
+            # At rest, as the 422 below counts it: a quiet machine's cold factor at most.
+            cold = min(self.scheduler.cold_factor(now), self.scheduler.cold_at_rest)
             need = self._idle_need(cold * at_rest, payload_bytes, spent)
             return self._too_tight(budget, fastest, at_rest, need, n, opts)
         pool = self._pool(opts, candidates, idle, server_budget)
@@ -201,7 +202,9 @@ class Planner:
             # would not help: say what would do. If it only missed because of the moment (time
             # gone in a busy event loop before planning, or the device running slower than its
             # start-up level, as under CPU contention from a burst), that is load: 503.
-            fastest = cold * min(self.scheduler.batches_ms(s, n) for s in pool)
+            # At rest: the device's slow-down and a cold ratio above a quiet machine's are load.
+            rest_cold = min(cold, self.scheduler.cold_at_rest)
+            fastest = rest_cold * min(self.scheduler.batches_ms(s, n) for s in pool)
             slow = self._slow_down()
             need = self._idle_need(fastest / max(1.0, slow), payload_bytes, spent)
             if need > server_budget:
@@ -218,6 +221,8 @@ class Planner:
                 why.append(f"{spent + ingress:.1f} ms went by in the busy HTTP layer first")
             if slow > 1.05:
                 why.append(f"the device runs {slow:.2f}x slower than at start-up just now")
+            if cold > rest_cold * 1.05:
+                why.append(f"batches after a pause run {cold:.2f}x their prediction just now")
             return Refusal(
                 503,
                 f"overloaded: latency_budget_ms={budget:g} would do on an idle server, but not "

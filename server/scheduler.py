@@ -132,6 +132,7 @@ class Scheduler:
         # observed / predicted compute of warm and of cold batches (EWMA).
         self._idle_since = time.monotonic()
         self._ratio = {False: 1.0, True: 1.0}
+        self._cold_at_rest = 1.0  # the cold ratio measured at start-up, on a quiet machine
         self._thread: threading.Thread | None = None
 
     # -- prediction ---------------------------------------------------------------------------
@@ -160,6 +161,12 @@ class Scheduler:
         return min(3.0, max(1.0, self._ratio[True]))
 
     @property
+    def cold_at_rest(self) -> float:
+        """The cold factor of a quiet machine (``probe_cold``'s, 1 to 3; 1 if not probed): what a
+        422 may count. The learned ratio also rises under CPU contention, which is load."""
+        return min(3.0, max(1.0, self._cold_at_rest))
+
+    @property
     def cold_ratio(self) -> float:
         """Observed / predicted compute of batches that started cold (EWMA; 1 until seen)."""
         return self._ratio[True]
@@ -179,6 +186,7 @@ class Scheduler:
         predicted = self.latency.predict_ms(stitch, 1)
         if predicted > 0:
             self._ratio[True] = min(4.0, max(1.0, compute_ms / predicted))
+            self._cold_at_rest = self._ratio[True]
         self._idle_since = time.monotonic()
         return self._ratio[True]
 

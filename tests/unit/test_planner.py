@@ -267,3 +267,17 @@ def test_start_up_seeds_the_cold_ratio_from_one_batch_after_an_idle_gap():
             sched.probe_cold(9, tuple(net.input_size), gap_s=0.0)
     finally:
         sched.stop()
+
+
+def test_a_cold_ratio_raised_by_contention_is_load_not_a_reason_for_422():
+    # At start-up a batch after a pause ran as predicted; under a burst cold batches ran 3x.
+    # A budget the fastest stitch meets at rest is then refused 503 (retry), never 422.
+    planner, sched, net = make()
+    sched.probe_cold(0, tuple(net.input_size), gap_s=0.0)
+    sched._cold_at_rest = 1.0  # a quiet machine: no slower after a pause
+    for _ in range(100):
+        sched.learn_ratio(True, 30.0, 10.0)
+    sched._idle_since = NOW - 1.0
+    fastest = min(sched.batches_ms(s, 1) for s in range(10))
+    r = planner.plan(opts(latency_budget_ms=2.0 * fastest), 1, NOW)
+    assert r.status == 503 and "after a pause run 3.00x" in r.detail, r.detail
