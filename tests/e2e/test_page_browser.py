@@ -92,11 +92,13 @@ def test_the_page_classifies_shows_the_menu_and_the_controller_offline(server, t
             ms = [s["predicted_ms"]["1"] for s in menu["stitches"]]
             spread = max(ms) - min(ms)
             cheaper, answer = None, None
-            for f in (1.2, 1.0, 0.8, 0.6, 0.45, 0.3, 0.15, 0.05):
+            for f in (1.2, 1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05):
                 answer = send(tab, least + f * spread)
                 if answer["status"] == 200 and answer["stitch"] != str(best["id"]):
                     cheaper = answer
                     break
+                if answer["status"] == 422:  # the HTTP estimate moved: start from its new least
+                    least = float(re.search(r"latency_budget_ms >= ([0-9.]+)", answer["text"])[1])
             assert cheaper is not None, answer
             assert cheaper["label"] == "7"
 
