@@ -160,6 +160,15 @@ MAX_MARGIN = 0.5
 MARGIN_PRIOR = 0.2
 
 
+def _margin(ratios: list[float]) -> float:
+    """The MARGIN_QUANTILE of sorted actual / predicted ratios, at least MARGIN_MIN_ANSWERS of
+    them (else MARGIN_PRIOR), at most MAX_MARGIN: a few stalls (a GC pause, a burst) must not
+    make the margin shed everything."""
+    if len(ratios) < MARGIN_MIN_ANSWERS:
+        return MARGIN_PRIOR
+    return min(MAX_MARGIN, max(0.0, ratios[int(MARGIN_QUANTILE * (len(ratios) - 1))] - 1.0))
+
+
 def _clamp(factor: float) -> float:
     return min(max(factor, MIN_CORRECTION), MAX_CORRECTION)
 
@@ -245,17 +254,25 @@ class Controller:
         self.updates = 0
         self._prev: Reading | None = None
         self._residuals: deque[tuple[float, float]] = deque(maxlen=residual_window)
+        # Those of requests served alone (an idle server's), kept however old: what a 422
+        # ("too tight even when idle") counts, so a burst's misses never make a budget look
+        # impossible.
+        self._rest_residuals: deque[float] = deque(maxlen=residual_window)
+        self.rest_margin = MARGIN_PRIOR
         self.residual_max_age_s = residual_max_age_s
         self._lock = threading.Lock()  # residuals come from the event loop, reads from anywhere
 
     # -- inputs -------------------------------------------------------------------------------
 
-    def observe_residual(self, actual_ms: float, predicted_ms: float) -> None:
+    def observe_residual(self, actual_ms: float, predicted_ms: float, alone: bool = False) -> None:
         """One answered request's time outside the model queue, measured and as predicted
-        (HTTP backlog, its own HTTP work and compute; see ``Engine.record_answer``)."""
+        (HTTP backlog, its own HTTP work and compute; see ``Engine.record_answer``); ``alone``
+        if nothing else was in the server from its arrival to its answer."""
         if predicted_ms > 0:
             with self._lock:
                 self._residuals.append((time.monotonic(), actual_ms / predicted_ms))
+                if alone:
+                    self._rest_residuals.append(actual_ms / predicted_ms)
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -345,14 +362,9 @@ class Controller:
             while self._residuals and self._residuals[0][0] < oldest:
                 self._residuals.popleft()
             ratios = sorted(r for _, r in self._residuals)
-        # The MARGIN_QUANTILE of at least MARGIN_MIN_ANSWERS, at most MAX_MARGIN: a few stalls
-        # (a GC pause, a burst) must not make the margin shed everything.
-        if len(ratios) < MARGIN_MIN_ANSWERS:
-            self.margin = MARGIN_PRIOR
-            return
-        self.margin = min(
-            MAX_MARGIN, max(0.0, ratios[int(MARGIN_QUANTILE * (len(ratios) - 1))] - 1.0)
-        )
+            rest = sorted(self._rest_residuals)
+        self.margin = _margin(ratios)
+        self.rest_margin = _margin(rest)
 
     def image_rate_used(self) -> float:
         """Local images/s, floored by the fleet's per-replica share when Prometheus is known."""
@@ -498,6 +510,7 @@ class Controller:
             else round(self.mean_budget_ms, 3),
             "queued_work_ms": round(self.queued_work_ms, 3),
             "margin": round(self.margin, 4),
+            "rest_margin": round(self.rest_margin, 4),
             "target_utilisation": self.target_utilisation,
             "allowed_stitches": list(self.allowed),
             "device_factor": round(self.device_factor, 4),

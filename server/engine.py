@@ -87,12 +87,20 @@ class Engine:
         """Fold one answered request into the metrics, the HTTP-cost estimate and the safety
         margin; whether it met its budget."""
         http = total_ms - result.queue_ms - result.compute_ms
-        self.ingress.observe(payload_bytes, http - plan.spent_ms - plan.ingress_ms, http)
+        # Served alone: planned with nothing else in the server, and nothing arrived since.
+        alone = plan.alone_at is not None and plan.alone_at == self.ingress.arrivals
+        self.ingress.observe(
+            payload_bytes,
+            http - plan.spent_ms - plan.ingress_ms,
+            http,
+            alone=alone,
+            spent_ms=plan.spent_ms,
+        )
         # The margin covers what the planner cannot plan: HTTP work and compute running over the
         # prediction. Not the queue wait: under earliest-deadline-first a request may wait longer
         # than predicted by design, for one due sooner, within its deadline (admission checks it).
         self.controller.observe_residual(
-            total_ms - plan.spent_ms - result.queue_ms, plan.outside_queue_ms
+            total_ms - plan.spent_ms - result.queue_ms, plan.outside_queue_ms, alone
         )
         met = total_ms + self.settings.network_ms <= plan.budget_ms
         m = self.metrics

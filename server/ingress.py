@@ -17,26 +17,86 @@ written on the loop thread only.
 from __future__ import annotations
 
 import asyncio
+import statistics
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 ARRIVED = "snnet.arrived"  # ASGI scope key: time.monotonic() when the request reached the app
+REST_WINDOW = 64  # requests served alone that the idle estimates take the median of
+REST_MIN = 3  # fewer served alone: the idle estimates are the usual ones
+
+
+class _Line:
+    """``ms = a + b x bytes``: a least-squares line over observations that each lose ``forget``
+    of their weight when a newer one comes."""
+
+    def __init__(self, forget: float) -> None:
+        self.forget = forget
+        self.weight = 0.0
+        self._x = self._y = self._xx = self._xy = 0.0  # weighted sums, x in MB (conditioning)
+
+    def seed(self, points: list[tuple[int, float]], weight: float) -> None:
+        """Replace what was learnt by these (bytes, ms) points, each worth ``weight``."""
+        self.weight = self._x = self._y = self._xx = self._xy = 0.0
+        for nbytes, ms in points:
+            self._add(nbytes, ms, weight)
+
+    def add(self, nbytes: int, ms: float) -> None:
+        keep = 1.0 - self.forget
+        self.weight *= keep
+        self._x *= keep
+        self._y *= keep
+        self._xx *= keep
+        self._xy *= keep
+        self._add(nbytes, ms, 1.0)
+
+    def _add(self, nbytes: int, ms: float, weight: float) -> None:
+        x = nbytes / 1e6
+        self.weight += weight
+        self._x += weight * x
+        self._y += weight * ms
+        self._xx += weight * x * x
+        self._xy += weight * x * ms
+
+    def coefficients(self) -> tuple[float, float]:
+        """(a ms, b ms per byte); both >= 0. (0, 0) before any observation."""
+        w, x, y = self.weight, self._x, self._y
+        if w <= 0:
+            return 0.0, 0.0
+        var = w * self._xx - x * x
+        b = max(0.0, (w * self._xy - x * y) / var) if var > 1e-12 * w * w else 0.0
+        a = max(0.0, (y - b * x) / w)
+        return a, b / 1e6
+
+    def at(self, nbytes: int) -> float:
+        a, b = self.coefficients()
+        return a + b * nbytes
 
 
 class Ingress:
     """Requests in the HTTP layer (not yet queued for the model), their cost and the loop's lag.
 
+    Two sets of estimates: what requests cost now (admission plans with these; under a burst
+    they include waiting for a busy event loop and CPU contention), and what they cost on an
+    idle server, learnt only from requests served alone (nobody else in the HTTP layer or the
+    model queue from their arrival to their answer). A 422 ("too tight even when idle") is
+    judged on the second, so load never makes a client's budget look impossible.
+
     Args:
-        forget: Share of weight older requests lose with each new one in the cost line.
+        forget: Share of weight older requests lose with each new one in the cost lines.
     """
 
     def __init__(self, forget: float = 0.02) -> None:
-        self.forget = forget  # weight lost by older observations per new one
-        # Exponentially weighted sums for the line ms = a + b * bytes (x in MB for conditioning).
-        self._w = self._x = self._y = self._xx = self._xy = 0.0
+        self._own = _Line(forget)  # HTTP work after planning (decode, answer), every request
+        # Requests served alone: (reading and parsing, own work after planning), each less the
+        # own line's cost per byte. Their medians: one stalled request (a first request's cold
+        # paths, a GC pause) must not make a budget look impossible.
+        self._rest: deque[tuple[float, float]] = deque(maxlen=REST_WINDOW)
         self.seed([(0, 1.0)])  # until start-up measures: 1 ms a request, whatever its size
         self.http_ms = 1.0  # mean HTTP work of a whole request (what each one ahead costs)
         self.unqueued = 0  # requests inside /classify that have not reached the model queue
+        self.arrivals = 0  # requests that have entered, ever (a request is alone if none came)
         self.loop_lag_ms = 0.0  # how late the event loop runs ready work (EWMA)
         # False while start-up runs in its thread: the loop's lag then is start-up's (profiling,
         # warm-up, a full GC at the end), not serving's, and it made the first request after
@@ -44,38 +104,32 @@ class Ingress:
         self.serving = True
 
     def seed(self, points: list[tuple[int, float]], weight: float = 5.0) -> None:
-        """Start the cost line from measured (payload bytes, ms) points, replacing what was
+        """Start the own-work line from measured (payload bytes, ms) points, replacing what was
         there; each counts as ``weight`` observations."""
-        self._w = self._x = self._y = self._xx = self._xy = 0.0
-        for nbytes, ms in points:
-            self._add(nbytes, ms, weight)
-
-    def _add(self, nbytes: int, ms: float, weight: float) -> None:
-        x = nbytes / 1e6
-        self._w += weight
-        self._x += weight * x
-        self._y += weight * ms
-        self._xx += weight * x * x
-        self._xy += weight * x * ms
-
-    def line(self) -> tuple[float, float]:
-        """(a ms, b ms per byte) of the cost line; b >= 0 and a >= 0."""
-        w, x, y = self._w, self._x, self._y
-        var = w * self._xx - x * x
-        b = max(0.0, (w * self._xy - x * y) / var) if var > 1e-12 * w * w else 0.0
-        a = max(0.0, (y - b * x) / w)
-        return a, b / 1e6
+        self._own.seed(points, weight)
 
     def own_ms(self, payload_bytes: int) -> float:
         """Predicted HTTP work of a request, after planning, for its payload size."""
-        a, b = self.line()
-        return a + b * payload_bytes
+        return self._own.at(payload_bytes)
+
+    def rest_ms(self, payload_bytes: int) -> tuple[float, float]:
+        """(reading and parsing, own work after planning) of a request of this size on an idle
+        server, in ms: the medians of the last requests served alone, plus the own line's cost
+        per byte. Until REST_MIN of them: the own line, and the usual HTTP time less it."""
+        per_byte = self._own.coefficients()[1] * payload_bytes
+        if len(self._rest) < REST_MIN:
+            own = self._own.at(payload_bytes)
+            return max(0.0, self.http_ms - own), own
+        pre = statistics.median(p for p, _ in self._rest)
+        own = statistics.median(o for _, o in self._rest)
+        return max(0.0, pre + per_byte), max(0.0, own + per_byte)
 
     @contextmanager
     def entered(self) -> Iterator[_Ticket]:
         """Count a request in the backlog until ``ticket.queued()`` or the block ends."""
         ticket = _Ticket(self)
         self.unqueued += 1
+        self.arrivals += 1
         try:
             yield ticket
         finally:
@@ -91,17 +145,24 @@ class Ingress:
         there)."""
         return self.others() * self.http_ms + self.loop_lag_ms
 
-    def observe(self, payload_bytes: int, after_plan_ms: float, http_ms: float) -> None:
+    def observe(
+        self,
+        payload_bytes: int,
+        after_plan_ms: float,
+        http_ms: float,
+        *,
+        alone: bool = False,
+        spent_ms: float = 0.0,
+    ) -> None:
         """One answered request: its HTTP work after planning (decode, answer) and in all
-        (its time minus queue wait and compute)."""
-        keep = 1.0 - self.forget
-        self._w *= keep
-        self._x *= keep
-        self._y *= keep
-        self._xx *= keep
-        self._xy *= keep
-        self._add(payload_bytes, max(0.0, after_plan_ms), 1.0)
+        (its time minus queue wait and compute); if it was ``alone``, also what it ``spent_ms``
+        before planning, for the idle estimates."""
+        after = max(0.0, after_plan_ms)
+        self._own.add(payload_bytes, after)
         self.http_ms += 0.1 * (max(0.0, http_ms) - self.http_ms)
+        if alone:
+            per_byte = self._own.coefficients()[1] * payload_bytes
+            self._rest.append((max(0.0, spent_ms) - per_byte, after - per_byte))
 
     async def watch_loop_lag(self, period_s: float = 0.005) -> None:
         """Track how late the event loop wakes a sleeper: an EWMA of the oversleep, in ms."""

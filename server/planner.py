@@ -15,7 +15,11 @@
    read and parsed + the HTTP backlog + its own HTTP work for its payload size + the work due
    before it under earliest-deadline-first + its own batch + the controller's safety margin)
    fits its budget, and its compute fits in the slack of every queued request due later.
-   Otherwise 503 with Retry-After; or 422 if nothing was ahead of it, as waiting would not help.
+   Otherwise 503 with Retry-After; or 422 if nothing was ahead of it and even an idle server
+   could not meet the budget, as waiting would not help. A request that finds the server idle
+   is predicted with what requests served alone took (``Ingress.rest_ms``,
+   ``Controller.rest_margin``), any other with what recent requests took: a burst's busy
+   event loop and contention are load, and never turn a budget into a 422.
 
 It reads the scheduler's queue, the controller and the HTTP backlog, and is given the clock, so
 tests drive it without threads, HTTP or sleeping.
@@ -48,6 +52,10 @@ class Plan:
     queue_ms: float  # predicted wait for the model: work due before it
     compute_ms: float  # predicted compute of the batch it will run in
     margin_ms: float  # the controller's safety margin for it, included in admission
+    # ``Ingress.arrivals`` when it was planned with nothing else in the HTTP layer or the model
+    # queue, else None: if no request arrives before its answer, it was served alone, and its
+    # times teach the idle estimates a 422 is judged on.
+    alone_at: int | None = None
 
     @property
     def predicted_ms(self) -> float:
@@ -111,10 +119,9 @@ class Planner:
         fastest = min(candidates, key=lambda s: (idle[s], s))
         at_rest = idle[fastest] / max(1.0, self._slow_down())  # not today's contention
         if at_rest > server_budget:
-            spent = max(0.0, (now - arrived) * 1e3)
             # At rest, as the 422 below counts it: a quiet machine's cold factor at most.
             cold = min(self.scheduler.cold_factor(now), self.scheduler.cold_at_rest)
-            need = self._idle_need(cold * at_rest, payload_bytes, spent)
+            need = self._idle_need(cold * at_rest, payload_bytes)
             return self._too_tight(budget, fastest, at_rest, need, n, opts)
         pool = self._pool(opts, candidates, idle, server_budget)
         deadline = arrived + server_budget / 1e3
@@ -182,9 +189,13 @@ class Planner:
         """The first stitch of ``pool`` that fits its budget behind the queue without making a
         queued request late; else a 503 that says which of the two rules refused it."""
         server_budget = budget - self.network_ms
-        pad = 1.0 + self.controller.margin  # the safety margin, on what is predicted
+        alone = not view.busy and not self.ingress.others()
+        if alone:  # what requests served alone took, not what a recent burst's did
+            http, margin = self.ingress.rest_ms(payload_bytes)[1], self.controller.rest_margin
+        else:
+            http, margin = self.ingress.own_ms(payload_bytes), self.controller.margin
+        pad = 1.0 + margin  # the safety margin, on what is predicted
         ingress = self.ingress.wait_ms()
-        http = self.ingress.own_ms(payload_bytes)
         fits, queue_ms = False, view.ahead_ms
         for s in pool:
             before = self.scheduler.batches_ms(s, view.counts.get(s, 0))
@@ -195,8 +206,11 @@ class Planner:
                 continue
             fits = True
             if compute - before <= view.later_slack_ms - margin:
-                return Plan(s, budget, deadline, spent, ingress, http, queue_ms, compute, margin)
-        if not fits and not view.busy and not self.ingress.others():
+                return Plan(
+                    s, budget, deadline, spent, ingress, http, queue_ms, compute, margin,
+                    self.ingress.arrivals if alone else None,
+                )  # fmt: skip
+        if not fits and alone:
             # Nothing ahead of it. If the budget is below what the fastest stitch needs on this
             # server even when idle (its compute plus HTTP work and the safety margin), waiting
             # would not help: say what would do. If it only missed because of the moment (time
@@ -206,14 +220,15 @@ class Planner:
             rest_cold = min(cold, self.scheduler.cold_at_rest)
             fastest = rest_cold * min(self.scheduler.batches_ms(s, n) for s in pool)
             slow = self._slow_down()
-            need = self._idle_need(fastest / max(1.0, slow), payload_bytes, spent)
+            need = self._idle_need(fastest / max(1.0, slow), payload_bytes)
             if need > server_budget:
                 least = math.ceil((need + self.network_ms) * 100) / 100
                 return Refusal(
                     422,
                     f"latency_budget_ms={budget:g} is below what this request needs on this "
                     f"server even when idle ({need:.2f} ms: compute, HTTP work for its "
-                    f"{payload_bytes} bytes and a {100 * (pad - 1):.0f}% safety margin); allowed: "
+                    f"{payload_bytes} bytes and an idle server's "
+                    f"{100 * self.controller.rest_margin:.0f}% safety margin); allowed: "
                     f"latency_budget_ms >= {least:.2f}",
                 )
             why = []
@@ -250,15 +265,14 @@ class Planner:
         (above 1 under CPU contention; it returns to 1 when idle)."""
         return self.controller.device_factor / self.controller.settled_device_factor
 
-    def _idle_need(self, compute_ms: float, payload_bytes: int, spent: float) -> float:
-        """What a request needs on this server when idle: reading and parsing its body, up to
-        what that usually takes here (the HTTP time of answered requests less their work after
-        planning; more than that was waiting for a busy event loop), then its own HTTP work and
-        ``compute_ms``, with the safety margin on those."""
-        http = self.ingress.own_ms(payload_bytes)
-        usual_pre = max(0.0, self.ingress.http_ms - http)
-        pre = min(spent + self.ingress.wait_ms(), usual_pre)
-        return pre + (1.0 + self.controller.margin) * (http + compute_ms)
+    def _idle_need(self, compute_ms: float, payload_bytes: int) -> float:
+        """What a request of ``payload_bytes`` needs on this server when idle, learnt from
+        requests served alone: reading and parsing it, its own HTTP work and ``compute_ms``,
+        with an idle server's safety margin on those two. A burst's contention, busy event loop
+        and misses raise what admission predicts, not this: that is load (503), not a budget no
+        idle server could meet (422)."""
+        pre, own = self.ingress.rest_ms(payload_bytes)
+        return pre + (1.0 + self.controller.rest_margin) * (own + compute_ms)
 
     def _too_tight(
         self,
@@ -276,7 +290,7 @@ class Planner:
         )
         # The least budget that would do is the whole idle need, not the compute alone: a
         # client that retries with it must be admitted.
-        least = math.ceil((max(need, fastest_ms) + self.network_ms) * 100) / 100
+        least = math.ceil((need + self.network_ms) * 100) / 100
         given = opts.latency_budget_ms is not None
         what = f"latency_budget_ms={budget:g}" if given else f"SNNET_DEFAULT_BUDGET_MS={budget:g}"
         return Refusal(

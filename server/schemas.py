@@ -280,6 +280,12 @@ class ControllerState(BaseModel):
         "model queue are padded; p99 of (measured / predicted) - 1 over the answers of the last "
         "30 s, at most 0.5 (0.2 until there are 20 answers)."
     )
+    rest_margin: float = Field(
+        0.2,
+        description="The same over the last 256 requests served alone (nothing else in the "
+        "server from their arrival to their answer), however old: the margin of an idle server, "
+        "which a 422's least budget counts.",
+    )
     target_utilisation: float
     allowed_stitches: list[int] = Field(
         description="Stitches requests may use while the server is busy, most accurate first "

@@ -47,9 +47,10 @@ def make(ms_of=per_image, *, max_batch=4, max_queue=64, **planner_kw):
         metrics=Metrics(),
     )  # fmt: skip
     controller = Controller(latency, m.ranking, max_batch=max_batch, scores=m.scores)
-    controller.margin = 0.0  # no safety margin unless a test says so (it never steps here)
+    controller.margin = controller.rest_margin = 0.0  # none unless a test says so (no steps)
     ingress = Ingress()
     ingress.seed([(0, 0.0)])  # no HTTP work unless a test says so
+    ingress.http_ms = 0.0
     planner = Planner(
         m, sched, controller, ingress, default_budget_ms=planner_kw.pop("default_budget_ms", 1000.0),
         **planner_kw,

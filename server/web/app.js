@@ -484,7 +484,7 @@ async function burst() {
   ui.burstLevel = 0;
   out.textContent = `Sending ${ui.burstRate} requests/s for ${BURST_S} s\u2026`;
   delete out.dataset.answered;
-  const counts = new Map(), used = new Map();
+  const counts = new Map(), used = new Map(), details = new Map();
   let met = 0, metHere = 0;
   // Open loop: requests are issued at a steady rate whether or not earlier ones were answered,
   // as independent users would send them (the browser holds back what exceeds 6 in flight).
@@ -498,8 +498,10 @@ async function burst() {
         used.set(a.stitch.id, (used.get(a.stitch.id) ?? 0) + 1);
         if (a.budget_met !== false) met++;
         if (!budget || performance.now() - sent <= budget) metHere++;
-      } else {
+      } else if (r.status === 503 || details.has(r.status)) {
         await r.arrayBuffer();
+      } else {  // say why, once per status: these are not load
+        details.set(r.status, (await r.json().catch(() => ({}))).detail ?? r.statusText);
       }
     } catch {
       counts.set("no answer", (counts.get("no answer") ?? 0) + 1);
@@ -518,7 +520,8 @@ async function burst() {
   $("burst").disabled = false;
   const sent = [...counts.values()].reduce((a, b) => a + b, 0);
   const ok = counts.get(200) ?? 0, shed = counts.get(503) ?? 0;
-  const others = [...counts].filter(([s]) => s !== 200 && s !== 503).map(([s, n]) => `${n} \u00d7 ${s}`);
+  const others = [...counts].filter(([s]) => s !== 200 && s !== 503)
+    .map(([s, n]) => `${n} \u00d7 ${s}` + (details.has(s) ? ` (${details.get(s)})` : ""));
   const mix = [...used].sort((a, b) => b[1] - a[1]).map(([s, n]) => `#${s} \u00d7 ${n}`).join(", ");
   out.textContent = `${sent} requests in ${BURST_S} s: ${ok} answered, ${met} within the budget ` +
     `by the server's clock (${metHere} by this browser's, which includes waiting for one of ` +

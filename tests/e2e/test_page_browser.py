@@ -88,17 +88,24 @@ def test_the_page_classifies_shows_the_menu_and_the_controller_offline(server, t
 
             # Tighter budgets, from the least that would do upwards by parts of the stitches'
             # spread in compute (this machine's speed; HTTP work is a fixed part of every
-            # budget): a cheaper stitch answers before the budget becomes impossible.
+            # budget): a cheaper stitch answers before the budget becomes impossible. The window
+            # is a few ms wide, about the noise of one request's HTTP time, so: tighter after
+            # the best stitch answered, looser from the new least after a 422 (the estimate
+            # moved), the same again after a 503 (a moment's load).
             ms = [s["predicted_ms"]["1"] for s in menu["stitches"]]
             spread = max(ms) - min(ms)
-            cheaper, answer = None, None
-            for f in (1.2, 1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05):
-                answer = send(tab, least + f * spread)
+            parts = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+            cheaper, answer, i = None, None, 1
+            for _ in range(24):
+                answer = send(tab, least + parts[i] * spread)
                 if answer["status"] == 200 and answer["stitch"] != str(best["id"]):
                     cheaper = answer
                     break
-                if answer["status"] == 422:  # the HTTP estimate moved: start from its new least
+                if answer["status"] == 200:
+                    i = min(i + 1, len(parts) - 1)
+                elif answer["status"] == 422:
                     least = float(re.search(r"latency_budget_ms >= ([0-9.]+)", answer["text"])[1])
+                    i = max(i - 1, 0)
             assert cheaper is not None, answer
             assert cheaper["label"] == "7"
 
@@ -116,7 +123,12 @@ def test_the_page_classifies_shows_the_menu_and_the_controller_offline(server, t
             # A burst: the controller raises the load level; every request is answered or shed.
             tab.set_input_files("#file", str(SEVEN))
             tab.wait_for_selector("#pad[data-source='7.png']")
-            budget = 2 * best["predicted_ms"]["1"] + 5
+            # Its budget: room for two of the most accurate stitch's batches, and at least what
+            # the fastest needs after a pause (the first request of a burst finds the model
+            # cold; on a VM whose idle vCPUs halt that batch ran 3x: 422 for every request, as
+            # none warmed the model).
+            cold = httpx.get(f"{server.url}/controller").json()["cold_start_factor"]
+            budget = max(2 * best["predicted_ms"]["1"] + 5, cold * least)
             tab.fill("#budget-ms", f"{budget:.2f}")
             tab.press("#budget-ms", "Enter")
             tab.click("#burst")

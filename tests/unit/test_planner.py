@@ -157,9 +157,14 @@ def test_the_http_backlog_and_the_margin_count_in_the_prediction():
     plan = planner.plan(opts(latency_budget_ms=12.0), 1, NOW)
     assert stitch(plan) == 1 and plan.margin_ms == pytest.approx(4.0)
     assert planner.plan(opts(latency_budget_ms=9.5), 1, NOW).status == 503  # others ahead
-    planner.ingress.unqueued = 1  # alone and idle: no point in retrying, say what would do
-    r = planner.plan(opts(latency_budget_ms=1.2), 1, NOW)
-    assert r.status == 422 and "latency_budget_ms >= 1.50" in r.detail
+    # Alone and idle: planned with what requests served alone took. Here their margin was
+    # 0.1 and reading one took 2 ms (the usual HTTP time: none was served alone yet). A budget
+    # below that: no point in retrying, say what would do.
+    planner.ingress.unqueued, planner.controller.rest_margin = 1, 0.1
+    plan = planner.plan(opts(latency_budget_ms=5.5), 1, NOW, arrived=NOW - 0.002)
+    assert stitch(plan) == 2  # 2 ms read + (1 + 0.1) x 3 ms
+    r = planner.plan(opts(latency_budget_ms=2.5), 1, NOW, arrived=NOW - 0.002)
+    assert r.status == 422 and "latency_budget_ms >= 3.10" in r.detail
 
 
 def test_the_network_allowance_comes_off_every_budget():
@@ -281,3 +286,29 @@ def test_a_cold_ratio_raised_by_contention_is_load_not_a_reason_for_422():
     fastest = min(sched.batches_ms(s, 1) for s in range(10))
     r = planner.plan(opts(latency_budget_ms=2.0 * fastest), 1, NOW)
     assert r.status == 503 and "after a pause run 3.00x" in r.detail, r.detail
+
+
+def test_estimates_raised_by_a_burst_are_load_never_a_reason_for_422():
+    # After a burst: answers took 3 ms of HTTP work each and ran 1.5x their prediction, but
+    # requests served alone took 0.2 ms to read and 0.1 ms after planning, 10% over. A request
+    # that finds the server idle is planned on the idle estimates: admitted, not refused.
+    planner, _, _ = make()
+    ing, ctl = planner.ingress, planner.controller
+    for _ in range(50):
+        ing.observe(0, after_plan_ms=3.0, http_ms=6.0)  # under the burst
+    for _ in range(3):
+        ing.observe(0, after_plan_ms=0.1, http_ms=0.3, alone=True, spent_ms=0.2)
+    ctl.margin, ctl.rest_margin = 0.5, 0.1
+    assert ing.own_ms(0) > 2.0 and ing.rest_ms(0) == pytest.approx((0.2, 0.1), abs=0.01)
+    plan = planner.plan(opts(latency_budget_ms=3.0), 1, NOW, arrived=NOW - 0.0002, payload_bytes=0)
+    assert stitch(plan) == 1 and plan.http_ms == pytest.approx(0.1, abs=0.01)
+    # Below even the idle need: 422 with the least an idle server admits (0.2 + 1.1 x 1.1 ms).
+    r = planner.plan(opts(latency_budget_ms=1.2), 1, NOW, arrived=NOW - 0.0002, payload_bytes=0)
+    assert r.status == 422 and "latency_budget_ms >= 1.41" in r.detail, r.detail
+    plan = planner.plan(opts(latency_budget_ms=1.41), 1, NOW, arrived=NOW - 0.0002, payload_bytes=0)
+    assert stitch(plan) == 0
+    # With others in the HTTP layer the request is planned on what recent requests took: a
+    # budget an idle server meets is then load (503), never 422.
+    ing.unqueued = 2
+    r = planner.plan(opts(latency_budget_ms=3.0), 1, NOW, arrived=NOW - 0.0002, payload_bytes=0)
+    assert r.status == 503, r.detail

@@ -226,3 +226,20 @@ def test_loop_lag_during_start_up_is_not_counted():
 
     asyncio.run(scenario())
     assert ing.loop_lag_ms > 5.0
+
+
+def test_the_idle_http_estimates_learn_only_from_requests_served_alone():
+    ing = Ingress()
+    ing.seed([(300, 0.1)])
+    ing.http_ms = 1.0
+    assert ing.rest_ms(300) == pytest.approx((0.9, 0.1))  # none alone yet: the usual time
+    for _ in range(100):  # a burst: slow, and never alone
+        ing.observe(300, after_plan_ms=4.0, http_ms=9.0)
+    assert ing.own_ms(300) == pytest.approx(4.0, rel=0.2)
+    for spent in (0.3, 0.2, 40.0, 0.4):  # served alone; one stalled (a first request's paths)
+        ing.observe(300, after_plan_ms=0.2, http_ms=0.5, alone=True, spent_ms=spent)
+    assert ing.rest_ms(300) == pytest.approx((0.35, 0.2))  # the medians: the stall is ignored
+    with ing.entered():
+        start = ing.arrivals
+    with ing.entered():
+        assert ing.arrivals == start + 1  # what tells a request it was not alone
