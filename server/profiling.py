@@ -298,6 +298,13 @@ def _at(fits: dict[int, tuple[float, float]], b: int) -> tuple[float, float]:
 
 
 THREADS_GAIN = 0.15  # all the cores must beat cores - 1 by this much to take the event loop's
+# ... and the extra thread must pay for itself: under load every core-ms the model spends is
+# taken from the HTTP front end. On the 2-core VM the bundled model's largest anchor ran 6.99 ms
+# on 1 thread and 4.84 ms on 2 (31% faster, but 2 x 4.84 = 9.68 core-ms against 6.99: 0.72 of
+# linear), and `bench/load.py --quick` met 62% of budgets on 2 threads against 96% on 1, with
+# the cheapest stitch's capacity halved; DeiT-Ti ran 52 ms and 26 ms (1.0 of linear), 2x
+# faster at no cost in core time.
+THREADS_EFFICIENCY = 0.85
 
 
 def cores() -> int:
@@ -308,11 +315,20 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def choose_threads(net: SNNet, menu: StitchMenu, repeats: int = 3) -> tuple[int, str]:
+def pick_threads(ms: dict[int, float], n: int) -> int:
+    """Of ``n - 1`` and ``n`` threads, given the model's time on each: ``n`` only if it is at
+    least ``THREADS_GAIN`` faster and the speed-up is at least ``THREADS_EFFICIENCY`` of linear
+    (core time ``n x ms[n]`` within 1 / efficiency of ``(n - 1) x ms[n - 1]``)."""
+    faster = ms[n] < (1 - THREADS_GAIN) * ms[n - 1]
+    efficient = (n - 1) * ms[n - 1] >= THREADS_EFFICIENCY * n * ms[n]
+    return n if faster and efficient else n - 1
+
+
+def choose_threads(net: SNNet, menu: StitchMenu, repeats: int = 5) -> tuple[int, str]:
     """torch threads for the model on CPU, by measurement: the largest anchor at batch 1 with the
     cores minus one (a core left to the event loop, which parses, decodes and answers) and with
-    every core; all the cores only if that is at least ``THREADS_GAIN`` faster. On 2 cores the
-    tiny bundled model runs faster on 1 thread, DeiT-Ti about 2x faster on 2."""
+    every core; all the cores only if that is enough faster for the core it takes
+    (``pick_threads``). On 2 cores the bundled model serves best on 1 thread, DeiT-Ti on 2."""
     n = cores()
     if n == 1:
         return 1, "1 core"
@@ -331,9 +347,11 @@ def choose_threads(net: SNNet, menu: StitchMenu, repeats: int = 3) -> tuple[int,
                 net(x, largest)
                 times.append((time.perf_counter() - t0) * 1e3)
             ms[k] = statistics.median(times)
-    pick = n if ms[n] < (1 - THREADS_GAIN) * ms[n - 1] else n - 1
+    efficiency = (n - 1) * ms[n - 1] / (n * ms[n])
     figures = ", ".join(f"{k} threads {v:.2f} ms" for k, v in ms.items())
-    return pick, f"stitch {largest} at batch 1: {figures}"
+    return pick_threads(
+        ms, n
+    ), f"stitch {largest} at batch 1: {figures}; {efficiency:.2f} of linear"
 
 
 DTYPE_ACCURACY_POINTS = 0.5  # a dtype may serve if no stitch loses more top-1 than this

@@ -362,6 +362,26 @@ def cost_range(manifest) -> list[dict]:
     return out
 
 
+def served_threads(cost: list[dict]) -> str:
+    """Which of the profiles' thread counts ``SNNET_THREADS=auto`` serves with, by the server's
+    own rule (``server.profiling.pick_threads``) on the most accurate stitch's batch-1 times."""
+    from server.profiling import THREADS_EFFICIENCY, THREADS_GAIN, pick_threads
+
+    ms = {row["threads"]: row["batch_1"]["best_ms"] for row in cost}
+    rule = (
+        f"cores - 1 threads, or every core if that runs the largest anchor at batch 1 at least "
+        f"{THREADS_GAIN:.0%} faster and at least {THREADS_EFFICIENCY} of linear"
+    )
+    n = max(ms, default=0)
+    if n - 1 not in ms:
+        return rule
+    efficiency = (n - 1) * ms[n - 1] / (n * ms[n])
+    return (
+        f"{rule}; with these profiles ({efficiency:.2f} of linear) that is "
+        f"{pick_threads(ms, n)} on the {n}-core build machine"
+    )
+
+
 def write_readme(out: Path) -> None:
     """weights/README.md from the saved manifest: recipe, acceptance figures, the stitch table."""
     manifest = snnet_core.read_manifest(out)
@@ -398,6 +418,7 @@ def write_readme(out: Path) -> None:
         for row in cost
     )
     best = stitches[cost[0]["most_accurate"]] if cost else None
+    served = served_threads(cost)
 
     share = snnet.get("anchor_share")
     draw = (
@@ -445,8 +466,7 @@ machine{training.get("minutes_note", "")}.
 - Right after least-squares init (before SN-Net training): {summary(acc_ls)}.
 - How far a budget moves the choice on the build machine: the most accurate stitch
   (id {best["id"] if best else "-"}, {best["accuracy"] if best else 0:.1f} %) against the fastest, in the manifest's CPU profiles
-  (`SNNET_THREADS=auto` serves with whichever of these thread counts runs the largest anchor
-  faster; on the 2-core build machine that is 2):
+  (`SNNET_THREADS=auto` serves with {served}):
 {ranges}
 
 ![accuracy vs GFLOPs](accuracy_vs_gflops.png)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import snnet_core
+from server.profiling import pick_threads
 from snnet_core.data import DigitsDataset, mnist_subset
 from snnet_core.evaluate import evaluate
 
@@ -64,12 +65,14 @@ def test_acceptance_figures_hold(bundled):
                 inside += acc[lo] - 1 <= r["accuracy"] <= acc[lo + 1] + 1
                 break
     assert between > 0 and inside / between >= 0.9
+    # The cost range, in the stored profile of the thread count SNNET_THREADS=auto serves with
+    # on the machine that measured them (its own rule on the most accurate stitch's times).
     best = max(rows, key=lambda r: r["accuracy"])["id"]
-    ratios = []
-    for p in manifest.profiles:
-        at = {b: [per[b] for per in p.latency_ms.values()] for b in (1, 8)}
-        ratios.append({b: p.latency_ms[best][b] / min(at[b]) for b in (1, 8)})
-    assert any(r[1] >= 3.0 and r[8] >= 5.0 for r in ratios), ratios
+    by_threads = {p.fingerprint.threads: p.latency_ms for p in manifest.profiles}
+    n = max(by_threads)
+    served = by_threads[pick_threads({k: by_threads[k][best][1] for k in (n - 1, n)}, n)]
+    ratios = {b: served[best][b] / min(per[b] for per in served.values()) for b in (1, 8)}
+    assert ratios[1] >= 3.0 and ratios[8] >= 5.0, ratios
 
 
 def test_bundled_manifest_has_a_cpu_profile_and_labels(bundled):

@@ -1,10 +1,10 @@
-"""Start-up estimates of stitches the profile did not measure."""
+"""Start-up estimates of stitches the profile did not measure, and the thread count."""
 
 import statistics
 
 import pytest
 
-from server.profiling import _affine_fit, _at, estimate
+from server.profiling import _affine_fit, _at, estimate, pick_threads
 from snnet_core import StitchMenu, StitchRow
 from snnet_core.profile import DeviceFingerprint, LatencyProfile
 
@@ -51,3 +51,15 @@ def test_calibration_fits_a_per_batch_cost_and_a_factor_over_the_anchors():
     # A line that would start below zero is refitted through the origin: no negative cost.
     f, c = _affine_fit([(10.0, 9.0), (20.0, 21.0)])
     assert c == 0.0 and f == pytest.approx((90 + 420) / 500)
+
+
+@pytest.mark.parametrize(
+    "one, two, pick",
+    [
+        (52.0, 26.0, 2),  # DeiT-Ti on 2 cores: twice as fast at no cost in core time
+        (6.99, 4.84, 1),  # the bundled model: 31% faster, but 0.72 of linear
+        (5.0, 4.6, 1),  # hardly faster
+    ],
+)
+def test_every_core_goes_to_the_model_only_if_the_extra_thread_pays_for_itself(one, two, pick):
+    assert pick_threads({1: one, 2: two}, 2) == pick
