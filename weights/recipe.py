@@ -364,21 +364,23 @@ def cost_range(manifest) -> list[dict]:
 
 def served_threads(cost: list[dict]) -> str:
     """Which of the profiles' thread counts ``SNNET_THREADS=auto`` serves with, by the server's
-    own rule (``server.profiling.pick_threads``) on the most accurate stitch's batch-1 times."""
-    from server.profiling import THREADS_EFFICIENCY, THREADS_GAIN, pick_threads
+    own rule (``server.profiling.pick_threads``) on the batch-1 times of the most accurate and
+    the cheapest stitch (here the largest and the smallest anchor)."""
+    from server.profiling import THREADS_GAIN, pick_threads
 
-    ms = {row["threads"]: row["batch_1"]["best_ms"] for row in cost}
     rule = (
-        f"cores - 1 threads, or every core if that runs the largest anchor at batch 1 at least "
-        f"{THREADS_GAIN:.0%} faster and at least {THREADS_EFFICIENCY} of linear"
+        f"cores - 1 threads, or every core if that runs both the largest and the smallest "
+        f"anchor at batch 1 at least {THREADS_GAIN:.0%} faster"
     )
-    n = max(ms, default=0)
-    if n - 1 not in ms:
+    ms = {
+        "largest": {row["threads"]: row["batch_1"]["best_ms"] for row in cost},
+        "smallest": {row["threads"]: row["batch_1"]["cheapest_ms"] for row in cost},
+    }
+    n = max(ms["largest"], default=0)
+    if n - 1 not in ms["largest"]:
         return rule
-    efficiency = (n - 1) * ms[n - 1] / (n * ms[n])
     return (
-        f"{rule}; with these profiles ({efficiency:.2f} of linear) that is "
-        f"{pick_threads(ms, n)} on the {n}-core build machine"
+        f"{rule}; with these profiles that is {pick_threads(ms, n)} on the {n}-core build machine"
     )
 
 

@@ -54,12 +54,18 @@ def test_calibration_fits_a_per_batch_cost_and_a_factor_over_the_anchors():
 
 
 @pytest.mark.parametrize(
-    "one, two, pick",
+    "largest, smallest, pick",
     [
-        (52.0, 26.0, 2),  # DeiT-Ti on 2 cores: twice as fast at no cost in core time
-        (6.99, 4.84, 1),  # the bundled model: 31% faster, but 0.72 of linear
-        (5.0, 4.6, 1),  # hardly faster
+        ((299.0, 180.0), (52.0, 26.0), 2),  # DeiT-B and DeiT-Ti on 2 cores: both gain
+        ((5.8, 4.3), (1.16, 1.17), 1),  # the bundled model: its cheap stitches gain nothing
+        ((5.0, 4.6), (2.0, 1.0), 1),  # the largest hardly gains
     ],
 )
-def test_every_core_goes_to_the_model_only_if_the_extra_thread_pays_for_itself(one, two, pick):
-    assert pick_threads({1: one, 2: two}, 2) == pick
+def test_every_core_goes_to_the_model_only_if_its_cheap_and_dear_stitches_both_gain(
+    largest, smallest, pick
+):
+    ms = {
+        "largest": dict(zip((1, 2), largest, strict=True)),
+        "smallest": dict(zip((1, 2), smallest, strict=True)),
+    }
+    assert pick_threads(ms, 2) == pick
