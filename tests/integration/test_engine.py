@@ -100,7 +100,8 @@ def test_threads_are_chosen_by_measurement_and_the_figures_are_logged(tmp_path, 
     n = cores()
     assert chosen in ({n - 1, n} if n > 1 else {1})
     line = next(r.message for r in caplog.records if r.message.startswith("threads:"))
-    assert line.startswith(f"threads: {chosen} (SNNET_THREADS=auto; stitch 2 at batch 1:")
+    assert line.startswith(f"threads: {chosen} (SNNET_THREADS=auto; largest anchor (stitch ")
+    assert "smallest anchor (stitch " in line
     if n > 1:
         assert f"{n - 1} threads" in line and f"{n} threads" in line
     assert engine.profile.fingerprint.threads == chosen  # the profile was measured with them
