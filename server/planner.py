@@ -191,10 +191,10 @@ class Planner:
         server_budget = budget - self.network_ms
         alone = not view.busy and not self.ingress.others()
         if alone:  # what requests served alone took, not what a recent burst's did
-            http, margin = self.ingress.rest_ms(payload_bytes)[1], self.controller.rest_margin
+            http, share = self.ingress.rest_ms(payload_bytes)[1], self.controller.rest_margin
         else:
-            http, margin = self.ingress.own_ms(payload_bytes), self.controller.margin
-        pad = 1.0 + margin  # the safety margin, on what is predicted
+            http, share = self.ingress.own_ms(payload_bytes), self.controller.margin
+        pad = 1.0 + share  # the safety margin, on what is predicted
         ingress = self.ingress.wait_ms()
         fits, queue_ms = False, view.ahead_ms
         for s in pool:
