@@ -254,10 +254,10 @@ class Controller:
         self.updates = 0
         self._prev: Reading | None = None
         self._residuals: deque[tuple[float, float]] = deque(maxlen=residual_window)
-        # Those of requests served alone (an idle server's), kept however old: what a 422
-        # ("too tight even when idle") counts, so a burst's misses never make a budget look
-        # impossible.
-        self._rest_residuals: deque[float] = deque(maxlen=residual_window)
+        # Those of requests served alone (an idle server's): the margin a 422 ("too tight even
+        # when idle") and an idle request's plan count, so a burst's misses never make a budget
+        # look impossible. Same window; with too few (a long burst), the prior.
+        self._rest_residuals: deque[tuple[float, float]] = deque(maxlen=residual_window)
         self.rest_margin = MARGIN_PRIOR
         self.residual_max_age_s = residual_max_age_s
         self._lock = threading.Lock()  # residuals come from the event loop, reads from anywhere
@@ -272,7 +272,7 @@ class Controller:
             with self._lock:
                 self._residuals.append((time.monotonic(), actual_ms / predicted_ms))
                 if alone:
-                    self._rest_residuals.append(actual_ms / predicted_ms)
+                    self._rest_residuals.append(self._residuals[-1])
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -359,10 +359,11 @@ class Controller:
     def _update_margin(self) -> None:
         oldest = time.monotonic() - self.residual_max_age_s
         with self._lock:
-            while self._residuals and self._residuals[0][0] < oldest:
-                self._residuals.popleft()
+            for kept in (self._residuals, self._rest_residuals):
+                while kept and kept[0][0] < oldest:
+                    kept.popleft()
             ratios = sorted(r for _, r in self._residuals)
-            rest = sorted(self._rest_residuals)
+            rest = sorted(r for _, r in self._rest_residuals)
         self.margin = _margin(ratios)
         self.rest_margin = _margin(rest)
 

@@ -282,9 +282,9 @@ class ControllerState(BaseModel):
     )
     rest_margin: float = Field(
         0.2,
-        description="The same over the last 256 requests served alone (nothing else in the "
-        "server from their arrival to their answer), however old: the margin of an idle server, "
-        "which a 422's least budget counts.",
+        description="The same over the requests served alone (nothing else in the server from "
+        "their arrival to their answer): the margin of an idle server, which a request that "
+        "finds the server idle is planned with and a 422's least budget counts.",
     )
     target_utilisation: float
     allowed_stitches: list[int] = Field(

@@ -169,6 +169,17 @@ def test_margin_is_a_capped_99th_percentile_of_how_far_predictions_ran_over():
     assert c.margin == 0.5  # at most
 
 
+def test_the_idle_margin_counts_only_requests_served_alone():
+    c = controller()
+    h = History(c)
+    for _ in range(40):
+        c.observe_residual(10.5, 10.0, alone=True)  # an idle server: 5% over
+    for _ in range(40):
+        c.observe_residual(14.0, 10.0)  # a burst: 40% over
+    h.run(0.25, rps=0)
+    assert c.rest_margin == pytest.approx(0.05) and c.margin == pytest.approx(0.4)
+
+
 def test_read_metrics_takes_the_figures_from_the_registry():
     m = Metrics()
     m.arrivals.inc(5)
