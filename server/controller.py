@@ -264,10 +264,12 @@ class Controller:
 
     # -- inputs -------------------------------------------------------------------------------
 
-    def observe_residual(self, actual_ms: float, predicted_ms: float, alone: bool = False) -> None:
+    def observe_residual(
+        self, actual_ms: float, predicted_ms: float, *, alone: bool = False
+    ) -> None:
         """One answered request's time outside the model queue, measured and as predicted
         (HTTP backlog, its own HTTP work and compute; see ``Engine.record_answer``); ``alone``
-        if nothing else was in the server from its arrival to its answer."""
+        if it was served alone (``Ingress``)."""
         if predicted_ms > 0:
             with self._lock:
                 self._residuals.append((time.monotonic(), actual_ms / predicted_ms))

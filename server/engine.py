@@ -100,7 +100,7 @@ class Engine:
         # prediction. Not the queue wait: under earliest-deadline-first a request may wait longer
         # than predicted by design, for one due sooner, within its deadline (admission checks it).
         self.controller.observe_residual(
-            total_ms - plan.spent_ms - result.queue_ms, plan.outside_queue_ms, alone
+            total_ms - plan.spent_ms - result.queue_ms, plan.outside_queue_ms, alone=alone
         )
         met = total_ms + self.settings.network_ms <= plan.budget_ms
         m = self.metrics

@@ -79,8 +79,9 @@ class Ingress:
 
     Two sets of estimates: what requests cost now (admission plans with these; under a burst
     they include waiting for a busy event loop and CPU contention), and what they cost on an
-    idle server, learnt only from requests served alone (nobody else in the HTTP layer or the
-    model queue from their arrival to their answer). A 422 ("too tight even when idle") is
+    idle server, learnt only from requests served alone: planned with nobody else in the HTTP
+    layer and nothing queued or running in the model, and no request arrived before their
+    answer (one that was only encoding its answer then is not seen). A 422 ("too tight even when idle") is
     judged on the second, so load never makes a client's budget look impossible.
 
     Args:
@@ -93,6 +94,7 @@ class Ingress:
         # own line's cost per byte. Their medians: one stalled request (a first request's cold
         # paths, a GC pause) must not make a budget look impossible.
         self._rest: deque[tuple[float, float]] = deque(maxlen=REST_WINDOW)
+        self._rest_medians = (0.0, 0.0)  # of the two, updated as one is added
         self.seed([(0, 1.0)])  # until start-up measures: 1 ms a request, whatever its size
         self.http_ms = 1.0  # mean HTTP work of a whole request (what each one ahead costs)
         self.unqueued = 0  # requests inside /classify that have not reached the model queue
@@ -116,12 +118,11 @@ class Ingress:
         """(reading and parsing, own work after planning) of a request of this size on an idle
         server, in ms: the medians of the last requests served alone, plus the own line's cost
         per byte. Until REST_MIN of them: the own line, and the usual HTTP time less it."""
-        per_byte = self._own.coefficients()[1] * payload_bytes
         if len(self._rest) < REST_MIN:
             own = self._own.at(payload_bytes)
             return max(0.0, self.http_ms - own), own
-        pre = statistics.median(p for p, _ in self._rest)
-        own = statistics.median(o for _, o in self._rest)
+        per_byte = self._own.coefficients()[1] * payload_bytes
+        pre, own = self._rest_medians
         return max(0.0, pre + per_byte), max(0.0, own + per_byte)
 
     @contextmanager
@@ -163,6 +164,10 @@ class Ingress:
         if alone:
             per_byte = self._own.coefficients()[1] * payload_bytes
             self._rest.append((max(0.0, spent_ms) - per_byte, after - per_byte))
+            self._rest_medians = (
+                statistics.median(p for p, _ in self._rest),
+                statistics.median(o for _, o in self._rest),
+            )
 
     async def watch_loop_lag(self, period_s: float = 0.005) -> None:
         """Track how late the event loop wakes a sleeper: an EWMA of the oversleep, in ms."""

@@ -118,20 +118,19 @@ class Planner:
         idle = {s: self.scheduler.batches_ms(s, n) for s in candidates}
         fastest = min(candidates, key=lambda s: (idle[s], s))
         at_rest = idle[fastest] / max(1.0, self._slow_down())  # not today's contention
+        cold = self.scheduler.cold_factor(now)  # the model idled: its next batch runs slower
         if at_rest > server_budget:
-            # At rest, as the 422 below counts it: a quiet machine's cold factor at most.
-            cold = min(self.scheduler.cold_factor(now), self.scheduler.cold_at_rest)
-            need = self._idle_need(cold * at_rest, payload_bytes)
-            return self._too_tight(budget, fastest, at_rest, need, n, opts)
+            need, least = self._idle_need(at_rest, cold, payload_bytes)
+            return self._too_tight(budget, fastest, at_rest, need, least, n, opts)
         pool = self._pool(opts, candidates, idle, server_budget)
         deadline = arrived + server_budget / 1e3
         view = self.scheduler.view(deadline, now)
-        if len(pool) > 1 and (view.busy or self.ingress.others()):
+        alone = not view.busy and not self.ingress.others()  # nothing else in the server
+        if len(pool) > 1 and not alone:
             allowed = set(self.controller.draw_allowed(now))
             pool = [s for s in pool if s in allowed] or pool  # a cap below the level: its menu
         spent = max(0.0, (now - arrived) * 1e3)
-        cold = self.scheduler.cold_factor(now)  # the model idled: its next batch runs slower
-        return self._admit(pool, n, deadline, budget, spent, payload_bytes, view, cold)
+        return self._admit(pool, n, deadline, budget, spent, payload_bytes, view, cold, alone)
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -184,12 +183,13 @@ class Planner:
         spent: float,
         payload_bytes: int,
         view: QueueView,
-        cold: float = 1.0,
+        cold: float,
+        alone: bool,
     ) -> Plan | Refusal:
         """The first stitch of ``pool`` that fits its budget behind the queue without making a
-        queued request late; else a 503 that says which of the two rules refused it."""
+        queued request late; else a 503 that says which of the two rules refused it. ``alone``:
+        nothing else in the server (queue or HTTP layer)."""
         server_budget = budget - self.network_ms
-        alone = not view.busy and not self.ingress.others()
         if alone:  # what requests served alone took, not what a recent burst's did
             http, share = self.ingress.rest_ms(payload_bytes)[1], self.controller.rest_margin
         else:
@@ -216,13 +216,10 @@ class Planner:
             # would not help: say what would do. If it only missed because of the moment (time
             # gone in a busy event loop before planning, or the device running slower than its
             # start-up level, as under CPU contention from a burst), that is load: 503.
-            # At rest: the device's slow-down and a cold ratio above a quiet machine's are load.
-            rest_cold = min(cold, self.scheduler.cold_at_rest)
-            fastest = rest_cold * min(self.scheduler.batches_ms(s, n) for s in pool)
             slow = self._slow_down()
-            need = self._idle_need(fastest / max(1.0, slow), payload_bytes)
+            fastest = min(self.scheduler.batches_ms(s, n) for s in pool) / max(1.0, slow)
+            need, least = self._idle_need(fastest, cold, payload_bytes)
             if need > server_budget:
-                least = math.ceil((need + self.network_ms) * 100) / 100
                 return Refusal(
                     422,
                     f"latency_budget_ms={budget:g} is below what this request needs on this "
@@ -236,7 +233,7 @@ class Planner:
                 why.append(f"{spent + ingress:.1f} ms went by in the busy HTTP layer first")
             if slow > 1.05:
                 why.append(f"the device runs {slow:.2f}x slower than at start-up just now")
-            if cold > rest_cold * 1.05:
+            if cold > self.scheduler.cold_at_rest * 1.05:
                 why.append(f"batches after a pause run {cold:.2f}x their prediction just now")
             return Refusal(
                 503,
@@ -265,14 +262,18 @@ class Planner:
         (above 1 under CPU contention; it returns to 1 when idle)."""
         return self.controller.device_factor / self.controller.settled_device_factor
 
-    def _idle_need(self, compute_ms: float, payload_bytes: int) -> float:
-        """What a request of ``payload_bytes`` needs on this server when idle, learnt from
-        requests served alone: reading and parsing it, its own HTTP work and ``compute_ms``,
-        with an idle server's safety margin on those two. A burst's contention, busy event loop
-        and misses raise what admission predicts, not this: that is load (503), not a budget no
-        idle server could meet (422)."""
+    def _idle_need(self, compute_ms: float, cold: float, payload_bytes: int) -> tuple[float, float]:
+        """(ms, least budget) a request of ``payload_bytes`` needs on this server when idle,
+        learnt from requests served alone: reading and parsing it, its own HTTP work and
+        ``compute_ms`` at rest (times the ``cold`` factor, up to a quiet machine's), with an idle
+        server's safety margin on those two; the least budget adds the network's share. A
+        burst's contention, busy event loop and misses raise what admission predicts, not this:
+        that is load (503), not a budget no idle server could meet (422). A client that retries
+        with the least budget is admitted on an idle server."""
         pre, own = self.ingress.rest_ms(payload_bytes)
-        return pre + (1.0 + self.controller.rest_margin) * (own + compute_ms)
+        compute = min(cold, self.scheduler.cold_at_rest) * compute_ms
+        need = pre + (1.0 + self.controller.rest_margin) * (own + compute)
+        return need, math.ceil((need + self.network_ms) * 100) / 100
 
     def _too_tight(
         self,
@@ -280,6 +281,7 @@ class Planner:
         fastest: int,
         fastest_ms: float,
         need: float,
+        least: float,
         n: int,
         opts: ClassifyOptions,
     ) -> Refusal:
@@ -288,9 +290,6 @@ class Planner:
             if self.network_ms
             else ""
         )
-        # The least budget that would do is the whole idle need, not the compute alone: a
-        # client that retries with it must be admitted.
-        least = math.ceil((need + self.network_ms) * 100) / 100
         given = opts.latency_budget_ms is not None
         what = f"latency_budget_ms={budget:g}" if given else f"SNNET_DEFAULT_BUDGET_MS={budget:g}"
         return Refusal(

@@ -301,9 +301,9 @@ def _at(fits: dict[int, tuple[float, float]], b: int) -> tuple[float, float]:
 # this much faster on them than with one core left to the event loop. Under load the
 # controller moves requests to the cheap stitches: if those gain nothing from another thread,
 # that thread only takes the HTTP front end's core when it is needed most. On the 2-core VM the
-# bundled model's largest anchor ran 5.6-6.1 ms on 1 thread and 4.0-4.6 ms on 2, its smallest
-# 1.16 and 1.17 ms, and `bench/load.py --quick` met 58-64% of budgets on 2 threads against 98%
-# on 1; DeiT-B ran 292-307 ms and 176-184 ms, DeiT-Ti 52 and 26 ms: 2 threads.
+# bundled model's largest anchor ran 4.9-6.1 ms on 1 thread and 3.7-4.8 ms on 2, its smallest
+# 1.16-1.42 ms and 1.35-1.52 ms, and `bench/load.py --quick` met 58-64% of budgets on 2
+# threads against 98% on 1; DeiT-B ran 294 and 171 ms, DeiT-Ti 30 and 19 ms: 2 threads.
 THREADS_GAIN = 0.15
 
 
@@ -322,19 +322,37 @@ def pick_threads(ms: dict[str, dict[int, float]], n: int) -> int:
     return n if all(t[n] < (1 - THREADS_GAIN) * t[n - 1] for t in ms.values()) else n - 1
 
 
-def choose_threads(net: SNNet, menu: StitchMenu, repeats: int = 5) -> tuple[int, str]:
-    """torch threads for the model on CPU, by measurement: the largest and the smallest anchor at
-    batch 1 (the fastest of at least ``repeats`` runs and 100 ms) with the cores minus one (a core left to the event loop, which parses, decodes and
-    answers) and with every core; all the cores only if both gain (``pick_threads``). On 2
-    cores the bundled model serves best on 1 thread, DeiT-Ti/S/B on 2."""
-    n = cores()
-    if n == 1:
-        return 1, "1 core"
+def deciding_anchors(menu: StitchMenu) -> dict[str, int]:
+    """The stitches the thread count is chosen on: the largest and the smallest anchor."""
     anchors = [r for r in menu.rows if len(r.anchors) == 1]
-    which = {
+    return {
         "largest": max(anchors, key=lambda r: r.gflops).id,
         "smallest": min(anchors, key=lambda r: r.gflops).id,
     }
+
+
+def threads_from_profiles(menu: StitchMenu, by_threads: dict[int, dict], n: int) -> int:
+    """What ``pick_threads`` takes from stored profiles (``by_threads[k]`` a profile's
+    ``latency_ms`` measured with k threads) of ``n - 1`` and ``n`` threads."""
+    return pick_threads(
+        {
+            name: {k: by_threads[k][s][1] for k in (n - 1, n)}
+            for name, s in deciding_anchors(menu).items()
+        },
+        n,
+    )
+
+
+def choose_threads(net: SNNet, menu: StitchMenu, repeats: int = 5) -> tuple[int, str]:
+    """torch threads for the model on CPU, by measurement: the largest and the smallest anchor
+    at batch 1 (the fastest of at least ``repeats`` runs and 100 ms) with the cores minus one (a
+    core left to the event loop, which parses, decodes and answers) and with every core; all
+    the cores only if both gain (``pick_threads``). On 2 cores the bundled model serves best on
+    1 thread, DeiT-Ti/S/B on 2."""
+    n = cores()
+    if n == 1:
+        return 1, "1 core"
+    which = deciding_anchors(menu)
     p0 = next(net.parameters())
     x = torch.zeros(1, *net.input_size, device=p0.device, dtype=p0.dtype)
     ms: dict[str, dict[int, float]] = {name: {} for name in which}

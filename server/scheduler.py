@@ -41,6 +41,12 @@ COLD_EWMA = 0.2  # weight of one batch in the learned ratios
 
 log = logging.getLogger("snnet.scheduler")
 
+
+def _cold_factor(ratio: float) -> float:
+    """What a cold ratio plans with: at least 1 (a pause never speeds a batch up), at most 3."""
+    return min(3.0, max(1.0, ratio))
+
+
 Runner = Callable[[torch.Tensor, int], torch.Tensor]  # (x, stitch) -> float32 logits on the CPU
 
 
@@ -158,13 +164,13 @@ class Scheduler:
     def cold_planning_factor(self) -> float:
         """What a batch after an idle gap is planned at: the learned cold ratio, at least 1 and
         at most 3."""
-        return min(3.0, max(1.0, self._ratio[True]))
+        return _cold_factor(self._ratio[True])
 
     @property
     def cold_at_rest(self) -> float:
         """The cold factor of a quiet machine (``probe_cold``'s, 1 to 3; 1 if not probed): what a
         422 may count. The learned ratio also rises under CPU contention, which is load."""
-        return min(3.0, max(1.0, self._cold_at_rest))
+        return _cold_factor(self._cold_at_rest)
 
     @property
     def cold_ratio(self) -> float:

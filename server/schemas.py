@@ -282,8 +282,8 @@ class ControllerState(BaseModel):
     )
     rest_margin: float = Field(
         0.2,
-        description="The same over the requests served alone (nothing else in the server from "
-        "their arrival to their answer): the margin of an idle server, which a request that "
+        description="The same over the requests served alone (planned with nothing else in the "
+        "HTTP layer or the model, and no request arriving before their answer): the margin of an idle server, which a request that "
         "finds the server idle is planned with and a 422's least budget counts.",
     )
     target_utilisation: float

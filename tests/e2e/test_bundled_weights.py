@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import snnet_core
-from server.profiling import pick_threads
+from server.profiling import threads_from_profiles
+from snnet_core import StitchMenu
 from snnet_core.data import DigitsDataset, mnist_subset
 from snnet_core.evaluate import evaluate
 
@@ -66,16 +67,11 @@ def test_acceptance_figures_hold(bundled):
                 break
     assert between > 0 and inside / between >= 0.9
     # The cost range, in the stored profile of the thread count SNNET_THREADS=auto serves with
-    # on the machine that measured them (its own rule on the most accurate stitch's times).
+    # on the machine that measured them (the server's own rule, on the stored times).
     best = max(rows, key=lambda r: r["accuracy"])["id"]
     by_threads = {p.fingerprint.threads: p.latency_ms for p in manifest.profiles}
     n = max(by_threads)
-    cheapest = min(rows, key=lambda r: r["gflops"])["id"]
-    ms = {
-        name: {k: by_threads[k][s][1] for k in (n - 1, n)}
-        for name, s in (("largest", best), ("smallest", cheapest))
-    }
-    served = by_threads[pick_threads(ms, n)]
+    served = by_threads[threads_from_profiles(StitchMenu.of(rows), by_threads, n)]
     ratios = {b: served[best][b] / min(per[b] for per in served.values()) for b in (1, 8)}
     assert ratios[1] >= 3.0 and ratios[8] >= 5.0, ratios
 

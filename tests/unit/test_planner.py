@@ -214,9 +214,9 @@ def test_a_budget_lost_to_a_busy_http_layer_is_load_503_not_a_bad_budget_422():
 
 
 def test_the_least_budget_a_422_names_counts_the_usual_time_to_read_the_request():
-    # Reading and parsing a request takes about 0.8 ms here (1.0 ms of HTTP work in all, none
-    # of it after planning): a request that spent that much is short of a 1.5 ms budget by it,
-    # and the 422 names a least budget that would be admitted.
+    # Answered requests took 0.8 ms of HTTP work, none of it after planning, and none was served
+    # alone yet: reading and parsing one is taken as 0.8 ms. A request that spent that much is
+    # short of a 1.5 ms budget by it, and the 422 names a least budget that would be admitted.
     planner, _, _ = make()
     planner.ingress.http_ms = 0.8
     r = planner.plan(opts(latency_budget_ms=1.5), 1, NOW, arrived=NOW - 0.0008)
@@ -262,6 +262,7 @@ def test_start_up_seeds_the_cold_ratio_from_one_batch_after_an_idle_gap():
     sched.runner = slow_after_idle
     ratio = sched.probe_cold(9, tuple(net.input_size), gap_s=0.0)
     assert 2.0 <= ratio <= 4.0 and sched.cold_ratio == ratio
+    assert sched.cold_at_rest == min(3.0, ratio)  # what a 422 may count from now on
     sched.runner = real
     sched._idle_since = NOW - 1.0
     cold = planner.plan(opts(latency_budget_ms=12), 1, NOW)
@@ -277,9 +278,8 @@ def test_start_up_seeds_the_cold_ratio_from_one_batch_after_an_idle_gap():
 def test_a_cold_ratio_raised_by_contention_is_load_not_a_reason_for_422():
     # At start-up a batch after a pause ran as predicted; under a burst cold batches ran 3x.
     # A budget the fastest stitch meets at rest is then refused 503 (retry), never 422.
-    planner, sched, net = make()
-    sched.probe_cold(0, tuple(net.input_size), gap_s=0.0)
-    sched._cold_at_rest = 1.0  # a quiet machine: no slower after a pause
+    planner, sched, _ = make()
+    sched._cold_at_rest = 1.0  # the start-up probe's: a quiet machine, no slower after a pause
     for _ in range(100):
         sched.learn_ratio(True, 30.0, 10.0)
     sched._idle_since = NOW - 1.0
