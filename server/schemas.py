@@ -278,7 +278,14 @@ class ControllerState(BaseModel):
     margin: float = Field(
         description="Safety margin: the fraction by which predictions of the time outside the "
         "model queue are padded; p99 of (measured / predicted) - 1 over the answers of the last "
-        "30 s, at most 0.5 (0.2 until there are 20 answers)."
+        "30 s, at most 0.5. Under 200 answers, at least a log-normal's 99% prediction bound "
+        "fitted to them (from 5 answers); 0.2 until then and the least until 20."
+    )
+    estimate_pad: float = Field(
+        1.0,
+        description="Factor on the predictions of stitches whose latency is estimated and that "
+        "have not run yet: the largest observed / predicted of the last 8 estimated stitches' "
+        "first runs (1 to 1.5).",
     )
     rest_margin: float = Field(
         0.2,

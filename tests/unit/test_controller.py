@@ -126,6 +126,25 @@ def test_corrections_converge_to_observed_over_profiled():
     assert c.latency.correction(7) == pytest.approx(c.device_factor)
 
 
+def test_an_estimated_stitch_learns_from_its_first_run_and_pads_those_not_run_yet():
+    """Stitches 5-9 have estimated, not measured, profiles. One that runs 1.4x its estimate
+    takes most of that at once, and the estimated stitches not run yet are predicted 1.4x
+    over theirs until they run: a low estimate must not send each one's first request over its
+    budget in turn. Measured stitches are not padded."""
+    c = controller(estimated=range(5, 10))
+    h = History(c)
+    run_stitches(h, {1: 1.0, 2: 1.0, 3: 1.0}, steps=20)  # measured stitches, as profiled
+    assert c.estimate_pad == 1.0 and c.latency.correction(9) == pytest.approx(1.0)
+    run_stitches(h, {6: 1.4}, steps=1)  # one 100 ms batch of stitch 6
+    assert c.latency.correction(6) > 1.3  # (1.0 + 0.1 of the way with the usual evidence)
+    assert c.estimate_pad == pytest.approx(1.4, rel=0.02)
+    assert c.latency.correction(9) == pytest.approx(1.4 * c.device_factor)
+    assert c.latency.correction(0) == pytest.approx(c.device_factor)  # measured, not run yet
+    run_stitches(h, {9: 1.0}, steps=1)  # an estimate that held: its own factor, not the pad
+    assert c.latency.correction(9) < 1.2 * c.device_factor
+    assert c.state()["estimate_pad"] == pytest.approx(1.4, rel=0.02)  # the worst of the last 8
+
+
 def test_when_the_whole_device_slows_down_every_prediction_follows_within_a_few_batches():
     """A co-tenant takes the cores: stitch 3 is seen running 3x slower; stitches not run since
     (here 5 and 9) must not keep their profiled times."""
