@@ -64,7 +64,7 @@ class Engine:
     menu: StitchMenu
     device: torch.device
     dtype: torch.dtype
-    transform: Callable  # PIL image -> (C, H, W) float32, as the manifest says
+    transform: Callable  # PIL image -> (C, H, W) float32, as the manifest says; .batch(images)
     profile: LatencyProfile  # every stitch at every batch size, measured or estimated
     profile_source: str  # "manifest", "cache <path>" or "measured ...", and the calibration
     estimated: frozenset[int]  # stitches whose profiled times are estimated from GFLOPs

@@ -94,6 +94,15 @@ def image_transform(data_config: dict, training: bool = False, normalize: bool =
         img = img.convert(mode)
         return fast(img) if fast is not None else tf(img).contiguous()
 
+    def batch(imgs) -> torch.Tensor:
+        """Several PIL images -> (n, C, H, W): each image's PIL steps, then one numpy pass for
+        the whole batch (bit for bit what ``transform`` gives each image)."""
+        imgs = [img.convert(mode) for img in imgs]
+        if fast is None:
+            return torch.stack([tf(img).contiguous() for img in imgs])
+        return fast.batch(imgs)
+
+    transform.batch = batch
     return transform
 
 
@@ -102,9 +111,13 @@ def _to_normalised_array(tf):
     pass: the same float32 arithmetic (``x / 255``, then ``(x - mean) / std``), without the
     half-dozen small torch ops that cost more than the resize and crop on a small image (on a
     28x28 digit, 0.09 of the server's 0.21 ms of decoding). None if the transform is not
-    ``[PIL steps..., ToTensor, Normalize]``: then it runs as it is."""
+    ``[PIL steps..., ToTensor, Normalize]``: then it runs as it is.
+
+    A resize to the size an image already has and a centre crop to its whole size are skipped:
+    Pillow returns a copy of the image for both (a 28x28 digit served at 28x28 spent 14 us of
+    its 55 us in them). ``run.batch`` preprocesses a list of images with one numpy pass."""
     from timm.data.transforms import MaybeToTensor
-    from torchvision.transforms import Normalize, ToTensor
+    from torchvision.transforms import CenterCrop, Normalize, Resize, ToTensor
 
     steps = list(getattr(tf, "transforms", []))
     if len(steps) < 2 or not isinstance(steps[-2], (ToTensor, MaybeToTensor)):
@@ -115,18 +128,43 @@ def _to_normalised_array(tf):
     mean = np.asarray(steps[-1].mean, np.float32)[:, None, None]
     std = np.asarray(steps[-1].std, np.float32)[:, None, None]
 
-    def run(img):
+    def is_identity(step, img) -> bool:
+        w, h = img.size
+        if isinstance(step, CenterCrop):
+            return tuple(step.size) == (h, w)
+        if isinstance(step, Resize):
+            size = step.size if isinstance(step.size, int) else tuple(step.size)
+            if isinstance(size, tuple) and len(size) == 1:
+                size = size[0]
+            if isinstance(size, int):  # the shorter side to ``size``, the ratio kept
+                return step.max_size is None and min(w, h) == size
+            return size == (h, w)
+        return False
+
+    def pil(img):
         for step in pil_steps:
-            img = step(img)
-        a = np.asarray(img)  # uint8, (H, W) or (H, W, C)
-        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+            if not is_identity(step, img):
+                img = step(img)
+        return np.asarray(img)  # uint8, (H, W) or (H, W, C)
+
+    def normalised(a: np.ndarray) -> torch.Tensor:
+        """uint8 (..., C, H, W) -> float32, scaled and normalised in place."""
         x = np.empty(a.shape, np.float32)
-        x[...] = a  # to float32 and channels first in one pass
+        x[...] = a  # to float32 (and channels first: ``a`` is a transposed view) in one pass
         x /= np.float32(255)
         x -= mean
         x /= std
         return torch.from_numpy(x)
 
+    def run(img):
+        a = pil(img)
+        return normalised(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+
+    def batch(imgs) -> torch.Tensor:
+        a = np.stack([pil(img) for img in imgs])
+        return normalised(a[:, None] if a.ndim == 3 else a.transpose(0, 3, 1, 2))
+
+    run.batch = batch
     return run
 
 

@@ -152,20 +152,19 @@ async def _decode(engine: Engine, req: ClassifyRequest) -> torch.Tensor:
 
 
 def _decode_all(engine: Engine, images: list[tuple[str, bytes]]) -> torch.Tensor:
+    """Decode every image (each checked against the limits), then preprocess them as one
+    batch: (n, C, H, W) float32."""
     s = engine.settings
     try:
-        return torch.stack(
-            [
-                engine.transform(
-                    decode_image(
-                        data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, name=name
-                    )
-                )
-                for name, data in images
-            ]
-        )
+        decoded = [
+            decode_image(
+                data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, name=name
+            )
+            for name, data in images
+        ]
     except ImageError as e:
         raise Refusal(e.status, e.detail) from None
+    return engine.transform.batch(decoded)
 
 
 def _encode(

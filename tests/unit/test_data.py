@@ -13,8 +13,10 @@ from snnet_core.data import image_transform
     ("channels", "size", "mean", "std"),
     [(1, 28, (0.5,), (0.5,)), (3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))],
 )
-@pytest.mark.parametrize("image_size", [(28, 28), (500, 375), (33, 17)])
+@pytest.mark.parametrize("image_size", [(28, 28), (32, 32), (500, 375), (33, 17), (256, 300)])
 def test_the_evaluation_transform_matches_timms_bit_for_bit(channels, size, mean, std, image_size):
+    """Also for images that already have the resize's or the crop's size, whose steps the
+    fast path skips (28x28 at crop 28 and resize 32; 256 wide at resize 256 for 224)."""
     config = {"input_size": (channels, size, size), "mean": mean, "std": std, "crop_pct": 0.875}
     reference = create_transform(
         input_size=(3, size, size), is_training=False, interpolation="bicubic", crop_pct=0.875,
@@ -26,3 +28,17 @@ def test_the_evaluation_transform_matches_timms_bit_for_bit(channels, size, mean
     want = reference(img.convert("L" if channels == 1 else "RGB"))
     assert got.dtype == torch.float32 and got.is_contiguous()
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_batch_is_preprocessed_as_each_of_its_images(channels):
+    size = 28 if channels == 1 else 224
+    config = {"input_size": (channels, size, size), "mean": (0.5,) * channels,
+              "std": (0.25,) * channels, "crop_pct": 0.875}  # fmt: skip
+    rng = np.random.default_rng(1)
+    shapes = [(28, 28), (500, 375), (33, 17), (32, 40)]
+    imgs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in shapes]
+    transform = image_transform(config)
+    got = transform.batch(imgs)
+    assert got.shape == (4, channels, size, size) and got.dtype == torch.float32
+    assert torch.equal(got, torch.stack([transform(img) for img in imgs]))
