@@ -191,8 +191,8 @@ def _margin(ratios: list[float]) -> float:
     Why both: the empirical 99th percentile of the few dozen answers a 30 s window holds at
     idle on a real-size net (a DeiT net answers a sequential client about 40 times in 30 s) is
     their largest or second largest, which is below the true one about half the time: on the
-    DeiT net at idle the margin moved between 0.2 and 0.3 with the window while 1 answer in
-    30 ran 1.3x its prediction, and those ran over their budgets. The fitted bound uses every
+    DeiT net at idle the margin moved between 0.22 and 0.30 with the window while 1 answer in
+    20 ran 1.28x its prediction or more, and those ran over their budgets. The fitted bound uses every
     answer's spread and widens when they are few (Student's t); the empirical one keeps a
     heavy tail the fit would miss. Below MARGIN_MIN_ANSWERS the prior is the floor; from
     MARGIN_FIT_BELOW answers on the empirical quantile alone counts."""
