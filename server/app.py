@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .config import Settings, get_settings
 from .engine import Lifecycle
 from .errors import ComputeError, Refusal
+from .fronts import Fronts, OwnerChannel
 from .ingress import ARRIVED, Ingress
 from .metrics import Metrics
 from .routes import router
@@ -109,7 +110,9 @@ def _offline_docs(app: FastAPI) -> None:
         )  # fmt: skip
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, fronts: Fronts | None = None) -> FastAPI:
+    """The service's app. With ``fronts`` (``SNNET_API_WORKERS`` > 1) it is the model owner:
+    it also serves the front processes' channel and starts, watches and stops them."""
     settings = settings or get_settings()
     metrics = Metrics()
     ingress = Ingress()
@@ -127,7 +130,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         life.start_in_background()
         watching = asyncio.create_task(ingress.watch_loop_lag())
         controlling = asyncio.create_task(life.run_controller())
+        channel = supervising = None
+        if fronts is not None:
+            channel = await OwnerChannel(life).serve(fronts.channel)
+            fronts.start()
+            supervising = asyncio.create_task(fronts.supervise())
         yield
+        if fronts is not None:
+            # The fronts drain first: what they accepted still needs this process's model.
+            supervising.cancel()
+            await asyncio.to_thread(fronts.stop, settings.shutdown_grace_s)
+            channel.close()
         watching.cancel()
         controlling.cancel()
         if grpc_server is not None:

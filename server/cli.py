@@ -46,14 +46,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError, RuntimeError) as e:
         print(f"error: cannot serve: {e}", file=sys.stderr)
         return 2
-    app = create_app(settings)
+    workers = api_workers(settings, device)
     code = 0
-    try:
-        uvicorn.run(
+    if workers == 1:
+        app = create_app(settings)
+        run = lambda: uvicorn.run(  # noqa: E731
             app, host=settings.host, port=settings.port, log_level=settings.log_level,
             access_log=settings.access_log,
             timeout_graceful_shutdown=settings.shutdown_grace_s,
         )  # fmt: skip
+    else:
+        app, run = _owner_of_fronts(settings, workers)
+    try:
+        run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down
         code = 130
     if not app.state.lifecycle.started.is_set():
@@ -63,6 +68,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.shutdown()
         os._exit(code)
     return code
+
+
+def api_workers(settings, device) -> int:
+    """``SNNET_API_WORKERS``, with auto resolved: 1 on CPU, half the cores (at most 8) on CUDA."""
+    if settings.api_workers != "auto":
+        return settings.api_workers
+    if device.type != "cuda":
+        return 1
+    from .profiling import cores
+
+    return max(1, min(8, cores() // 2))
+
+
+def _owner_of_fronts(settings, workers: int):
+    """The owner's app and how to run it: its HTTP on the shared port and on a private Unix
+    socket (the fronts pass it every route but /classify), the fronts' channel, the fronts."""
+    import socket
+    import tempfile
+
+    import uvicorn
+
+    from .app import create_app
+    from .fronts import Fronts, listen_socket
+
+    tcp = listen_socket(settings.host, settings.port)
+    private = tempfile.mkdtemp(prefix="snnet-")
+    http_path, channel_path = f"{private}/http.sock", f"{private}/channel.sock"
+    uds = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    uds.bind(http_path)
+    uds.listen(2048)
+    fronts = Fronts(workers - 1, settings.host, tcp.getsockname()[1], channel_path, http_path)
+    app = create_app(settings, fronts=fronts)
+    config = uvicorn.Config(
+        app, log_level=settings.log_level, access_log=settings.access_log,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+    )  # fmt: skip
+    logging.getLogger("snnet.server").info(
+        "%d API workers on port %d: this process (the model owner) and %d fronts; their "
+        "channel %s", workers, tcp.getsockname()[1], workers - 1, channel_path,
+    )  # fmt: skip
+    return app, lambda: uvicorn.Server(config).run(sockets=[tcp, uds])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,6 +47,15 @@ class Settings(BaseSettings):
         "at least 15% faster; the choice is logged with its figures.",
     )
 
+    api_workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        "auto",
+        description="HTTP processes serving the port (SO_REUSEPORT). One of them owns the model, "
+        "the queue, the planner and the controller; the others parse, decode and answer "
+        "/classify requests and pass every other route to it (server/fronts.py). auto: 1 on "
+        "CPU (the model's threads take the cores; measured in bench/RESULTS.md), on CUDA half "
+        "the cores, at most 8 (not yet measured on a GPU).",
+    )
+
     worker: Literal["auto", "process", "thread"] = Field(
         "auto",
         description="Where the model runs: process (a child process; the event loop never holds "

@@ -116,6 +116,7 @@ class Engine:
         # served is not load, and counting it made the level flicker on a nearly idle server.
         c.update(read_metrics(m, self.scheduler.queued_work_ms()))
         m.queue_predicted_wait.set(self.scheduler.predicted_wait_ms(now) / 1e3)
+        m.http_backlog.set(self.ingress.unqueued)
         m.load_level.set(c.level)
         m.arrival_rate.set(c.arrival_rate)
         m.controller_updates.inc()

@@ -90,6 +90,12 @@ class Metrics:
         self.arrivals = Counter(
             "snnet_arrivals", "Classify requests received (counted on arrival)", registry=r
         )
+        self.http_backlog = Gauge(
+            "snnet_http_backlog",
+            "Classify requests being read, parsed or decoded (not yet queued for the model), in "
+            "every API worker from its plan on; set by the controller loop",
+            registry=r,
+        )
         self.images = Counter(
             "snnet_images", "Images in classify requests that passed validation", registry=r
         )

@@ -11,6 +11,8 @@ import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from snnet_core import StitchRow
+
 from ..engine import Engine
 from ..errors import Refusal
 from ..imaging import ImageError, decode_image
@@ -18,7 +20,14 @@ from ..ingress import ARRIVED
 from ..parsing import ClassifyRequest, parse_classify
 from ..planner import Plan
 from ..scheduler import Result
-from ..schemas import DIGIT_PNG_B64, ClassifyJSON, ClassifyResponse, ErrorResponse, multipart_schema
+from ..schemas import (
+    DIGIT_PNG_B64,
+    ClassifyJSON,
+    ClassifyOptions,
+    ClassifyResponse,
+    ErrorResponse,
+    multipart_schema,
+)
 from .deps import engine_of
 
 router = APIRouter()
@@ -99,22 +108,36 @@ async def admit(
 ) -> tuple[Plan, asyncio.Future]:
     """Plan a parsed request, decode its images (unless it brought a preprocessed tensor) and
     queue it for the model: the plan, and the future of its Result. Every route that classifies
-    goes through here, so /classify and the V2 protocol share one queue, one planner and one
-    set of metrics.
+    goes through here (and an API worker's requests through ``plan_request`` and ``submit``),
+    so /classify, the V2 protocol and every worker share one queue, one planner and one set of
+    metrics.
 
     Raises:
         Refusal: what the planner refused (422, or 503 when shed) or a bad image (400/413).
     """
-    _count_arrival(engine, req, arrived)
+    plan = plan_request(engine, req.options, req.n, req.payload_bytes, arrived)
+    x = req.tensor if req.tensor is not None else await _decode(engine, req)
+    return plan, submit(engine, plan, x)
+
+
+def plan_request(
+    engine: Engine, options: ClassifyOptions, n: int, payload_bytes: int, arrived: float
+) -> Plan:
+    """Count the arrival and plan it; raises the planner's Refusal (a 503 counted as shed)."""
+    _count_arrival(engine, n, options, arrived)
     plan = engine.planner.plan(
-        req.options, req.n, time.monotonic(), arrived=arrived, payload_bytes=req.payload_bytes
+        options, n, time.monotonic(), arrived=arrived, payload_bytes=payload_bytes
     )
     if isinstance(plan, Refusal):
         if plan.status == 503:
             engine.metrics.shed.inc()
         raise plan
-    x = req.tensor if req.tensor is not None else await _decode(engine, req)
-    return plan, engine.scheduler.submit(x, plan.stitch, plan.deadline, time.monotonic())
+    return plan
+
+
+def submit(engine: Engine, plan: Plan, x: torch.Tensor) -> asyncio.Future:
+    """Queue a planned request's images for the model: the future of its Result."""
+    return engine.scheduler.submit(x, plan.stitch, plan.deadline, time.monotonic())
 
 
 def probabilities(result: Result) -> np.ndarray:
@@ -137,11 +160,11 @@ def authorise(request: Request, engine: Engine) -> None:
         raise Refusal(401, "missing or wrong X-API-Key header")
 
 
-def _count_arrival(engine: Engine, req: ClassifyRequest, arrived: float) -> None:
-    engine.metrics.images.inc(req.n)
-    engine.controller.observe_arrival(req.n, arrived)
-    if req.options.latency_budget_ms is not None:
-        engine.metrics.request_budget_seconds.observe(req.options.latency_budget_ms / 1e3)
+def _count_arrival(engine: Engine, n: int, options: ClassifyOptions, arrived: float) -> None:
+    engine.metrics.images.inc(n)
+    engine.controller.observe_arrival(n, arrived)
+    if options.latency_budget_ms is not None:
+        engine.metrics.request_budget_seconds.observe(options.latency_budget_ms / 1e3)
 
 
 async def _decode(engine: Engine, req: ClassifyRequest) -> torch.Tensor:
@@ -172,8 +195,26 @@ def _encode(
 ) -> JSONResponse:
     """The answer, rendered here: returning a Response skips FastAPI's re-validation of it
     against ``ClassifyResponse`` (which documents it), after the clock has stopped."""
-    labels, k = engine.manifest.labels, req.options.top_k
     probs = probabilities(result)
+    total_ms = (time.monotonic() - arrived) * 1e3
+    met = engine.record_answer(plan, result, req.n, req.payload_bytes, total_ms)
+    row = engine.menu.rows[plan.stitch]
+    return JSONResponse(
+        answer(engine.manifest.labels, row, req.options.top_k, probs, plan, result, total_ms, met)
+    )
+
+
+def answer(
+    labels: list[str],
+    row: StitchRow,
+    k: int,
+    probs: np.ndarray,
+    plan: Plan,
+    result: Result,
+    total_ms: float,
+    met: bool,
+) -> dict:
+    """The /classify answer's body (``ClassifyResponse``)."""
     top = top_k(probs, k)
     predictions = [
         [
@@ -182,10 +223,7 @@ def _encode(
         ]
         for p, cs in zip(probs, top, strict=True)
     ]
-    total_ms = (time.monotonic() - arrived) * 1e3
-    met = engine.record_answer(plan, result, req.n, req.payload_bytes, total_ms)
-    row = engine.menu.rows[plan.stitch]
-    content = {
+    return {
         "predictions": predictions,
         "stitch": {
             "id": row.id,
@@ -202,4 +240,3 @@ def _encode(
         "latency_budget_ms": plan.budget_ms,
         "budget_met": met,
     }
-    return JSONResponse(content)

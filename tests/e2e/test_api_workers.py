@@ -1,0 +1,174 @@
+"""SNNET_API_WORKERS=3: three HTTP processes on one port, one model owner (server/fronts.py).
+
+Real processes, real sockets: a connection lands on whichever process the kernel picks
+(SO_REUSEPORT), so the tests open connections until they hold one to each process (a front
+answers with its pid in X-SNNet-Worker; the owner without it).
+"""
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests._servers import SnnetServer
+
+WORKER = "x-snnet-worker"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    env = {
+        "SNNET_API_WORKERS": "3",
+        "SNNET_GRPC_PORT": "0",
+        "SNNET_PROFILE_CACHE": str(tmp_path_factory.mktemp("cache") / "profiles.json"),
+    }
+    with SnnetServer(env) as srv:
+        srv.wait_for("ready in")
+        yield srv
+
+
+def post(client, pngs, **fields):
+    files = [("image", (f"{i}.png", b, "image/png")) for i, b in enumerate(pngs)]
+    return client.post("/classify", files=files, data={k: str(v) for k, v in fields.items()})
+
+
+def connections(url, png, want: int, tries: int = 300) -> dict[str, httpx.Client]:
+    """Keep-alive clients, one per process that answered them (pid, or "owner"), until there
+    are ``want`` of them: each keeps its one connection, so its requests stay with that
+    process."""
+    found: dict[str, httpx.Client] = {}
+    for _ in range(tries):
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        client = httpx.Client(base_url=url, limits=limits, timeout=60)
+        r = post(client, [png], latency_budget_ms=60_000)
+        if r.status_code == 503:  # a front still starting up: its owner connection not yet up
+            client.close()
+            time.sleep(0.1)
+            continue
+        assert r.status_code == 200, r.text
+        who = r.headers.get(WORKER, "owner")
+        if who in found:
+            client.close()
+        else:
+            found[who] = client
+        if len(found) == want:
+            return found
+    raise AssertionError(f"only reached {sorted(found)} in {tries} connections")
+
+
+def metric(client, name: str) -> float:
+    text = client.get("/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_every_worker_answers_with_the_owners_planner_queue_and_metrics(server, held_out):
+    pngs, labels, _ = held_out
+    clients = connections(server.url, pngs[0], want=3)
+    owner = clients["owner"]
+    fronts = [c for who, c in clients.items() if who != "owner"]
+    assert len({who for who in clients if who != "owner"}) == 2
+    before = metric(owner, "snnet_arrivals_total")
+    answers = {}
+    for who, c in clients.items():
+        r = post(c, pngs, latency_budget_ms=60_000, stitch_id=2, top_k=1)
+        assert r.status_code == 200, r.text
+        answers[who] = r.json()
+        assert r.json()["stitch"]["id"] == 2
+    # The same model answers the same images the same way, whichever process read them.
+    tops = {who: [p[0]["class_index"] for p in a["predictions"]] for who, a in answers.items()}
+    assert len({tuple(t) for t in tops.values()}) == 1
+    assert sum(a == b for a, b in zip(tops["owner"], labels, strict=True)) >= 14
+    # Planned, queued and counted by the owner: its metrics saw all three requests.
+    assert metric(owner, "snnet_arrivals_total") == before + 3
+    # A front's refusal is the owner planner's: a budget no stitch meets is a 422 that says the
+    # least budget, and that budget is admitted through the front.
+    r = post(fronts[0], pngs[:1], latency_budget_ms=0.01)
+    assert r.status_code == 422 and "allowed: latency_budget_ms >=" in r.json()["detail"]
+    least = float(r.json()["detail"].rsplit(">=", 1)[1])
+    for _ in range(5):  # 503 if the moment is busy: that is load, retried
+        r = post(fronts[0], pngs[:1], latency_budget_ms=max(least, 1.0) * 1.5)
+        if r.status_code == 200:
+            break
+    assert r.status_code == 200, r.text
+    # Every other route reaches the owner through a front.
+    for c in fronts:
+        assert c.get("/readyz").json()["ready"] is True
+        assert len(c.get("/stitches").json()["stitches"]) == 35
+    for c in clients.values():
+        c.close()
+
+
+def test_a_front_that_dies_loses_no_request_of_the_other_workers_and_is_replaced(server, held_out):
+    pngs = held_out[0]
+    clients = connections(server.url, pngs[0], want=3)
+    victim, survivor = [who for who in clients if who != "owner"]
+    statuses: dict[str, list[int]] = {"owner": [], survivor: [], victim: []}
+    killed = threading.Event()
+
+    def send(who: str) -> None:  # until the victim is dead, then 20 more
+        more = 20
+        while more:
+            r = post(clients[who], pngs[:4], latency_budget_ms=60_000)
+            statuses[who].append(r.status_code)
+            more -= killed.is_set()
+
+    def send_to_victim() -> None:  # its own requests are lost when it dies
+        try:
+            while True:
+                statuses[victim].append(post(clients[victim], pngs, latency_budget_ms=60_000))
+        except httpx.TransportError:
+            pass
+
+    threads = [threading.Thread(target=send, args=(who,)) for who in ("owner", survivor)]
+    threads.append(threading.Thread(target=send_to_victim))
+    for t in threads:
+        t.start()
+    while len(statuses[victim]) < 5 or len(statuses[survivor]) < 5 or len(statuses["owner"]) < 5:
+        time.sleep(0.01)  # all three busy
+    os.kill(int(victim), signal.SIGKILL)
+    killed.set()
+    for t in threads:
+        t.join(120)
+    assert set(statuses["owner"]) == {200} and set(statuses[survivor]) == {200}
+    server.wait_for("starting another", timeout=30)
+    # The owner started a new front; requests keep being answered on every connection.
+    again = connections(server.url, pngs[0], want=3)
+    assert victim not in again and survivor in again
+    for c in list(clients.values()) + list(again.values()):
+        c.close()
+
+
+def test_a_front_gone_between_plan_and_images_leaves_nothing_behind(server, held_out):
+    """This test is a front: it asks the owner for a plan over the real channel, then goes
+    away before sending the images. The plan counted in the owner's HTTP backlog until then;
+    after, nothing may stay counted (a phantom would make every later request look like one
+    arriving at a busy server, planned with the busy figures)."""
+    import asyncio
+
+    from server.fronts import OwnerClient
+    from server.schemas import ClassifyOptions
+
+    channel = next(line for line in server.log if "their channel" in line).split()[-1]
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+
+        def backlog_becomes(value: float) -> None:
+            deadline = time.monotonic() + 10
+            while metric(c, "snnet_http_backlog") != value:  # set every 0.25 s
+                assert time.monotonic() < deadline, f"snnet_http_backlog never became {value}"
+                time.sleep(0.05)
+
+        async def plan_then_vanish() -> None:
+            front = OwnerClient(channel)
+            await front.connect()
+            options = ClassifyOptions(latency_budget_ms=60_000)
+            _, plan = await front.plan(options, 1, len(held_out[0][0]), time.monotonic())
+            assert plan.stitch in range(35)
+            await asyncio.to_thread(backlog_becomes, 1)
+            front.close()  # gone, as a killed process's socket is
+
+        backlog_becomes(0)
+        asyncio.run(plan_then_vanish())
+        backlog_becomes(0)
