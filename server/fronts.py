@@ -14,11 +14,13 @@ processes (``SO_REUSEPORT``: the kernel spreads connections over them):
 
 Between a front and the owner: one Unix-socket connection per front, frames of a 4-byte length
 and a pickle (both ends are this package, on one machine, under one user). Messages from a
-front: ``("plan", rid, options, n, payload_bytes, arrived)``, ``("run", rid, shape, bytes)``,
-and ``("done", rid, status, ms)`` (answered, or refused; rid -1 before a plan); the owner
-answers the first two with ``("plan", rid, plan)`` / ``("result", rid, result)`` or
-``("refused", rid, status, detail, headers)``. ``arrived`` is ``time.monotonic()`` in the front:
-on Linux the monotonic clock is one for every process. A front that dies loses only its own
+front: ``("plan", rid, options, n, payload_bytes, arrived)`` then ``("run", rid, shape, bytes)``
+for large images (decoded only once admitted), or ``("admit", rid, options, n, payload_bytes,
+arrived, shape, bytes)`` for small ones (decoded first: one round trip instead of two), and
+``("done", rid, status, ms)`` (answered, or refused; rid -1 before a plan). The owner answers
+with ``("plan", rid, plan)``, ``("result", rid, result)`` (``(plan, result)`` for an admit) or
+``("refused", rid, status, detail, retry_after_s)``. ``arrived`` is ``time.monotonic()`` in the
+front: on Linux the monotonic clock is one for every process. A front that dies loses only its own
 requests: the owner forgets its plans when its connection closes, and restarts it.
 """
 
@@ -107,8 +109,12 @@ class OwnerChannel:
                 kind, rid = msg[0], msg[1]
                 if kind == "plan":
                     self._plan(writer, plans, *msg[1:])
-                elif kind == "run":
-                    task = asyncio.create_task(self._run(writer, plans, *msg[1:]))
+                elif kind in ("run", "admit"):
+                    if kind == "admit" and not self._plan(writer, plans, *msg[1:6], reply=False):
+                        continue
+                    task = asyncio.create_task(
+                        self._run(writer, plans, rid, *msg[-2:], with_plan=kind == "admit")
+                    )
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 elif kind == "done":
@@ -125,13 +131,14 @@ class OwnerChannel:
         if not writer.is_closing():
             writer.write(_frame(msg))
 
-    def _plan(self, writer, plans, rid, options, n, payload_bytes, arrived) -> None:
+    def _plan(self, writer, plans, rid, options, n, payload_bytes, arrived, reply=True) -> bool:
+        """Plan a front's request; whether it was admitted (else its refusal is sent)."""
         from .routes.classify import plan_request
 
         engine = self.life.engine
         if engine is None:
             self._send(writer, ("refused", rid, 503, f"model not ready: {self.life.detail}", 5))
-            return
+            return False
         engine.metrics.arrivals.inc()
         remote = _Remote(engine.ingress, n, payload_bytes)  # in the HTTP backlog until queued
         try:
@@ -139,11 +146,13 @@ class OwnerChannel:
         except Refusal as r:
             remote.release()
             self._send(writer, ("refused", rid, r.status, r.detail, r.retry_after_s))
-            return
+            return False
         plans[rid] = remote
-        self._send(writer, ("plan", rid, remote.plan))
+        if reply:
+            self._send(writer, ("plan", rid, remote.plan))
+        return True
 
-    async def _run(self, writer, plans, rid, shape, data) -> None:
+    async def _run(self, writer, plans, rid, shape, data, with_plan=False) -> None:
         from .routes.classify import submit
 
         remote, engine = plans.get(rid), self.life.engine
@@ -164,7 +173,8 @@ class OwnerChannel:
             plans.pop(rid, None)
             self._send(writer, ("refused", rid, 500, str(e), None))
             return
-        self._send(writer, ("result", rid, remote.result))
+        answer = (remote.plan, remote.result) if with_plan else remote.result
+        self._send(writer, ("result", rid, answer))
 
     def _done(self, remote: _Remote | None, status: int, total_ms: float) -> None:
         """A front answered a request (``remote``: None if it never got as far as a plan):
@@ -294,8 +304,7 @@ class OwnerClient:
                 fut.set_result(("refused", -1, 503, "the model owner process is gone", 1))
         os.kill(os.getpid(), signal.SIGTERM)
 
-    async def _call(self, kind: str, *args):
-        rid = next(self._ids)
+    async def _ask(self, rid: int, kind: str, *args):
         fut = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
         self._writer.write(_frame((kind, rid, *args)))
@@ -303,21 +312,25 @@ class OwnerClient:
         if msg[0] == "refused":
             _, _, status, detail, retry = msg
             raise Refusal(status, detail, retry)
-        return rid, msg[2]
+        return msg[2]
 
     async def plan(self, options, n: int, payload_bytes: int, arrived: float):
-        return await self._call("plan", options, n, payload_bytes, arrived)
+        """(request id, Plan) from the owner's planner; raises its Refusal."""
+        rid = next(self._ids)
+        return rid, await self._ask(rid, "plan", options, n, payload_bytes, arrived)
 
     async def run(self, rid: int, x: torch.Tensor):
-        x = x.detach().to(torch.float32).contiguous()
-        fut = asyncio.get_running_loop().create_future()
-        self._waiting[rid] = fut
-        self._writer.write(_frame(("run", rid, tuple(x.shape), x.numpy().tobytes())))
-        msg = await fut
-        if msg[0] == "refused":
-            _, _, status, detail, retry = msg
-            raise Refusal(status, detail, retry)
-        return msg[2]
+        """The planned request's Result from the owner's queue; raises its Refusal."""
+        return await self._ask(rid, "run", *_tensor(x))
+
+    async def admit(self, options, payload_bytes: int, arrived: float, x: torch.Tensor):
+        """Plan and run in one round trip, for images already decoded: (request id, Plan,
+        Result); raises the Refusal of either."""
+        rid = next(self._ids)
+        plan, result = await self._ask(
+            rid, "admit", options, x.shape[0], payload_bytes, arrived, *_tensor(x)
+        )
+        return rid, plan, result
 
     def close(self) -> None:
         """Leave the owner (it forgets this front's plans)."""
@@ -332,6 +345,11 @@ class OwnerClient:
             self._writer.write(_frame((kind, rid, *args)))
 
 
+def _tensor(x: torch.Tensor) -> tuple[tuple[int, ...], bytes]:
+    x = x.detach().to(torch.float32).contiguous()
+    return tuple(x.shape), x.numpy().tobytes()
+
+
 def create_front_app(channel: str, http: str):
     """A front's FastAPI app: ``POST /classify`` here, every other route at the owner."""
     import httpx
@@ -341,7 +359,7 @@ def create_front_app(channel: str, http: str):
     from .config import get_settings
     from .imaging import ImageError, decode_image, make_transform
     from .parsing import parse_classify
-    from .routes.classify import answer, probabilities
+    from .routes.classify import INLINE_DECODE_BYTES, answer, probabilities
 
     settings = get_settings()
     manifest = read_manifest(settings.weights)
@@ -361,6 +379,19 @@ def create_front_app(channel: str, http: str):
 
     app = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
 
+    def decode(images: list[tuple[str, bytes]]) -> torch.Tensor:
+        lim = settings
+        try:
+            decoded = [
+                decode_image(
+                    d, max_bytes=lim.max_image_bytes, max_pixels=lim.max_image_pixels, name=name
+                )  # fmt: skip
+                for name, d in images
+            ]
+        except ImageError as e:
+            raise Refusal(e.status, e.detail) from None
+        return transform.batch(decoded)
+
     def error(status: int, detail: str, retry=None) -> JSONResponse:
         headers = {"Retry-After": str(retry)} if retry else {}
         return JSONResponse({"detail": detail}, status, headers={**headers, WORKER_HEADER: pid})
@@ -375,25 +406,17 @@ def create_front_app(channel: str, http: str):
             if key is not None and not hmac.compare_digest(given, key.encode()):
                 raise Refusal(401, "missing or wrong X-API-Key header")
             req = await parse_classify(request, settings, len(manifest.labels))
-            rid, plan = await owner.plan(req.options, req.n, req.payload_bytes, arrived)
-            if req.tensor is not None:
+            if req.tensor is None and req.payload_bytes <= INLINE_DECODE_BYTES:
+                # Small images: decoding them here costs less than a second round trip to the
+                # owner; the plan counts the time as spent (a refused one decoded for nothing).
+                x = decode(req.images)
+                rid, plan, result = await owner.admit(req.options, req.payload_bytes, arrived, x)
+            else:  # large ones only once the plan admits them, off the event loop
+                rid, plan = await owner.plan(req.options, req.n, req.payload_bytes, arrived)
                 x = req.tensor
-            else:
-                s = settings
-                try:
-                    imgs = [
-                        decode_image(
-                            data,
-                            max_bytes=s.max_image_bytes,
-                            max_pixels=s.max_image_pixels,
-                            name=name,
-                        )  # fmt: skip
-                        for name, data in req.images
-                    ]
-                except ImageError as e:
-                    raise Refusal(e.status, e.detail) from None
-                x = transform.batch(imgs)
-            result = await owner.run(rid, x)
+                if x is None:
+                    x = await asyncio.to_thread(decode, req.images)
+                result = await owner.run(rid, x)
         except Refusal as r:
             owner.tell("done", rid, r.status, (time.monotonic() - arrived) * 1e3)
             return error(r.status, r.detail, r.retry_after_s)

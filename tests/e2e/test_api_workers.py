@@ -5,13 +5,16 @@ Real processes, real sockets: a connection lands on whichever process the kernel
 answers with its pid in X-SNNet-Worker; the owner without it).
 """
 
+import io
 import os
 import signal
 import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests._servers import SnnetServer
 
@@ -93,6 +96,13 @@ def test_every_worker_answers_with_the_owners_planner_queue_and_metrics(server, 
         if r.status_code == 200:
             break
     assert r.status_code == 200, r.text
+    # A photo over 64 KB: decoded in a worker thread of the front, only once admitted.
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(buf, "JPEG")
+    assert len(buf.getvalue()) > 64 * 1024
+    r = post(fronts[1], [buf.getvalue()], latency_budget_ms=60_000)
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 1, r.text
     # Every other route reaches the owner through a front.
     for c in fronts:
         assert c.get("/readyz").json()["ready"] is True
