@@ -119,6 +119,7 @@ class Client:
             "POST", "/classify", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
         )
         r = self.conn.getresponse()
+        self.worker = r.getheader("x-snnet-worker")  # a front's pid (SNNET_API_WORKERS > 1)
         return r.status, json.loads(r.read())
 
     def get(self, path: str) -> dict:

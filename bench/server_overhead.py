@@ -9,6 +9,8 @@ multipart, in alternating rounds. Prints medians of: our round trip, the server-
 (which includes the hop to the model process), our overhead (round trip - compute, per request:
 HTTP, parsing, decoding, planning, queueing, answering), the bare app's round trip, and their
 ratio (target: <= 1.5). Ends with one JSON line: ``{"overhead_ms", "bare_ms", "ratio", ...}``.
+With ``SNNET_API_WORKERS`` > 1 in the environment, its client uses a connection a front process
+serves (the path through the fronts' hops to the model owner).
 """
 
 from __future__ import annotations
@@ -45,6 +47,17 @@ def main() -> None:
     per_round = max(1, args.requests // args.rounds)
     try:
         client, peer = Client(url), Client(bare_url)
+        served_by = "the server process"
+        if int(os.environ.get("SNNET_API_WORKERS", "1")) > 1:
+            # One keep-alive connection stays with one process: take one that a front serves,
+            # the path that adds the hops to the model owner.
+            for _ in range(100):
+                client.classify(pngs[0], stitch_id=args.stitch)
+                if client.worker:
+                    break
+                client.close()
+                client = Client(url)
+            served_by = f"a front process (pid {client.worker})" if client.worker else "the owner"
         for r in range(args.rounds + 1):  # round 0 warms both up and is not counted
             for i in range(per_round):
                 t0 = time.perf_counter()
@@ -76,7 +89,8 @@ def main() -> None:
     print(
         f"# stitch {args.stitch}, batch 1, {len(rtt)} sequential requests per server in "
         f"{args.rounds} alternating rounds, keep-alive http.client, one 28x28 PNG as multipart; "
-        f"server SNNET_THREADS={os.environ.get('SNNET_THREADS', 'default')}"
+        f"server SNNET_THREADS={os.environ.get('SNNET_THREADS', 'default')}, "
+        f"SNNET_API_WORKERS={os.environ.get('SNNET_API_WORKERS', 'default')}: served by {served_by}"
     )
     print(f"snnet serve round trip        median {med(rtt):7.3f} ms")
     print(f"  server compute (with hop)   median {med(compute):7.3f} ms")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import itertools
 import logging
@@ -173,8 +174,9 @@ class OwnerChannel:
             plans.pop(rid, None)
             self._send(writer, ("refused", rid, 500, str(e), None))
             return
-        answer = (remote.plan, remote.result) if with_plan else remote.result
-        self._send(writer, ("result", rid, answer))
+        # Logits as a NumPy array: pickling a torch tensor and back took 145 us here, 10 us.
+        wire = dataclasses.replace(remote.result, logits=remote.result.logits.numpy())
+        self._send(writer, ("result", rid, (remote.plan, wire) if with_plan else wire))
 
     def _done(self, remote: _Remote | None, status: int, total_ms: float) -> None:
         """A front answered a request (``remote``: None if it never got as far as a plan):
@@ -321,7 +323,7 @@ class OwnerClient:
 
     async def run(self, rid: int, x: torch.Tensor):
         """The planned request's Result from the owner's queue; raises its Refusal."""
-        return await self._ask(rid, "run", *_tensor(x))
+        return _result(await self._ask(rid, "run", *_tensor(x)))
 
     async def admit(self, options, payload_bytes: int, arrived: float, x: torch.Tensor):
         """Plan and run in one round trip, for images already decoded: (request id, Plan,
@@ -330,7 +332,7 @@ class OwnerClient:
         plan, result = await self._ask(
             rid, "admit", options, x.shape[0], payload_bytes, arrived, *_tensor(x)
         )
-        return rid, plan, result
+        return rid, plan, _result(result)
 
     def close(self) -> None:
         """Leave the owner (it forgets this front's plans)."""
@@ -343,6 +345,10 @@ class OwnerClient:
         """A message with no answer."""
         if not self._writer.is_closing():
             self._writer.write(_frame((kind, rid, *args)))
+
+
+def _result(wire):
+    return dataclasses.replace(wire, logits=torch.from_numpy(wire.logits))
 
 
 def _tensor(x: torch.Tensor) -> tuple[tuple[int, ...], bytes]:
