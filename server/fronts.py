@@ -439,7 +439,9 @@ def create_front_app(channel: str, http: str):
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS"])
     async def to_owner(request: Request, path: str):
         body = await request.body()
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() != "host"]
+        headers = [
+            (k, v) for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS | {"host"}
+        ]
         r = await proxy.request(
             request.method, request.url.path, params=request.url.query or None,
             headers=headers, content=body,

@@ -5,6 +5,7 @@ Real processes, real sockets: a connection lands on whichever process the kernel
 answers with its pid in X-SNNet-Worker; the owner without it).
 """
 
+import base64
 import io
 import os
 import signal
@@ -103,10 +104,14 @@ def test_every_worker_answers_with_the_owners_planner_queue_and_metrics(server, 
     assert len(buf.getvalue()) > 64 * 1024
     r = post(fronts[1], [buf.getvalue()], latency_budget_ms=60_000)
     assert r.status_code == 200 and len(r.json()["predictions"]) == 1, r.text
-    # Every other route reaches the owner through a front.
+    # Every other route reaches the owner through a front, POSTs with their bodies too.
     for c in fronts:
         assert c.get("/readyz").json()["ready"] is True
         assert len(c.get("/stitches").json()["stitches"]) == 35
+        image = {"name": "image", "shape": [1], "datatype": "BYTES",
+                 "data": [base64.b64encode(pngs[0]).decode()]}  # fmt: skip
+        r = c.post("/v2/models/weights/infer", json={"inputs": [image]})
+        assert r.status_code == 200 and r.json()["outputs"][0]["name"] == "probabilities"
     for c in clients.values():
         c.close()
 
