@@ -84,6 +84,7 @@ def api_workers(settings, device) -> int:
 def _owner_of_fronts(settings, workers: int):
     """The owner's app and how to run it: its HTTP on the shared port and on a private Unix
     socket (the fronts pass it every route but /classify), the fronts' channel, the fronts."""
+    import shutil
     import socket
     import tempfile
 
@@ -108,7 +109,14 @@ def _owner_of_fronts(settings, workers: int):
         "%d API workers on port %d: this process (the model owner) and %d fronts; their "
         "channel %s", workers, tcp.getsockname()[1], workers - 1, channel_path,
     )  # fmt: skip
-    return app, lambda: uvicorn.Server(config).run(sockets=[tcp, uds])
+
+    def run() -> None:
+        try:
+            uvicorn.Server(config).run(sockets=[tcp, uds])
+        finally:
+            shutil.rmtree(private, ignore_errors=True)  # the two Unix sockets
+
+    return app, run
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ import torch
 
 import snnet_core
 from snnet_core import (
+    ImageTransform,
     LatencyProfile,
     Manifest,
     SNNet,
@@ -64,7 +65,7 @@ class Engine:
     menu: StitchMenu
     device: torch.device
     dtype: torch.dtype
-    transform: Callable  # PIL image -> (C, H, W) float32, as the manifest says; .batch(images)
+    transform: ImageTransform  # PIL image(s) -> float32 tensors, as the manifest says
     profile: LatencyProfile  # every stitch at every batch size, measured or estimated
     profile_source: str  # "manifest", "cache <path>" or "measured ...", and the calibration
     estimated: frozenset[int]  # stitches whose profiled times are estimated from GFLOPs

@@ -18,7 +18,7 @@ from .checkpoint import (
     verify,
     write_manifest,
 )
-from .data import image_transform
+from .data import ImageTransform, image_transform
 from .device import DTYPES, resolve_device, resolve_dtype
 from .families import FAMILIES, FamilyAdapter, ResNetFamily, SwinFamily, ViTFamily, adapter_for
 from .menu import StitchMenu, StitchRow, UnknownStitch
@@ -68,6 +68,7 @@ __all__ = [
     "build_snnet",
     "convert_reference",
     "enumerate_stitches",
+    "ImageTransform",
     "image_transform",
     "least_squares_affine",
     "measure_latency",

@@ -62,73 +62,89 @@ class DigitsDataset(torch.utils.data.Dataset):
         return x, self.labels[i]
 
 
-def image_transform(data_config: dict, training: bool = False, normalize: bool = True):
-    """PIL image -> (C, H, W) float tensor, as a checkpoint's preprocessing says.
+class ImageTransform:
+    """PIL image -> (C, H, W) float tensor, as a checkpoint's preprocessing says; ``batch``
+    takes several images to (n, C, H, W).
 
     Converts to grey or RGB to match the channel count, then timm's own transform for the data
     config (training: random resized crop and flips; evaluation: resize the shorter side to
     ``size / crop_pct`` and centre crop), scaling to [0, 1] and, if ``normalize``, normalising with
     the config's mean and std. Training, ``snnet eval`` and the server all preprocess through it.
     """
-    from timm.data import create_transform
 
-    c, h, w = data_config["input_size"]
-    mean, std = (
-        (tuple(data_config["mean"]), tuple(data_config["std"]))
-        if normalize
-        else ((0.0,) * c, (1.0,) * c)
-    )
-    tf = create_transform(
-        input_size=(3, h, w),
-        is_training=training,
-        interpolation=data_config.get("interpolation", "bicubic"),
-        crop_pct=data_config.get("crop_pct", 0.875),
-        crop_mode=data_config.get("crop_mode", "center"),
-        mean=mean,
-        std=std,
-    )
-    mode = "L" if c == 1 else "RGB"
-    fast = None if training else _to_normalised_array(tf)
+    def __init__(self, data_config: dict, training: bool = False, normalize: bool = True) -> None:
+        from timm.data import create_transform
 
-    def transform(img):
-        img = img.convert(mode)
-        return fast(img) if fast is not None else tf(img).contiguous()
+        c, h, w = data_config["input_size"]
+        mean, std = (
+            (tuple(data_config["mean"]), tuple(data_config["std"]))
+            if normalize
+            else ((0.0,) * c, (1.0,) * c)
+        )
+        self.timm = create_transform(
+            input_size=(3, h, w),
+            is_training=training,
+            interpolation=data_config.get("interpolation", "bicubic"),
+            crop_pct=data_config.get("crop_pct", 0.875),
+            crop_mode=data_config.get("crop_mode", "center"),
+            mean=mean,
+            std=std,
+        )
+        self.mode = "L" if c == 1 else "RGB"
+        self.fast = None if training else _FastEval.of(self.timm)
 
-    def batch(imgs) -> torch.Tensor:
+    def __call__(self, img) -> torch.Tensor:
+        img = img.convert(self.mode)
+        return self.fast(img) if self.fast is not None else self.timm(img).contiguous()
+
+    def batch(self, imgs) -> torch.Tensor:
         """Several PIL images -> (n, C, H, W): each image's PIL steps, then one numpy pass for
-        the whole batch (bit for bit what ``transform`` gives each image)."""
-        imgs = [img.convert(mode) for img in imgs]
-        if fast is None:
-            return torch.stack([tf(img).contiguous() for img in imgs])
-        return fast.batch(imgs)
-
-    transform.batch = batch
-    return transform
+        the whole batch (bit for bit what calling this on each image gives)."""
+        imgs = [img.convert(self.mode) for img in imgs]
+        if self.fast is None:
+            return torch.stack([self.timm(img).contiguous() for img in imgs])
+        return self.fast.batch(imgs)
 
 
-def _to_normalised_array(tf):
+def image_transform(
+    data_config: dict, training: bool = False, normalize: bool = True
+) -> ImageTransform:
+    """The preprocessing of ``data_config`` (``ImageTransform``)."""
+    return ImageTransform(data_config, training, normalize)
+
+
+class _FastEval:
     """The evaluation transform with its last two steps (to tensor, normalise) done in one numpy
     pass: the same float32 arithmetic (``x / 255``, then ``(x - mean) / std``), without the
     half-dozen small torch ops that cost more than the resize and crop on a small image (on a
-    28x28 digit, 0.09 of the server's 0.21 ms of decoding). None if the transform is not
-    ``[PIL steps..., ToTensor, Normalize]``: then it runs as it is.
+    28x28 digit, 0.09 of the server's 0.21 ms of decoding).
 
     A resize to the size an image already has and a centre crop to its whole size are skipped:
     Pillow returns a copy of the image for both (a 28x28 digit served at 28x28 spent 14 us of
-    its 55 us in them). ``run.batch`` preprocesses a list of images with one numpy pass."""
-    from timm.data.transforms import MaybeToTensor
-    from torchvision.transforms import CenterCrop, Normalize, Resize, ToTensor
+    its 55 us in them). ``batch`` preprocesses a list of images with one numpy pass."""
 
-    steps = list(getattr(tf, "transforms", []))
-    if len(steps) < 2 or not isinstance(steps[-2], (ToTensor, MaybeToTensor)):
-        return None
-    if not isinstance(steps[-1], Normalize) or steps[-1].inplace:
-        return None
-    pil_steps = steps[:-2]
-    mean = np.asarray(steps[-1].mean, np.float32)[:, None, None]
-    std = np.asarray(steps[-1].std, np.float32)[:, None, None]
+    def __init__(self, pil_steps: list, mean: np.ndarray, std: np.ndarray) -> None:
+        self.pil_steps, self.mean, self.std = pil_steps, mean, std
 
-    def is_identity(step, img) -> bool:
+    @classmethod
+    def of(cls, tf) -> _FastEval | None:
+        """None if ``tf`` is not ``[PIL steps..., ToTensor, Normalize]``: then it runs as it is."""
+        from timm.data.transforms import MaybeToTensor
+        from torchvision.transforms import Normalize, ToTensor
+
+        steps = list(getattr(tf, "transforms", []))
+        if len(steps) < 2 or not isinstance(steps[-2], (ToTensor, MaybeToTensor)):
+            return None
+        if not isinstance(steps[-1], Normalize) or steps[-1].inplace:
+            return None
+        mean = np.asarray(steps[-1].mean, np.float32)[:, None, None]
+        std = np.asarray(steps[-1].std, np.float32)[:, None, None]
+        return cls(steps[:-2], mean, std)
+
+    @staticmethod
+    def _is_identity(step, img) -> bool:
+        from torchvision.transforms import CenterCrop, Resize
+
         w, h = img.size
         if isinstance(step, CenterCrop):
             return tuple(step.size) == (h, w)
@@ -141,31 +157,28 @@ def _to_normalised_array(tf):
             return size == (h, w)
         return False
 
-    def pil(img):
-        for step in pil_steps:
-            if not is_identity(step, img):
+    def _pil(self, img) -> np.ndarray:
+        for step in self.pil_steps:
+            if not self._is_identity(step, img):
                 img = step(img)
         return np.asarray(img)  # uint8, (H, W) or (H, W, C)
 
-    def normalised(a: np.ndarray) -> torch.Tensor:
+    def _normalised(self, a: np.ndarray) -> torch.Tensor:
         """uint8 (..., C, H, W) -> float32, scaled and normalised in place."""
         x = np.empty(a.shape, np.float32)
         x[...] = a  # to float32 (and channels first: ``a`` is a transposed view) in one pass
         x /= np.float32(255)
-        x -= mean
-        x /= std
+        x -= self.mean
+        x /= self.std
         return torch.from_numpy(x)
 
-    def run(img):
-        a = pil(img)
-        return normalised(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    def __call__(self, img) -> torch.Tensor:
+        a = self._pil(img)
+        return self._normalised(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
 
-    def batch(imgs) -> torch.Tensor:
-        a = np.stack([pil(img) for img in imgs])
-        return normalised(a[:, None] if a.ndim == 3 else a.transpose(0, 3, 1, 2))
-
-    run.batch = batch
-    return run
+    def batch(self, imgs) -> torch.Tensor:
+        a = np.stack([self._pil(img) for img in imgs])
+        return self._normalised(a[:, None] if a.ndim == 3 else a.transpose(0, 3, 1, 2))
 
 
 def image_folder(root: str, data_config: dict, training: bool) -> torch.utils.data.Dataset:
