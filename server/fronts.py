@@ -66,14 +66,14 @@ def _frame(msg) -> bytes:
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket on host:port that other processes may bind too (``SO_REUSEPORT``)."""
+    """A TCP socket bound to host:port that other processes may bind too (``SO_REUSEPORT``).
+    Not listening yet: uvicorn listens once the app has started, and only then does the kernel
+    give this process connections (a front still importing torch would hold them for seconds)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
     return sock
 
 
