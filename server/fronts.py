@@ -17,11 +17,12 @@ and a pickle (both ends are this package, on one machine, under one user). Messa
 front: ``("plan", rid, options, n, payload_bytes, arrived)`` then ``("run", rid, shape, bytes)``
 for large images (decoded only once admitted), or ``("admit", rid, options, n, payload_bytes,
 arrived, shape, bytes)`` for small ones (decoded first: one round trip instead of two), and
-``("done", rid, status, ms)`` (answered, or refused; rid -1 before a plan). The owner answers
-with ``("plan", rid, plan)``, ``("result", rid, result)`` (``(plan, result)`` for an admit) or
-``("refused", rid, status, detail, retry_after_s)``. ``arrived`` is ``time.monotonic()`` in the
-front: on Linux the monotonic clock is one for every process. A front that dies loses only its own
-requests: the owner forgets its plans when its connection closes, and restarts it.
+``("done", rid, status, ms, asked)`` (answered, or refused; rid -1 and not asked when refused
+before the owner was asked to plan it). The owner answers with ``("plan", rid, plan)``,
+``("result", rid, result)`` (``(plan, result)`` for an admit) or ``("refused", rid, status,
+detail, retry_after_s)``. ``arrived`` is ``time.monotonic()`` in the front: on Linux the
+monotonic clock is one for every process. A front that dies loses only its own requests: the
+owner forgets its plans when its connection closes, and restarts it.
 """
 
 from __future__ import annotations
@@ -178,11 +179,14 @@ class OwnerChannel:
         wire = dataclasses.replace(remote.result, logits=remote.result.logits.numpy())
         self._send(writer, ("result", rid, (remote.plan, wire) if with_plan else wire))
 
-    def _done(self, remote: _Remote | None, status: int, total_ms: float) -> None:
-        """A front answered a request (``remote``: None if it never got as far as a plan):
-        the HTTP metrics the owner's middleware keeps for its own requests, and an answer's
+    def _done(self, remote: _Remote | None, status: int, total_ms: float, asked: bool) -> None:
+        """A front answered a request (``remote``: its plan here, if it is still held;
+        ``asked``: whether the owner was asked to plan it, and so counted its arrival): the
+        HTTP metrics the owner's middleware keeps for its own requests, and an answer's
         evidence for the metrics, the HTTP estimates and the margin."""
         metrics = self.life.metrics
+        if not asked:  # refused before planning (401, 400, 413, 415, 422 fields): still arrived
+            metrics.arrivals.inc()
         metrics.requests.labels("/classify", str(status)).inc()
         metrics.request_seconds.labels("/classify").observe(total_ms / 1e3)
         if remote is None:
@@ -405,7 +409,7 @@ def create_front_app(channel: str, http: str):
     @app.post("/classify")
     async def classify(request: Request):
         arrived = time.monotonic()
-        rid = -1  # no plan yet
+        rid, asked = -1, False  # no plan yet; not yet counted at the owner
         key = settings.api_key
         try:
             given = request.headers.get("x-api-key", "").encode()
@@ -416,19 +420,21 @@ def create_front_app(channel: str, http: str):
                 # Small images: decoding them here costs less than a second round trip to the
                 # owner; the plan counts the time as spent (a refused one decoded for nothing).
                 x = decode(req.images)
+                asked = True
                 rid, plan, result = await owner.admit(req.options, req.payload_bytes, arrived, x)
             else:  # large ones only once the plan admits them, off the event loop
+                asked = True
                 rid, plan = await owner.plan(req.options, req.n, req.payload_bytes, arrived)
                 x = req.tensor
                 if x is None:
                     x = await asyncio.to_thread(decode, req.images)
                 result = await owner.run(rid, x)
         except Refusal as r:
-            owner.tell("done", rid, r.status, (time.monotonic() - arrived) * 1e3)
+            owner.tell("done", rid, r.status, (time.monotonic() - arrived) * 1e3, asked)
             return error(r.status, r.detail, r.retry_after_s)
         probs = probabilities(result)
         total_ms = (time.monotonic() - arrived) * 1e3
-        owner.tell("done", rid, 200, total_ms)
+        owner.tell("done", rid, 200, total_ms, True)
         met = total_ms + settings.network_ms <= plan.budget_ms
         body = answer(
             manifest.labels, menu.rows[plan.stitch], req.options.top_k, probs, plan, result,

@@ -87,6 +87,9 @@ def test_every_worker_answers_with_the_owners_planner_queue_and_metrics(server, 
     assert sum(a == b for a, b in zip(tops["owner"], labels, strict=True)) >= 14
     # Planned, queued and counted by the owner: its metrics saw all three requests.
     assert metric(owner, "snnet_arrivals_total") == before + 3
+    r = fronts[0].post("/classify", content=b"x", headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
+    assert metric(owner, "snnet_arrivals_total") == before + 4  # refused before planning
     # A front's refusal is the owner planner's: a budget no stitch meets is a 422 that says the
     # least budget, and that budget is admitted through the front.
     r = post(fronts[0], pngs[:1], latency_budget_ms=0.01)
