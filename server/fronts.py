@@ -245,9 +245,11 @@ class Fronts:
         log.info("%d front processes: %s", self.count, [p.pid for p in self.procs])
 
     async def supervise(self, period_s: float = 0.5) -> None:
+        """Restart a front that died: killed, or crashed. One that exited cleanly was told to
+        stop (Ctrl-C reaches the whole process group before this process stops them)."""
         while not self._stopping:
             for i, p in enumerate(self.procs):
-                if p.poll() is not None and not self._stopping:
+                if p.poll() not in (None, 0) and not self._stopping:
                     log.error("front process %d exited (code %s); starting another", p.pid,
                               p.returncode)  # fmt: skip
                     self.procs[i] = self._spawn()
