@@ -91,7 +91,6 @@ class OwnerChannel:
 
     def __init__(self, life) -> None:
         self.life = life
-        self.connections = 0
 
     async def serve(self, path: str) -> asyncio.AbstractServer:
         with contextlib.suppress(FileNotFoundError):
@@ -99,7 +98,6 @@ class OwnerChannel:
         return await asyncio.start_unix_server(self._connection, path=path)
 
     async def _connection(self, reader, writer) -> None:
-        self.connections += 1
         plans: dict[int, _Remote] = {}
         tasks: set[asyncio.Task] = set()
         try:
@@ -122,7 +120,6 @@ class OwnerChannel:
                 elif kind == "done":
                     self._done(plans.pop(rid, None), *msg[2:])
         finally:
-            self.connections -= 1
             # Its requests have nobody to answer to: they leave the HTTP backlog; what is
             # queued still runs (the queue's other requests were planned behind it).
             for remote in plans.values():
@@ -230,7 +227,6 @@ class Fronts:
         self.count, self.host, self.port = count, host, port
         self.channel, self.http = channel, http
         self.procs: list[subprocess.Popen] = []
-        self.restarts = 0
         self._stopping = False
 
     def _spawn(self) -> subprocess.Popen:
@@ -246,14 +242,15 @@ class Fronts:
 
     async def supervise(self, period_s: float = 0.5) -> None:
         """Restart a front that died: killed, or crashed. One that exited cleanly was told to
-        stop (Ctrl-C reaches the whole process group before this process stops them)."""
+        stop (Ctrl-C reaches the whole process group before this process stops them). A poll
+        every ``period_s``: the fronts are plain child processes, and a restart within half a
+        second is soon enough (their requests are lost either way)."""
         while not self._stopping:
             for i, p in enumerate(self.procs):
                 if p.poll() not in (None, 0) and not self._stopping:
                     log.error("front process %d exited (code %s); starting another", p.pid,
                               p.returncode)  # fmt: skip
                     self.procs[i] = self._spawn()
-                    self.restarts += 1
             await asyncio.sleep(period_s)
 
     def stop(self, grace_s: float) -> None:
@@ -284,16 +281,10 @@ class OwnerClient:
         self._ids = itertools.count()
         self._reading: asyncio.Task | None = None
 
-    async def connect(self, timeout_s: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                reader, self._writer = await asyncio.open_unix_connection(self.path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
+    async def connect(self) -> None:
+        """Connect to the owner's channel: it listens before it starts any front, so a failure
+        here is the owner's end (the front exits; the owner, if alive, starts another)."""
+        reader, self._writer = await asyncio.open_unix_connection(self.path)
         self._reading = asyncio.create_task(self._read_loop(reader))
 
     async def _read_loop(self, reader) -> None:
