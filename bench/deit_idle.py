@@ -81,7 +81,7 @@ def main() -> None:
         lo, hi = args.budget_scale * min(ms), args.budget_scale * max(ms)
         budgets = [lo * (hi / lo) ** (k / 9) for k in range(10)]
         body_img = base64.b64encode(photo_jpeg()).decode()
-        rows = []
+        rows, others = [], []
         for i in range(args.requests):
             if args.think_s and i:
                 time.sleep(args.think_s)  # the client's think time: the server idles
@@ -94,6 +94,8 @@ def main() -> None:
             rtt = (time.perf_counter() - t1) * 1e3
             if r.status != 200:
                 rows.append((budget, r.status, rtt, None, None, None))
+                if r.status != 422:
+                    others.append(f"#{i} budget {budget} ms: {r.status} {answer}")
                 continue
             t = answer["timing"]
             rows.append(
@@ -121,11 +123,16 @@ def main() -> None:
     print(f"budgets {lo:.0f}..{hi:.0f} ms, {len(rows)} sequential single-JPEG JSON requests: "
           f"{len(ok)} answered, {len(refused)} refused as below what the request needs (422: "
           f"budgets up to {max((r[0] for r in refused), default=0):g} ms)")  # fmt: skip
+    if others:
+        print(f"{len(others)} refused otherwise:")
+        for line in others:
+            print("   ", line)
     print(f"answered within budget: server {server:.1%}, client {client:.1%}")
     print(f"server total - predicted: median {statistics.median(over):.1f} ms, "
           f"max {max(over):.1f} ms; stitches used {len({r[5] for r in ok})}; "
           f"device factor {state['device_factor']}")  # fmt: skip
     print(json.dumps({"ready_s": round(ready_s, 1), "estimated": estimated, "refused": len(refused),
+                      "refused_otherwise": len(others),
                       "server_within": round(server, 4), "client_within": round(client, 4),
                       "over_median_ms": round(statistics.median(over), 2),
                       "over_max_ms": round(max(over), 2), "think_s": args.think_s}))  # fmt: skip

@@ -187,7 +187,7 @@ def test_margin_covers_the_99th_percentile_of_how_far_predictions_ran_over_at_mo
     c = controller()
     h = History(c)
     for k in range(15):
-        c.observe_residual(10.0 + k / 10, 10.0)  # over by 0..1.4%
+        c.observe_residual(10.0 + k / 100, 10.0)  # over by 0..1.4%
     h.run(0.25, rps=0)
     assert c.margin == 0.2  # a narrow spread, but fewer than 20 answers: the prior is the floor
     for k in range(100):  # over by 0..49.5%: relative, whatever the size of the prediction
