@@ -14,13 +14,21 @@ processes (``SO_REUSEPORT``: the kernel spreads connections over them):
 
 Between a front and the owner: one Unix-socket connection per front, frames of a 4-byte length
 and a pickle (both ends are this package, on one machine, under one user). Messages from a
-front: ``("plan", rid, options, n, payload_bytes, arrived)`` then ``("run", rid, shape, bytes)``
+front: ``("plan", rid, options, n, payload_bytes, arrived)`` then ``("run", rid, shape, data)``
 for large images (decoded only once admitted), or ``("admit", rid, options, n, payload_bytes,
-arrived, shape, bytes)`` for small ones (decoded first: one round trip instead of two), and
+arrived, shape, data)`` for small ones (decoded first: one round trip instead of two), and
 ``("done", rid, status, ms, asked)`` (answered, or refused; rid -1 and not asked when refused
 before the owner was asked to plan it). The owner answers with ``("plan", rid, plan)``,
 ``("result", rid, result)`` (``(plan, result)`` for an admit) or ``("refused", rid, status,
-detail, retry_after_s)``. ``arrived`` is ``time.monotonic()`` in the front: on Linux the
+detail, retry_after_s)``.
+
+Tensors cross by shared memory: each front maps an ``Arena`` (a file in /dev/shm, which the
+owner maps too and then unlinks, announced first with ``("arena", -1, path, size)`` and
+acknowledged with ``("arena", -1, ok)``), writes a request's float32 images there, and sends
+their offset as ``data``; the owner queues a tensor over those very pages, with no copy, and
+the front frees them when the answer (or a refusal) comes back: by then the batch has run. For
+a tensor under SHARED_MIN_BYTES, or when a front has no arena (no /dev/shm) or no room in it,
+``data`` is the tensor's bytes. ``arrived`` is ``time.monotonic()`` in the front: on Linux the
 monotonic clock is one for every process. A front that dies loses only its own requests: the
 owner forgets its plans when its connection closes, and restarts it.
 """
@@ -33,8 +41,11 @@ import dataclasses
 import hmac
 import itertools
 import logging
+import math
+import mmap
 import os
 import pickle
+import secrets
 import signal
 import socket
 import struct
@@ -100,6 +111,7 @@ class OwnerChannel:
     async def _connection(self, reader, writer) -> None:
         plans: dict[int, _Remote] = {}
         tasks: set[asyncio.Task] = set()
+        arena: mmap.mmap | None = None  # the front's, once announced (its tensors point in it)
         try:
             while True:
                 try:
@@ -107,13 +119,16 @@ class OwnerChannel:
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return  # the front is gone
                 kind, rid = msg[0], msg[1]
-                if kind == "plan":
+                if kind == "arena":
+                    arena = _map_arena(*msg[2:])
+                    self._send(writer, ("arena", -1, arena is not None))
+                elif kind == "plan":
                     self._plan(writer, plans, *msg[1:])
                 elif kind in ("run", "admit"):
                     if kind == "admit" and not self._plan(writer, plans, *msg[1:6], reply=False):
                         continue
                     task = asyncio.create_task(
-                        self._run(writer, plans, rid, *msg[-2:], with_plan=kind == "admit")
+                        self._run(writer, plans, rid, *msg[-2:], arena, with_plan=kind == "admit")
                     )
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -151,13 +166,19 @@ class OwnerChannel:
             self._send(writer, ("plan", rid, remote.plan))
         return True
 
-    async def _run(self, writer, plans, rid, shape, data, with_plan=False) -> None:
+    async def _run(self, writer, plans, rid, shape, data, arena, with_plan=False) -> None:
         from .routes.classify import submit
 
         remote, engine = plans.get(rid), self.life.engine
         if remote is None or engine is None:
             return
-        x = torch.from_numpy(np.frombuffer(bytearray(data), dtype=np.float32).reshape(shape))
+        if isinstance(data, int):  # an offset in the front's arena: a view, no copy
+            count = math.prod(shape)
+            x = torch.frombuffer(arena, dtype=torch.float32, count=count, offset=data).view(shape)
+            engine.metrics.front_tensors.labels("shared_memory").inc()
+        else:
+            x = torch.from_numpy(np.frombuffer(bytearray(data), dtype=np.float32).reshape(shape))
+            engine.metrics.front_tensors.labels("socket").inc()
         try:
             pending = submit(engine, remote.plan, x)
         except Refusal as r:
@@ -194,6 +215,103 @@ class OwnerChannel:
             engine.record_answer(
                 remote.plan, remote.result, remote.n, remote.payload_bytes, total_ms
             )
+
+
+def _map_arena(path: str, size: int) -> mmap.mmap | None:
+    """The owner maps a front's arena, then unlinks its file: the pages live while either
+    process maps them, and nothing is left in /dev/shm whichever of the two dies first."""
+    if not os.path.basename(path).startswith(ARENA_PREFIX):
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            return mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+            os.unlink(path)
+    except OSError as e:
+        log.warning("cannot map a front's arena %s (%s): its tensors come by socket", path, e)
+        return None
+
+
+ARENA_PREFIX = "snnet-front-"
+ARENA_BYTES = 32 * 1024 * 1024  # per front: 53 224x224 RGB images in flight
+# Smaller tensors go by socket: it costs less than the arena's copy and book-keeping there
+# (`python bench/front_tensors.py --size S`, both ends' CPU per image, socket vs shared memory:
+# 3x28x28 24 vs 39 us, 3x64x64 39 vs 39 us, 3x96x96 76 vs 50 us, 3x224x224 656 vs 110 us).
+SHARED_MIN_BYTES = 32 * 1024
+_ALIGN = 64
+
+
+class Arena:
+    """A front's shared memory for the tensors it sends the owner: a file in ``directory``
+    (tmpfs), mapped here and, once announced, by the owner; first-fit allocation with
+    neighbouring free blocks merged. Space is reserved when it is made (``posix_fallocate``):
+    a /dev/shm too small (a container's default is 64 MB) fails here, with a warning, and the
+    tensors then go by socket, instead of a SIGBUS on a later write."""
+
+    def __init__(self, path: str, size: int, mm: mmap.mmap) -> None:
+        self.path, self.size, self.mm = path, size, mm
+        self._free: list[list[int]] = [[0, size]]  # [offset, size], by offset
+        self._used: dict[int, int] = {}
+
+    @classmethod
+    def create(cls, size: int = ARENA_BYTES, directory: str = "/dev/shm") -> Arena | None:
+        path = os.path.join(directory, f"{ARENA_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            log.warning("no shared memory for tensors (%s): they go to the owner by socket", e)
+            return None
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return cls(path, size, mmap.mmap(fd, size))
+        except OSError as e:
+            log.warning(
+                "no room for a %d MiB tensor arena in %s (%s): tensors go to the owner by "
+                "socket", size >> 20, directory, e,
+            )  # fmt: skip
+            os.unlink(path)
+            return None
+        finally:
+            os.close(fd)
+
+    def put(self, x: torch.Tensor) -> int | None:
+        """Copy ``x`` (float32) into the arena: its offset, or None if there is no room."""
+        a = x.detach().to(torch.float32).contiguous().numpy()
+        offset = self.alloc(a.nbytes)
+        if offset is not None:
+            np.frombuffer(self.mm, np.float32, a.size, offset)[:] = a.reshape(-1)
+        return offset
+
+    def alloc(self, nbytes: int) -> int | None:
+        need = max(_ALIGN, -(-nbytes // _ALIGN) * _ALIGN)
+        for i, (offset, size) in enumerate(self._free):
+            if size >= need:
+                if size == need:
+                    del self._free[i]
+                else:
+                    self._free[i] = [offset + need, size - need]
+                self._used[offset] = need
+                return offset
+        return None
+
+    def free(self, offset: int) -> None:
+        size = self._used.pop(offset)
+        i = next((k for k, (o, _) in enumerate(self._free) if o > offset), len(self._free))
+        self._free.insert(i, [offset, size])
+        if i + 1 < len(self._free) and offset + size == self._free[i + 1][0]:  # the next block
+            self._free[i][1] += self._free.pop(i + 1)[1]
+        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == offset:  # the previous one
+            self._free[i - 1][1] += self._free.pop(i)[1]
+
+    @property
+    def used(self) -> int:
+        return sum(self._used.values())
+
+    def close(self) -> None:
+        with contextlib.suppress(FileNotFoundError):  # the owner unlinks it once mapped
+            os.unlink(self.path)
 
 
 class _Remote:
@@ -274,8 +392,8 @@ class Fronts:
 class OwnerClient:
     """A front's connection to the owner; many requests in flight, matched by id."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, path: str, arena: Arena | None = None) -> None:
+        self.path, self.arena = path, arena
         self._writer: asyncio.StreamWriter | None = None
         self._waiting: dict[int, asyncio.Future] = {}
         self._ids = itertools.count()
@@ -285,6 +403,11 @@ class OwnerClient:
         """Connect to the owner's channel: it listens before it starts any front, so a failure
         here is the owner's end (the front exits; the owner, if alive, starts another)."""
         reader, self._writer = await asyncio.open_unix_connection(self.path)
+        if self.arena is not None:
+            self._writer.write(_frame(("arena", -1, self.arena.path, self.arena.size)))
+            if not (await _read(reader))[2]:  # the owner could not map it: by socket
+                self.arena.close()
+                self.arena = None
         self._reading = asyncio.create_task(self._read_loop(reader))
 
     async def _read_loop(self, reader) -> None:
@@ -320,19 +443,37 @@ class OwnerClient:
 
     async def run(self, rid: int, x: torch.Tensor):
         """The planned request's Result from the owner's queue; raises its Refusal."""
-        return _result(await self._ask(rid, "run", *_tensor(x)))
+        with self._sent(x) as data:
+            return _result(await self._ask(rid, "run", tuple(x.shape), data))
 
     async def admit(self, options, payload_bytes: int, arrived: float, x: torch.Tensor):
         """Plan and run in one round trip, for images already decoded: (request id, Plan,
         Result); raises the Refusal of either."""
         rid = next(self._ids)
-        plan, result = await self._ask(
-            rid, "admit", options, x.shape[0], payload_bytes, arrived, *_tensor(x)
-        )
+        with self._sent(x) as data:
+            plan, result = await self._ask(
+                rid, "admit", options, x.shape[0], payload_bytes, arrived, tuple(x.shape), data
+            )
         return rid, plan, _result(result)
+
+    @contextlib.contextmanager
+    def _sent(self, x: torch.Tensor):
+        """What a message carries for ``x``: its offset in the arena, held until the answer is
+        back (the owner's batch has run by then), or its bytes (small, no arena, or no room)."""
+        small = x.numel() * 4 < SHARED_MIN_BYTES
+        offset = None if self.arena is None or small else self.arena.put(x)
+        if offset is None:
+            yield x.detach().to(torch.float32).contiguous().numpy().tobytes()
+            return
+        try:
+            yield offset
+        finally:
+            self.arena.free(offset)
 
     def close(self) -> None:
         """Leave the owner (it forgets this front's plans)."""
+        if self.arena is not None:
+            self.arena.close()
         if self._reading is not None:
             self._reading.cancel()
         if self._writer is not None:
@@ -346,11 +487,6 @@ class OwnerClient:
 
 def _result(wire):
     return dataclasses.replace(wire, logits=torch.from_numpy(wire.logits))
-
-
-def _tensor(x: torch.Tensor) -> tuple[tuple[int, ...], bytes]:
-    x = x.detach().to(torch.float32).contiguous()
-    return tuple(x.shape), x.numpy().tobytes()
 
 
 def create_front_app(channel: str, http: str):
@@ -368,7 +504,7 @@ def create_front_app(channel: str, http: str):
     manifest = read_manifest(settings.weights)
     menu = StitchMenu.of(manifest.stitches)
     transform = make_transform(manifest.preprocessing)
-    owner = OwnerClient(channel)
+    owner = OwnerClient(channel, Arena.create())
     proxy = httpx.AsyncClient(
         transport=httpx.AsyncHTTPTransport(uds=http), base_url="http://owner", timeout=None
     )
@@ -376,6 +512,10 @@ def create_front_app(channel: str, http: str):
 
     async def lifespan(app):
         await owner.connect()
+        log.info(
+            "front %s: tensors to the owner by %s", pid,
+            f"shared memory ({owner.arena.size >> 20} MiB)" if owner.arena else "socket",
+        )  # fmt: skip
         yield
         owner.close()
         await proxy.aclose()

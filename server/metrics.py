@@ -90,6 +90,14 @@ class Metrics:
         self.arrivals = Counter(
             "snnet_arrivals", "Classify requests received (counted on arrival)", registry=r
         )
+        self.front_tensors = Counter(
+            "snnet_front_tensors",
+            "Requests' image tensors received from front processes (SNNET_API_WORKERS > 1), by "
+            "how they crossed: shared_memory, or socket (a front without an arena, or its arena "
+            "full)",
+            ["via"],
+            registry=r,
+        )
         self.http_backlog = Gauge(
             "snnet_http_backlog",
             "Classify requests being read, parsed or decoded (not yet queued for the model), in "

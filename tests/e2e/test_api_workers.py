@@ -64,6 +64,13 @@ def metric(client, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
+def labelled(client, name: str, labels: str) -> float:
+    """A counter's value for one label set (0 if not yet seen)."""
+    text = client.get("/metrics").text
+    prefix = f"{name}{{{labels}}} "
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
 def test_every_worker_answers_with_the_owners_planner_queue_and_metrics(server, held_out):
     pngs, labels, _ = held_out
     clients = connections(server.url, pngs[0], want=3)
@@ -103,6 +110,12 @@ def test_every_worker_answers_with_the_owners_planner_queue_and_metrics(server, 
     assert len(buf.getvalue()) > 64 * 1024
     r = post(fronts[1], [buf.getvalue()], latency_budget_ms=60_000)
     assert r.status_code == 200 and len(r.json()["predictions"]) == 1, r.text
+    # 16 digits (50 KB of tensor) crossed from each front by shared memory; one digit or the
+    # photo (preprocessed to 28x28) by socket, cheaper for so little. The arenas' files are gone
+    # from /dev/shm: the owner unlinked them once it had mapped them.
+    assert labelled(owner, "snnet_front_tensors_total", 'via="shared_memory"') == 2
+    assert labelled(owner, "snnet_front_tensors_total", 'via="socket"') >= 2
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("snnet-front-")]
     # Every other route reaches the owner through a front, POSTs with their bodies too.
     for c in fronts:
         assert c.get("/readyz").json()["ready"] is True
