@@ -179,6 +179,14 @@ def _serve(
             conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
+def _logits(msg) -> torch.Tensor:
+    """The child's answer to a batch: its logits, or its error raised as a RunnerError."""
+    if msg[0] == "error":
+        raise RunnerError(msg[1])
+    _, shape, data = msg
+    return torch.from_numpy(np.frombuffer(data, dtype=np.float32).reshape(shape).copy())
+
+
 class ProcessRunner:
     """Runs the model in a child process (CPU only); restarts the child if it dies.
 
@@ -259,11 +267,10 @@ class ProcessRunner:
     def __call__(self, x: torch.Tensor, stitch: int) -> torch.Tensor:
         if self._conn is None:
             self._start()
-        x = x.detach().to("cpu", torch.float32).contiguous()
         try:
-            self._conn.send((stitch, tuple(x.shape), x.numpy().tobytes()))
+            self.send(x, stitch)
             msg = self._conn.recv()
-        except (EOFError, OSError, BrokenPipeError):
+        except (EOFError, OSError):  # (BrokenPipeError is an OSError)
             code = self._reap()
             self.restarts += 1
             log.error("the model process died (exit code %s); starting a new one", code)
@@ -275,10 +282,38 @@ class ProcessRunner:
                 f"the model process died (exit code {code}) while running stitch {stitch}; "
                 "a new one serves the next batches"
             ) from None
-        if msg[0] == "error":
-            raise RunnerError(msg[1])
-        _, shape, data = msg
-        return torch.from_numpy(np.frombuffer(data, dtype=np.float32).reshape(shape).copy())
+        return _logits(msg)
+
+    # Started and finished apart, for the scheduler's event-loop path (``Scheduler.submit``):
+    # ``send`` a batch, wait until ``fileno()`` is readable, then ``finish``.
+
+    @property
+    def ready(self) -> bool:
+        """The child is running (a batch may be sent without starting one first)."""
+        return self._conn is not None
+
+    def send(self, x: torch.Tensor, stitch: int) -> None:
+        """Hand the child a batch without waiting for its answer. Raises OSError if it is gone."""
+        x = x.detach().to("cpu", torch.float32).contiguous()
+        self._conn.send((stitch, tuple(x.shape), x.numpy().tobytes()))
+
+    def fileno(self) -> int:
+        return self._conn.fileno()
+
+    def finish(self, stitch: int) -> torch.Tensor:
+        """The logits of the batch ``send`` handed over; RunnerError if the model failed on it or
+        its process died (then the next ``__call__`` starts a new one, off the event loop)."""
+        try:
+            msg = self._conn.recv()
+        except (EOFError, OSError):
+            code = self._reap()
+            self.restarts += 1
+            log.error("the model process died (exit code %s); the next batch starts one", code)
+            raise RunnerError(
+                f"the model process died (exit code {code}) while running stitch {stitch}; "
+                "a new one serves the next batches"
+            ) from None
+        return _logits(msg)
 
     def _reap(self) -> int | None:
         proc, self._proc = self._proc, None
