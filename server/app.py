@@ -110,6 +110,28 @@ def _offline_docs(app: FastAPI) -> None:
         )  # fmt: skip
 
 
+async def _prepare_routes(app: FastAPI) -> None:
+    """FastAPI builds a router's request-parsing state (a pydantic adapter per field of each
+    route) when the first request enters that router: on the 2-core VM the first V2 inference
+    of a fresh server took 13-16 ms more than the next ones (`python bench/first_request.py`),
+    inside its budget, with the event loop stalled meanwhile. One request through the router
+    that matches no route (a 404, before the middleware: no metrics) builds them all first."""
+    path = "/.snnet-prepare-routes"
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "root_path": "", "headers": [], "client": None, "server": None, "state": {},
+    }  # fmt: skip
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        pass
+
+    await app.router(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None, fronts: Fronts | None = None) -> FastAPI:
     """The service's app. With ``fronts`` (``SNNET_API_WORKERS`` > 1) it is the model owner:
     it also serves the front processes' channel and starts, watches and stops them."""
@@ -127,6 +149,7 @@ def create_app(settings: Settings | None = None, fronts: Fronts | None = None) -
             grpc_server = await grpc_v2.start(
                 life, settings.host, settings.grpc_port, settings.max_body_bytes + 64 * 1024
             )
+        await _prepare_routes(app)
         life.start_in_background()
         watching = asyncio.create_task(ingress.watch_loop_lag())
         controlling = asyncio.create_task(life.run_controller())

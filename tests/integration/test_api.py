@@ -1,5 +1,6 @@
 """The HTTP API on a tiny real checkpoint, in process (httpx against the ASGI app)."""
 
+import asyncio
 import base64
 import io
 import json
@@ -463,3 +464,15 @@ def test_the_api_docs_need_no_cdn(client):
             r = client.get(url)
             assert r.status_code == 200 and len(r.content) > 100, (page, url)
     assert "SwaggerUIBundle" in client.get("/docs-assets/swagger-ui-bundle.js").text
+
+
+def test_routes_prepared_at_start_up_leave_no_trace_in_the_metrics(ckpt, tmp_path):
+    """Start-up sends one request through the router (FastAPI builds each router's parsing state
+    at the first request into it, which would otherwise land in a client's first request): it
+    must not show up as a request in the metrics."""
+    from server.app import _prepare_routes
+
+    app = create_app(Settings(weights=ckpt, profile_cache=tmp_path / "p.json"))
+    asyncio.run(_prepare_routes(app))
+    text = TestClient(app).get("/metrics").text  # no lifespan: the model is not started
+    assert "snnet_requests_total{" not in text
