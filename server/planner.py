@@ -190,18 +190,17 @@ class Planner:
         queued request late; else a 503 that says which of the two rules refused it. ``alone``:
         nothing else in the server (queue or HTTP layer)."""
         server_budget = budget - self.network_ms
-        if alone:  # what requests served alone took, not what a recent burst's did
-            http, share = self.ingress.rest_ms(payload_bytes)[1], self.controller.rest_margin
-        else:
-            http, share = self.ingress.own_ms(payload_bytes), self.controller.margin
-        pad = 1.0 + share  # the safety margin, on what is predicted
+        # alone: what requests served alone took, not what a recent burst's did
+        http = (
+            self.ingress.rest_ms(payload_bytes)[1] if alone else self.ingress.own_ms(payload_bytes)
+        )
         ingress = self.ingress.wait_ms()
         fits, queue_ms = False, view.ahead_ms
         for s in pool:
             before = self.scheduler.batches_ms(s, view.counts.get(s, 0))
             compute = cold * self.scheduler.batches_ms(s, view.counts.get(s, 0) + n)
             queue_ms = view.ahead_ms - before  # its batch starts where its stitch's queue does
-            margin = (pad - 1.0) * (ingress + http + compute)
+            margin = self.controller.pad_ms(ingress + http + compute, alone=alone)
             if spent + ingress + http + compute + margin + queue_ms > server_budget:
                 continue
             fits = True
@@ -224,8 +223,8 @@ class Planner:
                     422,
                     f"latency_budget_ms={budget:g} is below what this request needs on this "
                     f"server even when idle ({need:.2f} ms: compute, HTTP work for its "
-                    f"{payload_bytes} bytes and an idle server's "
-                    f"{100 * self.controller.rest_margin:.0f}% safety margin); allowed: "
+                    f"{payload_bytes} bytes and an idle server's safety margin of "
+                    f"{self._rest_margin_text()}); allowed: "
                     f"latency_budget_ms >= {least:.2f}",
                 )
             why = []
@@ -272,8 +271,13 @@ class Planner:
         with the least budget is admitted on an idle server."""
         pre, own = self.ingress.rest_ms(payload_bytes)
         compute = min(cold, self.scheduler.cold_at_rest) * compute_ms
-        need = pre + (1.0 + self.controller.rest_margin) * (own + compute)
+        need = pre + own + compute + self.controller.pad_ms(own + compute, alone=True)
         return need, math.ceil((need + self.network_ms) * 100) / 100
+
+    def _rest_margin_text(self) -> str:
+        c = self.controller
+        share = f"{100 * c.rest_margin:.0f}%"
+        return f"{share} + {c.rest_margin_ms:.1f} ms" if c.rest_margin_ms > 0 else share
 
     def _too_tight(
         self,

@@ -276,10 +276,17 @@ class ControllerState(BaseModel):
         description="Predicted compute of the work waiting (not the batch in flight)."
     )
     margin: float = Field(
-        description="Safety margin: the fraction by which predictions of the time outside the "
-        "model queue are padded; p99 of (measured / predicted) - 1 over the answers of the last "
-        "30 s, at most 0.5. Under 200 answers, at least a log-normal's 99% prediction bound "
-        "fitted to them (from 5 answers); 0.2 until then and the least until 20."
+        description="Safety margin, its share: the planner pads a prediction p of the time "
+        "outside the model queue to p * (1 + margin) + margin_ms. The pair covers 99.5% of the "
+        "answers of the last 30 s (at least 20, at most 256): for each of a few fixed parts, the "
+        "share from an exponential tail fitted to the top 10% of (measured + fixed) / "
+        "(predicted + fixed); the pair that pads least on average wins. Share at most 0.5; 0.2 "
+        "and no fixed part until 20 answers (from 5, a log-normal's 99.5% bound if wider)."
+    )
+    margin_ms: float = Field(
+        0.0,
+        description="Safety margin, its fixed part in ms (at most half the median prediction): "
+        "stalls that cost about the same whatever the prediction.",
     )
     estimate_pad: float = Field(
         1.0,
@@ -293,6 +300,7 @@ class ControllerState(BaseModel):
         "HTTP layer or the model, and no request arriving before their answer): the margin of an idle server, which a request that "
         "finds the server idle is planned with and a 422's least budget counts.",
     )
+    rest_margin_ms: float = Field(0.0, description="The fixed part of rest_margin, ms.")
     target_utilisation: float
     allowed_stitches: list[int] = Field(
         description="Stitches requests may use while the server is busy, most accurate first "
@@ -335,6 +343,7 @@ class ControllerState(BaseModel):
                     "mean_budget_ms": 100.0,
                     "queued_work_ms": 12.5,
                     "margin": 0.08,
+                    "margin_ms": 1.5,
                     "target_utilisation": 0.8,
                     "allowed_stitches": [1, 20, 3, 0],
                     "device_factor": 1.3,

@@ -430,7 +430,7 @@ function showState(c) {
     ["stitches allowed", `${c.allowed_stitches.length} of ${total}`],
     ["most preferred allowed", top === undefined ? "-" : `#${top}${ui.scored && ui.byId.has(top) ? ` (${ui.byId.get(top).accuracy}%)` : ""}`],
     ["mix", c.mix ? `#${c.mix.dearer_stitch} for ${(100 * c.mix.dearer_share).toFixed(0)}%, else #${c.mix.cheaper_stitch}` : "none"],
-    ["safety margin", `${(100 * c.margin).toFixed(0)}%`],
+    ["safety margin", `${(100 * c.margin).toFixed(0)}%${c.margin_ms ? ` + ${fmtMs(c.margin_ms)} ms` : ""}`],
   ];
   const dl = $("state");
   dl.replaceChildren();

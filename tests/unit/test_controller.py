@@ -1,6 +1,8 @@
 """The controller's reaction to synthetic metric histories."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from server.metrics import Metrics
 from snnet_core import DeviceFingerprint, LatencyProfile
 
 STITCHES = 10
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def model(ms_of=lambda s, b: (s + 1) * b) -> LatencyModel:
@@ -173,13 +176,13 @@ def test_fleet_figures_fill_in_stitches_never_run_here_and_floor_the_rate():
     assert c.level > 0
 
 
-def test_margin_covers_the_99th_percentile_of_how_far_predictions_ran_over_at_most_half():
+def test_margin_from_few_answers_is_a_prior_then_a_fit_and_at_most_half():
     c = controller()
     h = History(c)
     for k in range(4):
         c.observe_residual(10.0 + 3 * k, 10.0)  # over by 0..90%
     h.run(0.25, rps=0)
-    assert c.margin == 0.2  # too few answers to measure a spread: the prior
+    assert (c.margin, c.margin_ms) == (0.2, 0.0)  # too few answers to measure a spread: the prior
     for _ in range(4):
         c.observe_residual(10.0, 10.0)
     h.run(0.25, rps=0)
@@ -189,27 +192,88 @@ def test_margin_covers_the_99th_percentile_of_how_far_predictions_ran_over_at_mo
     for k in range(15):
         c.observe_residual(10.0 + k / 100, 10.0)  # over by 0..1.4%
     h.run(0.25, rps=0)
-    assert c.margin == 0.2  # a narrow spread, but fewer than 20 answers: the prior is the floor
-    for k in range(100):  # over by 0..49.5%: relative, whatever the size of the prediction
-        c.observe_residual((1 + k / 200) * (3.0 if k % 2 else 150.0), 3.0 if k % 2 else 150.0)
-    h.run(0.25, rps=0)
-    assert 0.485 <= c.margin <= 0.5  # at least the 99th percentile of the 115
-    for k in range(200):
-        c.observe_residual(10.0 + k / 1000, 10.0)  # 200 answers on time: a fair 99th percentile
-    h.run(0.25, rps=0)
-    assert c.margin == pytest.approx(0.48)  # 256 kept: their own 99th percentile alone decides
+    assert (c.margin, c.margin_ms) == (0.2, 0.0)  # narrow, but under 20 answers: the prior's floor
     for _ in range(200):
         c.observe_residual(500.0, 10.0)  # stalls
     h.run(0.25, rps=10, budget_ms=100)
-    assert c.margin == 0.5  # at most
+    assert c.margin == 0.5 and c.margin_ms <= 5.0  # at most half, and half the median prediction
+
+
+def covered(c: Controller, actual: list[float], predicted: list[float]) -> float:
+    """The share of answers the controller's current margin covers."""
+    return sum(a <= p + c.pad_ms(p) for a, p in zip(actual, predicted, strict=True)) / len(actual)
+
+
+def stalls(gen: torch.Generator, n: int) -> list[float]:
+    """Overruns in ms as on the 2-core VM (DeiT net at idle): mostly a few ms either way, and
+    one answer in 30 stalled by 5-25 ms, whatever its prediction."""
+    noise = (torch.randn(n, generator=gen) * 1.5).tolist()
+    stall = (torch.rand(n, generator=gen) < 1 / 30).tolist()
+    size = (5 + 20 * torch.rand(n, generator=gen)).tolist()
+    return [e + (z if s else 0.0) for e, s, z in zip(noise, stall, size, strict=True)]
+
+
+def test_margin_pads_stalls_of_fixed_size_by_fixed_ms_and_covers_both_ends_of_the_range():
+    """Overruns that cost the same ms on a 20 ms prediction and on a 200 ms one: the margin
+    takes a fixed part, so it covers 99% of the small ones' next answers without padding the
+    large ones by a share sized for the small ones."""
+    gen = torch.Generator().manual_seed(0)
+    small, large = [], []
+    for _ in range(20):
+        c = controller()
+        h = History(c)
+        predicted = [20.0 if k % 2 else 200.0 for k in range(256)]
+        for p, e in zip(predicted, stalls(gen, 256), strict=True):
+            c.observe_residual(p + e, p)
+        h.run(0.25, rps=0)
+        assert c.margin_ms > 5.0
+        small.append(covered(c, [20.0 + e for e in stalls(gen, 2000)], [20.0] * 2000))
+        large.append(covered(c, [200.0 + e for e in stalls(gen, 2000)], [200.0] * 2000))
+        assert c.pad_ms(200.0) < 0.2 * 200.0  # a share covering the 20 ms ones would be ~1.0
+    # an exponential tail fitted to the top of 128 answers per half: near, not at, 99.5%
+    assert sum(small) / 20 >= 0.98 and sum(large) / 20 >= 0.98
+
+
+def test_margin_for_errors_that_grow_with_the_prediction_is_a_share():
+    gen = torch.Generator().manual_seed(1)
+    c = controller()
+    h = History(c)
+    for k in range(256):
+        p = 5.0 * (1 + k % 40)  # 5..200 ms
+        c.observe_residual(p * math.exp(0.08 * torch.randn(1, generator=gen).item()), p)
+    h.run(0.25, rps=0)
+    assert 0.15 <= c.margin <= 0.35 and c.margin_ms == 0.0
+
+
+def test_margin_covers_the_next_answers_of_a_real_idle_deit_server_cheap_stitches_too():
+    """Answers measured on this project's 2-core VM (``tests/data/deit_idle_answers.json``,
+    eight runs of ``bench/deit_idle.py``), replayed in order: the margin learnt from the answers
+    before each one must cover it. A share-only margin at the window's own 99th percentile (the
+    rule before, ``bench/margin_replay.py``'s peer) covered 98.5% of them and 94.9% of those of
+    the cheap stitches (under 40 ms predicted), where a stall of 15-20 ms is a large share."""
+    runs = json.loads((DATA / "deit_idle_answers.json").read_text())["runs"]
+    hits: dict[bool, list[bool]] = {True: [], False: []}
+    for run in runs:
+        c = controller()
+        h = History(c)
+        for k, (actual, predicted) in enumerate(run):
+            if k >= 20:  # from when the margin is measured
+                hits[predicted < 40.0].append(actual <= predicted + c.pad_ms(predicted))
+            c.observe_residual(actual, predicted)
+            h.run(0.25, rps=0)
+    every = hits[True] + hits[False]
+    assert len(hits[True]) > 300 and len(every) > 1400
+    # Before the slack of a budget over its plan; what is left are stalls of 1.5-2.5x.
+    assert sum(every) / len(every) >= 0.99
+    assert sum(hits[True]) / len(hits[True]) >= 0.98
 
 
 def test_margin_from_a_few_dozen_answers_still_covers_99_percent_of_the_next():
     """At idle on a real-size net a 30 s window holds a few dozen answers; their own 99th
     percentile is about their largest, below the true one half the time. Answers whose times
-    scatter log-normally (as on the DeiT net here: sd 0.12 of the log): the margin learnt from
-    40 of them must cover 99% of later answers, averaged over many windows."""
-    sigma, covered = 0.12, []
+    scatter log-normally (sd 0.12 of the log): the margin learnt from 40 of them must cover 99%
+    of later answers, averaged over many windows."""
+    sigma, shares = 0.12, []
     gen = torch.Generator().manual_seed(0)
     normal = torch.distributions.Normal(0.0, 1.0)
     for _ in range(300):
@@ -217,9 +281,10 @@ def test_margin_from_a_few_dozen_answers_still_covers_99_percent_of_the_next():
         for z in torch.randn(40, generator=gen).tolist():
             c.observe_residual(10.0 * math.exp(sigma * z), 10.0)
         History(c).run(0.25, rps=0)
-        # The share of the next answers within the margin: P(ratio <= 1 + margin).
-        covered.append(normal.cdf(torch.tensor(math.log1p(c.margin) / sigma)).item())
-    assert sum(covered) / len(covered) >= 0.985
+        # The share of the next answers within the margin: P(10 * ratio <= 10 + pad).
+        bound = (10.0 + c.pad_ms(10.0)) / 10.0
+        shares.append(normal.cdf(torch.tensor(math.log(bound) / sigma)).item())
+    assert sum(shares) / len(shares) >= 0.99
 
 
 def test_the_idle_margin_counts_only_requests_served_alone():
@@ -230,7 +295,8 @@ def test_the_idle_margin_counts_only_requests_served_alone():
     for _ in range(200):
         c.observe_residual(14.0, 10.0)  # a burst: 40% over
     h.run(0.25, rps=0)
-    assert c.rest_margin == pytest.approx(0.05) and c.margin == pytest.approx(0.4)
+    assert c.pad_ms(10.0, alone=True) == pytest.approx(0.5)  # 5% of 10 ms
+    assert c.pad_ms(10.0) == pytest.approx(4.0)
 
 
 def test_read_metrics_takes_the_figures_from_the_registry():
