@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import statistics
 import sys
 import threading
 import time
@@ -40,7 +41,14 @@ from .ingress import Ingress
 from .latency import LatencyModel
 from .metrics import Metrics
 from .planner import Plan, Planner
-from .profiling import calibrate, choose_dtype, choose_profile, choose_threads, cores
+from .profiling import (
+    calibrate,
+    choose_dtype,
+    choose_profile,
+    choose_threads,
+    cores,
+    rescale_estimates,
+)
 from .runner import InlineRunner, ProcessRunner, RunnerError
 from .scheduler import Result, Scheduler
 
@@ -229,6 +237,15 @@ def build_engine(
         "decoding and preprocessing here: %s",
         ", ".join(f"{b} bytes {ms:.2f} ms" for b, ms in points),
     )
+    if start.estimated:
+        profile, factors = rescale_estimates(profile, start.estimated, runner.first_ms, min(warm))
+        if factors:
+            log.info(
+                "%d estimated stitches scaled by their warm-up run at batch %d: x%.2f..x%.2f "
+                "(median x%.2f)", len(factors), min(warm), min(factors), max(factors),
+                statistics.median(factors),
+            )  # fmt: skip
+            source += f", {len(factors)} estimates checked by a warm-up run"
     stage("calibrating the latency profile")
     serving, calibration = calibrate(net, runner, profile, warm, check)
     source = f"{source}; {calibration}"

@@ -96,6 +96,7 @@ class InlineRunner:
     ) -> None:
         self.net, self.device, self.dtype = net, device, dtype
         self._staging: torch.Tensor | None = None
+        self.first_ms: dict[int, float] = {}  # from warm_up
         if device.type == "cuda":
             shape = (max_batch, *net.input_size)
             self._staging = torch.empty(shape, dtype=torch.float32).pin_memory()
@@ -110,7 +111,7 @@ class InlineRunner:
             return y.float().cpu()
 
     def warm_up(self, batch_sizes: Sequence[int], check: Callable[[], None] = lambda: None) -> None:
-        _warm_up(self.net, batch_sizes, self.device, self.dtype, check)
+        self.first_ms = _warm_up(self.net, batch_sizes, self.device, self.dtype, check)
 
     def close(self) -> None:
         pass
@@ -122,22 +123,33 @@ def _warm_up(
     device: torch.device,
     dtype: torch.dtype,
     check: Callable[[], None] = lambda: None,
-) -> None:
+) -> dict[int, float]:
     """Run the anchors once at each batch size and every other stitch once at the smallest: the
     first call at a new shape is slow (kernel selection, allocations), and a slow first batch
     would skew the latency corrections. A stitch runs the anchors' own blocks at the same
     shapes, so the anchors warm them for it; only its small stitching layer is new. (Every
     stitch at every size took 34.5 s of a DeiT-Ti/S/B start here, for nothing more.) ``check``
-    runs before each forward (it raises to stop early)."""
+    runs before each forward (it raises to stop early).
+
+    Returns the ms each stitch other than an anchor took at the smallest size, after the
+    anchors ran at it: one timed run of each, free (``server.profiling.rescale_estimates``)."""
     anchors = {s.id for s in net.stitches if not s.cut}
     smallest = min(batch_sizes)
+    first_ms: dict[int, float] = {}
     with torch.inference_mode():
         for b in sorted(batch_sizes):
             x = torch.zeros(b, *net.input_size, device=device, dtype=dtype)
-            for i in range(len(net.stitches)):
+            # the anchors first: they warm the shapes every other stitch runs at
+            for i in sorted(range(len(net.stitches)), key=lambda i: i not in anchors):
                 if b == smallest or i in anchors:
                     check()
+                    t0 = time.perf_counter()
                     net(x, i)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    if b == smallest and i not in anchors:
+                        first_ms[i] = (time.perf_counter() - t0) * 1e3
+    return first_ms
 
 
 def _serve(
@@ -157,10 +169,10 @@ def _serve(
         torch.set_num_threads(threads)
     torch.set_grad_enabled(False)
     net.eval()
-    _warm_up(net, warm_batch_sizes, torch.device("cpu"), dtype)
+    first_ms = _warm_up(net, warm_batch_sizes, torch.device("cpu"), dtype)
     gc.collect()
     gc.freeze()  # as in the server process: no full collections over the model's objects
-    conn.send(("ready",))
+    conn.send(("ready", first_ms))
     while True:
         try:
             msg = conn.recv()
@@ -255,8 +267,9 @@ class ProcessRunner:
             raise RunnerError(
                 f"the model process exited during start-up (exit code {proc.exitcode})"
             ) from None
-        if msg != ("ready",):
+        if not (isinstance(msg, tuple) and len(msg) == 2 and msg[0] == "ready"):
             raise RunnerError(f"the model process sent {msg!r} instead of ready")
+        self.first_ms: dict[int, float] = msg[1]
         self._conn, self._proc = parent, proc
         log.info("model process %d ready (%.1fs)", proc.pid, time.perf_counter() - t0)
 

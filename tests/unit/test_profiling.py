@@ -4,7 +4,7 @@ import statistics
 
 import pytest
 
-from server.profiling import _affine_fit, _at, estimate, pick_threads
+from server.profiling import _affine_fit, _at, estimate, pick_threads, rescale_estimates
 from snnet_core import StitchMenu, StitchRow
 from snnet_core.profile import DeviceFingerprint, LatencyProfile
 
@@ -36,6 +36,30 @@ def test_an_unmeasured_stitch_is_estimated_no_cheaper_than_the_measured_routes_l
     assert pad > 1.15
     assert abs(full.latency_ms[4][1] - pad * on_line[4]) < 1e-3
     assert full.latency_ms[4][1] > on_line[4]
+
+
+def test_an_estimate_is_scaled_at_every_batch_size_by_its_warm_up_run_within_limits():
+    fp = DeviceFingerprint("cpu", "test", "x", 1, "float32")
+    profile = LatencyProfile(
+        fp,
+        [1, 4],
+        {
+            0: {1: 10.0, 4: 30.0},  # measured
+            3: {1: 20.0, 4: 60.0},  # estimated, ran 1.3x its estimate at warm-up
+            4: {1: 20.0, 4: 60.0},  # estimated, a warm-up run that stalled 10x
+            5: {1: 20.0, 4: 60.0},  # estimated, no warm-up time
+        },
+    )
+    first_ms = {0: 11.0, 3: 26.0, 4: 200.0}
+
+    out, factors = rescale_estimates(profile, frozenset({3, 4, 5}), first_ms, 1)
+
+    assert out.latency_ms[0] == {1: 10.0, 4: 30.0}  # measured stitches are left alone
+    assert out.latency_ms[3] == pytest.approx({1: 26.0, 4: 78.0})
+    assert out.latency_ms[4] == pytest.approx({1: 60.0, 4: 180.0})  # at most 3x
+    assert out.latency_ms[5] == {1: 20.0, 4: 60.0}
+    assert factors == pytest.approx([1.3, 3.0])
+    assert profile.latency_ms[3] == {1: 20.0, 4: 60.0}  # the input is not changed
 
 
 def test_calibration_fits_a_per_batch_cost_and_a_factor_over_the_anchors():

@@ -94,3 +94,12 @@ def test_the_child_gets_the_measured_openmp_spin_unless_the_user_set_one(net, mo
         assert b"GOMP_SPINCOUNT=123" in Path(f"/proc/{proc.pid}/environ").read_bytes()
     finally:
         proc.close()
+
+
+def test_the_warm_up_times_every_stitch_but_the_anchors_once_in_either_runner(runners, net):
+    inline, proc = runners
+    inline.warm_up([1, 4])
+    stitched = {s.id for s in net.stitches if s.cut}
+    for first_ms in (inline.first_ms, proc.first_ms):
+        assert set(first_ms) == stitched  # the anchors ran first, untimed
+        assert all(0 < ms < 10_000 for ms in first_ms.values())
