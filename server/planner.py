@@ -228,8 +228,12 @@ class Planner:
                     f"latency_budget_ms >= {least:.2f}",
                 )
             why = []
+            pre = self.ingress.rest_ms(payload_bytes)[0]
             if spent + ingress >= 0.5:
-                why.append(f"{spent + ingress:.1f} ms went by in the busy HTTP layer first")
+                why.append(
+                    f"{spent + ingress:.1f} ms went by in the HTTP layer before it was planned, "
+                    f"{pre:.1f} ms on an idle server"
+                )
             if slow > 1.05:
                 why.append(f"the device runs {slow:.2f}x slower than at start-up just now")
             if cold > self.scheduler.cold_at_rest * 1.05:

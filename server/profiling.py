@@ -131,10 +131,10 @@ def rescale_estimates(
 
     One timed run is a measurement where the GFLOPs line is a guess: on the DeiT-Ti/S/B net
     here, a warm-up run took 1.00-1.10x (10th-90th percentile) its stitch's later median
-    (``bench/warmup_timing.py``), while estimates were off by 0.84-1.44x on their first runs. A stitch stays
-    "estimated" (it has one run at one size); the controller's per-stitch factor refines it
-    online as before. Factors are kept within [0.5, 3]: a run can stall, an estimate cannot be
-    that wrong."""
+    (``bench/warmup_timing.py``), while estimates were off by 0.84-1.44x on their first runs.
+    A stitch stays "estimated" (it has one run at one size); the controller's per-stitch factor
+    refines it online as before. Factors are kept within [0.5, 3]: a run can stall, an estimate
+    cannot be that wrong."""
     factors = []
     rows = {s: dict(per_bs) for s, per_bs in profile.latency_ms.items()}
     for s in sorted(estimated):
