@@ -24,7 +24,7 @@ met / missed / shed) and the scheduler's predicted queue wait, and updates:
   backlog, the request's own HTTP work, compute), so that what the latency model does not see
   (contention, scheduler stalls, an estimated stitch running over its estimate) is still
   budgeted for: a share of the prediction plus fixed ms, set to cover 99.5% of the answered
-  requests of the last 30 s (at least 20, at most 256; 0.2 and no fixed part until there are
+  requests of the last 30 s (at most 256; a prior and fits to a few answers until there are
   20), see ``_margin``. Both parts, because both kinds of error occur: a stitch's own
   prediction error grows with it, while on a small VM a stall of the scheduler costs about the
   same 10-20 ms whatever runs.
@@ -195,6 +195,7 @@ def _tail_quantile(values: list[float]) -> float:
     rests on its largest two, and it extrapolates: the target lies beyond the window's own
     99th percentile."""
     n = len(values)
+    assert n > MARGIN_TAIL_MIN, n
     k = min(n - 1, max(MARGIN_TAIL_MIN, math.ceil(MARGIN_TAIL * n)))
     threshold = values[n - k - 1]
     scale = statistics.fmean(v - threshold for v in values[n - k :])
@@ -223,23 +224,29 @@ def _margin(pairs: list[tuple[float, float]]) -> tuple[float, float]:
     is the MARGIN_QUANTILE tail of all the answers so normalised: the pad of ``p`` is
     ``share * (p + c)``.
 
-    Below MARGIN_MIN_ANSWERS: a share only, the prior or, from MARGIN_MIN_FIT answers on, the
-    upper MARGIN_QUANTILE prediction bound of a log-normal fitted to the ratios (Student's t)
-    when that is wider. The share is at most MAX_MARGIN and the fixed part MAX_MARGIN times the
-    median prediction, so that a few stalls (a GC pause, a burst) cannot make the margin shed
-    everything."""
+    With fewer than MARGIN_MIN_FIT answers: a share only, the prior. Then, below
+    MARGIN_MIN_ANSWERS, ``c`` is the median prediction and the share is the prior or, when
+    wider, the upper MARGIN_QUANTILE prediction bound of a log-normal fitted to
+    ``(actual + c) / (predicted + c)`` (Student's t): a fresh server's first answers are its
+    least steady, and on the recorded idle DeiT runs a share alone covered 98.1% of the first
+    20 of each, this 99.4% (``bench/margin_replay.py``).
+
+    The share is at most MAX_MARGIN and the fixed part MAX_MARGIN times the median prediction
+    (so the pad of the median prediction is at most the prediction itself, whatever ``c``),
+    so that a few stalls (a GC pause, a burst) cannot make the margin shed everything."""
     n = len(pairs)
     if n < MARGIN_MIN_FIT:
         return MARGIN_PRIOR, 0.0
-    if n < MARGIN_MIN_ANSWERS:
-        logs = [math.log(max(a / p, 1e-6)) for a, p in pairs]
+    pairs = sorted(pairs, key=lambda ap: ap[1])
+    median = pairs[n // 2][1]
+    if n < MARGIN_MIN_ANSWERS:  # half share, half fixed (c = the median prediction)
+        logs = [math.log(max((a + median) / (p + median), 1e-6)) for a, p in pairs]
         fitted = math.exp(
             statistics.fmean(logs)
             + _t_quantile(n - 1) * statistics.stdev(logs) * math.sqrt(1 + 1 / n)
         )
-        return min(MAX_MARGIN, max(MARGIN_PRIOR, fitted - 1.0)), 0.0
-    pairs = sorted(pairs, key=lambda ap: ap[1])
-    median = pairs[n // 2][1]
+        share = min(MAX_MARGIN, max(MARGIN_PRIOR, fitted - 1.0))
+        return share, share * median
     lower, upper = pairs[: n // 2], pairs[n // 2 :]
 
     def overruns(c: float, part: list[tuple[float, float]]) -> list[float]:
@@ -257,8 +264,9 @@ def _margin(pairs: list[tuple[float, float]]) -> tuple[float, float]:
     else:  # too few to tell the two halves' tails apart: half of each kind
         c = median
     z = _tail_quantile(overruns(c, pairs))
-    if math.isinf(c):
-        return 0.0, min(MAX_MARGIN * median, max(0.0, z))
+    if math.isinf(c):  # past the fixed part's cap, the rest as a share (the same total cap)
+        fixed = min(MAX_MARGIN * median, max(0.0, z))
+        return min(MAX_MARGIN, max(0.0, z - fixed) / median), fixed
     share = min(MAX_MARGIN, max(0.0, z))
     return share, min(MAX_MARGIN * median, share * c)
 
@@ -375,7 +383,7 @@ class Controller:
         """One answered request's time outside the model queue, measured and as predicted
         (HTTP backlog, its own HTTP work and compute; see ``Engine.record_answer``); ``alone``
         if it was served alone (``Ingress``)."""
-        if predicted_ms > 0:
+        if predicted_ms > 0 and math.isfinite(actual_ms) and math.isfinite(predicted_ms):
             with self._lock:
                 self._residuals.append((time.monotonic(), actual_ms, predicted_ms))
                 if alone:

@@ -47,7 +47,6 @@ from .profiling import (
     choose_profile,
     choose_threads,
     cores,
-    rescale_estimates,
 )
 from .runner import InlineRunner, ProcessRunner, RunnerError
 from .scheduler import Result, Scheduler
@@ -237,17 +236,17 @@ def build_engine(
         "decoding and preprocessing here: %s",
         ", ".join(f"{b} bytes {ms:.2f} ms" for b, ms in points),
     )
-    if start.estimated:
-        profile, factors = rescale_estimates(profile, start.estimated, runner.first_ms, min(warm))
-        if factors:
-            log.info(
-                "%d estimated stitches scaled by their warm-up run at batch %d: x%.2f..x%.2f "
-                "(median x%.2f)", len(factors), min(warm), min(factors), max(factors),
-                statistics.median(factors),
-            )  # fmt: skip
-            source += f", {len(factors)} estimates checked by a warm-up run"
     stage("calibrating the latency profile")
-    serving, calibration = calibrate(net, runner, profile, warm, check)
+    serving, calibration, factors = calibrate(
+        net, runner, profile, warm, check, start.estimated, runner.first_ms
+    )
+    if factors:
+        log.info(
+            "%d estimated stitches scaled by their warm-up run at batch %d: x%.2f..x%.2f "
+            "(median x%.2f)", len(factors), min(warm), min(factors), max(factors),
+            statistics.median(factors),
+        )  # fmt: skip
+        source += f", {len(factors)} estimates checked by a warm-up run"
     source = f"{source}; {calibration}"
     latency = LatencyModel(serving)
     scheduler = Scheduler(

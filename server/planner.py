@@ -280,8 +280,10 @@ class Planner:
 
     def _rest_margin_text(self) -> str:
         c = self.controller
-        share = f"{100 * c.rest_margin:.0f}%"
-        return f"{share} + {c.rest_margin_ms:.1f} ms" if c.rest_margin_ms > 0 else share
+        share, ms = f"{100 * c.rest_margin:.0f}%", f"{c.rest_margin_ms:.1f} ms"
+        if c.rest_margin <= 0:
+            return ms
+        return f"{share} + {ms}" if c.rest_margin_ms > 0 else share
 
     def _too_tight(
         self,

@@ -11,11 +11,11 @@ and calibrated where requests will run.
    GFLOPs over the measured stitches, padded to the worst measured stitched route. The
    controller's per-stitch factor corrects them online once they run; ``GET /stitches`` says
    which stitches are estimated.
-4. ``rescale_estimates``: the runner's warm-up runs every stitch once; an estimated stitch's
-   times are scaled by how that run compared with its estimate.
-5. ``calibrate``: time the anchors through the serving runner; when any is outside a 15%
+4. ``calibrate``: time the anchors through the serving runner; when any is outside a 15%
    tolerance, every stitch's profile is mapped onto serving (a factor and a cost per batch, the
-   hop to the model process) before the first request.
+   hop to the model process) before the first request. Before that, ``rescale_estimates``:
+   the runner's warm-up runs every stitch once, and an estimated stitch's times are scaled by
+   how that run compared with its estimate.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ log = logging.getLogger("snnet.profiling")
 
 CALIBRATION_TOLERANCE = 0.15
 CALIBRATION_REPEATS = 3
+# How far one warm-up run may move an estimated stitch's times (see rescale_estimates).
+RESCALE_LIMIT = 1.5
 
 
 @dataclass(frozen=True)
@@ -133,15 +135,16 @@ def rescale_estimates(
     here, a warm-up run took 1.00-1.10x (10th-90th percentile) its stitch's later median
     (``bench/warmup_timing.py``), while estimates were off by 0.84-1.44x on their first runs.
     A stitch stays "estimated" (it has one run at one size); the controller's per-stitch factor
-    refines it online as before. Factors are kept within [0.5, 3]: a run can stall, an estimate
-    cannot be that wrong."""
+    refines it online as before. Factors are kept within [1/1.5, 1.5] (the estimates' own
+    errors were within 0.84-1.44x): a warm-up run that stalled must not make a stitch look so
+    dear that it is never chosen, and so never corrected."""
     factors = []
     rows = {s: dict(per_bs) for s, per_bs in profile.latency_ms.items()}
     for s in sorted(estimated):
         ms, est = first_ms.get(s), rows.get(s, {}).get(batch)
         if ms is None or not est or est <= 0:
             continue
-        f = min(3.0, max(0.5, ms / est))
+        f = min(RESCALE_LIMIT, max(1.0 / RESCALE_LIMIT, ms / est))
         rows[s] = {b: round(v * f, 4) for b, v in rows[s].items()}
         factors.append(f)
     out = LatencyProfile(
@@ -245,10 +248,16 @@ def calibrate(
     profile: LatencyProfile,
     batch_sizes: list[int],
     check: Callable[[], None],
-) -> tuple[LatencyProfile, str]:
+    estimated: frozenset[int] = frozenset(),
+    first_ms: dict[int, float] | None = None,
+) -> tuple[LatencyProfile, str, list[float]]:
     """Time the anchors where the model serves (through ``runner``: the same process layout,
     threads and pipe as requests) against ``profile``; the profile mapped onto what they
-    showed, and what was found.
+    showed, what was found, and the factors ``rescale_estimates`` applied to the
+    ``estimated`` stitches from their warm-up runs (``first_ms``, the runner's), if given.
+    Those runs are times on this machine, so they enter the profile divided by the map's
+    factor at the smallest batch size (else a profile from a machine that ran 1.5x faster
+    would have them at 1.5x once mapped).
 
     Two things make served times differ from a profile. A cost per batch that profiling in
     this process does not see: the hop to the model process and back (on the DeiT-Ti/S/B net
@@ -280,10 +289,18 @@ def calibrate(
         fits[b] = _affine_fit(points)
     ratio = statistics.median(ratios)
     spread = f"anchors ran x{min(ratios):.2f}..x{max(ratios):.2f} of the profile here"
-    if all(abs(r - 1.0) <= CALIBRATION_TOLERANCE for r in ratios):
+    trusted = all(abs(r - 1.0) <= CALIBRATION_TOLERANCE for r in ratios)
+    factors: list[float] = []
+    if estimated and first_ms:
+        smallest = min(batch_sizes)
+        f = 1.0 if trusted else _at(fits, smallest)[0]
+        profile, factors = rescale_estimates(
+            profile, estimated, {s: ms / f for s, ms in first_ms.items()}, smallest
+        )
+    if trusted:
         log.info("calibration: %s: within %.0f%%, profile trusted",
                  spread, CALIBRATION_TOLERANCE * 100)  # fmt: skip
-        return profile, f"calibrated x{ratio:.2f}, trusted"
+        return profile, f"calibrated x{ratio:.2f}, trusted", factors
     mapped = LatencyProfile(
         profile.fingerprint,
         list(profile.batch_sizes),
@@ -297,7 +314,7 @@ def calibrate(
     how = ", ".join(f"x{f:.2f} + {c:.2f} ms at batch {b}" for b, (f, c) in sorted(fits.items()))
     log.warning("calibration: %s: outside %.0f%%, every stitch mapped to serving: %s",
                 spread, CALIBRATION_TOLERANCE * 100, how)  # fmt: skip
-    return mapped, f"calibrated x{ratio:.2f}, rescaled ({how})"
+    return mapped, f"calibrated x{ratio:.2f}, rescaled ({how})", factors
 
 
 def _affine_fit(points: list[tuple[float, float]]) -> tuple[float, float]:

@@ -278,10 +278,12 @@ class ControllerState(BaseModel):
     margin: float = Field(
         description="Safety margin, its share: the planner pads a prediction p of the time "
         "outside the model queue to p * (1 + margin) + margin_ms. The pair covers 99.5% of the "
-        "answers of the last 30 s (at least 20, at most 256): for each of a few fixed parts, the "
-        "share from an exponential tail fitted to the top 10% of (measured + fixed) / "
-        "(predicted + fixed); the pair that pads least on average wins. Share at most 0.5; 0.2 "
-        "and no fixed part until 20 answers (from 5, a log-normal's 99.5% bound if wider)."
+        "answers of the last 30 s (at most 256): the overruns are normalised by the prediction "
+        "plus a fixed part c, the c whose answers below and above the median prediction have "
+        "the closest tails is taken, and the share is the 99.5% quantile of an exponential tail "
+        "fitted to the top 10% of them (at least 5); margin_ms = share * c. Share at most 0.5. "
+        "0.2 and no fixed part for the first 5 answers; until 20, c is the median prediction "
+        "and the share a log-normal's 99.5% bound if wider than 0.2."
     )
     margin_ms: float = Field(
         0.0,

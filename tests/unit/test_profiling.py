@@ -56,9 +56,9 @@ def test_an_estimate_is_scaled_at_every_batch_size_by_its_warm_up_run_within_lim
 
     assert out.latency_ms[0] == {1: 10.0, 4: 30.0}  # measured stitches are left alone
     assert out.latency_ms[3] == pytest.approx({1: 26.0, 4: 78.0})
-    assert out.latency_ms[4] == pytest.approx({1: 60.0, 4: 180.0})  # at most 3x
+    assert out.latency_ms[4] == pytest.approx({1: 30.0, 4: 90.0})  # at most 1.5x
     assert out.latency_ms[5] == {1: 20.0, 4: 60.0}
-    assert factors == pytest.approx([1.3, 3.0])
+    assert factors == pytest.approx([1.3, 1.5])
     assert profile.latency_ms[3] == {1: 20.0, 4: 60.0}  # the input is not changed
 
 
