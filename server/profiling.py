@@ -43,7 +43,8 @@ log = logging.getLogger("snnet.profiling")
 
 CALIBRATION_TOLERANCE = 0.15
 CALIBRATION_REPEATS = 3
-# How far one warm-up run may move an estimated stitch's times (see rescale_estimates).
+# How far one warm-up run may move an estimated stitch's times from where the median of all
+# of them moves the estimates (see rescale_estimates).
 RESCALE_LIMIT = 1.5
 
 
@@ -135,18 +136,26 @@ def rescale_estimates(
     here, a warm-up run took 1.00-1.10x (10th-90th percentile) its stitch's later median
     (``bench/warmup_timing.py``), while estimates were off by 0.84-1.44x on their first runs.
     A stitch stays "estimated" (it has one run at one size); the controller's per-stitch factor
-    refines it online as before. Factors are kept within [1/1.5, 1.5] (the estimates' own
-    errors were within 0.84-1.44x): a warm-up run that stalled must not make a stitch look so
-    dear that it is never chosen, and so never corrected."""
-    factors = []
+    refines it online as before.
+
+    Each factor is kept within RESCALE_LIMIT of the median factor: a warm-up run that stalled
+    must not make its stitch look so dear that it is never chosen, and so never corrected;
+    but when the estimates are off together, the warm-up runs all say so and the median
+    follows them (one DeiT start here profiled its few stitches while the VM ran slow, and
+    every estimate came out 2x or more too dear)."""
+    raw: dict[int, float] = {}
     rows = {s: dict(per_bs) for s, per_bs in profile.latency_ms.items()}
     for s in sorted(estimated):
         ms, est = first_ms.get(s), rows.get(s, {}).get(batch)
-        if ms is None or not est or est <= 0:
-            continue
-        f = min(RESCALE_LIMIT, max(1.0 / RESCALE_LIMIT, ms / est))
-        rows[s] = {b: round(v * f, 4) for b, v in rows[s].items()}
-        factors.append(f)
+        if ms is not None and est and est > 0 and ms > 0:
+            raw[s] = ms / est
+    factors = []
+    if raw:
+        mid = statistics.median(raw.values())
+        for s, f in raw.items():
+            f = min(mid * RESCALE_LIMIT, max(mid / RESCALE_LIMIT, f))
+            rows[s] = {b: round(v * f, 4) for b, v in rows[s].items()}
+            factors.append(f)
     out = LatencyProfile(
         profile.fingerprint, list(profile.batch_sizes), rows, profile.repeats, profile.warmup
     )

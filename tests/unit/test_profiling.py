@@ -40,26 +40,34 @@ def test_an_unmeasured_stitch_is_estimated_no_cheaper_than_the_measured_routes_l
 
 def test_an_estimate_is_scaled_at_every_batch_size_by_its_warm_up_run_within_limits():
     fp = DeviceFingerprint("cpu", "test", "x", 1, "float32")
-    profile = LatencyProfile(
-        fp,
-        [1, 4],
-        {
-            0: {1: 10.0, 4: 30.0},  # measured
-            3: {1: 20.0, 4: 60.0},  # estimated, ran 1.3x its estimate at warm-up
-            4: {1: 20.0, 4: 60.0},  # estimated, a warm-up run that stalled 10x
-            5: {1: 20.0, 4: 60.0},  # estimated, no warm-up time
-        },
-    )
-    first_ms = {0: 11.0, 3: 26.0, 4: 200.0}
+    rows = {0: {1: 10.0, 4: 30.0}}  # measured
+    rows |= {s: {1: 20.0, 4: 60.0} for s in range(3, 9)}  # estimated
+    profile = LatencyProfile(fp, [1, 4], rows)
+    # runs at 1.1x their estimates, one at 1.3x, one that stalled 10x, one with no time
+    first_ms = {0: 11.0, 3: 26.0, 4: 200.0, 5: 22.0, 6: 22.0, 7: 22.0}
 
-    out, factors = rescale_estimates(profile, frozenset({3, 4, 5}), first_ms, 1)
+    out, factors = rescale_estimates(profile, frozenset(range(3, 9)), first_ms, 1)
 
     assert out.latency_ms[0] == {1: 10.0, 4: 30.0}  # measured stitches are left alone
     assert out.latency_ms[3] == pytest.approx({1: 26.0, 4: 78.0})
-    assert out.latency_ms[4] == pytest.approx({1: 30.0, 4: 90.0})  # at most 1.5x
-    assert out.latency_ms[5] == {1: 20.0, 4: 60.0}
-    assert factors == pytest.approx([1.3, 1.5])
+    assert out.latency_ms[5] == pytest.approx({1: 22.0, 4: 66.0})
+    # the stall: at most 1.5x the median factor (1.1), not 10x
+    assert out.latency_ms[4] == pytest.approx({1: 33.0, 4: 99.0})
+    assert out.latency_ms[8] == {1: 20.0, 4: 60.0}
+    assert sorted(factors) == pytest.approx([1.1, 1.1, 1.1, 1.3, 1.65])
     assert profile.latency_ms[3] == {1: 20.0, 4: 60.0}  # the input is not changed
+
+
+def test_estimates_that_are_all_too_dear_follow_their_warm_up_runs_together():
+    """A profile measured while the machine ran slow inflates every estimate: the warm-up runs
+    all say so, and the median factor takes them there (no limit on the common part)."""
+    fp = DeviceFingerprint("cpu", "test", "x", 1, "float32")
+    profile = LatencyProfile(fp, [1], {s: {1: 100.0} for s in range(10)})
+    first_ms = {s: 25.0 + s for s in range(10)}  # 0.25-0.34x
+
+    out, factors = rescale_estimates(profile, frozenset(range(10)), first_ms, 1)
+
+    assert [out.latency_ms[s][1] for s in range(10)] == pytest.approx(list(first_ms.values()))
 
 
 def test_calibration_fits_a_per_batch_cost_and_a_factor_over_the_anchors():
