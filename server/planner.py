@@ -269,14 +269,17 @@ class Planner:
         """(ms, least budget) a request of ``payload_bytes`` needs on this server when idle,
         learnt from requests served alone: reading and parsing it, its own HTTP work and
         ``compute_ms`` at rest (times the ``cold`` factor, up to a quiet machine's), with an idle
-        server's safety margin on those two; the least budget adds the network's share. A
+        server's safety margin on those two; the least budget adds the network's share and
+        counts a reading slower than the median (``Ingress.rest_pre_high_ms``). A
         burst's contention, busy event loop and misses raise what admission predicts, not this:
         that is load (503), not a budget no idle server could meet (422). A client that retries
         with the least budget is admitted on an idle server."""
         pre, own = self.ingress.rest_ms(payload_bytes)
         compute = min(cold, self.scheduler.cold_at_rest) * compute_ms
         need = pre + own + compute + self.controller.pad_ms(own + compute, alone=True)
-        return need, math.ceil((need + self.network_ms) * 100) / 100
+        # the least budget counts a slower reading than the median (Ingress.rest_pre_high_ms)
+        high = need - pre + self.ingress.rest_pre_high_ms(payload_bytes)
+        return need, math.ceil((high + self.network_ms) * 100) / 100
 
     def _rest_margin_text(self) -> str:
         c = self.controller
