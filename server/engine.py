@@ -41,13 +41,7 @@ from .ingress import Ingress
 from .latency import LatencyModel
 from .metrics import Metrics
 from .planner import Plan, Planner
-from .profiling import (
-    calibrate,
-    choose_dtype,
-    choose_profile,
-    choose_threads,
-    cores,
-)
+from .profiling import calibrate, choose_dtype, choose_profile, choose_threads, cores
 from .runner import InlineRunner, ProcessRunner, RunnerError
 from .scheduler import Result, Scheduler
 

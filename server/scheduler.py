@@ -4,10 +4,10 @@ the model.
 One worker thread feeds the model, which runs in that thread or in a child process
 (``server.runner``); torch already spreads one forward over the CPU's cores, and a GPU runs one
 stream at a time. The one exception: a small request that finds a child process idle and nothing
-queued is sent to it by the event loop, which reads the answer too (``submit``). Requests wait in one queue per stitch, each in deadline order; the worker
-serves the queue whose head has the earliest deadline, and holds a batch open for more requests
-of the same stitch until it is full, ``max_batch_wait`` has passed, or the head's deadline would
-be at risk. A request of more images than ``max_batch`` runs as consecutive batches of at most
+queued is sent to it by the event loop, which reads the answer too (``submit``). Requests wait
+in one queue per stitch, each in deadline order; the worker serves the queue whose head has the
+earliest deadline, and holds a batch open for more requests of the same stitch until it is
+full, ``max_batch_wait`` has passed, or the head's deadline would be at risk. A request of more images than ``max_batch`` runs as consecutive batches of at most
 ``max_batch``.
 
 The scheduler decides nothing about which stitch a request gets: ``view`` shows the planner
@@ -447,12 +447,11 @@ class Scheduler:
         of what ran."""
         compute_ms = (time.monotonic() - start) * 1e3
         n = logits.shape[0]
-        full, rest = divmod(n, self.max_batch)
-        sizes = [self.max_batch] * full + ([rest] if rest else [])
-        predicted_ms = sum(self.latency.predict_ms(stitch, b) for b in sizes)
-        self.learn_ratio(cold, compute_ms, predicted_ms)
+        self.learn_ratio(cold, compute_ms, self.batches_ms(stitch, n))
         # The controller corrects the latency model from compute_seconds and this (one law:
         # observed / profiled compute, see server.controller).
+        full, rest = divmod(n, self.max_batch)
+        sizes = [self.max_batch] * full + ([rest] if rest else [])
         base_ms = sum(self.latency.base_ms(stitch, b) for b in sizes)
         self.metrics.compute_profiled_seconds.labels(str(stitch)).inc(base_ms / 1e3)
         answers, i = [], 0
