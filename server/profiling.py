@@ -364,7 +364,7 @@ THREADS_GAIN = 0.15
 
 
 def cores() -> int:
-    """The cores this process may use."""
+    """The cores this process may run on: its affinity mask (a cpuset), not a CPU quota."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

@@ -30,6 +30,8 @@ import torch
 
 from snnet_core import SNNet
 
+from .profiling import cores
+
 log = logging.getLogger("snnet.runner")
 
 # How long a child may take to start (import torch and timm, map the weights, warm up).
@@ -53,6 +55,26 @@ START_TIMEOUT_S = 300.0
 # cliff here and no worse under load. The cliff sits at a time, not a count: a value the user
 # set wins.
 CHILD_ENV = {"GOMP_SPINCOUNT": "20000"}
+
+# One model thread per core, bound to it, when the model's threads take every core this process
+# may use. Unbound, a thread woken on a core (the event loop's 5 ms timer, the controller, a
+# kernel thread) pushed an OpenMP thread off it, the scheduler sometimes moved that thread onto
+# the other team member's core, and the whole team waited at the next barrier until it moved
+# back: idle DeiT-Ti/S/B on 2 cores, stitch 0 (15 ms) took up to 20-60 ms. Bound, a preempted
+# thread waits only for the short task that preempted it (``bench/pinning.py``). Only then:
+# with fewer threads than cores, every replica on a host would bind its team to the same first
+# cores. Either variable set by the user leaves both to the user (OMP_PROC_BIND=false: unbound).
+PIN_ENV = {"OMP_PROC_BIND": "true", "OMP_PLACES": "cores"}
+
+
+def child_env(threads: int | None) -> dict[str, str]:
+    """The OpenMP settings the model process gets for ``threads`` torch threads (where the
+    user has not set them): the spin count, and ``PIN_ENV`` when the threads take every core."""
+    env = dict(CHILD_ENV)
+    user_binds = any(k in os.environ for k in PIN_ENV)
+    if threads and threads >= cores() and not user_binds:
+        env.update(PIN_ENV)
+    return env
 
 
 @contextlib.contextmanager
@@ -247,7 +269,8 @@ class ProcessRunner:
             target=_serve, args=(child, self.net, self.threads, self.dtype, self.warm_batch_sizes),
             name="snnet-model", daemon=True,
         )  # fmt: skip
-        with _child_env(CHILD_ENV):
+        env = child_env(self.threads)
+        with _child_env(env):
             proc.start()
         child.close()
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -274,7 +297,11 @@ class ProcessRunner:
             raise RunnerError(f"the model process sent {msg!r} instead of ready")
         self.first_ms: dict[int, float] = msg[1]
         self._conn, self._proc = parent, proc
-        log.info("model process %d ready (%.1fs)", proc.pid, time.perf_counter() - t0)
+        self.bound = "OMP_PROC_BIND" in env
+        log.info(
+            "model process %d ready (%.1fs; %s threads%s)", proc.pid, time.perf_counter() - t0,
+            self.threads or "default", ", one bound to each core" if self.bound else "",
+        )  # fmt: skip
 
     @property
     def pid(self) -> int | None:

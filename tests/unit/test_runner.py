@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.runner import CHILD_ENV, InlineRunner, ProcessRunner, RunnerError
+from server.profiling import cores
+from server.runner import CHILD_ENV, PIN_ENV, InlineRunner, ProcessRunner, RunnerError
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,32 @@ def test_the_child_gets_the_measured_openmp_spin_unless_the_user_set_one(net, mo
         assert b"GOMP_SPINCOUNT=123" in Path(f"/proc/{proc.pid}/environ").read_bytes()
     finally:
         proc.close()
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or cores() < 2, reason="needs Linux and 2 cores"
+)
+def test_the_model_threads_are_bound_one_per_core_only_when_they_take_every_core(net, monkeypatch):
+    """Bound, a preempted OpenMP thread cannot be moved onto its team mate's core (the idle
+    DeiT net's stalls, ``bench/pinning.py``); with fewer threads than cores, replicas on one
+    host would all bind to the same first cores, so the model's threads float."""
+    for k in PIN_ENV:
+        monkeypatch.delenv(k, raising=False)
+
+    def child_cores(threads: int) -> tuple[bool, set[int]]:
+        proc = ProcessRunner(net, torch.float32, threads=threads)
+        try:  # the child's main thread runs the forward: OpenMP binds it at start
+            return proc.bound, os.sched_getaffinity(proc.pid)
+        finally:
+            proc.close()
+
+    every = os.sched_getaffinity(0)
+    bound, mask = child_cores(cores())
+    assert bound and len(mask) == 1 and mask <= every
+    assert "OMP_PROC_BIND" not in os.environ  # only the child's environment had it
+    assert child_cores(cores() - 1) == (False, every)
+    monkeypatch.setenv("OMP_PROC_BIND", "false")  # the user's choice wins
+    assert child_cores(cores()) == (False, every)
 
 
 def test_the_warm_up_times_every_stitch_but_the_anchors_once_in_either_runner(runners, net):
