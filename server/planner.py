@@ -196,12 +196,15 @@ class Planner:
         )
         ingress = self.ingress.wait_ms()
         fits, queue_ms = False, view.ahead_ms
+        least_now = math.inf  # the least any stitch of the pool needs now, with its margin
         for s in pool:
             before = self.scheduler.batches_ms(s, view.counts.get(s, 0))
             compute = cold * self.scheduler.batches_ms(s, view.counts.get(s, 0) + n)
             queue_ms = view.ahead_ms - before  # its batch starts where its stitch's queue does
             margin = self.controller.pad_ms(ingress + http + compute, alone=alone)
-            if spent + ingress + http + compute + margin + queue_ms > server_budget:
+            total = spent + ingress + http + compute + margin + queue_ms
+            least_now = min(least_now, total)
+            if total > server_budget:
                 continue
             fits = True
             if compute - before <= view.later_slack_ms - margin:
@@ -227,21 +230,27 @@ class Planner:
                     f"{self._rest_margin_text()}); allowed: "
                     f"latency_budget_ms >= {least:.2f}",
                 )
+            # What makes now dearer than an idle server, each named where it adds 0.5 ms or
+            # more (a reason that adds nothing only misleads).
             why = []
             pre = self.ingress.rest_ms(payload_bytes)[0]
-            if spent + ingress >= 0.5:
+            if spent + ingress - pre >= 0.5:
                 why.append(
                     f"{spent + ingress:.1f} ms went by in the HTTP layer before it was planned, "
                     f"{pre:.1f} ms on an idle server"
                 )
-            if slow > 1.05:
+            if slow > 1.0 and fastest * (slow - 1.0) >= 0.5:
                 why.append(f"the device runs {slow:.2f}x slower than at start-up just now")
-            if cold > self.scheduler.cold_at_rest * 1.05:
+            rest_cold = self.scheduler.cold_at_rest
+            if cold > rest_cold and fastest * (cold - rest_cold) >= 0.5:
                 why.append(f"batches after a pause run {cold:.2f}x their prediction just now")
+            now_least = math.ceil((least_now + self.network_ms) * 100) / 100
             return Refusal(
                 503,
-                f"overloaded: latency_budget_ms={budget:g} would do on an idle server, but not "
-                f"now ({'; '.join(why) or 'load'}); retry later",
+                f"overloaded: latency_budget_ms={budget:g} would do on an idle server (it needs "
+                f"{need:.1f} ms there), but not now: {least_now:.1f} ms "
+                f"({'; '.join(why) or 'load'}); retry later, or with latency_budget_ms >= "
+                f"{now_least:.2f}",
                 1,
             )
         retry = max(1, math.ceil((ingress + queue_ms) / 1e3))

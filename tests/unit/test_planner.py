@@ -4,6 +4,7 @@ Stitch s costs (s + 1) ms per image and stitch 22 is the most accurate (tests/_p
 """
 
 import asyncio
+import re
 import time
 
 import pytest
@@ -206,6 +207,11 @@ def test_a_budget_lost_to_a_busy_http_layer_is_load_503_not_a_bad_budget_422():
     planner.controller._apply_corrections()
     r = planner.plan(opts(latency_budget_ms=2.5), 1, NOW)  # stitch 0: 3 ms now, 1 ms idle
     assert r.status == 503 and "runs 3.00x slower than at start-up" in r.detail
+    assert "went by in the HTTP layer" not in r.detail  # nothing did: not named as a reason
+    # It says what would be admitted now, and a retry with that is.
+    least = float(re.search(r"or with latency_budget_ms >= ([0-9.]+)", r.detail).group(1))
+    assert 2.5 < least <= 3.5
+    assert stitch(planner.plan(opts(latency_budget_ms=least), 1, NOW)) == 0
     r = planner.plan(opts(latency_budget_ms=0.5), 1, NOW)
     assert r.status == 422 and "latency_budget_ms >= 1.00" in r.detail
     planner.baseline_policies = True  # the static baseline alike (it raised StopIteration)
