@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import statistics
 import threading
@@ -259,6 +260,7 @@ def calibrate(
     check: Callable[[], None],
     estimated: frozenset[int] = frozenset(),
     first_ms: dict[int, float] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[LatencyProfile, str, list[float]]:
     """Time the anchors where the model serves (through ``runner``: the same process layout,
     threads and pipe as requests) against ``profile``; the profile mapped onto what they
@@ -278,30 +280,44 @@ def calibrate(
     fitted over the anchors, and when any anchor is outside ``CALIBRATION_TOLERANCE`` of its
     profile the map (interpolated in batch size) is applied to every stitch before the first
     request; the controller refines it online.
+
+    The map is checked against the warm-up runs of the measured stitches that are not anchors
+    (``first_ms``; a few seconds earlier, in the same process): when the map puts them, at the
+    median, outside ``CALIBRATION_TOLERANCE`` of their runs, the anchors are timed once more
+    and the map that agrees better is kept. A calibration timed while something else took the
+    cores (on the DeiT net here, a test run beside the server: x2.36 + 3.3 ms, the warm-up runs
+    at the profile) would otherwise leave every measured stitch, the anchors with the cheapest
+    of them, too dear to be chosen, and so to be corrected online: budgets up to 85 ms got a
+    422 where 40 ms would do.
     """
     anchors = [st.id for st in net.stitches if not st.cut]
     base = LatencyModel(profile)
-    fits: dict[int, tuple[float, float]] = {}
-    ratios = []
-    for b in sorted(set(batch_sizes)):
-        x = torch.zeros(b, *net.input_size)
-        points = []
-        for a in anchors:
-            times = []
-            for _ in range(CALIBRATION_REPEATS):
-                check()
-                t0 = time.perf_counter()
-                runner(x, a)
-                times.append((time.perf_counter() - t0) * 1e3)
-            points.append((base.base_ms(a, b), statistics.median(times)))
-        ratios += [m / p for p, m in points]
-        fits[b] = _affine_fit(points)
+    smallest = min(batch_sizes)
+    fits, ratios = _time_anchors(net, runner, base, anchors, batch_sizes, check, clock)
+    runs = {
+        s: ms
+        for s, ms in (first_ms or {}).items()
+        if s not in estimated and s not in anchors and s in profile.latency_ms
+    }
+    if runs:
+        agree = _agreement(fits, base, runs, smallest)
+        if abs(agree - 1.0) > CALIBRATION_TOLERANCE:
+            log.warning(
+                "calibration: its map puts the warm-up runs of %d measured stitches at x%.2f; "
+                "timing the anchors again", len(runs), agree,
+            )  # fmt: skip
+            again, again_ratios = _time_anchors(
+                net, runner, base, anchors, batch_sizes, check, clock
+            )
+            agree_again = _agreement(again, base, runs, smallest)
+            if abs(math.log(agree_again)) < abs(math.log(agree)):
+                fits, ratios, agree = again, again_ratios, agree_again
+            log.info("calibration: kept the map that puts them at x%.2f", agree)
     ratio = statistics.median(ratios)
     spread = f"anchors ran x{min(ratios):.2f}..x{max(ratios):.2f} of the profile here"
     trusted = all(abs(r - 1.0) <= CALIBRATION_TOLERANCE for r in ratios)
     factors: list[float] = []
     if estimated and first_ms:
-        smallest = min(batch_sizes)
         f = 1.0 if trusted else _at(fits, smallest)[0]
         profile, factors = rescale_estimates(
             profile, estimated, {s: ms / f for s, ms in first_ms.items()}, smallest
@@ -324,6 +340,43 @@ def calibrate(
     log.warning("calibration: %s: outside %.0f%%, every stitch mapped to serving: %s",
                 spread, CALIBRATION_TOLERANCE * 100, how)  # fmt: skip
     return mapped, f"calibrated x{ratio:.2f}, rescaled ({how})", factors
+
+
+def _time_anchors(
+    net: SNNet,
+    runner: Callable[[torch.Tensor, int], torch.Tensor],
+    base: LatencyModel,
+    anchors: list[int],
+    batch_sizes: list[int],
+    check: Callable[[], None],
+    clock: Callable[[], float],
+) -> tuple[dict[int, tuple[float, float]], list[float]]:
+    """The map ``served = f x profiled + c`` per batch size from the anchors' median of
+    CALIBRATION_REPEATS runs through ``runner``, and each anchor's served / profiled."""
+    fits: dict[int, tuple[float, float]] = {}
+    ratios = []
+    for b in sorted(set(batch_sizes)):
+        x = torch.zeros(b, *net.input_size)
+        points = []
+        for a in anchors:
+            times = []
+            for _ in range(CALIBRATION_REPEATS):
+                check()
+                t0 = clock()
+                runner(x, a)
+                times.append((clock() - t0) * 1e3)
+            points.append((base.base_ms(a, b), statistics.median(times)))
+        ratios += [m / p for p, m in points]
+        fits[b] = _affine_fit(points)
+    return fits, ratios
+
+
+def _agreement(
+    fits: dict[int, tuple[float, float]], base: LatencyModel, runs: dict[int, float], batch: int
+) -> float:
+    """The median of warm-up run / mapped profile over ``runs`` (stitch -> ms at ``batch``)."""
+    f, c = _at(fits, batch)
+    return statistics.median(ms / (f * base.base_ms(s, batch) + c) for s, ms in runs.items())
 
 
 def _affine_fit(points: list[tuple[float, float]]) -> tuple[float, float]:

@@ -1,10 +1,19 @@
-"""Start-up estimates of stitches the profile did not measure, and the thread count."""
+"""Start-up estimates of stitches the profile did not measure, calibration, the thread count."""
 
+import logging
 import statistics
 
 import pytest
 
-from server.profiling import _affine_fit, _at, estimate, pick_threads, rescale_estimates
+from server.profiling import (
+    CALIBRATION_REPEATS,
+    _affine_fit,
+    _at,
+    calibrate,
+    estimate,
+    pick_threads,
+    rescale_estimates,
+)
 from snnet_core import StitchMenu, StitchRow
 from snnet_core.profile import DeviceFingerprint, LatencyProfile
 
@@ -83,6 +92,52 @@ def test_calibration_fits_a_per_batch_cost_and_a_factor_over_the_anchors():
     # A line that would start below zero is refitted through the origin: no negative cost.
     f, c = _affine_fit([(10.0, 9.0), (20.0, 21.0)])
     assert c == 0.0 and f == pytest.approx((90 + 420) / 500)
+
+
+class _Served:
+    """A runner on a clock of its own: a run of stitch s at batch b takes (1 + s) * b ms of it,
+    times ``slow`` for the next ``slow_runs`` runs (the cores taken by something else)."""
+
+    def __init__(self, slow: float = 1.0, slow_runs: int = 0) -> None:
+        self.now, self.runs, self.slow, self.slow_runs = 0.0, 0, slow, slow_runs
+
+    def __call__(self, x, stitch):
+        factor = self.slow if self.runs < self.slow_runs else 1.0
+        self.runs += 1
+        self.now += (1 + stitch) * x.shape[0] * factor / 1e3
+
+    def clock(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("calibration_slow, warm_up_slow, passes", [(3.0, 1.0, 2), (1.0, 1.0, 1)])
+def test_a_calibration_its_warm_up_runs_contradict_is_timed_again(
+    tiny_net, caplog, calibration_slow, warm_up_slow, passes
+):
+    """Timed while something else took the cores, the anchors would map every measured
+    stitch 3x too dear (never chosen, so never corrected); the measured stitches' warm-up runs,
+    seconds earlier, say otherwise, so the anchors are timed again and that map is kept. When
+    the two agree, the anchors are timed once."""
+    anchors = [st.id for st in tiny_net.stitches if not st.cut]
+    fp = DeviceFingerprint("cpu", "test", "x", 1, "float32")
+    profile = LatencyProfile(
+        fp, [1, 8], {s: {1: 1.0 + s, 8: 8.0 * (1 + s)} for s in range(len(tiny_net.stitches))}
+    )
+    measured, estimated = {3, 4, 5, 6}, frozenset(range(7, len(tiny_net.stitches)))
+    first_ms = {s: warm_up_slow * (1.0 + s) for s in measured | estimated}
+    one_pass = len(anchors) * 2 * CALIBRATION_REPEATS
+    served = _Served(calibration_slow, one_pass)
+
+    with caplog.at_level(logging.INFO, logger="snnet.profiling"):
+        out, how, factors = calibrate(
+            tiny_net, served, profile, [1, 8], lambda: None, estimated, first_ms, served.clock
+        )
+
+    assert served.runs == passes * one_pass
+    assert how == "calibrated x1.00, trusted"  # the second timing, not the 3x one
+    assert out.latency_ms[anchors[0]] == {1: 1.0 + anchors[0], 8: 8.0 * (1 + anchors[0])}
+    assert factors == pytest.approx([1.0] * len(estimated))
+    assert ("timing the anchors again" in caplog.text) == (passes == 2)
 
 
 @pytest.mark.parametrize(
