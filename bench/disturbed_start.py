@@ -1,0 +1,99 @@
+"""A start-up whose calibration runs while another process takes the cores: are the
+predictions right once it is ready?
+
+    python bench/disturbed_start.py [--hog-s 5] [--dir /tmp/snnet-deit] [--runs 5]
+
+Serves the DeiT-Ti/S/B SN-Net (built by ``bench/deit_idle.py``) with a fresh profile cache and
+starts two busy processes for ``--hog-s`` seconds when the server logs that it is about to
+calibrate (the line on decoding costs comes just before). Once ready, it asks for each anchor
+``--runs`` times by ``stitch_id`` and compares the compute time with the anchor's prediction
+(``GET /stitches``, batch 1). Prints the server's calibration lines and ends with one JSON
+line: each anchor's predicted / measured compute, and whether the anchors were timed again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _server import SNNET, free_port  # noqa: E402
+from deit_idle import photo_jpeg  # noqa: E402
+
+HOG = "import time\nend = time.time() + {s}\nwhile time.time() < end:\n    pass\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--hog-s", type=float, default=5.0)
+    ap.add_argument("--dir", default="/tmp/snnet-deit")
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    if not (Path(args.dir) / "manifest.json").is_file():
+        raise SystemExit(f"no checkpoint in {args.dir}: run bench/deit_idle.py once to build it")
+    port = free_port()
+    env = {
+        **os.environ, "SNNET_WEIGHTS": args.dir, "SNNET_GRPC_PORT": "0",
+        "SNNET_PROFILE_CACHE": str(Path(tempfile.mkdtemp()) / "profiles.json"),
+    }  # fmt: skip
+    proc = subprocess.Popen(
+        [SNNET, "serve", "--port", str(port), "--host", "127.0.0.1"],
+        env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    hogs: list[subprocess.Popen] = []
+    again = False
+    try:
+        for line in proc.stderr:
+            if "decoding and preprocessing here" in line and not hogs:
+                code = HOG.format(s=args.hog_s)
+                hogs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
+                print(f"two busy processes for {args.hog_s:g} s from here", flush=True)
+            if "calibration" in line or "ready in" in line:
+                print("   ", line.strip()[24:], flush=True)
+                again |= "timing the anchors again" in line
+            if "ready in" in line:
+                break
+            if "Traceback" in line:
+                raise SystemExit(f"server failed to start: {line}")
+        else:
+            raise SystemExit("server exited before it was ready")
+        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+        for h in hogs:
+            h.wait()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        conn.request("GET", "/stitches")
+        menu = json.loads(conn.getresponse().read())["stitches"]
+        anchors = [s for s in menu if len(s["anchors"]) == 1]
+        image = base64.b64encode(photo_jpeg()).decode()
+        ratios = {}
+        for a in anchors:
+            body = json.dumps({"image": image, "stitch_id": a["id"]})
+            ms = []
+            for _ in range(args.runs):
+                conn.request("POST", "/classify", body, {"Content-Type": "application/json"})
+                r = conn.getresponse()
+                ms.append(json.loads(r.read())["timing"]["compute_ms"])
+            measured, predicted = statistics.median(ms), a["predicted_ms"]["1"]
+            ratios[a["id"]] = round(predicted / measured, 2)
+            print(f"anchor {a['id']} ({a['anchors'][0]}): predicted {predicted:.1f} ms, "
+                  f"measured {measured:.1f} ms (median of {args.runs})")  # fmt: skip
+        conn.close()
+    finally:
+        for h in hogs:
+            h.kill()
+        proc.terminate()
+        proc.wait(60)
+    print(json.dumps({"timed_again": again, "predicted_over_measured": ratios}))
+
+
+if __name__ == "__main__":
+    main()
