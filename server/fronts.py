@@ -60,6 +60,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from .errors import Refusal
+from .runner import SPAWN_ENV_LOCK
 
 log = logging.getLogger("snnet.fronts")
 
@@ -348,7 +349,8 @@ class Fronts:
         self._stopping = False
 
     def _spawn(self) -> subprocess.Popen:
-        env = {**os.environ, "SNNET_HOST": self.host, "SNNET_PORT": str(self.port)}
+        with SPAWN_ENV_LOCK:  # not the model child's OpenMP settings (server.runner)
+            env = {**os.environ, "SNNET_HOST": self.host, "SNNET_PORT": str(self.port)}
         args = [sys.executable, "-m", "server.fronts", self.channel, self.http]
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)

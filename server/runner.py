@@ -77,17 +77,24 @@ def child_env(threads: int | None) -> dict[str, str]:
     return env
 
 
+# Held while this process's environment carries the model child's settings: anything else
+# that starts a process from a copy of it (the front processes, ``server.fronts``) takes it too,
+# or a front started in that moment would bind its event loop to one core.
+SPAWN_ENV_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _child_env(env: dict[str, str]):
     """Set ``env`` (where not already set) in this process's environment while a child is
     spawned: it inherits it; this process's OpenMP runtime read its own long ago."""
-    added = {k: v for k, v in env.items() if k not in os.environ}
-    os.environ.update(added)
-    try:
-        yield
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
+    with SPAWN_ENV_LOCK:
+        added = {k: v for k, v in env.items() if k not in os.environ}
+        os.environ.update(added)
+        try:
+            yield
+        finally:
+            for k in added:
+                os.environ.pop(k, None)
 
 
 class RunnerError(RuntimeError):
