@@ -1,4 +1,4 @@
-"""Model threads bound one per core against floating threads, side by side on a real-size net.
+"""Model threads bound one per CPU against floating threads, side by side on a real-size net.
 
     python bench/pinning.py [--rounds 2] [--requests 300] [--clients 3] [--seconds 20]
                             [--dir /tmp/snnet-deit]
@@ -94,6 +94,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--dir", default="/tmp/snnet-deit")
     args = ap.parse_args()
+    if args.requests < 40:
+        raise SystemExit("--requests: at least 40 (the first 20 are dropped)")
     if not (Path(args.dir) / "manifest.json").is_file():
         raise SystemExit(f"no checkpoint in {args.dir}: run bench/deit_idle.py once to build it")
     image = base64.b64encode(photo_jpeg()).decode()
@@ -108,6 +110,11 @@ def main() -> None:
             proc, url = start_server(env, log=log)
             try:
                 said = next((line for line in log if "model process" in line), "")
+                if ("one bound to each CPU" in said) != (way == "bound"):
+                    raise SystemExit(
+                        f"the {way} server did not start that way (fewer threads than CPUs, or "
+                        f"OMP_PROC_BIND set in this shell?): {said.strip()}"
+                    )
                 fig = {**steadiness(url, body, args.requests)}
                 fig.update(contention(url, image, args.clients, args.seconds))
             finally:

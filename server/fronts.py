@@ -59,8 +59,8 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from .environ import environ_copy
 from .errors import Refusal
-from .runner import SPAWN_ENV_LOCK
 
 log = logging.getLogger("snnet.fronts")
 
@@ -349,8 +349,8 @@ class Fronts:
         self._stopping = False
 
     def _spawn(self) -> subprocess.Popen:
-        with SPAWN_ENV_LOCK:  # not the model child's OpenMP settings (server.runner)
-            env = {**os.environ, "SNNET_HOST": self.host, "SNNET_PORT": str(self.port)}
+        # (not the model child's OpenMP settings, if it is starting just now: server.environ)
+        env = environ_copy(SNNET_HOST=self.host, SNNET_PORT=str(self.port))
         args = [sys.executable, "-m", "server.fronts", self.channel, self.http]
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -370,7 +370,8 @@ class Fronts:
                 if p.poll() not in (None, 0) and not self._stopping:
                     log.error("front process %d exited (code %s); starting another", p.pid,
                               p.returncode)  # fmt: skip
-                    self.procs[i] = self._spawn()
+                    # in a thread: a model child starting now holds the environment's lock
+                    self.procs[i] = await asyncio.to_thread(self._spawn)
             await asyncio.sleep(period_s)
 
     def stop(self, grace_s: float) -> None:

@@ -244,13 +244,17 @@ class Planner:
             rest_cold = self.scheduler.cold_at_rest
             if cold > rest_cold and fastest * (cold - rest_cold) >= 0.5:
                 why.append(f"batches after a pause run {cold:.2f}x their prediction just now")
-            now_least = math.ceil((least_now + self.network_ms) * 100) / 100
+            # Both as budgets (with the network's share), comparable with the one given. The
+            # one for now counts the time this request lost before planning: enough, if more
+            # than a retry may need.
+            idle_budget = need + self.network_ms
+            now_budget = math.ceil((least_now + self.network_ms) * 100) / 100
             return Refusal(
                 503,
                 f"overloaded: latency_budget_ms={budget:g} would do on an idle server (it needs "
-                f"{need:.1f} ms there), but not now: {least_now:.1f} ms "
+                f"{idle_budget:.1f} ms there), but not now: {now_budget:.1f} ms "
                 f"({'; '.join(why) or 'load'}); retry later, or with latency_budget_ms >= "
-                f"{now_least:.2f}",
+                f"{now_budget:.2f}",
                 1,
             )
         retry = max(1, math.ceil((ingress + queue_ms) / 1e3))

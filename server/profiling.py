@@ -312,7 +312,10 @@ def calibrate(
             agree_again = _agreement(again, base, runs, smallest)
             if abs(math.log(agree_again)) < abs(math.log(agree)):
                 fits, ratios, agree = again, again_ratios, agree_again
-            log.info("calibration: kept the map that puts them at x%.2f", agree)
+            if abs(agree - 1.0) > CALIBRATION_TOLERANCE:  # still: the online corrections will
+                log.warning("calibration: kept the map that puts them at x%.2f", agree)
+            else:
+                log.info("calibration: kept the map that puts them at x%.2f", agree)
     ratio = statistics.median(ratios)
     spread = f"anchors ran x{min(ratios):.2f}..x{max(ratios):.2f} of the profile here"
     trusted = all(abs(r - 1.0) <= CALIBRATION_TOLERANCE for r in ratios)
@@ -374,9 +377,17 @@ def _time_anchors(
 def _agreement(
     fits: dict[int, tuple[float, float]], base: LatencyModel, runs: dict[int, float], batch: int
 ) -> float:
-    """The median of warm-up run / mapped profile over ``runs`` (stitch -> ms at ``batch``)."""
-    f, c = _at(fits, batch)
-    return statistics.median(ms / (f * base.base_ms(s, batch) + c) for s, ms in runs.items())
+    """The median of warm-up run / (the map's factor x profile) over ``runs`` (stitch -> ms at
+    ``batch``). Not the map's per-batch cost: the warm-up runs were timed inside the model
+    process, without the hop to it (as ``rescale_estimates`` takes them). 1.0 with no usable
+    run."""
+    f = _at(fits, batch)[0]
+    ratios = [
+        ms / (f * p)
+        for s, ms in runs.items()
+        if f > 0 and ms > 0 and (p := base.base_ms(s, batch)) > 0
+    ]
+    return statistics.median(ratios) if ratios else 1.0
 
 
 def _affine_fit(points: list[tuple[float, float]]) -> tuple[float, float]:

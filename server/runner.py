@@ -30,6 +30,7 @@ import torch
 
 from snnet_core import SNNet
 
+from .environ import spawning_with
 from .profiling import cores
 
 log = logging.getLogger("snnet.runner")
@@ -56,45 +57,29 @@ START_TIMEOUT_S = 300.0
 # set wins.
 CHILD_ENV = {"GOMP_SPINCOUNT": "20000"}
 
-# One model thread per core, bound to it, when the model's threads take every core this process
-# may use. Unbound, a thread woken on a core (the event loop's 5 ms timer, the controller, a
-# kernel thread) pushed an OpenMP thread off it, the scheduler sometimes moved that thread onto
-# the other team member's core, and the whole team waited at the next barrier until it moved
-# back: idle DeiT-Ti/S/B on 2 cores, stitch 0 (15 ms) took up to 20-60 ms. Bound, a preempted
-# thread waits only for the short task that preempted it (``bench/pinning.py``). Only then:
-# with fewer threads than cores, every replica on a host would bind its team to the same first
-# cores. Either variable set by the user leaves both to the user (OMP_PROC_BIND=false: unbound).
-PIN_ENV = {"OMP_PROC_BIND": "true", "OMP_PLACES": "cores"}
+# One model thread per CPU, bound to it, when the model's threads take every CPU this process
+# may use (its affinity mask; a hyperthread is a CPU: OMP_PLACES=threads). Unbound, a thread
+# woken on a CPU (the event loop's 5 ms timer, the controller, a kernel thread) pushed an OpenMP
+# thread off it, the scheduler sometimes moved that thread onto its team mate's CPU, and the
+# whole team waited at the next barrier until it moved back: idle DeiT-Ti/S/B on 2 cores, stitch
+# 0 (15 ms) took up to 20-60 ms. Bound, a preempted thread waits only for the short task that
+# preempted it (``bench/pinning.py``). Only then: with fewer threads than CPUs, every replica on
+# a host would bind its team to the same first CPUs. Any binding the user set is left alone
+# (OMP_PROC_BIND=false: unbound).
+PIN_ENV = {"OMP_PROC_BIND": "true", "OMP_PLACES": "threads"}
+# Any of these set by the user: binding is theirs (libgomp lets OMP_PLACES override
+# GOMP_CPU_AFFINITY, so ours must not be added to theirs).
+USER_BINDING = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")
 
 
-def child_env(threads: int | None) -> dict[str, str]:
+def model_child_env(threads: int | None) -> dict[str, str]:
     """The OpenMP settings the model process gets for ``threads`` torch threads (where the
-    user has not set them): the spin count, and ``PIN_ENV`` when the threads take every core."""
+    user has not set them): the spin count, and ``PIN_ENV`` when the threads take every CPU."""
     env = dict(CHILD_ENV)
-    user_binds = any(k in os.environ for k in PIN_ENV)
+    user_binds = any(k in os.environ for k in USER_BINDING)
     if threads and threads >= cores() and not user_binds:
         env.update(PIN_ENV)
     return env
-
-
-# Held while this process's environment carries the model child's settings: anything else
-# that starts a process from a copy of it (the front processes, ``server.fronts``) takes it too,
-# or a front started in that moment would bind its event loop to one core.
-SPAWN_ENV_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _child_env(env: dict[str, str]):
-    """Set ``env`` (where not already set) in this process's environment while a child is
-    spawned: it inherits it; this process's OpenMP runtime read its own long ago."""
-    with SPAWN_ENV_LOCK:
-        added = {k: v for k, v in env.items() if k not in os.environ}
-        os.environ.update(added)
-        try:
-            yield
-        finally:
-            for k in added:
-                os.environ.pop(k, None)
 
 
 class RunnerError(RuntimeError):
@@ -276,8 +261,8 @@ class ProcessRunner:
             target=_serve, args=(child, self.net, self.threads, self.dtype, self.warm_batch_sizes),
             name="snnet-model", daemon=True,
         )  # fmt: skip
-        env = child_env(self.threads)
-        with _child_env(env):
+        env = model_child_env(self.threads)
+        with spawning_with(env):
             proc.start()
         child.close()
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -307,7 +292,7 @@ class ProcessRunner:
         self.bound = "OMP_PROC_BIND" in env
         log.info(
             "model process %d ready (%.1fs; %s threads%s)", proc.pid, time.perf_counter() - t0,
-            self.threads or "default", ", one bound to each core" if self.bound else "",
+            self.threads or "default", ", one bound to each CPU" if self.bound else "",
         )  # fmt: skip
 
     @property

@@ -95,49 +95,59 @@ def test_calibration_fits_a_per_batch_cost_and_a_factor_over_the_anchors():
 
 
 class _Served:
-    """A runner on a clock of its own: a run of stitch s at batch b takes (1 + s) * b ms of it,
+    """A runner on a clock of its own: a run of stitch s at batch b takes (1 + s) * b ms of it
+    plus ``hop`` ms (the pipe to the model process, which warm-up runs inside it do not see),
     times ``slow`` for the next ``slow_runs`` runs (the cores taken by something else)."""
 
-    def __init__(self, slow: float = 1.0, slow_runs: int = 0) -> None:
-        self.now, self.runs, self.slow, self.slow_runs = 0.0, 0, slow, slow_runs
+    def __init__(self, hop: float = 0.0, slow: float = 1.0, slow_runs: int = 0) -> None:
+        self.now, self.runs, self.hop = 0.0, 0, hop
+        self.slow, self.slow_runs = slow, slow_runs
 
     def __call__(self, x, stitch):
         factor = self.slow if self.runs < self.slow_runs else 1.0
         self.runs += 1
-        self.now += (1 + stitch) * x.shape[0] * factor / 1e3
+        self.now += ((1 + stitch) * x.shape[0] + self.hop) * factor / 1e3
 
     def clock(self) -> float:
         return self.now
 
 
-@pytest.mark.parametrize("calibration_slow, warm_up_slow, passes", [(3.0, 1.0, 2), (1.0, 1.0, 1)])
+@pytest.mark.parametrize(
+    "calibration_slow, warm_up_slow, hop, passes",
+    [
+        (3.0, 1.0, 4.0, 2),  # timed while the cores were taken: timed again, that map kept
+        (1.0, 1.0, 4.0, 1),  # the hop to the model process is no disagreement
+        (1.0, 1.0, 0.0, 1),
+        (1.0, 2.0, 0.0, 2),  # a slow warm-up: timed again, the same map
+    ],
+)
 def test_a_calibration_its_warm_up_runs_contradict_is_timed_again(
-    tiny_net, caplog, calibration_slow, warm_up_slow, passes
+    tiny_net, caplog, calibration_slow, warm_up_slow, hop, passes
 ):
     """Timed while something else took the cores, the anchors would map every measured
     stitch 3x too dear (never chosen, so never corrected); the measured stitches' warm-up runs,
-    seconds earlier, say otherwise, so the anchors are timed again and that map is kept. When
-    the two agree, the anchors are timed once."""
+    seconds earlier, say otherwise, so the anchors are timed again and the map that agrees
+    better is kept. When the two agree, the anchors are timed once."""
     anchors = [st.id for st in tiny_net.stitches if not st.cut]
     fp = DeviceFingerprint("cpu", "test", "x", 1, "float32")
-    profile = LatencyProfile(
-        fp, [1, 8], {s: {1: 1.0 + s, 8: 8.0 * (1 + s)} for s in range(len(tiny_net.stitches))}
-    )
+    truth = {s: {1: 1.0 + s, 8: 8.0 * (1 + s)} for s in range(len(tiny_net.stitches))}
+    profile = LatencyProfile(fp, [1, 8], truth)
     measured, estimated = {3, 4, 5, 6}, frozenset(range(7, len(tiny_net.stitches)))
     first_ms = {s: warm_up_slow * (1.0 + s) for s in measured | estimated}
     one_pass = len(anchors) * 2 * CALIBRATION_REPEATS
-    served = _Served(calibration_slow, one_pass)
+    served = _Served(hop, calibration_slow, one_pass)
 
     with caplog.at_level(logging.INFO, logger="snnet.profiling"):
-        out, how, factors = calibrate(
+        out, _, factors = calibrate(
             tiny_net, served, profile, [1, 8], lambda: None, estimated, first_ms, served.clock
         )
 
     assert served.runs == passes * one_pass
-    assert how == "calibrated x1.00, trusted"  # the second timing, not the 3x one
-    assert out.latency_ms[anchors[0]] == {1: 1.0 + anchors[0], 8: 8.0 * (1 + anchors[0])}
-    assert factors == pytest.approx([1.0] * len(estimated))
     assert ("timing the anchors again" in caplog.text) == (passes == 2)
+    for s in (*anchors, *measured):  # what serving costs: the profile plus the hop
+        assert out.latency_ms[s] == pytest.approx({b: ms + hop for b, ms in truth[s].items()})
+    if warm_up_slow == 1.0:
+        assert factors == pytest.approx([1.0] * len(estimated))
 
 
 @pytest.mark.parametrize(

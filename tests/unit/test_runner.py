@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from server.profiling import cores
-from server.runner import CHILD_ENV, PIN_ENV, InlineRunner, ProcessRunner, RunnerError
+from server.runner import (
+    CHILD_ENV,
+    USER_BINDING,
+    InlineRunner,
+    ProcessRunner,
+    RunnerError,
+)
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +106,11 @@ def test_the_child_gets_the_measured_openmp_spin_unless_the_user_set_one(net, mo
 @pytest.mark.skipif(
     not hasattr(os, "sched_getaffinity") or cores() < 2, reason="needs Linux and 2 cores"
 )
-def test_the_model_threads_are_bound_one_per_core_only_when_they_take_every_core(net, monkeypatch):
-    """Bound, a preempted OpenMP thread cannot be moved onto its team mate's core (the idle
-    DeiT net's stalls, ``bench/pinning.py``); with fewer threads than cores, replicas on one
-    host would all bind to the same first cores, so the model's threads float."""
-    for k in PIN_ENV:
+def test_the_model_threads_are_bound_one_per_cpu_only_when_they_take_every_cpu(net, monkeypatch):
+    """Bound, a preempted OpenMP thread cannot be moved onto its team mate's CPU (the idle
+    DeiT net's stalls, ``bench/pinning.py``); with fewer threads than CPUs, replicas on one
+    host would all bind to the same first CPUs, so the model's threads float."""
+    for k in USER_BINDING:
         monkeypatch.delenv(k, raising=False)
 
     def child_cores(threads: int) -> tuple[bool, set[int]]:
