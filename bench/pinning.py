@@ -3,7 +3,7 @@
     python bench/pinning.py [--rounds 2] [--requests 300] [--clients 3] [--seconds 20]
                             [--dir /tmp/snnet-deit]
 
-When the model's torch threads take every core, the model process binds one to each
+When the model's torch threads take every CPU, the model process binds one to each
 (``server.runner.PIN_ENV``). This serves the DeiT-Ti/S/B SN-Net (built by
 ``bench/deit_idle.py``) both ways, alternating, ``--rounds`` times each: bound (the default) and
 floating (``OMP_PROC_BIND=false``, the user's override). Each start does two things:

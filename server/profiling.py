@@ -312,7 +312,7 @@ def calibrate(
             agree_again = _agreement(again, base, runs, smallest)
             if abs(math.log(agree_again)) < abs(math.log(agree)):
                 fits, ratios, agree = again, again_ratios, agree_again
-            if abs(agree - 1.0) > CALIBRATION_TOLERANCE:  # still: the online corrections will
+            if abs(agree - 1.0) > CALIBRATION_TOLERANCE:  # still off: left to the controller
                 log.warning("calibration: kept the map that puts them at x%.2f", agree)
             else:
                 log.info("calibration: kept the map that puts them at x%.2f", agree)
