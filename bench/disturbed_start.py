@@ -1,14 +1,17 @@
 """A start-up whose calibration runs while another process takes the cores: are the
 predictions right once it is ready?
 
-    python bench/disturbed_start.py [--hog-s 5] [--dir /tmp/snnet-deit] [--runs 5]
+    python bench/disturbed_start.py [--during calibration|warm-up] [--hog-s 5]
+                                    [--dir /tmp/snnet-deit] [--runs 5]
 
 Serves the DeiT-Ti/S/B SN-Net (built by ``bench/deit_idle.py``) with a fresh profile cache and
 starts two busy processes for ``--hog-s`` seconds when the server logs that it is about to
-calibrate (the line on decoding costs comes just before). Once ready, it asks for each anchor
-``--runs`` times by ``stitch_id`` and compares the compute time with the anchor's prediction
-(``GET /stitches``, batch 1). Prints the server's calibration lines and ends with one JSON
-line: each anchor's predicted / measured compute, and whether the anchors were timed again.
+calibrate (the line on decoding costs comes just before) or, with ``--during warm-up``, when
+the model process starts and warms up (after the line on estimated stitches). Once ready, it
+asks for each anchor, and for the three most accurate estimated stitches, ``--runs`` times by
+``stitch_id`` and compares the compute time with the prediction (``GET /stitches``, batch 1).
+Prints the server's calibration lines and ends with one JSON line: predicted / measured
+compute per stitch, and whether the anchors were timed again.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ HOG = "import time\nend = time.time() + {s}\nwhile time.time() < end:\n    pass\
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--during", choices=("calibration", "warm-up"), default="calibration")
     ap.add_argument("--hog-s", type=float, default=5.0)
     ap.add_argument("--dir", default="/tmp/snnet-deit")
     ap.add_argument("--runs", type=int, default=5)
@@ -53,11 +57,12 @@ def main() -> None:
     again = False
     try:
         for line in proc.stderr:
-            if "decoding and preprocessing here" in line and not hogs:
+            cue = "estimated from GFLOPs" if args.during == "warm-up" else "decoding and preproc"
+            if cue in line and not hogs:
                 code = HOG.format(s=args.hog_s)
                 hogs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
                 print(f"two busy processes for {args.hog_s:g} s from here", flush=True)
-            if "calibration" in line or "ready in" in line:
+            if any(k in line for k in ("calibration", "ready in", "scaled by their warm-up")):
                 print("   ", line.strip()[24:], flush=True)
                 again |= "timing the anchors again" in line
             if "ready in" in line:
@@ -73,9 +78,11 @@ def main() -> None:
         conn.request("GET", "/stitches")
         menu = json.loads(conn.getresponse().read())["stitches"]
         anchors = [s for s in menu if len(s["anchors"]) == 1]
+        estimated = [s for s in menu if not s["measured"]]
+        best = sorted(estimated, key=lambda s: -s["gflops"])[:3]
         image = base64.b64encode(photo_jpeg()).decode()
         ratios = {}
-        for a in anchors:
+        for a in anchors + best:
             body = json.dumps({"image": image, "stitch_id": a["id"]})
             ms = []
             for _ in range(args.runs):
@@ -84,7 +91,8 @@ def main() -> None:
                 ms.append(json.loads(r.read())["timing"]["compute_ms"])
             measured, predicted = statistics.median(ms), a["predicted_ms"]["1"]
             ratios[a["id"]] = round(predicted / measured, 2)
-            print(f"anchor {a['id']} ({a['anchors'][0]}): predicted {predicted:.1f} ms, "
+            what = "anchor" if len(a["anchors"]) == 1 else "estimated stitch"
+            print(f"{what} {a['id']} ({a['description']}): predicted {predicted:.1f} ms, "
                   f"measured {measured:.1f} ms (median of {args.runs})")  # fmt: skip
         conn.close()
     finally:
