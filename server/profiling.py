@@ -281,9 +281,6 @@ def calibrate(
     profile the map (interpolated in batch size) is applied to every stitch before the first
     request; the controller refines it online.
 
-    The estimated stitches' warm-up runs are divided by how the measured stitches' own
-    warm-up runs compared with their (mapped) profile, the median ratio.
-
     The map is checked against the warm-up runs of the measured stitches that are not anchors
     (``first_ms``; a few seconds earlier, in the same process): when the map puts them, at the
     median, outside ``CALIBRATION_TOLERANCE`` of their runs, the anchors are timed once more
@@ -325,18 +322,8 @@ def calibrate(
     factors: list[float] = []
     if estimated and first_ms:
         f = 1.0 if trusted else _at(fits, smallest)[0]
-        # Read against the measured stitches' own warm-up runs: a warm-up that ran slow as a
-        # whole (something else on the cores), or a first run's usual excess over a median, is
-        # not the estimates' error.
-        level = _agreement({smallest: (f, 0.0)}, base, runs, smallest)
-        if runs:
-            log.info(
-                "calibration: the warm-up runs of %d measured stitches ran x%.2f of the "
-                "profile (mapped); the estimated stitches' runs are read against that",
-                len(runs), level,
-            )  # fmt: skip
         profile, factors = rescale_estimates(
-            profile, estimated, {s: ms / (f * level) for s, ms in first_ms.items()}, smallest
+            profile, estimated, {s: ms / f for s, ms in first_ms.items()}, smallest
         )
     if trusted:
         log.info("calibration: %s: within %.0f%%, profile trusted",
