@@ -372,6 +372,7 @@ class Controller:
         # look impossible. Same window; with too few (a long burst), the prior.
         self._rest_residuals: deque[tuple[float, float, float]] = deque(maxlen=residual_window)
         self.rest_margin, self.rest_margin_ms = MARGIN_PRIOR, 0.0
+        self._margin_key: tuple | None = None  # the windows the margins were fitted to
         self.residual_max_age_s = residual_max_age_s
         self._lock = threading.Lock()  # residuals come from the event loop, reads from anywhere
 
@@ -484,6 +485,14 @@ class Controller:
             for kept in (self._residuals, self._rest_residuals):
                 while kept and kept[0][0] < oldest:
                     kept.popleft()
+            # The windows change only when a request is answered or an answer ages out: no
+            # refit in between (the fit was most of a controller step's CPU, 4 times a second,
+            # on a core the model's threads use).
+            key = tuple((len(kept), kept[-1][0] if kept else None)
+                        for kept in (self._residuals, self._rest_residuals))  # fmt: skip
+            if key == self._margin_key:
+                return
+            self._margin_key = key
             recent = [(a, p) for _, a, p in self._residuals]
             rest = [(a, p) for _, a, p in self._rest_residuals]
         self.margin, self.margin_ms = _margin(recent)
