@@ -271,13 +271,13 @@ def calibrate(
     would have them at 1.5x once mapped).
 
     Two things make served times differ from a profile. A cost per batch that profiling in
-    this process does not see: the hop to the model process and back (on the DeiT-Ti/S/B net
-    here 1-5 ms at batch 1 from run to run, +20% on DeiT-Ti but +2% on DeiT-B, so one factor
-    fits neither).
-    And a factor: a profile from the manifest or the cache names a CPU model, but on a virtual
-    machine that is not an identity (a slower machine with the same name used to inherit a
-    faster one's profile). So per timed batch size, ``served = f x profiled + c`` (c >= 0) is
-    fitted over the anchors, and when any anchor is outside ``CALIBRATION_TOLERANCE`` of its
+    this process does not see: the hop to the model process and back (here, pipe and copies
+    alone: 0.8 ms for one 3x224x224 image, 3 ms for 8; +4% on DeiT-Ti, +0.4% on DeiT-B, so
+    one factor fits neither). And a factor: a profile from the manifest or the cache names a CPU model, but on
+    a virtual machine that is not an identity (a slower machine with the same name used to
+    inherit a faster one's profile). So per timed batch size, ``served = f x profiled + c``
+    over the anchors: f from their forwards as the model process timed them, c from the rest
+    of each call (``_fit``), and when any anchor is outside ``CALIBRATION_TOLERANCE`` of its
     profile the map (interpolated in batch size) is applied to every stitch before the first
     request; the controller refines it online.
 
@@ -354,23 +354,29 @@ def _time_anchors(
     check: Callable[[], None],
     clock: Callable[[], float],
 ) -> tuple[dict[int, tuple[float, float]], list[float]]:
-    """The map ``served = f x profiled + c`` per batch size from the anchors' median of
-    CALIBRATION_REPEATS runs through ``runner``, and each anchor's served / profiled."""
+    """The map ``served = f x profiled + c`` per batch size from CALIBRATION_REPEATS runs of
+    each anchor through ``runner`` (``_fit``), and each anchor's served / profiled (medians).
+    The runner's ``last_forward_ms`` tells the forward from the rest of a call (the whole call
+    where it has none)."""
     fits: dict[int, tuple[float, float]] = {}
     ratios = []
     for b in sorted(set(batch_sizes)):
         x = torch.zeros(b, *net.input_size)
-        points = []
+        points, hops = [], []
         for a in anchors:
-            times = []
+            served, forward = [], []
             for _ in range(CALIBRATION_REPEATS):
                 check()
                 t0 = clock()
                 runner(x, a)
-                times.append((clock() - t0) * 1e3)
-            points.append((base.base_ms(a, b), statistics.median(times)))
-        ratios += [m / p for p, m in points]
-        fits[b] = _affine_fit(points)
+                served.append((clock() - t0) * 1e3)
+                ms = getattr(runner, "last_forward_ms", None)
+                forward.append(served[-1] if ms is None else min(ms, served[-1]))
+                hops.append(served[-1] - forward[-1])
+            p = base.base_ms(a, b)
+            points.append((p, statistics.median(forward)))
+            ratios.append(statistics.median(served) / p)
+        fits[b] = _fit(points, hops)
     return fits, ratios
 
 
@@ -390,15 +396,18 @@ def _agreement(
     return statistics.median(ratios) if ratios else 1.0
 
 
-def _affine_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """(f, c) of ``served = f x profiled + c`` over (profiled, served) points: least squares
-    with c >= 0 (through the origin when the line would start below it)."""
-    xs, ys = [p for p, _ in points], [m for _, m in points]
-    if len(points) >= 2 and statistics.pvariance(xs) > 0:
-        fit = statistics.linear_regression(xs, ys)
-        if fit.intercept >= 0 and fit.slope > 0:
-            return fit.slope, fit.intercept
-    return sum(x * y for x, y in points) / sum(x * x for x in xs), 0.0
+def _fit(points: list[tuple[float, float]], hops: list[float]) -> tuple[float, float]:
+    """(f, c) of ``served = f x profiled + c`` from (profiled, forward) points and the rest of
+    each call (``hops``): f by least squares through the origin over the forwards (the device's
+    speed against the profile's), c the median of the rest (the hop to the model process and
+    back, a cost per batch the in-process profile does not see).
+
+    Not one line fitted to the calls: over anchors whose times span a narrow range (the
+    bundled model's run 1.2-2.6 ms at batch 1) a few tenths of a ms of noise tilted it to x0.69
+    + 1.53 ms where the forwards ran at x1.0 and the hop was 0.3-0.7 ms."""
+    xs = [p for p, _ in points]
+    f = sum(p * w for p, w in points) / sum(p * p for p in xs)
+    return f, max(0.0, statistics.median(hops)) if hops else 0.0
 
 
 def _at(fits: dict[int, tuple[float, float]], b: int) -> tuple[float, float]:

@@ -111,18 +111,22 @@ class InlineRunner:
         self.net, self.device, self.dtype = net, device, dtype
         self._staging: torch.Tensor | None = None
         self.first_ms: dict[int, float] = {}  # from warm_up
+        self.last_forward_ms: float | None = None  # the last call's ms (no hop: all forward)
         if device.type == "cuda":
             shape = (max_batch, *net.input_size)
             self._staging = torch.empty(shape, dtype=torch.float32).pin_memory()
 
     def __call__(self, x: torch.Tensor, stitch: int) -> torch.Tensor:
+        t0 = time.perf_counter()
         with torch.inference_mode():
             if self._staging is not None and x.shape[0] <= self._staging.shape[0]:
                 staged = self._staging[: x.shape[0]]
                 staged.copy_(x)
                 x = staged
             y = self.net(x.to(self.device, non_blocking=True).to(self.dtype), stitch)
-            return y.float().cpu()
+            y = y.float().cpu()
+        self.last_forward_ms = (time.perf_counter() - t0) * 1e3
+        return y
 
     def warm_up(self, batch_sizes: Sequence[int], check: Callable[[], None] = lambda: None) -> None:
         self.first_ms = _warm_up(self.net, batch_sizes, self.device, self.dtype, check)
@@ -176,7 +180,7 @@ def _serve(
     dtype: torch.dtype,
     warm_batch_sizes: Sequence[int],
 ) -> None:
-    """The child: answer ``(stitch, shape, bytes)`` with ``("ok", shape, bytes)`` or
+    """The child: answer ``(stitch, shape, bytes)`` with ``("ok", shape, bytes, forward ms)`` or
     ``("error", message)`` until it receives None or the parent goes away."""
     # Ctrl-C reaches the whole process group. The parent drains what it accepted before it
     # stops, and needs this process for that: only the parent ends it (None, or closing the pipe).
@@ -201,19 +205,22 @@ def _serve(
         try:
             # bytearray: a writable buffer (torch warns on read-only NumPy arrays); 25 KB copy.
             x = torch.from_numpy(np.frombuffer(bytearray(data), dtype=np.float32).reshape(shape))
+            t0 = time.perf_counter()
             with torch.inference_mode():
                 y = net(x.to(dtype), stitch).float()
-            conn.send(("ok", tuple(y.shape), y.numpy().tobytes()))
+            ms = (time.perf_counter() - t0) * 1e3
+            conn.send(("ok", tuple(y.shape), y.numpy().tobytes(), ms))
         except Exception as e:
             conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
-def _logits(msg) -> torch.Tensor:
-    """The child's answer to a batch: its logits, or its error raised as a RunnerError."""
+def _logits(msg) -> tuple[torch.Tensor, float]:
+    """The child's answer to a batch: its logits and the ms its forward took there, or its
+    error raised as a RunnerError."""
     if msg[0] == "error":
         raise RunnerError(msg[1])
-    _, shape, data = msg
-    return torch.from_numpy(np.frombuffer(data, dtype=np.float32).reshape(shape).copy())
+    _, shape, data, ms = msg
+    return torch.from_numpy(np.frombuffer(data, dtype=np.float32).reshape(shape).copy()), ms
 
 
 class ProcessRunner:
@@ -249,6 +256,9 @@ class ProcessRunner:
         self._conn: Connection | None = None
         self._proc: mp.process.BaseProcess | None = None
         self.restarts = 0
+        # The ms the last batch's forward took in the child, without the hop to it and back
+        # (``server.profiling.calibrate`` tells the two apart).
+        self.last_forward_ms: float | None = None
         self._start()
 
     def _start(self) -> None:
@@ -317,7 +327,8 @@ class ProcessRunner:
                 f"the model process died (exit code {code}) while running stitch {stitch}; "
                 "a new one serves the next batches"
             ) from None
-        return _logits(msg)
+        y, self.last_forward_ms = _logits(msg)
+        return y
 
     # Started and finished apart, for the scheduler's event-loop path (``Scheduler.submit``):
     # ``send`` a batch, wait until ``fileno()`` is readable, then ``finish``.
@@ -348,7 +359,8 @@ class ProcessRunner:
                 f"the model process died (exit code {code}) while running stitch {stitch}; "
                 "a new one serves the next batches"
             ) from None
-        return _logits(msg)
+        y, self.last_forward_ms = _logits(msg)
+        return y
 
     def _reap(self) -> int | None:
         proc, self._proc = self._proc, None

@@ -7,8 +7,8 @@ import pytest
 
 from server.profiling import (
     CALIBRATION_REPEATS,
-    _affine_fit,
     _at,
+    _fit,
     calibrate,
     estimate,
     pick_threads,
@@ -79,19 +79,22 @@ def test_estimates_that_are_all_too_dear_follow_their_warm_up_runs_together():
     assert [out.latency_ms[s][1] for s in range(10)] == pytest.approx(list(first_ms.values()))
 
 
-def test_calibration_fits_a_per_batch_cost_and_a_factor_over_the_anchors():
-    """Served = 1.1 x profiled + 2 ms (a hop to the model process) at batch 1, + 5 ms at 8: the
-    fit recovers both, so a small stitch gets its 2 ms rather than a share of a factor."""
+def test_calibration_tells_a_factor_from_a_per_batch_cost_over_the_anchors():
+    """Forwards at 1.1 x profiled and a 2 ms hop to the model process at batch 1, 5 ms at 8:
+    both are recovered, so a small stitch gets its 2 ms rather than a share of a factor."""
     small, mid, large = 15.0, 40.0, 150.0
-    at1 = _affine_fit([(p, 1.1 * p + 2.0) for p in (small, mid, large)])
-    at8 = _affine_fit([(8 * p, 1.1 * 8 * p + 5.0) for p in (small, mid, large)])
+    at1 = _fit([(p, 1.1 * p) for p in (small, mid, large)], [2.0, 1.9, 2.1])
+    at8 = _fit([(8 * p, 1.1 * 8 * p) for p in (small, mid, large)], [5.0] * 3)
     assert at1 == pytest.approx((1.1, 2.0)) and at8 == pytest.approx((1.1, 5.0))
     fits = {1: at1, 8: at8}
     assert _at(fits, 4) == pytest.approx((1.1, 2.0 + 3 / 7 * 3.0))  # between: interpolated
     assert _at(fits, 16) == pytest.approx(at8)  # outside: the nearest
-    # A line that would start below zero is refitted through the origin: no negative cost.
-    f, c = _affine_fit([(10.0, 9.0), (20.0, 21.0)])
-    assert c == 0.0 and f == pytest.approx((90 + 420) / 500)
+    # Anchors 1.2-2.6 ms apart with a few tenths of a ms of noise (the bundled model in
+    # bfloat16): the factor comes from the forwards, the per-batch cost from the hops.
+    points = [(1.2, 1.45), (1.7, 1.6), (2.6, 2.65)]
+    f, c = _fit(points, [0.5, 0.3, 0.7])
+    assert f == pytest.approx(1.0, abs=0.05) and c == pytest.approx(0.5)
+    assert _fit(points, [-0.1, -0.2, 0.1])[1] == 0.0  # no negative cost
 
 
 class _Served:
@@ -106,6 +109,7 @@ class _Served:
     def __call__(self, x, stitch):
         factor = self.slow if self.runs < self.slow_runs else 1.0
         self.runs += 1
+        self.last_forward_ms = (1 + stitch) * x.shape[0] * factor  # as the model process says
         self.now += ((1 + stitch) * x.shape[0] + self.hop) * factor / 1e3
 
     def clock(self) -> float:

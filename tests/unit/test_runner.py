@@ -5,6 +5,7 @@ having run before it (or not)."""
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,16 @@ def test_the_process_runner_answers_like_the_model_in_this_process(runners, digi
         got = proc(x, stitch)
         assert got.dtype == torch.float32 and got.shape == (8, 10)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_each_runner_says_what_the_forward_took_apart_from_the_hop(runners, digits):
+    """The calibration tells the device's speed from the hop to the model process by it."""
+    x = digits[0][:8]
+    for runner in runners:
+        t0 = time.perf_counter()
+        runner(x, 22)
+        call_ms = (time.perf_counter() - t0) * 1e3
+        assert 0.0 < runner.last_forward_ms <= call_ms
 
 
 def test_the_child_shares_the_weights_instead_of_copying_them(runners):
