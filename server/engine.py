@@ -206,7 +206,9 @@ def build_engine(
     if worker == "process":
         stage("starting the model process and warming up")
         try:
-            runner = ProcessRunner(net, dtype, threads, warm, cancelled=cancel)
+            runner = ProcessRunner(
+                net, dtype, threads, warm, cancelled=cancel, max_batch=s.max_batch_size
+            )
         except RunnerError:
             check()  # cancelled: say so, not "failed"
             raise

@@ -35,8 +35,10 @@ from .errors import ComputeError, Refusal
 from .latency import LatencyModel
 from .metrics import Metrics
 
-# The largest tensor the event loop hands the model process itself (``Scheduler.submit``): the
-# write must never wait for the child to read, and a Unix socket's buffer holds this much.
+# The largest tensor the event loop hands the model process itself as bytes through the pipe
+# (``Scheduler.submit``): the write must never wait for the child to read, and a Unix socket's
+# buffer holds this much. A batch that crosses by shared memory (``ProcessRunner.shares``)
+# takes a few bytes of the pipe at any size.
 DIRECT_MAX_BYTES = 64 * 1024
 
 # A batch that starts after the model has been idle this long runs "cold": caches, and on a VM
@@ -309,7 +311,7 @@ class Scheduler:
             and self._queued == 0
             and self.max_wait_s == 0
             and job.n <= self.max_batch
-            and job.x.numel() * 4 <= DIRECT_MAX_BYTES
+            and (job.x.numel() * 4 <= DIRECT_MAX_BYTES or self.runner.shares(job.x))
         ):
             return False
         self._running = True

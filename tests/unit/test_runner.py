@@ -46,13 +46,18 @@ def own_child(net):
 
 
 def test_the_process_runner_answers_like_the_model_in_this_process(runners, digits):
+    """Up to its max_batch (8) a batch crosses by shared memory, beyond it as bytes through the
+    pipe: the same answers either way, and a smaller batch after a larger one reads only its
+    own rows."""
     inline, proc = runners
-    x = digits[0][:8]
-    for stitch in (0, 5, 22):
-        expected = inline(x, stitch)
-        got = proc(x, stitch)
-        assert got.dtype == torch.float32 and got.shape == (8, 10)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for n in (8, 12, 3):
+        x = digits[0][:n]
+        assert proc.shares(x) == (n <= 8)
+        for stitch in (0, 5, 22):
+            expected = inline(x, stitch)
+            got = proc(x, stitch)
+            assert got.dtype == torch.float32 and got.shape == (n, 10)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_each_runner_says_what_the_forward_took_apart_from_the_hop(runners, digits):
