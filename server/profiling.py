@@ -271,15 +271,15 @@ def calibrate(
     would have them at 1.5x once mapped).
 
     Two things make served times differ from a profile. A cost per batch that profiling in
-    this process does not see: the hop to the model process and back (here, pipe and copies
-    alone: 0.8 ms for one 3x224x224 image, 3 ms for 8; +4% on DeiT-Ti, +0.4% on DeiT-B, so
-    one factor fits neither). And a factor: a profile from the manifest or the cache names a CPU model, but on
-    a virtual machine that is not an identity (a slower machine with the same name used to
-    inherit a faster one's profile). So per timed batch size, ``served = f x profiled + c``
-    over the anchors: f from their forwards as the model process timed them, c from the rest
-    of each call (``_fit``), and when any anchor is outside ``CALIBRATION_TOLERANCE`` of its
-    profile the map (interpolated in batch size) is applied to every stitch before the first
-    request; the controller refines it online.
+    this process does not see: the hop to the model process and back (here 0.7 ms for one
+    3x224x224 image, 1.3 ms for 8, by shared memory; +4% on DeiT-Ti, +0.4% on DeiT-B, so one
+    factor fits neither). And a factor: a profile from the manifest or the cache names a CPU
+    model, but on a virtual machine that is not an identity (a slower machine with the same
+    name used to inherit a faster one's profile). So per timed batch size, ``served = f x
+    profiled + c`` over the anchors: f from their forwards as the model process timed them, c
+    from the rest of each call (``_fit``), and when any anchor is outside
+    ``CALIBRATION_TOLERANCE`` of its profile the map (interpolated in batch size) is applied to
+    every stitch before the first request; the controller refines it online.
 
     The map is checked against the warm-up runs of the measured stitches that are not anchors
     (``first_ms``; a few seconds earlier, in the same process): when the map puts them, at the
