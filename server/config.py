@@ -141,7 +141,10 @@ class Settings(BaseSettings):
         "measured).",
     )
     profile_repeats: int = Field(
-        5, ge=1, description="Timed runs per stitch and batch size (median kept)."
+        5,
+        ge=1,
+        description="Timed runs per stitch and batch size (median kept; 3 once they took a "
+        "second).",
     )
     shutdown_grace_s: float = Field(
         30.0,

@@ -25,6 +25,7 @@ import torch
 
 import snnet_core
 from snnet_core import (
+    DeviceFingerprint,
     ImageTransform,
     LatencyProfile,
     Manifest,
@@ -41,8 +42,15 @@ from .ingress import Ingress
 from .latency import LatencyModel
 from .metrics import Metrics
 from .planner import Plan, Planner
-from .profiling import calibrate, choose_dtype, choose_profile, choose_threads, cores
-from .runner import InlineRunner, ProcessRunner, RunnerError
+from .profiling import (
+    ServedTimer,
+    calibrate,
+    choose_dtype,
+    choose_profile,
+    choose_threads,
+    cores,
+)
+from .runner import InlineRunner, ProcessRunner, RunnerError, warmed
 from .scheduler import Result, Scheduler
 
 log = logging.getLogger("snnet.engine")
@@ -198,9 +206,8 @@ def build_engine(
         "loaded %s: %s, %d stitches, on %s %s (%.1fs)", s.weights, ",".join(net.anchor_names),
         len(menu), device, dtype_name, time.perf_counter() - t0,
     )  # fmt: skip
-    stage("latency profile")
-    start = choose_profile(s, net, manifest, menu, device, dtype, check, cancel)
-    profile, source = start.profile, start.source
+    # The model's fingerprint (its threads) before this process gives its own threads up.
+    fp = DeviceFingerprint.current(device, dtype)
     # Warm up where the model will run, at the smallest and the largest batch it will see.
     warm = sorted({1, s.max_batch_size})
     if worker == "process":
@@ -218,13 +225,20 @@ def build_engine(
         runner.warm_up(warm, check)
     try:
         check()
-    except StartupCancelled:
+        if runner.kind == "process":
+            # The model has its own process and threads; this one decodes one image at a
+            # time, and an OpenMP team here would only contend with the model's for the cores.
+            torch.set_num_threads(1)
+        stage("latency profile")
+        # Measured where requests run: through the runner.
+        timer = ServedTimer(
+            runner, tuple(net.input_size), s.profile_repeats, check, warmed(net, warm)
+        )
+        start = choose_profile(s, manifest, menu, fp, timer, check)
+    except BaseException:
         runner.close()
         raise
-    if runner.kind == "process":
-        # The model has its own process and threads; this one decodes one image at a time, and
-        # an OpenMP team here would only contend with the model's for the cores.
-        torch.set_num_threads(1)
+    profile, source = start.profile, start.source
     transform = make_transform(manifest.preprocessing)
     points = decode_cost_points(transform)
     ingress.seed(points)
@@ -234,7 +248,7 @@ def build_engine(
     )
     stage("calibrating the latency profile")
     serving, calibration, factors = calibrate(
-        net, runner, profile, warm, check, start.estimated, runner.first_ms
+        net, runner, profile, warm, check, start.estimated, runner.first_ms, timed=timer.runs
     )
     if factors:
         log.info(

@@ -3,15 +3,17 @@ and calibrated where requests will run.
 
 1. A profile for this device fingerprint (CPU or GPU name, torch, threads, dtype) from the
    manifest or the profile cache, if it covers every stitch at every batch size.
-2. Otherwise, measure: the anchors first (always), then the accuracy/GFLOPs Pareto front, then
-   the rest spread over the cost range, each stitch at every batch size, until
-   ``SNNET_PROFILE_SECONDS`` is spent. Measurements already in the cache are reused, and what
-   is measured is kept there, so a later start measures the rest.
+2. Otherwise, measure where requests run, through the serving runner (``ServedTimer``: the
+   model process, its threads and its core): the anchors first (always), then the
+   accuracy/GFLOPs Pareto front, then the rest spread over the cost range, each stitch at every
+   batch size, until ``SNNET_PROFILE_SECONDS`` is spent. Measurements already in the cache are
+   reused, and what is measured is kept there, so a later start measures the rest.
 3. Stitches not measured are **estimated**: per batch size, a least-squares line of time against
    GFLOPs over the measured stitches, padded to the worst measured stitched route. The
    controller's per-stitch factor corrects them online once they run; ``GET /stitches`` says
    which stitches are estimated.
-4. ``calibrate``: time the anchors through the serving runner; when any is outside a 15%
+4. ``calibrate``: time the anchors through the serving runner (a profile from the manifest or
+   the cache; a start that measured them has their calls already); when any is outside a 15%
    tolerance, every stitch's profile is mapped onto serving (a factor and a cost per batch, the
    hop to the model process) before the first request. Before that, ``rescale_estimates``:
    the runner's warm-up runs every stitch once, and an estimated stitch's times are scaled by
@@ -26,7 +28,6 @@ import logging
 import math
 import os
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +45,10 @@ log = logging.getLogger("snnet.profiling")
 
 CALIBRATION_TOLERANCE = 0.15
 CALIBRATION_REPEATS = 3
+# A stitch at a batch size is timed SNNET_PROFILE_REPEATS times, or this many once the calls
+# took PROFILE_ENOUGH_MS: a median of 5 DeiT-B batches of 8 took 10 s of a start here.
+PROFILE_MIN_REPEATS = 3
+PROFILE_ENOUGH_MS = 1000.0
 # How far one warm-up run may move an estimated stitch's times from where the median of all
 # of them moves the estimates (see rescale_estimates).
 RESCALE_LIMIT = 1.5
@@ -165,16 +170,14 @@ def rescale_estimates(
 
 def choose_profile(
     s: Settings,
-    net: SNNet,
     manifest: Manifest,
     menu: StitchMenu,
-    device: torch.device,
-    dtype: torch.dtype,
+    fp: DeviceFingerprint,
+    measure: Callable[[int, list[int]], dict[int, float]],
     check: Callable[[], None],
-    stop: threading.Event | None,
 ) -> StartProfile:
-    """Steps 1-3 of the module docstring."""
-    fp = DeviceFingerprint.current(device, dtype)
+    """Steps 1-3 of the module docstring, for the device fingerprint ``fp``; ``measure(stitch,
+    sizes)`` gives a stitch's ms at each size (``ServedTimer``: where requests run)."""
     sizes = s.batch_sizes()
     everything = set(range(len(menu)))
     found = manifest.profile_for(fp)
@@ -200,14 +203,7 @@ def choose_profile(
         if time.monotonic() - t0 > s.profile_seconds and stitch not in anchors:
             break
         check()
-        try:
-            one = snnet_core.measure_latency(
-                net, [stitch], sizes, warmup=1, repeats=s.profile_repeats, stop=stop
-            )
-        except InterruptedError:
-            check()
-            raise
-        profile.latency_ms[stitch] = one.latency_ms[stitch]
+        profile.latency_ms[stitch] = measure(stitch, sizes)
         if i == len(todo) or i % max(1, len(todo) // 10) == 0:
             log.info("profiling: %d/%d stitches measured (%.0f s)", i, len(todo),
                      time.monotonic() - t0)  # fmt: skip
@@ -252,6 +248,74 @@ def _read_cache(path: Path, sha: str) -> list[LatencyProfile]:
         return []
 
 
+Run = tuple[float, float]  # one call through the runner: (its ms, the forward's ms in it)
+
+
+def _timed(
+    runner: Callable[[torch.Tensor, int], torch.Tensor],
+    x: torch.Tensor,
+    stitch: int,
+    repeats: int,
+    check: Callable[[], None],
+    clock: Callable[[], float],
+    enough_ms: float = math.inf,
+) -> list[Run]:
+    """``repeats`` calls of ``stitch`` on ``x`` through ``runner`` (fewer, but at least
+    ``PROFILE_MIN_REPEATS``, once they took ``enough_ms``): each call's ms and its forward's
+    (the runner's ``last_forward_ms``, the whole call where it has none)."""
+    runs: list[Run] = []
+    for _ in range(repeats):
+        if len(runs) >= PROFILE_MIN_REPEATS and sum(s for s, _ in runs) >= enough_ms:
+            break
+        check()
+        t0 = clock()
+        runner(x, stitch)
+        served = (clock() - t0) * 1e3
+        ms = getattr(runner, "last_forward_ms", None)
+        runs.append((served, served if ms is None else min(ms, served)))
+    return runs
+
+
+class ServedTimer:
+    """``measure`` for ``choose_profile``: a stitch's time per batch size where requests run,
+    through the serving runner (the model process, its threads and core): the median forward of
+    ``repeats`` calls, or of ``PROFILE_MIN_REPEATS`` once they took ``PROFILE_ENOUGH_MS``,
+    after one untimed call at that size unless the runner's warm-up ran it (``warmed``).
+
+    A profile measured in the server's own process, then mapped onto the model process by timing
+    the anchors again (``calibrate``), cost a DeiT-Ti/S/B start here 34 s of profiling and 10 s
+    of calibration, and the map was a second measurement with its own noise. Timed here, the
+    anchors' calls are the calibration too (``runs``: (stitch, batch) -> the calls)."""
+
+    def __init__(
+        self,
+        runner: Callable[[torch.Tensor, int], torch.Tensor],
+        input_size: tuple[int, ...],
+        repeats: int,
+        check: Callable[[], None] = lambda: None,
+        warmed: set[tuple[int, int]] | frozenset[tuple[int, int]] = frozenset(),
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.runner, self.input_size, self.repeats = runner, tuple(input_size), repeats
+        self.check, self.warmed, self.clock = check, warmed, clock
+        self.runs: dict[tuple[int, int], list[Run]] = {}
+        self._gen = torch.Generator().manual_seed(0)
+
+    def __call__(self, stitch: int, sizes: list[int]) -> dict[int, float]:
+        out = {}
+        for b in sizes:
+            x = torch.randn(b, *self.input_size, generator=self._gen)
+            if (stitch, b) not in self.warmed:  # a first call at a new size picks kernels
+                self.check()
+                self.runner(x, stitch)
+            runs = _timed(
+                self.runner, x, stitch, self.repeats, self.check, self.clock, PROFILE_ENOUGH_MS
+            )
+            self.runs[(stitch, b)] = runs
+            out[b] = round(statistics.median(f for _, f in runs), 4)
+        return out
+
+
 def calibrate(
     net: SNNet,
     runner: Callable[[torch.Tensor, int], torch.Tensor],
@@ -261,9 +325,11 @@ def calibrate(
     estimated: frozenset[int] = frozenset(),
     first_ms: dict[int, float] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    timed: dict[tuple[int, int], list[Run]] | None = None,
 ) -> tuple[LatencyProfile, str, list[float]]:
     """Time the anchors where the model serves (through ``runner``: the same process layout,
-    threads and pipe as requests) against ``profile``; the profile mapped onto what they
+    threads and pipe as requests; or take their calls from ``timed``, ``ServedTimer.runs``,
+    where this start measured them so) against ``profile``; the profile mapped onto what they
     showed, what was found, and the factors ``rescale_estimates`` applied to the
     ``estimated`` stitches from their warm-up runs (``first_ms``, the runner's), if given.
     Those runs are times on this machine, so they enter the profile divided by the map's
@@ -281,9 +347,9 @@ def calibrate(
     ``CALIBRATION_TOLERANCE`` of its profile the map (interpolated in batch size) is applied to
     every stitch before the first request; the controller refines it online.
 
-    The map is checked against the warm-up runs of the measured stitches that are not anchors
-    (``first_ms``; a few seconds earlier, in the same process): when the map puts them, at the
-    median, outside ``CALIBRATION_TOLERANCE`` of their runs, the anchors are timed once more
+    A timed map (not one from ``timed``) is checked against the warm-up runs of the measured
+    stitches that are not anchors (``first_ms``; a few seconds earlier, in the same process):
+    when the map puts them, at the median, outside ``CALIBRATION_TOLERANCE`` of their runs, the anchors are timed once more
     and the map that agrees better is kept. A calibration timed while something else took the
     cores (on the DeiT net here, a test run beside the server: x2.36 + 3.3 ms, the warm-up runs
     at the profile) would otherwise leave every measured stitch, the anchors with the cheapest
@@ -293,13 +359,21 @@ def calibrate(
     anchors = [st.id for st in net.stitches if not st.cut]
     base = LatencyModel(profile)
     smallest = min(batch_sizes)
-    fits, ratios = _time_anchors(net, runner, base, anchors, batch_sizes, check, clock)
+    sizes = sorted(set(batch_sizes))
+    fresh = bool(timed) and all((a, b) in timed for a in anchors for b in sizes)
+    if fresh:
+        # This start measured the anchors through the runner (ServedTimer): those calls are
+        # the calibration, f = 1 by construction and c their hop. Nothing to check it against:
+        # the profile is those calls.
+        fits, ratios = _fits({(a, b): timed[(a, b)] for a in anchors for b in sizes}, base)
+    else:
+        fits, ratios = _time_anchors(net, runner, base, anchors, batch_sizes, check, clock)
     runs = {
         s: ms
         for s, ms in (first_ms or {}).items()
         if s not in estimated and s not in anchors and s in profile.latency_ms
     }
-    if runs:
+    if runs and not fresh:
         agree = _agreement(fits, base, runs, smallest)
         if abs(agree - 1.0) > CALIBRATION_TOLERANCE:
             log.warning(
@@ -354,30 +428,31 @@ def _time_anchors(
     check: Callable[[], None],
     clock: Callable[[], float],
 ) -> tuple[dict[int, tuple[float, float]], list[float]]:
-    """The map ``served = f x profiled + c`` per batch size from CALIBRATION_REPEATS runs of
-    each anchor through ``runner`` (``_fit``), and each anchor's served / profiled (medians).
-    The runner's ``last_forward_ms`` tells the forward from the rest of a call (the whole call
-    where it has none)."""
-    fits: dict[int, tuple[float, float]] = {}
-    ratios = []
+    """``_fits`` of CALIBRATION_REPEATS calls of each anchor at each batch size through
+    ``runner``."""
+    runs = {}
     for b in sorted(set(batch_sizes)):
         x = torch.zeros(b, *net.input_size)
-        points, hops = [], []
         for a in anchors:
-            served, forward = [], []
-            for _ in range(CALIBRATION_REPEATS):
-                check()
-                t0 = clock()
-                runner(x, a)
-                served.append((clock() - t0) * 1e3)
-                ms = getattr(runner, "last_forward_ms", None)
-                forward.append(served[-1] if ms is None else min(ms, served[-1]))
-                hops.append(served[-1] - forward[-1])
-            p = base.base_ms(a, b)
-            points.append((p, statistics.median(forward)))
-            ratios.append(statistics.median(served) / p)
-        fits[b] = _fit(points, hops)
-    return fits, ratios
+            runs[(a, b)] = _timed(runner, x, a, CALIBRATION_REPEATS, check, clock)
+    return _fits(runs, base)
+
+
+def _fits(
+    runs: dict[tuple[int, int], list[Run]], base: LatencyModel
+) -> tuple[dict[int, tuple[float, float]], list[float]]:
+    """The map ``served = f x profiled + c`` per batch size from the anchors' calls (``runs``:
+    (anchor, batch) -> calls; ``_fit``), and each anchor's served / profiled (medians). The
+    forward's ms tells the forward from the rest of a call."""
+    points: dict[int, list[tuple[float, float]]] = {}
+    hops: dict[int, list[float]] = {}
+    ratios = []
+    for (a, b), calls in runs.items():
+        p = base.base_ms(a, b)
+        points.setdefault(b, []).append((p, statistics.median(f for _, f in calls)))
+        hops.setdefault(b, []).extend(served - f for served, f in calls)
+        ratios.append(statistics.median(served for served, _ in calls) / p)
+    return {b: _fit(points[b], hops[b]) for b in sorted(points)}, ratios
 
 
 def _agreement(

@@ -135,6 +135,15 @@ class InlineRunner:
         pass
 
 
+def warmed(net: SNNet, batch_sizes: Sequence[int]) -> set[tuple[int, int]]:
+    """The (stitch, batch size) pairs ``_warm_up`` runs: the anchors at each size, every stitch
+    at the smallest."""
+    anchors = {s.id for s in net.stitches if not s.cut}
+    smallest = min(batch_sizes)
+    every = {(s.id, smallest) for s in net.stitches}
+    return every | {(a, b) for a in anchors for b in batch_sizes}
+
+
 def _warm_up(
     net: SNNet,
     batch_sizes: Sequence[int],

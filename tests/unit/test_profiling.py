@@ -7,6 +7,9 @@ import pytest
 
 from server.profiling import (
     CALIBRATION_REPEATS,
+    PROFILE_ENOUGH_MS,
+    PROFILE_MIN_REPEATS,
+    ServedTimer,
     _at,
     _fit,
     calibrate,
@@ -152,6 +155,38 @@ def test_a_calibration_its_warm_up_runs_contradict_is_timed_again(
         assert out.latency_ms[s] == pytest.approx({b: ms + hop for b, ms in truth[s].items()})
     if warm_up_slow == 1.0:
         assert factors == pytest.approx([1.0] * len(estimated))
+
+
+def test_a_profile_timed_through_the_runner_is_its_forwards_and_its_calls_calibrate_it(tiny_net):
+    """The profile is measured where requests run: each stitch's median forward in the model
+    process, one untimed call first only at a size the warm-up did not run, fewer calls once
+    they took a second. Calibration then takes the anchors' calls from it: no call more, the
+    forwards at x1, the hop as the cost per batch."""
+    hop = 0.6
+    served = _Served(hop)
+    anchors = [st.id for st in tiny_net.stitches if not st.cut]
+    timer = ServedTimer(served, (1, 28, 28), repeats=5, warmed={(0, 1)}, clock=served.clock)
+    assert timer(0, [1, 8]) == {1: 1.0, 8: 8.0}
+    assert served.runs == 5 + (1 + 5)  # the untimed call at batch 8 only
+    # A call dearer than PROFILE_ENOUGH_MS / PROFILE_MIN_REPEATS: the fewest calls.
+    big = int(PROFILE_ENOUGH_MS / PROFILE_MIN_REPEATS) + 1
+    served.runs = 0
+    assert timer(big - 1, [1]) == {1: float(big)}
+    assert served.runs == 1 + PROFILE_MIN_REPEATS
+    assert len(timer.runs[(big - 1, 1)]) == PROFILE_MIN_REPEATS
+
+    truth = {s: {1: 1.0 + s, 8: 8.0 * (1 + s)} for s in range(len(tiny_net.stitches))}
+    for a in anchors:
+        assert timer(a, [1, 8]) == truth[a]
+    profile = LatencyProfile(DeviceFingerprint("cpu", "test", "x", 1, "float32"), [1, 8], truth)
+    before = served.runs
+    out, how, _ = calibrate(
+        tiny_net, served, profile, [1, 8], lambda: None, clock=served.clock, timed=timer.runs
+    )
+    assert served.runs == before
+    assert "x1.00 + 0.60 ms at batch 1" in how  # stitch 0 at batch 1: 1.6 ms against 1.0
+    for s in range(len(tiny_net.stitches)):
+        assert out.latency_ms[s] == pytest.approx({b: ms + hop for b, ms in truth[s].items()})
 
 
 @pytest.mark.parametrize(
