@@ -74,11 +74,18 @@ class SnnetServer:
         self.stop()
 
 
+def suite_profile_cache(tmp_path_factory) -> str:
+    """One profile cache for the servers of this test run that do not test profiling: the first
+    to start measures the bundled model here (4-10 s), the others start as a restart does, from
+    the cache (calibrated)."""
+    return str(tmp_path_factory.getbasetemp() / "suite-profiles.json")
+
+
 def bundled(tmp_path_factory, grpc: bool = False, **env: str) -> Iterator[SnnetServer]:
-    """A ready `snnet serve` of the bundled weights with a fresh profile cache, for a module
+    """A ready `snnet serve` of the bundled weights with the suite's profile cache, for a module
     fixture (``yield from bundled(tmp_path_factory)``); ``env`` adds settings. With ``grpc``,
     the V2 gRPC endpoint on a free port too, its address in ``srv.grpc``."""
-    env = {"SNNET_PROFILE_CACHE": str(tmp_path_factory.mktemp("cache") / "profiles.json"), **env}
+    env = {"SNNET_PROFILE_CACHE": suite_profile_cache(tmp_path_factory), **env}
     grpc_port = free_port() if grpc else 0
     env["SNNET_GRPC_PORT"] = str(grpc_port)
     with SnnetServer(env) as srv:

@@ -18,7 +18,7 @@ import yaml
 from server.cli import build_parser
 from server.config import Settings
 from tests._prometheus import free_port
-from tests._servers import SnnetServer
+from tests._servers import SnnetServer, suite_profile_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 KSERVE = ROOT / "deploy" / "kserve"
@@ -92,7 +92,7 @@ def test_the_inference_services_use_the_runtime(runtime, services):
 
 
 def test_snnet_serve_started_as_the_runtime_says_answers_v2_under_the_service_name(
-    runtime, services, tmp_path
+    runtime, services, tmp_path_factory
 ):
     c = container(runtime)
     name = services["inferenceservice.yaml"]["metadata"]["name"]
@@ -104,7 +104,7 @@ def test_snnet_serve_started_as_the_runtime_says_answers_v2_under_the_service_na
     env |= {
         "SNNET_WEIGHTS": str(ROOT / "weights"),  # in the pod: /mnt/models
         "SNNET_GRPC_PORT": str(grpc_port),
-        "SNNET_PROFILE_CACHE": str(tmp_path / "profiles.json"),
+        "SNNET_PROFILE_CACHE": suite_profile_cache(tmp_path_factory),
     }
     with SnnetServer(env, command=[SNNET, "serve", *args]) as srv:
         srv.wait_for("ready in")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests._servers import SnnetServer
+from tests._servers import SnnetServer, suite_profile_cache
 
 WORKER = "x-snnet-worker"
 
@@ -27,7 +27,7 @@ def server(tmp_path_factory):
     env = {
         "SNNET_API_WORKERS": "3",
         "SNNET_GRPC_PORT": "0",
-        "SNNET_PROFILE_CACHE": str(tmp_path_factory.mktemp("cache") / "profiles.json"),
+        "SNNET_PROFILE_CACHE": suite_profile_cache(tmp_path_factory),
     }
     with SnnetServer(env) as srv:
         srv.wait_for("ready in")

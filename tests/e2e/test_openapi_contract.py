@@ -5,17 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests._servers import SnnetServer
+from tests._servers import SnnetServer, suite_profile_cache
 
 HERE = Path(__file__).resolve().parent
 SCHEMATHESIS = str(Path(sys.executable).with_name("schemathesis"))
 
 
-def test_the_server_keeps_its_openapi_contract(tmp_path):
+def test_the_server_keeps_its_openapi_contract(tmp_path, tmp_path_factory):
     srv = SnnetServer(
         {
-            "SNNET_PROFILE_CACHE": str(tmp_path / "profiles.json"),
-            "SNNET_PROFILE_REPEATS": "1",
+            "SNNET_PROFILE_CACHE": suite_profile_cache(tmp_path_factory),
             "SNNET_MAX_IMAGE_PIXELS": "1000000",
         }
     )

@@ -12,6 +12,7 @@ import torch
 
 import snnet_core
 from tests._servers import SnnetServer as Server
+from tests._servers import suite_profile_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 SNNET = str(Path(sys.executable).with_name("snnet"))
@@ -21,8 +22,7 @@ SNNET = str(Path(sys.executable).with_name("snnet"))
 def server(tmp_path_factory):
     srv = Server(
         {
-            "SNNET_PROFILE_CACHE": str(tmp_path_factory.mktemp("cache") / "profiles.json"),
-            "SNNET_PROFILE_REPEATS": "3",
+            "SNNET_PROFILE_CACHE": suite_profile_cache(tmp_path_factory),
         }
     )
     srv.wait_for("ready in")
@@ -136,8 +136,8 @@ def test_metrics_and_readiness(server):
     )
 
 
-def test_sigterm_finishes_accepted_requests_then_exits(tmp_path, held_out):
-    srv = Server({"SNNET_PROFILE_CACHE": str(tmp_path / "p.json"), "SNNET_PROFILE_REPEATS": "1"})
+def test_sigterm_finishes_accepted_requests_then_exits(tmp_path_factory, held_out):
+    srv = Server({"SNNET_PROFILE_CACHE": suite_profile_cache(tmp_path_factory)})
     srv.wait_for("ready in")
     pngs = held_out[0][:4]
 

@@ -7,7 +7,7 @@ import pytest
 
 from server.controller import PrometheusSource
 from tests._prometheus import Prometheus
-from tests._servers import SnnetServer
+from tests._servers import SnnetServer, suite_profile_cache
 
 
 def poll(fetch, until, timeout: float = 60.0, what: str = ""):
@@ -28,7 +28,7 @@ def stack(tmp_path_factory):
     prom = Prometheus({}, work / "prometheus")  # the port is known before it starts
     srv = SnnetServer(
         {
-            "SNNET_PROFILE_CACHE": str(work / "profiles.json"),
+            "SNNET_PROFILE_CACHE": suite_profile_cache(tmp_path_factory),
             "SNNET_PROMETHEUS_URL": prom.url,
             "SNNET_PROMETHEUS_PERIOD_S": "0.5",
             "SNNET_CONTROLLER_PERIOD_S": "0.1",

@@ -1,5 +1,6 @@
 """Start-up on a real tiny checkpoint: a stored latency profile is checked on this machine."""
 
+import pytest
 import torch
 
 import snnet_core
@@ -70,8 +71,12 @@ def test_start_up_measures_what_its_time_allows_and_estimates_the_rest(tmp_path)
     assert anchors == {0, 1, 2}
     assert first.estimated == frozenset(range(len(first.menu))) - anchors
     assert "measured 3 stitches" in first.profile_source
-    # measured where it serves (a thread worker here: a call is all forward), so trusted as is
-    assert first.profile_source.endswith("calibrated x1.00, trusted")
+    # Measured where it serves (a thread worker here: a call is all forward), and calibrated
+    # from those calls: at batch 1 the map is x1 + 0 ms, the anchors serve as measured.
+    for s in anchors:
+        assert first.latency.base_ms(s, 1) == pytest.approx(
+            first.profile.latency_ms[s][1], rel=0.01
+        )
     assert "20 estimated" in first.profile_source
     for s in first.estimated:  # every stitch has a time at every batch size, in a sane range
         assert set(first.profile.latency_ms[s]) == {1, 2}

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests._prometheus import Prometheus
-from tests._servers import SnnetServer
+from tests._servers import SnnetServer, suite_profile_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -95,7 +95,7 @@ CASES = (
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("live")
-    env = {"SNNET_PROFILE_CACHE": str(tmp / "profiles.json"), "SNNET_PROFILE_REPEATS": "1"}
+    env = {"SNNET_PROFILE_CACHE": suite_profile_cache(tmp_path_factory)}
     with SnnetServer(env) as server:
         server.wait_for("ready in")
         with Prometheus(live_config(f"127.0.0.1:{server.port}"), tmp / "prometheus") as prom:
