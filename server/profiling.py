@@ -345,7 +345,9 @@ def calibrate(
     profiled + c`` over the anchors: f from their forwards as the model process timed them, c
     from the rest of each call (``_fit``), and when any anchor is outside
     ``CALIBRATION_TOLERANCE`` of its profile the map (interpolated in batch size) is applied to
-    every stitch before the first request; the controller refines it online.
+    every stitch before the first request; the controller refines it online. A profile measured
+    through ``runner`` in this start (``timed``) is always mapped, with f = 1: the map adds the
+    hop its calls showed.
 
     A timed map (not one from ``timed``) is checked against the warm-up runs of the measured
     stitches that are not anchors (``first_ms``; a few seconds earlier, in the same process):
@@ -366,6 +368,8 @@ def calibrate(
         # the calibration, f = 1 by construction and c their hop. Nothing to check it against:
         # the profile is those calls.
         fits, ratios = _fits({(a, b): timed[(a, b)] for a in anchors for b in sizes}, base)
+        fits = {b: (1.0, c) for b, (_, c) in fits.items()}  # f is 1 but where the profile
+        # had to be made monotone in batch size (a noisy tiny model's)
     else:
         fits, ratios = _time_anchors(net, runner, base, anchors, batch_sizes, check, clock)
     runs = {
@@ -392,7 +396,8 @@ def calibrate(
                 log.info("calibration: kept the map that puts them at x%.2f", agree)
     ratio = statistics.median(ratios)
     spread = f"anchors ran x{min(ratios):.2f}..x{max(ratios):.2f} of the profile here"
-    trusted = all(abs(r - 1.0) <= CALIBRATION_TOLERANCE for r in ratios)
+    # A measured profile is mapped anyway: the map adds only the hop, which it measured too.
+    trusted = not fresh and all(abs(r - 1.0) <= CALIBRATION_TOLERANCE for r in ratios)
     factors: list[float] = []
     if estimated and first_ms:
         f = 1.0 if trusted else _at(fits, smallest)[0]
@@ -414,6 +419,10 @@ def calibrate(
         profile.warmup,
     )
     how = ", ".join(f"x{f:.2f} + {c:.2f} ms at batch {b}" for b, (f, c) in sorted(fits.items()))
+    if fresh:
+        log.info("calibration: measured where it serves; every stitch mapped to serving: %s "
+                 "(the hop to the model and back)", how)  # fmt: skip
+        return mapped, f"calibrated as measured ({how})", factors
     log.warning("calibration: %s: outside %.0f%%, every stitch mapped to serving: %s",
                 spread, CALIBRATION_TOLERANCE * 100, how)  # fmt: skip
     return mapped, f"calibrated x{ratio:.2f}, rescaled ({how})", factors
