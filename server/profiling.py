@@ -351,8 +351,8 @@ def calibrate(
 
     A timed map (not one from ``timed``) is checked against the warm-up runs of the measured
     stitches that are not anchors (``first_ms``; a few seconds earlier, in the same process):
-    when the map puts them, at the median, outside ``CALIBRATION_TOLERANCE`` of their runs, the anchors are timed once more
-    and the map that agrees better is kept. A calibration timed while something else took the
+    when the map puts them, at the median, outside ``CALIBRATION_TOLERANCE`` of their runs,
+    the anchors are timed once more and the map that agrees better is kept. A calibration timed while something else took the
     cores (on the DeiT net here, a test run beside the server: x2.36 + 3.3 ms, the warm-up runs
     at the profile) would otherwise leave every measured stitch, the anchors with the cheapest
     of them, too dear to be chosen, and so to be corrected online: budgets up to 85 ms got a
@@ -368,8 +368,8 @@ def calibrate(
         # the calibration, f = 1 by construction and c their hop. Nothing to check it against:
         # the profile is those calls.
         fits, ratios = _fits({(a, b): timed[(a, b)] for a in anchors for b in sizes}, base)
-        fits = {b: (1.0, c) for b, (_, c) in fits.items()}  # f is 1 but where the profile
-        # had to be made monotone in batch size (a noisy tiny model's)
+        # (f comes out 1 but where LatencyModel made a noisy profile monotone in batch size)
+        fits = {b: (1.0, c) for b, (_, c) in fits.items()}
     else:
         fits, ratios = _time_anchors(net, runner, base, anchors, batch_sizes, check, clock)
     runs = {
