@@ -102,6 +102,8 @@ def test_every_worker_answers_with_the_owners_planner_queue_and_metrics(server, 
         r = post(fronts[0], pngs[:1], latency_budget_ms=max(least, 1.0) * 1.5)
         if r.status_code == 200:
             break
+        if r.status_code == 422:  # the safety margin moved since (one CI run: 17 -> 40 ms)
+            least = float(r.json()["detail"].rsplit(">=", 1)[1])
     assert r.status_code == 200, r.text
     # A photo over 64 KB: decoded in a worker thread of the front, only once admitted.
     rng = np.random.default_rng(0)
