@@ -2,10 +2,16 @@
 defaults as `snnet serve`: uvloop and httptools from ``uvicorn[standard]``) whose
 ``POST /classify`` only reads the body and answers a small JSON.
 
+With ``?pause_ms=X`` the route first idles X ms (``asyncio.sleep``), as `snnet serve`'s event loop
+idles while the model computes, and reports the pause it took as ``timing.compute_ms``: the
+floor of a server whose every request waits on something for that long.
+
     python bench/_bare.py PORT
 """
 
+import asyncio
 import sys
+import time
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -16,7 +22,12 @@ app = FastAPI()
 @app.post("/classify")
 async def classify(request: Request) -> dict:
     body = await request.body()
-    return {"bytes": len(body)}
+    pause = request.query_params.get("pause_ms")
+    if pause is None:
+        return {"bytes": len(body)}
+    t0 = time.perf_counter()
+    await asyncio.sleep(float(pause) / 1e3)
+    return {"bytes": len(body), "timing": {"compute_ms": (time.perf_counter() - t0) * 1e3}}
 
 
 if __name__ == "__main__":

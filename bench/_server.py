@@ -98,8 +98,11 @@ class Client:
         u = urlparse(url)
         self.conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
 
-    def classify(self, png: bytes | list[bytes], **fields: object) -> tuple[int, dict]:
-        """POST /classify with one image (or several) as multipart parts; (status, JSON body)."""
+    def classify(
+        self, png: bytes | list[bytes], query: str = "", **fields: object
+    ) -> tuple[int, dict]:
+        """POST /classify (``?query`` if given) with one image (or several) as multipart parts;
+        (status, JSON body)."""
         import json
 
         boundary = "snnetbench"
@@ -116,7 +119,10 @@ class Client:
             )
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
         self.conn.request(
-            "POST", "/classify", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+            "POST",
+            f"/classify?{query}" if query else "/classify",
+            body,
+            {"Content-Type": f"multipart/form-data; boundary={boundary}"},
         )
         r = self.conn.getresponse()
         self.worker = r.getheader("x-snnet-worker")  # a front's pid (SNNET_API_WORKERS > 1)
