@@ -362,22 +362,16 @@ def calibrate(
     base = LatencyModel(profile)
     smallest = min(batch_sizes)
     sizes = sorted(set(batch_sizes))
-    fresh = bool(timed) and all((a, b) in timed for a in anchors for b in sizes)
-    if fresh:
-        # This start measured the anchors through the runner (ServedTimer): those calls are
-        # the calibration, f = 1 by construction and c their hop. Nothing to check it against:
-        # the profile is those calls.
-        fits, ratios = _fits({(a, b): timed[(a, b)] for a in anchors for b in sizes}, base)
-        # (f comes out 1 but where LatencyModel made a noisy profile monotone in batch size)
-        fits = {b: (1.0, c) for b, (_, c) in fits.items()}
-    else:
-        fits, ratios = _time_anchors(net, runner, base, anchors, batch_sizes, check, clock)
+    if timed and all((a, b) in timed for a in anchors for b in sizes):
+        calls = {(a, b): timed[(a, b)] for a in anchors for b in sizes}
+        return _as_measured(profile, base, calls, smallest, estimated, first_ms)
+    fits, ratios = _time_anchors(net, runner, base, anchors, batch_sizes, check, clock)
     runs = {
         s: ms
         for s, ms in (first_ms or {}).items()
         if s not in estimated and s not in anchors and s in profile.latency_ms
     }
-    if runs and not fresh:
+    if runs:
         agree = _agreement(fits, base, runs, smallest)
         if abs(agree - 1.0) > CALIBRATION_TOLERANCE:
             log.warning(
@@ -396,8 +390,7 @@ def calibrate(
                 log.info("calibration: kept the map that puts them at x%.2f", agree)
     ratio = statistics.median(ratios)
     spread = f"anchors ran x{min(ratios):.2f}..x{max(ratios):.2f} of the profile here"
-    # A measured profile is mapped anyway: the map adds only the hop, which it measured too.
-    trusted = not fresh and all(abs(r - 1.0) <= CALIBRATION_TOLERANCE for r in ratios)
+    trusted = all(abs(r - 1.0) <= CALIBRATION_TOLERANCE for r in ratios)
     factors: list[float] = []
     if estimated and first_ms:
         f = 1.0 if trusted else _at(fits, smallest)[0]
@@ -408,7 +401,39 @@ def calibrate(
         log.info("calibration: %s: within %.0f%%, profile trusted",
                  spread, CALIBRATION_TOLERANCE * 100)  # fmt: skip
         return profile, f"calibrated x{ratio:.2f}, trusted", factors
-    mapped = LatencyProfile(
+    how = _how(fits)
+    log.warning("calibration: %s: outside %.0f%%, every stitch mapped to serving: %s",
+                spread, CALIBRATION_TOLERANCE * 100, how)  # fmt: skip
+    return _mapped(profile, fits), f"calibrated x{ratio:.2f}, rescaled ({how})", factors
+
+
+def _as_measured(
+    profile: LatencyProfile,
+    base: LatencyModel,
+    calls: dict[tuple[int, int], list[Run]],
+    smallest: int,
+    estimated: frozenset[int],
+    first_ms: dict[int, float] | None,
+) -> tuple[LatencyProfile, str, list[float]]:
+    """``calibrate`` for a profile this start measured through the runner: the anchors' calls
+    then (``calls``) are the calibration, f = 1 by construction (the forwards are the profile)
+    and c the hop those calls showed. Nothing to check it against, and the map is always
+    applied: it adds only the hop, which it measured too."""
+    fits, _ = _fits(calls, base)
+    # (f comes out 1 but where LatencyModel made a noisy profile monotone in batch size)
+    fits = {b: (1.0, c) for b, (_, c) in fits.items()}
+    factors: list[float] = []
+    if estimated and first_ms:
+        profile, factors = rescale_estimates(profile, estimated, dict(first_ms), smallest)
+    how = _how(fits)
+    log.info("calibration: measured where it serves; every stitch mapped to serving: %s "
+             "(the hop to the model and back)", how)  # fmt: skip
+    return _mapped(profile, fits), f"calibrated as measured ({how})", factors
+
+
+def _mapped(profile: LatencyProfile, fits: dict[int, tuple[float, float]]) -> LatencyProfile:
+    """``profile`` with every time put through the map ``f x ms + c`` of its batch size."""
+    return LatencyProfile(
         profile.fingerprint,
         list(profile.batch_sizes),
         {
@@ -418,14 +443,10 @@ def calibrate(
         profile.repeats,
         profile.warmup,
     )
-    how = ", ".join(f"x{f:.2f} + {c:.2f} ms at batch {b}" for b, (f, c) in sorted(fits.items()))
-    if fresh:
-        log.info("calibration: measured where it serves; every stitch mapped to serving: %s "
-                 "(the hop to the model and back)", how)  # fmt: skip
-        return mapped, f"calibrated as measured ({how})", factors
-    log.warning("calibration: %s: outside %.0f%%, every stitch mapped to serving: %s",
-                spread, CALIBRATION_TOLERANCE * 100, how)  # fmt: skip
-    return mapped, f"calibrated x{ratio:.2f}, rescaled ({how})", factors
+
+
+def _how(fits: dict[int, tuple[float, float]]) -> str:
+    return ", ".join(f"x{f:.2f} + {c:.2f} ms at batch {b}" for b, (f, c) in sorted(fits.items()))
 
 
 def _time_anchors(

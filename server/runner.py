@@ -151,8 +151,8 @@ def _warm_up(
     dtype: torch.dtype,
     check: Callable[[], None] = lambda: None,
 ) -> dict[int, float]:
-    """Run the anchors once at each batch size and every other stitch once at the smallest: the
-    first call at a new shape is slow (kernel selection, allocations), and a slow first batch
+    """Run each (stitch, batch size) of ``warmed`` once, the anchors first at each size: the
+    anchors at every batch size and every other stitch at the smallest. The first call at a new shape is slow (kernel selection, allocations), and a slow first batch
     would skew the latency corrections. A stitch runs the anchors' own blocks at the same
     shapes, so the anchors warm them for it; only its small stitching layer is new. (Every
     stitch at every size took 34.5 s of a DeiT-Ti/S/B start here, for nothing more.) ``check``
@@ -162,23 +162,23 @@ def _warm_up(
     anchors ran at it: one timed run of each, free (``server.profiling.rescale_estimates``)."""
     anchors = {s.id for s in net.stitches if not s.cut}
     smallest = min(batch_sizes)
+    pairs = warmed(net, batch_sizes)
     first_ms: dict[int, float] = {}
     with torch.inference_mode():
-        for b in sorted(batch_sizes):
+        for b in sorted(set(batch_sizes)):
             x = torch.zeros(b, *net.input_size, device=device, dtype=dtype)
-            # the anchors first: they warm the shapes every other stitch runs at
-            for i in sorted(range(len(net.stitches)), key=lambda i: i not in anchors):
-                if b == smallest or i in anchors:
-                    check()
-                    if device.type == "cuda":  # a first CUDA call loads modules, picks kernels
-                        net(x, i)
-                        torch.cuda.synchronize(device)
-                    t0 = time.perf_counter()
+            ids = sorted((i for i, size in pairs if size == b), key=lambda i: (i not in anchors, i))
+            for i in ids:  # the anchors first: they warm the shapes every other stitch runs at
+                check()
+                if device.type == "cuda":  # a first CUDA call loads modules, picks kernels
                     net(x, i)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    if b == smallest and i not in anchors:
-                        first_ms[i] = (time.perf_counter() - t0) * 1e3
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                net(x, i)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if b == smallest and i not in anchors:
+                    first_ms[i] = (time.perf_counter() - t0) * 1e3
     return first_ms
 
 
