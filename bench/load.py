@@ -43,13 +43,17 @@ import gc
 import json
 import math
 import random
+import re
 import statistics
 import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _server import Client, digit_pngs, open_loop, start_server  # noqa: E402
@@ -58,6 +62,8 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 FULL_SCHEDULE = "steady:10:0.5,step:10:1.0,ramp:10:1.0-2.0,spike:10:3.0,down:15:0.5"
 QUICK_SCHEDULE = "steady:2:0.5,spike:4:3.0,down:3:0.5"
 POLICIES = "adaptive,most_accurate,cheapest,static"
+# The server's log line that gives its model's torch threads (``server.runner``).
+THREADS_LINE = re.compile(r"model process \d+ ready \([\d.]+s; (\d+) threads")
 
 
 @dataclass
@@ -183,8 +189,50 @@ def per_image_ms(latency_ms: dict[str, float], batch: float) -> float:
     return ms / batch
 
 
+def model_alone_ms(
+    weights: str, ids: list[int], sizes: list[int], threads: int, dtype: str, seconds: float
+) -> dict[int, dict[str, float]]:
+    """The peer of the elastic range: the checkpoint's forward alone in this process (no server,
+    no HTTP, no hop), ``threads`` torch threads as the server's model has, median ms per stitch
+    and batch size, the stitches alternating call by call for about ``seconds`` in all. The
+    profile's ratio comes from a few calls per size at start-up and moved from start to start
+    on the 2-core VM (2.50-3.96 at batch 1 in four starts of session 14); this one is measured
+    beside the capacities it is compared with."""
+    import snnet_core
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        net, _ = snnet_core.load(weights)
+        net = net.to(dtype=snnet_core.DTYPES[dtype]).eval()
+        times: dict[tuple[int, int], list[float]] = {(i, b): [] for i in ids for b in sizes}
+        with torch.inference_mode():
+            xs = {
+                b: torch.zeros(b, *net.input_size, dtype=next(net.parameters()).dtype)
+                for b in sizes
+            }
+            for i in ids:  # warm up every shape
+                for b in sizes:
+                    net(xs[b], i)
+            end = time.monotonic() + seconds
+            while time.monotonic() < end or min(len(t) for t in times.values()) < 5:
+                for b in sizes:
+                    for i in ids:
+                        t0 = time.perf_counter()
+                        net(xs[b], i)
+                        times[(i, b)].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        torch.set_num_threads(before)
+    return {i: {str(b): statistics.median(times[(i, b)]) for b in sizes} for i in ids}
+
+
 def elastic_range(
-    url: str, pngs: list[bytes], images: int, stitches: dict[int, dict], quick: bool
+    url: str,
+    pngs: list[bytes],
+    images: int,
+    stitches: dict[int, dict],
+    quick: bool,
+    alone: Callable[[list[int], list[int]], dict[int, dict[str, float]]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """The stitch range as a client sees it: end-to-end capacity (``measure_capacity``) of the
     cheapest and of the most accurate stitch, their ratio ("realised") next to the ratio of their
@@ -197,11 +245,16 @@ def elastic_range(
     the mean batch the server ran (``snnet_batch_size``): "compute_at_batches_run" is the
     compute ratio per image at those batches, "fraction_at_batches_run" realised against it.
     (Single images on the bundled model here: both stitches ran batches of about 2, where the
-    ratio is 4.05x against 3.74x at batch 1: batching does not explain the shortfall.)"""
+    ratio is 4.05x against 3.74x at batch 1: batching does not explain the shortfall.)
+
+    With ``alone`` (``model_alone_ms`` bound to the checkpoint), the same ratios from the model
+    timed alone in this process right after: "compute_alone" (at the batches run) and
+    "fraction_alone", realised against it."""
     best = max(stitches.values(), key=lambda r: (r["accuracy"] or 0, r["gflops"]))
     cheap = min(stitches.values(), key=lambda r: r["gflops"])
     sizes = sorted(int(b) for b in best["latency_ms"])
     seconds, warmup = (1.5, 0.5) if quick else (3.0, 1.0)
+    alone_ms = alone([cheap["id"], best["id"]], sizes) if alone is not None else None
     out = {}
     for key, n in (("elastic", images), ("elastic_1", 1)):
         b = max(k for k in sizes if k <= min(n, sizes[-1]))
@@ -227,6 +280,12 @@ def elastic_range(
             "compute_at_batches_run": round(run, 2),
             "fraction_at_batches_run": round(realised / run, 2),
         }  # fmt: skip
+        if alone_ms is not None:
+            run_alone = per_image_ms(alone_ms[best["id"]], batch[best["id"]]) / per_image_ms(
+                alone_ms[cheap["id"]], batch[cheap["id"]]
+            )
+            out[key]["compute_alone"] = round(run_alone, 2)
+            out[key]["fraction_alone"] = round(realised / run_alone, 2)
         print(
             f"elastic range, {n}-image requests (4 clients back to back): cheapest stitch "
             f"{rates[cheap['id']]:.1f}/s, most accurate {rates[best['id']]:.1f}/s: "
@@ -236,6 +295,13 @@ def elastic_range(
             f"image there ({realised / run:.2f} of it)",
             file=sys.stderr,
         )
+        if alone_ms is not None:
+            print(
+                f"  the model alone in this process (the server's threads) "
+                f"at those batches: {run_alone:.2f}x "
+                f"({realised / run_alone:.2f} of it realised)",
+                file=sys.stderr,
+            )
     return out
 
 
@@ -435,7 +501,7 @@ def main() -> None:
     loaded: dict[str, list[bytes]] = {}
     loader = threading.Thread(target=lambda: loaded.setdefault("pngs", digit_pngs()))
     loader.start()
-    proc = None
+    proc, log = None, []
     if args.url is None:
         print("starting snnet serve ...", file=sys.stderr)
         # A short queue (8 full batches): policies that ignore the load hit it and get 503s.
@@ -448,7 +514,8 @@ def main() -> None:
                 "SNNET_WEIGHTS": args.weights,
                 "SNNET_MAX_QUEUE": "64",
                 "SNNET_BASELINE_POLICIES": "true",
-            }
+            },
+            log=log,
         )
     else:
         url = args.url.rstrip("/")
@@ -476,7 +543,13 @@ def main() -> None:
             capacity = profiled
         else:
             capacity = float(args.capacity)
-        elastic = elastic_range(url, pngs, args.images, stitches, args.quick)
+        alone = None
+        threads = next((int(m[1]) for m in map(THREADS_LINE.search, log) if m), None)
+        if threads is not None:  # a server started here: its checkpoint and threads are known
+            alone = lambda ids, sizes: model_alone_ms(  # noqa: E731
+                args.weights, ids, sizes, threads, menu["dtype"], 3.0 if args.quick else 6.0
+            )
+        elastic = elastic_range(url, pngs, args.images, stitches, args.quick, alone)
         schedule = arrivals(phases, capacity, random.Random(args.seed))
         duration = sum(p.seconds for p in phases)
         head = {
@@ -491,6 +564,7 @@ def main() -> None:
             "budgets_ms": budgets[0],
             "schedule": [asdict(p) for p in phases],
             "requests_per_policy": len(schedule),
+            "model_threads": threads,
             **elastic,
         }
         print(json.dumps(head), file=sys.stderr)
