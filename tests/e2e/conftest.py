@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from snnet_core.data import mnist_subset
+from tests._servers import bundled
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +21,12 @@ def held_out():
         Image.fromarray((x[i, 0].numpy() * 255).round().astype("uint8"), "L").save(buf, "PNG")
         pngs.append(buf.getvalue())
     return pngs, y[idx].tolist(), x[idx]
+
+
+@pytest.fixture(scope="package")
+def shared_server(tmp_path_factory):
+    """One `snnet serve` of the bundled weights with the default settings (and the V2 gRPC
+    endpoint) for the modules that only send it requests, stopped when this package's tests
+    end: a start costs 11-13 s of the suite here. Modules that change settings, or that test
+    start-up, stopping or load, start their own."""
+    yield from bundled(tmp_path_factory, grpc=True)

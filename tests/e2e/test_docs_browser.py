@@ -7,12 +7,11 @@ from __future__ import annotations
 import pytest
 
 from tests._browser import chromium, only
-from tests._servers import bundled
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    yield from bundled(tmp_path_factory)
+def server(shared_server):
+    return shared_server
 
 
 @pytest.mark.parametrize(("page", "selector"), [("/docs", ".opblock-summary-path"),

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from snnet_core.data import mnist_subset
-from tests._servers import ROOT, bundled
+from tests._servers import ROOT
 
 README = (ROOT / "README.md").read_text()
 
@@ -36,8 +36,8 @@ def curl_commands() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    yield from bundled(tmp_path_factory, grpc=True)
+def server(shared_server):
+    return shared_server
 
 
 def local(text: str, srv) -> str:

@@ -19,17 +19,8 @@ SNNET = str(Path(sys.executable).with_name("snnet"))
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(
-        {
-            "SNNET_PROFILE_CACHE": suite_profile_cache(tmp_path_factory),
-        }
-    )
-    srv.wait_for("ready in")
-    yield srv
-    if srv.proc.poll() is None:
-        srv.proc.terminate()
-        srv.proc.wait(60)
+def server(shared_server):
+    return shared_server
 
 
 @pytest.fixture(scope="module")

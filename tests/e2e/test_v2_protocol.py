@@ -11,14 +11,14 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 import snnet_core
-from tests._servers import ROOT, bundled
+from tests._servers import ROOT
 
 MODEL = "weights"  # the default model name: the checkpoint directory's
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    yield from bundled(tmp_path_factory, grpc=True)  # one server for REST and gRPC
+def server(shared_server):
+    return shared_server
 
 
 @pytest.fixture(scope="module")
