@@ -248,7 +248,7 @@ def elastic_range(
     ratio is 4.05x against 3.74x at batch 1: batching does not explain the shortfall.)
 
     With ``alone`` (``model_alone_ms`` bound to the checkpoint), the same ratios from the model
-    timed alone in this process right after: "compute_alone" (at the batches run) and
+    timed alone in this process just before: "compute_alone" (at the batches run) and
     "fraction_alone", realised against it."""
     best = max(stitches.values(), key=lambda r: (r["accuracy"] or 0, r["gflops"]))
     cheap = min(stitches.values(), key=lambda r: r["gflops"])
