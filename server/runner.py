@@ -152,8 +152,9 @@ def _warm_up(
     check: Callable[[], None] = lambda: None,
 ) -> dict[int, float]:
     """Run each (stitch, batch size) of ``warmed`` once, the anchors first at each size: the
-    anchors at every batch size and every other stitch at the smallest. The first call at a new shape is slow (kernel selection, allocations), and a slow first batch
-    would skew the latency corrections. A stitch runs the anchors' own blocks at the same
+    anchors at every batch size and every other stitch at the smallest. The first call at a new
+    shape is slow (kernel selection, allocations), and a slow first batch would skew the
+    latency corrections. A stitch runs the anchors' own blocks at the same
     shapes, so the anchors warm them for it; only its small stitching layer is new. (Every
     stitch at every size took 34.5 s of a DeiT-Ti/S/B start here, for nothing more.) ``check``
     runs before each forward (it raises to stop early).
