@@ -278,9 +278,12 @@ def test_stitches_menu(client):
     assert set(r["latency_ms"]) == {"1", "2", "4", "8"}
     front = client.get("/stitches", params={"pareto": "true"}).json()["stitches"]
     assert 0 < len(front) < len(rows) and all(s["pareto"] for s in front)
-    assert client.get("/stitches/4").json() == r | {
-        "predicted_ms": client.get("/stitches/4").json()["predicted_ms"]
-    }
+    one = client.get("/stitches/4").json()
+    # predicted_ms follows the live device factor and margin, which may move between two
+    # calls (the idle probe runs in the background); everything else is the menu's row.
+    predicted = one.pop("predicted_ms")
+    assert one == {k: v for k, v in r.items() if k != "predicted_ms"}
+    assert set(predicted) == set(r["latency_ms"]) and all(v > 0 for v in predicted.values())
     assert client.get("/stitches/99").status_code == 404
     assert "valid integer" in client.get("/stitches/x").json()["detail"]
 
