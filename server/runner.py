@@ -9,21 +9,24 @@ and answers requests, so under load the model thread waits for it again and agai
 2-3x slower than profiled with four clients on two cores (``bench/worker.py`` measures this).
 A child process has its own interpreter, so the model only competes for cores, not for the GIL.
 The weights are not copied: they are moved to shared memory and the child maps the same pages.
-Batches cross a pipe as raw bytes (a batch of 8 MNIST images is 25 KB).
+A batch and its logits cross in shared memory too; a socket carries only fixed-size messages
+(``_ASK``, ``_REPLY``), with the tensor as raw bytes behind them when it does not fit there.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import multiprocessing as mp
 import os
+import pickle
+import select
 import signal
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from multiprocessing.connection import Connection
 
 import numpy as np
 import torch
@@ -37,6 +40,49 @@ log = logging.getLogger("snnet.runner")
 
 # How long a child may take to start (import torch and timm, map the weights, warm up).
 START_TIMEOUT_S = 300.0
+
+# The hop's messages, over an AF_UNIX SOCK_SEQPACKET pair: one struct per message, one send and
+# one recv each, and a message keeps its bounds. The parent asks (stitch, ndim, payload bytes,
+# shape padded to 6 dims); the child replies (status, rows, classes, forward ms, payload bytes).
+# Payload 0: the tensor is in shared memory. Otherwise it follows as raw bytes in packets of
+# _CHUNK (a batch larger than the shared buffer, logits of another shape, an error's text, the
+# ready message's warm-up times). Against ``multiprocessing.Connection`` (a pickled tuple, read
+# as a length and then the body), with the child answering at once and a 7 ms pause before each
+# round trip as between served requests: median 46-66 us against 95-175 us here, 3 alternating
+# rounds each (``bench/model_hop.py`` measures the hop of the real runner).
+_ASK = struct.Struct("<iiq6i")
+_REPLY = struct.Struct("<iiidq")
+_OK, _ERROR, _READY = 0, 1, 2
+_MAX_DIMS = 6
+_CHUNK = 1 << 16  # below the socket's send buffer (a packet must fit in it whole)
+
+
+def _send_blob(sock: socket.socket, data) -> None:
+    """Send ``data`` (any buffer) as packets of ``_CHUNK`` bytes."""
+    view = memoryview(data).cast("B")
+    for i in range(0, len(view), _CHUNK):
+        sock.send(view[i : i + _CHUNK])
+
+
+def _recv_blob(sock: socket.socket, n: int) -> bytearray:
+    """Receive the ``n`` bytes ``_send_blob`` sent (EOFError if the peer went away)."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:  # one packet per call: read each whole (a short read drops a packet's rest)
+        k = sock.recv_into(view[got:], min(_CHUNK, n - got))
+        if k == 0:
+            raise EOFError
+        got += k
+    return buf
+
+
+def _recv_struct(sock: socket.socket, fmt: struct.Struct) -> tuple:
+    data = sock.recv(fmt.size)
+    if not data:
+        raise EOFError
+    if len(data) != fmt.size:
+        raise RunnerError(f"the model process sent a {len(data)}-byte message, not {fmt.size}")
+    return fmt.unpack(data)
 
 
 # OpenMP threads of the child spin for a while after each parallel region before they sleep
@@ -184,18 +230,18 @@ def _warm_up(
 
 
 def _serve(
-    conn: Connection,
+    sock: socket.socket,
     net: SNNet,
     threads: int | None,
     dtype: torch.dtype,
     warm_batch_sizes: Sequence[int],
     shared: tuple[torch.Tensor, torch.Tensor],
 ) -> None:
-    """The child: answer ``(stitch, shape, bytes)`` with ``("ok", shape, bytes, forward ms)`` or
-    ``("error", message)`` until it receives None or the parent goes away. ``bytes`` None: the
-    batch is in ``shared[0]`` (its first ``shape[0]`` rows), and the logits go to ``shared[1]``."""
+    """The child: warm up, report ready, then answer each batch (see ``_ASK``) until the parent
+    closes its end or goes away. A batch without payload is the first rows of ``shared[0]``;
+    its logits go to ``shared[1]`` where they fit."""
     # Ctrl-C reaches the whole process group. The parent drains what it accepted before it
-    # stops, and needs this process for that: only the parent ends it (None, or closing the pipe).
+    # stops, and needs this process for that: only the parent ends it (closing its socket).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if threads:
@@ -205,43 +251,37 @@ def _serve(
     first_ms = _warm_up(net, warm_batch_sizes, torch.device("cpu"), dtype)
     gc.collect()
     gc.freeze()  # as in the server process: no full collections over the model's objects
-    conn.send(("ready", first_ms))
     inputs, logits = shared
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):  # the parent is gone
-            return
-        if msg is None:
-            return
-        stitch, shape, data = msg
-        try:
-            if data is None:
-                x = inputs[: shape[0]]
-            else:  # bytearray: a writable buffer (torch warns on read-only NumPy arrays)
-                x = torch.from_numpy(np.frombuffer(bytearray(data), np.float32).reshape(shape))
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                y = net(x.to(dtype), stitch).float()
-            ms = (time.perf_counter() - t0) * 1e3
-            if data is None and y.shape[1:] == logits.shape[1:]:
-                logits[: y.shape[0]].copy_(y)
-                conn.send(("ok", tuple(y.shape), None, ms))
-            else:
-                conn.send(("ok", tuple(y.shape), y.numpy().tobytes(), ms))
-        except Exception as e:
-            conn.send(("error", f"{type(e).__name__}: {e}"))
 
+    def reply(status: int, rows: int, classes: int, ms: float, payload=b"") -> None:
+        sock.send(_REPLY.pack(status, rows, classes, ms, memoryview(payload).nbytes))
+        _send_blob(sock, payload)
 
-def _logits(msg, shared: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """The child's answer to a batch: its logits (from ``shared`` where it wrote them there)
-    and the ms its forward took there, or its error raised as a RunnerError."""
-    if msg[0] == "error":
-        raise RunnerError(msg[1])
-    _, shape, data, ms = msg
-    if data is None:
-        return torch.from_numpy(shared.numpy()[: shape[0]].copy()), ms
-    return torch.from_numpy(np.frombuffer(data, dtype=np.float32).reshape(shape).copy()), ms
+    try:
+        reply(_READY, 0, 0, 0.0, pickle.dumps(first_ms))
+        while True:
+            stitch, ndim, nbytes, *dims = _recv_struct(sock, _ASK)
+            shape = tuple(dims[:ndim])
+            data = _recv_blob(sock, nbytes) if nbytes else None
+            try:
+                if data is None:
+                    x = inputs[: shape[0]]
+                else:
+                    x = torch.frombuffer(data, dtype=torch.float32).reshape(shape)
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    y = net(x.to(dtype), stitch).float()
+                ms = (time.perf_counter() - t0) * 1e3
+                y = y.reshape(y.shape[0], -1)
+                if data is None and y.shape[1:] == logits.shape[1:]:
+                    logits[: y.shape[0]].copy_(y)
+                    reply(_OK, *y.shape, ms)
+                else:
+                    reply(_OK, *y.shape, ms, y.contiguous().numpy())
+            except Exception as e:  # the model's error: the batch fails, the child goes on
+                reply(_ERROR, 0, 0, 0.0, f"{type(e).__name__}: {e}".encode()[:_CHUNK])
+    except (EOFError, OSError):  # the parent closed its end or is gone
+        return
 
 
 class ProcessRunner:
@@ -256,7 +296,7 @@ class ProcessRunner:
         cancelled: Set to give up waiting for the child to start (it is killed); start-up
             stops at once instead of after the warm-up.
         max_batch: The largest batch that crosses to the child by shared memory (larger ones
-            go through the pipe as bytes).
+            go through the socket as bytes).
     """
 
     kind = "process"
@@ -277,13 +317,13 @@ class ProcessRunner:
         self._cancelled = cancelled or threading.Event()
         net.share_memory()
         # A batch and its logits cross in shared memory, one batch at a time (the scheduler
-        # sends the next only once this one is answered); the pipe carries (stitch, shape) and
-        # (shape, ms). A DeiT image (0.6 MB) through the pipe as bytes took 0.8 ms there and
+        # sends the next only once this one is answered); the socket carries (stitch, shape)
+        # and (shape, ms). A DeiT image (0.6 MB) through a pipe as bytes took 0.8 ms there and
         # back here, a batch of 8 3-9 ms: copies, pickling and 64 KB pipe writes.
         self._inputs = torch.empty(max_batch, *net.input_size).share_memory_()
         self._logits = torch.empty(max_batch, net.num_classes).share_memory_()
         self._ctx = mp.get_context("spawn")
-        self._conn: Connection | None = None
+        self._sock: socket.socket | None = None
         self._proc: mp.process.BaseProcess | None = None
         self.restarts = 0
         # The ms the last batch's forward took in the child, without the hop to it and back
@@ -296,19 +336,37 @@ class ProcessRunner:
         # torch.multiprocessing registers the pickling of tensors as shared-memory handles.
         import torch.multiprocessing  # noqa: F401
 
-        parent, child = self._ctx.Pipe()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         proc = self._ctx.Process(
             target=_serve, name="snnet-model", daemon=True,
             args=(child, self.net, self.threads, self.dtype, self.warm_batch_sizes,
                   (self._inputs, self._logits)),
         )  # fmt: skip
         env = model_child_env(self.threads)
-        with spawning_with(env):
-            proc.start()
-        child.close()
+        try:
+            with spawning_with(env):
+                proc.start()
+        finally:
+            child.close()
+        try:
+            first_ms = self._await_ready(parent, proc)
+        except BaseException:
+            parent.close()
+            raise
+        self.first_ms: dict[int, float] = first_ms
+        self._sock, self._proc = parent, proc
+        self.bound = "OMP_PROC_BIND" in env
+        log.info(
+            "model process %d ready (%.1fs; %s threads%s)", proc.pid, time.perf_counter() - t0,
+            self.threads or "default", ", one bound to each CPU" if self.bound else "",
+        )  # fmt: skip
+
+    def _await_ready(self, sock: socket.socket, proc: mp.process.BaseProcess) -> dict[int, float]:
+        """The child's warm-up times, once it reports ready; RunnerError if it dies, does not
+        start in time, or start-up is cancelled (it is killed then)."""
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not parent.poll(0.05):
-            if not proc.is_alive():  # died before it could even report (its pipe may stay open)
+        while not select.select([sock], [], [], 0.05)[0]:
+            if not proc.is_alive():  # died before it could even report
                 proc.join(5)
                 raise RunnerError(
                     f"the model process exited during start-up (exit code {proc.exitcode})"
@@ -320,32 +378,29 @@ class ProcessRunner:
                     raise RunnerError("start-up cancelled while the model process warmed up")
                 raise RunnerError(f"the model process did not start within {START_TIMEOUT_S:g} s")
         try:
-            msg = parent.recv()
-        except EOFError:
+            status, _, _, _, nbytes = _recv_struct(sock, _REPLY)
+            payload = _recv_blob(sock, nbytes)
+        except (EOFError, OSError):
             proc.join(5)
             raise RunnerError(
                 f"the model process exited during start-up (exit code {proc.exitcode})"
             ) from None
-        if not (isinstance(msg, tuple) and len(msg) == 2 and msg[0] == "ready"):
-            raise RunnerError(f"the model process sent {msg!r} instead of ready")
-        self.first_ms: dict[int, float] = msg[1]
-        self._conn, self._proc = parent, proc
-        self.bound = "OMP_PROC_BIND" in env
-        log.info(
-            "model process %d ready (%.1fs; %s threads%s)", proc.pid, time.perf_counter() - t0,
-            self.threads or "default", ", one bound to each CPU" if self.bound else "",
-        )  # fmt: skip
+        if status != _READY:
+            proc.kill()
+            proc.join(5)
+            raise RunnerError(f"the model process sent status {status} instead of ready")
+        return pickle.loads(payload)  # from our own child, over a socketpair only it holds
 
     @property
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
     def __call__(self, x: torch.Tensor, stitch: int) -> torch.Tensor:
-        if self._conn is None:
+        if self._sock is None:
             self._start()
         try:
             self.send(x, stitch)
-            msg = self._conn.recv()
+            y, self.last_forward_ms = self._answer()
         except (EOFError, OSError):  # (BrokenPipeError is an OSError)
             code = self._reap()
             self.restarts += 1
@@ -358,7 +413,6 @@ class ProcessRunner:
                 f"the model process died (exit code {code}) while running stitch {stitch}; "
                 "a new one serves the next batches"
             ) from None
-        y, self.last_forward_ms = _logits(msg, self._logits)
         return y
 
     # Started and finished apart, for the scheduler's event-loop path (``Scheduler.submit``):
@@ -367,32 +421,37 @@ class ProcessRunner:
     @property
     def ready(self) -> bool:
         """The child is running (a batch may be sent without starting one first)."""
-        return self._conn is not None
+        return self._sock is not None
 
     def shares(self, x: torch.Tensor) -> bool:
-        """Whether batch ``x`` crosses by shared memory (the pipe then carries a few bytes)."""
+        """Whether batch ``x`` crosses by shared memory (the socket then carries one message)."""
         return x.shape[0] <= self._inputs.shape[0] and x.shape[1:] == self._inputs.shape[1:]
 
     def send(self, x: torch.Tensor, stitch: int) -> None:
         """Hand the child a batch without waiting for its answer. Raises OSError if it is gone."""
         x = x.detach().to("cpu", torch.float32)
+        if x.ndim > _MAX_DIMS:
+            raise ValueError(f"a batch has at most {_MAX_DIMS} dimensions, not {x.ndim}")
+        dims = (*x.shape, *(0,) * (_MAX_DIMS - x.ndim))
         if self.shares(x):
             # numpy's copy runs in this thread: a torch copy this size would wake this
             # process's OpenMP team, whose spinning then takes the cores from the child's
             # (a DeiT-Ti forward 30% slower behind a 2-thread parent here).
             np.copyto(self._inputs.numpy()[: x.shape[0]], x.numpy())
-            self._conn.send((stitch, tuple(x.shape), None))
+            self._sock.send(_ASK.pack(stitch, x.ndim, 0, *dims))
         else:
-            self._conn.send((stitch, tuple(x.shape), x.contiguous().numpy().tobytes()))
+            data = x.contiguous().numpy()
+            self._sock.send(_ASK.pack(stitch, x.ndim, data.nbytes, *dims))
+            _send_blob(self._sock, data)
 
     def fileno(self) -> int:
-        return self._conn.fileno()
+        return self._sock.fileno()
 
     def finish(self, stitch: int) -> torch.Tensor:
         """The logits of the batch ``send`` handed over; RunnerError if the model failed on it or
         its process died (then the next ``__call__`` starts a new one, off the event loop)."""
         try:
-            msg = self._conn.recv()
+            y, self.last_forward_ms = self._answer()
         except (EOFError, OSError):
             code = self._reap()
             self.restarts += 1
@@ -401,14 +460,24 @@ class ProcessRunner:
                 f"the model process died (exit code {code}) while running stitch {stitch}; "
                 "a new one serves the next batches"
             ) from None
-        y, self.last_forward_ms = _logits(msg, self._logits)
         return y
+
+    def _answer(self) -> tuple[torch.Tensor, float]:
+        """The child's answer to the batch sent: its logits and the ms its forward took there,
+        or its error raised as a RunnerError. EOFError or OSError: the child is gone."""
+        status, rows, classes, ms, nbytes = _recv_struct(self._sock, _REPLY)
+        payload = _recv_blob(self._sock, nbytes) if nbytes else None
+        if status == _ERROR:
+            raise RunnerError(bytes(payload or b"").decode(errors="replace"))
+        if payload is None:
+            return torch.from_numpy(self._logits.numpy()[:rows].copy()), ms
+        return torch.frombuffer(payload, dtype=torch.float32).reshape(rows, classes), ms
 
     def _reap(self) -> int | None:
         proc, self._proc = self._proc, None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._sock is not None:
+            self._sock.close()  # the child reads the end of its socket and returns
+            self._sock = None
         if proc is None:
             return None
         proc.join(5)
@@ -418,7 +487,4 @@ class ProcessRunner:
         return proc.exitcode
 
     def close(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(OSError):  # already gone
-                self._conn.send(None)
         self._reap()

@@ -152,3 +152,14 @@ def test_the_warm_up_times_every_stitch_but_the_anchors_once_in_either_runner(ru
     for first_ms in (inline.first_ms, proc.first_ms):
         assert set(first_ms) == stitched  # the anchors ran first, untimed
         assert all(0 < ms < 10_000 for ms in first_ms.values())
+
+
+def test_closing_the_runner_ends_its_child_by_itself(net, digits):
+    """The child returns when the parent closes its socket (exit code 0), so a stopping server
+    neither waits nor has to kill it."""
+    proc = ProcessRunner(net, torch.float32, threads=1)
+    child = proc._proc
+    assert proc(digits[0][:2], 0).shape == (2, 10)
+    proc.close()
+    assert child.exitcode == 0  # not killed (-9) after the 5 s the close waits
+    assert not proc.ready
