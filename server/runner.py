@@ -20,13 +20,13 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
-import select
 import signal
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
+from multiprocessing.connection import wait
 
 import numpy as np
 import torch
@@ -365,7 +365,7 @@ class ProcessRunner:
         """The child's warm-up times, once it reports ready; RunnerError if it dies, does not
         start in time, or start-up is cancelled (it is killed then)."""
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not select.select([sock], [], [], 0.05)[0]:
+        while not wait([sock], 0.05):  # poll(2): select(2) fails on a descriptor past 1023
             if not proc.is_alive():  # died before it could even report
                 proc.join(5)
                 raise RunnerError(
