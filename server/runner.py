@@ -118,6 +118,46 @@ PIN_ENV = {"OMP_PROC_BIND": "true", "OMP_PLACES": "threads"}
 USER_BINDING = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")
 
 
+# Open files beyond the model's shared tensors: connections, the HTTP fronts, libraries.
+FD_HEADROOM = 1024
+
+
+def ensure_descriptors(tensors: int) -> None:
+    """Make room for ``tensors`` shared tensors among this process's open files.
+
+    torch shares a CPU tensor between processes as an open file descriptor (its default
+    strategy on Linux), held by this process and the model's for as long as the tensor lives:
+    the bundled net takes 257, a DeiT-Ti/S/B SN-Net 500, and a common soft limit is 1024,
+    past which sharing fails with "Too many open files" or connections are refused later.
+    The soft limit is raised (up to the hard one) to the tensors plus FD_HEADROOM, at least 4096;
+    RunnerError if the hard limit leaves no room for them (the fix is the user's: ``ulimit -n``)."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = tensors + FD_HEADROOM
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    unlimited = hard == resource.RLIM_INFINITY
+    if not unlimited and hard < tensors + 64:
+        raise RunnerError(
+            f"the model's {tensors} tensors are shared with its process as open files; this "
+            f"process may open at most {hard} (raise it to {want} or more: ulimit -n {want}, "
+            "or LimitNOFILE in systemd)"
+        )
+    new = max(want, 4096) if unlimited else min(hard, max(want, 4096))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    log.info(
+        "open-file limit raised from %d to %d (the model's %d shared tensors)", soft, new, tensors
+    )
+    if new < want:
+        log.warning(
+            "only %d open files are left for connections once the model's %d tensors are "
+            "shared (raise the hard limit: ulimit -n %d)", new - tensors, tensors, want,
+        )  # fmt: skip
+
+
 def model_child_env(threads: int | None) -> dict[str, str]:
     """The OpenMP settings the model process gets for ``threads`` torch threads (where the
     user has not set them): the spin count, and ``PIN_ENV`` when the threads take every CPU."""
@@ -315,6 +355,7 @@ class ProcessRunner:
         self.net, self.dtype, self.threads = net, dtype, threads
         self.warm_batch_sizes = list(warm_batch_sizes)
         self._cancelled = cancelled or threading.Event()
+        ensure_descriptors(sum(1 for _ in net.parameters()) + sum(1 for _ in net.buffers()) + 2)
         net.share_memory()
         # A batch and its logits cross in shared memory, one batch at a time (the scheduler
         # sends the next only once this one is answered); the socket carries (stitch, shape)

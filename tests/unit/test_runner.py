@@ -5,6 +5,7 @@ having run before it (or not)."""
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -163,3 +164,43 @@ def test_closing_the_runner_ends_its_child_by_itself(net, digits):
     proc.close()
     assert child.exitcode == 0  # not killed (-9) after the 5 s the close waits
     assert not proc.ready
+
+
+_UNDER_LIMIT = """
+import resource, sys, torch
+from server.runner import ProcessRunner, RunnerError
+from tests.conftest import build_tiny
+try:
+    proc = ProcessRunner(build_tiny().eval(), torch.float32, threads=1)
+except RunnerError as e:
+    sys.exit(str(e))
+print(tuple(proc(torch.zeros(2, 1, 28, 28), 0).shape), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+proc.close()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux rlimits")
+def test_a_low_open_file_limit_is_raised_for_the_shared_tensors_or_said_to_be_too_low():
+    """Each shared tensor is an open file (182 of the tiny net's): under a soft limit of 150,
+    sharing failed with "Too many open files"; the runner raises the soft limit up to the hard
+    one, and says what to do when the hard one is too low."""
+    import resource
+    import subprocess
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    root = str(Path(__file__).resolve().parents[2])
+
+    def run_under(soft: int, hard: int) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", _UNDER_LIMIT], cwd=root, capture_output=True, text=True,
+            timeout=120, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)),
+        )  # fmt: skip
+
+    if hard == resource.RLIM_INFINITY or hard >= 4096:
+        ok = run_under(150, hard)
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        assert ok.stdout.split() == ["(2,", "10)", "4096"]
+    low = run_under(150, 150)
+    assert low.returncode == 1
+    assert "tensors are shared with its process as open files" in low.stderr
+    assert "ulimit -n" in low.stderr
