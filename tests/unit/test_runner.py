@@ -15,10 +15,12 @@ import torch
 from server.profiling import cores
 from server.runner import (
     CHILD_ENV,
+    FD_HEADROOM,
     USER_BINDING,
     InlineRunner,
     ProcessRunner,
     RunnerError,
+    ensure_descriptors,
 )
 
 
@@ -93,13 +95,16 @@ def test_a_killed_child_fails_its_batch_and_is_replaced(own_child, digits):
     torch.testing.assert_close(proc(digits[0][:4], 3), inline(digits[0][:4], 3))
 
 
-def test_ctrl_c_to_the_process_group_leaves_the_child_serving(own_child, digits):
-    """The parent drains accepted requests on Ctrl-C and still needs the model for that."""
+def test_ctrl_c_to_the_process_group_leaves_the_child_serving_until_closed(own_child, digits):
+    """The parent drains accepted requests on Ctrl-C and still needs the model for that; then
+    closing the runner ends the child by itself (exit code 0, not killed after 5 s)."""
     _, proc = own_child
-    pid, restarts = proc.pid, proc.restarts
+    pid, restarts, child = proc.pid, proc.restarts, proc._proc
     os.kill(pid, signal.SIGINT)
     assert proc(digits[0][:2], 0).shape == (2, 10)
     assert (proc.pid, proc.restarts) == (pid, restarts)
+    proc.close()
+    assert child.exitcode == 0 and not proc.ready
 
 
 def test_the_child_gets_the_measured_openmp_spin_unless_the_user_set_one(net, monkeypatch):
@@ -155,52 +160,32 @@ def test_the_warm_up_times_every_stitch_but_the_anchors_once_in_either_runner(ru
         assert all(0 < ms < 10_000 for ms in first_ms.values())
 
 
-def test_closing_the_runner_ends_its_child_by_itself(net, digits):
-    """The child returns when the parent closes its socket (exit code 0), so a stopping server
-    neither waits nor has to kill it."""
-    proc = ProcessRunner(net, torch.float32, threads=1)
-    child = proc._proc
-    assert proc(digits[0][:2], 0).shape == (2, 10)
-    proc.close()
-    assert child.exitcode == 0  # not killed (-9) after the 5 s the close waits
-    assert not proc.ready
-
-
-_UNDER_LIMIT = """
-import resource, sys, torch
-from server.runner import ProcessRunner, RunnerError
-from tests.conftest import build_tiny
-try:
-    proc = ProcessRunner(build_tiny().eval(), torch.float32, threads=1)
-except RunnerError as e:
-    sys.exit(str(e))
-print(tuple(proc(torch.zeros(2, 1, 28, 28), 0).shape), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-proc.close()
-"""
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux rlimits")
-def test_a_low_open_file_limit_is_raised_for_the_shared_tensors_or_said_to_be_too_low():
-    """Each shared tensor is an open file (182 of the tiny net's): under a soft limit of 150,
-    sharing failed with "Too many open files"; the runner raises the soft limit up to the hard
-    one, and says what to do when the hard one is too low."""
+def test_a_low_open_file_limit_is_raised_for_the_shared_tensors_or_said_to_be_too_low(digits):
+    """Each shared tensor is an open file (the tiny net's 182): with 40 free under the soft
+    limit, sharing failed with "Too many open files". The runner raises the soft limit (up to
+    the hard one), and says what to do when the hard limit leaves no room."""
     import resource
-    import subprocess
 
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    root = str(Path(__file__).resolve().parents[2])
+    from tests.conftest import build_tiny
 
-    def run_under(soft: int, hard: int) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-c", _UNDER_LIMIT], cwd=root, capture_output=True, text=True,
-            timeout=120, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)),
-        )  # fmt: skip
+    net = build_tiny().eval()  # not yet shared (the module's net is, by the first runner)
 
-    if hard == resource.RLIM_INFINITY or hard >= 4096:
-        ok = run_under(150, hard)
-        assert ok.returncode == 0, ok.stderr[-2000:]
-        assert ok.stdout.split() == ["(2,", "10)", "4096"]
-    low = run_under(150, 150)
-    assert low.returncode == 1
-    assert "tensors are shared with its process as open files" in low.stderr
-    assert "ulimit -n" in low.stderr
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    tensors = sum(1 for _ in net.parameters()) + sum(1 for _ in net.buffers())
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 40, hard))
+    try:
+        proc = ProcessRunner(net, torch.float32, threads=1)
+        try:
+            assert proc(digits[0][:2], 0).shape == (2, 10)
+        finally:
+            proc.close()
+        raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert raised >= tensors + FD_HEADROOM or raised == hard
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if hard != resource.RLIM_INFINITY:
+        with pytest.raises(
+            RunnerError, match=r"open files; this process may open at most .*ulimit -n"
+        ):
+            ensure_descriptors(hard)
