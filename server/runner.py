@@ -41,48 +41,46 @@ log = logging.getLogger("snnet.runner")
 # How long a child may take to start (import torch and timm, map the weights, warm up).
 START_TIMEOUT_S = 300.0
 
-# The hop's messages, over an AF_UNIX SOCK_SEQPACKET pair: one struct per message, one send and
-# one recv each, and a message keeps its bounds. The parent asks (stitch, ndim, payload bytes,
-# shape padded to 6 dims); the child replies (status, rows, classes, forward ms, payload bytes).
-# Payload 0: the tensor is in shared memory. Otherwise it follows as raw bytes in packets of
-# _CHUNK (a batch larger than the shared buffer, logits of another shape, an error's text, the
-# ready message's warm-up times). Against ``multiprocessing.Connection`` (a pickled tuple, read
-# as a length and then the body), with the child answering at once and a 7 ms pause before each
-# round trip as between served requests: median 46-66 us against 95-175 us here, 3 alternating
-# rounds each (``bench/model_hop.py`` measures the hop of the real runner).
-_ASK = struct.Struct("<iiq6i")
+# The hop's messages, over a socket pair (AF_UNIX stream): a fixed-size struct each way. The
+# parent asks (stitch, ndim, payload bytes, shape padded to 6 dims); the child replies (status,
+# rows, classes, forward ms, payload bytes). Payload 0: the tensor is in shared memory.
+# Otherwise its raw bytes follow the struct (a batch larger than the shared buffer, logits of
+# another shape, an error's text, the ready message's warm-up times). Against
+# ``multiprocessing.Connection`` (a pickled tuple, read as a length and then the body), with the
+# child answering at once and a 7 ms pause before each round trip as between served requests:
+# median 52-60 us (stream), 46-66 us (SOCK_SEQPACKET, not on macOS) against 95-175 us here,
+# 3 alternating rounds each; ``bench/model_hop.py`` measures the real runner's hop.
+_ASK = struct.Struct("<ii6iq")
 _REPLY = struct.Struct("<iiidq")
 _OK, _ERROR, _READY = 0, 1, 2
 _MAX_DIMS = 6
-_CHUNK = 1 << 16  # below the socket's send buffer (a packet must fit in it whole)
+_MAX_ERROR_BYTES = 1 << 16
 
 
-def _send_blob(sock: socket.socket, data) -> None:
-    """Send ``data`` (any buffer) as packets of ``_CHUNK`` bytes."""
-    view = memoryview(data).cast("B")
-    for i in range(0, len(view), _CHUNK):
-        sock.send(view[i : i + _CHUNK])
-
-
-def _recv_blob(sock: socket.socket, n: int) -> bytearray:
-    """Receive the ``n`` bytes ``_send_blob`` sent (EOFError if the peer went away)."""
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    """The next ``n`` bytes from ``sock`` (EOFError if the peer went away first)."""
     buf = bytearray(n)
     view, got = memoryview(buf), 0
-    while got < n:  # one packet per call: read each whole (a short read drops a packet's rest)
-        k = sock.recv_into(view[got:], min(_CHUNK, n - got))
+    while got < n:
+        k = sock.recv_into(view[got:])
         if k == 0:
             raise EOFError
         got += k
     return buf
 
 
-def _recv_struct(sock: socket.socket, fmt: struct.Struct) -> tuple:
-    data = sock.recv(fmt.size)
-    if not data:
-        raise EOFError
-    if len(data) != fmt.size:
-        raise RunnerError(f"the model process sent a {len(data)}-byte message, not {fmt.size}")
-    return fmt.unpack(data)
+def _send(sock: socket.socket, fmt: struct.Struct, *fields, payload=b"") -> None:
+    """One message: the struct (its last field the payload's size), then the payload."""
+    view = memoryview(payload).cast("B")
+    sock.sendall(fmt.pack(*fields, view.nbytes))
+    if view.nbytes:
+        sock.sendall(view)
+
+
+def _recv(sock: socket.socket, fmt: struct.Struct) -> tuple[tuple, bytearray | None]:
+    """One message ``_send`` sent: its fields (the payload's size last) and its payload, if any."""
+    fields = fmt.unpack(_recv_exact(sock, fmt.size))
+    return fields, (_recv_exact(sock, fields[-1]) if fields[-1] else None)
 
 
 # OpenMP threads of the child spin for a while after each parallel region before they sleep
@@ -293,16 +291,11 @@ def _serve(
     gc.freeze()  # as in the server process: no full collections over the model's objects
     inputs, logits = shared
 
-    def reply(status: int, rows: int, classes: int, ms: float, payload=b"") -> None:
-        sock.send(_REPLY.pack(status, rows, classes, ms, memoryview(payload).nbytes))
-        _send_blob(sock, payload)
-
     try:
-        reply(_READY, 0, 0, 0.0, pickle.dumps(first_ms))
+        _send(sock, _REPLY, _READY, 0, 0, 0.0, payload=pickle.dumps(first_ms))
         while True:
-            stitch, ndim, nbytes, *dims = _recv_struct(sock, _ASK)
+            (stitch, ndim, *dims, _), data = _recv(sock, _ASK)
             shape = tuple(dims[:ndim])
-            data = _recv_blob(sock, nbytes) if nbytes else None
             try:
                 if data is None:
                     x = inputs[: shape[0]]
@@ -315,11 +308,12 @@ def _serve(
                 y = y.reshape(y.shape[0], -1)
                 if data is None and y.shape[1:] == logits.shape[1:]:
                     logits[: y.shape[0]].copy_(y)
-                    reply(_OK, *y.shape, ms)
+                    _send(sock, _REPLY, _OK, *y.shape, ms)
                 else:
-                    reply(_OK, *y.shape, ms, y.contiguous().numpy())
+                    _send(sock, _REPLY, _OK, *y.shape, ms, payload=y.contiguous().numpy())
             except Exception as e:  # the model's error: the batch fails, the child goes on
-                reply(_ERROR, 0, 0, 0.0, f"{type(e).__name__}: {e}".encode()[:_CHUNK])
+                text = f"{type(e).__name__}: {e}".encode()[:_MAX_ERROR_BYTES]
+                _send(sock, _REPLY, _ERROR, 0, 0, 0.0, payload=text)
     except (EOFError, OSError):  # the parent closed its end or is gone
         return
 
@@ -377,7 +371,7 @@ class ProcessRunner:
         # torch.multiprocessing registers the pickling of tensors as shared-memory handles.
         import torch.multiprocessing  # noqa: F401
 
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent, child = socket.socketpair()
         proc = self._ctx.Process(
             target=_serve, name="snnet-model", daemon=True,
             args=(child, self.net, self.threads, self.dtype, self.warm_batch_sizes,
@@ -419,8 +413,7 @@ class ProcessRunner:
                     raise RunnerError("start-up cancelled while the model process warmed up")
                 raise RunnerError(f"the model process did not start within {START_TIMEOUT_S:g} s")
         try:
-            status, _, _, _, nbytes = _recv_struct(sock, _REPLY)
-            payload = _recv_blob(sock, nbytes)
+            (status, *_), payload = _recv(sock, _REPLY)
         except (EOFError, OSError):
             proc.join(5)
             raise RunnerError(
@@ -479,11 +472,9 @@ class ProcessRunner:
             # process's OpenMP team, whose spinning then takes the cores from the child's
             # (a DeiT-Ti forward 30% slower behind a 2-thread parent here).
             np.copyto(self._inputs.numpy()[: x.shape[0]], x.numpy())
-            self._sock.send(_ASK.pack(stitch, x.ndim, 0, *dims))
+            _send(self._sock, _ASK, stitch, x.ndim, *dims)
         else:
-            data = x.contiguous().numpy()
-            self._sock.send(_ASK.pack(stitch, x.ndim, data.nbytes, *dims))
-            _send_blob(self._sock, data)
+            _send(self._sock, _ASK, stitch, x.ndim, *dims, payload=x.contiguous().numpy())
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -506,8 +497,7 @@ class ProcessRunner:
     def _answer(self) -> tuple[torch.Tensor, float]:
         """The child's answer to the batch sent: its logits and the ms its forward took there,
         or its error raised as a RunnerError. EOFError or OSError: the child is gone."""
-        status, rows, classes, ms, nbytes = _recv_struct(self._sock, _REPLY)
-        payload = _recv_blob(self._sock, nbytes) if nbytes else None
+        (status, rows, classes, ms, _), payload = _recv(self._sock, _REPLY)
         if status == _ERROR:
             raise RunnerError(bytes(payload or b"").decode(errors="replace"))
         if payload is None:
