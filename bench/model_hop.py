@@ -1,13 +1,13 @@
 """The hop to the model process: a batch by shared memory against the same batch as bytes
-through the pipe, side by side.
+through the socket, side by side.
 
     python bench/model_hop.py [--dir /tmp/snnet-deit] [--stitch 0] [--rounds 3] [--runs 12]
 
 Two ``ProcessRunner`` children of the same checkpoint (built by ``bench/deit_idle.py``; any
 ``snnet_core.save`` directory works): one takes batches up to 8 by shared memory (the server's
-default), the other with ``max_batch=0``, so every batch goes as bytes through the pipe (as
+default), the other with ``max_batch=0``, so every batch goes as bytes through the socket (as
 before). They run in alternating rounds at batch 1 and 8. Each call's round trip, the forward
-as the child timed it, and the hop (the difference: copies, pickling, pipe, wake-ups), medians
+as the child timed it, and the hop (the difference: copies, socket, wake-ups), medians
 over all rounds; ends with one JSON line.
 """
 

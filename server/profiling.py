@@ -328,7 +328,7 @@ def calibrate(
     timed: dict[tuple[int, int], list[Run]] | None = None,
 ) -> tuple[LatencyProfile, str, list[float]]:
     """Time the anchors where the model serves (through ``runner``: the same process layout,
-    threads and pipe as requests; or take their calls from ``timed``, ``ServedTimer.runs``,
+    threads and socket as requests; or take their calls from ``timed``, ``ServedTimer.runs``,
     where this start measured them so) against ``profile``; the profile mapped onto what they
     showed, what was found, and the factors ``rescale_estimates`` applied to the
     ``estimated`` stitches from their warm-up runs (``first_ms``, the runner's), if given.

@@ -354,7 +354,7 @@ class ProcessRunner:
         # A batch and its logits cross in shared memory, one batch at a time (the scheduler
         # sends the next only once this one is answered); the socket carries (stitch, shape)
         # and (shape, ms). A DeiT image (0.6 MB) through a pipe as bytes took 0.8 ms there and
-        # back here, a batch of 8 3-9 ms: copies, pickling and 64 KB pipe writes.
+        # back here, a batch of 8 3-9 ms: copies, pickling and 64 KB writes.
         self._inputs = torch.empty(max_batch, *net.input_size).share_memory_()
         self._logits = torch.empty(max_batch, net.num_classes).share_memory_()
         self._ctx = mp.get_context("spawn")

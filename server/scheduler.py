@@ -35,10 +35,10 @@ from .errors import ComputeError, Refusal
 from .latency import LatencyModel
 from .metrics import Metrics
 
-# The largest tensor the event loop hands the model process itself as bytes through the pipe
+# The largest tensor the event loop hands the model process itself as bytes through the socket
 # (``Scheduler.submit``): the write must never wait for the child to read, and a Unix socket's
 # buffer holds this much. A batch that crosses by shared memory (``ProcessRunner.shares``)
-# takes a few bytes of the pipe at any size.
+# takes one fixed-size message at any size.
 DIRECT_MAX_BYTES = 64 * 1024
 
 # A batch that starts after the model has been idle this long runs "cold": caches, and on a VM
