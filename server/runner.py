@@ -127,18 +127,20 @@ def ensure_descriptors(tensors: int) -> None:
     strategy on Linux), held by this process and the model's for as long as the tensor lives:
     the bundled net takes 257, a DeiT-Ti/S/B SN-Net 500, and a common soft limit is 1024,
     past which sharing fails with "Too many open files" or connections are refused later.
-    The soft limit is raised (up to the hard one) to the tensors plus FD_HEADROOM, at least 4096;
-    RunnerError if the hard limit leaves no room for them (the fix is the user's: ``ulimit -n``)."""
+    The soft limit is raised (up to the hard one) to the files open now, the tensors and
+    FD_HEADROOM, at least 4096; RunnerError if the hard limit leaves no room for the tensors (the
+    fix is the user's: ``ulimit -n``)."""
     try:
         import resource
     except ImportError:  # not a POSIX system
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = tensors + FD_HEADROOM
+    open_now = _open_files()
+    want = open_now + tensors + FD_HEADROOM
     if soft == resource.RLIM_INFINITY or soft >= want:
         return
     unlimited = hard == resource.RLIM_INFINITY
-    if not unlimited and hard < tensors + 64:
+    if not unlimited and hard < open_now + tensors + 64:
         raise RunnerError(
             f"the model's {tensors} tensors are shared with its process as open files; this "
             f"process may open at most {hard} (raise it to {want} or more: ulimit -n {want}, "
@@ -152,8 +154,18 @@ def ensure_descriptors(tensors: int) -> None:
     if new < want:
         log.warning(
             "only %d open files are left for connections once the model's %d tensors are "
-            "shared (raise the hard limit: ulimit -n %d)", new - tensors, tensors, want,
+            "shared (raise the hard limit: ulimit -n %d)", new - open_now - tensors, tensors, want,
         )  # fmt: skip
+
+
+def _open_files() -> int:
+    """How many files this process has open (0 where the system does not say)."""
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(listing))
+        except OSError:
+            continue
+    return 0
 
 
 def model_child_env(threads: int | None) -> dict[str, str]:
