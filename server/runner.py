@@ -130,10 +130,14 @@ def ensure_descriptors(tensors: int) -> None:
     The soft limit is raised (up to the hard one) to the files open now, the tensors and
     FD_HEADROOM, at least 4096; RunnerError if the hard limit leaves no room for the tensors (the
     fix is the user's: ``ulimit -n``)."""
+    import torch.multiprocessing
+
     try:
         import resource
     except ImportError:  # not a POSIX system
         return
+    if torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
+        return  # file_system (macOS's default): no descriptor per tensor
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     open_now = _open_files()
     want = open_now + tensors + FD_HEADROOM
@@ -147,7 +151,11 @@ def ensure_descriptors(tensors: int) -> None:
             "or LimitNOFILE in systemd)"
         )
     new = max(want, 4096) if unlimited else min(hard, max(want, 4096))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    except (ValueError, OSError) as e:  # e.g. macOS: above kern.maxfilesperproc
+        log.warning("could not raise the open-file limit from %d to %d: %s", soft, new, e)
+        return
     log.info(
         "open-file limit raised from %d to %d (the model's %d shared tensors)", soft, new, tensors
     )
@@ -318,14 +326,18 @@ def _serve(
                     y = net(x.to(dtype), stitch).float()
                 ms = (time.perf_counter() - t0) * 1e3
                 y = y.reshape(y.shape[0], -1)
-                if data is None and y.shape[1:] == logits.shape[1:]:
+                shared_out = data is None and y.shape[1:] == logits.shape[1:]
+                if shared_out:
                     logits[: y.shape[0]].copy_(y)
-                    _send(sock, _REPLY, _OK, *y.shape, ms)
-                else:
-                    _send(sock, _REPLY, _OK, *y.shape, ms, payload=y.contiguous().numpy())
             except Exception as e:  # the model's error: the batch fails, the child goes on
                 text = f"{type(e).__name__}: {e}".encode()[:_MAX_ERROR_BYTES]
                 _send(sock, _REPLY, _ERROR, 0, 0, 0.0, payload=text)
+                continue
+            # The answer is sent outside the model's try: a failed send ends the child.
+            if shared_out:
+                _send(sock, _REPLY, _OK, *y.shape, ms)
+            else:
+                _send(sock, _REPLY, _OK, *y.shape, ms, payload=y.contiguous().numpy())
     except (EOFError, OSError):  # the parent closed its end or is gone
         return
 
@@ -391,11 +403,11 @@ class ProcessRunner:
         )  # fmt: skip
         env = model_child_env(self.threads)
         try:
-            with spawning_with(env):
-                proc.start()
-        finally:
-            child.close()
-        try:
+            try:
+                with spawning_with(env):
+                    proc.start()
+            finally:
+                child.close()
             first_ms = self._await_ready(parent, proc)
         except BaseException:
             parent.close()
@@ -431,11 +443,14 @@ class ProcessRunner:
             raise RunnerError(
                 f"the model process exited during start-up (exit code {proc.exitcode})"
             ) from None
-        if status != _READY:
+        try:
+            if status != _READY:
+                raise RunnerError(f"the model process sent status {status} instead of ready")
+            return pickle.loads(payload)  # from our own child, over a socketpair only it holds
+        except Exception:
             proc.kill()
             proc.join(5)
-            raise RunnerError(f"the model process sent status {status} instead of ready")
-        return pickle.loads(payload)  # from our own child, over a socketpair only it holds
+            raise
 
     @property
     def pid(self) -> int | None:
@@ -453,7 +468,7 @@ class ProcessRunner:
             log.error("the model process died (exit code %s); starting a new one", code)
             try:
                 self._start()
-            except RunnerError:
+            except (RunnerError, OSError):
                 log.exception("could not restart the model process; trying again on the next batch")
             raise RunnerError(
                 f"the model process died (exit code {code}) while running stitch {stitch}; "

@@ -287,10 +287,18 @@ class Scheduler:
             direct = self._direct_locked(job)
             if not direct:
                 self._enqueue_locked(job)
-        if direct and not self._dispatch(job):
-            with self._cv:  # the model process is gone: the worker starts another and runs it
-                self._running = False
-                self._enqueue_locked(job)
+        if direct:
+            try:
+                sent = self._dispatch(job)
+            except BaseException:  # nothing was sent (a bad batch): the model is free again
+                with self._cv:
+                    self._running, self._running_until = False, 0.0
+                    self._cv.notify_all()
+                raise
+            if not sent:
+                with self._cv:  # the model process is gone: the worker starts another and runs it
+                    self._running = False
+                    self._enqueue_locked(job)
         return job.future
 
     def _enqueue_locked(self, job: _Job) -> None:

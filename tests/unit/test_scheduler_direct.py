@@ -110,6 +110,26 @@ def test_requests_arriving_while_it_runs_queue_for_the_worker_in_deadline_order(
     assert [r.batch_size for r in later] == [3, 3, 3]  # the worker batched the three waiting
 
 
+def test_a_batch_the_event_loop_cannot_send_fails_alone_and_leaves_the_model_free(
+    served, digits, run
+):
+    """A batch the hop cannot carry (more than 6 dimensions) raises from ``submit`` before a
+    byte is sent; the model is not left marked busy, so the next request goes direct."""
+    sched, net = served
+    x = digits[0][:2]
+
+    async def bad_then_good():
+        now = time.monotonic()
+        with pytest.raises(ValueError, match="at most 6 dimensions"):
+            sched.submit(x.reshape(2, 1, 1, 1, 1, 28, 28), 3, now + 60, now)
+        assert not sched.view(now + 60, now).busy
+        return await sched.submit(x, 3, now + 60, now)
+
+    result = run(bad_then_good())
+    assert sched.direct_batches == 1
+    torch.testing.assert_close(result.logits, expected(net, x, 3), rtol=1e-5, atol=1e-5)
+
+
 def test_stop_waits_for_a_batch_sent_from_the_event_loop(served, digits, run):
     sched, _ = served
 
