@@ -42,7 +42,7 @@ log = logging.getLogger("snnet.runner")
 START_TIMEOUT_S = 300.0
 
 # The hop's messages, over a socket pair (AF_UNIX stream): a fixed-size struct each way. The
-# parent asks (stitch, ndim, payload bytes, shape padded to 6 dims); the child replies (status,
+# parent asks (stitch, ndim, shape padded to 6 dims, payload bytes); the child replies (status,
 # rows, classes, forward ms, payload bytes). Payload 0: the tensor is in shared memory.
 # Otherwise its raw bytes follow the struct (a batch larger than the shared buffer, logits of
 # another shape, an error's text, the ready message's warm-up times). Against
