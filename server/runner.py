@@ -40,6 +40,9 @@ log = logging.getLogger("snnet.runner")
 
 # How long a child may take to start (import torch and timm, map the weights, warm up).
 START_TIMEOUT_S = 300.0
+# How long the event loop waits for a model process whose socket ended to exit (a thread waits
+# out the rest): a killed child has exited by then.
+REAP_ON_LOOP_S = 0.1
 
 # The hop's messages, over a socket pair (AF_UNIX stream): a fixed-size struct each way. The
 # parent asks (stitch, ndim, shape padded to 6 dims, payload bytes); the child replies (status,
@@ -184,6 +187,19 @@ def model_child_env(threads: int | None) -> dict[str, str]:
     if threads and threads >= cores() and not user_binds:
         env.update(PIN_ENV)
     return env
+
+
+def _finish_off(proc: mp.process.BaseProcess, say: bool = False) -> int | None:
+    """Wait up to 5 s more for a model process to exit, then kill it; its exit code (logged
+    if ``say``)."""
+    proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
+    if say:
+        log.warning("the model process %d that died has exited (exit code %s)", proc.pid,
+                    proc.exitcode)  # fmt: skip
+    return proc.exitcode
 
 
 class RunnerError(RuntimeError):
@@ -385,6 +401,7 @@ class ProcessRunner:
         self._sock: socket.socket | None = None
         self._proc: mp.process.BaseProcess | None = None
         self.restarts = 0
+        self.reaping: threading.Thread | None = None  # a thread killing a child slow to exit
         # The ms the last batch's forward took in the child, without the hop to it and back
         # (``server.profiling.calibrate`` tells the two apart).
         self.last_forward_ms: float | None = None
@@ -512,11 +529,12 @@ class ProcessRunner:
         try:
             y, self.last_forward_ms = self._answer()
         except (EOFError, OSError):
-            code = self._reap()
+            code = self._reap(wait_s=REAP_ON_LOOP_S)  # on the event loop: do not wait long
             self.restarts += 1
-            log.error("the model process died (exit code %s); the next batch starts one", code)
+            how = "still exiting" if code is None else f"exit code {code}"
+            log.error("the model process died (%s); the next batch starts one", how)
             raise RunnerError(
-                f"the model process died (exit code {code}) while running stitch {stitch}; "
+                f"the model process died ({how}) while running stitch {stitch}; "
                 "a new one serves the next batches"
             ) from None
         return y
@@ -531,18 +549,27 @@ class ProcessRunner:
             return torch.from_numpy(self._logits.numpy()[:rows].copy()), ms
         return torch.frombuffer(payload, dtype=torch.float32).reshape(rows, classes), ms
 
-    def _reap(self) -> int | None:
+    def _reap(self, wait_s: float = 5.0) -> int | None:
+        """Close the socket (the child reads its end and returns) and collect the child's exit
+        code. One still running after ``wait_s`` is killed, here if ``wait_s`` is the full 5 s,
+        else by a thread (``reaping``), and None is returned: the event loop's path
+        (``finish``) must not stall every request for a child slow to exit."""
         proc, self._proc = self._proc, None
         if self._sock is not None:
-            self._sock.close()  # the child reads the end of its socket and returns
+            self._sock.close()
             self._sock = None
         if proc is None:
             return None
-        proc.join(5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
-        return proc.exitcode
+        proc.join(wait_s)
+        if not proc.is_alive():
+            return proc.exitcode
+        if wait_s < 5.0:
+            self.reaping = threading.Thread(
+                target=_finish_off, args=(proc, True), name="snnet-reap", daemon=True
+            )
+            self.reaping.start()
+            return None
+        return _finish_off(proc)
 
     def close(self) -> None:
         self._reap()

@@ -5,6 +5,7 @@ process on the tiny family (the test that kills it has its own)."""
 import asyncio
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -166,3 +167,36 @@ def test_a_model_process_dying_fails_only_its_batch_and_the_next_request_gets_a_
         sched.stop()
         runner.close()
     torch.testing.assert_close(result.logits, expected(net, x, 3), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_model_process_slow_to_exit_does_not_stall_the_event_loop(digits, run):
+    """The event loop reads the answer of a batch it sent; when the socket ends but the process
+    has not exited (here: stopped), the request fails at once and a thread kills the process,
+    instead of the loop waiting up to 10 s for it with every other request."""
+    import socket
+
+    net = build_tiny().eval()
+    runner = ProcessRunner(net, torch.float32, threads=1)  # its own: this test stops it
+    sched = scheduler(runner)
+    proc = runner._proc
+    x = digits[0][:2]
+
+    async def end_socket_of_stopped_child():
+        os.kill(proc.pid, signal.SIGSTOP)
+        now = time.monotonic()
+        pending = sched.submit(x, 3, now + 60, now)
+        runner._sock.shutdown(socket.SHUT_RD)  # the socket ends; the process does not exit
+        with pytest.raises(ComputeError, match="model process died"):
+            await pending
+        with open(f"/proc/{proc.pid}/stat") as f:  # the loop did not wait for it: still stopped
+            return f.read().split(") ")[1][0]
+
+    try:
+        state = run(end_socket_of_stopped_child())
+        assert state == "T"
+        runner.reaping.join(30)
+        assert proc.exitcode == -signal.SIGKILL
+    finally:
+        sched.stop()
+        runner.close()
