@@ -1,4 +1,9 @@
-"""The ``snnet`` console script: model commands from ``snnet_core.cli`` plus ``serve``."""
+"""The ``snnet`` console script: model commands from ``snnet_core.cli`` plus ``serve``.
+
+Light to import (no torch at module level): ``snnet serve`` starts the model process before
+anything heavy is imported, so that its imports and this process's run side by side
+(``server.early``).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,15 @@ import logging
 import os
 import sys
 
-from snnet_core import CheckpointError, resolve_device, resolve_dtype, verify
-from snnet_core.cli import add_commands, run
-
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
+    from snnet_core import CheckpointError, resolve_device, resolve_dtype, verify
+
+    from . import early
     from .app import create_app
     from .config import Settings
 
@@ -44,6 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if settings.dtype != "auto":
             resolve_dtype(settings.dtype, device)
     except (CheckpointError, ValueError, RuntimeError) as e:
+        early.discard()
         print(f"error: cannot serve: {e}", file=sys.stderr)
         return 2
     workers = api_workers(settings, device)
@@ -76,7 +82,7 @@ def api_workers(settings, device) -> int:
         return settings.api_workers
     if device.type != "cuda":
         return 1
-    from .profiling import cores
+    from .environ import cores
 
     return max(1, min(8, cores() // 2))
 
@@ -120,6 +126,8 @@ def _owner_of_fronts(settings, workers: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from snnet_core.cli import add_commands
+
     parser = argparse.ArgumentParser(
         prog="snnet", description="Stitchable Neural Networks: build, profile, serve"
     )
@@ -138,7 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["serve"] and not {"-h", "--help"} & set(args):
+        _start_model_process_early()
+    from snnet_core.cli import run
+
     return run(build_parser(), argv)
+
+
+def _start_model_process_early() -> None:
+    """Spawn the model process before this one imports torch (``server.early``), with the
+    settings as the environment gives them; invalid ones are reported later, by ``cmd_serve``."""
+    try:
+        from . import early
+        from .config import Settings
+
+        s = Settings()
+    except Exception:
+        return
+    early.start(s.weights, s.threads, s.device, s.worker)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,10 @@ from snnet_core import (
     resolve_dtype,
 )
 
+from . import early
 from .config import Settings
 from .controller import Controller, Fleet, PrometheusSource, read_metrics
+from .environ import cores
 from .imaging import decode_cost_points, make_transform
 from .ingress import Ingress
 from .latency import LatencyModel
@@ -48,7 +50,6 @@ from .profiling import (
     choose_dtype,
     choose_profile,
     choose_threads,
-    cores,
 )
 from .runner import InlineRunner, ProcessRunner, RunnerError, warmed
 from .scheduler import Result, Scheduler
@@ -198,6 +199,9 @@ def build_engine(
         if s.threads == "auto":
             threads, figures = choose_threads(net, menu)
             log.info("threads: %d (SNNET_THREADS=auto; %s)", threads, figures)
+            # The next start's model process is spawned before this choice is made, with
+            # OpenMP settings that depend on it (``server.early``): it starts from this one.
+            early.remember_threads(s.weights, threads)
         else:
             threads = s.threads
         torch.set_num_threads(threads)
@@ -220,6 +224,7 @@ def build_engine(
             check()  # cancelled: say so, not "failed"
             raise
     else:
+        early.discard()  # spawned for a CPU model, but this one runs in a thread
         stage("warming up")
         runner = InlineRunner(net, device, dtype, s.max_batch_size)
         runner.warm_up(warm, check)
@@ -346,6 +351,7 @@ class Lifecycle:
             self.detail = f"start-up failed: {e}"
             log.exception("start-up failed")
         finally:
+            early.discard()  # a model process started early that nothing took: not needed
             self.started.set()
             if self._started_async is not None:
                 loop, event = self._started_async

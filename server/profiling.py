@@ -39,6 +39,7 @@ import snnet_core
 from snnet_core import DeviceFingerprint, LatencyProfile, Manifest, SNNet, StitchMenu
 
 from .config import Settings
+from .environ import cores
 from .latency import LatencyModel
 
 log = logging.getLogger("snnet.profiling")
@@ -550,14 +551,6 @@ THREADS_GAIN = 0.15
 def threads_speedup_needed(n: int) -> float:
     """How much faster on ``n`` threads than on ``n - 1`` a model must run to get every core."""
     return max(1 + THREADS_GAIN, 1 + 1 / (2 * (n - 1)))
-
-
-def cores() -> int:
-    """The cores this process may run on: its affinity mask (a cpuset), not a CPU quota."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def pick_threads(ms: dict[str, dict[int, float]], n: int) -> int:

@@ -15,12 +15,12 @@ A batch and its logits cross in shared memory too; a socket carries only fixed-s
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import multiprocessing as mp
 import os
 import pickle
-import signal
 import socket
 import struct
 import threading
@@ -33,8 +33,9 @@ import torch
 
 from snnet_core import SNNet
 
-from .environ import spawning_with
-from .profiling import cores
+from .early import spawn
+from .early import take as early_process
+from .environ import model_child_env
 
 log = logging.getLogger("snnet.runner")
 
@@ -84,39 +85,6 @@ def _recv(sock: socket.socket, fmt: struct.Struct) -> tuple[tuple, bytearray | N
     """One message ``_send`` sent: its fields (the payload's size last) and its payload, if any."""
     fields = fmt.unpack(_recv_exact(sock, fmt.size))
     return fields, (_recv_exact(sock, fields[-1]) if fields[-1] else None)
-
-
-# OpenMP threads of the child spin for a while after each parallel region before they sleep
-# (libgomp's default: 300000 spins). Between torch ops that keeps a forward fast, but after a
-# batch they went on spinning while the server process decoded the next request on the same
-# cores. On 2 cores, a DeiT-Ti/S/B net answering 120 sequential JPEG requests met 88.4% of the
-# budgets with the default spin and 96.9% with 10000 spins (`bench/deit_idle.py --requests 120`).
-# Too short a spin has its own cliff: on a VM whose idle vCPUs halt, after a second of idle
-# the threads fell asleep between the ops of a forward and each hand-off waited: the first
-# forwards after a pause ran 2-4x slower at 10000 spins (medium model, batch 8, in one process:
-# 36-49 ms against 12), 1.2x at 20000 and up. A longer spin costs under load instead, when the
-# spinning thread takes the core the HTTP process needs: under the page's 3 s burst (Chromium
-# on the same 2 cores) the server kept up in some runs at 10000 and 20000 spins and never at
-# 100000. A client pausing 1 s between requests met 74-82% of budgets at 10000, 85% at 20000,
-# 88-91% at 30000, 89-97% at 100000 (`bench/deit_idle.py --requests 40 --think-s 1`;
-# bench/RESULTS.md, "An idle gap between requests, and the spin count"). 20000 is past the
-# cliff here and no worse under load. The cliff sits at a time, not a count: a value the user
-# set wins.
-CHILD_ENV = {"GOMP_SPINCOUNT": "20000"}
-
-# One model thread per CPU, bound to it, when the model's threads take every CPU this process
-# may use (its affinity mask; a hyperthread is a CPU: OMP_PLACES=threads). Unbound, a thread
-# woken on a CPU (the event loop's 5 ms timer, the controller, a kernel thread) pushed an OpenMP
-# thread off it, the scheduler sometimes moved that thread onto its team mate's CPU, and the
-# whole team waited at the next barrier until it moved back: idle DeiT-Ti/S/B on 2 cores, stitch
-# 0 (15 ms) took up to 20-60 ms. Bound, a preempted thread waits only for the short task that
-# preempted it (``bench/pinning.py``). Only then: with fewer threads than CPUs, every replica on
-# a host would bind its team to the same first CPUs. Any binding the user set is left alone
-# (OMP_PROC_BIND=false: unbound).
-PIN_ENV = {"OMP_PROC_BIND": "true", "OMP_PLACES": "threads"}
-# Any of these set by the user: binding is theirs (libgomp lets OMP_PLACES override
-# GOMP_CPU_AFFINITY, so ours must not be added to theirs).
-USER_BINDING = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")
 
 
 # Open files beyond the model's shared tensors: connections, the HTTP fronts, libraries.
@@ -177,16 +145,6 @@ def _open_files() -> int:
         except OSError:
             continue
     return 0
-
-
-def model_child_env(threads: int | None) -> dict[str, str]:
-    """The OpenMP settings the model process gets for ``threads`` torch threads (where the
-    user has not set them): the spin count, and ``PIN_ENV`` when the threads take every CPU."""
-    env = dict(CHILD_ENV)
-    user_binds = any(k in os.environ for k in USER_BINDING)
-    if threads and threads >= cores() and not user_binds:
-        env.update(PIN_ENV)
-    return env
 
 
 def _finish_off(proc: mp.process.BaseProcess, say: bool = False) -> int | None:
@@ -303,6 +261,95 @@ def _warm_up(
     return first_ms
 
 
+# -- the weights' way to the model process ----------------------------------------------------
+# Every model process starts with its socket only (``server.early.spawn``: ``snnet serve`` starts
+# one before it imports torch) and receives its weights over it: ``_SETUP`` (how many file
+# descriptors, how many pickle bytes), the shared tensors' descriptors (SCM_RIGHTS, at most
+# ``_FDS_PER_MESSAGE`` a message), then the pickle of (net, threads, dtype, warm-up batch sizes,
+# shared buffers). torch pickles a shared tensor as a ``multiprocessing.reduction.DupFd`` of its
+# descriptor; while ``_Collect`` is the "spawning popen" (the hook ``multiprocessing``'s own spawn
+# uses to pass them at exec), that is a ``_Passed``: the descriptor's place among those sent.
+_SETUP = struct.Struct("<iq")
+_FDS_PER_MESSAGE = 250  # Linux passes at most 253 a message (SCM_MAX_FD)
+_received: list[int] = []  # the child's copies of the descriptors, while it unpickles
+
+
+class _Passed:
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def detach(self) -> int:  # in the child: its copy, which torch maps and closes
+        return _received[self.index]
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+
+    def duplicate_for_child(self, fd: int) -> int:
+        self.fds.append(fd)  # the tensor's own descriptor: open while the tensor lives
+        return len(self.fds) - 1
+
+    def DupFd(self, index: int) -> _Passed:  # noqa: N802 (multiprocessing's name)
+        return _Passed(index)
+
+
+def _setup_message(setup: tuple) -> tuple[list[int], bytes]:
+    """The descriptors and the pickle that carry ``setup`` to a model process."""
+    from multiprocessing import context
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers torch's pickling of shared tensors)
+
+    collect, before = _Collect(), context.get_spawning_popen()
+    context.set_spawning_popen(collect)  # this thread's only
+    try:
+        data = ForkingPickler.dumps(setup)
+    finally:
+        context.set_spawning_popen(before)
+    return collect.fds, data
+
+
+def _send_setup(sock: socket.socket, fds: list[int], data: bytes) -> None:
+    sock.sendall(_SETUP.pack(len(fds), len(data)))
+    for i in range(0, len(fds), _FDS_PER_MESSAGE):
+        socket.send_fds(sock, [b"\0"], fds[i : i + _FDS_PER_MESSAGE])
+    sock.sendall(data)
+
+
+def _recv_setup(sock: socket.socket) -> tuple:
+    count, size = _SETUP.unpack(_recv_exact(sock, _SETUP.size))
+    ensure_descriptors(count)  # this process started with the parent's limit before it rose
+    fds: list[int] = []
+    try:
+        while len(fds) < count:
+            data, got, flags, _ = socket.recv_fds(sock, 1, _FDS_PER_MESSAGE)
+            fds.extend(got)
+            if not data:
+                raise EOFError
+            if flags & socket.MSG_CTRUNC:
+                raise RunnerError("the model's tensors did not all reach its process (MSG_CTRUNC)")
+        _received[:] = fds
+        return pickle.loads(_recv_exact(sock, size))  # from our parent, over our socket only
+    except BaseException:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise
+    finally:
+        _received.clear()
+
+
+def serve_from_socket(sock: socket.socket) -> None:
+    """The model process, once imported (``server.early._host``): receive the weights, then
+    ``_serve``; return if the parent goes away first."""
+    try:
+        setup = _recv_setup(sock)
+    except (EOFError, OSError):
+        return
+    _serve(sock, *setup)
+
+
 def _serve(
     sock: socket.socket,
     net: SNNet,
@@ -314,10 +361,6 @@ def _serve(
     """The child: warm up, report ready, then answer each batch (see ``_ASK``) until the parent
     closes its end or goes away. A batch without payload is the first rows of ``shared[0]``;
     its logits go to ``shared[1]`` where they fit."""
-    # Ctrl-C reaches the whole process group. The parent drains what it accepted before it
-    # stops, and needs this process for that: only the parent ends it (closing its socket).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if threads:
         torch.set_num_threads(threads)
     torch.set_grad_enabled(False)
@@ -397,7 +440,6 @@ class ProcessRunner:
         # back here, a batch of 8 3-9 ms: copies, pickling and 64 KB writes.
         self._inputs = torch.empty(max_batch, *net.input_size).share_memory_()
         self._logits = torch.empty(max_batch, net.num_classes).share_memory_()
-        self._ctx = mp.get_context("spawn")
         self._sock: socket.socket | None = None
         self._proc: mp.process.BaseProcess | None = None
         self.restarts = 0
@@ -409,32 +451,39 @@ class ProcessRunner:
 
     def _start(self) -> None:
         t0 = time.perf_counter()
-        # torch.multiprocessing registers the pickling of tensors as shared-memory handles.
-        import torch.multiprocessing  # noqa: F401
-
-        parent, child = socket.socketpair()
-        proc = self._ctx.Process(
-            target=_serve, name="snnet-model", daemon=True,
-            args=(child, self.net, self.threads, self.dtype, self.warm_batch_sizes,
-                  (self._inputs, self._logits)),
-        )  # fmt: skip
         env = model_child_env(self.threads)
+        setup = (
+            self.net, self.threads, self.dtype, self.warm_batch_sizes, (self._inputs, self._logits)
+        )  # fmt: skip
+        message = _setup_message(setup)
+        early = early_process(env)  # started before this process imported torch, if it was
+        proc, sock = early if early is not None else spawn(env)
         try:
             try:
-                with spawning_with(env):
-                    proc.start()
-            finally:
-                child.close()
-            first_ms = self._await_ready(parent, proc)
+                _send_setup(sock, *message)
+            except OSError:
+                if early is not None:  # it died meanwhile: another
+                    sock.close()
+                    early = None
+                    proc, sock = spawn(env)
+                    with contextlib.suppress(OSError):
+                        _send_setup(sock, *message)
+                # (a new one that died at once: _await_ready says how)
+            first_ms = self._await_ready(sock, proc)
         except BaseException:
-            parent.close()
+            sock.close()
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
             raise
         self.first_ms: dict[int, float] = first_ms
-        self._sock, self._proc = parent, proc
+        self._sock, self._proc = sock, proc
         self.bound = "OMP_PROC_BIND" in env
+        self.early = early is not None
         log.info(
-            "model process %d ready (%.1fs; %s threads%s)", proc.pid, time.perf_counter() - t0,
-            self.threads or "default", ", one bound to each CPU" if self.bound else "",
+            "model process %d ready (%.1fs%s; %s threads%s)", proc.pid, time.perf_counter() - t0,
+            ", started early" if self.early else "", self.threads or "default",
+            ", one bound to each CPU" if self.bound else "",
         )  # fmt: skip
 
     def _await_ready(self, sock: socket.socket, proc: mp.process.BaseProcess) -> dict[int, float]:

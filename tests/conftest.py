@@ -26,6 +26,19 @@ TINY_OVERRIDES = [
 TINY_NUM_STITCHES = 23
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_directory(tmp_path_factory):
+    """The servers and runners of the suite remember thread counts in XDG_CACHE_HOME
+    (``server.early``): in a directory of this run, not the user's cache."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 def build_tiny(seed: int = 0) -> snnet_core.SNNet:
     torch.manual_seed(seed)
     return snnet_core.build_snnet(TINY_ANCHORS, overrides=TINY_OVERRIDES)

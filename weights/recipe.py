@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import snnet_core
-from server.profiling import THREADS_GAIN, cores, threads_from_profiles
+from server.environ import cores
+from server.profiling import THREADS_GAIN, threads_from_profiles
 from snnet_core.data import MNIST_LABELS, DigitsDataset, mnist_subset
 from snnet_core.evaluate import evaluate, plot_accuracy
 from snnet_core.space import short_names

@@ -150,6 +150,23 @@ def test_sigterm_finishes_accepted_requests_then_exits(tmp_path_factory, held_ou
     assert set(outcomes) <= {200, "refused"}  # nothing accepted is dropped or failed
 
 
+def test_serve_starts_the_model_process_before_its_own_imports(tmp_path_factory, held_out):
+    """`snnet serve` spawns the model process before it imports torch (server.early), so that
+    both import side by side; with the thread count given, that early process is the one that
+    takes the weights and serves."""
+    srv = Server(
+        {"SNNET_PROFILE_CACHE": suite_profile_cache(tmp_path_factory), "SNNET_THREADS": "1"}
+    )
+    try:
+        srv.wait_for("ready in")
+        ready = next(line for line in srv.log if "model process" in line and " ready (" in line)
+        assert "started early" in ready, ready
+        r = classify(srv.url, held_out[0][:2], stitch_id=0)
+        assert r.status_code == 200, r.text
+    finally:
+        srv.stop()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_during_start_up_stops_the_server_at_once(tmp_path, sig):
     """Profiling every stitch 2000 times would take minutes; a stop signal must not wait for it

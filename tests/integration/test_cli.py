@@ -169,5 +169,8 @@ def test_serve_refuses_a_corrupt_checkpoint(tmp_path):
         timeout=60,
         env={"SNNET_WEIGHTS": str(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT},
     )
+    # (run() waits for the end of stderr: a model process started early and left running
+    # would hold it open until the timeout)
     assert proc.returncode == 2
     assert "cannot serve" in proc.stderr and "does not match its manifest" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -87,7 +87,7 @@ def test_start_up_measures_what_its_time_allows_and_estimates_the_rest(tmp_path)
 
 
 def test_threads_are_chosen_by_measurement_and_the_figures_are_logged(tmp_path, caplog):
-    from server.profiling import cores
+    from server.environ import cores
 
     net = build_tiny(seed=5).eval()
     snnet_core.save(net, tmp_path / "ckpt")

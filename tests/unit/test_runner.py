@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.profiling import cores
+from server import early
+from server.environ import CHILD_ENV, USER_BINDING, cores, model_child_env
 from server.runner import (
-    CHILD_ENV,
     FD_HEADROOM,
-    USER_BINDING,
     InlineRunner,
     ProcessRunner,
     RunnerError,
@@ -198,3 +197,74 @@ def test_a_low_open_file_limit_is_raised_for_the_shared_tensors_or_said_to_be_to
             RunnerError, match=r"open files; this process may open at most .*ulimit -n"
         ):
             ensure_descriptors(hard)
+
+
+def test_a_model_process_started_early_takes_the_weights_when_its_settings_match(
+    net, digits, tmp_path
+):
+    """``snnet serve`` spawns the model process before it imports torch (``server.early``); the
+    runner hands that process the weights over its socket instead of spawning one, and it
+    answers as any other."""
+    assert early.start(tmp_path, 1, "cpu", "auto")
+    pid = early._early[0].pid
+    runner = ProcessRunner(net, torch.float32, threads=1)
+    try:
+        assert (runner.pid, runner.early) == (pid, True)
+        x = digits[0][:4]
+        expected = InlineRunner(net, torch.device("cpu"), torch.float32)(x, 5)
+        torch.testing.assert_close(runner(x, 5), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        runner.close()
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or cores() < 2, reason="needs Linux and 2 cores"
+)
+def test_an_early_model_process_with_other_openmp_settings_or_dead_is_replaced(
+    net, digits, tmp_path, monkeypatch
+):
+    """Its binding is fixed before torch loads; when the measured thread count wants another,
+    or it died, the runner stops it and spawns one as without an early start."""
+    for k in USER_BINDING:
+        monkeypatch.delenv(k, raising=False)
+    x = digits[0][:4]
+    expected = InlineRunner(net, torch.device("cpu"), torch.float32)(x, 5)
+    early.start(tmp_path, cores(), "cpu", "auto")  # every CPU: bound
+    bound = early._early[0]
+    early.start(tmp_path, 1, "cpu", "auto")  # a newer early start replaces an older one
+    assert bound.exitcode is not None
+    dead = early._early[0]
+    os.kill(dead.pid, signal.SIGKILL)
+    dead.join(10)
+    for wanted in (cores(), 1):  # the dead one, then one with other settings
+        if wanted == 1:
+            early.start(tmp_path, cores(), "cpu", "auto")
+            bound = early._early[0]
+        runner = ProcessRunner(net, torch.float32, threads=wanted)
+        try:
+            assert runner.pid not in (dead.pid, bound.pid) and not runner.early
+            assert runner.bound == (wanted == cores())
+            torch.testing.assert_close(runner(x, 5), expected, rtol=1e-5, atol=1e-5)
+        finally:
+            runner.close()
+    assert bound.exitcode is not None and early._early is None
+
+
+def test_the_thread_count_chosen_is_remembered_for_the_next_early_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    weights = tmp_path / "weights"
+    assert early.remembered_threads(weights) is None
+    early.remember_threads(weights, 2)
+    assert early.remembered_threads(weights) == 2
+    assert early.remembered_threads(tmp_path / "other") is None
+    assert early.start(weights, "auto", "cpu", "auto")
+    assert early._early[2] == model_child_env(2)  # started with the remembered count's binding
+    early.discard()
+    (tmp_path / "cache" / "snnet" / "threads.json").write_text("{not json")
+    assert early.remembered_threads(weights) is None  # a broken file is only a guess lost
+    early.remember_threads(weights, 3)
+    assert early.remembered_threads(weights) == 3
+    # No model process for a GPU or a thread worker: nothing is started.
+    assert not early.start(weights, 1, "cuda", "auto")
+    assert not early.start(weights, 1, "cpu", "thread")
+    assert early._early is None

@@ -1,0 +1,178 @@
+"""The model process, started first: its imports overlap the server's own.
+
+A model process (``server.runner``) spends seconds importing torch and timm before it can take
+the weights: 5.1 s of a 12 s start of the bundled model here, after the server process had
+spent about as long on the same imports and on loading the weights. ``snnet serve`` therefore
+spawns it before importing anything heavy (``start``); when the weights are loaded,
+``ProcessRunner`` hands them to it (``take``) instead of spawning one then. Every model process
+starts the same way (``spawn``: a socket, nothing else) and receives its weights over that
+socket, so a restarted one follows the same path as an early one.
+
+The process's OpenMP settings are fixed before it imports torch (libgomp reads them when it
+loads) and depend on the model's thread count (``server.environ.model_child_env``), which
+``SNNET_THREADS=auto`` measures only once the weights are loaded. The early process starts with
+the settings ``SNNET_THREADS`` implies or, for auto, those of the last choice made for these
+weights on this machine (remembered in ``threads.json`` in the user's cache directory). When
+the start-up's own choice differs, the early process is stopped and another started, as
+without an early start. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+
+from .environ import cores, model_child_env, spawning_with
+
+log = logging.getLogger("snnet.early")
+
+_lock = threading.Lock()
+_early: tuple[mp.process.BaseProcess, socket.socket, dict[str, str]] | None = None
+REMEMBERED = 64  # weights directories kept in threads.json
+
+
+def _host(sock: socket.socket) -> None:
+    """The model process's entry: only the parent ends it (it drains what it accepted first,
+    and needs this process for that); then the heavy imports, then wait for the weights."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from .runner import serve_from_socket
+
+    serve_from_socket(sock)
+
+
+def spawn(env: dict[str, str]) -> tuple[mp.process.BaseProcess, socket.socket]:
+    """Start a model process with ``env`` added to its environment; it waits on the returned
+    socket for its weights (``server.runner``)."""
+    parent, child = socket.socketpair()
+    proc = mp.get_context("spawn").Process(
+        target=_host, args=(child,), name="snnet-model", daemon=True
+    )
+    try:
+        try:
+            with spawning_with(env):
+                proc.start()
+        finally:
+            child.close()
+    except BaseException:
+        parent.close()
+        raise
+    return proc, parent
+
+
+def start(weights: Path, threads: int | str, device: str, worker: str) -> bool:
+    """Spawn the model process now, if serving these settings will use one (a CPU model; with
+    ``device`` auto, when no GPU driver is visible); whether it did. Never raises: a failure
+    here only means the process starts later, as without this. One started before and not
+    taken is stopped."""
+    global _early
+    discard()
+    if worker == "thread" or device.startswith("cuda"):
+        return False
+    if device == "auto" and worker == "auto" and _gpu_driver():
+        return False  # most likely CUDA: a thread worker, no process
+    guess = threads if isinstance(threads, int) else remembered_threads(weights)
+    env = model_child_env(guess)
+    try:
+        proc, sock = spawn(env)
+    except Exception as e:
+        log.debug("no early model process: %s", e)
+        return False
+    with _lock:
+        _early = (proc, sock, env)
+    return True
+
+
+def take(env: dict[str, str]) -> tuple[mp.process.BaseProcess, socket.socket] | None:
+    """The early model process, if it was started with ``env`` and is still running; else
+    None, and an early process with other settings is stopped."""
+    global _early
+    with _lock:
+        early, _early = _early, None
+    if early is None:
+        return None
+    proc, sock, had = early
+    if not proc.is_alive():
+        log.warning("the model process started early exited (code %s); starting another",
+                    proc.exitcode)  # fmt: skip
+    elif had != env:
+        log.info(
+            "the model process started early has other OpenMP settings (%s, not %s): starting "
+            "another", _show(had), _show(env),
+        )  # fmt: skip
+    else:
+        return proc, sock
+    _stop(proc, sock)
+    return None
+
+
+def discard() -> None:
+    """Stop the early model process if nothing took it (start-up failed, or a thread worker)."""
+    global _early
+    with _lock:
+        early, _early = _early, None
+    if early is not None:
+        _stop(*early[:2])
+
+
+def _stop(proc: mp.process.BaseProcess, sock: socket.socket) -> None:
+    sock.close()  # it returns when it reads the end of its socket, once its imports are done
+    proc.kill()  # (they take seconds: not worth waiting for)
+    proc.join(5)
+
+
+def _show(env: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(env.items()))
+
+
+def _gpu_driver() -> bool:
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd"))
+
+
+# -- the last thread count chosen, per weights directory and core count ------------------------
+
+
+def _threads_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "snnet" / "threads.json"
+
+
+def _key(weights: Path) -> str:
+    return f"{Path(weights).resolve()} on {cores()} cores"
+
+
+def remembered_threads(weights: Path) -> int | None:
+    """The thread count ``SNNET_THREADS=auto`` chose last for ``weights`` on this many cores
+    (None: never, or the file cannot be read)."""
+    try:
+        value = json.loads(_threads_file().read_text()).get(_key(weights))
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value >= 1 else None
+
+
+def remember_threads(weights: Path, threads: int) -> None:
+    """Keep the thread count chosen for ``weights`` (the last ``REMEMBERED`` directories)."""
+    path = _threads_file()
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        try:
+            known = dict(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            known = {}
+        key = _key(weights)
+        if known.get(key) == threads:
+            return
+        known.pop(key, None)
+        known[key] = threads
+        known = dict(list(known.items())[-REMEMBERED:])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, path)
