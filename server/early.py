@@ -19,6 +19,7 @@ without an early start. Nothing here imports torch.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -35,6 +36,7 @@ log = logging.getLogger("snnet.early")
 
 _lock = threading.Lock()
 _early: tuple[mp.process.BaseProcess, socket.socket, dict[str, str]] | None = None
+_registered = False  # discard() runs at exit
 REMEMBERED = 64  # weights directories kept in threads.json
 
 
@@ -87,6 +89,12 @@ def start(weights: Path, threads: int | str, device: str, worker: str) -> bool:
         return False
     with _lock:
         _early = (proc, sock, env)
+    # Before multiprocessing's own exit handler (registered earlier, so run later), which joins
+    # every child without a timeout: this one ignores SIGTERM and would wait for its socket.
+    global _registered
+    if not _registered:
+        atexit.register(discard)
+        _registered = True
     return True
 
 

@@ -240,57 +240,59 @@ def build_engine(
             runner, tuple(net.input_size), s.profile_repeats, check, warmed(net, warm)
         )
         start = choose_profile(s, manifest, menu, fp, timer, check)
-    except BaseException:
+        profile, source = start.profile, start.source
+        transform = make_transform(manifest.preprocessing)
+        points = decode_cost_points(transform)
+        ingress.seed(points)
+        log.info(
+            "decoding and preprocessing here: %s",
+            ", ".join(f"{b} bytes {ms:.2f} ms" for b, ms in points),
+        )
+        stage("calibrating the latency profile")
+        serving, calibration, factors = calibrate(
+            net, runner, profile, warm, check, start.estimated, runner.first_ms, timed=timer.runs
+        )
+        if factors:
+            log.info(
+                "%d estimated stitches scaled by their warm-up run at batch %d: x%.2f..x%.2f "
+                "(median x%.2f)", len(factors), min(warm), min(factors), max(factors),
+                statistics.median(factors),
+            )  # fmt: skip
+            source += f", {len(factors)} estimates checked by a warm-up run"
+        source = f"{source}; {calibration}"
+        latency = LatencyModel(serving)
+        scheduler = Scheduler(
+            latency, runner, stitches=len(menu), max_batch=s.max_batch_size,
+            max_wait_ms=s.max_batch_wait_ms, max_queue=s.max_queue, metrics=metrics,
+        )  # fmt: skip
+        controller = Controller(
+            latency, menu.ranking, max_batch=s.max_batch_size, scores=menu.scores,
+            target_utilisation=s.target_utilisation, estimated=start.estimated,
+        )  # fmt: skip
+        planner = Planner(
+            menu, scheduler, controller, ingress, default_budget_ms=s.default_budget_ms,
+            network_ms=s.network_ms, baseline_policies=s.baseline_policies,
+        )  # fmt: skip
+        stage("timing a batch after an idle second")
+        check()
+        cheapest = min(range(len(menu)), key=lambda i: latency.predict_ms(i, 1))
+        cold = scheduler.probe_cold(cheapest, tuple(net.input_size))
+        log.info(
+            "a batch after an idle second ran x%.2f of its prediction (stitch %d)", cold, cheapest
+        )
+        scheduler.start()
+        metrics.model.info(
+            {
+                "anchors": ",".join(net.anchor_names), "family": net.family, "stitches": str(len(menu)),
+                "device": str(device), "dtype": dtype_name, "weights_sha256": manifest.weights_sha256[:16],
+                "profile": source, "worker": runner.kind,
+            }
+        )  # fmt: skip
+        for i in range(len(menu)):
+            metrics.latency_correction.labels(str(i)).set(1.0)
+    except BaseException:  # the model process must not outlive a failed start-up
         runner.close()
         raise
-    profile, source = start.profile, start.source
-    transform = make_transform(manifest.preprocessing)
-    points = decode_cost_points(transform)
-    ingress.seed(points)
-    log.info(
-        "decoding and preprocessing here: %s",
-        ", ".join(f"{b} bytes {ms:.2f} ms" for b, ms in points),
-    )
-    stage("calibrating the latency profile")
-    serving, calibration, factors = calibrate(
-        net, runner, profile, warm, check, start.estimated, runner.first_ms, timed=timer.runs
-    )
-    if factors:
-        log.info(
-            "%d estimated stitches scaled by their warm-up run at batch %d: x%.2f..x%.2f "
-            "(median x%.2f)", len(factors), min(warm), min(factors), max(factors),
-            statistics.median(factors),
-        )  # fmt: skip
-        source += f", {len(factors)} estimates checked by a warm-up run"
-    source = f"{source}; {calibration}"
-    latency = LatencyModel(serving)
-    scheduler = Scheduler(
-        latency, runner, stitches=len(menu), max_batch=s.max_batch_size,
-        max_wait_ms=s.max_batch_wait_ms, max_queue=s.max_queue, metrics=metrics,
-    )  # fmt: skip
-    controller = Controller(
-        latency, menu.ranking, max_batch=s.max_batch_size, scores=menu.scores,
-        target_utilisation=s.target_utilisation, estimated=start.estimated,
-    )  # fmt: skip
-    planner = Planner(
-        menu, scheduler, controller, ingress, default_budget_ms=s.default_budget_ms,
-        network_ms=s.network_ms, baseline_policies=s.baseline_policies,
-    )  # fmt: skip
-    stage("timing a batch after an idle second")
-    check()
-    cheapest = min(range(len(menu)), key=lambda i: latency.predict_ms(i, 1))
-    cold = scheduler.probe_cold(cheapest, tuple(net.input_size))
-    log.info("a batch after an idle second ran x%.2f of its prediction (stitch %d)", cold, cheapest)
-    scheduler.start()
-    metrics.model.info(
-        {
-            "anchors": ",".join(net.anchor_names), "family": net.family, "stitches": str(len(menu)),
-            "device": str(device), "dtype": dtype_name, "weights_sha256": manifest.weights_sha256[:16],
-            "profile": source, "worker": runner.kind,
-        }
-    )  # fmt: skip
-    for i in range(len(menu)):
-        metrics.latency_correction.labels(str(i)).set(1.0)
     log.info("engine built in %.1fs (profile: %s)", time.perf_counter() - t0, source)
     return Engine(
         settings=s, metrics=metrics, net=net, manifest=manifest, menu=menu, device=device,
