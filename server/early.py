@@ -74,7 +74,7 @@ def start(weights: Path, threads: int | str, device: str, worker: str) -> bool:
     ``device`` auto, when no GPU driver is visible); whether it did. Never raises: a failure
     here only means the process starts later, as without this. One started before and not
     taken is stopped."""
-    global _early
+    global _early, _registered
     discard()
     if worker == "thread" or device.startswith("cuda"):
         return False
@@ -91,7 +91,6 @@ def start(weights: Path, threads: int | str, device: str, worker: str) -> bool:
         _early = (proc, sock, env)
     # Before multiprocessing's own exit handler (registered earlier, so run later), which joins
     # every child without a timeout: this one ignores SIGTERM and would wait for its socket.
-    global _registered
     if not _registered:
         atexit.register(discard)
         _registered = True
