@@ -162,9 +162,9 @@ def _start_model_process_early() -> None:
         from .config import Settings
 
         s = Settings()
-    except Exception:
+        early.start(s.weights, s.threads, s.device, s.worker)
+    except Exception:  # the process starts later, as without this
         return
-    early.start(s.weights, s.threads, s.device, s.worker)
 
 
 if __name__ == "__main__":

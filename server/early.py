@@ -35,7 +35,8 @@ from .environ import cores, model_child_env, spawning_with
 log = logging.getLogger("snnet.early")
 
 _lock = threading.Lock()
-_early: tuple[mp.process.BaseProcess, socket.socket, dict[str, str]] | None = None
+# (process, socket, its OpenMP settings, whether it said it has imported torch)
+_early: tuple[mp.process.BaseProcess, socket.socket, dict[str, str], bool] | None = None
 _registered = False  # discard() runs at exit
 REMEMBERED = 64  # weights directories kept in threads.json
 
@@ -88,7 +89,9 @@ def start(weights: Path, threads: int | str, device: str, worker: str) -> bool:
         log.debug("no early model process: %s", e)
         return False
     with _lock:
-        _early = (proc, sock, env)
+        previous, _early = _early, (proc, sock, env, False)
+    if previous is not None:  # (another thread's, meanwhile)
+        _stop(*previous[:2])
     # Before multiprocessing's own exit handler (registered earlier, so run later), which joins
     # every child without a timeout: this one ignores SIGTERM and would wait for its socket.
     if not _registered:
@@ -97,15 +100,15 @@ def start(weights: Path, threads: int | str, device: str, worker: str) -> bool:
     return True
 
 
-def take(env: dict[str, str]) -> tuple[mp.process.BaseProcess, socket.socket] | None:
-    """The early model process, if it was started with ``env`` and is still running; else
-    None, and an early process with other settings is stopped."""
+def take(env: dict[str, str]) -> tuple[mp.process.BaseProcess, socket.socket, bool] | None:
+    """The early model process (process, socket, whether it said it has imported torch), if it
+    was started with ``env`` and is still running; else None, and it is stopped."""
     global _early
     with _lock:
         early, _early = _early, None
     if early is None:
         return None
-    proc, sock, had = early
+    proc, sock, had, done = early
     if not proc.is_alive():
         log.warning("the model process started early exited (code %s); starting another",
                     proc.exitcode)  # fmt: skip
@@ -115,9 +118,24 @@ def take(env: dict[str, str]) -> tuple[mp.process.BaseProcess, socket.socket] | 
             "another", _show(had), _show(env),
         )  # fmt: skip
     else:
-        return proc, sock
+        return proc, sock, done
     _stop(proc, sock)
     return None
+
+
+def held() -> tuple[mp.process.BaseProcess, socket.socket] | None:
+    """The early model process and its socket, left in place (for ``server.runner.settle_early``
+    to wait for its imports); None if there is none or it already said so."""
+    with _lock:
+        return None if _early is None or _early[3] else _early[:2]
+
+
+def imported() -> None:
+    """Note that the early model process said it has imported torch (its message was read)."""
+    global _early
+    with _lock:
+        if _early is not None:
+            _early = (*_early[:3], True)
 
 
 def discard() -> None:
@@ -140,14 +158,14 @@ def _show(env: dict[str, str]) -> str:
 
 
 def _gpu_driver() -> bool:
-    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd"))
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))  # dxg: WSL2
 
 
 # -- the last thread count chosen, per weights directory and core count ------------------------
 
 
 def _threads_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"  # (RuntimeError: no home)
     return Path(base) / "snnet" / "threads.json"
 
 
@@ -160,18 +178,20 @@ def remembered_threads(weights: Path) -> int | None:
     (None: never, or the file cannot be read)."""
     try:
         value = json.loads(_threads_file().read_text()).get(_key(weights))
-    except (OSError, ValueError, AttributeError):
+    except Exception:  # no file, not JSON, not a dict, no home directory: no guess
         return None
     return value if isinstance(value, int) and value >= 1 else None
 
 
 def remember_threads(weights: Path, threads: int) -> None:
     """Keep the thread count chosen for ``weights`` (the last ``REMEMBERED`` directories)."""
-    path = _threads_file()
-    with contextlib.suppress(OSError, ValueError, AttributeError):
+    with contextlib.suppress(Exception):  # a guess for the next start: never worth failing this one
+        path = _threads_file()
         try:
-            known = dict(json.loads(path.read_text()))
+            known = json.loads(path.read_text())
         except (OSError, ValueError):
+            known = {}
+        if not isinstance(known, dict):
             known = {}
         key = _key(weights)
         if known.get(key) == threads:

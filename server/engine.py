@@ -51,7 +51,7 @@ from .profiling import (
     choose_profile,
     choose_threads,
 )
-from .runner import InlineRunner, ProcessRunner, RunnerError, warmed
+from .runner import InlineRunner, ProcessRunner, RunnerError, settle_early, warmed
 from .scheduler import Result, Scheduler
 
 log = logging.getLogger("snnet.engine")
@@ -185,6 +185,11 @@ def build_engine(
     stage("loading checkpoint")
     net, manifest = snnet_core.load(s.weights)
     menu = StitchMenu.of(manifest.stitches)
+    if worker == "process":
+        # A model process started before this one's imports (server.early) may still be
+        # importing: what is measured next must not share the cores with it.
+        stage("waiting for the model process's imports")
+        settle_early(cancel)
     threads = None  # on CUDA: torch's default for the few CPU ops
     if device.type == "cpu":  # dtype is measured with a core left to the event loop
         torch.set_num_threads(max(1, cores() - 1))
@@ -228,6 +233,7 @@ def build_engine(
         stage("warming up")
         runner = InlineRunner(net, device, dtype, s.max_batch_size)
         runner.warm_up(warm, check)
+    scheduler = None
     try:
         check()
         if runner.kind == "process":
@@ -291,6 +297,8 @@ def build_engine(
         for i in range(len(menu)):
             metrics.latency_correction.labels(str(i)).set(1.0)
     except BaseException:  # the model process must not outlive a failed start-up
+        if scheduler is not None:
+            scheduler.stop(5)
         runner.close()
         raise
     log.info("engine built in %.1fs (profile: %s)", time.perf_counter() - t0, source)

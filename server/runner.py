@@ -33,8 +33,7 @@ import torch
 
 from snnet_core import SNNet
 
-from .early import spawn
-from .early import take as early_process
+from . import early
 from .environ import model_child_env
 
 log = logging.getLogger("snnet.runner")
@@ -56,7 +55,7 @@ REAP_ON_LOOP_S = 0.1
 # 3 alternating rounds each; ``bench/model_hop.py`` measures the real runner's hop.
 _ASK = struct.Struct("<ii6iq")
 _REPLY = struct.Struct("<iiidq")
-_OK, _ERROR, _READY = 0, 1, 2
+_OK, _ERROR, _READY, _IMPORTED = 0, 1, 2, 3
 _MAX_DIMS = 6
 _MAX_ERROR_BYTES = 1 << 16
 
@@ -145,6 +144,65 @@ def _open_files() -> int:
         except OSError:
             continue
     return 0
+
+
+def _await(
+    sock: socket.socket,
+    proc: mp.process.BaseProcess,
+    status: int,
+    cancelled: threading.Event | None = None,
+) -> bytearray | None:
+    """The payload of the message ``status`` (``_IMPORTED``, ``_READY``) a starting model
+    process sends; RunnerError if it dies, takes over ``START_TIMEOUT_S`` or ``cancelled`` is
+    set first (the caller stops it)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    what = "imported torch" if status == _IMPORTED else "warmed up"
+    while not wait([sock], 0.05):  # poll(2): select(2) fails on a descriptor past 1023
+        if not proc.is_alive():  # died before it could report
+            proc.join(5)
+            raise RunnerError(
+                f"the model process exited during start-up (exit code {proc.exitcode})"
+            )
+        if cancelled is not None and cancelled.is_set():
+            raise RunnerError(f"start-up cancelled before the model process {what}")
+        if time.monotonic() > deadline:
+            raise RunnerError(f"the model process had not {what} after {START_TIMEOUT_S:g} s")
+    try:
+        (got, *_), payload = _recv(sock, _REPLY)
+    except (EOFError, OSError):
+        proc.join(5)
+        raise RunnerError(
+            f"the model process exited during start-up (exit code {proc.exitcode})"
+        ) from None
+    if got != status:
+        raise RunnerError(f"the model process sent status {got} instead of {status}")
+    return payload
+
+
+def _kill(proc: mp.process.BaseProcess, sock: socket.socket) -> None:
+    sock.close()
+    if proc.is_alive():
+        proc.kill()
+    proc.join(5)
+
+
+def settle_early(cancelled: threading.Event | None = None) -> None:
+    """Wait until a model process started early (``server.early``) has imported torch and
+    timm: what this process measures next (threads, dtype) must not share the cores with those
+    imports (on 2 cores they made 2 threads look slow). If it fails, it is dropped, and
+    ``ProcessRunner`` starts another."""
+    held = early.held()
+    if held is None:
+        return
+    proc, sock = held
+    try:
+        _await(sock, proc, _IMPORTED, cancelled)
+    except (RunnerError, OSError) as e:
+        if not (cancelled is not None and cancelled.is_set()):
+            log.warning("the model process started early failed (%s); another starts later", e)
+        early.discard()
+        return
+    early.imported()
 
 
 def _finish_off(proc: mp.process.BaseProcess, say: bool = False) -> int | None:
@@ -271,7 +329,7 @@ def _warm_up(
 # uses to pass them at exec), that is a ``_Passed``: the descriptor's place among those sent.
 _SETUP = struct.Struct("<iq")
 _FDS_PER_MESSAGE = 250  # Linux passes at most 253 a message (SCM_MAX_FD)
-_received: list[int] = []  # the child's copies of the descriptors, while it unpickles
+_received: dict[int, int] = {}  # the child's copies of the descriptors not yet handed to torch
 
 
 class _Passed:
@@ -279,7 +337,7 @@ class _Passed:
         self.index = index
 
     def detach(self) -> int:  # in the child: its copy, which torch maps and closes
-        return _received[self.index]
+        return _received.pop(self.index)
 
 
 class _Collect:
@@ -317,36 +375,49 @@ def _send_setup(sock: socket.socket, fds: list[int], data: bytes) -> None:
     sock.sendall(data)
 
 
-def _recv_setup(sock: socket.socket) -> tuple:
+def _recv_setup(sock: socket.socket) -> tuple[list[int], bytearray]:
+    """The descriptors and the pickle ``_send_setup`` sent (EOFError or OSError: the parent
+    went away first)."""
     count, size = _SETUP.unpack(_recv_exact(sock, _SETUP.size))
     ensure_descriptors(count)  # this process started with the parent's limit before it rose
     fds: list[int] = []
+    flags = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
     try:
         while len(fds) < count:
-            data, got, flags, _ = socket.recv_fds(sock, 1, _FDS_PER_MESSAGE)
+            data, got, got_flags, _ = socket.recv_fds(sock, 1, _FDS_PER_MESSAGE, flags)
             fds.extend(got)
             if not data:
                 raise EOFError
-            if flags & socket.MSG_CTRUNC:
-                raise RunnerError("the model's tensors did not all reach its process (MSG_CTRUNC)")
-        _received[:] = fds
-        return pickle.loads(_recv_exact(sock, size))  # from our parent, over our socket only
+            if got_flags & socket.MSG_CTRUNC or not got:
+                raise RunnerError(
+                    f"{len(fds)} of the model's {count} shared tensors reached its process"
+                )
+        return fds, _recv_exact(sock, size)
     except BaseException:
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        _close(fds)
         raise
-    finally:
-        _received.clear()
+
+
+def _close(fds) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def serve_from_socket(sock: socket.socket) -> None:
-    """The model process, once imported (``server.early._host``): receive the weights, then
-    ``_serve``; return if the parent goes away first."""
+    """The model process, once imported (``server.early._host``): say so, receive the weights,
+    then ``_serve``; return if the parent goes away first."""
     try:
-        setup = _recv_setup(sock)
+        _send(sock, _REPLY, _IMPORTED, 0, 0, 0.0)
+        fds, data = _recv_setup(sock)
     except (EOFError, OSError):
         return
+    _received.update(enumerate(fds))
+    try:
+        setup = pickle.loads(data)  # from our parent, over our socket only
+    finally:
+        _close(_received.values())  # (none, unless unpickling failed halfway)
+        _received.clear()
     _serve(sock, *setup)
 
 
@@ -456,67 +527,45 @@ class ProcessRunner:
             self.net, self.threads, self.dtype, self.warm_batch_sizes, (self._inputs, self._logits)
         )  # fmt: skip
         message = _setup_message(setup)
-        early = early_process(env)  # started before this process imported torch, if it was
-        proc, sock = early if early is not None else spawn(env)
-        try:
+        taken = early.take(env)  # started before this process imported torch, if it was
+        if taken is not None:
+            proc, sock, imported = taken
             try:
+                if not imported:
+                    _await(sock, proc, _IMPORTED, self._cancelled)
                 _send_setup(sock, *message)
-            except OSError:
-                if early is not None:  # it died meanwhile: another
-                    sock.close()
-                    early = None
-                    proc, sock = spawn(env)
-                    with contextlib.suppress(OSError):
-                        _send_setup(sock, *message)
-                # (a new one that died at once: _await_ready says how)
-            first_ms = self._await_ready(sock, proc)
+            except (RunnerError, OSError) as e:
+                _kill(proc, sock)
+                if self._cancelled.is_set():
+                    raise
+                log.warning("the model process started early failed (%s); starting another", e)
+                taken = None
+        if taken is None:
+            proc, sock = early.spawn(env)
+            try:
+                _await(sock, proc, _IMPORTED, self._cancelled)
+                _send_setup(sock, *message)
+            except OSError as e:
+                _kill(proc, sock)
+                raise RunnerError(f"could not hand the model to its process: {e}") from None
+            except BaseException:
+                _kill(proc, sock)
+                raise
+        try:
+            payload = _await(sock, proc, _READY, self._cancelled)
+            first_ms = pickle.loads(payload)  # from our own child, over a socket only it holds
         except BaseException:
-            sock.close()
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
+            _kill(proc, sock)
             raise
         self.first_ms: dict[int, float] = first_ms
         self._sock, self._proc = sock, proc
         self.bound = "OMP_PROC_BIND" in env
-        self.early = early is not None
+        self.early = taken is not None
         log.info(
             "model process %d ready (%.1fs%s; %s threads%s)", proc.pid, time.perf_counter() - t0,
             ", started early" if self.early else "", self.threads or "default",
             ", one bound to each CPU" if self.bound else "",
         )  # fmt: skip
-
-    def _await_ready(self, sock: socket.socket, proc: mp.process.BaseProcess) -> dict[int, float]:
-        """The child's warm-up times, once it reports ready; RunnerError if it dies, does not
-        start in time, or start-up is cancelled (it is killed then)."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not wait([sock], 0.05):  # poll(2): select(2) fails on a descriptor past 1023
-            if not proc.is_alive():  # died before it could even report
-                proc.join(5)
-                raise RunnerError(
-                    f"the model process exited during start-up (exit code {proc.exitcode})"
-                )
-            if self._cancelled.is_set() or time.monotonic() > deadline:
-                proc.kill()
-                proc.join(5)
-                if self._cancelled.is_set():
-                    raise RunnerError("start-up cancelled while the model process warmed up")
-                raise RunnerError(f"the model process did not start within {START_TIMEOUT_S:g} s")
-        try:
-            (status, *_), payload = _recv(sock, _REPLY)
-        except (EOFError, OSError):
-            proc.join(5)
-            raise RunnerError(
-                f"the model process exited during start-up (exit code {proc.exitcode})"
-            ) from None
-        try:
-            if status != _READY:
-                raise RunnerError(f"the model process sent status {status} instead of ready")
-            return pickle.loads(payload)  # from our own child, over a socketpair only it holds
-        except Exception:
-            proc.kill()
-            proc.join(5)
-            raise
 
     @property
     def pid(self) -> int | None:

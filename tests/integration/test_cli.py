@@ -157,6 +157,21 @@ def test_bad_input_is_a_clear_error(args, message):
     assert "Traceback" not in proc.stderr
 
 
+def test_serve_starts_its_model_process_before_importing_torch():
+    """`snnet serve` spawns the model process from `server.cli.main` before anything imports
+    torch (server.early), so that both processes import it side by side: what runs before that
+    point must not import it."""
+    code = (
+        "import sys, server.cli, server.config, server.early, server.environ; "
+        "print(sorted(m for m in ('torch', 'timm', 'numpy', 'snnet_core') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=ENV
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_serve_refuses_a_corrupt_checkpoint(tmp_path):
     snnet_core.save(build_tiny(), tmp_path)
     with open(tmp_path / "model.safetensors", "r+b") as f:
