@@ -147,11 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["serve"] and not {"-h", "--help"} & set(args):
-        _start_model_process_early()
-    from snnet_core.cli import run
+    try:
+        if args[:1] == ["serve"] and not {"-h", "--help"} & set(args):
+            _start_model_process_early()
+        from snnet_core.cli import run
 
-    return run(build_parser(), argv)
+        return run(build_parser(), argv)
+    except KeyboardInterrupt:  # Ctrl-C before uvicorn handles it: during the imports, say
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def _start_model_process_early() -> None:

@@ -60,7 +60,7 @@ def spawn(env: dict[str, str]) -> tuple[mp.process.BaseProcess, socket.socket]:
     )
     try:
         try:
-            with spawning_with(env):
+            with spawning_with(env), _signals_held():
                 proc.start()
         finally:
             child.close()
@@ -68,6 +68,28 @@ def spawn(env: dict[str, str]) -> tuple[mp.process.BaseProcess, socket.socket]:
         parent.close()
         raise
     return proc, parent
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM held (blocked) in this thread while a model process is spawned, and
+    from birth in the process, which inherits the mask: a Ctrl-C in that moment would otherwise
+    stop this process halfway through sending the child its start-up data, and the child print
+    a traceback. The child never takes them (``_host`` ignores them); here a pending one is
+    raised as soon as the spawn is done."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    # The spawn starts multiprocessing's resource tracker first if it is not running, and
+    # unblocks both signals after that (not restores: bpo-33613's mask): start it before.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def start(weights: Path, threads: int | str, device: str, worker: str) -> bool:

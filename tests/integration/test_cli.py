@@ -172,6 +172,30 @@ def test_serve_starts_its_model_process_before_importing_torch():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_while_serve_imports_ends_it_quietly_with_its_model_process(tmp_path):
+    """Ctrl-C in the first seconds of `snnet serve` (torch still importing, the model process
+    already started early) ends both, with exit code 130 and no traceback."""
+    import signal
+    import time
+
+    from tests._prometheus import free_port
+
+    env = {**ENV, "SNNET_PORT": str(free_port()), "XDG_CACHE_HOME": str(tmp_path)}
+    proc = subprocess.Popen(
+        [SNNET, "serve"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.monotonic() + 60
+    while not children.read_text().split():  # the model process is spawned before the imports
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)  # (its end: the model process holds stderr too)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err, err
+
+
 def test_serve_refuses_a_corrupt_checkpoint(tmp_path):
     snnet_core.save(build_tiny(), tmp_path)
     with open(tmp_path / "model.safetensors", "r+b") as f:
