@@ -113,7 +113,7 @@ def start(weights: Path, threads: int | str, device: str, worker: str) -> bool:
     with _lock:
         previous, _early = _early, (proc, sock, env, False)
     if previous is not None:  # (another thread's, meanwhile)
-        _stop(*previous[:2])
+        stop(*previous[:2])
     # Before multiprocessing's own exit handler (registered earlier, so run later), which joins
     # every child without a timeout: this one ignores SIGTERM and would wait for its socket.
     if not _registered:
@@ -141,7 +141,7 @@ def take(env: dict[str, str]) -> tuple[mp.process.BaseProcess, socket.socket, bo
         )  # fmt: skip
     else:
         return proc, sock, done
-    _stop(proc, sock)
+    stop(proc, sock)
     return None
 
 
@@ -166,12 +166,13 @@ def discard() -> None:
     with _lock:
         early, _early = _early, None
     if early is not None:
-        _stop(*early[:2])
+        stop(*early[:2])
 
 
-def _stop(proc: mp.process.BaseProcess, sock: socket.socket) -> None:
+def stop(proc: mp.process.BaseProcess, sock: socket.socket) -> None:
+    """End a model process that has no model to keep serving (not started, or failed to)."""
     sock.close()  # it returns when it reads the end of its socket, once its imports are done
-    proc.kill()  # (they take seconds: not worth waiting for)
+    proc.kill()  # (they take seconds: not worth waiting for; no-op if it has exited)
     proc.join(5)
 
 

@@ -179,13 +179,6 @@ def _await(
     return payload
 
 
-def _kill(proc: mp.process.BaseProcess, sock: socket.socket) -> None:
-    sock.close()
-    if proc.is_alive():
-        proc.kill()
-    proc.join(5)
-
-
 def settle_early(cancelled: threading.Event | None = None) -> None:
     """Wait until a model process started early (``server.early``) has imported torch and
     timm: what this process measures next (threads, dtype) must not share the cores with those
@@ -535,7 +528,7 @@ class ProcessRunner:
                     _await(sock, proc, _IMPORTED, self._cancelled)
                 _send_setup(sock, *message)
             except (RunnerError, OSError) as e:
-                _kill(proc, sock)
+                early.stop(proc, sock)
                 if self._cancelled.is_set():
                     raise
                 log.warning("the model process started early failed (%s); starting another", e)
@@ -546,16 +539,16 @@ class ProcessRunner:
                 _await(sock, proc, _IMPORTED, self._cancelled)
                 _send_setup(sock, *message)
             except OSError as e:
-                _kill(proc, sock)
+                early.stop(proc, sock)
                 raise RunnerError(f"could not hand the model to its process: {e}") from None
             except BaseException:
-                _kill(proc, sock)
+                early.stop(proc, sock)
                 raise
         try:
             payload = _await(sock, proc, _READY, self._cancelled)
             first_ms = pickle.loads(payload)  # from our own child, over a socket only it holds
         except BaseException:
-            _kill(proc, sock)
+            early.stop(proc, sock)
             raise
         self.first_ms: dict[int, float] = first_ms
         self._sock, self._proc = sock, proc

@@ -187,7 +187,9 @@ def test_ctrl_c_while_serve_imports_ends_it_quietly_with_its_model_process(tmp_p
     )
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
     deadline = time.monotonic() + 60
-    while not children.read_text().split():  # the model process is spawned before the imports
+    # The model process is spawned before the imports; nothing is logged that early, so its
+    # appearance among the children is the event, polled.
+    while not children.read_text().split():
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
