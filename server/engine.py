@@ -50,6 +50,7 @@ from .profiling import (
     choose_dtype,
     choose_profile,
     choose_threads,
+    front_end_ms,
 )
 from .runner import InlineRunner, ProcessRunner, RunnerError, settle_early, warmed
 from .scheduler import Result, Scheduler
@@ -199,10 +200,12 @@ def build_engine(
         dtype = snnet_core.DTYPES[name]
         log.info("dtype: %s (SNNET_DTYPE=auto; %s)", name, figures)
     net = net.to(device, dtype).eval()
+    transform = make_transform(manifest.preprocessing)
     if device.type == "cpu":
         stage("choosing threads")
         if s.threads == "auto":
-            threads, figures = choose_threads(net, menu)
+            front_ms = front_end_ms(transform, tuple(net.input_size))
+            threads, figures = choose_threads(net, menu, front_ms)
             log.info("threads: %d (SNNET_THREADS=auto; %s)", threads, figures)
             # The next start's model process is spawned before this choice is made, with
             # OpenMP settings that depend on it (``server.early``): it starts from this one.
@@ -247,7 +250,6 @@ def build_engine(
         )
         start = choose_profile(s, manifest, menu, fp, timer, check)
         profile, source = start.profile, start.source
-        transform = make_transform(manifest.preprocessing)
         points = decode_cost_points(transform)
         ingress.seed(points)
         log.info(

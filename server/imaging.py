@@ -62,24 +62,50 @@ def make_transform(pre: dict):
     return image_transform(pre, training=False, normalize=True)
 
 
+def _photo(height: int, width: int, gen: np.random.Generator) -> np.ndarray:
+    """A photo-like RGB image: smooth gradients plus sensor-like noise (JPEG sizes like a photo's)."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    photo = np.stack(
+        [xx * 255 // width, yy * 255 // height, (xx + yy) * 255 // (width + height)], -1
+    )
+    return np.clip(photo + gen.normal(0, 24, photo.shape), 0, 255).astype(np.uint8)
+
+
+def _encoded(array: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, fmt, quality=90)
+    return buf.getvalue()
+
+
+def _decode_ms(transform, data: bytes, pixels: int, repeats: int) -> float:
+    """Median ms to decode ``data`` and preprocess it, as a request's image is."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        transform(decode_image(data, max_bytes=len(data), max_pixels=pixels))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def decode_cost_points(transform, repeats: int = 5) -> list[tuple[int, float]]:
     """(encoded bytes, ms to decode and preprocess) for a 28x28 PNG and a 500x375 photo-like
     JPEG, measured here: the start of the HTTP cost line (``server.ingress``), which answered
     requests then correct."""
     gen = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:375, 0:500]
-    photo = np.stack([xx * 255 // 500, yy * 255 // 375, (xx + yy) * 255 // 875], -1)
-    photo = np.clip(photo + gen.normal(0, 24, photo.shape), 0, 255).astype(np.uint8)
-    small = gen.integers(0, 255, (28, 28), dtype=np.uint8)
-    points = []
-    for array, fmt in ((small, "PNG"), (photo, "JPEG")):
-        buf = io.BytesIO()
-        Image.fromarray(array).save(buf, fmt, quality=90)
-        data = buf.getvalue()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            transform(decode_image(data, max_bytes=len(data), max_pixels=500 * 375))
-            times.append((time.perf_counter() - t0) * 1e3)
-        points.append((len(data), statistics.median(times)))
-    return points
+    photo = _encoded(_photo(375, 500, gen), "JPEG")
+    small = _encoded(gen.integers(0, 255, (28, 28), dtype=np.uint8), "PNG")
+    return [(len(data), _decode_ms(transform, data, 500 * 375, repeats)) for data in (small, photo)]
+
+
+def input_decode_ms(transform, input_size: tuple[int, ...], repeats: int = 5) -> float:
+    """ms to decode and preprocess one image of the model's input size (C, H, W), measured here:
+    the least image work a request to this model brings. A PNG up to 64 px a side (digits,
+    icons), a photo-like JPEG above; greyscale if the model takes one channel."""
+    _, height, width = input_size
+    gen = np.random.default_rng(0)
+    array = _photo(height, width, gen)
+    if input_size[0] == 1:
+        array = array.mean(-1).astype(np.uint8)
+    data = _encoded(array, "PNG" if max(height, width) <= 64 else "JPEG")
+    _decode_ms(transform, data, height * width, 1)  # first-call costs are not per request
+    return _decode_ms(transform, data, height * width, repeats)

@@ -26,6 +26,7 @@ ARRIVED = "snnet.arrived"  # ASGI scope key: time.monotonic() when the request r
 REST_WINDOW = 64  # requests served alone that the idle estimates take the median of
 REST_MIN = 3  # fewer served alone: the idle estimates are the usual ones
 REST_HIGH = 0.9  # the quantile of their reading time that a least budget counts
+HTTP_MS_PRIOR = 1.0  # a request's HTTP work, in ms, before any was measured
 
 
 class _Line:
@@ -97,8 +98,10 @@ class Ingress:
         self._rest: deque[tuple[float, float]] = deque(maxlen=REST_WINDOW)
         self._rest_medians = (0.0, 0.0)  # of the two, updated as one is added
         self._rest_pre_high = 0.0  # their reading and parsing, REST_HIGH quantile
-        self.seed([(0, 1.0)])  # until start-up measures: 1 ms a request, whatever its size
-        self.http_ms = 1.0  # mean HTTP work of a whole request (what each one ahead costs)
+        self.seed([(0, HTTP_MS_PRIOR)])  # until start-up measures, whatever its size
+        self.http_ms = (
+            HTTP_MS_PRIOR  # mean HTTP work of a whole request (what each one ahead costs)
+        )
         self.unqueued = 0  # requests inside /classify that have not reached the model queue
         self.arrivals = 0  # requests that have entered, ever (a request is alone if none came)
         self.loop_lag_ms = 0.0  # how late the event loop runs ready work (EWMA)

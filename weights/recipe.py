@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader
 
 import snnet_core
 from server.environ import cores
-from server.profiling import THREADS_GAIN, threads_from_profiles
+from server.imaging import make_transform
+from server.profiling import THREADS_GAIN, front_end_ms, threads_from_profiles
 from snnet_core.data import MNIST_LABELS, DigitsDataset, mnist_subset
 from snnet_core.evaluate import evaluate, plot_accuracy
 from snnet_core.space import short_names
@@ -366,17 +367,22 @@ def cost_range(manifest) -> list[dict]:
 
 def served_threads(manifest) -> str:
     """Which of the stored CPU profiles' thread counts ``SNNET_THREADS=auto`` serves with, by
-    the server's own rule (``server.profiling.threads_from_profiles``)."""
+    the server's own rule (``server.profiling.threads_from_profiles``; the front end's work
+    measured on this machine)."""
+    pre = manifest.preprocessing
+    front_ms = front_end_ms(make_transform(pre), tuple(pre["input_size"]))
     rule = (
-        f"cores - 1 threads, or every core if that runs both the largest and the smallest "
-        f"anchor at batch 1 at least {THREADS_GAIN:.0%} faster"
+        f"cores - 1 threads, or every core if both the largest and the smallest anchor at batch 1 "
+        f"run t(cores - 1) >= {1 + THREADS_GAIN:g} x t(cores) + the front end's work for one "
+        f"request ({front_ms:.2f} ms here)"
     )
     cpu = [p for p in manifest.profiles if p.fingerprint.device_type == "cpu"]
     by_threads = {p.fingerprint.threads: p.latency_ms for p in cpu}
     n = max(by_threads, default=0)
     if n - 1 not in by_threads:
         return rule
-    pick = threads_from_profiles(snnet_core.StitchMenu.of(manifest.stitches), by_threads, n)
+    menu = snnet_core.StitchMenu.of(manifest.stitches)
+    pick = threads_from_profiles(menu, by_threads, n, front_ms)
     return f"{rule}; with these profiles that is {pick} on the {n}-core build machine"
 
 

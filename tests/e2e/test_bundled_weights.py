@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import snnet_core
-from server.profiling import threads_from_profiles
+from server.imaging import make_transform
+from server.profiling import front_end_ms, threads_from_profiles
 from snnet_core import StitchMenu
 from snnet_core.data import DigitsDataset, mnist_subset
 from snnet_core.evaluate import evaluate
@@ -71,7 +72,9 @@ def test_acceptance_figures_hold(bundled):
     best = max(rows, key=lambda r: r["accuracy"])["id"]
     by_threads = {p.fingerprint.threads: p.latency_ms for p in manifest.profiles}
     n = max(by_threads)
-    served = by_threads[threads_from_profiles(StitchMenu.of(rows), by_threads, n)]
+    pre = manifest.preprocessing
+    front_ms = front_end_ms(make_transform(pre), tuple(pre["input_size"]))
+    served = by_threads[threads_from_profiles(StitchMenu.of(rows), by_threads, n, front_ms)]
     ratios = {b: served[best][b] / min(per[b] for per in served.values()) for b in (1, 8)}
     assert ratios[1] >= 3.0 and ratios[8] >= 5.0, ratios
 

@@ -1,0 +1,99 @@
+"""How steadily `SNNET_THREADS=auto` chooses, this rule and the one before it side by side.
+
+    python bench/threads_choice.py [--weights weights] [--rounds 6]
+
+Loads the checkpoint as the server does and, round after round, lets both rules choose between
+the cores minus one and every core for it, alternating which goes first:
+
+- this rule (``server.profiling.choose_threads``): both counts timed run by run in turn, and
+  every core only if the largest and the smallest anchor both run
+  ``t(n - 1) >= 1.1 x t(n) + front_ms``, the front end's work for one request measured here;
+- the rule until session 19, rebuilt here as the peer: each count timed in a block (the fastest
+  of at least 5 runs and 100 ms), and every core only if both anchors run ``max(1.15, 1 + 1 /
+  (2 (n - 1)))`` times faster on it (1.5x on 2 cores), whatever the front end costs.
+
+A start that chooses the other count than most do serves differently (on the 2-core VM the DeiT
+net's DeiT-B at 404-465 ms on 1 thread against 222-293 on 2). Prints each round's times and
+choices and ends with one JSON line: each rule's choices and how many rounds agreed with its
+most frequent one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import snnet_core  # noqa: E402
+from server.environ import cores  # noqa: E402
+from server.imaging import make_transform  # noqa: E402
+from server.profiling import choose_threads, deciding_anchors, front_end_ms  # noqa: E402
+
+
+def old_rule(net, menu, n: int) -> tuple[int, dict[str, float]]:
+    """The rule until session 19: (choice, each anchor's gain t(n - 1) / t(n))."""
+    which = deciding_anchors(menu)
+    x = torch.zeros(1, *net.input_size)
+    ms: dict[str, dict[int, float]] = {name: {} for name in which}
+    with torch.inference_mode():
+        for k in (n - 1, n):
+            torch.set_num_threads(k)
+            for name, stitch in which.items():
+                net(x, stitch)
+                times: list[float] = []
+                while len(times) < 5 or (sum(times) < 100.0 and len(times) < 50):
+                    t0 = time.perf_counter()
+                    net(x, stitch)
+                    times.append((time.perf_counter() - t0) * 1e3)
+                ms[name][k] = min(times)
+    need = max(1.15, 1 + 1 / (2 * (n - 1)))
+    gains = {name: t[n - 1] / t[n] for name, t in ms.items()}
+    return (n if all(g >= need for g in gains.values()) else n - 1), gains
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--weights", default="weights", help="checkpoint directory (default: bundled)")
+    ap.add_argument("--rounds", type=int, default=6)
+    args = ap.parse_args()
+    n = cores()
+    if n < 2:
+        sys.exit("needs at least 2 cores: on 1 there is no choice to make")
+    torch.manual_seed(0)
+    net, manifest = snnet_core.load(args.weights)
+    net = net.eval()
+    menu = snnet_core.StitchMenu.of(manifest.stitches)
+    pre = manifest.preprocessing
+    torch.set_num_threads(n - 1)  # as the server measures it
+    front_ms = front_end_ms(make_transform(pre), tuple(pre["input_size"]))
+    print(f"{args.weights}: {len(menu)} stitches, {n} cores, front end {front_ms:.2f} ms a request")
+    picks: dict[str, list[int]] = {"new": [], "old": []}
+    for r in range(args.rounds):
+        order = ("new", "old") if r % 2 == 0 else ("old", "new")
+        for rule in order:
+            if rule == "new":
+                pick, figures = choose_threads(net, menu, front_ms)
+                print(f"round {r + 1} this rule: {pick} threads ({figures})", flush=True)
+            else:
+                pick, gains = old_rule(net, menu, n)
+                shown = ", ".join(f"{k} {g:.2f}x" for k, g in gains.items())
+                print(f"round {r + 1} old rule:  {pick} threads (gains {shown})", flush=True)
+            picks[rule].append(pick)
+    summary = {"weights": args.weights, "cores": n, "rounds": args.rounds}
+    summary["front_ms"] = round(front_ms, 2)
+    for rule, got in picks.items():
+        counts = collections.Counter(got)
+        summary[f"{rule}_picks"] = {str(k): counts[k] for k in sorted(counts)}
+        summary[f"{rule}_agree"] = counts.most_common(1)[0][1]
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
