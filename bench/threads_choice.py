@@ -1,6 +1,6 @@
 """How steadily `SNNET_THREADS=auto` chooses, this rule and the one before it side by side.
 
-    python bench/threads_choice.py [--weights weights] [--rounds 6]
+    python bench/threads_choice.py [--weights weights] [--rounds 6] [--cotenant 0.5]
 
 Loads the checkpoint as the server does and, round after round, lets both rules choose between
 the cores minus one and every core for it, alternating which goes first:
@@ -11,6 +11,10 @@ the cores minus one and every core for it, alternating which goes first:
 - the rule until session 19, rebuilt here as the peer: each count timed in a block (the fastest
   of at least 5 runs and 100 ms), and every core only if both anchors run ``max(1.15, 1 + 1 /
   (2 (n - 1)))`` times faster on it (1.5x on 2 cores), whatever the front end costs.
+
+With ``--cotenant D``, a process busy for D of every 20 ms (and asleep for the rest) runs
+beside it throughout: a neighbour on a shared VM, whose noise the rules must not mistake for
+the model's scaling.
 
 A start that chooses the other count than most do serves differently (on the 2-core VM the DeiT
 net's DeiT-B at 404-465 ms on 1 thread against 222-293 on 2). Prints each round's times and
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,10 +63,22 @@ def old_rule(net, menu, n: int) -> tuple[int, dict[str, float]]:
     return (n if all(g >= need for g in gains.values()) else n - 1), gains
 
 
+COTENANT = """
+import time
+duty = {duty}
+while True:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.02 * duty:
+        pass
+    time.sleep(0.02 * (1 - duty))
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--weights", default="weights", help="checkpoint directory (default: bundled)")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--cotenant", type=float, default=0.0, help="busy share of a neighbour")
     args = ap.parse_args()
     n = cores()
     if n < 2:
@@ -75,7 +92,29 @@ def main() -> None:
     front_ms = front_end_ms(make_transform(pre), tuple(pre["input_size"]))
     print(f"{args.weights}: {len(menu)} stitches, {n} cores, front end {front_ms:.2f} ms a request")
     picks: dict[str, list[int]] = {"new": [], "old": []}
-    for r in range(args.rounds):
+    neighbour = None
+    if args.cotenant > 0:
+        code = COTENANT.format(duty=min(args.cotenant, 1.0))
+        neighbour = subprocess.Popen([sys.executable, "-c", code])
+        print(f"a neighbour busy {args.cotenant:.0%} of the time runs beside it")
+    try:
+        rounds(args.rounds, net, menu, n, front_ms, picks)
+    finally:
+        if neighbour is not None:
+            neighbour.kill()
+            neighbour.wait()
+    summary = {"weights": args.weights, "cores": n, "rounds": args.rounds}
+    summary |= {"cotenant": args.cotenant, "front_ms": round(front_ms, 2)}
+    for rule, got in picks.items():
+        counts = collections.Counter(got)
+        summary[f"{rule}_picks"] = {str(k): counts[k] for k in sorted(counts)}
+        summary[f"{rule}_agree"] = counts.most_common(1)[0][1]
+    print(json.dumps(summary))
+
+
+def rounds(count: int, net, menu, n: int, front_ms: float, picks: dict[str, list[int]]) -> None:
+    """Both rules choose ``count`` times, taking turns at going first."""
+    for r in range(count):
         order = ("new", "old") if r % 2 == 0 else ("old", "new")
         for rule in order:
             if rule == "new":
@@ -86,13 +125,6 @@ def main() -> None:
                 shown = ", ".join(f"{k} {g:.2f}x" for k, g in gains.items())
                 print(f"round {r + 1} old rule:  {pick} threads (gains {shown})", flush=True)
             picks[rule].append(pick)
-    summary = {"weights": args.weights, "cores": n, "rounds": args.rounds}
-    summary["front_ms"] = round(front_ms, 2)
-    for rule, got in picks.items():
-        counts = collections.Counter(got)
-        summary[f"{rule}_picks"] = {str(k): counts[k] for k in sorted(counts)}
-        summary[f"{rule}_agree"] = counts.most_common(1)[0][1]
-    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
