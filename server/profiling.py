@@ -606,7 +606,7 @@ def front_end_ms(transform, input_size: tuple[int, ...]) -> float:
 
 
 def thread_times(
-    net: SNNet, menu: StitchMenu, counts: tuple[int, ...], floor_ms: float = 200.0, repeats: int = 5
+    net: SNNet, menu: StitchMenu, counts: tuple[int, ...], floor_ms: float = 100.0, repeats: int = 5
 ) -> dict[str, dict[int, float]]:
     """ms of the largest and the smallest anchor at batch 1 on each of ``counts`` torch threads
     (``ms[name][k]``), alternating the counts run by run (a spell of noise on a shared VM then
