@@ -18,8 +18,8 @@ the model's scaling.
 
 A start that chooses the other count than most do serves differently (on the 2-core VM the DeiT
 net's DeiT-B at 404-465 ms on 1 thread against 222-293 on 2). Prints each round's times and
-choices and ends with one JSON line: each rule's choices and how many rounds agreed with its
-most frequent one.
+choices and ends with one JSON line: each rule's choices, how many rounds agreed with its
+most frequent one, and the median seconds a choice took (start-up time).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -92,13 +93,14 @@ def main() -> None:
     front_ms = front_end_ms(make_transform(pre), tuple(pre["input_size"]))
     print(f"{args.weights}: {len(menu)} stitches, {n} cores, front end {front_ms:.2f} ms a request")
     picks: dict[str, list[int]] = {"new": [], "old": []}
+    seconds: dict[str, list[float]] = {"new": [], "old": []}
     neighbour = None
     if args.cotenant > 0:
         code = COTENANT.format(duty=min(args.cotenant, 1.0))
         neighbour = subprocess.Popen([sys.executable, "-c", code])
         print(f"a neighbour busy {args.cotenant:.0%} of the time runs beside it")
     try:
-        rounds(args.rounds, net, menu, n, front_ms, picks)
+        rounds(args.rounds, net, menu, n, front_ms, picks, seconds)
     finally:
         if neighbour is not None:
             neighbour.kill()
@@ -109,14 +111,17 @@ def main() -> None:
         counts = collections.Counter(got)
         summary[f"{rule}_picks"] = {str(k): counts[k] for k in sorted(counts)}
         summary[f"{rule}_agree"] = counts.most_common(1)[0][1]
+        summary[f"{rule}_s"] = round(statistics.median(seconds[rule]), 2)
     print(json.dumps(summary))
 
 
-def rounds(count: int, net, menu, n: int, front_ms: float, picks: dict[str, list[int]]) -> None:
-    """Both rules choose ``count`` times, taking turns at going first."""
+def rounds(count: int, net, menu, n: int, front_ms: float, picks: dict, seconds: dict) -> None:
+    """Both rules choose ``count`` times, taking turns at going first; their choices and how
+    long each took go to ``picks`` and ``seconds``."""
     for r in range(count):
         order = ("new", "old") if r % 2 == 0 else ("old", "new")
         for rule in order:
+            t0 = time.perf_counter()
             if rule == "new":
                 pick, figures = choose_threads(net, menu, front_ms)
                 print(f"round {r + 1} this rule: {pick} threads ({figures})", flush=True)
@@ -125,6 +130,7 @@ def rounds(count: int, net, menu, n: int, front_ms: float, picks: dict[str, list
                 shown = ", ".join(f"{k} {g:.2f}x" for k, g in gains.items())
                 print(f"round {r + 1} old rule:  {pick} threads (gains {shown})", flush=True)
             picks[rule].append(pick)
+            seconds[rule].append(time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

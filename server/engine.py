@@ -204,7 +204,10 @@ def build_engine(
     if device.type == "cpu":
         stage("choosing threads")
         if s.threads == "auto":
-            front_ms = front_end_ms(transform, tuple(net.input_size))
+            front_ms = 0.0
+            if cores() > 1:  # decoded as requests will be: on one thread beside a model process
+                torch.set_num_threads(1 if worker == "process" else cores() - 1)
+                front_ms = front_end_ms(transform, tuple(net.input_size))
             threads, figures = choose_threads(net, menu, front_ms)
             log.info("threads: %d (SNNET_THREADS=auto; %s)", threads, figures)
             # The next start's model process is spawned before this choice is made, with

@@ -63,7 +63,7 @@ def make_transform(pre: dict):
 
 
 def _photo(height: int, width: int, gen: np.random.Generator) -> np.ndarray:
-    """A photo-like RGB image: smooth gradients plus sensor-like noise (JPEG sizes like a photo's)."""
+    """A photo-like RGB image: smooth gradients and sensor-like noise (encodes like a photo)."""
     yy, xx = np.mgrid[0:height, 0:width]
     photo = np.stack(
         [xx * 255 // width, yy * 255 // height, (xx + yy) * 255 // (width + height)], -1

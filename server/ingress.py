@@ -99,9 +99,7 @@ class Ingress:
         self._rest_medians = (0.0, 0.0)  # of the two, updated as one is added
         self._rest_pre_high = 0.0  # their reading and parsing, REST_HIGH quantile
         self.seed([(0, HTTP_MS_PRIOR)])  # until start-up measures, whatever its size
-        self.http_ms = (
-            HTTP_MS_PRIOR  # mean HTTP work of a whole request (what each one ahead costs)
-        )
+        self.http_ms = HTTP_MS_PRIOR  # mean HTTP work of a request (what each one ahead costs)
         self.unqueued = 0  # requests inside /classify that have not reached the model queue
         self.arrivals = 0  # requests that have entered, ever (a request is alone if none came)
         self.loop_lag_ms = 0.0  # how late the event loop runs ready work (EWMA)

@@ -2,6 +2,7 @@
 
 import logging
 import statistics
+import time
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from server.profiling import (
     front_end_ms,
     pick_threads,
     rescale_estimates,
+    thread_times,
 )
 from snnet_core import StitchMenu, StitchRow
 from snnet_core.checkpoint import stitch_table
@@ -231,6 +233,64 @@ def test_the_last_core_must_pay_for_the_front_end_on_any_number_of_cores(smalles
     assert pick_threads(ms, 4, 1.0) == pick
 
 
+@pytest.mark.parametrize("n", [11, 16, 64])
+def test_from_11_cores_the_last_core_is_left_to_the_event_loop_without_timing(
+    tiny_net, monkeypatch, n
+):
+    """No model gains 1.1x from an 11th core (11/10), so nothing is timed."""
+    monkeypatch.setattr("server.profiling.cores", lambda: n)
+    monkeypatch.setattr("server.profiling.thread_times", None)  # calling it would fail
+    pick, figures = choose_threads(tiny_net, StitchMenu.of(stitch_table(tiny_net)), 0.0)
+    assert pick == n - 1
+    assert f"at most {n}/{n - 1}" in figures
+    perfect = {n - 1: 100.0, n: 100.0 * (n - 1) / n}
+    ms = {"largest": perfect, "smallest": perfect}
+    assert pick_threads(ms, n, 0.5) == n - 1  # the rule would say the same of perfect scaling
+
+
+class _Recorder(torch.nn.Module):
+    """A net whose forward takes ``ms`` and notes the torch threads it ran on."""
+
+    input_size = (1, 4, 4)
+
+    def __init__(self, ms: float) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.ms, self.calls = ms, []
+
+    def forward(self, x, stitch):
+        self.calls.append((stitch, torch.get_num_threads()))
+        time.sleep(self.ms / 1e3)
+        return x
+
+
+@pytest.mark.parametrize(
+    "ms, runs, settle",
+    [
+        (0.5, 50, True),  # 0.5 ms runs: 100 ms takes 200 of them, capped at 50; each settled
+        (40.0, 5, False),  # 40 ms: the least 5 are 200 ms; too slow to settle
+    ],
+)
+def test_thread_times_alternates_the_counts_until_enough_runs_and_time(ms, runs, settle):
+    net = _Recorder(ms)
+    menu = _menu({0: 1.0, 1: 4.0}, anchors={0, 1})
+    before = torch.get_num_threads()
+    try:
+        out = thread_times(net, menu, (1, 2))
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert after == 2  # left on the last count
+    assert set(out) == {"largest", "smallest"}
+    assert all(set(t) == {1, 2} and all(v >= ms for v in t.values()) for t in out.values())
+    per_run = 2 if settle else 1
+    for stitch in (1, 0):  # the largest anchor first
+        seen = [k for s, k in net.calls if s == stitch]
+        assert seen[:2] == [1, 2]  # each count's team started once
+        timed = seen[2:]
+        assert timed == [k for k in (1, 2) for _ in range(per_run)] * runs  # in turn
+
+
 def test_the_front_end_is_at_least_the_http_prior_and_grows_with_the_input_size(tiny_net):
     """front_ms is measured on this machine: decoding a model's input-size image and more."""
     pre = {**tiny_net.data_config(), "crop_pct": 1.0}  # the tiny net's: 1x28x28
@@ -244,9 +304,8 @@ def test_the_front_end_is_at_least_the_http_prior_and_grows_with_the_input_size(
 
 
 def test_choose_threads_measures_both_counts_and_says_why(tiny_net, monkeypatch):
-    """On a (pretended) 2-core machine the real anchors are timed on 1 and 2 threads; a front
-    end dearer than any anchor keeps a core for itself, a free one hands it over only if both
-    anchors gain, as the figures the server logs show."""
+    """On a (pretended) 2-core machine the real anchors are timed on 1 and 2 threads, and a
+    front end dearer than any anchor keeps a core for itself; the figures say so."""
     monkeypatch.setattr("server.profiling.cores", lambda: 2)
     menu = StitchMenu.of(stitch_table(tiny_net))
     before = torch.get_num_threads()
