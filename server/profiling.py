@@ -570,10 +570,6 @@ THREADS_GAIN = 0.1
 # choice in 8 took 1 thread on a DeiT-Ti whose every 2-thread run was slowed (31.6 ms, 17-26 in
 # the other seven).
 SECOND_LOOK = 0.8
-# torch.set_num_threads drops oneDNN's cached primitives, so the first run after a switch
-# rebuilds them: thread_times does not time it for anchors faster than this (a slower one's
-# rebuild is a small share of its run, and an extra run would cost seconds of start-up).
-SETTLE_BELOW_MS = 25.0
 
 
 def pick_threads(ms: dict[str, dict[int, float]], n: int, front_ms: float) -> int:
@@ -619,35 +615,40 @@ def thread_times(
     net: SNNet, menu: StitchMenu, counts: tuple[int, ...], floor_ms: float = 100.0, repeats: int = 5
 ) -> dict[str, dict[int, float]]:
     """ms of the largest and the smallest anchor at batch 1 on each of ``counts`` torch threads
-    (``ms[name][k]``), alternating the counts run by run (a spell of noise on a shared VM then
-    falls on all of them, not on one), each the fastest of at least ``repeats`` runs and
-    ``floor_ms`` of them (50 runs at most); after each switch an anchor faster than
-    ``SETTLE_BELOW_MS`` runs once untimed. Leaves torch on the last count."""
+    (``ms[name][k]``), each the fastest of at least ``repeats`` runs and ``floor_ms`` of them
+    (50 runs at most). The runs take turns, one of each anchor on each count in every round: a
+    spell of noise on a shared VM then falls on all of them, not on one anchor or one count (the
+    DeiT net's smallest anchor, timed in a block of 0.3 s after the largest, once ran 59.6 ms on
+    2 threads and 40.3 on 1; 17-31 ms on 2 in the other rounds). torch.set_num_threads drops
+    oneDNN's cached primitives, but a run just after a switch was no slower here (ResNet-18 and
+    -50 at batch 1, the fastest of 8: 34.6 and 103.3 ms on 1 thread against 37.2 and 96.5 for
+    the run after it). Leaves torch on the last count."""
     p0 = next(net.parameters())
     x = torch.zeros(1, *net.input_size, device=p0.device, dtype=p0.dtype)
-    ms: dict[str, dict[int, float]] = {}
+    anchors = deciding_anchors(menu)
+    times = {name: {k: [] for k in counts} for name in anchors}
+
+    def enough(runs: dict[int, list[float]]) -> bool:
+        least = min(map(len, runs.values()))
+        return least >= repeats and (min(map(sum, runs.values())) >= floor_ms or least >= 50)
+
     with torch.inference_mode():
-        for name, stitch in deciding_anchors(menu).items():
-            times: dict[int, list[float]] = {k: [] for k in counts}
-            t0 = time.perf_counter()
-            for k in counts:  # each count's first run starts its thread team
-                torch.set_num_threads(k)
+        for k in counts:  # each count's first runs start its thread team
+            torch.set_num_threads(k)
+            for stitch in anchors.values():
                 net(x, stitch)
-            settle = (time.perf_counter() - t0) * 1e3 < SETTLE_BELOW_MS * len(counts)
-            while min(map(len, times.values())) < repeats or (
-                min(map(sum, times.values())) < floor_ms and len(times[counts[-1]]) < 50
-            ):
-                for k, runs in times.items():
+        while not all(map(enough, times.values())):
+            for name, stitch in anchors.items():
+                if enough(times[name]):
+                    continue
+                for k, runs in times[name].items():
                     torch.set_num_threads(k)
-                    if settle:
-                        net(x, stitch)
                     t0 = time.perf_counter()
                     net(x, stitch)
                     runs.append((time.perf_counter() - t0) * 1e3)
-            # The fastest run: noise on a shared VM only ever adds (a 2 ms anchor's median
-            # of 5 moved by 20% between starts and flipped the choice).
-            ms[name] = {k: min(runs) for k, runs in times.items()}
-    return ms
+    # The fastest run: noise on a shared VM only ever adds (a 2 ms anchor's median of 5 moved
+    # by 20% between starts and flipped the choice).
+    return {name: {k: min(runs) for k, runs in t.items()} for name, t in times.items()}
 
 
 def choose_threads(net: SNNet, menu: StitchMenu, front_ms: float) -> tuple[int, str]:

@@ -249,30 +249,34 @@ def test_from_11_cores_the_last_core_is_left_to_the_event_loop_without_timing(
 
 
 class _Recorder(torch.nn.Module):
-    """A net whose forward takes ``ms`` and notes the torch threads it ran on."""
+    """A net whose forward takes ``ms[stitch]`` and notes the stitch and torch threads it ran
+    on."""
 
     input_size = (1, 4, 4)
 
-    def __init__(self, ms: float) -> None:
+    def __init__(self, ms: dict[int, float]) -> None:
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.ms, self.calls = ms, []
 
     def forward(self, x, stitch):
         self.calls.append((stitch, torch.get_num_threads()))
-        time.sleep(self.ms / 1e3)
+        time.sleep(self.ms[stitch] / 1e3)
         return x
 
 
 @pytest.mark.parametrize(
-    "ms, runs, settle",
+    "largest_ms, smallest_ms, runs",
     [
-        (0.5, 50, True),  # 0.5 ms runs: 100 ms takes 200 of them, capped at 50; each settled
-        (40.0, 5, False),  # 40 ms: the least 5 are 200 ms; too slow to settle
+        (0.5, 0.25, (50, 50)),  # 100 ms would take 200 runs or more: capped at 50
+        (40.0, 30.0, (5, 5)),  # the least 5 runs are 150 ms or more
+        (40.0, 0.25, (5, 50)),  # the fast anchor goes on alone once the slow one has enough
     ],
 )
-def test_thread_times_alternates_the_counts_until_enough_runs_and_time(ms, runs, settle):
-    net = _Recorder(ms)
+def test_thread_times_takes_turns_until_each_anchor_has_enough_runs_and_time(
+    largest_ms, smallest_ms, runs
+):
+    net = _Recorder({1: largest_ms, 0: smallest_ms})
     menu = _menu({0: 1.0, 1: 4.0}, anchors={0, 1})
     before = torch.get_num_threads()
     try:
@@ -282,13 +286,18 @@ def test_thread_times_alternates_the_counts_until_enough_runs_and_time(ms, runs,
         torch.set_num_threads(before)
     assert after == 2  # left on the last count
     assert set(out) == {"largest", "smallest"}
-    assert all(set(t) == {1, 2} and all(v >= ms for v in t.values()) for t in out.values())
-    per_run = 2 if settle else 1
-    for stitch in (1, 0):  # the largest anchor first
-        seen = [k for s, k in net.calls if s == stitch]
-        assert seen[:2] == [1, 2]  # each count's team started once
-        timed = seen[2:]
-        assert timed == [k for k in (1, 2) for _ in range(per_run)] * runs  # in turn
+    for name, ms in (("largest", largest_ms), ("smallest", smallest_ms)):
+        assert set(out[name]) == {1, 2} and min(out[name].values()) >= ms
+    # each count's team started on both anchors, then one run of each anchor on each count a
+    # round while both need runs
+    assert net.calls[:4] == [(1, 1), (0, 1), (1, 2), (0, 2)]
+    timed = net.calls[4:]
+    both = min(runs)
+    assert timed[: 4 * both] == [(1, 1), (1, 2), (0, 1), (0, 2)] * both
+    rest = [
+        (s, k) for s, n in zip((1, 0), runs, strict=True) for _ in range(n - both) for k in (1, 2)
+    ]
+    assert timed[4 * both :] == rest
 
 
 def test_the_front_end_is_at_least_the_http_prior_and_grows_with_the_input_size(tiny_net):
