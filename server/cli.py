@@ -166,7 +166,7 @@ def _start_model_process_early() -> None:
         from .config import Settings
 
         s = Settings()
-        early.start(s.weights, s.threads, s.device, s.worker)
+        early.start(s.weights, s.threads, s.device, s.worker, s.profile_cache)
     except Exception:  # the process starts later, as without this
         return
 

@@ -92,7 +92,9 @@ def _signals_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def start(weights: Path, threads: int | str, device: str, worker: str) -> bool:
+def start(
+    weights: Path, threads: int | str, device: str, worker: str, profile_cache: Path | None = None
+) -> bool:
     """Spawn the model process now, if serving these settings will use one (a CPU model; with
     ``device`` auto, when no GPU driver is visible); whether it did. Never raises: a failure
     here only means the process starts later, as without this. One started before and not
@@ -103,7 +105,7 @@ def start(weights: Path, threads: int | str, device: str, worker: str) -> bool:
         return False
     if device == "auto" and worker == "auto" and _gpu_driver():
         return False  # most likely CUDA: a thread worker, no process
-    guess = threads if isinstance(threads, int) else remembered_threads(weights)
+    guess = threads if isinstance(threads, int) else remembered_threads(weights, profile_cache)
     env = model_child_env(guess)
     try:
         proc, sock = spawn(env)
@@ -187,7 +189,11 @@ def _gpu_driver() -> bool:
 # -- the last thread count chosen, per weights directory and core count ------------------------
 
 
-def _threads_file() -> Path:
+def _threads_file(profile_cache: Path | None) -> Path:
+    """Beside ``SNNET_PROFILE_CACHE`` when it is set (the place kept for start-up measurements:
+    the image's volume, where a container user has no home), else in the user's cache."""
+    if profile_cache is not None:
+        return Path(profile_cache).parent / "threads.json"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"  # (RuntimeError: no home)
     return Path(base) / "snnet" / "threads.json"
 
@@ -196,20 +202,20 @@ def _key(weights: Path) -> str:
     return f"{Path(weights).resolve()} on {cores()} cores"
 
 
-def remembered_threads(weights: Path) -> int | None:
+def remembered_threads(weights: Path, profile_cache: Path | None = None) -> int | None:
     """The thread count ``SNNET_THREADS=auto`` chose last for ``weights`` on this many cores
-    (None: never, or the file cannot be read)."""
+    (None: never, or the file cannot be read), with this ``SNNET_PROFILE_CACHE``."""
     try:
-        value = json.loads(_threads_file().read_text()).get(_key(weights))
+        value = json.loads(_threads_file(profile_cache).read_text()).get(_key(weights))
     except Exception:  # no file, not JSON, not a dict, no home directory: no guess
         return None
     return value if isinstance(value, int) and value >= 1 else None
 
 
-def remember_threads(weights: Path, threads: int) -> None:
+def remember_threads(weights: Path, threads: int, profile_cache: Path | None = None) -> None:
     """Keep the thread count chosen for ``weights`` (the last ``REMEMBERED`` directories)."""
     with contextlib.suppress(Exception):  # a guess for the next start: never worth failing this one
-        path = _threads_file()
+        path = _threads_file(profile_cache)
         try:
             known = json.loads(path.read_text())
         except (OSError, ValueError):

@@ -212,7 +212,7 @@ def build_engine(
             log.info("threads: %d (SNNET_THREADS=auto; %s)", threads, figures)
             # The next start's model process is spawned before this choice is made, with
             # OpenMP settings that depend on it (``server.early``): it starts from this one.
-            early.remember_threads(s.weights, threads)
+            early.remember_threads(s.weights, threads, s.profile_cache)
         else:
             threads = s.threads
         torch.set_num_threads(threads)

@@ -3,6 +3,7 @@
 Each test that kills or signals a child gets a child of its own, so no test depends on another
 having run before it (or not)."""
 
+import json
 import os
 import signal
 import sys
@@ -284,3 +285,17 @@ def test_the_thread_count_chosen_is_remembered_for_the_next_early_start(tmp_path
     assert not early.start(weights, 1, "cuda", "auto")
     assert not early.start(weights, 1, "cpu", "thread")
     assert early._early is None
+
+
+def test_the_thread_count_is_remembered_beside_an_explicit_profile_cache(tmp_path, monkeypatch):
+    """A container's user has no home; its image keeps SNNET_PROFILE_CACHE on a volume, and the
+    thread count goes there too, so the next container's early start guesses right."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    weights, cache = tmp_path / "weights", tmp_path / "volume" / "profiles.json"
+    early.remember_threads(weights, cores(), cache)
+    assert json.loads((tmp_path / "volume" / "threads.json").read_text())
+    assert not (tmp_path / "home-cache").exists()
+    assert early.remembered_threads(weights, cache) == cores()
+    assert early.remembered_threads(weights) is None  # the user's cache knows nothing of it
+    assert early.start(weights, "auto", "cpu", "auto", cache)
+    assert early._early[2] == model_child_env(cores())
