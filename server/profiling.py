@@ -544,7 +544,7 @@ def _at(fits: dict[int, tuple[float, float]], b: int) -> tuple[float, float]:
 #     t(n - 1) >= (1 + THREADS_GAIN) x t(n) + front_ms,
 # which also makes n the faster count at idle. THREADS_GAIN is a margin for noise and for what
 # sharing a core costs beyond front_ms; from 11 cores up no model can gain it from the last
-# core (n / (n - 1) < 1.1), so n - 1 is taken without timing. front_ms is the least a request
+# core (n / (n - 1) <= 1.1), so n - 1 is taken without timing. front_ms is the least a request
 # brings: one image of the model's input size decoded and preprocessed, measured at start-up,
 # plus the ingress's prior for the rest of the HTTP path (server.ingress.HTTP_MS_PRIOR, 1 ms:
 # on the 2-core VM `bench/server_overhead.py` puts the whole path at 1.1-1.3 ms a request,
@@ -661,7 +661,7 @@ def choose_threads(net: SNNet, menu: StitchMenu, front_ms: float) -> tuple[int, 
         return 1, "1 core"
     if n / (n - 1) <= 1 + THREADS_GAIN:
         return n - 1, (
-            f"{n} cores: a model can gain at most {n}/{n - 1} from the last, less than the "
+            f"{n} cores: a model can gain at most {n}/{n - 1} from the last, not more than the "
             f"{1 + THREADS_GAIN:g}x asked of it; one is left to the event loop"
         )
     which = deciding_anchors(menu)
