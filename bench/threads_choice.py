@@ -1,6 +1,7 @@
 """How steadily `SNNET_THREADS=auto` chooses, this rule and the one before it side by side.
 
     python bench/threads_choice.py [--weights weights] [--rounds 6] [--cotenant 0.5]
+                                   [--batch-check 8]
 
 Loads the checkpoint as the server does and, round after round, lets both rules choose between
 the cores minus one and every core for it, alternating which goes first:
@@ -15,6 +16,11 @@ the cores minus one and every core for it, alternating which goes first:
 With ``--cotenant D``, a process busy for D of every 20 ms (and asleep for the rest) runs
 beside it throughout: a neighbour on a shared VM, whose noise the rules must not mistake for
 the model's scaling.
+
+The rule times the anchors at batch 1. Under load requests batch, and the front end's share
+grows: at batch B the test would be ``t_B(n - 1) >= 1.1 x t_B(n) + B x front_ms``. With
+``--batch-check B`` the script also times both anchors at batch B on both counts (the fastest of
+at least 3 runs) and says what that test would choose.
 
 A start that chooses the other count than most do serves differently (on the 2-core VM the DeiT
 net's DeiT-B at 404-465 ms on 1 thread against 222-293 on 2). Prints each round's times and
@@ -40,7 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import snnet_core  # noqa: E402
 from server.environ import cores  # noqa: E402
 from server.imaging import make_transform  # noqa: E402
-from server.profiling import choose_threads, deciding_anchors, front_end_ms  # noqa: E402
+from server.profiling import (  # noqa: E402
+    THREADS_GAIN,
+    choose_threads,
+    deciding_anchors,
+    front_end_ms,
+    thread_times,
+)
 
 
 def old_rule(net, menu, n: int) -> tuple[int, dict[str, float]]:
@@ -80,6 +92,7 @@ def main() -> None:
     ap.add_argument("--weights", default="weights", help="checkpoint directory (default: bundled)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--cotenant", type=float, default=0.0, help="busy share of a neighbour")
+    ap.add_argument("--batch-check", type=int, default=0, help="also test the rule at this batch")
     args = ap.parse_args()
     n = cores()
     if n < 2:
@@ -105,6 +118,8 @@ def main() -> None:
         if neighbour is not None:
             neighbour.kill()
             neighbour.wait()
+    if args.batch_check:
+        summary_check = batch_check(net, menu, n, front_ms, args.batch_check)
     summary = {"weights": args.weights, "cores": n, "rounds": args.rounds}
     summary |= {"cotenant": args.cotenant, "front_ms": round(front_ms, 2)}
     for rule, got in picks.items():
@@ -112,7 +127,28 @@ def main() -> None:
         summary[f"{rule}_picks"] = {str(k): counts[k] for k in sorted(counts)}
         summary[f"{rule}_agree"] = counts.most_common(1)[0][1]
         summary[f"{rule}_s"] = round(statistics.median(seconds[rule]), 2)
+    if args.batch_check:
+        summary["batch_check"] = summary_check
     print(json.dumps(summary))
+
+
+def batch_check(net, menu, n: int, front_ms: float, batch: int) -> dict:
+    """Both anchors at ``batch`` on n - 1 and n threads, and what the rule would choose there."""
+    ms = thread_times(net, menu, (n - 1, n), floor_ms=0.0, repeats=3, batch=batch)
+    out: dict = {"batch": batch}
+    for name, t in ms.items():
+        need = (1 + THREADS_GAIN) * t[n] + batch * front_ms
+        out[name] = {f"ms_{n - 1}": round(t[n - 1], 2), f"ms_{n}": round(t[n], 2)}
+        out[name]["need_ms"] = round(need, 2)
+        print(
+            f"batch {batch}, {name} anchor: {t[n - 1]:.2f} ms on {n - 1} threads, {t[n]:.2f} on "
+            f"{n}; {n} threads need {n - 1} threads' time >= {need:.2f} ms",
+            flush=True,
+        )
+    out["pick"] = (
+        n if all(out[name][f"ms_{n - 1}"] >= out[name]["need_ms"] for name in ms) else n - 1
+    )
+    return out
 
 
 def rounds(count: int, net, menu, n: int, front_ms: float, picks: dict, seconds: dict) -> None:

@@ -42,9 +42,10 @@ class Settings(BaseSettings):
     )
     threads: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
-        description="torch CPU threads for the model. auto: measured at start-up on the largest "
-        "anchor, the cores minus one (leaving a core to the event loop) unless all the cores are "
-        "at least 15% faster; the choice is logged with its figures.",
+        description="torch CPU threads for the model. auto: the cores minus one (leaving a core "
+        "to the event loop), or every core if the largest and the smallest anchor at batch 1 "
+        "both run t(cores - 1) >= 1.1 x t(cores) + the front end's work for one request, "
+        "measured at start-up; the choice is logged with its figures.",
     )
 
     api_workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
@@ -127,7 +128,9 @@ class Settings(BaseSettings):
     profile_cache: Path | None = Field(
         None,
         description="Where the latency profile measured on this device is kept "
-        "(default: profiles.json next to the weights if writable, else ~/.cache/snnet).",
+        "(default: profiles.json next to the weights if writable, else ~/.cache/snnet). When "
+        "set, the thread count SNNET_THREADS=auto chose last is kept in the same directory "
+        "(threads.json).",
     )
     profile_batch_sizes: list[int] | None = Field(
         None, description="Batch sizes to profile (default: 1, 2, 4, ... up to max_batch_size)."

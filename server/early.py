@@ -12,7 +12,8 @@ The process's OpenMP settings are fixed before it imports torch (libgomp reads t
 loads) and depend on the model's thread count (``server.environ.model_child_env``), which
 ``SNNET_THREADS=auto`` measures only once the weights are loaded. The early process starts with
 the settings ``SNNET_THREADS`` implies or, for auto, those of the last choice made for these
-weights on this machine (remembered in ``threads.json`` in the user's cache directory). When
+weights on this machine (remembered in ``threads.json``: beside ``SNNET_PROFILE_CACHE`` when
+that is set, else in the user's cache directory). When
 the start-up's own choice differs, the early process is stopped and another started, as
 without an early start. Nothing here imports torch.
 """

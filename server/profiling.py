@@ -552,8 +552,8 @@ def _at(fits: dict[int, tuple[float, float]], b: int) -> tuple[float, float]:
 # cost per request falls and the front end's does not (at batch B the test would be t_B(n - 1)
 # >= 1.1 x t_B(n) + B x front_ms). At batch 8 both nets here get the answer batch 1 gives: the
 # bundled model's smallest anchor 3.47 ms on 1 thread and 2.35 on 2 (its stored profiles),
-# DeiT-Ti 283 and 149 ms, DeiT-B 3587 and 2003 ms (`/tmp/b8.py`, session 19: against 182 and
-# 2221 ms for 1.1 x t(2) + 8 x 2.3 ms).
+# DeiT-Ti 283 and 149 ms, DeiT-B 3587 and 2003 ms, against 182 and 2221 ms for 1.1 x t(2) +
+# 8 x 2.3 ms (`python bench/threads_choice.py --batch-check 8` prints this check).
 #
 # The 2-core VM's record. The bundled model: largest anchor 4.9-6.1 ms on 1 thread and 3.7-4.8
 # on 2, smallest 1.16-1.42 and 1.35-1.52; `bench/load.py --quick` met 58-64% of budgets on 2
@@ -614,9 +614,15 @@ def front_end_ms(transform, input_size: tuple[int, ...]) -> float:
 
 
 def thread_times(
-    net: SNNet, menu: StitchMenu, counts: tuple[int, ...], floor_ms: float = 100.0, repeats: int = 5
+    net: SNNet,
+    menu: StitchMenu,
+    counts: tuple[int, ...],
+    floor_ms: float = 100.0,
+    repeats: int = 5,
+    batch: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, dict[int, float]]:
-    """ms of the largest and the smallest anchor at batch 1 on each of ``counts`` torch threads
+    """ms of the largest and the smallest anchor at ``batch`` on each of ``counts`` torch threads
     (``ms[name][k]``), each the fastest of at least ``repeats`` runs and ``floor_ms`` of them
     (50 runs at most). The runs take turns, one of each anchor on each count in every round: a
     spell of noise on a shared VM then falls on all of them, not on one anchor or one count (the
@@ -626,7 +632,7 @@ def thread_times(
     -50 at batch 1, the fastest of 8: 34.6 and 103.3 ms on 1 thread against 37.2 and 96.5 for
     the run after it). Leaves torch on the last count."""
     p0 = next(net.parameters())
-    x = torch.zeros(1, *net.input_size, device=p0.device, dtype=p0.dtype)
+    x = torch.zeros(batch, *net.input_size, device=p0.device, dtype=p0.dtype)
     anchors = deciding_anchors(menu)
     times = {name: {k: [] for k in counts} for name in anchors}
 
@@ -645,9 +651,9 @@ def thread_times(
                     continue
                 for k, runs in times[name].items():
                     torch.set_num_threads(k)
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     net(x, stitch)
-                    runs.append((time.perf_counter() - t0) * 1e3)
+                    runs.append((clock() - t0) * 1e3)
     # The fastest run: noise on a shared VM only ever adds (a 2 ms anchor's median of 5 moved
     # by 20% between starts and flipped the choice).
     return {name: {k: min(runs) for k, runs in t.items()} for name, t in times.items()}

@@ -1,8 +1,8 @@
 """Start-up estimates of stitches the profile did not measure, calibration, the thread count."""
 
+import itertools
 import logging
 import statistics
-import time
 
 import pytest
 import torch
@@ -249,28 +249,33 @@ def test_from_11_cores_the_last_core_is_left_to_the_event_loop_without_timing(
 
 
 class _Recorder(torch.nn.Module):
-    """A net whose forward takes ``ms[stitch]`` and notes the stitch and torch threads it ran
-    on."""
+    """A net whose forward of a stitch takes the next of ``ms[stitch]`` (cycling) on its own
+    clock (``clock``, in seconds) and notes the stitch and the torch threads it ran on."""
 
     input_size = (1, 4, 4)
 
-    def __init__(self, ms: dict[int, float]) -> None:
+    def __init__(self, ms: dict[int, list[float]]) -> None:
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
-        self.ms, self.calls = ms, []
+        self.ms = {s: itertools.cycle(times) for s, times in ms.items()}
+        self.now, self.calls = 0.0, []
+
+    def clock(self) -> float:
+        return self.now
 
     def forward(self, x, stitch):
         self.calls.append((stitch, torch.get_num_threads()))
-        time.sleep(self.ms[stitch] / 1e3)
+        self.now += next(self.ms[stitch]) / 1e3
         return x
 
 
 @pytest.mark.parametrize(
     "largest_ms, smallest_ms, runs",
     [
-        (0.5, 0.25, (50, 50)),  # 100 ms would take 200 runs or more: capped at 50
-        (40.0, 30.0, (5, 5)),  # the least 5 runs are 150 ms or more
-        (40.0, 0.25, (5, 50)),  # the fast anchor goes on alone once the slow one has enough
+        ([0.5], [0.25], (50, 50)),  # 100 ms would take 200 runs or more: capped at 50
+        ([40.0], [30.0], (5, 5)),  # 5 runs are 150 ms or more
+        ([40.0], [0.25], (5, 50)),  # the fast anchor goes on alone once the slow one has enough
+        ([30.0, 12.0, 25.0], [3.0, 2.0, 4.0], (5, 34)),  # 5 x 12 ms or more; 34 runs reach 100
     ],
 )
 def test_thread_times_takes_turns_until_each_anchor_has_enough_runs_and_time(
@@ -280,14 +285,16 @@ def test_thread_times_takes_turns_until_each_anchor_has_enough_runs_and_time(
     menu = _menu({0: 1.0, 1: 4.0}, anchors={0, 1})
     before = torch.get_num_threads()
     try:
-        out = thread_times(net, menu, (1, 2))
+        out = thread_times(net, menu, (1, 2), clock=net.clock)
         after = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
     assert after == 2  # left on the last count
-    assert set(out) == {"largest", "smallest"}
-    for name, ms in (("largest", largest_ms), ("smallest", smallest_ms)):
-        assert set(out[name]) == {1, 2} and min(out[name].values()) >= ms
+    # the fastest run of each (the untimed first runs included in the cycle)
+    assert out == {
+        "largest": {1: pytest.approx(min(largest_ms)), 2: pytest.approx(min(largest_ms))},
+        "smallest": {1: pytest.approx(min(smallest_ms)), 2: pytest.approx(min(smallest_ms))},
+    }
     # each count's team started on both anchors, then one run of each anchor on each count a
     # round while both need runs
     assert net.calls[:4] == [(1, 1), (0, 1), (1, 2), (0, 2)]
@@ -338,6 +345,9 @@ def test_choose_threads_measures_both_counts_and_says_why(tiny_net, monkeypatch)
         # the same, and the second look agrees with the first
         ({"largest": {1: 438.8, 2: 304.0}, "smallest": {1: 34.4, 2: 31.6}},
          {"largest": {1: 430.0, 2: 290.0}, "smallest": {1: 33.0, 2: 30.9}}, 1, 2),
+        # each look spoilt on another anchor: the fastest of both looks decides
+        ({"largest": {1: 400.0, 2: 370.0}, "smallest": {1: 33.0, 2: 19.0}},
+         {"largest": {1: 400.0, 2: 300.0}, "smallest": {1: 33.0, 2: 31.0}}, 2, 2),
         # the bundled model: nowhere near, one look
         ({"largest": {1: 5.52, 2: 5.35}, "smallest": {1: 1.02, 2: 1.33}}, None, 1, 1),
         # every core clearly wins: one look
