@@ -6,9 +6,10 @@
 Loads the checkpoint as the server does and, round after round, lets both rules choose between
 the cores minus one and every core for it, alternating which goes first:
 
-- this rule (``server.profiling.choose_threads``): both counts timed run by run in turn, and
-  every core only if the largest and the smallest anchor both run
-  ``t(n - 1) >= 1.1 x t(n) + front_ms``, the front end's work for one request measured here;
+- this rule (``server.profiling.choose_threads``): each round times each anchor once on each
+  count, a close choice of fewer threads is timed twice, and every core goes to the model only
+  if the largest and the smallest anchor both run ``t(n - 1) >= 1.1 x t(n) + front_ms``, the
+  front end's work for one request measured here;
 - the rule until session 19, rebuilt here as the peer: each count timed in a block (the fastest
   of at least 5 runs and 100 ms), and every core only if both anchors run ``max(1.15, 1 + 1 /
   (2 (n - 1)))`` times faster on it (1.5x on 2 cores), whatever the front end costs.
