@@ -550,10 +550,10 @@ def _at(fits: dict[int, tuple[float, float]], b: int) -> tuple[float, float]:
 # on the 2-core VM `bench/server_overhead.py` puts the whole path at 1.1-1.3 ms a request,
 # client included). The anchors are timed at batch 1; under load requests batch, the model's
 # cost per request falls and the front end's does not (at batch B the test would be t_B(n - 1)
-# >= 1.1 x t_B(n) + B x front_ms). At batch 8 both nets here get the answer batch 1 gives: the
-# bundled model's smallest anchor 3.47 ms on 1 thread and 2.35 on 2 (its stored profiles),
-# DeiT-Ti 283 and 149 ms, DeiT-B 3587 and 2003 ms, against 182 and 2221 ms for 1.1 x t(2) +
-# 8 x 2.3 ms (`python bench/threads_choice.py --batch-check 8` prints this check).
+# >= 1.1 x t_B(n) + B x front_ms). At batch 8 both nets here get the answer batch 1 gives
+# (`python bench/threads_choice.py --batch-check 8`): the bundled model's smallest anchor ran
+# 4.11 ms on 1 thread and 3.11 on 2, where 2 threads needed 12.0; DeiT-Ti 259 and 138 ms
+# (170 needed), DeiT-B 3412 and 1831 ms (2032 needed).
 #
 # The 2-core VM's record. The bundled model: largest anchor 4.9-6.1 ms on 1 thread and 3.7-4.8
 # on 2, smallest 1.16-1.42 and 1.35-1.52; `bench/load.py --quick` met 58-64% of budgets on 2
