@@ -49,7 +49,11 @@ def decode_image(
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(413, f"{name} refused as a decompression bomb: {e}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    except UnidentifiedImageError:  # (its text names a Python object: "<_io.BytesIO at 0x..>")
+        raise ImageError(
+            400, f"{name} could not be decoded as JPEG, PNG, WebP, BMP or GIF (not one of them)"
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(
             400, f"{name} could not be decoded as JPEG, PNG, WebP, BMP or GIF ({e})"
         ) from None

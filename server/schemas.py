@@ -19,6 +19,12 @@ DIGIT_PNG_B64 = (
 )
 
 
+# The largest budget a request may give: an hour. Without a bound, a budget of 1e308 ms was
+# taken, and the controller's mean budget (which scales its queue load) and the budget
+# histogram's sum became meaningless for every request after it.
+MAX_BUDGET_MS = 3_600_000.0
+
+
 class ClassifyOptions(BaseModel):
     """How to pick the stitch; the same fields in multipart form data and in JSON."""
 
@@ -27,8 +33,10 @@ class ClassifyOptions(BaseModel):
     latency_budget_ms: float | None = Field(
         None,
         gt=0,
+        le=MAX_BUDGET_MS,
         description="Answer within this many ms, counted from arrival at the server: the most "
-        "accurate stitch that fits behind the current queue. Default: SNNET_DEFAULT_BUDGET_MS.",
+        "accurate stitch that fits behind the current queue; at most an hour. Default: "
+        "SNNET_DEFAULT_BUDGET_MS.",
     )
     stitch_id: int | None = Field(
         None, ge=0, description="Use exactly this stitch (see GET /stitches)."

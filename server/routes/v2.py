@@ -44,6 +44,7 @@ from ..parsing import ClassifyRequest, read_body, validation_message
 from ..planner import Plan
 from ..scheduler import Result
 from ..schemas import (
+    MAX_BUDGET_MS,
     V2_INFER_EXAMPLE,
     ClassifyOptions,
     V2ErrorResponse,
@@ -303,7 +304,8 @@ def _options(params: dict[str, Any], pinned: int | None) -> ClassifyOptions:
             raise Refusal(
                 422, f"parameters.timeout: microseconds, a positive integer; got {timeout!r}"
             )
-        raw["latency_budget_ms"] = timeout / 1e3  # Triton's timeout is in microseconds
+        # Triton's timeout is in microseconds; a longer one than a budget may be is no limit
+        raw["latency_budget_ms"] = min(timeout / 1e3, MAX_BUDGET_MS)
     if pinned is not None:
         if raw.get("stitch_id", pinned) != pinned:
             raise Refusal(

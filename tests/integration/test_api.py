@@ -153,7 +153,7 @@ def bomb_png() -> bytes:
         (
             {"json": {"image": base64.b64encode(b"not an image").decode()}},
             400,
-            "could not be decoded",
+            "images[0] could not be decoded as JPEG, PNG, WebP, BMP or GIF (not one of them)",
         ),
         (
             {"json": {"image": base64.b64encode(b"GIF89a" + b"\0" * 20).decode()}},
@@ -176,6 +176,11 @@ def bomb_png() -> bytes:
             {"json": {"image": "DIGIT", "latency_budget_ms": -1}},
             422,
             "latency_budget_ms: Input should be greater than 0",
+        ),
+        (
+            {"json": {"image": "DIGIT", "latency_budget_ms": 1e308}},
+            422,
+            "latency_budget_ms: Input should be less than or equal to 3600000",
         ),
         (
             {"json": {"image": "DIGIT", "latency_budget_ms": 1e-6}},

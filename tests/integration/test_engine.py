@@ -110,7 +110,7 @@ def test_threads_are_chosen_by_measurement_and_the_figures_are_logged(tmp_path, 
     if 1 < n < 11:  # from 11 cores up the last core cannot gain 1.1x: not timed
         assert line.startswith(f"threads: {chosen} (SNNET_THREADS=auto; largest anchor (stitch ")
         assert "smallest anchor (stitch " in line
-        assert f"{n - 1} threads" in line and f"{n} threads" in line
+        assert f" {n - 1} thread{'s' if n > 2 else ''} " in line and f" {n} threads " in line
         assert "ms (the front end's work for one request)" in line
     else:
         assert ("1 core" if n == 1 else "a model can gain at most") in line

@@ -178,3 +178,18 @@ def test_v2_versions_and_lengths_are_ascii_digits_only():
         and not _is_index("\u0663")
         and not _is_index("")
     )
+
+
+def test_a_budget_is_at_most_an_hour_and_a_longer_v2_timeout_is_no_limit():
+    """1e308 ms as a budget made the controller's mean budget (its queue load's scale) and the
+    budget histogram meaningless for every request after it."""
+    from pydantic import ValidationError
+
+    from server.routes.v2 import _options
+    from server.schemas import MAX_BUDGET_MS, ClassifyOptions
+
+    assert ClassifyOptions(latency_budget_ms=MAX_BUDGET_MS).latency_budget_ms == MAX_BUDGET_MS
+    with pytest.raises(ValidationError, match="less than or equal to 3600000"):
+        ClassifyOptions(latency_budget_ms=MAX_BUDGET_MS * 2)
+    assert _options({"timeout": 5_000}, None).latency_budget_ms == 5.0  # microseconds
+    assert _options({"timeout": 10**11}, None).latency_budget_ms == MAX_BUDGET_MS

@@ -329,7 +329,7 @@ def test_choose_threads_measures_both_counts_and_says_why(tiny_net, monkeypatch)
         pick, figures = choose_threads(tiny_net, menu, front_ms=1e6)
         assert pick == 1
         assert "largest anchor" in figures and "smallest anchor" in figures
-        assert "1 threads" in figures and "2 threads" in figures
+        assert "1 thread " in figures and "2 threads " in figures
         assert "1000000.00 ms (the front end's work for one request)" in figures
     finally:
         torch.set_num_threads(before)
