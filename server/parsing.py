@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from starlette.requests import Request
 
 from .config import Settings
 from .errors import Refusal
+from .imaging import cost_size
 from .schemas import ClassifyJSON, ClassifyOptions
 
 
@@ -33,11 +35,12 @@ class ClassifyRequest:
     def n(self) -> int:
         return len(self.images) if self.tensor is None else int(self.tensor.shape[0])
 
-    @property
+    @cached_property
     def payload_bytes(self) -> int:
+        """The payload's size as the HTTP cost line counts it (``server.imaging.cost_size``)."""
         if self.tensor is not None:
             return self.tensor.numel() * self.tensor.element_size()
-        return sum(len(b) for _, b in self.images)
+        return sum(cost_size(b) for _, b in self.images)
 
 
 async def parse_classify(request: Request, settings: Settings, num_classes: int) -> ClassifyRequest:

@@ -225,8 +225,9 @@ class Planner:
                 return Refusal(
                     422,
                     f"latency_budget_ms={budget:g} is below what this request needs on this "
-                    f"server even when idle ({need:.2f} ms: compute, HTTP work for its "
-                    f"{payload_bytes} bytes and an idle server's safety margin of "
+                    f"server even when idle ({need:.2f} ms: compute, HTTP work for its images "
+                    f"(sized {payload_bytes} bytes: their bytes, or half a byte a pixel where that "
+                    f"is more) and an idle server's safety margin of "
                     f"{self._rest_margin_text()}); allowed: "
                     f"latency_budget_ms >= {least:.2f}",
                 )
