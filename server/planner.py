@@ -254,7 +254,8 @@ class Planner:
                 503,
                 f"overloaded: latency_budget_ms={budget:g} would do on an idle server (it needs "
                 f"{idle_budget:.1f} ms there), but not now: {now_budget:.1f} ms "
-                f"({'; '.join(why) or 'load'}); retry later, or with latency_budget_ms >= "
+                f"({'; '.join(why) or 'small delays now, none of them 0.5 ms'}); retry later, "
+                f"or with latency_budget_ms >= "
                 f"{now_budget:.2f}",
                 1,
             )
