@@ -23,12 +23,16 @@ OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 PHOTO_BYTES_PER_PIXEL = 0.5
 
 
-def cost_size(data: bytes) -> int:
+def cost_size(data: bytes, max_pixels: int = 0) -> int:
     """The size an encoded image counts as in the HTTP cost line: its bytes, or its pixels (read
-    from its header, nothing decoded) x ``PHOTO_BYTES_PER_PIXEL`` if that is more."""
+    from its header, nothing decoded) x ``PHOTO_BYTES_PER_PIXEL`` if that is more; its bytes if
+    it is not an image or has more than ``max_pixels`` (when given): its decoding refuses it at
+    once (400, 413), which the planner must not pre-empt with a 422 for a decode never run."""
     try:
         w, h = Image.open(io.BytesIO(data), formats=OPEN_FORMATS).size
-    except Exception:  # not an image: decoding it will say so
+    except Exception:
+        return len(data)
+    if max_pixels and w * h > max_pixels:
         return len(data)
     return max(len(data), int(w * h * PHOTO_BYTES_PER_PIXEL))
 

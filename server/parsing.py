@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -30,6 +30,7 @@ class ClassifyRequest:
     images: list[tuple[str, bytes]]  # (name for error messages, encoded bytes)
     options: ClassifyOptions
     tensor: torch.Tensor | None = None  # or images already preprocessed: (n, C, H, W) float32
+    max_pixels: int = 0  # SNNET_MAX_IMAGE_PIXELS: an image over it is sized by its bytes (a 413)
 
     @property
     def n(self) -> int:
@@ -40,7 +41,7 @@ class ClassifyRequest:
         """The payload's size as the HTTP cost line counts it (``server.imaging.cost_size``)."""
         if self.tensor is not None:
             return self.tensor.numel() * self.tensor.element_size()
-        return sum(cost_size(b) for _, b in self.images)
+        return sum(cost_size(b, self.max_pixels) for _, b in self.images)
 
 
 async def parse_classify(request: Request, settings: Settings, num_classes: int) -> ClassifyRequest:
@@ -74,7 +75,7 @@ async def parse_classify(request: Request, settings: Settings, num_classes: int)
             f"top_k={req.options.top_k} but the model has {num_classes} classes; allowed: "
             f"1..{num_classes}",
         )
-    return req
+    return replace(req, max_pixels=settings.max_image_pixels)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

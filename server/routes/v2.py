@@ -292,7 +292,7 @@ def build_request(
     if n == 0 or n > s.max_images_per_request:
         raise Refusal(422, f"{n} images; 1..{s.max_images_per_request} per request")
     wanted = _outputs(doc, params, engine.net.num_classes)
-    return ClassifyRequest(images or [], options, tensor), wanted
+    return ClassifyRequest(images or [], options, tensor, s.max_image_pixels), wanted
 
 
 def _options(params: dict[str, Any], pinned: int | None) -> ClassifyOptions:

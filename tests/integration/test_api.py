@@ -222,6 +222,9 @@ def bomb_png() -> bytes:
         ({"json": {"image": "DIGIT", "top_k": "3"}}, 422, "top_k: Input should be a valid integer"),
         ({"json": {"image": "BIG"}}, 413, "the limit is 100000 pixels"),
         ({"json": {"image": "BOMB"}}, 413, "pixels"),
+        # over the pixel limit but flat, so few bytes: its decoding refuses it (413), the plan
+        # must not first refuse the decode's cost (a 422 for 4.5 MB of "photo")
+        ({"json": {"image": "WIDE", "latency_budget_ms": 50}}, 413, "the limit is 100000 pixels"),
         (
             {"content": b"x" * 400_000, "headers": {"content-type": "application/json"}},
             413,
@@ -236,6 +239,7 @@ def test_errors_say_what_is_wrong(client, digit_png, kwargs, status, message):
             "DIGIT": digit_png,
             "BIG": png(__import__("numpy").zeros((400, 400), "uint8")),
             "BOMB": bomb_png() if "BOMB" in body else b"",
+            "WIDE": png(np.full((3000, 3000), 128, "uint8")) if "WIDE" in body else b"",
         }
         for k, v in b64.items():
             body = body.replace(f'"{k}"', json.dumps(base64.b64encode(v).decode()))
