@@ -252,8 +252,8 @@ class Planner:
             now_budget = math.ceil((least_now + self.network_ms) * 100) / 100
             return Refusal(
                 503,
-                f"overloaded: latency_budget_ms={budget:g} would do on an idle server (it needs "
-                f"{idle_budget:.1f} ms there), but not now: {now_budget:.1f} ms "
+                f"not just now: latency_budget_ms={budget:g} would do on an idle server (it "
+                f"needs {idle_budget:.1f} ms there), but at this moment it needs {now_budget:.1f} ms "
                 f"({'; '.join(why) or 'small delays now, none of them 0.5 ms'}); retry later, "
                 f"or with latency_budget_ms >= "
                 f"{now_budget:.2f}",

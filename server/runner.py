@@ -198,10 +198,15 @@ def settle_early(cancelled: threading.Event | None = None) -> None:
     early.imported()
 
 
+# How long a model process that was told to stop (its socket closed) may take to exit before
+# it is killed. A test of a stuck process lowers it.
+EXIT_WAIT_S = 5.0
+
+
 def _finish_off(proc: mp.process.BaseProcess, say: bool = False) -> int | None:
-    """Wait up to 5 s more for a model process to exit, then kill it; its exit code (logged
-    if ``say``)."""
-    proc.join(5)
+    """Wait up to ``EXIT_WAIT_S`` more for a model process to exit, then kill it; its exit
+    code (logged if ``say``)."""
+    proc.join(EXIT_WAIT_S)
     if proc.is_alive():
         proc.kill()
         proc.join(5)
@@ -640,21 +645,21 @@ class ProcessRunner:
             return torch.from_numpy(self._logits.numpy()[:rows].copy()), ms
         return torch.frombuffer(payload, dtype=torch.float32).reshape(rows, classes), ms
 
-    def _reap(self, wait_s: float = 5.0) -> int | None:
+    def _reap(self, wait_s: float | None = None) -> int | None:
         """Close the socket (the child reads its end and returns) and collect the child's exit
-        code. One still running after ``wait_s`` is killed, here if ``wait_s`` is the full 5 s,
-        else by a thread (``reaping``), and None is returned: the event loop's path
-        (``finish``) must not stall every request for a child slow to exit."""
+        code. One still running after ``wait_s`` is killed, here if ``wait_s`` is the full
+        ``EXIT_WAIT_S`` (None), else by a thread (``reaping``), and None is returned: the event
+        loop's path (``finish``) must not stall every request for a child slow to exit."""
         proc, self._proc = self._proc, None
         if self._sock is not None:
             self._sock.close()
             self._sock = None
         if proc is None:
             return None
-        proc.join(wait_s)
+        proc.join(EXIT_WAIT_S if wait_s is None else wait_s)
         if not proc.is_alive():
             return proc.exitcode
-        if wait_s < 5.0:
+        if wait_s is not None:
             self.reaping = threading.Thread(
                 target=_finish_off, args=(proc, True), name="snnet-reap", daemon=True
             )

@@ -19,6 +19,7 @@ const ui = {
   history: [],      // [seconds, load level] for the sparkline
   burstRate: 100,   // requests/s: set from the menu, or ?burst_rate= in the page's URL
   burstLevel: 0,    // the highest load level seen during the last burst
+  front: new Set(), // stitch ids on the chart's front (predicted time against score)
   bursting: false,
 };
 
@@ -148,7 +149,7 @@ function drawChart() {
                              transform: `rotate(-90 12 ${T + (H - T - B) / 2})` },
                    ui.scored ? "held-out top-1 accuracy, %" : "MFLOPs (no accuracies)"));
 
-  const front = rows.filter((r) => r.pareto).sort((a, b) => compute(a) - compute(b));
+  const front = chartFront(rows);
   chart.append(svg("polyline", { class: "front",
     points: front.map((r) => `${X(compute(r))},${Y(score(r))}`).join(" ") }));
 
@@ -178,12 +179,26 @@ function drawChart() {
   }
 }
 
+// The front of what the chart plots: the stitches that no other beats on both predicted time and
+// score, from the fastest up. (GET /stitches's `pareto` is the front on GFLOPs, the checkpoint's
+// own cost; drawn against the time measured here it zig-zagged: a stitch on the GFLOPs front can
+// be slower than a more accurate one on this machine.)
+function chartFront(rows) {
+  const byTime = [...rows].sort((a, b) => compute(a) - compute(b) || score(b) - score(a));
+  const front = [];
+  for (const row of byTime) {
+    if (!front.length || score(row) > score(front[front.length - 1])) front.push(row);
+  }
+  ui.front = new Set(front.map((row) => row.id));
+  return front;
+}
+
 function describe(row) {
   const acc = typeof row.accuracy === "number" ? `accuracy ${row.accuracy}%` : "no accuracy";
   return `#${row.id} ${row.description}\n${acc} \u00b7 ${fmtCost(row.gflops)} \u00b7 ` +
     `${row.params_m.toFixed(3)} M params\ncompute at batch 1: ${fmtMs(compute(row))} ms predicted, ` +
     `${fmtMs(measured(row))} ms ${row.measured ? "profiled" : "estimated from FLOPs"}` +
-    `${row.pareto ? "\non the Pareto front" : ""}`;
+    `${ui.front.has(row.id) ? "\non the chart's front: no stitch is both faster and better" : ""}`;
 }
 
 function showTip(event, row) {
@@ -232,6 +247,7 @@ function clearPad() {
   ui.inked = false;
   ui.file = null;
   $("file").value = "";
+  $("file-name").textContent = "";
 }
 
 function padPoint(e) {
@@ -302,6 +318,7 @@ function useFile(file) {
   }
   clearPad();
   ui.file = file;  // chosen now; the preview follows when the browser has decoded it
+  $("file-name").textContent = file.name;
   pad.dataset.source = "";
   const img = new Image();
   img.onerror = () => {

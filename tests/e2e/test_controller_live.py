@@ -93,8 +93,12 @@ def test_burst_raises_the_load_level_sheds_and_recovers(server, pngs):
             (a.status_code, a.text) for a in answers if a.status_code not in (200, 503)
         ]
         assert ok and shed
-        for a in shed:  # refused at once, with the reason and when to come back
-            assert "overloaded" in a.json()["detail"] and int(a.headers["Retry-After"]) >= 1
+        for a in shed:  # refused at once, with the reason and when to come back ("not just
+            # now" when it found nothing queued, but the burst's effects: a cold batch, a slower
+            # device, a busy HTTP layer)
+            detail = a.json()["detail"]
+            assert detail.startswith(("overloaded:", "not just now:")), detail
+            assert "retry later" in detail and int(a.headers["Retry-After"]) >= 1
         # Under the burst part of the work went to cheaper stitches than the best. (Whether the
         # accepted requests met their budgets is not asserted: on a 2-core machine that also
         # runs this test's clients the queue wait is under-predicted during a burst; see

@@ -10,6 +10,7 @@ visibly choose.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from pathlib import Path
@@ -67,10 +68,20 @@ def test_the_page_classifies_shows_the_menu_and_the_controller_offline(server, t
             )
             assert "ViT, width 192, 3 heads" in tab.inner_text("#anchors")
             assert f"{len(menu['stitches'])} stitches" in tab.inner_text("#model")
+            # The line is the front of what the chart plots: from the fastest stitch, each
+            # point both slower and more accurate than the last (SVG's y grows downwards).
+            # Drawn from GFLOPs' front it zig-zagged against the time measured here.
+            points = [
+                tuple(map(float, xy.split(",")))
+                for xy in tab.get_attribute("#chart .front", "points").split()
+            ]
+            assert len(points) >= 2
+            assert all(a[0] <= b[0] and a[1] > b[1] for a, b in itertools.pairwise(points)), points
 
             # An uploaded held-out 7 with a generous budget: the most accurate stitch answers.
             tab.set_input_files("#file", str(SEVEN))
             tab.wait_for_selector("#pad[data-source='7.png']")  # its preview is drawn
+            assert tab.inner_text("#file-name") == "7.png"
             generous = send(tab, 200.0)
             assert generous["status"] == 200, generous["text"]
             assert generous["label"] == "7" and generous["stitch"] == str(best["id"])

@@ -1,7 +1,7 @@
-"""The `snnet` console script, run as a user runs it (a real subprocess)."""
+"""The `snnet` console script: its commands in this process (`tests._cli.snnet`), and as a
+real subprocess what is about the process (`serve`, signals, the installed entry point)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,26 +10,12 @@ import pytest
 import torch
 
 import snnet_core
+from tests._cli import ENV, ROOT, SNNET, snnet, snnet_process
 from tests.conftest import TINY_ANCHORS, TINY_NUM_STITCHES, TINY_OVERRIDES, build_tiny
-
-SNNET = str(Path(sys.executable).with_name("snnet"))
-# The console script may come from an install of another checkout; run this one's code.
-ROOT = str(Path(__file__).resolve().parents[2])
-ENV = {
-    **os.environ,
-    "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
-}
-
-
-def snnet(*args, check=True):
-    proc = subprocess.run([SNNET, *args], capture_output=True, text=True, timeout=300, env=ENV)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snnet {args} exited {proc.returncode}:\n{proc.stderr}")
-    return proc
 
 
 def test_stitches_json_for_deit():
-    out = snnet(
+    out = snnet_process(  # through the installed entry point
         "stitches",
         "--anchors",
         "deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224",
@@ -143,7 +129,6 @@ def test_eval_records_accuracy_per_dtype(tmp_path):
             ["stitches", "--anchors", "no_such_model,vit_tiny_patch16_224"],
             "unknown timm model 'no_such_model'",
         ),
-        (["serve", "--port", "0"], "SNNET_PORT"),
         (
             ["import", "/nonexistent/snnet_swin.pth", "--family", "swin", "--out", "/tmp/x"],
             "/nonexistent/snnet_swin.pth does not exist",
@@ -155,6 +140,13 @@ def test_bad_input_is_a_clear_error(args, message):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_serve_with_a_bad_setting_is_a_clear_error():
+    # a real process: `serve` starts its model process first, and must not leave it behind
+    proc = snnet_process("serve", "--port", "0", check=False)
+    assert proc.returncode == 2
+    assert "SNNET_PORT" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_serve_starts_its_model_process_before_importing_torch():

@@ -1,7 +1,6 @@
 """Training and evaluation on the tiny real timm family and real MNIST digits."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +13,10 @@ import torch.nn.functional as F
 import snnet_core
 from snnet_core.data import DigitsDataset, mnist_subset
 from snnet_core.train import StitchSampler, TrainConfig, lr_at, train
+from tests._cli import ENV, snnet
 from tests.conftest import TINY_ANCHORS, TINY_NUM_STITCHES, TINY_OVERRIDES, build_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
-SNNET = str(Path(sys.executable).with_name("snnet"))
-# Subprocesses run this checkout's code even if the console script was installed from another.
-ENV = {
-    **os.environ,
-    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-}
 
 
 @pytest.fixture(scope="module")
@@ -187,29 +181,10 @@ def test_eval_gives_the_right_numbers_on_a_known_case(tmp_path):
         head.bias.copy_(torch.tensor([0.0, 9, 8, 7, 6, 5, -1, -2, -3, -4]))
     snnet_core.save(net, tmp_path)
     # The held-out split is sorted by label: its first 300 digits are 100 each of 0, 1 and 2.
-    proc = subprocess.run(
-        [
-            SNNET,
-            "eval",
-            "--weights",
-            str(tmp_path),
-            "--data",
-            "mnist",
-            "--limit",
-            "300",
-            "--stitches",
-            "0,1,7",
-            "--json",
-            "--write",
-            "--plot",
-            str(tmp_path / "p.png"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ENV,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = snnet(
+        "eval", "--weights", str(tmp_path), "--data", "mnist", "--limit", "300",
+        "--stitches", "0,1,7", "--json", "--write", "--plot", str(tmp_path / "p.png"),
+    )  # fmt: skip
     rows = {r["id"]: r for r in json.loads(proc.stdout)}
     assert rows[0]["top1"] == pytest.approx(100 / 3) and rows[0]["top5"] == pytest.approx(200 / 3)
     # Other stitches: the same numbers as a direct computation.
@@ -226,35 +201,11 @@ def test_eval_gives_the_right_numbers_on_a_known_case(tmp_path):
 
 
 def test_train_command_writes_a_servable_checkpoint(tmp_path):
-    proc = subprocess.run(
-        [
-            SNNET,
-            "train",
-            "--anchors",
-            TINY_ANCHORS,
-            "--overrides",
-            json.dumps(TINY_OVERRIDES),
-            "--data",
-            "mnist",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "100",
-            "--lr",
-            "1e-3",
-            "--eval-split",
-            "held_out",
-            "--out",
-            str(tmp_path),
-            "--sampling",
-            "flops",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=ENV,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = snnet(
+        "train", "--anchors", TINY_ANCHORS, "--overrides", json.dumps(TINY_OVERRIDES),
+        "--data", "mnist", "--epochs", "1", "--batch-size", "100", "--lr", "1e-3",
+        "--eval-split", "held_out", "--out", str(tmp_path), "--sampling", "flops",
+    )  # fmt: skip
     assert "epoch 1/1" in proc.stderr  # progress bar
     net, manifest = snnet_core.load(tmp_path)
     assert manifest.training["config"]["sampling"] == "flops"

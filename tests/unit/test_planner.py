@@ -196,6 +196,9 @@ def test_a_budget_lost_to_a_busy_http_layer_is_load_503_not_a_bad_budget_422():
     planner, _, _ = make()
     r = planner.plan(opts(latency_budget_ms=10.5), 1, NOW, arrived=NOW - 0.010)
     assert r.status == 503 and "would do on an idle server" in r.detail and r.retry_after_s >= 1
+    # nothing is queued: it says "not just now", not "overloaded" (a new user read that on an
+    # idle server and looked for the load)
+    assert r.detail.startswith("not just now:") and "overloaded" not in r.detail
     planner.ingress.loop_lag_ms = 10.0  # the same when the loop is late right now
     r = planner.plan(opts(latency_budget_ms=10.5), 1, NOW)
     assert r.status == 503 and "10.0 ms went by in the HTTP layer before it was planned" in r.detail
