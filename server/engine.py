@@ -289,8 +289,9 @@ def build_engine(
         cheapest = min(range(len(menu)), key=lambda i: latency.predict_ms(i, 1))
         cold = scheduler.probe_cold(cheapest, tuple(net.input_size))
         log.info(
-            "a batch after an idle second ran x%.2f of its prediction (stitch %d)", cold, cheapest
-        )
+            "after a second idle, a batch took x%.2f of its predicted time (stitch %d); the "
+            "planner allows for that in the first request after a pause", cold, cheapest,
+        )  # fmt: skip
         scheduler.start()
         metrics.model.info(
             {
@@ -343,6 +344,9 @@ class Lifecycle:
         """Build the engine (blocking: run it in a thread); a failure is logged and kept in
         ``detail`` for /readyz."""
         t0 = time.perf_counter()
+        # uvicorn has just said "running": say that requests wait for the line "ready in"
+        log.info("starting: loading the model and timing it on this machine; requests get 503 "
+                 "until 'ready in' below (GET /readyz says 200 then)")  # fmt: skip
         try:
             engine = build_engine(
                 self.settings, self.metrics, self.ingress, self._status, self.cancel

@@ -560,8 +560,10 @@ class ProcessRunner:
         self.bound = "OMP_PROC_BIND" in env
         self.early = taken is not None
         log.info(
-            "model process %d ready (%.1fs%s; %s threads%s)", proc.pid, time.perf_counter() - t0,
-            ", started early" if self.early else "", self.threads or "default",
+            "model process %d ready (%.1fs%s; %s%s)", proc.pid, time.perf_counter() - t0,
+            ", started early" if self.early else "",
+            "default threads" if not self.threads
+            else "1 thread" if self.threads == 1 else f"{self.threads} threads",
             ", one bound to each CPU" if self.bound else "",
         )  # fmt: skip
 

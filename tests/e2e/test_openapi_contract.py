@@ -24,7 +24,7 @@ def test_the_server_keeps_its_openapi_contract(tmp_path, tmp_path_factory):
             [
                 SCHEMATHESIS, "--config-file", str(HERE / "schemathesis.toml"), "--no-color",
                 "run", f"{srv.url}/openapi.json", "--checks", "all", "--seed", "0",
-                "--max-examples", "200", "--workers", "1", "--generation-database", "none",
+                "--max-examples", "100", "--workers", "1", "--generation-database", "none",
                 "--phases", "examples,coverage,fuzzing,stateful", "--request-timeout", "30",
             ],
             capture_output=True, text=True, timeout=540, cwd=tmp_path,
