@@ -344,9 +344,10 @@ class Lifecycle:
         """Build the engine (blocking: run it in a thread); a failure is logged and kept in
         ``detail`` for /readyz."""
         t0 = time.perf_counter()
-        # uvicorn has just said "running": say that requests wait for the line "ready in"
+        # uvicorn has just said "running": say that requests wait for the ready line (worded
+        # so as not to contain it: people, tests and benchmarks wait for "ready in")
         log.info("starting: loading the model and timing it on this machine; requests get 503 "
-                 "until 'ready in' below (GET /readyz says 200 then)")  # fmt: skip
+                 "until it logs that it is ready (GET /readyz says 200 then)")  # fmt: skip
         try:
             engine = build_engine(
                 self.settings, self.metrics, self.ingress, self._status, self.cancel
