@@ -50,7 +50,6 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -192,41 +191,49 @@ def per_image_ms(latency_ms: dict[str, float], batch: float) -> float:
     return ms / batch
 
 
-def model_alone_ms(
-    weights: str, ids: list[int], sizes: list[int], threads: int, dtype: str, seconds: float
-) -> dict[int, dict[str, float]]:
+class ModelAlone:
     """The peer of the elastic range: the checkpoint's forward alone in this process (no server,
-    no HTTP, no hop), ``threads`` torch threads as the server's model has, median ms per stitch
-    and batch size, the stitches alternating call by call for about ``seconds`` in all. The
-    profile's ratio comes from a few calls per size at start-up and moved from start to start
-    on the 2-core VM (2.50-3.96 at batch 1 in four starts of session 14); this one is measured
-    beside the capacities it is compared with."""
-    import snnet_core
+    no HTTP, no hop), ``threads`` torch threads as the server's model has. ``time`` runs the
+    given stitches and batch sizes in turn, call by call, for about ``seconds`` and keeps every
+    call's ms; ``median_ms`` is over all the calls so far. The profile's ratio comes from a few
+    calls per size at start-up and moves from start to start on the 2-core VM (2.0-4.1x at
+    batch 1 in session 20); this one is timed between the capacity windows it is compared with
+    (``elastic_range``), so a drift of the VM's speed falls on both."""
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    def __init__(self, weights: str, threads: int, dtype: str) -> None:
+        import snnet_core
+
         net, _ = snnet_core.load(weights)
-        net = net.to(dtype=snnet_core.DTYPES[dtype]).eval()
-        times: dict[tuple[int, int], list[float]] = {(i, b): [] for i in ids for b in sizes}
-        with torch.inference_mode():
-            xs = {
-                b: torch.zeros(b, *net.input_size, dtype=next(net.parameters()).dtype)
-                for b in sizes
-            }
-            for i in ids:  # warm up every shape
-                for b in sizes:
-                    net(xs[b], i)
-            end = time.monotonic() + seconds
-            while time.monotonic() < end or min(len(t) for t in times.values()) < 5:
-                for b in sizes:
-                    for i in ids:
-                        t0 = time.perf_counter()
+        self.net = net.to(dtype=snnet_core.DTYPES[dtype]).eval()
+        self.threads = threads
+        self.times: dict[tuple[int, int], list[float]] = {}
+
+    def time(self, ids: list[int], sizes: list[int], seconds: float) -> None:
+        net, before = self.net, torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                dtype = next(net.parameters()).dtype
+                xs = {b: torch.zeros(b, *net.input_size, dtype=dtype) for b in sizes}
+                for i in ids:  # warm up every shape (after the server's turn: caches are cold)
+                    for b in sizes:
                         net(xs[b], i)
-                        times[(i, b)].append((time.perf_counter() - t0) * 1e3)
-    finally:
-        torch.set_num_threads(before)
-    return {i: {str(b): statistics.median(times[(i, b)]) for b in sizes} for i in ids}
+                times = {(i, b): [] for i in ids for b in sizes}
+                end = time.monotonic() + seconds
+                while time.monotonic() < end or min(len(t) for t in times.values()) < 5:
+                    for b in sizes:
+                        for i in ids:
+                            t0 = time.perf_counter()
+                            net(xs[b], i)
+                            times[(i, b)].append((time.perf_counter() - t0) * 1e3)
+        finally:
+            torch.set_num_threads(before)
+        for key, ms in times.items():
+            self.times.setdefault(key, []).extend(ms)
+
+    def median_ms(self, i: int) -> dict[str, float]:
+        """Stitch ``i``'s median ms per batch size timed so far."""
+        return {str(b): statistics.median(ms) for (j, b), ms in self.times.items() if j == i}
 
 
 def elastic_range(
@@ -235,7 +242,7 @@ def elastic_range(
     images: int,
     stitches: dict[int, dict],
     quick: bool,
-    alone: Callable[[list[int], list[int]], dict[int, dict[str, float]]] | None = None,
+    alone: ModelAlone | None = None,
 ) -> dict[str, dict[str, float]]:
     """The stitch range as a client sees it: end-to-end capacity (``measure_capacity``) of the
     cheapest and of the most accurate stitch, their ratio ("realised") next to the ratio of their
@@ -250,8 +257,8 @@ def elastic_range(
     (Single images on the bundled model here: both stitches ran batches of about 2, where the
     ratio is 4.05x against 3.74x at batch 1: batching does not explain the shortfall.)
 
-    With ``alone`` (``model_alone_ms`` bound to the checkpoint), the same ratios from the model
-    timed alone in this process just before: "compute_alone" (at the batches run) and
+    With ``alone`` (``ModelAlone`` of the checkpoint), the same ratios from the model timed
+    alone in this process at the start of every round: "compute_alone" (at the batches run) and
     "fraction_alone", realised against it."""
     best = max(stitches.values(), key=lambda r: (r["accuracy"] or 0, r["gflops"]))
     cheap = min(stitches.values(), key=lambda r: r["gflops"])
@@ -260,14 +267,19 @@ def elastic_range(
     # (session 19) gave fractions of 0.63-1.27 for the same code, as the VM's speed drifts
     # between two windows; the medians over alternating windows see the same drift on both.
     rounds, seconds, warmup = (3, 1.0, 0.3) if quick else (5, 2.0, 0.5)
-    alone_ms = alone([cheap["id"], best["id"]], sizes) if alone is not None else None
     out = {}
     for key, n in (("elastic", images), ("elastic_1", 1)):
         b = max(k for k in sizes if k <= min(n, sizes[-1]))
         compute = best["latency_ms"][str(b)] / cheap["latency_ms"][str(b)]
         seen: dict[int, list[float]] = {cheap["id"]: [], best["id"]: []}
         ran = {cheap["id"]: [0.0, 0.0], best["id"]: [0.0, 0.0]}  # batches, images
+        if alone is not None:
+            alone.times.clear()  # this request size's rounds only
         for k in range(rounds):
+            if alone is not None:
+                alone.time(
+                    [cheap["id"], best["id"]], sizes, 3.0 / rounds if quick else 6.0 / rounds
+                )
             for r in (cheap, best) if k % 2 == 0 else (best, cheap):
                 batches, imgs = batches_run(url)
                 seen[r["id"]].append(measure_capacity(
@@ -294,9 +306,9 @@ def elastic_range(
             "fraction_at_batches_run": round(realised / run, 2),
             "rounds": rounds, "realised_by_round": [round(x, 2) for x in pairs],
         }  # fmt: skip
-        if alone_ms is not None:
-            run_alone = per_image_ms(alone_ms[best["id"]], batch[best["id"]]) / per_image_ms(
-                alone_ms[cheap["id"]], batch[cheap["id"]]
+        if alone is not None:
+            run_alone = per_image_ms(alone.median_ms(best["id"]), batch[best["id"]]) / per_image_ms(
+                alone.median_ms(cheap["id"]), batch[cheap["id"]]
             )
             out[key]["compute_alone"] = round(run_alone, 2)
             out[key]["fraction_alone"] = round(realised / run_alone, 2)
@@ -310,7 +322,7 @@ def elastic_range(
             f"image there ({realised / run:.2f} of it)",
             file=sys.stderr,
         )
-        if alone_ms is not None:
+        if alone is not None:
             print(
                 f"  the model alone in this process (the server's threads) "
                 f"at those batches: {run_alone:.2f}x "
@@ -561,9 +573,7 @@ def main() -> None:
         alone = None
         threads = next((int(m[1]) for m in map(THREADS_LINE.search, log) if m), None)
         if threads is not None:  # a server started here: its checkpoint and threads are known
-            alone = lambda ids, sizes: model_alone_ms(  # noqa: E731
-                args.weights, ids, sizes, threads, menu["dtype"], 3.0 if args.quick else 6.0
-            )
+            alone = ModelAlone(args.weights, threads, menu["dtype"])
         elastic = elastic_range(url, pngs, args.images, stitches, args.quick, alone)
         schedule = arrivals(phases, capacity, random.Random(args.seed))
         duration = sum(p.seconds for p in phases)
