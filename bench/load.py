@@ -33,7 +33,10 @@ took to offer the most accurate stitch again; and the stitch range as a client s
 capacity of the cheapest and of the most accurate stitch (4 clients back to back, explicit
 ``stitch_id``; the median of 3 windows each with ``--quick``, 5 without, the two stitches
 alternating), their ratio ("realised"), the ratio of their profiled compute ("compute") and
-realised / compute ("fraction", target >= 0.85: the serving path, not the model, eats the rest).
+realised / compute ("fraction", target >= 0.85: the serving path, not the model, eats the rest);
+where the rest goes: how busy the model was in those windows (``busy_*``), its mean batch time
+there (``batch_ms_*``) and, with a server started here, that time over the model's alone
+(``slowdown_*``; the peer ``compute_alone`` and ``fraction_alone``, timed between the windows).
 """
 
 from __future__ import annotations
@@ -167,16 +170,19 @@ def measure_capacity(
     return sum(counts) / seconds
 
 
-def batches_run(url: str) -> tuple[float, float]:
-    """(batches, images) the server has run so far (its ``snnet_batch_size`` histogram)."""
+def batches_run(url: str, stitch: int | None = None) -> tuple[float, float, float]:
+    """(batches, images, model seconds of ``stitch``) the server has run so far (its
+    ``snnet_batch_size`` histogram; ``snnet_compute_seconds``: each batch from its hand-off to
+    the model to its answer)."""
     with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
         text = r.read().decode()
     got = {}
+    compute = f'snnet_compute_seconds_sum{{stitch="{stitch}"}}'
     for line in text.splitlines():
-        for key in ("snnet_batch_size_count", "snnet_batch_size_sum"):
+        for key in ("snnet_batch_size_count", "snnet_batch_size_sum", compute):
             if line.startswith(key + " "):
                 got[key] = float(line.split()[1])
-    return got["snnet_batch_size_count"], got["snnet_batch_size_sum"]
+    return got["snnet_batch_size_count"], got["snnet_batch_size_sum"], got.get(compute, 0.0)
 
 
 def per_image_ms(latency_ms: dict[str, float], batch: float) -> float:
@@ -272,7 +278,7 @@ def elastic_range(
         b = max(k for k in sizes if k <= min(n, sizes[-1]))
         compute = best["latency_ms"][str(b)] / cheap["latency_ms"][str(b)]
         seen: dict[int, list[float]] = {cheap["id"]: [], best["id"]: []}
-        ran = {cheap["id"]: [0.0, 0.0], best["id"]: [0.0, 0.0]}  # batches, images
+        ran = {cheap["id"]: [0.0] * 4, best["id"]: [0.0] * 4}  # batches, images, busy s, wall s
         if alone is not None:
             alone.times.clear()  # this request size's rounds only
         for k in range(rounds):
@@ -281,15 +287,22 @@ def elastic_range(
                     [cheap["id"], best["id"]], sizes, 3.0 / rounds if quick else 6.0 / rounds
                 )
             for r in (cheap, best) if k % 2 == 0 else (best, cheap):
-                batches, imgs = batches_run(url)
+                before, t0 = batches_run(url, r["id"]), time.monotonic()
                 seen[r["id"]].append(measure_capacity(
                     url, pngs, n, seconds=seconds, warmup_s=warmup, stitch_id=r["id"]
                 ))  # fmt: skip
-                batches2, imgs2 = batches_run(url)
-                ran[r["id"]][0] += batches2 - batches
-                ran[r["id"]][1] += imgs2 - imgs
+                wall, after = time.monotonic() - t0, batches_run(url, r["id"])
+                for j in range(3):
+                    ran[r["id"]][j] += after[j] - before[j]
+                ran[r["id"]][3] += wall
         rates = {i: statistics.median(v) for i, v in seen.items()}
-        batch = {i: imgs / max(1.0, batches) for i, (batches, imgs) in ran.items()}
+        batch = {i: imgs / max(1.0, batches) for i, (batches, imgs, _, _) in ran.items()}
+        # How busy the model was (its batches' time over the windows' wall time) and a batch's
+        # mean time under this load: where a range realised short of the model's goes. Busy near
+        # 1 with batches slower than alone: the forwards slow down under the load (the front end
+        # and this client share the machine); busy well under 1: the model waits between batches.
+        busy = {i: r[2] / r[3] for i, r in ran.items()}
+        batch_ms = {i: 1e3 * r[2] / max(1.0, r[0]) for i, r in ran.items()}
         realised = rates[cheap["id"]] / rates[best["id"]]
         # the spread: realised from each round's pair of windows
         pairs = [c / m for c, m in zip(seen[cheap["id"]], seen[best["id"]], strict=True) if m > 0]
@@ -305,6 +318,10 @@ def elastic_range(
             "compute_at_batches_run": round(run, 2),
             "fraction_at_batches_run": round(realised / run, 2),
             "rounds": rounds, "realised_by_round": [round(x, 2) for x in pairs],
+            "busy_cheapest": round(busy[cheap["id"]], 2),
+            "busy_most_accurate": round(busy[best["id"]], 2),
+            "batch_ms_cheapest": round(batch_ms[cheap["id"]], 2),
+            "batch_ms_most_accurate": round(batch_ms[best["id"]], 2),
         }  # fmt: skip
         if alone is not None:
             run_alone = per_image_ms(alone.median_ms(best["id"]), batch[best["id"]]) / per_image_ms(
@@ -312,6 +329,11 @@ def elastic_range(
             )
             out[key]["compute_alone"] = round(run_alone, 2)
             out[key]["fraction_alone"] = round(realised / run_alone, 2)
+            for name, r in (("cheapest", cheap), ("most_accurate", best)):
+                alone_batch_ms = (
+                    per_image_ms(alone.median_ms(r["id"]), batch[r["id"]]) * batch[r["id"]]
+                )
+                out[key][f"slowdown_{name}"] = round(batch_ms[r["id"]] / alone_batch_ms, 2)
         print(
             f"elastic range, {n}-image requests (4 clients back to back, medians of {rounds} "
             f"alternating rounds): cheapest stitch "
@@ -319,7 +341,9 @@ def elastic_range(
             f"{realised:.2f}x realised vs {compute:.2f}x profiled compute at batch {b} "
             f"({realised / compute:.2f} of it; target >= 0.85); mean batches run "
             f"{batch[cheap['id']]:.2f} and {batch[best['id']]:.2f}: {run:.2f}x compute per "
-            f"image there ({realised / run:.2f} of it)",
+            f"image there ({realised / run:.2f} of it); the model busy {busy[cheap['id']]:.2f} "
+            f"and {busy[best['id']]:.2f} of the time, {batch_ms[cheap['id']]:.2f} and "
+            f"{batch_ms[best['id']]:.2f} ms a batch",
             file=sys.stderr,
         )
         if alone is not None:
