@@ -195,9 +195,10 @@ def choose_profile(
     todo = [x for x in measurement_order(menu) if x not in have]
     anchors = {r.id for r in menu.rows if len(r.anchors) == 1}
     log.info(
-        "latency profile for this device (%s, %s, %d threads): %d of %d stitches in the cache; "
-        "measuring the rest at batch sizes %s for up to %g s (anchors always)",
-        fp.device_name, fp.dtype, fp.threads, len(have), len(menu), sizes, s.profile_seconds,
+        "latency profile for this device (%s, %s, %d thread%s): %d of %d stitches in the "
+        "cache; measuring the rest at batch sizes %s for up to %g s (anchors always)",
+        fp.device_name, fp.dtype, fp.threads, "" if fp.threads == 1 else "s", len(have),
+        len(menu), sizes, s.profile_seconds,
     )  # fmt: skip
     profile = LatencyProfile(fp, sizes, {x: dict(mine.latency_ms[x]) for x in have} if mine else {})
     profile.repeats, profile.warmup = s.profile_repeats, 1
