@@ -237,6 +237,10 @@ class ModelAlone:
         for key, ms in times.items():
             self.times.setdefault(key, []).extend(ms)
 
+    def reset(self) -> None:
+        """Forget the calls timed so far."""
+        self.times.clear()
+
     def median_ms(self, i: int) -> dict[str, float]:
         """Stitch ``i``'s median ms per batch size timed so far."""
         return {str(b): statistics.median(ms) for (j, b), ms in self.times.items() if j == i}
@@ -280,7 +284,7 @@ def elastic_range(
         seen: dict[int, list[float]] = {cheap["id"]: [], best["id"]: []}
         ran = {cheap["id"]: [0.0] * 4, best["id"]: [0.0] * 4}  # batches, images, busy s, wall s
         if alone is not None:
-            alone.times.clear()  # this request size's rounds only
+            alone.reset()  # this request size's rounds only
         for k in range(rounds):
             if alone is not None:
                 alone.time(

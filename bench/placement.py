@@ -31,19 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _server import digit_pngs, start_server  # noqa: E402
-from load import measure_capacity  # noqa: E402
-
-
-def compute_s(url: str, stitch: int) -> tuple[float, float]:
-    """(seconds, batches) of ``stitch``'s model time so far."""
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
-        text = r.read().decode()
-    got = {"sum": 0.0, "count": 0.0}
-    for line in text.splitlines():
-        for k in got:
-            if line.startswith(f'snnet_compute_seconds_{k}{{stitch="{stitch}"}} '):
-                got[k] = float(line.split()[-1])
-    return got["sum"], got["count"]
+from load import batches_run, measure_capacity  # noqa: E402
 
 
 def threads_of(pid: int) -> list[int]:
@@ -79,11 +67,12 @@ def measure(placement: str, seconds: float, pngs: list[bytes]) -> dict[str, list
         for images in (1, 8):
             for k in range(2):
                 for name, r in (("cheapest", cheap), ("most_accurate", best))[:: 1 - 2 * k]:
-                    s0, n0 = compute_s(url, r["id"])
+                    # (one stitch runs in the window: its batches are all the batches)
+                    n0, _, s0 = batches_run(url, r["id"])
                     rps = measure_capacity(
                         url, pngs, images, seconds=seconds, warmup_s=0.3, stitch_id=r["id"]
                     )
-                    s1, n1 = compute_s(url, r["id"])
+                    n1, _, s1 = batches_run(url, r["id"])
                     out.setdefault(f"{name}_rps_{images}", []).append(rps)
                     out.setdefault(f"{name}_batch_ms_{images}", []).append(
                         1e3 * (s1 - s0) / max(1.0, n1 - n0)
