@@ -57,10 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if workers == 1:
         app = create_app(settings)
         run = lambda: uvicorn.run(  # noqa: E731
-            app, host=settings.host, port=settings.port, log_level=settings.log_level,
-            access_log=settings.access_log,
-            timeout_graceful_shutdown=settings.shutdown_grace_s,
-        )  # fmt: skip
+            app, host=settings.host, port=settings.port, **settings.uvicorn_options()
+        )
     else:
         app, run = _owner_of_fronts(settings, workers)
     try:
@@ -107,10 +105,7 @@ def _owner_of_fronts(settings, workers: int):
     uds.listen(2048)
     fronts = Fronts(workers - 1, settings.host, tcp.getsockname()[1], channel_path, http_path)
     app = create_app(settings, fronts=fronts)
-    config = uvicorn.Config(
-        app, log_level=settings.log_level, access_log=settings.access_log,
-        timeout_graceful_shutdown=settings.shutdown_grace_s,
-    )  # fmt: skip
+    config = uvicorn.Config(app, **settings.uvicorn_options())
     logging.getLogger("snnet.server").info(
         "%d API workers on port %d: this process (the model owner) and %d fronts; their "
         "channel %s", workers, tcp.getsockname()[1], workers - 1, channel_path,

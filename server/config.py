@@ -156,6 +156,13 @@ class Settings(BaseSettings):
         "finish before the server closes them (uvicorn's graceful-shutdown timeout); everything "
         "already queued for the model is still answered. During start-up the server exits at once.",
     )
+    keep_alive_s: float = Field(
+        5.0,
+        gt=0,
+        description="How long an idle HTTP keep-alive connection stays open (uvicorn's "
+        "timeout_keep_alive). Behind a load balancer, set it above the balancer's idle timeout "
+        "(AWS ALB: 60 s), or it may reuse a connection the server has just closed.",
+    )
     api_key: str | None = Field(
         None, description="If set, /classify and V2 inference require header X-API-Key."
     )
@@ -172,6 +179,15 @@ class Settings(BaseSettings):
         description="uvicorn's access log, a line per request (off by default: formatting and "
         "writing it was 3% of the server's time per small request; Prometheus counts requests).",
     )
+
+    def uvicorn_options(self) -> dict:
+        """What every uvicorn server of ours (the owner's, each front's) is started with."""
+        return {
+            "log_level": self.log_level,
+            "access_log": self.access_log,
+            "timeout_keep_alive": self.keep_alive_s,
+            "timeout_graceful_shutdown": self.shutdown_grace_s,
+        }
 
     @field_validator("device")
     @classmethod

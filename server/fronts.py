@@ -608,10 +608,7 @@ def main(argv: list[str]) -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     sock = listen_socket(settings.host, settings.port)
-    config = uvicorn.Config(
-        create_front_app(channel, http), log_level=settings.log_level,
-        access_log=settings.access_log, timeout_graceful_shutdown=settings.shutdown_grace_s,
-    )  # fmt: skip
+    config = uvicorn.Config(create_front_app(channel, http), **settings.uvicorn_options())
     uvicorn.Server(config).run(sockets=[sock])
 
 

@@ -26,6 +26,9 @@ WORKER = "x-snnet-worker"
 def server(tmp_path_factory):
     env = {
         "SNNET_API_WORKERS": "3",
+        # The tests hold a connection to each process; at uvicorn's 5 s an idle one closed on a
+        # slow run and httpx reopened it silently, on whichever process the kernel picked.
+        "SNNET_KEEP_ALIVE_S": "600",
         "SNNET_GRPC_PORT": "0",
         "SNNET_PROFILE_CACHE": suite_profile_cache(tmp_path_factory),
     }
@@ -39,6 +42,11 @@ def post(client, pngs, **fields):
     return client.post("/classify", files=files, data={k: str(v) for k, v in fields.items()})
 
 
+def answered_by(r) -> str:
+    """The process that answered: a front's pid, or "owner"."""
+    return r.headers.get(WORKER, "owner")
+
+
 def connections(url, png, want: int, tries: int = 300) -> dict[str, httpx.Client]:
     """Keep-alive clients, one per process that answered them (pid, or "owner"), until there
     are ``want`` of them: each keeps its one connection, so its requests stay with that
@@ -49,7 +57,7 @@ def connections(url, png, want: int, tries: int = 300) -> dict[str, httpx.Client
         client = httpx.Client(base_url=url, limits=limits, timeout=60)
         r = post(client, [png], latency_budget_ms=60_000)  # (a front listens once it is up)
         assert r.status_code == 200, r.text
-        who = r.headers.get(WORKER, "owner")
+        who = answered_by(r)
         if who in found:
             client.close()
         else:
@@ -82,6 +90,7 @@ def test_every_worker_answers_with_the_owners_planner_queue_and_metrics(server, 
     for who, c in clients.items():
         r = post(c, pngs, latency_budget_ms=60_000, stitch_id=2, top_k=1)
         assert r.status_code == 200, r.text
+        assert answered_by(r) == who  # still the connection found (keep-alive held)
         answers[who] = r.json()
         assert r.json()["stitch"]["id"] == 2
     # The same model answers the same images the same way, whichever process read them.
