@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from server import early
-from server.environ import CHILD_ENV, USER_BINDING, cores, model_child_env
+from server.environ import (
+    CHILD_ENV,
+    PIN_ENV,
+    USER_BINDING,
+    cores,
+    model_child_env,
+    spawning_with,
+)
 from server.runner import (
     FD_HEADROOM,
     InlineRunner,
@@ -117,48 +124,47 @@ def test_ctrl_c_to_the_process_group_leaves_the_child_serving_until_closed(own_c
     assert child.exitcode == 0 and not proc.ready
 
 
-def test_the_child_gets_the_measured_openmp_spin_unless_the_user_set_one(net, monkeypatch):
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    proc = ProcessRunner(net, torch.float32, threads=1)
-    try:
-        env = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
-        assert f"GOMP_SPINCOUNT={CHILD_ENV['GOMP_SPINCOUNT']}".encode() in env
-        assert CHILD_ENV["GOMP_SPINCOUNT"] == "20000"  # see server/runner.py for the A/B
-        assert "GOMP_SPINCOUNT" not in os.environ  # this process's environment is as it was
-    finally:
-        proc.close()
-    monkeypatch.setenv("GOMP_SPINCOUNT", "123")
-    proc = ProcessRunner(net, torch.float32, threads=1)
-    try:
-        assert b"GOMP_SPINCOUNT=123" in Path(f"/proc/{proc.pid}/environ").read_bytes()
-    finally:
-        proc.close()
-
-
 @pytest.mark.skipif(
     not hasattr(os, "sched_getaffinity") or cores() < 2, reason="needs Linux and 2 cores"
 )
-def test_the_model_threads_are_bound_one_per_cpu_only_when_they_take_every_cpu(net, monkeypatch):
+def test_a_model_process_taking_every_cpu_gets_the_openmp_spin_and_one_bound_cpu_per_thread(
+    net, monkeypatch
+):
     """Bound, a preempted OpenMP thread cannot be moved onto its team mate's CPU (the idle
-    DeiT net's stalls, ``bench/pinning.py``); with fewer threads than CPUs, replicas on one
-    host would all bind to the same first CPUs, so the model's threads float."""
-    for k in USER_BINDING:
+    DeiT net's stalls, ``bench/pinning.py``). The settings are in the child's environment
+    only: libgomp reads them when torch loads there."""
+    for k in ("GOMP_SPINCOUNT", *USER_BINDING):
         monkeypatch.delenv(k, raising=False)
+    proc = ProcessRunner(net, torch.float32, threads=cores())
+    try:  # the child's main thread runs the forward: OpenMP binds it at start
+        env = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+        assert f"GOMP_SPINCOUNT={CHILD_ENV['GOMP_SPINCOUNT']}".encode() in env
+        assert CHILD_ENV["GOMP_SPINCOUNT"] == "20000"  # see server/environ.py for the A/B
+        assert b"OMP_PROC_BIND=true" in env
+        mask = os.sched_getaffinity(proc.pid)
+        assert proc.bound and len(mask) == 1 and mask <= os.sched_getaffinity(0)
+    finally:
+        proc.close()
+    assert "GOMP_SPINCOUNT" not in os.environ and "OMP_PROC_BIND" not in os.environ
 
-    def child_cores(threads: int) -> tuple[bool, set[int]]:
-        proc = ProcessRunner(net, torch.float32, threads=threads)
-        try:  # the child's main thread runs the forward: OpenMP binds it at start
-            return proc.bound, os.sched_getaffinity(proc.pid)
-        finally:
-            proc.close()
 
-    every = os.sched_getaffinity(0)
-    bound, mask = child_cores(cores())
-    assert bound and len(mask) == 1 and mask <= every
-    assert "OMP_PROC_BIND" not in os.environ  # only the child's environment had it
-    assert child_cores(cores() - 1) == (False, every)
-    monkeypatch.setenv("OMP_PROC_BIND", "false")  # the user's choice wins
-    assert child_cores(cores()) == (False, every)
+def test_with_fewer_threads_than_cpus_or_the_users_own_openmp_settings_nothing_is_bound(
+    monkeypatch,
+):
+    """With fewer threads than CPUs, replicas on one host would all bind to the same first
+    CPUs, so the model's threads float; a binding or spin count the user set wins. (What the
+    child gets is ``model_child_env``, put in place by ``spawning_with``: the test above shows
+    a child started with it bound.)"""
+    for k in ("GOMP_SPINCOUNT", *USER_BINDING):
+        monkeypatch.delenv(k, raising=False)
+    assert PIN_ENV.items() <= model_child_env(cores()).items()
+    assert not PIN_ENV.keys() & model_child_env(cores() - 1).keys()
+    monkeypatch.setenv("OMP_PROC_BIND", "false")
+    assert not PIN_ENV.keys() & model_child_env(cores()).keys()
+    monkeypatch.setenv("GOMP_SPINCOUNT", "123")
+    with spawning_with(model_child_env(1)):
+        assert os.environ["GOMP_SPINCOUNT"] == "123" and os.environ["OMP_PROC_BIND"] == "false"
+    assert os.environ["GOMP_SPINCOUNT"] == "123"
 
 
 def test_the_warm_up_times_every_stitch_but_the_anchors_once_in_either_runner(runners, net):

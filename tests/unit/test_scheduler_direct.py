@@ -1,6 +1,7 @@
 """A request that finds the model idle goes to the model process from the event loop, which also
 reads its answer (``Scheduler.submit``): no hand-off to the worker thread and back. A real child
-process on the tiny family (the test that kills it has its own)."""
+process on the tiny family, shared: the tests that kill or stop it leave its runner with a new
+one (started by the next request), as the server's runner is left."""
 
 import asyncio
 import os
@@ -22,7 +23,9 @@ from tests.conftest import build_tiny
 
 @pytest.fixture(scope="module")
 def child():
-    """(a ProcessRunner, its net), shared by the tests that leave the child as they found it."""
+    """(a ProcessRunner, its net), shared; a test that kills its process leaves the runner to
+    start a new one (a model process starts in about 5 s here: a dozen of them were a minute of
+    the suite)."""
     net = build_tiny().eval()
     runner = ProcessRunner(net, torch.float32, threads=1)
     yield runner, net
@@ -146,10 +149,9 @@ def test_stop_waits_for_a_batch_sent_from_the_event_loop(served, digits, run):
 
 
 def test_a_model_process_dying_fails_only_its_batch_and_the_next_request_gets_a_new_one(
-    digits, run
+    child, digits, run
 ):
-    net = build_tiny().eval()
-    runner = ProcessRunner(net, torch.float32, threads=1)  # its own: this test kills it
+    runner, net = child
     sched = scheduler(runner)
     x = digits[0][:2]
 
@@ -165,12 +167,13 @@ def test_a_model_process_dying_fails_only_its_batch_and_the_next_request_gets_a_
         result = run(kill_then_retry())
     finally:
         sched.stop()
-        runner.close()
     torch.testing.assert_close(result.logits, expected(net, x, 3), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_model_process_slow_to_exit_does_not_stall_the_event_loop(digits, run, monkeypatch):
+def test_a_model_process_slow_to_exit_does_not_stall_the_event_loop(
+    child, digits, run, monkeypatch
+):
     """The event loop reads the answer of a batch it sent; when the socket ends but the process
     has not exited (here: stopped), the request fails at once and a thread kills the process,
     instead of the loop waiting up to 10 s for it with every other request."""
@@ -180,11 +183,11 @@ def test_a_model_process_slow_to_exit_does_not_stall_the_event_loop(digits, run,
 
     monkeypatch.setattr(server.runner, "EXIT_WAIT_S", 2.0)  # the wait before the kill
 
-    net = build_tiny().eval()
-    runner = ProcessRunner(net, torch.float32, threads=1)  # its own: this test stops it
+    runner, net = child
+    x = digits[0][:2]
+    runner(x, 3)  # a process running (a test before may have left it to the next request)
     sched = scheduler(runner)
     proc = runner._proc
-    x = digits[0][:2]
 
     async def end_socket_of_stopped_child():
         os.kill(proc.pid, signal.SIGSTOP)
@@ -205,4 +208,3 @@ def test_a_model_process_slow_to_exit_does_not_stall_the_event_loop(digits, run,
         assert proc.exitcode == -signal.SIGKILL
     finally:
         sched.stop()
-        runner.close()
