@@ -13,30 +13,44 @@ import os
 import sys
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+def serve_settings(args: argparse.Namespace):
+    """The Settings ``serve`` runs with (environment, then its options), or None after saying on
+    stderr what is wrong. Light: pydantic only, no torch."""
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
-    from snnet_core import CheckpointError, resolve_device, resolve_dtype, verify
-
-    from . import early
-    from .app import create_app
     from .config import Settings
 
     given = (("host", args.host), ("port", args.port), ("model_name", args.model_name))
     overrides = {k: v for k, v in given if v is not None}
     try:
-        settings = Settings(**overrides)
+        return Settings(**overrides)
     except SettingsError as e:  # e.g. a list setting that is not JSON
         print(f"error: invalid settings: {e}", file=sys.stderr)
-        return 2
     except ValidationError as e:
+        said: dict[str, list[str]] = {}  # a setting of several types has an error for each
+        for err in e.errors():
+            name = str(err["loc"][0]) if err["loc"] else "?"
+            said.setdefault(name, [f"got {err['input']!r}"]).append(err["msg"])
         lines = [
-            f"  SNNET_{'_'.join(str(x) for x in err['loc']).upper()}: {err['msg']}"
-            for err in e.errors()
+            f"  {'--' + name.replace('_', '-') + ' / ' if name in overrides else ''}"
+            f"SNNET_{name.upper()}: {msgs[0]}; {', or '.join(msgs[1:])}"
+            for name, msgs in said.items()
         ]
         print("error: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
+    return None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from snnet_core import CheckpointError, resolve_device, resolve_dtype, verify
+
+    from . import early
+    from .app import create_app
+
+    settings = serve_settings(args)
+    if settings is None:
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -128,7 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     add_commands(sub)
-    p = sub.add_parser("serve", help="serve a checkpoint over HTTP")
+    add_serve_options(sub.add_parser("serve", help="serve a checkpoint over HTTP"))
+    return parser
+
+
+def add_serve_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--host", help="interface (overrides SNNET_HOST; default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (overrides SNNET_PORT; default 8000)")
     p.add_argument(
@@ -137,14 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the checkpoint directory's name)",
     )
     p.set_defaults(func=cmd_serve)
-    return parser
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
         if args[:1] == ["serve"] and not {"-h", "--help"} & set(args):
-            _start_model_process_early()
+            # Settings first, before torch is imported: a wrong one is said at once (it took
+            # the 5-8 s of the imports here), and the model process starts early with them.
+            serve = add_serve_options(argparse.ArgumentParser(prog="snnet serve"))
+            settings = serve_settings(serve.parse_args(args[1:]))
+            if settings is None:
+                return 2
+            _start_model_process_early(settings)
         from snnet_core.cli import run
 
         return run(build_parser(), argv)
@@ -153,14 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _start_model_process_early() -> None:
-    """Spawn the model process before this one imports torch (``server.early``), with the
-    settings as the environment gives them; invalid ones are reported later, by ``cmd_serve``."""
+def _start_model_process_early(s) -> None:
+    """Spawn the model process before this one imports torch (``server.early``)."""
     try:
         from . import early
-        from .config import Settings
 
-        s = Settings()
         early.start(s.weights, s.threads, s.device, s.worker, s.profile_cache)
     except Exception:  # the process starts later, as without this
         return

@@ -41,10 +41,13 @@ def snnet(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def snnet_process(
-    *args: str, check: bool = True, timeout: float = 300
+    *args: str, check: bool = True, timeout: float = 300, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """`snnet ARGS` as a user runs it: the installed console script, a real subprocess."""
-    proc = subprocess.run([SNNET, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+    """`snnet ARGS` as a user runs it: the installed console script, a real subprocess (with
+    ``env`` added to its environment)."""
+    proc = subprocess.run(
+        [SNNET, *args], capture_output=True, text=True, timeout=timeout, env={**ENV, **(env or {})}
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"snnet {args} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
     return proc

@@ -143,10 +143,16 @@ def test_bad_input_is_a_clear_error(args, message):
 
 
 def test_serve_with_a_bad_setting_is_a_clear_error():
-    # a real process: `serve` starts its model process first, and must not leave it behind
-    proc = snnet_process("serve", "--port", "0", check=False)
-    assert proc.returncode == 2
-    assert "SNNET_PORT" in proc.stderr and "Traceback" not in proc.stderr
+    """Each wrong setting is named with what it got and what is allowed (a setting of two types,
+    threads: an int or auto, in one line); the option's name too when it came from one. A real
+    process: `serve` checks them before its model process starts, and leaves nothing behind."""
+    env = {"SNNET_THREADS": "-3", "SNNET_DTYPE": "fp8"}
+    proc = snnet_process("serve", "--port", "0", check=False, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--port / SNNET_PORT: got 0; Input should be greater than or equal to 1" in proc.stderr
+    assert "SNNET_THREADS: got '-3'; Input should be greater than or equal to 1, or Input " \
+        "should be 'auto'" in proc.stderr  # fmt: skip
+    assert "SNNET_DTYPE: got 'fp8'; Input should be 'auto', 'float32'," in proc.stderr
 
 
 def test_serve_starts_its_model_process_before_importing_torch():
