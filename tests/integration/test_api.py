@@ -63,8 +63,15 @@ def digit_png(digits):
     return png((digits[0][0, 0].numpy() * 255).round().astype("uint8"))
 
 
+# The tests whose subject is not where the model runs serve with worker="thread" (the CUDA
+# default): no model process to start, 5 s each here. The module's client serves with one.
+
+
 def test_not_ready_until_started(ckpt, tmp_path, digit_png):
-    app = create_app(Settings(weights=ckpt, profile_repeats=1, profile_cache=tmp_path / "p.json"))
+    settings = Settings(
+        weights=ckpt, profile_repeats=1, profile_cache=tmp_path / "p.json", worker="thread"
+    )
+    app = create_app(settings)
     c = TestClient(app)  # no lifespan: nothing has started the model
     assert c.get("/healthz").json() == {"status": "ok"}
     r = c.get("/readyz")
@@ -327,8 +334,12 @@ def test_metrics_exposition(client, digit_png):
 def test_api_key(ckpt, tmp_path, digit_png):
     app = create_app(
         Settings(
-            weights=ckpt, api_key="s3cret", profile_repeats=1, profile_cache=tmp_path / "p.json"
-        )
+            weights=ckpt,
+            api_key="s3cret",
+            profile_repeats=1,
+            profile_cache=tmp_path / "p.json",
+            worker="thread",
+        )  # fmt: skip
     )
     with TestClient(app) as c:
         assert app.state.lifecycle.started.wait(120)
@@ -444,6 +455,7 @@ def test_serves_a_resnet_to_swin_checkpoint(tmp_path, digit_png):
         profile_batch_sizes=[1],
         max_batch_size=1,
         profile_cache=tmp_path / "profiles.json",
+        worker="thread",
     )
     app = create_app(settings)
     threads = torch.get_num_threads()  # the service sets the process-wide count
