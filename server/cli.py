@@ -11,9 +11,13 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 
-def serve_settings(args: argparse.Namespace):
+def serve_settings(args: argparse.Namespace) -> Settings | None:
     """The Settings ``serve`` runs with (environment, then its options), or None after saying on
     stderr what is wrong. Light: pydantic only, no torch."""
     from pydantic import ValidationError
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _start_model_process_early(s) -> None:
+def _start_model_process_early(s: Settings) -> None:
     """Spawn the model process before this one imports torch (``server.early``)."""
     try:
         from . import early
