@@ -36,16 +36,20 @@ alternating), their ratio ("realised"), the ratio of their profiled compute ("co
 realised / compute ("fraction", target >= 0.85: the serving path, not the model, eats the rest);
 where the rest goes: how busy the model was in those windows (``busy_*``), its mean batch time
 there (``batch_ms_*``) and, with a server started here, that time over the model's alone
-(``slowdown_*``; the peer ``compute_alone`` and ``fraction_alone``, timed between the windows).
+(``slowdown_*``; the peer ``compute_alone`` and ``fraction_alone``, timed between the windows),
+and the CPUs each part took there (``cpu_*``: the model process, the rest of the server, this
+generator's clients; their sum near the machine's CPUs means the range is CPU-bound).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import json
 import math
+import os
 import random
 import re
 import statistics
@@ -185,6 +189,76 @@ def batches_run(url: str, stitch: int | None = None) -> tuple[float, float, floa
     return got["snnet_batch_size_count"], got["snnet_batch_size_sum"], got.get(compute, 0.0)
 
 
+MODEL_LINE = re.compile(r"model process (\d+) ready")
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid``'s child processes, theirs, and so on (Linux /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) ``pid`` has used; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuUse:
+    """Where the machine's CPUs go in the capacity windows of a server started here: the model
+    process, the rest of the server (its event loop and worker, any front processes) and this
+    load generator's clients, each in CPUs' worth (1.0: one CPU all the time). Their sum near
+    the CPUs this machine has means the range is bound by the CPU the serving path and the
+    clients take beside the model, not by waiting."""
+
+    def __init__(self, server_pid: int, model_pid: int) -> None:
+        self.server_pid, self.model_pid = server_pid, model_pid
+        self.used: dict[
+            int, list[float]
+        ] = {}  # stitch -> [front end s, model s, clients s, wall s]
+
+    def _now(self) -> tuple[float, float, float, float]:
+        kids = [p for p in _descendants(self.server_pid) if p != self.model_pid]
+        front = _cpu_s(self.server_pid) + sum(_cpu_s(p) for p in kids)
+        me = os.times()
+        return front, _cpu_s(self.model_pid), me.user + me.system, time.monotonic()
+
+    @contextlib.contextmanager
+    def window(self, stitch: int):
+        before = self._now()
+        yield
+        after = self._now()
+        acc = self.used.setdefault(stitch, [0.0] * 4)
+        for j in range(4):
+            acc[j] += after[j] - before[j]
+
+    def figures(self, stitch: int) -> dict[str, float]:
+        front, model, clients, wall = self.used.pop(stitch, [0.0] * 4)
+        wall = max(wall, 1e-9)
+        return {
+            "front_end": round(front / wall, 2), "model": round(model / wall, 2),
+            "clients": round(clients / wall, 2), "cpus": os.cpu_count(),
+        }  # fmt: skip
+
+
 def per_image_ms(latency_ms: dict[str, float], batch: float) -> float:
     """Profiled compute per image at a (mean) batch size: linear between profiled sizes."""
     sizes = sorted(int(b) for b in latency_ms)
@@ -253,6 +327,7 @@ def elastic_range(
     stitches: dict[int, dict],
     quick: bool,
     alone: ModelAlone | None = None,
+    cpu: CpuUse | None = None,
 ) -> dict[str, dict[str, float]]:
     """The stitch range as a client sees it: end-to-end capacity (``measure_capacity``) of the
     cheapest and of the most accurate stitch, their ratio ("realised") next to the ratio of their
@@ -269,7 +344,8 @@ def elastic_range(
 
     With ``alone`` (``ModelAlone`` of the checkpoint), the same ratios from the model timed
     alone in this process at the start of every round: "compute_alone" (at the batches run) and
-    "fraction_alone", realised against it."""
+    "fraction_alone", realised against it. With ``cpu`` (``CpuUse``), the CPUs each part took
+    in the windows ("cpu_cheapest", "cpu_most_accurate")."""
     best = max(stitches.values(), key=lambda r: (r["accuracy"] or 0, r["gflops"]))
     cheap = min(stitches.values(), key=lambda r: r["gflops"])
     sizes = sorted(int(b) for b in best["latency_ms"])
@@ -292,9 +368,10 @@ def elastic_range(
                 )
             for r in (cheap, best) if k % 2 == 0 else (best, cheap):
                 before, t0 = batches_run(url, r["id"]), time.monotonic()
-                seen[r["id"]].append(measure_capacity(
-                    url, pngs, n, seconds=seconds, warmup_s=warmup, stitch_id=r["id"]
-                ))  # fmt: skip
+                with cpu.window(r["id"]) if cpu else contextlib.nullcontext():
+                    seen[r["id"]].append(measure_capacity(
+                        url, pngs, n, seconds=seconds, warmup_s=warmup, stitch_id=r["id"]
+                    ))  # fmt: skip
                 wall, after = time.monotonic() - t0, batches_run(url, r["id"])
                 for j in range(3):
                     ran[r["id"]][j] += after[j] - before[j]
@@ -327,6 +404,9 @@ def elastic_range(
             "batch_ms_cheapest": round(batch_ms[cheap["id"]], 2),
             "batch_ms_most_accurate": round(batch_ms[best["id"]], 2),
         }  # fmt: skip
+        if cpu is not None:
+            out[key]["cpu_cheapest"] = cpu.figures(cheap["id"])
+            out[key]["cpu_most_accurate"] = cpu.figures(best["id"])
         if alone is not None:
             run_alone = per_image_ms(alone.median_ms(best["id"]), batch[best["id"]]) / per_image_ms(
                 alone.median_ms(cheap["id"]), batch[cheap["id"]]
@@ -602,7 +682,11 @@ def main() -> None:
         threads = next((int(m[1]) for m in map(THREADS_LINE.search, log) if m), None)
         if threads is not None:  # a server started here: its checkpoint and threads are known
             alone = ModelAlone(args.weights, threads, menu["dtype"])
-        elastic = elastic_range(url, pngs, args.images, stitches, args.quick, alone)
+        cpu = None
+        model_pid = next((int(m[1]) for m in map(MODEL_LINE.search, log) if m), None)
+        if proc is not None and model_pid is not None and sys.platform.startswith("linux"):
+            cpu = CpuUse(proc.pid, model_pid)
+        elastic = elastic_range(url, pngs, args.images, stitches, args.quick, alone, cpu)
         schedule = arrivals(phases, capacity, random.Random(args.seed))
         duration = sum(p.seconds for p in phases)
         head = {
