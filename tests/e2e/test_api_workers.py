@@ -27,7 +27,8 @@ def server(tmp_path_factory):
     env = {
         "SNNET_API_WORKERS": "3",
         # The tests hold a connection to each process; at uvicorn's 5 s an idle one closed on a
-        # slow run and httpx reopened it silently, on whichever process the kernel picked.
+        # slow run and httpx reopened it silently, on whichever process the kernel picked. (The
+        # clients' own expiry is raised too: httpx closes an idle connection after 5 s as well.)
         "SNNET_KEEP_ALIVE_S": "600",
         "SNNET_GRPC_PORT": "0",
         "SNNET_PROFILE_CACHE": suite_profile_cache(tmp_path_factory),
@@ -53,7 +54,7 @@ def connections(url, png, want: int, tries: int = 300) -> dict[str, httpx.Client
     process."""
     found: dict[str, httpx.Client] = {}
     for _ in range(tries):
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=600)
         client = httpx.Client(base_url=url, limits=limits, timeout=60)
         r = post(client, [png], latency_budget_ms=60_000)  # (a front listens once it is up)
         assert r.status_code == 200, r.text
