@@ -64,15 +64,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _server import Client, digit_pngs, open_loop, start_server  # noqa: E402
+from server.environ import cores  # noqa: E402
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 FULL_SCHEDULE = "steady:10:0.5,step:10:1.0,ramp:10:1.0-2.0,spike:10:3.0,down:15:0.5"
 QUICK_SCHEDULE = "steady:2:0.5,spike:4:3.0,down:3:0.5"
 POLICIES = "adaptive,most_accurate,cheapest,static"
-# The server's log line that gives its model's torch threads (``server.runner``).
+# The server's log line that gives its model process's pid and torch threads (``server.runner``).
 # "model process 123 ready (0.7s, started early; 1 thread)" (the server's log; before session 20
 # this missed every early-started process, so the model-alone peer never ran)
-THREADS_LINE = re.compile(r"model process \d+ ready \([\d.]+s(?:, started early)?; (\d+) threads?")
+MODEL_LINE = re.compile(r"model process (\d+) ready \([\d.]+s(?:, started early)?; (\d+) threads?")
 
 
 @dataclass
@@ -189,9 +190,6 @@ def batches_run(url: str, stitch: int | None = None) -> tuple[float, float, floa
     return got["snnet_batch_size_count"], got["snnet_batch_size_sum"], got.get(compute, 0.0)
 
 
-MODEL_LINE = re.compile(r"model process (\d+) ready")
-
-
 def _descendants(pid: int) -> list[int]:
     """``pid``'s child processes, theirs, and so on (Linux /proc)."""
     out, todo = [], [pid]
@@ -231,9 +229,8 @@ class CpuUse:
 
     def __init__(self, server_pid: int, model_pid: int) -> None:
         self.server_pid, self.model_pid = server_pid, model_pid
-        self.used: dict[
-            int, list[float]
-        ] = {}  # stitch -> [front end s, model s, clients s, wall s]
+        # stitch -> [front end s, model s, clients s, wall s]
+        self.used: dict[int, list[float]] = {}
 
     def _now(self) -> tuple[float, float, float, float]:
         kids = [p for p in _descendants(self.server_pid) if p != self.model_pid]
@@ -255,7 +252,7 @@ class CpuUse:
         wall = max(wall, 1e-9)
         return {
             "front_end": round(front / wall, 2), "model": round(model / wall, 2),
-            "clients": round(clients / wall, 2), "cpus": os.cpu_count(),
+            "clients": round(clients / wall, 2), "cpus": cores(),
         }  # fmt: skip
 
 
@@ -679,11 +676,11 @@ def main() -> None:
         else:
             capacity = float(args.capacity)
         alone = None
-        threads = next((int(m[1]) for m in map(THREADS_LINE.search, log) if m), None)
+        model = next((m for m in map(MODEL_LINE.search, log) if m), None)
+        model_pid, threads = (int(model[1]), int(model[2])) if model else (None, None)
         if threads is not None:  # a server started here: its checkpoint and threads are known
             alone = ModelAlone(args.weights, threads, menu["dtype"])
         cpu = None
-        model_pid = next((int(m[1]) for m in map(MODEL_LINE.search, log) if m), None)
         if proc is not None and model_pid is not None and sys.platform.startswith("linux"):
             cpu = CpuUse(proc.pid, model_pid)
         elastic = elastic_range(url, pngs, args.images, stitches, args.quick, alone, cpu)
