@@ -64,6 +64,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _server import Client, digit_pngs, open_loop, start_server  # noqa: E402
+
 from server.environ import cores  # noqa: E402
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
