@@ -18,8 +18,16 @@ setup: $(STAMP)  ## create .venv and install the package with dev extras
 serve: setup  ## serve the bundled weights on port $(PORT)
 	$(BIN)/snnet serve --host 0.0.0.0 --port $(PORT)
 
-test: setup  ## the whole test suite
-	$(BIN)/python -m pytest
+# The tests that assert what a live server decides from its own timings (marked `timing`) run
+# alone; the rest run in TEST_WORKERS processes, a test file to each (its servers start once).
+TEST_WORKERS ?= 2
+
+# Both runs' servers share one profile cache: the first server measures, the others calibrate.
+test: setup  ## the whole test suite: all but the `timing` tests in parallel, then those alone
+	cache=$$(mktemp -d) && export SNNET_TEST_PROFILE_CACHE=$$cache/profiles.json; \
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not timing"; rest=$$?; \
+	$(BIN)/python -m pytest -m timing; timing=$$?; \
+	rm -rf "$$cache"; [ $$rest -eq 0 ] && [ $$timing -eq 0 ]
 
 lint: setup
 	$(BIN)/ruff check snnet_core server tests bench

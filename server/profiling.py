@@ -229,7 +229,8 @@ def _write_cache(
     profiles = [p for p in cached if p.fingerprint != profile.fingerprint] + [profile]
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
+        # Per process: replicas sharing a cache volume must not write one temporary file.
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
         body = {"weights_sha256": sha, "profiles": [p.to_dict() for p in profiles]}
         tmp.write_text(json.dumps(body, indent=1))
         os.replace(tmp, cache)

@@ -77,8 +77,15 @@ class SnnetServer:
 def suite_profile_cache(tmp_path_factory) -> str:
     """One profile cache for the servers of this test run that do not test profiling: the first
     to start measures the bundled model here (4-10 s), the others start as a restart does, from
-    the cache (calibrated)."""
-    return str(tmp_path_factory.getbasetemp() / "suite-profiles.json")
+    the cache (calibrated). pytest-xdist's workers share it (their common base directory), and
+    so do `make test`'s two runs (it sets SNNET_TEST_PROFILE_CACHE)."""
+    given = os.environ.get("SNNET_TEST_PROFILE_CACHE")
+    if given:
+        return given
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    return str(base / "suite-profiles.json")
 
 
 def bundled(tmp_path_factory, grpc: bool = False, **env: str) -> Iterator[SnnetServer]:

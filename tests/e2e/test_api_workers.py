@@ -19,6 +19,8 @@ from PIL import Image
 
 from tests._servers import SnnetServer, suite_profile_cache
 
+pytestmark = pytest.mark.timing  # `make test` runs it alone (pyproject's markers)
+
 WORKER = "x-snnet-worker"
 
 

@@ -17,6 +17,8 @@ from PIL import Image
 from snnet_core.data import mnist_subset
 from tests._servers import bundled
 
+pytestmark = pytest.mark.timing  # `make test` runs it alone (pyproject's markers)
+
 IMAGES = 8  # per request: one full batch
 
 

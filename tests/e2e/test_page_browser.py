@@ -21,6 +21,8 @@ import pytest
 from tests._browser import chromium, only
 from tests._servers import bundled
 
+pytestmark = pytest.mark.timing  # `make test` runs it alone (pyproject's markers)
+
 ROOT = Path(__file__).resolve().parents[2]
 SEVEN = ROOT / "examples" / "digits" / "7.png"
 

@@ -16,6 +16,8 @@ from PIL import Image
 from snnet_core.data import mnist_subset
 from tests._servers import ROOT
 
+pytestmark = pytest.mark.timing  # `make test` runs it alone (pyproject's markers)
+
 README = (ROOT / "README.md").read_text()
 
 

@@ -14,6 +14,8 @@ import snnet_core
 from tests._servers import SnnetServer as Server
 from tests._servers import suite_profile_cache
 
+pytestmark = pytest.mark.timing  # `make test` runs it alone (pyproject's markers)
+
 ROOT = Path(__file__).resolve().parents[2]
 SNNET = str(Path(sys.executable).with_name("snnet"))
 

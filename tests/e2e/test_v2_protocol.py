@@ -13,6 +13,8 @@ from tritonclient.utils import InferenceServerException
 import snnet_core
 from tests._servers import ROOT
 
+pytestmark = pytest.mark.timing  # `make test` runs it alone (pyproject's markers)
+
 MODEL = "weights"  # the default model name: the checkpoint directory's
 
 

@@ -18,6 +18,8 @@ from server.app import create_app
 from server.config import Settings
 from tests.conftest import TINY_NUM_STITCHES, build_tiny
 
+pytestmark = pytest.mark.timing  # `make test` runs it alone (pyproject's markers)
+
 
 def png(array, mode="L", fmt="PNG", size=None) -> bytes:
     img = Image.fromarray(array, mode)

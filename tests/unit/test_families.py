@@ -152,6 +152,7 @@ def test_every_stitch_shape_finite_and_gradients_exactly_where_used(family_net, 
 
 def test_anchor_ids_reproduce_the_timm_models_bit_for_bit(family_net, images):
     _, net = family_net
+    net.eval()  # (a new net is in training mode: batch statistics, not the running ones)
     x = images[0][:8]
     for i, spec in enumerate(net.config.anchors):
         ref = timm.create_model(spec.name, pretrained=False, **spec.overrides).eval()

@@ -20,6 +20,8 @@ from server.scheduler import Scheduler
 from tests._planning import N, profile
 from tests.conftest import build_tiny
 
+pytestmark = pytest.mark.timing  # `make test` runs it alone (pyproject's markers)
+
 
 @pytest.fixture(scope="module")
 def child():
