@@ -1,9 +1,6 @@
 """`snnet serve` with the bundled trained weights, over real HTTP on a free loopback port."""
 
 import concurrent.futures
-import signal
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -11,13 +8,10 @@ import pytest
 import torch
 
 import snnet_core
-from tests._servers import SnnetServer as Server
-from tests._servers import suite_profile_cache
 
 pytestmark = pytest.mark.timing  # `make test` runs it alone (pyproject's markers)
 
 ROOT = Path(__file__).resolve().parents[2]
-SNNET = str(Path(sys.executable).with_name("snnet"))
 
 
 @pytest.fixture(scope="module")
@@ -127,68 +121,3 @@ def test_metrics_and_readiness(server):
         'snnet_model_info{anchors="vit_tiny_patch16_224,vit_small_patch16_224,vit_base_patch16_224"'
         in text
     )
-
-
-def test_serve_starts_its_model_process_early_and_sigterm_finishes_accepted_requests(
-    tmp_path_factory, held_out
-):
-    """`snnet serve` spawns the model process before it imports torch (server.early), so that
-    both import side by side; with the thread count given, that early process is the one that
-    takes the weights and serves. SIGTERM under traffic then drains: what was accepted is
-    answered, later connections are refused. (One server for both: a start is 10 s here.)"""
-    srv = Server(
-        {"SNNET_PROFILE_CACHE": suite_profile_cache(tmp_path_factory), "SNNET_THREADS": "1"}
-    )
-    try:
-        srv.wait_for("ready in")
-        ready = next(line for line in srv.log if "model process" in line and " ready (" in line)
-        assert "started early" in ready, ready
-        pngs = held_out[0][:4]
-
-        def attempt():
-            try:
-                return classify(srv.url, pngs, stitch_id=2).status_code
-            except httpx.TransportError:  # arrived after the listener closed
-                return "refused"
-
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(attempt) for _ in range(64)]
-            next(concurrent.futures.as_completed(futures))  # traffic is flowing
-            srv.proc.send_signal(signal.SIGTERM)
-            outcomes = [f.result() for f in futures]
-        # uvicorn drains, then re-raises the signal so the process ends "killed by SIGTERM".
-        assert srv.proc.wait(60) in (0, -signal.SIGTERM)
-    finally:
-        srv.stop()
-    assert any(line and "draining" in line for line in srv.log + list(srv.lines.queue))
-    assert outcomes.count(200) >= 1
-    assert set(outcomes) <= {200, "refused"}  # nothing accepted is dropped or failed
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_during_start_up_stops_the_server_at_once(tmp_path, sig):
-    """Profiling every stitch 2000 times would take minutes; a stop signal must not wait for it
-    (Kubernetes would kill the pod; a user at a terminal would wait)."""
-    srv = Server(
-        {
-            "SNNET_PROFILE_CACHE": str(tmp_path / "p.json"),
-            "SNNET_PROFILE_REPEATS": "2000",
-            "SNNET_PROFILE_SECONDS": "600",
-            # A batch size no stored profile has: it measures whatever the manifest holds.
-            "SNNET_PROFILE_BATCH_SIZES": "[1, 3]",
-        }
-    )
-    try:
-        srv.wait_for("measuring the rest")
-        start = time.monotonic()
-        srv.proc.send_signal(sig)
-        code = srv.proc.wait(30)
-        took = time.monotonic() - start
-    finally:
-        if srv.proc.poll() is None:  # never left running, whatever failed
-            srv.proc.kill()
-            srv.proc.wait(30)
-    assert code in (0, 130, -sig), code  # 130: Ctrl-C, as a shell reports it
-    assert took < 10, f"took {took:.1f} s to stop"  # the profile alone would take minutes
-    print(f"stopped {took:.2f} s after {sig.name}")
-    assert not (tmp_path / "p.json").exists()  # nothing half-measured is kept
