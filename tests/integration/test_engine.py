@@ -10,6 +10,9 @@ from server.ingress import Ingress
 from server.metrics import Metrics
 from tests.conftest import build_tiny
 
+# Its checks compare what start-up measures with what it measured moments before.
+pytestmark = pytest.mark.timing  # `make test` runs it alone (pyproject's markers)
+
 
 def test_a_stored_profile_that_this_machine_does_not_match_is_rescaled(tmp_path):
     """The manifest's profile carries this machine's fingerprint (same CPU name, threads, torch)
