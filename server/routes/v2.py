@@ -148,19 +148,32 @@ async def server_metadata() -> dict:
     return {"name": "snnet-serve", "version": server_version(), "extensions": EXTENSIONS}
 
 
+# Each route with a version in its path has its own function: one function for both routes
+# made `version` a query parameter of the route without it (`/infer?version=3` pinned a stitch),
+# outside the protocol, and so documented in the OpenAPI.
+
+
 @router.get(
     "/models/{name}",
     summary="Model metadata (V2)",
     response_model=V2ModelMetadata,
     responses=MODEL_ERRORS,
 )
+async def model_metadata(request: Request, name: str) -> dict:
+    return _metadata(request, name, None)
+
+
 @router.get(
     "/models/{name}/versions/{version}",
     summary="Model metadata of one stitch (V2)",
     response_model=V2ModelMetadata,
     responses=MODEL_ERRORS,
 )
-async def model_metadata(request: Request, name: str, version: str | None = None) -> dict:
+async def stitch_metadata(request: Request, name: str, version: str) -> dict:
+    return _metadata(request, name, version)
+
+
+def _metadata(request: Request, name: str, version: str | None) -> dict:
     engine, _ = _model(request, name, version)
     c, h, w = engine.net.input_size
     return {
@@ -184,13 +197,18 @@ async def model_metadata(request: Request, name: str, version: str | None = None
     response_model=V2ModelReady,
     responses=MODEL_ERRORS,
 )
+async def model_ready(request: Request, name: str) -> dict:
+    _model(request, name, None)
+    return {"name": name, "ready": True}
+
+
 @router.get(
     "/models/{name}/versions/{version}/ready",
     summary="Stitch ready (V2)",
     response_model=V2ModelReady,
     responses=MODEL_ERRORS,
 )
-async def model_ready(request: Request, name: str, version: str | None = None) -> dict:
+async def stitch_ready(request: Request, name: str, version: str) -> dict:
     _model(request, name, version)
     return {"name": name, "ready": True}
 
@@ -205,6 +223,10 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
     responses=INFER_ERRORS,
     openapi_extra=INFER_BODY,
 )
+async def infer(request: Request, name: str) -> Response:
+    return await _infer(request, name, None)
+
+
 @router.post(
     "/models/{name}/versions/{version}/infer",
     summary="Classify with one stitch (V2)",
@@ -212,7 +234,11 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
     responses=INFER_ERRORS,
     openapi_extra=INFER_BODY,
 )
-async def infer(request: Request, name: str, version: str | None = None) -> Response:
+async def infer_stitch(request: Request, name: str, version: str) -> Response:
+    return await _infer(request, name, version)
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
     arrived = request.scope.get(ARRIVED) or time.monotonic()
     engine, pinned = _model(request, name, version)
     engine.metrics.arrivals.inc()

@@ -390,6 +390,27 @@ def test_every_declared_error_body_is_what_is_sent(client):
     assert r.status_code == 422 and set(r.json()) == {"detail"}
 
 
+def test_the_v2_routes_take_a_version_only_in_their_path(client, ckpt, digit_png):
+    """The Open Inference Protocol names a version in the path or not at all: `/infer?version=0`
+    does not pin a stitch, and the OpenAPI documents no such query parameter."""
+    spec = client.get("/openapi.json").json()
+    for path, ops in spec["paths"].items():
+        if path.startswith("/v2/models/"):
+            for op in ops.values():
+                where = {(p["name"], p["in"]) for p in op.get("parameters", [])}
+                version = {("version", "path")} if "{version}" in path else set()
+                assert where == {("name", "path")} | version, path
+    image = base64.b64encode(digit_png).decode()
+    doc = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [image]}]}
+    model = f"/v2/models/{ckpt.name}"
+    chosen = client.post(f"{model}/infer", json=doc).json()["model_version"]
+    other = "0" if chosen != "0" else "1"
+    pinned = client.post(f"{model}/versions/{other}/infer", json=doc)
+    assert pinned.status_code == 200 and pinned.json()["model_version"] == other
+    query = client.post(f"{model}/infer", params={"version": other}, json=doc)
+    assert query.status_code == 200 and query.json()["model_version"] != other
+
+
 def test_a_sequential_client_with_room_in_its_budget_always_gets_the_best_stitch(
     ckpt, tmp_path, digit_png
 ):
