@@ -154,7 +154,15 @@ def test_the_page_classifies_shows_the_menu_and_the_controller_offline(server, t
             assert float(result.get_attribute("data-level")) > 0, result.inner_text()
             tab.wait_for_timeout(1200)  # one more refresh of the live panel after the burst
             state = tab.inner_text("#state")
-            after = send(tab, budget)  # while the level falls back: answered or shed, in words
+            # While the level falls back: answered or shed, in words. The burst's last requests
+            # may have moved the idle estimate above the budget (a 422 naming the least): the
+            # page's user then sends that, as the "Use" button does.
+            after = send(tab, budget)
+            for _ in range(3):
+                if after["status"] != 422:
+                    break
+                least = float(re.search(r"latency_budget_ms >= ([0-9.]+)", after["text"])[1])
+                after = send(tab, least)
             assert after["status"] in (200, 503), after["text"]
             tab.screenshot(path=str(tmp_path / "page.png"), full_page=True)
             if os.environ.get("SNNET_PAGE_SCREENSHOT"):
