@@ -1,4 +1,12 @@
-"""Shared fixtures: a tiny real timm ViT family on real MNIST digits (no network)."""
+"""Shared fixtures: a tiny real timm ViT family on real MNIST digits (no network).
+
+`make test` runs the suite in two passes: every test not marked `timing` in parallel (pytest-xdist,
+a file to each worker), then the `timing` tests alone. Mark a test or module `timing` when what it
+asserts depends on the server's own timings (the stitch under a budget, a 503 or not, a load level,
+a time bound): beside another worker's load it would flake. Every other test must pass whatever ran
+before it in its process (no reliance on another test's side effects, such as a module's net left
+in eval mode).
+"""
 
 from __future__ import annotations
 
