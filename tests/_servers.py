@@ -15,6 +15,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+
 from tests._prometheus import free_port
 
 SNNET = str(Path(sys.executable).with_name("snnet"))
@@ -99,3 +101,11 @@ def bundled(tmp_path_factory, grpc: bool = False, **env: str) -> Iterator[SnnetS
         srv.grpc = f"127.0.0.1:{grpc_port}" if grpc else None
         srv.wait_for("ready in")
         yield srv
+
+
+def classify(url: str, pngs: list[bytes], **fields) -> httpx.Response:
+    """POST /classify with ``pngs`` as multipart image parts and ``fields`` as form fields."""
+    files = [("image", (f"{i}.png", b, "image/png")) for i, b in enumerate(pngs)]
+    return httpx.post(
+        f"{url}/classify", files=files, data={k: str(v) for k, v in fields.items()}, timeout=60
+    )

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import snnet_core
+from tests._servers import classify
 
 pytestmark = pytest.mark.timing  # `make test` runs it alone (pyproject's markers)
 
@@ -27,13 +28,6 @@ def bundled():
 def expected(net, x, stitch):
     with torch.no_grad():
         return net((x - 0.5) / 0.5, stitch).argmax(-1).tolist()
-
-
-def classify(url, pngs, **fields):
-    files = [("image", (f"{i}.png", b, "image/png")) for i, b in enumerate(pngs)]
-    return httpx.post(
-        f"{url}/classify", files=files, data={k: str(v) for k, v in fields.items()}, timeout=60
-    )
 
 
 def test_held_out_digits_are_classified_correctly(server, bundled, held_out):

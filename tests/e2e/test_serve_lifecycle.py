@@ -9,14 +9,7 @@ import httpx
 import pytest
 
 from tests._servers import SnnetServer as Server
-from tests._servers import suite_profile_cache
-
-
-def classify(url, pngs, **fields):
-    files = [("image", (f"{i}.png", b, "image/png")) for i, b in enumerate(pngs)]
-    return httpx.post(
-        f"{url}/classify", files=files, data={k: str(v) for k, v in fields.items()}, timeout=60
-    )
+from tests._servers import classify, suite_profile_cache
 
 
 def test_serve_starts_its_model_process_early_and_sigterm_finishes_accepted_requests(
