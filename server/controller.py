@@ -295,8 +295,10 @@ class Controller:
         stitch_evidence_s: Seconds of a stitch's compute that move its own factor 63% of the way.
         device_factor: The first device factor (start-up calibration: measured / profiled).
         residual_window: Most answered requests kept for the safety margin.
-        residual_max_age_s: Answers older than this no longer count (a past burst's misses
-            should not pad predictions for ever).
+        residual_max_age_s: Answers older than this no longer count in the margin of a busy
+            server (a past burst's misses should not pad predictions for ever). Those of
+            requests served alone do not age: only newer ones replace them (see
+            ``_update_margin``).
         recent_arrivals: How many of the last arrivals ``draw_allowed`` takes the rate of.
         scores: Each stitch's accuracy (what ``ranking`` sorts by). With them, ``draw_allowed``
             meets a cost cap on average by mixing the two stitches of the accuracy/cost hull
@@ -369,7 +371,8 @@ class Controller:
         self._residuals: deque[tuple[float, float, float]] = deque(maxlen=residual_window)
         # Those of requests served alone (an idle server's): the margin a 422 ("too tight even
         # when idle") and an idle request's plan count, so a burst's misses never make a budget
-        # look impossible. Same window; with too few (a long burst), the prior.
+        # look impossible. Same window, but kept until newer ones replace them, whatever their
+        # age; with too few (a fresh server), the prior.
         self._rest_residuals: deque[tuple[float, float, float]] = deque(maxlen=residual_window)
         self.rest_margin, self.rest_margin_ms = MARGIN_PRIOR, 0.0
         self._margin_key: tuple | None = None  # the windows the margins were fitted to
@@ -482,9 +485,13 @@ class Controller:
     def _update_margin(self) -> None:
         oldest = time.monotonic() - self.residual_max_age_s
         with self._lock:
-            for kept in (self._residuals, self._rest_residuals):
-                while kept and kept[0][0] < oldest:
-                    kept.popleft()
+            # Only a busy server's answers age out. An idle server's margin changes only with
+            # new answers of an idle server: when they aged, the least budget a 422 named moved
+            # on a server left alone (9.6 ms, then 7.6, 13.3 and 6.5 within 45 s here, as the
+            # window shrank and its fit swung), so a burst after a pause refused the budget a
+            # client had just been told would do, and a client retrying with it got a 422 again.
+            while self._residuals and self._residuals[0][0] < oldest:
+                self._residuals.popleft()
             # The windows change only when a request is answered or an answer ages out: no
             # refit in between (the fit was most of a controller step's CPU, 4 times a second,
             # on a core the model's threads use).

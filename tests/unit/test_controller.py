@@ -300,6 +300,28 @@ def test_the_idle_margin_counts_only_requests_served_alone():
     assert c.pad_ms(10.0) == pytest.approx(4.0)
 
 
+def test_the_idle_margin_keeps_its_answers_until_newer_ones_replace_them():
+    """Time alone must not move an idle server's margin: when its answers aged out, the least
+    budget a 422 named swung on a server nobody used (the window shrank, its fit swung), and a
+    burst after a pause got 422s for the budget the server had just named."""
+    c = controller()
+    h = History(c)
+    for k in range(40):
+        c.observe_residual(10.5 + k % 2, 10.0, alone=True)  # an idle server: 5-15% over
+        c.observe_residual(14.0, 10.0)  # and busy answers: 40% over
+    h.run(0.25, rps=0)
+    rest, busy = c.pad_ms(10.0, alone=True), c.pad_ms(10.0)
+    assert busy > rest > 0.5
+    c.residual_max_age_s = 0.0  # every answer so far is now old
+    h.run(0.25, rps=0)
+    assert c.pad_ms(10.0) == pytest.approx(2.0)  # a busy server's: aged out, the prior
+    assert c.pad_ms(10.0, alone=True) == rest  # an idle server's: the same answers, as before
+    for _ in range(256):  # newer answers of an idle server do replace them
+        c.observe_residual(10.2, 10.0, alone=True)
+    h.run(0.25, rps=0)
+    assert c.pad_ms(10.0, alone=True) == pytest.approx(0.2)
+
+
 def test_read_metrics_takes_the_figures_from_the_registry():
     m = Metrics()
     m.arrivals.inc(5)
