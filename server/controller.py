@@ -659,6 +659,7 @@ class Controller:
             "margin_ms": round(self.margin_ms, 3),
             "rest_margin": round(self.rest_margin, 4),
             "rest_margin_ms": round(self.rest_margin_ms, 3),
+            "rest_answers": len(self._rest_residuals),
             "estimate_pad": round(self.estimate_pad, 4),
             "target_utilisation": self.target_utilisation,
             "allowed_stitches": list(self.allowed),

@@ -312,6 +312,11 @@ class ControllerState(BaseModel):
         "whatever their age: it moves only when the server is seen idle again.",
     )
     rest_margin_ms: float = Field(0.0, description="The fixed part of rest_margin, ms.")
+    rest_answers: int = Field(
+        0,
+        description="How many requests served alone rest_margin is fitted to (at most 256; the "
+        "prior below 5).",
+    )
     target_utilisation: float
     allowed_stitches: list[int] = Field(
         description="Stitches requests may use while the server is busy, most accurate first "

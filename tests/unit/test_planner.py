@@ -302,6 +302,21 @@ def test_start_up_seeds_the_cold_ratio_from_one_batch_after_an_idle_gap():
         sched.stop()
 
 
+def test_the_least_a_warm_422_names_admits_a_retry_that_finds_the_model_cold():
+    # After a pause batches run 2x (start-up's probe on a quiet machine). A request right
+    # after another (warm) with too small a budget gets a 422 whose least counts the cold
+    # batch: a client retries after a pause, and the warm least was refused again.
+    planner, sched, _ = make()
+    sched._ratio[True] = sched._cold_at_rest = 2.0
+    sched._idle_since = NOW - 0.01  # it just finished a batch: warm
+    warm = planner.plan(opts(latency_budget_ms=0.5), 1, NOW)
+    assert warm.status == 422
+    least = float(re.search(r"latency_budget_ms >= ([0-9.]+)", warm.detail)[1])
+    assert least == pytest.approx(2.0, abs=0.011)  # stitch 0's 1 ms, cold
+    sched._idle_since = NOW - 1.0  # the retry, a second later: the model idled
+    assert stitch(planner.plan(opts(latency_budget_ms=least), 1, NOW)) == 0
+
+
 def test_a_cold_ratio_raised_by_contention_is_load_not_a_reason_for_422():
     # At start-up a batch after a pause ran as predicted; under a burst cold batches ran 3x.
     # A budget the fastest stitch meets at rest is then refused 503 (retry), never 422.
