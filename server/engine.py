@@ -106,7 +106,8 @@ class Engine:
             http - plan.spent_ms - plan.ingress_ms,
             http,
             alone=alone,
-            spent_ms=plan.spent_ms,
+            # what admission counts before its own work: read, parsed, and the loop's lag then
+            spent_ms=plan.spent_ms + plan.ingress_ms,
         )
         # The margin covers what the planner cannot plan: HTTP work and compute running over the
         # prediction. Not the queue wait: under earliest-deadline-first a request may wait longer

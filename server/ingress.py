@@ -92,7 +92,8 @@ class Ingress:
 
     def __init__(self, forget: float = 0.02) -> None:
         self._own = _Line(forget)  # HTTP work after planning (decode, answer), every request
-        # Requests served alone: (reading and parsing, own work after planning), each less the
+        # Requests served alone: (reading and parsing with the event loop's lag then, i.e. all
+        # that admission counts before their own work; own work after planning), each less the
         # own line's cost per byte. Their medians: one stalled request (a first request's cold
         # paths, a GC pause) must not make a budget look impossible.
         self._rest: deque[tuple[float, float]] = deque(maxlen=REST_WINDOW)
@@ -118,9 +119,10 @@ class Ingress:
         return self._own.at(payload_bytes)
 
     def rest_ms(self, payload_bytes: int) -> tuple[float, float]:
-        """(reading and parsing, own work after planning) of a request of this size on an idle
-        server, in ms: the medians of the last requests served alone, plus the own line's cost
-        per byte. Until REST_MIN of them: the own line, and the usual HTTP time less it."""
+        """(reading and parsing with the loop's lag, own work after planning) of a request of
+        this size on an idle server, in ms: the medians of the last requests served alone, plus
+        the own line's cost per byte. Until REST_MIN of them: the own line, and the usual HTTP
+        time less it."""
         if len(self._rest) < REST_MIN:
             own = self._own.at(payload_bytes)
             return max(0.0, self.http_ms - own), own
@@ -171,8 +173,9 @@ class Ingress:
         spent_ms: float = 0.0,
     ) -> None:
         """One answered request: its HTTP work after planning (decode, answer) and in all
-        (its time minus queue wait and compute); if it was ``alone``, also what it ``spent_ms``
-        before planning, for the idle estimates."""
+        (its time minus queue wait and compute); if it was ``alone``, also what admission
+        counted before its own work (``spent_ms``: read and parsed, and the loop's lag), for the
+        idle estimates."""
         after = max(0.0, after_plan_ms)
         self._own.add(payload_bytes, after)
         self.http_ms += 0.1 * (max(0.0, http_ms) - self.http_ms)

@@ -119,17 +119,18 @@ class Planner:
         fastest = min(candidates, key=lambda s: (idle[s], s))
         at_rest = idle[fastest] / max(1.0, self._slow_down())  # not today's contention
         cold = self.scheduler.cold_factor(now)  # the model idled: its next batch runs slower
-        if at_rest > server_budget:
-            need, least = self._idle_need(at_rest, cold, payload_bytes)
-            return self._too_tight(budget, fastest, at_rest, need, least, n, opts)
-        pool = self._pool(opts, candidates, idle, server_budget)
         deadline = arrived + server_budget / 1e3
         view = self.scheduler.view(deadline, now)
         alone = not view.busy and not self.ingress.others()  # nothing else in the server
+        spent = max(0.0, (now - arrived) * 1e3)
+        if at_rest > server_budget:
+            own = {"spent_ms": spent, "lag_ms": self.ingress.wait_ms()}  # if it found it idle
+            need, least = self._idle_need(at_rest, payload_bytes, cold, **(own if alone else {}))
+            return self._too_tight(budget, fastest, at_rest, need, least, n, opts)
+        pool = self._pool(opts, candidates, idle, server_budget)
         if len(pool) > 1 and not alone:
             allowed = set(self.controller.draw_allowed(now))
             pool = [s for s in pool if s in allowed] or pool  # a cap below the level: its menu
-        spent = max(0.0, (now - arrived) * 1e3)
         return self._admit(pool, n, deadline, budget, spent, payload_bytes, view, cold, alone)
 
     # -- steps --------------------------------------------------------------------------------
@@ -220,7 +221,9 @@ class Planner:
             # start-up level, as under CPU contention from a burst), that is load: 503.
             slow = self._slow_down()
             fastest = min(self.scheduler.batches_ms(s, n) for s in pool) / max(1.0, slow)
-            need, least = self._idle_need(fastest, cold, payload_bytes)
+            need, least = self._idle_need(
+                fastest, payload_bytes, cold, spent_ms=spent, lag_ms=ingress
+            )
             if need > server_budget:
                 return Refusal(
                     422,
@@ -280,29 +283,51 @@ class Planner:
         (above 1 under CPU contention; it returns to 1 when idle)."""
         return self.controller.device_factor / self.controller.settled_device_factor
 
-    def _idle_need(self, compute_ms: float, cold: float, payload_bytes: int) -> tuple[float, float]:
-        """(ms, least budget) a request of ``payload_bytes`` needs on this server when idle,
-        learnt from requests served alone: reading and parsing it, its own HTTP work and
-        ``compute_ms`` at rest (times the ``cold`` factor, up to a quiet machine's), with an idle
-        server's safety margin on those two. The least budget is for a retry that finds the
-        model cold (a quiet machine's cold factor, whatever ``cold`` is now: a client retries
-        after a pause), adds the network's share and counts a reading slower than the median
-        (``Ingress.rest_pre_high_ms``). A burst's contention, busy event loop and misses raise
-        what admission predicts, not this: that is load (503), not a budget no idle server
-        could meet (422). A client that retries with the least budget is admitted on an idle
-        server."""
+    def _idle_need(
+        self,
+        rest_ms: float,
+        payload_bytes: int,
+        cold: float,
+        *,
+        spent_ms: float = 0.0,
+        lag_ms: float = 0.0,
+    ) -> tuple[float, float]:
+        """(ms, least budget) for a request of ``payload_bytes`` whose fastest stitch computes in
+        ``rest_ms`` at rest.
+
+        The need, what decides a 422, is what it takes on this server when idle, learnt from
+        requests served alone: reading and parsing it, its own HTTP work and its compute (times
+        the ``cold`` factor, up to a quiet machine's), with an idle server's safety margin on
+        those two. A burst's contention, busy event loop and misses raise what admission
+        predicts, not this: that is load (503), not a budget no idle server could meet (422).
+
+        The least budget is what admission would ask of a retry that finds the server idle,
+        after a pause (a client retries after reading the refusal), so that it is admitted:
+        its compute at the cold factor batches after a pause have shown lately, at least a
+        quiet machine's, whatever ``cold`` is now (the device's slow-down under contention is
+        load and left out: it returns to 1 by itself while requests are refused, see
+        ``Controller.idle_relax_s``; the learnt cold factor does not); a reading as slow as the
+        90th percentile of those served alone (``Ingress.rest_pre_high_ms``) or as this
+        request's own (``spent_ms`` and the event loop's ``lag_ms``, given if it found the
+        server idle), with the margin on the lag too, as admission pads it; plus the network's
+        share."""
         pre, own = self.ingress.rest_ms(payload_bytes)
         rest_cold = self.scheduler.cold_at_rest
 
-        def idle_ms(factor: float) -> float:
-            compute = factor * compute_ms
-            return own + compute + self.controller.pad_ms(own + compute, alone=True)
+        def served_ms(compute: float, lag: float = 0.0) -> float:
+            return own + compute + self.controller.pad_ms(lag + own + compute, alone=True)
 
-        need = pre + idle_ms(min(cold, rest_cold))
-        # Named while the model ran warm (a request right after another), the least missed the
-        # cold batch of a retry after a pause: 29 of 30 such retries here got a 422 again.
-        least = self.ingress.rest_pre_high_ms(payload_bytes) + idle_ms(rest_cold)
-        return need, math.ceil((least + self.network_ms) * 100) / 100
+        need = pre + served_ms(min(cold, rest_cold) * rest_ms)
+        # Each part of the least below what admission then counted had retries of it refused,
+        # and none served to teach the server better (one client here, 30 retries 0.3 s apart):
+        # the cold batch of a 422 named while the model ran warm (29 refused 422), start-up's
+        # cold factor below a learnt 1.22 (every one 503), a fresh server's prior for the
+        # reading (30 of 30 503), small delays of a few tenths of a ms (11 in a row 503).
+        cold_now = max(rest_cold, self.scheduler.cold_planning_factor)
+        read = max(self.ingress.rest_pre_high_ms(payload_bytes), spent_ms + lag_ms)
+        least = read + served_ms(cold_now * rest_ms, lag_ms)
+        # (rounded up to 0.01 ms, past float noise: 1.8000000003 is 1.80, not 1.81)
+        return need, math.ceil(round((least + self.network_ms) * 100, 6)) / 100
 
     def _rest_margin_text(self) -> str:
         c = self.controller

@@ -239,6 +239,19 @@ def test_the_least_budget_a_422_names_counts_the_usual_time_to_read_the_request(
     )
 
 
+def test_a_fresh_server_names_a_least_budget_its_own_reading_fits():
+    # No request served alone yet: the idle reading is a prior (0.8 ms here). This one took
+    # 1.5 ms to read and the event loop runs 0.3 ms late: the least counts both (a least from
+    # the prior had every retry refused 503, and none served to learn better).
+    planner, _, _ = make()
+    planner.ingress.http_ms, planner.ingress.loop_lag_ms = 0.8, 0.3
+    for budget in (0.5, 1.5):  # below the compute alone, and below compute + reading
+        r = planner.plan(opts(latency_budget_ms=budget), 1, NOW, arrived=NOW - 0.0015)
+        assert r.status == 422 and "latency_budget_ms >= 2.80" in r.detail, r.detail
+    retry = planner.plan(opts(latency_budget_ms=2.8), 1, NOW, arrived=NOW - 0.0015)
+    assert stitch(retry) == 0
+
+
 def test_a_retry_with_the_least_budget_is_admitted_though_its_reading_ran_slower_than_most():
     # Requests served alone took 0.2-0.58 ms to read and parse (median 0.39). The least budget
     # a 422 names counts the 90th percentile of those (0.54), so a retry that read for 0.53 ms
@@ -314,6 +327,16 @@ def test_the_least_a_warm_422_names_admits_a_retry_that_finds_the_model_cold():
     least = float(re.search(r"latency_budget_ms >= ([0-9.]+)", warm.detail)[1])
     assert least == pytest.approx(2.0, abs=0.011)  # stitch 0's 1 ms, cold
     sched._idle_since = NOW - 1.0  # the retry, a second later: the model idled
+    assert stitch(planner.plan(opts(latency_budget_ms=least), 1, NOW)) == 0
+    # Batches after a pause have run 3x lately (more than start-up's probe saw): the least
+    # counts that, as admission plans with it (at start-up's, every retry got a 503).
+    sched._ratio[True] = 3.0
+    sched._idle_since = NOW - 0.01
+    least = float(
+        re.search(r">= ([0-9.]+)", planner.plan(opts(latency_budget_ms=0.5), 1, NOW).detail)[1]
+    )
+    assert least == pytest.approx(3.0, abs=0.011)
+    sched._idle_since = NOW - 1.0
     assert stitch(planner.plan(opts(latency_budget_ms=least), 1, NOW)) == 0
 
 
