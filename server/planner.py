@@ -38,6 +38,11 @@ from .ingress import Ingress
 from .scheduler import QueueView, Scheduler
 from .schemas import ClassifyOptions
 
+# For this long after a 503 no request teaches the idle estimates (``Plan.alone_at``): in a
+# burst mostly shed at the door the queue is often empty, and a client on a starved CPU sends
+# nothing while the model computes, so an answer of the burst passed for one served alone.
+SHED_QUIET_S = 1.0
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -53,8 +58,8 @@ class Plan:
     compute_ms: float  # predicted compute of the batch it will run in
     margin_ms: float  # the controller's safety margin for it, included in admission
     # ``Ingress.arrivals`` when it was planned with nothing else in the HTTP layer or the model
-    # queue, else None: if no request arrives before its answer, it was served alone, and its
-    # times teach the idle estimates a 422 is judged on.
+    # queue and no 503 in the last SHED_QUIET_S, else None: if no request arrives before its
+    # answer, it was served alone, and its times teach the idle estimates a 422 is judged on.
     alone_at: int | None = None
 
     @property
@@ -97,6 +102,7 @@ class Planner:
         self.controller, self.ingress = controller, ingress
         self.default_budget_ms, self.network_ms = default_budget_ms, network_ms
         self.baseline_policies = baseline_policies
+        self.last_shed = -math.inf  # when admission last refused a request with a 503
 
     def plan(
         self,
@@ -131,7 +137,13 @@ class Planner:
         if len(pool) > 1 and not alone:
             allowed = set(self.controller.draw_allowed(now))
             pool = [s for s in pool if s in allowed] or pool  # a cap below the level: its menu
-        return self._admit(pool, n, deadline, budget, spent, payload_bytes, view, cold, alone)
+        teaches = alone and now - self.last_shed >= SHED_QUIET_S
+        plan = self._admit(
+            pool, n, deadline, budget, spent, payload_bytes, view, cold, alone, teaches
+        )
+        if isinstance(plan, Refusal) and plan.status == 503:
+            self.last_shed = now
+        return plan
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -186,10 +198,12 @@ class Planner:
         view: QueueView,
         cold: float,
         alone: bool,
+        teaches: bool,
     ) -> Plan | Refusal:
         """The first stitch of ``pool`` that fits its budget behind the queue without making a
         queued request late; else a 503 that says which of the two rules refused it. ``alone``:
-        nothing else in the server (queue or HTTP layer)."""
+        nothing else in the server (queue or HTTP layer); ``teaches``: and its answer may teach
+        the idle estimates (``Plan.alone_at``)."""
         server_budget = budget - self.network_ms
         # alone: what requests served alone took, not what a recent burst's did
         http = (
@@ -211,7 +225,7 @@ class Planner:
             if compute - before <= view.later_slack_ms - margin:
                 return Plan(
                     s, budget, deadline, spent, ingress, http, queue_ms, compute, margin,
-                    self.ingress.arrivals if alone else None,
+                    self.ingress.arrivals if teaches else None,
                 )  # fmt: skip
         if not fits and alone:
             # Nothing ahead of it. If the budget is below what the fastest stitch needs on this

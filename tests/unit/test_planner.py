@@ -377,3 +377,20 @@ def test_estimates_raised_by_a_burst_are_load_never_a_reason_for_422():
     ing.unqueued = 2
     r = planner.plan(opts(latency_budget_ms=3.0), 1, NOW, arrived=NOW - 0.0002, payload_bytes=0)
     assert r.status == 503, r.detail
+
+
+def test_no_answer_teaches_the_idle_estimates_within_a_second_of_a_503():
+    # A burst mostly shed at the door leaves the queue empty between its few admitted requests,
+    # and a client on a starved CPU sends nothing while the model computes: such an answer
+    # passed for one served alone, and a page burst's made the idle margin 50% + 9.9 ms and
+    # refused 212 of its 336 requests 422. Requests that find the server idle are still
+    # planned as idle (the best stitch that fits); only their answers do not teach.
+    planner, _, _ = make()
+    assert planner.plan(opts(latency_budget_ms=100), 1, NOW).alone_at is not None
+    planner.ingress.unqueued, planner.ingress.http_ms = 3, 1.0  # two others being read, 1 ms each
+    assert planner.plan(opts(latency_budget_ms=1.5), 1, NOW).status == 503
+    planner.ingress.unqueued = 1  # only the one asking
+    within = planner.plan(opts(latency_budget_ms=100), 1, NOW + 0.9)
+    assert stitch(within) == 22 and within.alone_at is None
+    after = planner.plan(opts(latency_budget_ms=100), 1, NOW + 1.0)
+    assert stitch(after) == 22 and after.alone_at is not None
