@@ -42,6 +42,9 @@ from .schemas import ClassifyOptions
 # burst mostly shed at the door the queue is often empty, and a client on a starved CPU sends
 # nothing while the model computes, so an answer of the burst passed for one served alone.
 SHED_QUIET_S = 1.0
+# A least budget is named rounded up to 0.01 ms, past float noise (1.8000000003 is 1.80):
+# admission lets a total exceed the budget by this much, so a retry with it is admitted.
+ROUNDING_MS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -130,8 +133,8 @@ class Planner:
         alone = not view.busy and not self.ingress.others()  # nothing else in the server
         spent = max(0.0, (now - arrived) * 1e3)
         if at_rest > server_budget:
-            own = {"spent_ms": spent, "lag_ms": self.ingress.wait_ms()}  # if it found it idle
-            need, least = self._idle_need(at_rest, payload_bytes, cold, **(own if alone else {}))
+            pre = spent + self.ingress.wait_ms() if alone else 0.0  # its own, if it found it idle
+            need, least = self._idle_need(at_rest, payload_bytes, cold, pre)
             return self._too_tight(budget, fastest, at_rest, need, least, n, opts)
         pool = self._pool(opts, candidates, idle, server_budget)
         if len(pool) > 1 and not alone:
@@ -219,7 +222,7 @@ class Planner:
             margin = self.controller.pad_ms(ingress + http + compute, alone=alone)
             total = spent + ingress + http + compute + margin + queue_ms
             least_now = min(least_now, total)
-            if total > server_budget:
+            if total > server_budget + ROUNDING_MS:
                 continue
             fits = True
             if compute - before <= view.later_slack_ms - margin:
@@ -235,9 +238,7 @@ class Planner:
             # start-up level, as under CPU contention from a burst), that is load: 503.
             slow = self._slow_down()
             fastest = min(self.scheduler.batches_ms(s, n) for s in pool) / max(1.0, slow)
-            need, least = self._idle_need(
-                fastest, payload_bytes, cold, spent_ms=spent, lag_ms=ingress
-            )
+            need, least = self._idle_need(fastest, payload_bytes, cold, spent + ingress)
             if need > server_budget:
                 return Refusal(
                     422,
@@ -266,7 +267,7 @@ class Planner:
             # one for now counts the time this request lost before planning: enough, if more
             # than a retry may need.
             idle_budget = need + self.network_ms
-            now_budget = math.ceil((least_now + self.network_ms) * 100) / 100
+            now_budget = math.ceil(round((least_now + self.network_ms) * 100, 6)) / 100
             return Refusal(
                 503,
                 f"not just now: latency_budget_ms={budget:g} would do on an idle server (it "
@@ -298,50 +299,44 @@ class Planner:
         return self.controller.device_factor / self.controller.settled_device_factor
 
     def _idle_need(
-        self,
-        rest_ms: float,
-        payload_bytes: int,
-        cold: float,
-        *,
-        spent_ms: float = 0.0,
-        lag_ms: float = 0.0,
+        self, rest_ms: float, payload_bytes: int, cold: float, pre_ms: float = 0.0
     ) -> tuple[float, float]:
         """(ms, least budget) for a request of ``payload_bytes`` whose fastest stitch computes in
         ``rest_ms`` at rest.
 
         The need, what decides a 422, is what it takes on this server when idle, learnt from
-        requests served alone: reading and parsing it, its own HTTP work and its compute (times
-        the ``cold`` factor, up to a quiet machine's), with an idle server's safety margin on
-        those two. A burst's contention, busy event loop and misses raise what admission
-        predicts, not this: that is load (503), not a budget no idle server could meet (422).
+        requests served alone: reading and parsing it (with the event loop's lag then), its own
+        HTTP work and its compute (times the ``cold`` factor, up to a quiet machine's), with an
+        idle server's safety margin on those two. A burst's contention, busy event loop and
+        misses raise what admission predicts, not this: that is load (503), not a budget no
+        idle server could meet (422).
 
         The least budget is what admission would ask of a retry that finds the server idle,
         after a pause (a client retries after reading the refusal), so that it is admitted:
-        its compute at the cold factor batches after a pause have shown lately, at least a
-        quiet machine's, whatever ``cold`` is now (the device's slow-down under contention is
-        load and left out: it returns to 1 by itself while requests are refused, see
-        ``Controller.idle_relax_s``; the learnt cold factor does not); a reading as slow as the
-        90th percentile of those served alone (``Ingress.rest_pre_high_ms``) or as this
-        request's own (``spent_ms`` and the event loop's ``lag_ms``, given if it found the
-        server idle), with the margin on the lag too, as admission pads it; plus the network's
-        share."""
+        its compute at the device's start-up speed (a device running slower under contention
+        is load and left out: the factor returns to its start-up value by itself while requests
+        are refused, see ``Controller.idle_relax_s``; one running faster is counted at that
+        value too) and at the cold factor batches after a pause have shown lately, at least a
+        quiet machine's, whatever ``cold`` is now (the learnt factor only moves when batches
+        run); a reading, with the loop's lag, as slow as the 90th percentile of those served
+        alone (``Ingress.rest_pre_high_ms``) or as this request's own (``pre_ms``, given if it
+        found the server idle); the margin on all of it (admission pads the lag, which is part
+        of the reading here); plus the network's share."""
         pre, own = self.ingress.rest_ms(payload_bytes)
         rest_cold = self.scheduler.cold_at_rest
-
-        def served_ms(compute: float, lag: float = 0.0) -> float:
-            return own + compute + self.controller.pad_ms(lag + own + compute, alone=True)
-
-        need = pre + served_ms(min(cold, rest_cold) * rest_ms)
+        pad = self.controller.pad_ms
+        c = min(cold, rest_cold) * rest_ms
+        need = pre + own + c + pad(own + c, alone=True)
         # Each part of the least below what admission then counted had retries of it refused,
         # and none served to teach the server better (one client here, 30 retries 0.3 s apart):
         # the cold batch of a 422 named while the model ran warm (29 refused 422), start-up's
         # cold factor below a learnt 1.22 (every one 503), a fresh server's prior for the
         # reading (30 of 30 503), small delays of a few tenths of a ms (11 in a row 503).
-        cold_now = max(rest_cold, self.scheduler.cold_planning_factor)
-        read = max(self.ingress.rest_pre_high_ms(payload_bytes), spent_ms + lag_ms)
-        least = read + served_ms(cold_now * rest_ms, lag_ms)
-        # (rounded up to 0.01 ms, past float noise: 1.8000000003 is 1.80, not 1.81)
-        return need, math.ceil(round((least + self.network_ms) * 100, 6)) / 100
+        c = max(rest_cold, self.scheduler.cold_planning_factor) * rest_ms
+        c /= min(1.0, self._slow_down())  # at the start-up speed, if running faster now
+        read = max(self.ingress.rest_pre_high_ms(payload_bytes), pre_ms)
+        least = read + own + c + pad(read + own + c, alone=True) + self.network_ms
+        return need, math.ceil(round(least * 100, 6)) / 100  # (ROUNDING_MS)
 
     def _rest_margin_text(self) -> str:
         c = self.controller
