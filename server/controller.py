@@ -337,11 +337,15 @@ class Controller:
         self.correction_evidence_s = correction_evidence_s
         self.stitch_evidence_s = stitch_evidence_s
         self.device_factor = _clamp(device_factor)
-        # While requests arrive and nothing runs, the device factor returns to its start-up
-        # value with this time constant: a slow-down seen under a burst (CPU contention) is
-        # evidence about that moment, and a server that refuses every request as too slow
-        # would gather no other.
+        # The device factor of an idle server: start-up's, then what periods whose answers
+        # were all served alone showed (a lone client's requests ran 1.24-1.30x start-up's
+        # calibration on the 2-core VM, and every 503 to one then said the device ran slower
+        # "just now"). What "slower than when idle" compares with; and while requests arrive
+        # and nothing runs, the device factor returns to it with the time constant
+        # idle_relax_s: a slow-down seen under a burst (CPU contention) is evidence about that
+        # moment, and a server that refuses every request as too slow would gather no other.
         self.settled_device_factor, self.idle_relax_s = self.device_factor, idle_relax_s
+        self._answers = [0, 0]  # answered since the last step: all, and those served alone
         self._stitch_factor: dict[int, float] = {}  # stitch -> its time relative to the device
         self._seen: set[int] = set()  # stitches run here
         self._estimated = frozenset(estimated)
@@ -390,8 +394,10 @@ class Controller:
         if predicted_ms > 0 and math.isfinite(actual_ms) and math.isfinite(predicted_ms):
             with self._lock:
                 self._residuals.append((time.monotonic(), actual_ms, predicted_ms))
+                self._answers[0] += 1
                 if alone:
                     self._rest_residuals.append(self._residuals[-1])
+                    self._answers[1] += 1
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -421,6 +427,8 @@ class Controller:
             d_obs = r.observed_s.get(s, 0.0) - prev.observed_s.get(s, 0.0)
             if d_prof > 0 and d_obs > 0:
                 seen[s] = (d_obs, d_prof)
+        with self._lock:
+            answers, self._answers = self._answers, [0, 0]
         if seen:
             # The device factor: everything run this period against what the stitch factors
             # predict for it.
@@ -429,6 +437,9 @@ class Controller:
             a = 1.0 - math.exp(-sum(p for _, p in seen.values()) / self.correction_evidence_s)
             f = self.device_factor
             self.device_factor = _clamp(f + a * (observed / expected - f))
+            if answers[0] and answers[1] == answers[0]:  # an idle server's evidence
+                idle = self.settled_device_factor
+                self.settled_device_factor = _clamp(idle + a * (observed / expected - idle))
             for s, (o, p) in seen.items():
                 b = 1.0 - math.exp(-p / self.stitch_evidence_s)
                 if s in self._estimated and s not in self._seen:
@@ -664,6 +675,7 @@ class Controller:
             "target_utilisation": self.target_utilisation,
             "allowed_stitches": list(self.allowed),
             "device_factor": round(self.device_factor, 4),
+            "idle_device_factor": round(self.settled_device_factor, 4),
             "corrections": {
                 str(s): round(c, 4) for s, c in sorted(self.latency.corrections().items())
             },

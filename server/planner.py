@@ -234,8 +234,8 @@ class Planner:
             # Nothing ahead of it. If the budget is below what the fastest stitch needs on this
             # server even when idle (its compute plus HTTP work and the safety margin), waiting
             # would not help: say what would do. If it only missed because of the moment (time
-            # gone in a busy event loop before planning, or the device running slower than its
-            # start-up level, as under CPU contention from a burst), that is load: 503.
+            # gone in a busy event loop before planning, or the device running slower than an
+            # idle server's, as under CPU contention from a burst), that is load: 503.
             slow = self._slow_down()
             fastest = min(self.scheduler.batches_ms(s, n) for s in pool) / max(1.0, slow)
             need, least = self._idle_need(fastest, payload_bytes, cold, spent + ingress)
@@ -259,7 +259,7 @@ class Planner:
                     f"{pre:.1f} ms on an idle server"
                 )
             if slow > 1.0 and fastest * (slow - 1.0) >= 0.5:
-                why.append(f"the device runs {slow:.2f}x slower than at start-up just now")
+                why.append(f"the device runs {slow:.2f}x slower than when idle just now")
             rest_cold = self.scheduler.cold_at_rest
             if cold > rest_cold and fastest * (cold - rest_cold) >= 0.5:
                 why.append(f"batches after a pause run {cold:.2f}x their prediction just now")
@@ -294,8 +294,9 @@ class Planner:
         )
 
     def _slow_down(self) -> float:
-        """How much slower than at start-up the device runs now, as the controller has seen it
-        (above 1 under CPU contention; it returns to 1 when idle)."""
+        """How much slower than when idle the device runs now, as the controller has seen it
+        (above 1 under CPU contention; it returns to 1 when idle; see
+        ``Controller.settled_device_factor``)."""
         return self.controller.device_factor / self.controller.settled_device_factor
 
     def _idle_need(
@@ -313,12 +314,13 @@ class Planner:
 
         The least budget is what admission would ask of a retry that finds the server idle,
         after a pause (a client retries after reading the refusal), so that it is admitted:
-        its compute at the device's start-up speed (a device running slower under contention
-        is load and left out: the factor returns to its start-up value by itself while requests
-        are refused, see ``Controller.idle_relax_s``; one running faster is counted at that
-        value too) and at the cold factor batches after a pause have shown lately, at least a
-        quiet machine's, whatever ``cold`` is now (the learnt factor only moves when batches
-        run); a reading, with the loop's lag, as slow as the 90th percentile of those served
+        its compute at an idle server's speed (``Controller.settled_device_factor``: a device
+        running slower under contention is load and left out, as the factor returns to the idle
+        one by itself while requests are refused, see ``Controller.idle_relax_s``; one running
+        faster is counted at the idle one too) and at the cold factor batches after a pause have
+        shown lately, whatever ``cold`` is now (the learnt factor only moves when batches run;
+        it is relative to the device factor, which for a client that always pauses holds most
+        of the slowness itself); a reading, with the loop's lag, as slow as the 90th percentile of those served
         alone (``Ingress.rest_pre_high_ms``) or as this request's own (``pre_ms``, given if it
         found the server idle); the margin on all of it (admission pads the lag, which is part
         of the reading here); plus the network's share."""
@@ -331,9 +333,10 @@ class Planner:
         # and none served to teach the server better (one client here, 30 retries 0.3 s apart):
         # the cold batch of a 422 named while the model ran warm (29 refused 422), start-up's
         # cold factor below a learnt 1.22 (every one 503), a fresh server's prior for the
-        # reading (30 of 30 503), small delays of a few tenths of a ms (11 in a row 503).
-        c = max(rest_cold, self.scheduler.cold_planning_factor) * rest_ms
-        c /= min(1.0, self._slow_down())  # at the start-up speed, if running faster now
+        # reading (30 of 30 503), small delays of a few tenths of a ms (11 in a row 503), the
+        # lone client's device factor counted as contention (7 in a row 503).
+        c = self.scheduler.cold_planning_factor * rest_ms
+        c /= min(1.0, self._slow_down())  # at the idle speed, if running faster now
         read = max(self.ingress.rest_pre_high_ms(payload_bytes), pre_ms)
         least = read + own + c + pad(read + own + c, alone=True) + self.network_ms
         return need, math.ceil(round(least * 100, 6)) / 100  # (ROUNDING_MS)

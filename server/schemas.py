@@ -336,6 +336,12 @@ class ControllerState(BaseModel):
         description="How much slower (>1) or faster than its profile this device runs now, for "
         "every stitch: start-up calibration, then observed / predicted compute."
     )
+    idle_device_factor: float = Field(
+        1.0,
+        description="The device factor of an idle server: start-up's calibration, then what "
+        "periods whose answers were all served alone showed. A device_factor above it is "
+        "load (CPU contention), which a 422 never counts.",
+    )
     corrections: dict[str, float] = Field(
         description="Observed / profiled compute time by stitch: the device factor times the "
         "stitch's own factor."

@@ -209,12 +209,12 @@ def test_a_budget_lost_to_a_busy_http_layer_is_load_503_not_a_bad_budget_422():
     assert r.status == 503 and "10.0 ms went by in the HTTP layer before it was planned" in r.detail
     planner.ingress.loop_lag_ms = 0.0
     assert stitch(planner.plan(opts(latency_budget_ms=10.5), 1, NOW)) == 9
-    # Or the device ran 3x slower than at start-up just now (a burst's CPU contention): 503,
+    # Or the device ran 3x slower than when idle just now (a burst's CPU contention): 503,
     # and the 422 that remains says what an idle server needs.
     planner.controller.device_factor = 3.0
     planner.controller._apply_corrections()
     r = planner.plan(opts(latency_budget_ms=2.5), 1, NOW)  # stitch 0: 3 ms now, 1 ms idle
-    assert r.status == 503 and "runs 3.00x slower than at start-up" in r.detail
+    assert r.status == 503 and "runs 3.00x slower than when idle" in r.detail
     assert "went by in the HTTP layer" not in r.detail  # nothing did: not named as a reason
     # It says what would be admitted now, and a retry with that is.
     least = float(re.search(r"or with latency_budget_ms >= ([0-9.]+)", r.detail).group(1))
