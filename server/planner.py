@@ -320,10 +320,10 @@ class Planner:
         faster is counted at the idle one too) and at the cold factor batches after a pause have
         shown lately, whatever ``cold`` is now (the learnt factor only moves when batches run;
         it is relative to the device factor, which for a client that always pauses holds most
-        of the slowness itself); a reading, with the loop's lag, as slow as the 90th percentile of those served
-        alone (``Ingress.rest_pre_high_ms``) or as this request's own (``pre_ms``, given if it
-        found the server idle); the margin on all of it (admission pads the lag, which is part
-        of the reading here); plus the network's share."""
+        of the slowness itself); a reading, with the loop's lag, as slow as the 90th percentile
+        of those served alone (``Ingress.rest_pre_high_ms``) or as this request's own
+        (``pre_ms``, given if it found the server idle); the margin on all of it (admission
+        pads the lag, which is part of the reading here); plus the network's share."""
         pre, own = self.ingress.rest_ms(payload_bytes)
         rest_cold = self.scheduler.cold_at_rest
         pad = self.controller.pad_ms

@@ -307,9 +307,10 @@ class ControllerState(BaseModel):
     rest_margin: float = Field(
         0.2,
         description="The same over the requests served alone (planned with nothing else in the "
-        "HTTP layer or the model, and no request arriving before their answer): the margin of an idle server, which a request that "
-        "finds the server idle is planned with and a 422's least budget counts. Their last 256 "
-        "whatever their age: it moves only when the server is seen idle again.",
+        "HTTP layer or the model and no 503 in the last second, and no request arriving before "
+        "their answer): the margin of an idle server, which a request that finds the server "
+        "idle is planned with and a 422's least budget counts. Their last 256 whatever their "
+        "age: it moves only when the server is seen idle again.",
     )
     rest_margin_ms: float = Field(0.0, description="The fixed part of rest_margin, ms.")
     rest_answers: int = Field(
