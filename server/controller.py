@@ -339,11 +339,12 @@ class Controller:
         self.device_factor = _clamp(device_factor)
         # The device factor of an idle server: start-up's, then what periods whose answers
         # were all served alone showed (a lone client's requests ran 1.24-1.30x start-up's
-        # calibration on the 2-core VM, and every 503 to one then said the device ran slower
-        # "just now"). What "slower than when idle" compares with; and while requests arrive
-        # and nothing runs, the device factor returns to it with the time constant
-        # idle_relax_s: a slow-down seen under a burst (CPU contention) is evidence about that
-        # moment, and a server that refuses every request as too slow would gather no other.
+        # calibration in one run on the 2-core VM, 0.79-1.04x in another, and 503s to it said
+        # the device ran slower "just now"). What "slower than when idle" compares with; and
+        # while requests arrive and nothing runs, the device factor returns to it with the time
+        # constant idle_relax_s: a slow-down seen under a burst (CPU contention) is evidence
+        # about that moment, and a server that refuses every request as too slow would gather
+        # no other.
         self.settled_device_factor, self.idle_relax_s = self.device_factor, idle_relax_s
         self._answers = [0, 0]  # answered since the last step: all, and those served alone
         self._stitch_factor: dict[int, float] = {}  # stitch -> its time relative to the device
