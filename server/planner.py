@@ -125,7 +125,8 @@ class Planner:
         budget = opts.latency_budget_ms or self.default_budget_ms
         server_budget = budget - self.network_ms  # ms the server may spend, from arrival
         idle = {s: self.scheduler.batches_ms(s, n) for s in candidates}
-        fastest = min(candidates, key=lambda s: (idle[s], s))
+        pool = self._pool(opts, candidates, idle, server_budget)
+        fastest = min(pool, key=lambda s: (idle[s], s))  # of what admission may try
         at_rest = idle[fastest] / max(1.0, self._slow_down())  # not today's contention
         cold = self.scheduler.cold_factor(now)  # the model idled: its next batch runs slower
         deadline = arrived + server_budget / 1e3
@@ -136,7 +137,6 @@ class Planner:
             pre = spent + self.ingress.wait_ms() if alone else 0.0  # its own, if it found it idle
             need, least = self._idle_need(at_rest, payload_bytes, cold, pre)
             return self._too_tight(budget, fastest, at_rest, need, least, n, opts)
-        pool = self._pool(opts, candidates, idle, server_budget)
         if len(pool) > 1 and not alone:
             allowed = set(self.controller.draw_allowed(now))
             pool = [s for s in pool if s in allowed] or pool  # a cap below the level: its menu

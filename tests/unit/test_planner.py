@@ -126,6 +126,18 @@ def test_every_policy_passes_the_same_admission():
     assert stitch(busy["cheapest"]) == 0 and stitch(busy["adaptive"]) == 9
 
 
+def test_a_baseline_policy_is_told_the_least_budget_of_the_stitch_it_would_run():
+    """Before, the 422 named the fastest stitch's least (1 ms) though most_accurate runs
+    stitch 22 (23 ms): its retry got a second 422."""
+    planner, _, _ = make(baseline_policies=True)
+    r = planner.plan(opts(policy="most_accurate", latency_budget_ms=0.5), 1, NOW)
+    assert r.status == 422 and "23.00 ms for stitch 22" in r.detail
+    least = float(r.detail.rsplit(">= ", 1)[1])
+    assert stitch(planner.plan(opts(policy="most_accurate", latency_budget_ms=least), 1, NOW)) == 22
+    r = planner.plan(opts(policy="cheapest", latency_budget_ms=0.5), 1, NOW)
+    assert r.status == 422 and "latency_budget_ms >= 1.00" in r.detail
+
+
 def test_an_explicit_stitch_is_admitted_like_any_other():
     planner, sched, net = make()
 
