@@ -83,7 +83,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down
         code = 130
-    if not app.state.lifecycle.started.is_set():
+    lifecycle = app.state.lifecycle
+    if lifecycle.cancel.is_set() and lifecycle.engine is None:
+        # Ctrl-C during start-up: uvicorn re-raises it only if the event loop's task is still
+        # running when it does, so it came back as a normal return and the exit code was 0; a
+        # supervisor read a cancelled start as a clean one. (SIGTERM is re-raised and ends the
+        # process by its default action.)
+        code = 130
+    if not lifecycle.started.is_set():
         # Stopped during start-up: its thread ends within one forward, but finalising the
         # interpreter under a thread inside torch aborts the process. Nothing is left to save.
         logging.getLogger("snnet.server").info("exiting before start-up finished")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import json
 import logging
 import multiprocessing as mp
@@ -40,16 +41,32 @@ _lock = threading.Lock()
 _early: tuple[mp.process.BaseProcess, socket.socket, dict[str, str], bool] | None = None
 _registered = False  # discard() runs at exit
 REMEMBERED = 64  # weights directories kept in threads.json
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _host(sock: socket.socket) -> None:
+def _host(sock: socket.socket, parent: int) -> None:
     """The model process's entry: only the parent ends it (it drains what it accepted first,
     and needs this process for that); then the heavy imports, then wait for the weights."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent(True)
+    if os.getppid() != parent:  # gone before that
+        os._exit(0)
     from .runner import serve_from_socket
 
+    _die_with_parent(False)  # (a later spawner may be a thread that ends first)
     serve_from_socket(sock)
+
+
+def _die_with_parent(on: bool) -> None:
+    """While on, the kernel kills this process when the thread that spawned it ends (Linux
+    ``PR_SET_PDEATHSIG``). For the imports only: they take seconds with nothing reading the
+    socket, and mostly hold the GIL (loading torch's libraries), so no thread of this process
+    could look for the parent. A server killed by SIGTERM in its first second died at once,
+    but its model process, which ignores SIGTERM, ran on through its imports (6.1 s). After
+    them, the socket's end of file says the parent is gone."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: no such call
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL if on else 0)
 
 
 def spawn(env: dict[str, str]) -> tuple[mp.process.BaseProcess, socket.socket]:
@@ -57,7 +74,7 @@ def spawn(env: dict[str, str]) -> tuple[mp.process.BaseProcess, socket.socket]:
     socket for its weights (``server.runner``)."""
     parent, child = socket.socketpair()
     proc = mp.get_context("spawn").Process(
-        target=_host, args=(child,), name="snnet-model", daemon=True
+        target=_host, args=(child, os.getpid()), name="snnet-model", daemon=True
     )
     try:
         try:

@@ -196,6 +196,68 @@ def test_ctrl_c_while_serve_imports_ends_it_quietly_with_its_model_process(tmp_p
     assert "Traceback" not in err and "interrupted" in err, err
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_model_process_still_importing_ends_with_a_server_killed_early(tmp_path):
+    """SIGTERM in the first second kills `snnet serve` at once (no handler yet); its model
+    process, which ignores SIGTERM and was still importing torch, ran on for 6.1 s. Now it
+    sees its parent gone within a poll."""
+    import signal
+    import time
+
+    from tests._prometheus import free_port
+
+    env = {**ENV, "SNNET_PORT": str(free_port()), "XDG_CACHE_HOME": str(tmp_path)}
+    proc = subprocess.Popen(
+        [SNNET, "serve"], env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+    )
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.monotonic() + 60
+    while not (kids := children.read_text().split()):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == -signal.SIGTERM
+    gone = time.monotonic()
+    # torch and timm take 5-9 s to import here: a child still there after 3 s was importing on
+    while any(Path(f"/proc/{k}").exists() and "Z" not in _state(k) for k in kids):
+        assert time.monotonic() - gone < 3.0, f"model process {kids} outlived its server"
+        time.sleep(0.05)
+
+
+def _state(pid: str) -> str:
+    try:  # (a zombie has exited; it waits for init to reap it)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "Z"
+
+
+def test_ctrl_c_during_start_up_exits_130(tmp_path):
+    """Ctrl-C once start-up has begun (loading, timing the model) exits 130, not 0: uvicorn
+    returned normally, and a supervisor read a cancelled start as a clean exit."""
+    import signal
+
+    from tests._prometheus import free_port
+
+    env = {
+        **ENV, "SNNET_PORT": str(free_port()), "XDG_CACHE_HOME": str(tmp_path),
+        "SNNET_PROFILE_CACHE": str(tmp_path / "profiles.json"), "SNNET_GRPC_PORT": "0",
+    }  # fmt: skip
+    proc = subprocess.Popen(
+        [SNNET, "serve"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    lines = []
+    for line in proc.stderr:  # a fresh profile cache: seconds of timing after this line
+        lines.append(line)
+        if "starting: loading the model" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    err = "".join(lines) + err
+    assert "ready in" not in err, err  # (it was stopped during start-up)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+
+
 def test_serve_refuses_a_corrupt_checkpoint(tmp_path):
     snnet_core.save(build_tiny(), tmp_path)
     with open(tmp_path / "model.safetensors", "r+b") as f:
