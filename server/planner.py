@@ -125,10 +125,10 @@ class Planner:
         budget = opts.latency_budget_ms or self.default_budget_ms
         server_budget = budget - self.network_ms  # ms the server may spend, from arrival
         idle = {s: self.scheduler.batches_ms(s, n) for s in candidates}
-        pool = self._pool(opts, candidates, idle, server_budget)
+        cold = self.scheduler.cold_factor(now)  # the model idled: its next batch runs slower
+        pool = self._pool(opts, candidates, idle, budget, payload_bytes, cold)
         fastest = min(pool, key=lambda s: (idle[s], s))  # of what admission may try
         at_rest = idle[fastest] / max(1.0, self._slow_down())  # not today's contention
-        cold = self.scheduler.cold_factor(now)  # the model idled: its next batch runs slower
         deadline = arrived + server_budget / 1e3
         view = self.scheduler.view(deadline, now)
         alone = not view.busy and not self.ingress.others()  # nothing else in the server
@@ -178,16 +178,32 @@ class Planner:
         return list(self.menu.ranking)
 
     def _pool(
-        self, opts: ClassifyOptions, candidates: list[int], idle: dict[int, float], budget: float
+        self,
+        opts: ClassifyOptions,
+        candidates: list[int],
+        idle: dict[int, float],
+        budget: float,
+        payload_bytes: int,
+        cold: float,
     ) -> list[int]:
         """The stitches admission may try, in order: all candidates, or one for a baseline."""
         if opts.policy == "most_accurate":
             return candidates[:1]
+        fastest = min(candidates, key=lambda s: (idle[s], s))
         if opts.policy == "cheapest":
-            return [min(candidates, key=lambda s: (idle[s], s))]
-        if opts.policy == "static":  # the most accurate whose idle compute fits, load ignored
-            fastest = min(candidates, key=lambda s: (idle[s], s))  # (on a device slowed now)
-            return [next((s for s in candidates if idle[s] <= budget), fastest)]
+            return [fastest]
+        if opts.policy == "static":
+            # The most accurate stitch an idle server would admit at this budget (the least a
+            # 422 names), load ignored. Its compute alone, as before, chose stitches whose HTTP
+            # work and margin did not fit: a 422 whose least, retried, chose a dearer stitch
+            # and got a 422 again (5 of 5 retries).
+            slow = max(1.0, self._slow_down())  # (as the 422's least counts it)
+            fits = (
+                s
+                for s in candidates
+                if self._idle_need(idle[s] / slow, payload_bytes, cold)[1] <= budget
+            )
+            return [next(fits, fastest)]
         return candidates
 
     def _admit(

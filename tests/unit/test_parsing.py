@@ -193,3 +193,27 @@ def test_a_budget_is_at_most_an_hour_and_a_longer_v2_timeout_is_no_limit():
         ClassifyOptions(latency_budget_ms=MAX_BUDGET_MS * 2)
     assert _options({"timeout": 5_000}, None).latency_budget_ms == 5.0  # microseconds
     assert _options({"timeout": 10**11}, None).latency_budget_ms == MAX_BUDGET_MS
+
+
+def test_a_decompression_bomb_is_a_413_that_names_the_servers_own_pixel_limit():
+    """Pillow refuses a header of 10^10 pixels itself, in open(); the answer used to quote its
+    limit (178956970 pixels), not SNNET_MAX_IMAGE_PIXELS."""
+    import struct
+    import zlib
+
+    from server.imaging import ImageError, decode_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)  # 8-bit grey
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+           + chunk(b"IEND", b""))  # fmt: skip
+    with pytest.raises(ImageError) as e:
+        decode_image(png, max_bytes=10_000, max_pixels=20_000_000, name="images[0]")
+    assert e.value.status == 413
+    assert e.value.detail == (
+        "images[0] is 10000000000 pixels by its header (a decompression bomb); the limit is "
+        "20000000 pixels"
+    )

@@ -136,6 +136,16 @@ def test_a_baseline_policy_is_told_the_least_budget_of_the_stitch_it_would_run()
     assert stitch(planner.plan(opts(policy="most_accurate", latency_budget_ms=least), 1, NOW)) == 22
     r = planner.plan(opts(policy="cheapest", latency_budget_ms=0.5), 1, NOW)
     assert r.status == 422 and "latency_budget_ms >= 1.00" in r.detail
+    # static runs the most accurate stitch an idle server admits at the budget: at the least a
+    # 422 names, one that fits (by compute alone it chose stitch 3 at 4 ms: a second 422)
+    planner.ingress.seed([(0, 0.0), (100_000, 3.0)])  # its image costs 3 ms of HTTP work
+    r = planner.plan(opts(policy="static", latency_budget_ms=0.5), 1, NOW, payload_bytes=100_000)
+    least = float(r.detail.rsplit(">= ", 1)[1])
+    assert r.status == 422 and least == 4.0
+    for budget, best in ((least, 0), (7.0, 3), (30.0, 22)):
+        plan = planner.plan(opts(policy="static", latency_budget_ms=budget), 1, NOW,
+                            payload_bytes=100_000)  # fmt: skip
+        assert stitch(plan) == best, (budget, plan)
 
 
 def test_an_explicit_stitch_is_admitted_like_any_other():
