@@ -157,6 +157,29 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
+IMPLEMENTED = (
+    "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+)  # fmt: skip
+
+
+def _unimplemented(name: str):
+    async def method(self, request, context):
+        # The generated base raises NotImplementedError, which grpc logs as an error with a
+        # traceback for every call: any client could fill the log with them.
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"{name} is not implemented by snnet-serve; it implements {', '.join(IMPLEMENTED)}",
+        )
+
+    method.__name__ = name
+    return method
+
+
+for _name in dir(pb_grpc.GRPCInferenceServiceServicer):
+    if _name[:1].isupper() and _name not in IMPLEMENTED:
+        setattr(Servicer, _name, _unimplemented(_name))
+
+
 def _document(request: pb.ModelInferRequest) -> tuple[dict, list[Any]]:
     """A ModelInferRequest as the protocol's JSON document and each input's data (its raw bytes,
     or its typed contents)."""

@@ -136,7 +136,7 @@ class Planner:
         if at_rest > server_budget:
             pre = spent + self.ingress.wait_ms() if alone else 0.0  # its own, if it found it idle
             need, least = self._idle_need(at_rest, payload_bytes, cold, pre)
-            return self._too_tight(budget, fastest, at_rest, need, least, n, opts)
+            return self._too_tight(budget, fastest, at_rest, need, least, n, opts, len(pool))
         if len(pool) > 1 and not alone:
             allowed = set(self.controller.draw_allowed(now))
             pool = [s for s in pool if s in allowed] or pool  # a cap below the level: its menu
@@ -373,6 +373,7 @@ class Planner:
         least: float,
         n: int,
         opts: ClassifyOptions,
+        allowed: int,
     ) -> Refusal:
         reserved = (
             f" plus the {self.network_ms:g} ms reserved for the network (SNNET_NETWORK_MS)"
@@ -381,10 +382,16 @@ class Planner:
         )
         given = opts.latency_budget_ms is not None
         what = f"latency_budget_ms={budget:g}" if given else f"SNNET_DEFAULT_BUDGET_MS={budget:g}"
+        time = (  # (stitch_id, or a baseline policy: the one stitch it allows)
+            f"the fastest stitch's compute time ({fastest_ms:.2f} ms for stitch {fastest} at "
+            f"batch {n})"
+            if allowed > 1
+            else f"the compute time of stitch {fastest}, the one it allows ({fastest_ms:.2f} ms "
+            f"at batch {n})"
+        )
         return Refusal(
             422,
-            f"{what} is below the fastest stitch's compute time ({fastest_ms:.2f} ms for stitch "
-            f"{fastest} at batch {n}){reserved} even on an idle server, and it needs {need:.2f} "
+            f"{what} is below {time}{reserved} even on an idle server, and it needs {need:.2f} "
             f"ms in all with HTTP work and the safety margin; allowed: latency_budget_ms >= "
             f"{least:.2f}",
         )

@@ -328,7 +328,9 @@ def _options(params: dict[str, Any], pinned: int | None) -> ClassifyOptions:
     if "latency_budget_ms" not in raw and timeout is not None:
         if not _is_int(timeout) or not 0 < timeout < 10**12:
             raise Refusal(
-                422, f"parameters.timeout: microseconds, a positive integer; got {timeout!r}"
+                422,
+                f"parameters.timeout: microseconds, an integer from 1 to {10**12 - 1} (an hour "
+                f"or more is no limit); got {timeout!r}",
             )
         # Triton's timeout is in microseconds; a longer one than a budget may be is no limit
         raw["latency_budget_ms"] = min(timeout / 1e3, MAX_BUDGET_MS)
@@ -397,7 +399,8 @@ def _images(spec: dict, data: Any, limit: int) -> list[tuple[str, bytes]]:
             except (binascii.Error, ValueError):
                 raise Refusal(400, f"input 'image'[{i}] is not valid base64") from None
     if len(out) != count:
-        raise Refusal(400, f"input 'image': shape {shape} but {len(out)} or more elements")
+        got = f"only {len(out)}" if len(out) < count else f"more than {count}"
+        raise Refusal(400, f"input 'image': shape {shape} but {got} elements")
     return [(f"image[{i}]", b) for i, b in enumerate(out)]
 
 

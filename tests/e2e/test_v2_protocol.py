@@ -258,3 +258,11 @@ def test_grpc_errors_carry_the_status_and_our_message(server, held_out):
         with pytest.raises(InferenceServerException) as e:
             c.infer(MODEL, [image], client_timeout=30, parameters={"latency_budget_ms": 0.001})
         assert "even on an idle server" in e.value.message()
+        # The protocol's methods it does not implement: UNIMPLEMENTED with what it does (and
+        # no traceback in the server's log, as the generated base's NotImplementedError left)
+        with pytest.raises(InferenceServerException) as e:
+            c.get_model_repository_index()
+        assert e.value.status() == "StatusCode.UNIMPLEMENTED"
+        assert (
+            "RepositoryIndex is not implemented by snnet-serve; it implements" in e.value.message()
+        )

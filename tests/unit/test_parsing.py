@@ -193,6 +193,18 @@ def test_a_budget_is_at_most_an_hour_and_a_longer_v2_timeout_is_no_limit():
         ClassifyOptions(latency_budget_ms=MAX_BUDGET_MS * 2)
     assert _options({"timeout": 5_000}, None).latency_budget_ms == 5.0  # microseconds
     assert _options({"timeout": 10**11}, None).latency_budget_ms == MAX_BUDGET_MS
+    with pytest.raises(Refusal, match="an integer from 1 to 999999999999 .*; got 10000000000000"):
+        _options({"timeout": 10**13}, None)  # (it used to say "a positive integer")
+
+
+def test_a_v2_shape_that_disagrees_with_its_data_says_which_way():
+    from server.routes.v2 import _images
+
+    b64 = base64.b64encode(b"x").decode()
+    few = v2_refusal(_images, {"name": "image", "datatype": "BYTES", "shape": [2]}, [b64], 4)
+    assert few.detail == "input 'image': shape [2] but only 1 elements"  # not "1 or more"
+    many = v2_refusal(_images, {"name": "image", "datatype": "BYTES", "shape": [1]}, [b64] * 3, 4)
+    assert many.detail == "input 'image': shape [1] but more than 1 elements"
 
 
 def test_a_decompression_bomb_is_a_413_that_names_the_servers_own_pixel_limit():
