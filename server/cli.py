@@ -114,6 +114,7 @@ def _owner_of_fronts(settings, workers: int):
     """The owner's app and how to run it: its HTTP on the shared port and on a private Unix
     socket (the fronts pass it every route but /classify), the fronts' channel, the fronts."""
     import shutil
+    import signal
     import socket
     import tempfile
 
@@ -137,10 +138,18 @@ def _owner_of_fronts(settings, workers: int):
     )  # fmt: skip
 
     def run() -> None:
+        # uvicorn re-raises a SIGTERM once it has drained, under the handler it found: the
+        # default one ended the process before the finally below, and the directory of the two
+        # Unix sockets stayed in /tmp after every stop. Take it here; re-raise it after.
+        term: list[int] = []
+        default = signal.signal(signal.SIGTERM, lambda sig, frame: term.append(sig))
         try:
             uvicorn.Server(config).run(sockets=[tcp, uds])
         finally:
             shutil.rmtree(private, ignore_errors=True)  # the two Unix sockets
+            signal.signal(signal.SIGTERM, default)
+            if term:
+                signal.raise_signal(signal.SIGTERM)
 
     return app, run
 

@@ -127,8 +127,9 @@ class Settings(BaseSettings):
 
     profile_cache: Path | None = Field(
         None,
-        description="Where the latency profile measured on this device is kept "
-        "(default: profiles.json next to the weights if writable, else ~/.cache/snnet). When "
+        description="The file where the latency profile measured on this device is kept (a "
+        "directory: profiles.json in it; default: profiles.json next to the weights if writable, "
+        "else in ~/.cache/snnet). When "
         "set, the thread count SNNET_THREADS=auto chose last is kept in the same directory "
         "(threads.json).",
     )
@@ -202,6 +203,16 @@ class Settings(BaseSettings):
         if v and not re.match(r"https?://[^/\s]+", v):
             raise ValueError(f"prometheus_url must be an http(s) URL, got {v!r}")
         return v or None
+
+    @field_validator("profile_cache", mode="before")
+    @classmethod
+    def _cache_file(cls, v: object) -> object:
+        # A directory (existing, or written with a trailing slash) means the file profiles.json
+        # in it: used as the file, it was never written ("Is a directory"), and every start
+        # measured again.
+        if isinstance(v, str | Path) and str(v) and (str(v).endswith("/") or Path(v).is_dir()):
+            return Path(v) / "profiles.json"
+        return v
 
     def batch_sizes(self) -> list[int]:
         """Batch sizes the latency profile covers."""

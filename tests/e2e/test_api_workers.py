@@ -220,3 +220,16 @@ def test_a_front_gone_between_plan_and_images_leaves_nothing_behind(server, held
         backlog_becomes(0)
         asyncio.run(plan_then_vanish())
         backlog_becomes(0)
+
+
+def test_sigterm_drains_and_leaves_no_socket_directory(server):
+    """Last (it stops the module's server): the owner's two Unix sockets live in a directory of
+    their own, which stayed in /tmp after every SIGTERM."""
+    import signal
+    from pathlib import Path
+
+    channel = next(line for line in server.log if "their channel" in line).split()[-1]
+    assert Path(channel).parent.is_dir()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(60) in (0, -signal.SIGTERM)
+    assert not Path(channel).parent.exists()

@@ -437,6 +437,17 @@ def test_a_sequential_client_with_room_in_its_budget_always_gets_the_best_stitch
     assert stitches == [best] * 60
 
 
+def test_a_profile_cache_given_as_a_directory_is_profiles_json_in_it(tmp_path, monkeypatch):
+    """Used as the file, a directory was never written ("Is a directory"): every start
+    measured the stitches again."""
+    monkeypatch.setenv("SNNET_PROFILE_CACHE", str(tmp_path))
+    assert Settings().profile_cache == tmp_path / "profiles.json"
+    monkeypatch.setenv("SNNET_PROFILE_CACHE", str(tmp_path / "new") + "/")  # not made yet
+    assert Settings().profile_cache == tmp_path / "new" / "profiles.json"
+    monkeypatch.setenv("SNNET_PROFILE_CACHE", str(tmp_path / "mine.json"))
+    assert Settings().profile_cache == tmp_path / "mine.json"
+
+
 def test_readme_lists_every_setting():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [n for n in Settings.model_fields if f"`SNNET_{n.upper()}`" not in readme]
