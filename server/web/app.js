@@ -60,6 +60,8 @@ async function explain(response) {
     case 422: return { title: "Not possible as asked (422)", detail };
     case 503: return { title: "Server busy: request shed (503)",
                        detail: `${detail}${retry ? ` (retry after ${retry} s)` : ""}` };
+    case 401: return { title: "This server needs an API key (401)",
+                       detail: `${detail}. The page sends none: with SNNET_API_KEY set, call the API with the X-API-Key header instead.` };
     case 413: return { title: "Image too large (413)", detail };
     case 400: case 415: return { title: `Not an image the server can read (${response.status})`, detail };
     default: return { title: `Error ${response.status}`, detail };
@@ -313,7 +315,8 @@ async function currentImage() {
 
 function useFile(file) {
   if (!file || !file.type.startsWith("image/")) {
-    showError({ title: "Not an image file", detail: `${file ? file.name : "nothing"} was dropped` });
+    const kept = ui.file ? `${ui.file.name} is still the image sent` : "nothing was chosen";
+    showError({ title: "Not an image file", detail: `${file ? `${file.name} is not an image` : "No file"}; ${kept}.` });
     return;
   }
   clearPad();
