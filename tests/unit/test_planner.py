@@ -375,6 +375,7 @@ def test_the_least_a_warm_422_names_admits_a_retry_that_finds_the_model_cold():
     assert warm.status == 422
     least = float(re.search(r"latency_budget_ms >= ([0-9.]+)", warm.detail)[1])
     assert least == pytest.approx(2.0, abs=0.011)  # stitch 0's 1 ms, cold
+    assert "first batch after idling has run 2.00x its prediction here; allowed:" in warm.detail
     sched._idle_since = NOW - 1.0  # the retry, a second later: the model idled
     assert stitch(planner.plan(opts(latency_budget_ms=least), 1, NOW)) == 0
     # Batches after a pause have run 3x lately (more than start-up's probe saw): the least
