@@ -59,6 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    _warn_unknown_settings()
     try:
         # A missing or corrupt checkpoint, or a device that is not there, is a start-up error,
         # reported before the port is bound.
@@ -97,6 +98,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.shutdown()
         os._exit(code)
     return code
+
+
+def _warn_unknown_settings() -> None:
+    """A misspelt setting (``SNNET_MAX_BATCH=4``) was ignored without a word."""
+    import difflib
+
+    from .config import Settings
+
+    known = [f"SNNET_{name.upper()}" for name in Settings.model_fields]
+    for name in sorted(os.environ):
+        if name.startswith("SNNET_") and not name.startswith("SNNET_TEST_") and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            logging.getLogger("snnet.server").warning(
+                "%s is not a setting of snnet serve and is ignored%s (the README's "
+                "configuration table lists them)",
+                name, f"; did you mean {close[0]}?" if close else "",
+            )  # fmt: skip
 
 
 def api_workers(settings, device) -> int:

@@ -155,6 +155,16 @@ def test_serve_with_a_bad_setting_is_a_clear_error():
     assert "SNNET_DTYPE: got 'fp8'; Input should be 'auto', 'float32'," in proc.stderr
 
 
+def test_serve_warns_of_a_setting_it_does_not_know():
+    env = {**ENV, "SNNET_MAX_BATCH": "4", "SNNET_WEIGHTS": "/nonexistent"}
+    proc = snnet_process("serve", check=False, env=env)
+    assert proc.returncode == 2  # (the missing checkpoint, after the warning)
+    assert (
+        "SNNET_MAX_BATCH is not a setting of snnet serve and is ignored; did you mean "
+        "SNNET_MAX_BATCH_SIZE?"
+    ) in proc.stderr
+
+
 def test_serve_starts_its_model_process_before_importing_torch():
     """`snnet serve` spawns the model process from `server.cli.main` before anything imports
     torch (server.early), so that both processes import it side by side: what runs before that
