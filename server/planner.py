@@ -393,7 +393,7 @@ class Planner:
         )
         given = opts.latency_budget_ms is not None
         what = f"latency_budget_ms={budget:g}" if given else f"SNNET_DEFAULT_BUDGET_MS={budget:g}"
-        time = (  # (stitch_id, or a baseline policy: the one stitch it allows)
+        below = (  # (stitch_id, or a baseline policy: the one stitch it allows)
             f"the fastest stitch's compute time ({fastest_ms:.2f} ms for stitch {fastest} at "
             f"batch {n})"
             if allowed > 1
@@ -402,7 +402,7 @@ class Planner:
         )
         return Refusal(
             422,
-            f"{what} is below {time}{reserved} even on an idle server, and it needs {need:.2f} "
+            f"{what} is below {below}{reserved} even on an idle server, and it needs {need:.2f} "
             f"ms in all with HTTP work and the safety margin{self._after_pause(need, least)}; "
             f"allowed: latency_budget_ms >= {least:.2f}",
         )

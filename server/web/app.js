@@ -315,7 +315,8 @@ async function currentImage() {
 
 function useFile(file) {
   if (!file || !file.type.startsWith("image/")) {
-    const kept = ui.file ? `${ui.file.name} is still the image sent` : "nothing was chosen";
+    const kept = ui.file ? `${ui.file.name} is still the image sent`
+      : ui.inked ? "the drawing is still what is sent" : "nothing is chosen yet";
     showError({ title: "Not an image file", detail: `${file ? `${file.name} is not an image` : "No file"}; ${kept}.` });
     return;
   }
