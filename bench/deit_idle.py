@@ -113,9 +113,11 @@ def main() -> None:
         proc.wait(60)
     ok = [r for r in rows if r[1] == 200]
     refused = [r for r in rows if r[1] == 422]
-    server = sum(1 for r in ok if r[3] <= r[0]) / len(ok)
-    client = sum(1 for r in ok if r[2] <= r[0]) / len(ok)
+    share = lambda i: sum(1 for r in ok if r[i] <= r[0]) / len(ok) if ok else None  # noqa: E731
+    server, client = share(3), share(2)  # (None: a short run with every budget refused)
     over = sorted(r[3] - r[4] for r in ok)
+    mid = round(statistics.median(over), 2) if ok else None
+    top = round(max(over), 2) if ok else None
     print(f"# DeiT-Ti/S/B, 71 stitches, defaults; {ckpt}")
     print(f"ready {ready_s:.1f} s after start ({estimated} stitches estimated); the server's log:")
     for line in log:
@@ -127,15 +129,16 @@ def main() -> None:
         print(f"{len(others)} refused otherwise:")
         for line in others:
             print("   ", line)
-    print(f"answered within budget: server {server:.1%}, client {client:.1%}")
-    print(f"server total - predicted: median {statistics.median(over):.1f} ms, "
-          f"max {max(over):.1f} ms; stitches used {len({r[5] for r in ok})}; "
-          f"device factor {state['device_factor']}")  # fmt: skip
+    if ok:
+        print(f"answered within budget: server {server:.1%}, client {client:.1%}")
+        print(f"server total - predicted: median {mid:.1f} ms, max {top:.1f} ms; stitches used "
+              f"{len({r[5] for r in ok})}; device factor {state['device_factor']}")  # fmt: skip
     print(json.dumps({"ready_s": round(ready_s, 1), "estimated": estimated, "refused": len(refused),
                       "refused_otherwise": len(others),
-                      "server_within": round(server, 4), "client_within": round(client, 4),
-                      "over_median_ms": round(statistics.median(over), 2),
-                      "over_max_ms": round(max(over), 2), "think_s": args.think_s}))  # fmt: skip
+                      "server_within": server and round(server, 4),
+                      "client_within": client and round(client, 4),
+                      "over_median_ms": mid, "over_max_ms": top,
+                      "think_s": args.think_s}))  # fmt: skip
 
 
 if __name__ == "__main__":
