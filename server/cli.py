@@ -159,10 +159,15 @@ def _owner_of_fronts(settings, workers: int):
         # uvicorn re-raises a SIGTERM once it has drained, under the handler it found: the
         # default one ended the process before the finally below, and the directory of the two
         # Unix sockets stayed in /tmp after every stop. Take it here; re-raise it after.
-        term: list[int] = []
-        default = signal.signal(signal.SIGTERM, lambda sig, frame: term.append(sig))
+        server, term = uvicorn.Server(config), []
+
+        def stop(sig, frame) -> None:  # (uvicorn's own handler replaces this while it serves)
+            term.append(sig)
+            server.should_exit = True
+
+        default = signal.signal(signal.SIGTERM, stop)
         try:
-            uvicorn.Server(config).run(sockets=[tcp, uds])
+            server.run(sockets=[tcp, uds])
         finally:
             shutil.rmtree(private, ignore_errors=True)  # the two Unix sockets
             signal.signal(signal.SIGTERM, default)
