@@ -579,6 +579,11 @@ THREADS_GAIN = 0.1
 # choice in 8 took 1 thread on a DeiT-Ti whose every 2-thread run was slowed (31.6 ms, 17-26 in
 # the other seven).
 SECOND_LOOK = 0.8
+# Or every core made the largest anchor this much slower than one core fewer: a sign that
+# something else held a core for the whole timing (the DeiT net's DeiT-B took 870.65 ms on 2
+# threads against 579.11 on 1 in a start right after its checkpoint was written, 266-298 against
+# 439-487 in five other starts; it then served on 1 thread for its lifetime).
+SLOWER_LOOK = 1.2
 
 
 def pick_threads(ms: dict[str, dict[int, float]], n: int, front_ms: float) -> int:
@@ -681,10 +686,11 @@ def choose_threads(net: SNNet, menu: StitchMenu, front_ms: float) -> tuple[int, 
         )
     which = deciding_anchors(menu)
     ms = thread_times(net, menu, (n - 1, n))
-    again = pick_threads(ms, n, front_ms) < n and all(
-        t[n - 1] >= SECOND_LOOK * ((1 + THREADS_GAIN) * t[n] + front_ms) for t in ms.values()
+    again = pick_threads(ms, n, front_ms) < n and (
+        all(t[n - 1] >= SECOND_LOOK * ((1 + THREADS_GAIN) * t[n] + front_ms) for t in ms.values())
+        or ms["largest"][n] > SLOWER_LOOK * ms["largest"][n - 1]
     )
-    if again:  # close: one slow spell may have spoilt a count's every run; more runs only help
+    if again:  # close, or implausible: a slow spell may have spoilt a count's every run
         more = thread_times(net, menu, (n - 1, n))
         ms = {name: {k: min(v, more[name][k]) for k, v in t.items()} for name, t in ms.items()}
     figures = "; ".join(

@@ -348,6 +348,13 @@ def test_choose_threads_measures_both_counts_and_says_why(tiny_net, monkeypatch)
         # each look spoilt on another anchor: the fastest of both looks decides
         ({"largest": {1: 400.0, 2: 370.0}, "smallest": {1: 33.0, 2: 19.0}},
          {"largest": {1: 400.0, 2: 300.0}, "smallest": {1: 33.0, 2: 31.0}}, 2, 2),
+        # every core far slower on the largest anchor (a start right after the DeiT checkpoint
+        # was written): something held a core, so timed again; the second look is undisturbed
+        ({"largest": {1: 579.11, 2: 870.65}, "smallest": {1: 53.03, 2: 92.07}},
+         {"largest": {1: 470.35, 2: 266.12}, "smallest": {1: 39.55, 2: 23.10}}, 2, 2),
+        # the same, and the second look agrees: whatever holds the core stays (a co-tenant)
+        ({"largest": {1: 579.11, 2: 870.65}, "smallest": {1: 53.03, 2: 92.07}},
+         {"largest": {1: 580.0, 2: 860.0}, "smallest": {1: 53.0, 2: 90.0}}, 1, 2),
         # the bundled model: nowhere near, one look
         ({"largest": {1: 5.52, 2: 5.35}, "smallest": {1: 1.02, 2: 1.33}}, None, 1, 1),
         # every core clearly wins: one look
