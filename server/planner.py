@@ -189,22 +189,22 @@ class Planner:
         """The stitches admission may try, in order: all candidates, or one for a baseline."""
         if opts.policy == "most_accurate":
             return candidates[:1]
+        if opts.policy not in ("cheapest", "static"):  # adaptive
+            return candidates
         fastest = min(candidates, key=lambda s: (idle[s], s))
         if opts.policy == "cheapest":
             return [fastest]
-        if opts.policy == "static":
-            # The most accurate stitch an idle server would admit at this budget (the least a
-            # 422 names), load ignored. Its compute alone, as before, chose stitches whose HTTP
-            # work and margin did not fit: a 422 whose least, retried, chose a dearer stitch
-            # and got a 422 again (5 of 5 retries).
-            slow = max(1.0, self._slow_down())  # (as the 422's least counts it)
-            fits = (
-                s
-                for s in candidates
-                if self._idle_need(idle[s] / slow, payload_bytes, cold)[1] <= budget
-            )
-            return [next(fits, fastest)]
-        return candidates
+        # static: the most accurate stitch an idle server would admit at this budget (the least
+        # a 422 names), load ignored. Its compute alone, as before, chose stitches whose HTTP
+        # work and margin did not fit: a 422 whose least, retried, chose a dearer stitch and got
+        # a 422 again (5 of 5 retries).
+        slow = max(1.0, self._slow_down())  # (as the 422's least counts it)
+        fits = (
+            s
+            for s in candidates
+            if self._idle_need(idle[s] / slow, payload_bytes, cold)[1] <= budget
+        )
+        return [next(fits, fastest)]
 
     def _admit(
         self,

@@ -180,26 +180,34 @@ def test_serve_starts_its_model_process_before_importing_torch():
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_ctrl_c_while_serve_imports_ends_it_quietly_with_its_model_process(tmp_path):
-    """Ctrl-C in the first seconds of `snnet serve` (torch still importing, the model process
-    already started early) ends both, with exit code 130 and no traceback."""
-    import signal
+def _serve_until_its_model_process_starts(tmp_path, stderr) -> tuple[subprocess.Popen, list[str]]:
+    """`snnet serve` in its first second: torch still importing, the model process started early
+    (its children's pids; the other is multiprocessing's resource tracker)."""
     import time
 
     from tests._prometheus import free_port
 
     env = {**ENV, "SNNET_PORT": str(free_port()), "XDG_CACHE_HOME": str(tmp_path)}
     proc = subprocess.Popen(
-        [SNNET, "serve"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        [SNNET, "serve"], env=env, stderr=stderr, stdout=subprocess.DEVNULL, text=True
     )
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
     deadline = time.monotonic() + 60
     # The model process is spawned before the imports; nothing is logged that early, so its
     # appearance among the children is the event, polled.
-    while not children.read_text().split():
+    while not (kids := children.read_text().split()):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
+    return proc, kids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_while_serve_imports_ends_it_quietly_with_its_model_process(tmp_path):
+    """Ctrl-C in the first seconds of `snnet serve` (torch still importing, the model process
+    already started early) ends both, with exit code 130 and no traceback."""
+    import signal
+
+    proc, _ = _serve_until_its_model_process_starts(tmp_path, subprocess.PIPE)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)  # (its end: the model process holds stderr too)
     assert proc.returncode == 130, err
@@ -214,21 +222,12 @@ def test_a_model_process_still_importing_ends_with_a_server_killed_early(tmp_pat
     import signal
     import time
 
-    from tests._prometheus import free_port
-
-    env = {**ENV, "SNNET_PORT": str(free_port()), "XDG_CACHE_HOME": str(tmp_path)}
-    proc = subprocess.Popen(
-        [SNNET, "serve"], env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL
-    )
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-    deadline = time.monotonic() + 60
-    while not (kids := children.read_text().split()):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
+    proc, kids = _serve_until_its_model_process_starts(tmp_path, subprocess.DEVNULL)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == -signal.SIGTERM
     gone = time.monotonic()
-    # torch and timm take 5-9 s to import here: a child still there after 3 s was importing on
+    # torch and timm take 5-9 s to import here: a child still there after 3 s was importing on.
+    # (Not our children: nothing to wait on but /proc, polled.)
     while any(Path(f"/proc/{k}").exists() and "Z" not in _state(k) for k in kids):
         assert time.monotonic() - gone < 3.0, f"model process {kids} outlived its server"
         time.sleep(0.05)
