@@ -1,7 +1,8 @@
 """The page at GET / in a real browser (headless Debian Chromium via Playwright), offline: it
 loads nothing but the server itself, shows the stitch menu, classifies an uploaded and a drawn
 digit, answers a tight budget with a cheaper stitch, says in words why a budget is impossible,
-and a burst makes the controller act.
+a burst makes the controller act, a file that is no image is refused in the page, and a server
+with an API key says why the page cannot classify.
 
 Served: the bundled SN-Net, whose stitches differ several times over in compute, so budgets
 visibly choose.
@@ -88,6 +89,13 @@ def test_the_page_classifies_shows_the_menu_and_the_controller_offline(server, t
             # An uploaded held-out 7 with a generous budget: the most accurate stitch answers.
             tab.set_input_files("#file", str(SEVEN))
             tab.wait_for_selector("#pad[data-source='7.png']")  # its preview is drawn
+            assert tab.inner_text("#file-name") == "7.png"
+            # A file that is no image: said so, and the 7 stays the image sent.
+            tab.set_input_files(
+                "#file", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hi"}]
+            )
+            said = tab.inner_text("#answer")
+            assert "Not an image file" in said and "7.png is still the image sent" in said, said
             assert tab.inner_text("#file-name") == "7.png"
             generous = send(tab, 200.0)
             assert generous["status"] == 200, generous["text"]
@@ -178,3 +186,33 @@ def test_the_page_classifies_shows_the_menu_and_the_controller_offline(server, t
     assert not errors, errors
     assert not blocked, blocked
     assert httpx.get(f"{server.url}/readyz").status_code == 200  # and the server is fine
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    yield from bundled(tmp_path_factory, SNNET_API_KEY="s3cret")
+
+
+def test_the_page_of_a_server_with_an_api_key_says_it_sends_none(keyed):
+    from playwright.sync_api import sync_playwright
+
+    blocked, errors = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        try:
+            tab = browser.new_page()
+            tab.on("pageerror", lambda e: errors.append(str(e)))
+            tab.route("**/*", only(keyed.url, blocked))
+            tab.goto(keyed.url)
+            tab.wait_for_selector("#chart .pt", timeout=30_000)  # the menu needs no key
+            tab.set_input_files("#file", str(SEVEN))
+            tab.wait_for_selector("#pad[data-source='7.png']")
+            answer = send(tab, 200.0)
+        finally:
+            browser.close()
+    assert answer["status"] == 401, answer
+    assert "This server needs an API key (401)" in answer["text"]
+    assert "X-API-Key" in answer["text"] and "The page sends none" in answer["text"]
+    assert answer["stitch"] is None
+    assert not errors, errors
+    assert not blocked, blocked
