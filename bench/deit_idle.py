@@ -53,7 +53,9 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/snnet-deit")
     ap.add_argument("--budget-scale", type=float, default=1.3)
     ap.add_argument("--think-s", type=float, default=0.0, help="idle time between requests")
-    ap.add_argument("--rows", help="write every request's figures (JSON lines) here")
+    ap.add_argument(
+        "--rows", help="write every request's figures, or its refusal, (JSON lines) here"
+    )
     args = ap.parse_args()
     ckpt = Path(args.dir)
     if not (ckpt / "manifest.json").is_file():
@@ -94,6 +96,10 @@ def main() -> None:
             rtt = (time.perf_counter() - t1) * 1e3
             if r.status != 200:
                 rows.append((budget, r.status, rtt, None, None, None))
+                if args.rows:
+                    with open(args.rows, "a") as f:
+                        row = {"i": i, "budget": budget, "status": r.status, "detail": answer}
+                        f.write(json.dumps(row) + "\n")
                 if r.status != 422:
                     others.append(f"#{i} budget {budget} ms: {r.status} {answer}")
                 continue

@@ -85,7 +85,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.rows:
         runs = [
-            [(r["total_ms"], r["predicted_ms"]) for r in map(json.loads, lines)]
+            [(r["total_ms"], r["predicted_ms"]) for r in map(json.loads, lines) if "total_ms" in r]
             for lines in (Path(f).read_text().splitlines() for f in args.rows)
         ]
     else:

@@ -220,9 +220,13 @@ def _margin(pairs: list[tuple[float, float]]) -> tuple[float, float]:
     fixed parts ``c`` (MARGIN_SCALES times the median prediction; ``inf``: plain ms). The right
     ``c`` makes the answers with predictions below the median and those above it look alike,
     so the ``c`` whose two halves have the closest MARGIN_QUANTILE tails (``_tail_quantile``)
-    is taken (from 2 * MARGIN_MIN_ANSWERS answers; before, the median itself), and the share
-    is the MARGIN_QUANTILE tail of all the answers so normalised: the pad of ``p`` is
-    ``share * (p + c)``.
+    is taken (from MARGIN_MIN_ANSWERS answers), and the share is the MARGIN_QUANTILE tail of
+    all the answers so normalised: the pad of ``p`` is ``share * (p + c)``. (Until session 26
+    ``c`` was the median prediction up to 40 answers: a fresh DeiT server whose first answers
+    ran over in proportion to their predictions padded its cheapest stitch, 40 ms, by 30-58 ms
+    from the 20th answer to the 40th and refused budgets 1.5-2x what it took; the recorded runs
+    of ``bench/margin_replay.py`` lost no coverage choosing from 20: answers 20-39, 99.4% ->
+    100%, cheap pads 15.2 -> 14.8 ms.)
 
     With fewer than MARGIN_MIN_FIT answers: a share only, the prior. Then, below
     MARGIN_MIN_ANSWERS, ``c`` is the median prediction and the share is the prior or, when
@@ -259,10 +263,7 @@ def _margin(pairs: list[tuple[float, float]]) -> tuple[float, float]:
         lo, hi = _tail_quantile(overruns(c, lower)), _tail_quantile(overruns(c, upper))
         return abs(hi - lo) / max(abs(hi), abs(lo), 1e-9)
 
-    if n >= 2 * MARGIN_MIN_ANSWERS:
-        c = min((scale * median for scale in MARGIN_SCALES), key=mismatch)
-    else:  # too few to tell the two halves' tails apart: half of each kind
-        c = median
+    c = min((scale * median for scale in MARGIN_SCALES), key=mismatch)
     z = _tail_quantile(overruns(c, pairs))
     if math.isinf(c):  # past the fixed part's cap, the rest as a share (the same total cap)
         fixed = min(MAX_MARGIN * median, max(0.0, z))
