@@ -223,7 +223,7 @@ def _margin(pairs: list[tuple[float, float]]) -> tuple[float, float]:
     is taken (from MARGIN_MIN_ANSWERS answers), and the share is the MARGIN_QUANTILE tail of
     all the answers so normalised: the pad of ``p`` is ``share * (p + c)``. (Until session 26
     ``c`` was the median prediction up to 40 answers: a fresh DeiT server whose first answers
-    ran over in proportion to their predictions padded its cheapest stitch, 40 ms, by 30-58 ms
+    ran over in proportion to their predictions padded its cheapest stitch, 40 ms, by 30-52 ms
     from the 20th answer to the 40th and refused budgets 1.5-2x what it took; the recorded runs
     of ``bench/margin_replay.py`` lost no coverage choosing from 20: answers 20-39, 99.4% ->
     100%, cheap pads 15.2 -> 14.8 ms.)
