@@ -12,8 +12,10 @@ imports it too, and ``snnet serve`` starts the model process before it imports t
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
+from pathlib import Path
 
 SPAWN_ENV_LOCK = threading.Lock()
 
@@ -38,12 +40,85 @@ def environ_copy(**extra: str) -> dict[str, str]:
         return {**os.environ, **extra}
 
 
-def cores() -> int:
-    """The cores this process may run on: its affinity mask (a cpuset), not a CPU quota."""
+def cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (a cpuset)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def cpu_quota(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPU time this process's cgroup may use, in CPUs (``docker run --cpus``, a Kubernetes
+    CPU limit): the tightest quota of its cgroup and those above it, cgroup v2 (``cpu.max``) or
+    v1 (``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``); None where there is none or it cannot be
+    read. A container usually sees its own cgroup at ``root`` (a cgroup namespace); where its
+    path under ``root`` does not exist, ``root``'s own files are read."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2: one hierarchy
+            base, read = Path(root), _v2_quota
+        elif "cpu" in controllers.split(","):  # v1: the cpu controller's own mount
+            mounts = (Path(root) / name for name in (controllers, "cpu", "cpu,cpuacct"))
+            base, read = next((m for m in mounts if m.is_dir()), None), _v1_quota
+            if base is None:
+                continue
+        else:
+            continue
+        here = base / path.lstrip("/")
+        if not here.is_dir():
+            here = base
+        while True:
+            quota = read(here)
+            if quota is not None:
+                quotas.append(quota)
+            if here == base or base not in here.parents:
+                break
+            here = here.parent
+    return min(quotas, default=None)
+
+
+def _v2_quota(cgroup: Path) -> float | None:
+    try:
+        limit, period = (cgroup / "cpu.max").read_text().split()[:2]
+        return None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_quota(cgroup: Path) -> float | None:
+    try:
+        limit = int((cgroup / "cpu.cfs_quota_us").read_text())
+        period = int((cgroup / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if limit <= 0 or period <= 0 else limit / period
+
+
+def cores() -> int:
+    """The cores this process can use at once: its CPUs (``cpus``), or fewer where a CPU quota
+    allows less (rounded up: 1.5 CPUs' worth of time is 2 threads' work, each running part of
+    the time). A model on 64 threads in a container allowed 2 CPUs spends its time throttled,
+    every team waiting at each barrier for threads the quota stopped."""
+    quota = cpu_quota()
+    n = cpus()
+    return n if quota is None else max(1, min(n, math.ceil(quota - 1e-9)))
+
+
+def quota_note() -> str:
+    """Where a CPU quota makes ``cores`` fewer than ``cpus``, that, in words for a log line."""
+    quota, n = cpu_quota(), cpus()
+    if quota is None or cores() >= n:
+        return ""
+    return f" (a CPU quota of {quota:g} CPUs on {n})"
 
 
 # OpenMP threads of the child spin for a while after each parallel region before they sleep
@@ -81,9 +156,11 @@ USER_BINDING = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINIT
 
 def model_child_env(threads: int | None) -> dict[str, str]:
     """The OpenMP settings the model process gets for ``threads`` torch threads (where the
-    user has not set them): the spin count, and ``PIN_ENV`` when the threads take every CPU."""
+    user has not set them): the spin count, and ``PIN_ENV`` when the threads take every CPU
+    of the affinity mask (under a CPU quota of fewer, replicas on one host would all bind to
+    its first CPUs)."""
     env = dict(CHILD_ENV)
     user_binds = any(k in os.environ for k in USER_BINDING)
-    if threads and threads >= cores() and not user_binds:
+    if threads and threads >= cpus() and not user_binds:
         env.update(PIN_ENV)
     return env

@@ -39,7 +39,7 @@ import snnet_core
 from snnet_core import DeviceFingerprint, LatencyProfile, Manifest, SNNet, StitchMenu
 
 from .config import Settings
-from .environ import cores
+from .environ import cores, quota_note
 from .imaging import input_decode_ms
 from .ingress import HTTP_MS_PRIOR
 from .latency import LatencyModel
@@ -678,10 +678,10 @@ def choose_threads(net: SNNet, menu: StitchMenu, front_ms: float) -> tuple[int, 
     serves best on 1 thread, DeiT-Ti/S/B on 2."""
     n = cores()
     if n == 1:
-        return 1, "1 core"
+        return 1, f"1 core{quota_note()}"
     if n / (n - 1) <= 1 + THREADS_GAIN:
         return n - 1, (
-            f"{n} cores: a model can gain at most {n}/{n - 1} from the last, not more than the "
+            f"{n} cores{quota_note()}: a model can gain at most {n}/{n - 1} from the last, not more than the "
             f"{1 + THREADS_GAIN:g}x asked of it; one is left to the event loop"
         )
     which = deciding_anchors(menu)
@@ -700,7 +700,7 @@ def choose_threads(net: SNNet, menu: StitchMenu, front_ms: float) -> tuple[int, 
     )
     rule = (
         f"{n} threads only if t({n - 1}) >= {1 + THREADS_GAIN:g} x t({n}) + {front_ms:.2f} ms "
-        "(the front end's work for one request) for both"
+        f"(the front end's work for one request) for both{quota_note()}"
     )
     return pick_threads(ms, n, front_ms), (
         f"{figures}{' (timed twice: close)' if again else ''}; {rule}"

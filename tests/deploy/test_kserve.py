@@ -54,6 +54,11 @@ def test_the_runtime_is_a_kserve_v2_and_grpc_v2_runtime(runtime):
     assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
     env = {e["name"]: e["value"] for e in c["env"]}
     assert env["SNNET_WEIGHTS"] == "/mnt/models"  # where the storage initializer puts it
+    # The model process maps the weights through /dev/shm: a memory volume larger than the
+    # pod's 64 MB default, as the Deployment's
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    (shm,) = [v for v in runtime["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert shm["emptyDir"]["medium"] == "Memory"
 
 
 def test_the_runtime_container_validates_against_the_kubernetes_schema(runtime):
@@ -61,7 +66,7 @@ def test_the_runtime_container_validates_against_the_kubernetes_schema(runtime):
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": "check"},
-        "spec": {"containers": [container(runtime)]},
+        "spec": {"containers": [container(runtime)], "volumes": runtime["spec"]["volumes"]},
     }
     kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
 

@@ -113,8 +113,10 @@ def test_probes_startup_and_termination(rendered):
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     startup = c["startupProbe"]
-    assert startup["httpGet"]["path"] == "/healthz"
-    # Profiling a large model on new hardware takes minutes: allow at least 10.
+    # It gates liveness until the model is ready (/healthz answers as soon as the port
+    # listens, so a start-up that hangs would never be restarted). Profiling a large model on
+    # new hardware takes minutes: allow at least 10.
+    assert startup["httpGet"]["path"] == "/readyz"
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
     # SIGKILL must not come before the preStop pause and the drain of accepted requests (up to
     # SNNET_MAX_QUEUE images; 30 s is ample for the queue limits configured here).

@@ -18,7 +18,7 @@ from server.environ import (
     CHILD_ENV,
     PIN_ENV,
     USER_BINDING,
-    cores,
+    cpus,
     model_child_env,
     spawning_with,
 )
@@ -125,7 +125,7 @@ def test_ctrl_c_to_the_process_group_leaves_the_child_serving_until_closed(own_c
 
 
 @pytest.mark.skipif(
-    not hasattr(os, "sched_getaffinity") or cores() < 2, reason="needs Linux and 2 cores"
+    not hasattr(os, "sched_getaffinity") or cpus() < 2, reason="needs Linux and 2 cores"
 )
 def test_a_model_process_taking_every_cpu_gets_the_openmp_spin_and_one_bound_cpu_per_thread(
     net, monkeypatch
@@ -135,7 +135,7 @@ def test_a_model_process_taking_every_cpu_gets_the_openmp_spin_and_one_bound_cpu
     only: libgomp reads them when torch loads there."""
     for k in ("GOMP_SPINCOUNT", *USER_BINDING):
         monkeypatch.delenv(k, raising=False)
-    proc = ProcessRunner(net, torch.float32, threads=cores())
+    proc = ProcessRunner(net, torch.float32, threads=cpus())
     try:  # the child's main thread runs the forward: OpenMP binds it at start
         env = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
         assert f"GOMP_SPINCOUNT={CHILD_ENV['GOMP_SPINCOUNT']}".encode() in env
@@ -157,10 +157,10 @@ def test_with_fewer_threads_than_cpus_or_the_users_own_openmp_settings_nothing_i
     a child started with it bound.)"""
     for k in ("GOMP_SPINCOUNT", *USER_BINDING):
         monkeypatch.delenv(k, raising=False)
-    assert PIN_ENV.items() <= model_child_env(cores()).items()
-    assert not PIN_ENV.keys() & model_child_env(cores() - 1).keys()
+    assert PIN_ENV.items() <= model_child_env(cpus()).items()
+    assert not PIN_ENV.keys() & model_child_env(cpus() - 1).keys()
     monkeypatch.setenv("OMP_PROC_BIND", "false")
-    assert not PIN_ENV.keys() & model_child_env(cores()).keys()
+    assert not PIN_ENV.keys() & model_child_env(cpus()).keys()
     monkeypatch.setenv("GOMP_SPINCOUNT", "123")
     with spawning_with(model_child_env(1)):
         assert os.environ["GOMP_SPINCOUNT"] == "123" and os.environ["OMP_PROC_BIND"] == "false"
@@ -236,7 +236,7 @@ def test_a_model_process_started_early_takes_the_weights_when_its_settings_match
 
 
 @pytest.mark.skipif(
-    not hasattr(os, "sched_getaffinity") or cores() < 2, reason="needs Linux and 2 cores"
+    not hasattr(os, "sched_getaffinity") or cpus() < 2, reason="needs Linux and 2 cores"
 )
 def test_an_early_model_process_with_other_openmp_settings_or_dead_is_replaced(
     net, digits, tmp_path, monkeypatch
@@ -247,21 +247,21 @@ def test_an_early_model_process_with_other_openmp_settings_or_dead_is_replaced(
         monkeypatch.delenv(k, raising=False)
     x = digits[0][:4]
     expected = InlineRunner(net, torch.device("cpu"), torch.float32)(x, 5)
-    early.start(tmp_path, cores(), "cpu", "auto")  # every CPU: bound
+    early.start(tmp_path, cpus(), "cpu", "auto")  # every CPU: bound
     bound = early._early[0]
     early.start(tmp_path, 1, "cpu", "auto")  # a newer early start replaces an older one
     assert bound.exitcode is not None
     dead = early._early[0]  # the settings the runner wants, but killed
     os.kill(dead.pid, signal.SIGKILL)
     dead.join(10)
-    for wanted in (1, cores()):  # the dead one, then one with other settings
-        if wanted == cores():
+    for wanted in (1, cpus()):  # the dead one, then one with other settings
+        if wanted == cpus():
             early.start(tmp_path, 1, "cpu", "auto")  # unbound: the runner wants it bound
             other = early._early[0]
         runner = ProcessRunner(net, torch.float32, threads=wanted)
         try:
             assert runner.pid != dead.pid and not runner.early
-            assert runner.bound == (wanted == cores())
+            assert runner.bound == (wanted == cpus())
             torch.testing.assert_close(runner(x, 5), expected, rtol=1e-5, atol=1e-5)
         finally:
             runner.close()
@@ -272,14 +272,14 @@ def test_the_thread_count_chosen_is_remembered_for_the_next_early_start(tmp_path
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     weights = tmp_path / "weights"
     assert early.remembered_threads(weights) is None
-    early.remember_threads(weights, cores())
-    assert early.remembered_threads(weights) == cores()
+    early.remember_threads(weights, cpus())
+    assert early.remembered_threads(weights) == cpus()
     assert early.remembered_threads(tmp_path / "other") is None
     assert early.start(weights, "auto", "cpu", "auto")
     # Started with the remembered count's binding (all cores: bound, where nothing is known:
     # not, unless there is only one core).
-    assert early._early[2] == model_child_env(cores())
-    assert cores() == 1 or model_child_env(cores()) != model_child_env(None)
+    assert early._early[2] == model_child_env(cpus())
+    assert cpus() == 1 or model_child_env(cpus()) != model_child_env(None)
     early.discard()
     threads_file = tmp_path / "cache" / "snnet" / "threads.json"
     for broken in ("{not json", "null", "[1, 2]"):  # only a guess lost, never an error
@@ -298,10 +298,10 @@ def test_the_thread_count_is_remembered_beside_an_explicit_profile_cache(tmp_pat
     thread count goes there too, so the next container's early start guesses right."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
     weights, cache = tmp_path / "weights", tmp_path / "volume" / "profiles.json"
-    early.remember_threads(weights, cores(), cache)
+    early.remember_threads(weights, cpus(), cache)
     assert json.loads((tmp_path / "volume" / "threads.json").read_text())
     assert not (tmp_path / "home-cache").exists()
-    assert early.remembered_threads(weights, cache) == cores()
+    assert early.remembered_threads(weights, cache) == cpus()
     assert early.remembered_threads(weights) is None  # the user's cache knows nothing of it
     assert early.start(weights, "auto", "cpu", "auto", cache)
-    assert early._early[2] == model_child_env(cores())
+    assert early._early[2] == model_child_env(cpus())

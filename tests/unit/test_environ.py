@@ -1,0 +1,98 @@
+"""How many cores a model may use: the affinity mask, or fewer under a CPU quota (a container's
+``--cpus``, a Kubernetes CPU limit), read from the cgroup files as the kernel lays them out."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.environ import cpu_quota, cpus
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tree(tmp_path: Path, line: str, files: dict[str, str]) -> tuple[str, str]:
+    """A /proc/self/cgroup holding ``line`` and a cgroup root holding ``files``."""
+    proc = tmp_path / "cgroup"
+    proc.write_text(line + "\n")
+    root = tmp_path / "fs"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return str(proc), str(root)
+
+
+def test_a_cgroup_v2_quota_is_the_tightest_of_the_cgroup_and_those_above_it(tmp_path):
+    proc, root = tree(
+        tmp_path,
+        "0::/kubepods/pod1/ctr",
+        {
+            "cpu.max": "max 100000\n",
+            "kubepods/cpu.max": "max 100000\n",
+            "kubepods/pod1/cpu.max": "150000 100000\n",  # the pod: 1.5 CPUs
+            "kubepods/pod1/ctr/cpu.max": "400000 100000\n",
+        },
+    )
+    assert cpu_quota(proc, root) == 1.5
+
+
+def test_no_quota_or_no_cgroup_files_is_no_limit(tmp_path):
+    assert cpu_quota(*tree(tmp_path, "0::/", {"cpu.max": "max 100000\n"})) is None
+    assert cpu_quota(str(tmp_path / "absent"), str(tmp_path)) is None
+    v1 = tree(tmp_path, "4:cpu,cpuacct:/docker/abc", {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n"})
+    assert cpu_quota(*v1) is None
+
+
+def test_a_container_that_sees_only_its_own_cgroup_reads_the_root_files(tmp_path):
+    """cgroup v1 without a cgroup namespace: /proc/self/cgroup names the host's path, and the
+    container's cpu mount is its own cgroup."""
+    proc, root = tree(
+        tmp_path,
+        "4:cpu,cpuacct:/docker/0123abcd",
+        {"cpu,cpuacct/cpu.cfs_quota_us": "200000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+    )
+    assert cpu_quota(proc, root) == 2.0
+
+
+def cgroup_v1_with_quota(name: str, cpus_allowed: float) -> Path:
+    """A real cgroup (v1 cpu controller) with a CPU quota, or a skip where none can be made."""
+    base = Path("/sys/fs/cgroup/cpu")
+    if not (base / "cpu.cfs_quota_us").is_file():
+        pytest.skip("no cgroup v1 cpu controller mounted at /sys/fs/cgroup/cpu")
+    group = base / name
+    try:
+        group.mkdir(exist_ok=True)
+        (group / "cpu.cfs_quota_us").write_text(str(int(cpus_allowed * 100000)))
+    except OSError as e:
+        pytest.skip(f"cannot make a cgroup here: {e}")
+    return group
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or cpus() < 2, reason="needs 2 CPUs")
+def test_a_process_allowed_one_cpu_of_two_chooses_threads_for_one_core():
+    """In a real cgroup allowed 1 CPU's time on a machine of 2: ``SNNET_THREADS=auto`` takes one
+    thread, without timing two (which the quota would throttle), and says why."""
+    group = cgroup_v1_with_quota(f"snnet-test-{os.getpid()}", 1.0)
+    script = (
+        "import torch\n"
+        "from server.environ import cores, cpus\n"
+        "from server.profiling import choose_threads\n"
+        "print(cores(), cpus(), choose_threads(None, None, 0.0))\n"
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", script],
+            preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())),
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
+    finally:
+        group.rmdir()
+    assert out.strip() == "1 2 (1, '1 core (a CPU quota of 1 CPUs on 2)')", out
