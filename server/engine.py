@@ -235,6 +235,7 @@ def build_engine(
         except RunnerError:
             check()  # cancelled: say so, not "failed"
             raise
+        metrics.model_pid = lambda: runner.pid  # its CPU and memory in /metrics
     else:
         early.discard()  # spawned for a CPU model, but this one runs in a thread
         stage("warming up")

@@ -1,10 +1,13 @@
 """Prometheus metrics of the service: names prefixed ``snnet_``, base units, ``_total`` counters.
 
 Each app instance owns its own ``CollectorRegistry`` (so tests can run several apps in one
-process); ``/metrics`` exposes it, with the process collector for CPU and memory.
+process); ``/metrics`` exposes it, with the process collector for CPU and memory, the model
+process's as ``snnet_model_process_*``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -29,6 +32,13 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         ProcessCollector(registry=r)
+        # The model process (SNNET_WORKER=process, the default on CPU) does most of the work:
+        # its CPU and memory as snnet_model_process_*; nothing while there is none. The engine
+        # sets model_pid once it has one (a process restarted after a crash: its new pid).
+        self.model_pid: Callable[[], int | None] = lambda: None
+        ProcessCollector(
+            namespace="snnet_model", pid=lambda: self.model_pid() or "no-model-process", registry=r
+        )
         PlatformCollector(registry=r)
         self.requests = Counter(
             "snnet_requests",

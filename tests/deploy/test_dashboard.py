@@ -66,6 +66,8 @@ def test_dashboard_shows_what_the_issue_asks_for():
         "snnet_latency_correction",
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",
+        "snnet_model_process_cpu_seconds_total",  # the model process, which does the work on CPU
+        "snnet_model_process_resident_memory_bytes",
     ]:
         assert metric in exprs, metric
     # Rates follow Grafana's interval, so the panels stay right at any zoom.

@@ -4,6 +4,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -331,6 +332,23 @@ def test_metrics_exposition(client, digit_png):
         "process_resident_memory_bytes",
     ]:
         assert name in text, name
+    # The model process, which runs the forwards on CPU: its own CPU time and memory (the
+    # HTTP process's alone left most of the work out).
+    engine = client.app.state.lifecycle.engine
+    assert engine.runner.kind == "process"
+    own = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("snnet_model_process_")
+    }
+    assert own["snnet_model_process_cpu_seconds_total"] > 0
+    assert own["snnet_model_process_resident_memory_bytes"] > 0
+    started = Path(f"/proc/{engine.runner.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    boot = next(ln for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime"))
+    ticks = os.sysconf("SC_CLK_TCK")
+    assert own["snnet_model_process_start_time_seconds"] == pytest.approx(
+        float(boot.split()[1]) + int(started) / ticks
+    )  # that process's, not this one's
 
 
 def test_api_key(ckpt, tmp_path, digit_png):
