@@ -73,7 +73,9 @@ class RequestMetrics:
         finally:
             route = getattr(scope.get("route"), "path", "other")
             self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.request_seconds.labels(route).observe(time.perf_counter() - start)
+            self.metrics.request_seconds.labels(route, str(status)).observe(
+                time.perf_counter() - start
+            )
 
 
 DOCS_ASSETS = "/docs-assets"

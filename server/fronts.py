@@ -207,7 +207,7 @@ class OwnerChannel:
         if not asked:  # refused before planning (401, 400, 413, 415, 422 fields): still arrived
             metrics.arrivals.inc()
         metrics.requests.labels("/classify", str(status)).inc()
-        metrics.request_seconds.labels("/classify").observe(total_ms / 1e3)
+        metrics.request_seconds.labels("/classify", str(status)).observe(total_ms / 1e3)
         if remote is None:
             return
         remote.release()  # a request whose images did not decode, or one refused

@@ -145,7 +145,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
         finally:
             metrics.requests.labels(ROUTE, str(status)).inc()
-            metrics.request_seconds.labels(ROUTE).observe(time.perf_counter() - start)
+            metrics.request_seconds.labels(ROUTE, str(status)).observe(time.perf_counter() - start)
         response = pb.ModelInferResponse(
             model_name=engine.model_name, model_version=str(plan.stitch), id=request.id
         )

@@ -47,8 +47,10 @@ class Metrics:
             registry=r,
         )
         self.request_seconds = Histogram(
-            "snnet_request_duration_seconds", "Time from request arrival to response, by route",
-            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+            "snnet_request_duration_seconds",
+            "Time from request arrival to response, by route and status code (an answer's "
+            'latency: status="200"; refusals take well under a millisecond)',
+            ["route", "status"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_seconds = Histogram(
             "snnet_queue_wait_seconds", "Time a classify request waited before its batch ran",

@@ -70,6 +70,11 @@ def test_dashboard_shows_what_the_issue_asks_for():
         "snnet_model_process_resident_memory_bytes",
     ]:
         assert metric in exprs, metric
+    # Latency percentiles are those of answers: refusals (sub-millisecond) would pull them down.
+    for p in PANELS:
+        for t in p["targets"]:
+            if "snnet_request_duration_seconds_bucket" in t["expr"]:
+                assert 'status="200"' in t["expr"], p["title"]
     # Rates follow Grafana's interval, so the panels stay right at any zoom.
     for p in PANELS:
         for t in p["targets"]:

@@ -315,7 +315,22 @@ def test_metrics_exposition(client, digit_png):
         files=[("image", ("a.png", digit_png, "image/png"))],
         data={"latency_budget_ms": "60000"},
     )
+    refused = client.post(
+        "/classify",
+        files=[("image", ("a.png", digit_png, "image/png"))],
+        data={"latency_budget_ms": "0.001"},
+    )
+    assert refused.status_code == 422
     text = client.get("/metrics").text
+    # Latency by status: an answer's apart from the refusals, which take a fraction of a ms
+    # and would pull the percentiles of what clients wait for down.
+    counts = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith('snnet_request_duration_seconds_count{route="/classify"')
+    }
+    assert counts['snnet_request_duration_seconds_count{route="/classify",status="422"}'] >= 1
+    assert counts['snnet_request_duration_seconds_count{route="/classify",status="200"}'] >= 1
     for name in [
         'snnet_requests_total{route="/classify",status="200"}',
         "snnet_request_duration_seconds_bucket",
