@@ -13,6 +13,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
 
+# PromQL label matchers: name, operator, double-quoted value (escapes allowed), comma-separated.
+_MATCHER = r'\s*[A-Za-z_][A-Za-z0-9_]*\s*(?:=~|!~|!=|=)\s*"(?:[^"\\]|\\.)*"\s*'
+SELECTOR = re.compile(rf"{_MATCHER}(?:,{_MATCHER})*,?\s*")
+
+
 class Settings(BaseSettings):
     """Every setting of the service; each is read from ``SNNET_<NAME>`` (case-insensitive).
 
@@ -121,6 +126,12 @@ class Settings(BaseSettings):
         description="Prometheus server whose query API gives fleet-wide figures to the controller "
         "(e.g. http://prometheus:9090); unset: local metrics only.",
     )
+    prometheus_selector: str = Field(
+        "",
+        description="Label matchers put on every metric of the controller's Prometheus queries, "
+        'so that they count this deployment only (e.g. job="snnet",namespace="prod"); empty: '
+        "every series of those names that Prometheus holds.",
+    )
     prometheus_period_s: float = Field(
         5.0, gt=0, description="How often the controller queries SNNET_PROMETHEUS_URL, seconds."
     )
@@ -203,6 +214,18 @@ class Settings(BaseSettings):
         if v and not re.match(r"https?://[^/\s]+", v):
             raise ValueError(f"prometheus_url must be an http(s) URL, got {v!r}")
         return v or None
+
+    @field_validator("prometheus_selector")
+    @classmethod
+    def _selector(cls, v: str) -> str:
+        v = v.strip().strip("{}").strip()
+        if v and not SELECTOR.fullmatch(v):
+            raise ValueError(
+                f"prometheus_selector must be PromQL label matchers such as "
+                f'job="snnet",namespace="prod" (name, one of = != =~ !~, a quoted value; '
+                f"comma-separated), got {v!r}"
+            )
+        return v
 
     @field_validator("profile_cache", mode="before")
     @classmethod

@@ -96,8 +96,13 @@ class PrometheusSource:
 
     WINDOW = "1m"
 
-    def __init__(self, url: str, timeout_s: float = 2.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 2.0, selector: str = "") -> None:
         self.url, self.timeout_s = url.rstrip("/"), timeout_s
+        self.selector = selector  # label matchers on every metric (SNNET_PROMETHEUS_SELECTOR)
+
+    def _m(self, name: str) -> str:
+        """A metric name with the selector's matchers."""
+        return f"{name}{{{self.selector}}}" if self.selector else name
 
     def query(self, expr: str) -> list[tuple[dict[str, str], float]]:
         """(labels, value) per series; raises RuntimeError with Prometheus's message on failure."""
@@ -130,20 +135,22 @@ class PrometheusSource:
 
     def fleet(self) -> Fleet:
         w = self.WINDOW
+        m = self._m
         met, missed, shed = (
-            f"sum(rate(snnet_{n}_total[{w}]))" for n in ("budget_met", "budget_missed", "shed")
+            f"sum(rate({m(f'snnet_{n}_total')}[{w}]))"
+            for n in ("budget_met", "budget_missed", "shed")
         )
         corrections = {
             int(labels["stitch"]): value
             for labels, value in self.query(
-                f"sum by (stitch) (rate(snnet_compute_seconds_sum[{w}])) / "
-                f"sum by (stitch) (rate(snnet_compute_profiled_seconds_total[{w}]))"
+                f"sum by (stitch) (rate({m('snnet_compute_seconds_sum')}[{w}])) / "
+                f"sum by (stitch) (rate({m('snnet_compute_profiled_seconds_total')}[{w}]))"
             )
             if labels.get("stitch", "").isdigit()
         }
-        replicas = self.scalar("sum(snnet_ready)")
+        replicas = self.scalar(f"sum({m('snnet_ready')})")
         return Fleet(
-            arrival_rate=self.scalar(f"sum(rate(snnet_arrivals_total[{w}]))"),
+            arrival_rate=self.scalar(f"sum(rate({m('snnet_arrivals_total')}[{w}]))"),
             replicas=None if replicas is None else int(replicas),
             attainment=self.scalar(f"{met} / ({met} + {missed} + {shed})"),
             corrections=corrections,

@@ -411,7 +411,11 @@ class Lifecycle:
         engine = self.engine
         if engine is None:
             return
-        source = PrometheusSource(s.prometheus_url) if s.prometheus_url else None
+        source = (
+            PrometheusSource(s.prometheus_url, selector=s.prometheus_selector)
+            if s.prometheus_url
+            else None
+        )
         querying: asyncio.Task | None = None
         next_query = 0.0
         while True:

@@ -140,9 +140,17 @@ def test_settings_are_valid_service_settings(rendered):
     """Every key of the ConfigMap (and the env) is a setting of server/config.py, with a value
     that setting accepts."""
     data = dict(rendered["ConfigMap"]["data"])
+    fields = {"metadata.namespace": "snnet"}  # what the downward API gives the pod
     for env in container(rendered)["env"]:
+        if env["name"] == "POD_NAMESPACE":  # for the selector below
+            assert fields[env["valueFrom"]["fieldRef"]["fieldPath"]]
+            continue
         assert env["name"].startswith("SNNET_")
-        data.setdefault(env["name"], "2")  # SNNET_THREADS from the CPU request
+        value = env.get("value", "2")  # (SNNET_THREADS from the CPU request)
+        data.setdefault(env["name"], value.replace("$(POD_NAMESPACE)", "snnet"))
+    # The controller's fleet queries count this Deployment's pods: the job of the rules and
+    # alerts, in the pod's own namespace.
+    assert data["SNNET_PROMETHEUS_SELECTOR"] == 'job="snnet",namespace="snnet"'
     kwargs = {k.removeprefix("SNNET_").lower(): v for k, v in data.items()}
     assert set(kwargs) <= set(Settings.model_fields), set(kwargs) - set(Settings.model_fields)
     Settings(**kwargs)

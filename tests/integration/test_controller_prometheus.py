@@ -32,13 +32,15 @@ def stack(tmp_path_factory):
             "SNNET_PROMETHEUS_URL": prom.url,
             "SNNET_PROMETHEUS_PERIOD_S": "0.5",
             "SNNET_CONTROLLER_PERIOD_S": "0.1",
+            # A shared Prometheus scrapes other deployments too: count this one only.
+            "SNNET_PROMETHEUS_SELECTOR": 'job="snnet"',
         }
     )
+    target = {"static_configs": [{"targets": [f"127.0.0.1:{srv.port}"]}]}
     prom.config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [
-            {"job_name": "snnet", "static_configs": [{"targets": [f"127.0.0.1:{srv.port}"]}]}
-        ],
+        # The same series under a second job: another deployment's, as far as the queries see.
+        "scrape_configs": [{"job_name": "snnet", **target}, {"job_name": "other", **target}],
     }
     try:
         srv.wait_for("ready in")
@@ -79,8 +81,12 @@ def test_controller_reads_fleet_figures_from_prometheus(stack, digits):
             what="fleet figures from Prometheus",
         )
         assert fleet["error"] is None and fleet["arrival_rate"] > 0
+        # One replica, though Prometheus holds two of every series: the selector's job only.
+        assert PrometheusSource(prom.url).fleet().replicas == 2
         # The same figure, asked of Prometheus directly, agrees in magnitude.
-        direct = float(prom.query("sum(rate(snnet_arrivals_total[1m]))")[0]["value"][1])
+        direct = float(
+            prom.query('sum(rate(snnet_arrivals_total{job="snnet"}[1m]))')[0]["value"][1]
+        )
         assert 0.2 * direct <= fleet["arrival_rate"] <= 5 * direct
         for ratio in fleet["corrections"].values():
             assert 0.05 < ratio < 20  # observed / profiled compute: the same order
