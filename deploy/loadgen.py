@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> dict[int, int]:
         ):
             pool.submit(one, rng.choice(pngs), rng.choice(BUDGETS))
             sent += 1
+            if sent % max(1, round(10 * args.rate)) == 0:  # about every 10 s: compose runs forever
+                with lock:
+                    print(
+                        f"sent {sent}; statuses so far:", dict(sorted(statuses.items())), flush=True
+                    )
             time.sleep(max(0.0, start + sent / args.rate - time.monotonic()))
     print("statuses:", dict(sorted(statuses.items())), flush=True)
     return dict(statuses)

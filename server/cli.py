@@ -52,6 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from . import early
     from .app import create_app
+    from .config import BUNDLED_WEIGHTS
 
     settings = serve_settings(args)
     if settings is None:
@@ -69,7 +70,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             resolve_dtype(settings.dtype, device)
     except (CheckpointError, ValueError, RuntimeError) as e:
         early.discard()
-        print(f"error: cannot serve: {e}", file=sys.stderr)
+        hint = ""
+        if settings.weights == BUNDLED_WEIGHTS and not BUNDLED_WEIGHTS.is_dir():
+            # installed without the checkout (pip install .): the bundled weights stay there
+            hint = (
+                "; SNNET_WEIGHTS is unset, and the bundled weights are the weights/ folder of a "
+                "source checkout: set SNNET_WEIGHTS to a checkpoint directory (one that "
+                "`snnet train` or `snnet import` wrote, or that weights/ folder)"
+            )
+        print(f"error: cannot serve: {e}{hint}", file=sys.stderr)
         return 2
     workers = api_workers(settings, device)
     code = 0

@@ -284,3 +284,29 @@ def test_serve_refuses_a_corrupt_checkpoint(tmp_path):
     assert proc.returncode == 2
     assert "cannot serve" in proc.stderr and "does not match its manifest" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_serve_installed_without_the_checkout_says_to_set_snnet_weights(tmp_path):
+    """`pip install .` puts the packages in site-packages and leaves the bundled weights/ folder
+    in the checkout: the default then names a folder that is not there. The error says what to
+    set. (The packages copied to a folder of their own, as an install lays them out.)"""
+    import shutil
+
+    site = tmp_path / "site"
+    for package in ("server", "snnet_core"):
+        shutil.copytree(Path(ROOT) / package, site / package)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from server.cli import main; sys.exit(main(['serve']))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "HOME": str(tmp_path)},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"checkpoint directory {site / 'weights'} does not exist" in proc.stderr
+    assert "SNNET_WEIGHTS is unset" in proc.stderr and "Traceback" not in proc.stderr
