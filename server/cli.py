@@ -71,7 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError, RuntimeError) as e:
         early.discard()
         hint = ""
-        if settings.weights == BUNDLED_WEIGHTS and not BUNDLED_WEIGHTS.is_dir():
+        unset = "SNNET_WEIGHTS" not in os.environ
+        if unset and settings.weights == BUNDLED_WEIGHTS and not BUNDLED_WEIGHTS.is_dir():
             # installed without the checkout (pip install .): the bundled weights stay there
             hint = (
                 "; SNNET_WEIGHTS is unset, and the bundled weights are the weights/ folder of a "

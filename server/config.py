@@ -13,8 +13,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
 
-# PromQL label matchers: name, operator, double-quoted value (escapes allowed), comma-separated.
-_MATCHER = r'\s*[A-Za-z_][A-Za-z0-9_]*\s*(?:=~|!~|!=|=)\s*"(?:[^"\\]|\\.)*"\s*'
+# PromQL label matchers: a label name, an operator, a string ("..." or '...' with Go's escapes,
+# or `...` raw; no newline), comma-separated. (__name__ would clash with the metric's name.)
+_ESCAPE = r"\\(?:[abfnrtv\\'\"]|x[0-9A-Fa-f]{2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|[0-7]{3})"
+_STRING = rf'"(?:[^"\\\n]|{_ESCAPE})*"|\'(?:[^\'\\\n]|{_ESCAPE})*\'|`[^`]*`'
+_MATCHER = rf"\s*(?!__name__\b)[A-Za-z_][A-Za-z0-9_]*\s*(?:=~|!~|!=|=)\s*(?:{_STRING})\s*"
 SELECTOR = re.compile(rf"{_MATCHER}(?:,{_MATCHER})*,?\s*")
 
 
@@ -218,7 +221,9 @@ class Settings(BaseSettings):
     @field_validator("prometheus_selector")
     @classmethod
     def _selector(cls, v: str) -> str:
-        v = v.strip().strip("{}").strip()
+        v = v.strip()
+        if v.startswith("{") and v.endswith("}"):  # one pair of braces, as in a selector
+            v = v[1:-1].strip()
         if v and not SELECTOR.fullmatch(v):
             raise ValueError(
                 f"prometheus_selector must be PromQL label matchers such as "

@@ -89,9 +89,12 @@ def cpu_quota(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgrou
 def _v2_quota(cgroup: Path) -> float | None:
     try:
         limit, period = (cgroup / "cpu.max").read_text().split()[:2]
-        return None if limit == "max" else int(limit) / int(period)
+        if limit == "max":
+            return None
+        q, p = int(limit), int(period)
     except (OSError, ValueError):
         return None
+    return None if q <= 0 or p <= 0 else q / p
 
 
 def _v1_quota(cgroup: Path) -> float | None:
@@ -108,17 +111,20 @@ def cores() -> int:
     allows less (rounded up: 1.5 CPUs' worth of time is 2 threads' work, each running part of
     the time). A model on 64 threads in a container allowed 2 CPUs spends its time throttled,
     every team waiting at each barrier for threads the quota stopped."""
-    quota = cpu_quota()
-    n = cpus()
+    return cores_within(cpus(), cpu_quota())
+
+
+def cores_within(n: int, quota: float | None) -> int:
+    """Of ``n`` CPUs, the cores a ``quota`` of CPU time (in CPUs; None: none) lets run at once."""
     return n if quota is None else max(1, min(n, math.ceil(quota - 1e-9)))
 
 
 def quota_note() -> str:
     """Where a CPU quota makes ``cores`` fewer than ``cpus``, that, in words for a log line."""
     quota, n = cpu_quota(), cpus()
-    if quota is None or cores() >= n:
+    if quota is None or cores_within(n, quota) >= n:
         return ""
-    return f" (a CPU quota of {quota:g} CPUs on {n})"
+    return f" (a CPU quota of {quota:g} CPU{'' if quota == 1 else 's'} on {n})"
 
 
 # OpenMP threads of the child spin for a while after each parallel region before they sleep

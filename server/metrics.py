@@ -117,7 +117,9 @@ class Metrics:
             registry=r,
         )
         self.images = Counter(
-            "snnet_images", "Images in classify requests as they arrived (before they were decoded or planned)", registry=r
+            "snnet_images",
+            "Images in classify requests as they arrived (before they were decoded or planned)",
+            registry=r,
         )
         self.request_budget_seconds = Histogram(
             "snnet_request_budget_seconds", "Latency budget of classify requests that had one",

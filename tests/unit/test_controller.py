@@ -414,7 +414,7 @@ def test_a_fresh_server_whose_answers_run_over_in_proportion_pads_its_cheap_stit
     """From its 20th answer a server tells overruns that grow with the prediction from stalls of
     fixed size. A fresh DeiT server's first answers ran over in proportion (its cheapest stitch,
     40 ms, by a few ms; 170 ms ones by up to 56): padded as if a fixed part the size of a share
-    of the median prediction fell on every answer, the 40 ms stitch needed 70-93 ms and budgets
+    of the median prediction fell on every answer, the 40 ms stitch needed 70-92 ms and budgets
     of 1.5-2x what it took were refused until its 40th answer. Here 24 answers, half predicted
     at 40 ms and half at 170, scatter log-normally (sd 0.1 of the log), over many windows: the
     cheap stitch's pad stays a share of its own prediction (it was 40 ms, a share of 210), and

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.environ import cpu_quota, cpus
+from server.environ import cores_within, cpu_quota, cpus
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,6 +47,18 @@ def test_no_quota_or_no_cgroup_files_is_no_limit(tmp_path):
     assert cpu_quota(*v1) is None
 
 
+def test_a_quota_is_rounded_up_to_whole_cores_within_the_cpus():
+    """1.5 CPUs' worth of time is 2 threads' work, each running part of the time; under one CPU
+    still one; never more than the CPUs the process may run on."""
+    assert [cores_within(64, q) for q in (None, 0.5, 1.0, 1.5, 2.0, 100.0)] == [64, 1, 1, 2, 2, 64]
+
+
+def test_a_malformed_quota_is_no_limit(tmp_path):
+    for k, text in enumerate(("100000 0\n", "-5 100000\n", "lots 100000\n", "")):
+        (tmp_path / str(k)).mkdir()
+        assert cpu_quota(*tree(tmp_path / str(k), "0::/", {"cpu.max": text})) is None, text
+
+
 def test_a_container_that_sees_only_its_own_cgroup_reads_the_root_files(tmp_path):
     """cgroup v1 without a cgroup namespace: /proc/self/cgroup names the host's path, and the
     container's cpu mount is its own cgroup."""
@@ -66,9 +78,13 @@ def cgroup_v1_with_quota(name: str, cpus_allowed: float) -> Path:
     group = base / name
     try:
         group.mkdir(exist_ok=True)
-        (group / "cpu.cfs_quota_us").write_text(str(int(cpus_allowed * 100000)))
     except OSError as e:
         pytest.skip(f"cannot make a cgroup here: {e}")
+    try:
+        (group / "cpu.cfs_quota_us").write_text(str(int(cpus_allowed * 100000)))
+    except OSError as e:
+        group.rmdir()
+        pytest.skip(f"cannot set a cgroup's quota here: {e}")
     return group
 
 
@@ -95,4 +111,32 @@ def test_a_process_allowed_one_cpu_of_two_chooses_threads_for_one_core():
         ).stdout
     finally:
         group.rmdir()
-    assert out.strip() == "1 2 (1, '1 core (a CPU quota of 1 CPUs on 2)')", out
+    n = cpus()
+    assert out.strip() == f"1 {n} (1, '1 core (a CPU quota of 1 CPU on {n})')", out
+
+
+def test_the_prometheus_selector_takes_promql_label_matchers_and_refuses_the_rest():
+    """SNNET_PROMETHEUS_SELECTOR goes into every fleet query: a bad one would fail every query
+    for the server's lifetime (seen only in /controller), so it is refused at start-up."""
+    from pydantic import ValidationError
+
+    from server.config import Settings
+
+    for given, kept in [
+        ('job="snnet",namespace="prod"', 'job="snnet",namespace="prod"'),
+        ('{job="snnet"}', 'job="snnet"'),  # as written in a selector
+        ("job='x', pod=~`snnet-.*`", "job='x', pod=~`snnet-.*`"),
+        ('job="a\\"b"', 'job="a\\"b"'),
+        ("", ""),
+    ]:
+        assert Settings(prometheus_selector=given).prometheus_selector == kept
+    for bad in [
+        "job=snnet",
+        'job="\\q"',
+        'job="a\nb"',
+        '__name__="x"',
+        '{{job="x"}}',
+        'job="x" a="y"',
+    ]:
+        with pytest.raises(ValidationError, match="PromQL label matchers"):
+            Settings(prometheus_selector=bad)
