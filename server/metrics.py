@@ -29,6 +29,12 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class Metrics:
     """All metrics of one service instance."""
 
+    def count_shed(self, reason: str) -> None:
+        """One request shed (503), and why: counted in ``snnet_shed_total`` and for the log."""
+        self.shed.inc()
+        self.shed_count += 1
+        self.last_shed = reason
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         ProcessCollector(registry=r)
@@ -88,6 +94,10 @@ class Metrics:
             "snnet_shed", "Requests refused at once (503): no stitch could meet their budget under the current load, or the queue was full",
             registry=r,
         )  # fmt: skip
+        # For the log (server.engine.Engine.step_controller): how many were shed, why the last
+        # one, and when the log last said so (monotonic s; 0: never) at which count.
+        self.shed_count, self.last_shed = 0, ""
+        self.shed_logged: tuple[float, int] = (0.0, 0)
         self.queue_depth = Gauge("snnet_queue_depth", "Images waiting for the model", registry=r)
         self.queue_predicted_wait = Gauge(
             "snnet_queue_predicted_wait_seconds", "Predicted wait of a new request behind the current queue",

@@ -278,12 +278,9 @@ class Scheduler:
             if self._stopping:
                 raise Refusal(503, "the server is shutting down; retry on another replica", 1)
             if self._queued + job.n > self.max_queue:
-                self.metrics.shed.inc()
-                raise Refusal(
-                    503,
-                    f"queue full: {self._queued} images waiting, limit {self.max_queue}; retry later",
-                    1,
-                )
+                why = f"queue full: {self._queued} images waiting, limit {self.max_queue}; retry later"
+                self.metrics.count_shed(why)
+                raise Refusal(503, why, 1)
             direct = self._direct_locked(job)
             if not direct:
                 self._enqueue_locked(job)

@@ -130,7 +130,7 @@ def plan_request(
     )
     if isinstance(plan, Refusal):
         if plan.status == 503:
-            engine.metrics.shed.inc()
+            engine.metrics.count_shed(plan.detail)
         raise plan
     return plan
 

@@ -122,6 +122,11 @@ def test_burst_raises_the_load_level_sheds_and_recovers(server, pngs):
             if line.startswith("snnet_shed_total")
         )
         assert shed_total == len(shed)
+        # and the log says so (its first sheds at once, then at most every 10 s), with why
+        server.wait_for("(503) since start-up", timeout=10)
+        said = server.log[-1]
+        assert "WARNING snnet.engine: shed" in said and "load level" in said, said
+        assert "the last: overloaded:" in said or "the last: not just now:" in said, said
         assert "snnet_load_level" in metrics and "snnet_arrival_rate" in metrics
         r = classify(c, pngs, 10 * budget)  # and the service is fine afterwards
         assert r.status_code == 200 and r.json()["stitch"]["id"] == best["id"]
