@@ -29,12 +29,6 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class Metrics:
     """All metrics of one service instance."""
 
-    def count_shed(self, reason: str) -> None:
-        """One request shed (503), and why: counted in ``snnet_shed_total`` and for the log."""
-        self.shed.inc()
-        self.shed_count += 1
-        self.last_shed = reason
-
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         ProcessCollector(registry=r)
@@ -153,3 +147,9 @@ class Metrics:
             "snnet_ready", "1 when the model is loaded, verified and profiled", registry=r
         )
         self.model = Info("snnet_model", "The served SN-Net", registry=r)
+
+    def count_shed(self, reason: str) -> None:
+        """One request shed (503), and why: counted in ``snnet_shed_total`` and for the log."""
+        self.shed.inc()
+        self.shed_count += 1
+        self.last_shed = reason

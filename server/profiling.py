@@ -676,12 +676,12 @@ def choose_threads(net: SNNet, menu: StitchMenu, front_ms: float) -> tuple[int, 
     one and on every core, then ``pick_threads``; timed twice when fewer threads win only by a
     little, ``SECOND_LOOK``), and the figures behind the choice. On 2 cores the bundled model
     serves best on 1 thread, DeiT-Ti/S/B on 2."""
-    n = cores()
+    n, note = cores(), quota_note()
     if n == 1:
-        return 1, f"1 core{quota_note()}"
+        return 1, f"1 core{note}"
     if n / (n - 1) <= 1 + THREADS_GAIN:
         return n - 1, (
-            f"{n} cores{quota_note()}: a model can gain at most {n}/{n - 1} from the last, not more than the "
+            f"{n} cores{note}: a model can gain at most {n}/{n - 1} from the last, not more than the "
             f"{1 + THREADS_GAIN:g}x asked of it; one is left to the event loop"
         )
     which = deciding_anchors(menu)
@@ -700,7 +700,7 @@ def choose_threads(net: SNNet, menu: StitchMenu, front_ms: float) -> tuple[int, 
     )
     rule = (
         f"{n} threads only if t({n - 1}) >= {1 + THREADS_GAIN:g} x t({n}) + {front_ms:.2f} ms "
-        f"(the front end's work for one request) for both{quota_note()}"
+        f"(the front end's work for one request) for both{note}"
     )
     return pick_threads(ms, n, front_ms), (
         f"{figures}{' (timed twice: close)' if again else ''}; {rule}"
