@@ -159,6 +159,7 @@ def create_app(settings: Settings | None = None, fronts: Fronts | None = None) -
         if fronts is not None:
             channel = await OwnerChannel(life).serve(fronts.channel)
             fronts.start()
+            metrics.front_pids = fronts.pids  # their CPU and memory in /metrics
             supervising = asyncio.create_task(fronts.supervise())
         yield
         if fronts is not None:

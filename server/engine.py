@@ -311,7 +311,9 @@ def build_engine(
             {
                 "anchors": ",".join(net.anchor_names), "family": net.family, "stitches": str(len(menu)),
                 "device": str(device), "dtype": dtype_name, "weights_sha256": manifest.weights_sha256[:16],
-                "profile": source, "worker": runner.kind,
+                # how the profile was had: manifest, cache or measured (a label that stays the
+                # same from one start to the next; the whole story is /stitches' "profile")
+                "profile": source.split(" ", 1)[0], "worker": runner.kind,
             }
         )  # fmt: skip
         for i in range(len(menu)):

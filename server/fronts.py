@@ -356,6 +356,10 @@ class Fronts:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         return subprocess.Popen(args, env=env)
 
+    def pids(self) -> list[int | None]:
+        """Each front's pid by slot, ``None`` for one that has exited (until its restart)."""
+        return [p.pid if p.returncode is None else None for p in self.procs]
+
     def start(self) -> None:
         self.procs = [self._spawn() for _ in range(self.count)]
         log.info("%d front processes: %s", self.count, [p.pid for p in self.procs])

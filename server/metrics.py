@@ -2,12 +2,13 @@
 
 Each app instance owns its own ``CollectorRegistry`` (so tests can run several apps in one
 process); ``/metrics`` exposes it, with the process collector for CPU and memory, the model
-process's as ``snnet_model_process_*``.
+process's as ``snnet_model_process_*`` and the front processes' (``SNNET_API_WORKERS`` > 1) as
+``snnet_front_process_*{front="0".."N-2"}``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,6 +27,38 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+class FrontsCollector:
+    """CPU and memory of the front processes (``server.fronts``), one series per front slot:
+    ``snnet_front_process_*{front="i"}``, prometheus-client's process metrics of the process
+    now in slot ``i`` (a front restarted after a crash keeps its slot; its counters start
+    again, which ``rate`` reads as a reset). Nothing while there are no fronts.
+
+    Args:
+        pids: The fronts' pids by slot, now (``None``: that slot has no process).
+    """
+
+    def __init__(self, pids: Callable[[], list[int | None]]) -> None:
+        self.pids = pids
+
+    def collect(self) -> Iterator:
+        merged = {}  # family name -> a family with every slot's samples, labelled
+        for slot, pid in enumerate(self.pids()):
+            if pid is None:
+                continue
+            one = ProcessCollector(namespace="snnet_front", pid=lambda pid=pid: pid, registry=None)
+            for family in one.collect():  # nothing for a process gone meanwhile
+                out = merged.get(family.name)
+                if out is None:
+                    out = merged[family.name] = type(family)(
+                        family.name, family.documentation, labels=["front"]
+                    )
+                for sample in family.samples:
+                    out.samples.append(
+                        sample._replace(labels={**sample.labels, "front": str(slot)})
+                    )
+        yield from merged.values()
+
+
 class Metrics:
     """All metrics of one service instance."""
 
@@ -39,6 +72,10 @@ class Metrics:
         ProcessCollector(
             namespace="snnet_model", pid=lambda: self.model_pid() or "no-model-process", registry=r
         )
+        # The front processes (SNNET_API_WORKERS > 1): they read, parse and decode requests
+        # (a many-core host's CPU); the app sets front_pids when it starts them.
+        self.front_pids: Callable[[], list[int | None]] = list
+        r.register(FrontsCollector(lambda: self.front_pids()))
         PlatformCollector(registry=r)
         self.requests = Counter(
             "snnet_requests",

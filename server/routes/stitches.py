@@ -53,6 +53,7 @@ async def list_stitches(
         "model": engine.model_name,
         "device": str(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."),
+        "profile": engine.profile_source,
         "anchors": [
             {"name": a.name, "short_name": s, "display_name": a.title}
             for a, s in zip(anchors, short, strict=True)

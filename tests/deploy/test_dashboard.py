@@ -68,6 +68,8 @@ def test_dashboard_shows_what_the_issue_asks_for():
         "process_resident_memory_bytes",
         "snnet_model_process_cpu_seconds_total",  # the model process, which does the work on CPU
         "snnet_model_process_resident_memory_bytes",
+        "snnet_front_process_cpu_seconds_total",  # SNNET_API_WORKERS > 1: the fronts' HTTP work
+        "snnet_front_process_resident_memory_bytes",
     ]:
         assert metric in exprs, metric
     # Latency percentiles are those of answers: refusals (sub-millisecond) would pull them down.

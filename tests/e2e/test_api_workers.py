@@ -82,6 +82,17 @@ def labelled(client, name: str, labels: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
 
 
+def by_front(client, name: str) -> dict[str, float]:
+    """A front process metric by slot: {"0": value, ...}."""
+    text = client.get("/metrics").text
+    prefix = f'{name}{{front="'
+    return {
+        line[len(prefix) :].split('"', 1)[0]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    }
+
+
 def test_every_worker_answers_with_the_owners_planner_queue_and_metrics(server, held_out):
     pngs, labels, _ = held_out
     clients = connections(server.url, pngs[0], want=3)
@@ -138,6 +149,12 @@ def test_every_worker_answers_with_the_owners_planner_queue_and_metrics(server, 
                  "data": [base64.b64encode(pngs[0]).decode()]}  # fmt: skip
         r = c.post("/v2/models/weights/infer", json={"inputs": [image]})
         assert r.status_code == 200 and r.json()["outputs"][0]["name"] == "probabilities"
+    # The fronts' own CPU and memory are in the owner's /metrics, one series per front, and
+    # they are those processes': each has spent CPU and holds torch in memory.
+    cpu = by_front(owner, "snnet_front_process_cpu_seconds_total")
+    rss = by_front(owner, "snnet_front_process_resident_memory_bytes")
+    assert sorted(cpu) == sorted(rss) == ["0", "1"]
+    assert all(v > 0 for v in cpu.values()) and all(v > 50e6 for v in rss.values()), (cpu, rss)
     for c in clients.values():
         c.close()
 
@@ -175,6 +192,7 @@ def test_a_front_that_dies_loses_no_request_of_the_other_workers_and_is_replaced
         t.start()
     for event in busy.values():
         assert event.wait(60), "a worker did not answer 5 requests"
+    started = by_front(clients["owner"], "snnet_front_process_start_time_seconds")
     os.kill(int(victim), signal.SIGKILL)
     killed.set()
     for t in threads:
@@ -184,6 +202,11 @@ def test_a_front_that_dies_loses_no_request_of_the_other_workers_and_is_replaced
     # The owner started a new front; requests keep being answered on every connection.
     again = connections(server.url, pngs[0], want=3)
     assert victim not in again and survivor in again
+    # The new front took the dead one's slot in the metrics: that slot's series is a process
+    # started since, the other slot's is the survivor's still.
+    now = by_front(again["owner"], "snnet_front_process_start_time_seconds")
+    assert sorted(now) == sorted(started) == ["0", "1"]
+    assert sorted(now[k] > started[k] for k in now) == [False, True], (started, now)
     for c in list(clients.values()) + list(again.values()):
         c.close()
 

@@ -86,7 +86,18 @@ def test_not_ready_until_started(ckpt, tmp_path, digit_png):
     app.state.lifecycle.start()
     assert c.get("/readyz").status_code == 200
     assert (tmp_path / "p.json").is_file()  # the measured profile is kept
+    # How the profile was had: the whole story in /stitches, one word in snnet_model_info (a
+    # label that changed with every start, as the text does, made a new series each time).
+    told = c.get("/stitches").json()["profile"]
+    assert told.startswith("measured ") and f"kept in {tmp_path / 'p.json'}" in told, told
+    assert 'profile="measured"' in c.get("/metrics").text
     app.state.lifecycle.stop()
+    again = create_app(settings)
+    c = TestClient(again)
+    again.state.lifecycle.start()
+    assert c.get("/stitches").json()["profile"].startswith(f"cache {tmp_path / 'p.json'}")
+    assert 'profile="cache"' in c.get("/metrics").text
+    again.state.lifecycle.stop()
 
 
 def test_classify_multipart_and_json_agree(client, digit_png):

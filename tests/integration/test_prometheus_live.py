@@ -95,7 +95,12 @@ CASES = (
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("live")
-    env = {"SNNET_PROFILE_CACHE": suite_profile_cache(tmp_path_factory)}
+    # Two API workers: the owner and a front (the fronts' panels need one), the load spread
+    # over both.
+    env = {
+        "SNNET_PROFILE_CACHE": suite_profile_cache(tmp_path_factory),
+        "SNNET_API_WORKERS": "2",
+    }
     with SnnetServer(env) as server:
         server.wait_for("ready in")
         with Prometheus(live_config(f"127.0.0.1:{server.port}"), tmp / "prometheus") as prom:
