@@ -5,6 +5,7 @@ from a real service is tests/integration/test_prometheus_live.py.)"""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,29 @@ def test_dashboard_shows_what_the_issue_asks_for():
         for t in p["targets"]:
             if "rate(" in t["expr"]:
                 assert "[$__rate_interval]" in t["expr"], p["title"]
+
+
+def test_every_query_keeps_to_the_chosen_job_namespace_and_replicas():
+    """A Prometheus shared by several deployments (a cluster's) holds other services' series
+    under the same names: every series a panel reads is narrowed by the dashboard's variables,
+    job (default snnet), namespace and replica (instance), "All" by default."""
+    variables = {v["name"]: v for v in DASHBOARD["templating"]["list"]}
+    assert list(variables) == ["job", "namespace", "instance"]
+    assert variables["job"]["current"]["value"] == "snnet" and not variables["job"]["multi"]
+    for name in ("namespace", "instance"):
+        v = variables[name]
+        assert v["multi"] and v["includeAll"] and v["allValue"] == ".*", v
+        assert v["current"]["value"] == ["$__all"]
+    for v in variables.values():
+        assert v["type"] == "query" and v["query"].startswith("label_values(snnet_ready")
+        assert v["datasource"] == PANELS[0]["datasource"]
+    wanted = 'job="$job", namespace=~"$namespace", instance=~"$instance"'
+    for p in PANELS:
+        for t in p["targets"]:
+            series = re.findall(r"\b((?:snnet|process)_\w+)(\{[^}]*\})?", t["expr"])
+            assert series, t["expr"]
+            for name, matchers in series:
+                assert matchers.startswith("{" + wanted), (p["title"], name, t["expr"])
 
 
 def test_provisioning_loads_the_dashboard_folder():

@@ -48,12 +48,29 @@ def rules() -> list[dict]:
     ]
 
 
+# What Grafana puts in for the dashboard's variables: its default job, and "All" (the variable's
+# allValue) for namespace and replica. (The test's server has no namespace label: ".*" matches
+# a missing label too, as on docker-compose.)
+VARIABLES = {"$__rate_interval": RATE_INTERVAL, "$job": "snnet", "$namespace": ".*",
+             "$instance": ".*"}  # fmt: skip
+
+
+def grafana(expr: str) -> str:
+    for name, value in VARIABLES.items():
+        expr = expr.replace(name, value)
+    return expr
+
+
 def dashboard_exprs() -> list[tuple[str, str]]:
     dash = json.loads((ROOT / "deploy/grafana/dashboards/snnet.json").read_text())
     return [
-        (f"{panel['title']} / {t['refId']}", t["expr"].replace("$__rate_interval", RATE_INTERVAL))
+        (f"{panel['title']} / {t['refId']}", grafana(t["expr"]))
         for panel in dash["panels"]
         for t in panel["targets"]
+    ] + [
+        # the series the variables list their values from (label_values(<series>, <label>))
+        (f"variable {v['name']}", grafana(v["query"].split("(", 1)[1].rsplit(",", 1)[0]))
+        for v in dash["templating"]["list"]
     ]
 
 
