@@ -54,7 +54,8 @@ def main() -> None:
     ap.add_argument("--budget-scale", type=float, default=1.3)
     ap.add_argument("--think-s", type=float, default=0.0, help="idle time between requests")
     ap.add_argument(
-        "--rows", help="write every request's figures, or its refusal, (JSON lines) here"
+        "--rows",
+        help="write the menu, then every request's figures or its refusal (JSON lines) here",
     )
     args = ap.parse_args()
     ckpt = Path(args.dir)
@@ -83,6 +84,10 @@ def main() -> None:
         lo, hi = args.budget_scale * min(ms), args.budget_scale * max(ms)
         budgets = [lo * (hi / lo) ** (k / 9) for k in range(10)]
         body_img = base64.b64encode(photo_jpeg()).decode()
+        if args.rows:  # first, the menu as served: what bench/law_replay.py starts from
+            with open(args.rows, "a") as f:
+                keep = ("id", "measured", "gflops", "latency_ms", "predicted_ms")
+                f.write(json.dumps({"menu": [{k: s[k] for k in keep} for s in menu]}) + "\n")
         rows, others = [], []
         for i in range(args.requests):
             if args.think_s and i:
