@@ -243,11 +243,11 @@ def _recheck(
     Profiling takes tens of seconds; what else runs on the machine meanwhile (a co-tenant, a
     second replica starting) slows the stitches measured then and not the others. On the DeiT
     net here, DeiT-B measured at 510 ms while it served at 270-300 ms, and every stitch
-    estimated from it came out up to 3x dear: the controller could not tell the device from the
-    stitches, and a minute on the least budget a 422 named was 130-210 ms for a stitch that
-    answered in 45 (bench/law_replay.py, run2). A profile slower than the second timing is
-    the kind a disturbance leaves (a faster one is not: the second timing is the one then
-    disturbed, and the profile stands)."""
+    estimated from it came out up to 3x dear: the online corrections could not tell the device
+    from the stitches, and a minute later the least budget a 422 named was still 130-210 ms for
+    a stitch that answered in 45 (bench/data/deit_idle_rows/run2.jsonl). A profile slower than
+    the second timing is what a disturbance leaves; a faster one is not (the second timing was
+    then the disturbed one), and stands."""
     if not stitches:
         return []
     smallest = min(sizes)
