@@ -39,14 +39,23 @@ class FrontsCollector:
 
     def __init__(self, pids: Callable[[], list[int | None]]) -> None:
         self.pids = pids
+        self._now: list[int | None] = []
+        self._slots: list[ProcessCollector] = []  # one per slot, made once (it reads boot time)
 
     def collect(self) -> Iterator:
+        self._now = self.pids()
+        while len(self._slots) < len(self._now):
+            i = len(self._slots)
+            self._slots.append(
+                ProcessCollector(
+                    namespace="snnet_front",
+                    pid=lambda i=i: self._now[i] or "no-front-process",
+                    registry=None,
+                )
+            )
         merged = {}  # family name -> a family with every slot's samples, labelled
-        for slot, pid in enumerate(self.pids()):
-            if pid is None:
-                continue
-            one = ProcessCollector(namespace="snnet_front", pid=lambda pid=pid: pid, registry=None)
-            for family in one.collect():  # nothing for a process gone meanwhile
+        for slot, one in enumerate(self._slots[: len(self._now)]):
+            for family in one.collect():  # nothing for a slot without a process
                 out = merged.get(family.name)
                 if out is None:
                     out = merged[family.name] = type(family)(

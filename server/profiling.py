@@ -235,10 +235,10 @@ def _recheck(
     sizes: list[int],
     measure: Callable[[int, list[int]], dict[int, float]],
     check: Callable[[], None],
-) -> list[int]:
+) -> None:
     """Time each of ``stitches`` (measured by this start) once more at the smallest batch size;
     one whose profile ran more than RECHECK_TOLERANCE slower than that is measured again at
-    every size, keeping the faster of the two medians per size. Returns those measured again.
+    every size, keeping the faster of the two medians per size (in ``profile``).
 
     Profiling takes tens of seconds; what else runs on the machine meanwhile (a co-tenant, a
     second replica starting) slows the stitches measured then and not the others. On the DeiT
@@ -249,7 +249,7 @@ def _recheck(
     the second timing is what a disturbance leaves; a faster one is not (the second timing was
     then the disturbed one), and stands."""
     if not stitches:
-        return []
+        return
     smallest = min(sizes)
     again: list[tuple[int, float, float]] = []
     for s in stitches:
@@ -270,7 +270,6 @@ def _recheck(
                 for s, before, _ in again
             ),
         )  # fmt: skip
-    return [s for s, _, _ in again]
 
 
 def _write_cache(
