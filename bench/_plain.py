@@ -1,13 +1,15 @@
 """The peer `bench/peer.py` compares against: what a user writes without SN-Net. FastAPI on the
 same uvicorn, one timm model (the checkpoint's most accurate anchor), a sync route (FastAPI runs
 it in its thread pool), PIL decode and timm's own evaluation transform; nothing of snnet-serve's
-on the request path (the checkpoint is only read at start-up).
+on the request path (the checkpoint is only read at start-up). Its answer's ``timing.compute_ms``
+is the forward alone, for `bench/server_overhead.py`'s "plain" overhead.
 
     python bench/_plain.py CHECKPOINT_DIR PORT
 """
 
 import io
 import sys
+import time
 from typing import Annotated
 
 import torch
@@ -37,10 +39,14 @@ def build(ckpt: str) -> FastAPI:
     @app.post("/classify")
     def classify(image: Annotated[UploadFile, File()]) -> dict:
         x = tf(Image.open(io.BytesIO(image.file.read())).convert(mode))[None]
+        t0 = time.perf_counter()
         with torch.inference_mode():
-            p = torch.softmax(model(x), -1)[0]
+            logits = model(x)
+        compute_ms = (time.perf_counter() - t0) * 1e3
+        p = torch.softmax(logits, -1)[0]
         k = int(p.argmax())
-        return {"class_index": k, "label": manifest.labels[k], "score": float(p[k])}
+        return {"class_index": k, "label": manifest.labels[k], "score": float(p[k]),
+                "timing": {"compute_ms": compute_ms}}  # fmt: skip
 
     @app.get("/healthz")
     def healthz() -> dict:

@@ -16,6 +16,11 @@ runs its next steps several times slower (caches, the hypervisor). So each round
 bare app "paced": its route first idles (``asyncio.sleep``) as long as our median compute of the
 round, and its overhead is its round trip less that pause. ``paced_ms`` is that floor and
 ``ratio_paced`` our overhead against it: what is left is our own work.
+A third server in the same rounds is the plain timm server of `bench/peer.py` (``bench/_plain.py``:
+FastAPI, a sync route, PIL decode, timm's transform, the same checkpoint's most accurate anchor):
+what a user writes without SN-Net. Its overhead is its round trip less its forward
+(``plain_ms``), and ``ratio_plain`` is ours against it: whether our path costs more than the
+plainest server that runs a model at all.
 With ``SNNET_API_WORKERS`` > 1 in the environment, its client uses a connection a front process
 serves (the path through the fronts' hops to the model owner).
 """
@@ -41,19 +46,25 @@ def start_bare() -> tuple[subprocess.Popen, str]:
     return start_script([str(HERE / "_bare.py")], "/openapi.json", timeout_s=60)
 
 
+def start_plain(weights: str) -> tuple[subprocess.Popen, str]:
+    return start_script([str(HERE / "_plain.py"), weights], "/healthz")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--requests", type=int, default=300, help="per server, over all rounds")
     ap.add_argument("--stitch", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--weights", default=str(HERE.parent / "weights"), help="checkpoint directory")
     args = ap.parse_args()
     pngs = digit_pngs()
-    ours, url = start_server()
+    ours, url = start_server({"SNNET_WEIGHTS": args.weights})
     bare, bare_url = start_bare()
-    rtt, compute, overhead, floor, paced = [], [], [], [], []
+    plain, plain_url = start_plain(args.weights)
+    rtt, compute, overhead, floor, paced, plain_over = [], [], [], [], [], []
     per_round = max(1, args.requests // args.rounds)
     try:
-        client, peer = Client(url), Client(bare_url)
+        client, peer, plainc = Client(url), Client(bare_url), Client(plain_url)
         served_by = "the server process"
         if int(os.environ.get("SNNET_API_WORKERS", "1")) > 1:
             # One keep-alive connection stays with one process: take one that a front serves,
@@ -95,10 +106,19 @@ def main() -> None:
                     raise SystemExit(f"bare app (paced): status {status}")
                 if r:
                     paced.append(ms - body["timing"]["compute_ms"])
+            for i in range(per_round):
+                t0 = time.perf_counter()
+                status, body = plainc.classify(pngs[i % len(pngs)])
+                ms = (time.perf_counter() - t0) * 1e3
+                if status != 200:
+                    raise SystemExit(f"plain server: status {status}: {body}")
+                if r:
+                    plain_over.append(ms - body["timing"]["compute_ms"])
         client.close()
         peer.close()
+        plainc.close()
     finally:
-        for p in (ours, bare):
+        for p in (ours, bare, plain):
             p.terminate()
             p.wait(30)
     med = statistics.median
@@ -119,9 +139,13 @@ def main() -> None:
     print(f"bare FastAPI, paced           median {med(paced):7.3f} ms   (round trip less a pause "
           f"of our median compute, {statistics.median(compute):.1f} ms)")  # fmt: skip
     print(f"ratio overhead / paced bare   {ratio_paced:7.2f}")
+    print(f"plain timm server, overhead   median {med(plain_over):7.3f} ms   (round trip less its "
+          f"forward: FastAPI sync route, PIL, timm transform)")  # fmt: skip
+    print(f"ratio overhead / plain        {med(overhead) / med(plain_over):7.2f}")
     print(json.dumps({"overhead_ms": round(med(overhead), 3), "bare_ms": round(med(floor), 3),
                       "ratio": round(ratio, 2), "paced_ms": round(med(paced), 3),
-                      "ratio_paced": round(ratio_paced, 2), "rtt_ms": round(med(rtt), 3),
+                      "ratio_paced": round(ratio_paced, 2), "plain_ms": round(med(plain_over), 3),
+                      "ratio_plain": round(med(overhead) / med(plain_over), 2), "rtt_ms": round(med(rtt), 3),
                       "compute_ms": round(med(compute), 3), "overhead_p90_ms": round(p90, 3)}))  # fmt: skip
 
 
