@@ -63,9 +63,10 @@ class StartupCancelled(Exception):
 
 
 SWITCH_INTERVAL_S = 0.0002
-# Requests shed (503) are said in the log at most this often (with how many and the last reason):
-# the access log is off by default, and a server shedding half its traffic said nothing.
-SHED_LOG_S = 10.0
+# Requests shed (503) or refused by the planner (422) are said in the log at most this often
+# (with how many and the last reason): the access log is off by default, and a server shedding
+# half its traffic said nothing.
+TALLY_LOG_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -138,15 +139,10 @@ class Engine:
         m.controller_updates.inc()
         for stitch, value in c.latency.corrections().items():
             m.latency_correction.labels(str(stitch)).set(value)
-        since, logged = m.shed_logged
-        if m.shed_count > logged and now - since >= SHED_LOG_S:
-            log.warning(
-                "shed %d request%s (503) %s; load level %.2f; the last: %s",
-                m.shed_count - logged, "" if m.shed_count - logged == 1 else "s",
-                "since start-up" if not since else f"in the last {now - since:.0f} s",
-                c.level, m.last_shed,
-            )  # fmt: skip
-            m.shed_logged = (now, m.shed_count)
+        if said := m.shed_tally.due(now, TALLY_LOG_S, f"load level {c.level:.2f}"):
+            log.warning(said)
+        if said := m.refused_tally.due(now, TALLY_LOG_S):
+            log.info(said)
 
     def close(self) -> None:
         """Answer everything accepted, then stop the model."""

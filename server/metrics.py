@@ -9,6 +9,7 @@ process's as ``snnet_model_process_*`` and the front processes' (``SNNET_API_WOR
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
@@ -25,6 +26,37 @@ LATENCY_BUCKETS = (
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass
+class Tally:
+    """Refusals the log sums up rather than one line each (a server refusing half its traffic
+    would flood it, and the access log is off by default): how many, why the last one, and when
+    the log last said so (``server.engine.Engine.step_controller``)."""
+
+    verb: str  # the log line's "shed", "refused"
+    status: int
+    count: int = 0
+    last: str = ""
+    logged_at: float = 0.0  # monotonic s; 0: never
+    logged_count: int = 0
+
+    def add(self, reason: str) -> None:
+        self.count += 1
+        self.last = reason
+
+    def due(self, now: float, every_s: float, also: str = "") -> str | None:
+        """The line to log now (``also`` before the last reason), if any came since the last
+        line and that was ``every_s`` ago (the first at once); marks it logged."""
+        new = self.count - self.logged_count
+        if not new or (self.logged_at and now - self.logged_at < every_s):
+            return None
+        when = f"in the last {now - self.logged_at:.0f} s" if self.logged_at else "since start-up"
+        self.logged_at, self.logged_count = now, self.count
+        return (
+            f"{self.verb} {new} request{'' if new == 1 else 's'} ({self.status}) {when}; "
+            f"{also + '; ' if also else ''}the last: {self.last}"
+        )
 
 
 class FrontsCollector:
@@ -134,10 +166,10 @@ class Metrics:
             "snnet_shed", "Requests refused at once (503): no stitch could meet their budget under the current load, or the queue was full",
             registry=r,
         )  # fmt: skip
-        # For the log (server.engine.Engine.step_controller): how many were shed, why the last
-        # one, and when the log last said so (monotonic s; 0: never) at which count.
-        self.shed_count, self.last_shed = 0, ""
-        self.shed_logged: tuple[float, int] = (0.0, 0)
+        # For the log (server.engine.Engine.step_controller): requests shed (503), and those the
+        # planner refused as asking what this server cannot give (422: a budget below what it
+        # needs idle, a stitch it does not have, ...), which say what clients expect of it.
+        self.shed_tally, self.refused_tally = Tally("shed", 503), Tally("refused", 422)
         self.queue_depth = Gauge("snnet_queue_depth", "Images waiting for the model", registry=r)
         self.queue_predicted_wait = Gauge(
             "snnet_queue_predicted_wait_seconds", "Predicted wait of a new request behind the current queue",
@@ -197,5 +229,4 @@ class Metrics:
     def count_shed(self, reason: str) -> None:
         """One request shed (503), and why: counted in ``snnet_shed_total`` and for the log."""
         self.shed.inc()
-        self.shed_count += 1
-        self.last_shed = reason
+        self.shed_tally.add(reason)

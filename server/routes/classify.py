@@ -123,7 +123,8 @@ async def admit(
 def plan_request(
     engine: Engine, options: ClassifyOptions, n: int, payload_bytes: int, arrived: float
 ) -> Plan:
-    """Count the arrival and plan it; raises the planner's Refusal (a 503 counted as shed)."""
+    """Count the arrival and plan it; raises the planner's Refusal (a 503 counted as shed, a 422
+    for the log's tally of refused requests)."""
     _count_arrival(engine, n, options, arrived)
     plan = engine.planner.plan(
         options, n, time.monotonic(), arrived=arrived, payload_bytes=payload_bytes
@@ -131,6 +132,8 @@ def plan_request(
     if isinstance(plan, Refusal):
         if plan.status == 503:
             engine.metrics.count_shed(plan.detail)
+        else:
+            engine.metrics.refused_tally.add(plan.detail)
         raise plan
     return plan
 

@@ -121,6 +121,9 @@ def test_every_worker_answers_with_the_owners_planner_queue_and_metrics(server, 
     r = post(fronts[0], pngs[:1], latency_budget_ms=0.01)
     assert r.status_code == 422 and "allowed: latency_budget_ms >=" in r.json()["detail"]
     least = float(r.json()["detail"].rsplit(">=", 1)[1])
+    # The owner's log sums up the planner's refusals (the access log is off), with the last one.
+    server.wait_for("INFO snnet.engine: refused", timeout=30)
+    assert "(422)" in server.log[-1] and "latency_budget_ms=0.01 is below" in server.log[-1]
     for _ in range(5):  # 503 if the moment is busy: that is load, retried
         r = post(fronts[0], pngs[:1], latency_budget_ms=max(least, 1.0) * 1.5)
         if r.status_code == 200:
