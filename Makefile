@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-PORT   ?= 8000
+# `make serve PORT=8001`, or SNNET_PORT=8001 (the --port below would override it otherwise)
+PORT   ?= $(or $(SNNET_PORT),8000)
 
 .PHONY: setup serve test lint bench weights clean
 

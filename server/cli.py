@@ -33,10 +33,15 @@ def serve_settings(args: argparse.Namespace) -> Settings | None:
         print(f"error: invalid settings: {e}", file=sys.stderr)
     except ValidationError as e:
         said: dict[str, list[str]] = {}  # a setting of several types has an error for each
+        lines = []
         for err in e.errors():
-            name = str(err["loc"][0]) if err["loc"] else "?"
-            said.setdefault(name, [f"got {err['input']!r}"]).append(err["msg"])
-        lines = [
+            msg = err["msg"].removeprefix("Value error, ")
+            if not err["loc"]:  # settings that do not go together: the message names them
+                lines.append(f"  {msg}")
+                continue
+            name = str(err["loc"][0])
+            said.setdefault(name, [f"got {err['input']!r}"]).append(msg)
+        lines[:0] = [
             f"  {'--' + name.replace('_', '-') + ' / ' if name in overrides else ''}"
             f"SNNET_{name.upper()}: {msgs[0]}; {', or '.join(msgs[1:])}"
             for name, msgs in said.items()
@@ -81,6 +86,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
         print(f"error: cannot serve: {e}{hint}", file=sys.stderr)
         return 2
+    for port, what, setting in (
+        (settings.port, "HTTP", "SNNET_PORT or --port to a free port"),
+        (settings.grpc_port, "gRPC", "SNNET_GRPC_PORT to a free port (0: no gRPC)"),
+    ):
+        if port and (why := _port_taken(settings.host, port)):
+            # Checked here, before loading: with SO_REUSEPORT (gRPC's default, and the HTTP
+            # port's with SNNET_API_WORKERS > 1) a second server joined a port another held, and
+            # the kernel spread calls over both, two models answering by turns.
+            early.discard()
+            print(
+                f"error: cannot serve: the {what} port {settings.host}:{port} is taken ({why}); "
+                f"set {setting}",
+                file=sys.stderr,
+            )
+            return 2
     workers = api_workers(settings, device)
     code = 0
     if workers == 1:
@@ -108,6 +128,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.shutdown()
         os._exit(code)
     return code
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound by this process alone (None if it can): a plain bind,
+    without SO_REUSEPORT, fails while any other socket listens there."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except OSError:
+        return None  # a host that does not resolve: the server's own bind says so
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (TIME_WAIT is free)
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
 
 
 def _warn_unknown_settings() -> None:
@@ -161,8 +201,9 @@ def _owner_of_fronts(settings, workers: int):
     app = create_app(settings, fronts=fronts)
     config = uvicorn.Config(app, **settings.uvicorn_options())
     logging.getLogger("snnet.server").info(
-        "%d API workers on port %d: this process (the model owner) and %d fronts; their "
-        "channel %s", workers, tcp.getsockname()[1], workers - 1, channel_path,
+        "%d API workers on port %d: this process (the model owner) and %d front%s; their "
+        "channel %s", workers, tcp.getsockname()[1], workers - 1, "s" if workers > 2 else "",
+        channel_path,
     )  # fmt: skip
 
     def run() -> None:

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -203,6 +203,32 @@ class Settings(BaseSettings):
             "timeout_keep_alive": self.keep_alive_s,
             "timeout_graceful_shutdown": self.shutdown_grace_s,
         }
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, v: str | None) -> str | None:
+        # An empty key (a secret or variable that resolved to nothing) let every request in:
+        # one without the header compared equal to it.
+        if v is not None and not v.strip():
+            raise ValueError(
+                "api_key is set but empty, which would let every request in; set a key, or "
+                "unset SNNET_API_KEY to serve without one"
+            )
+        return v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v  # DEBUG, as in Python's logging
+
+    @model_validator(mode="after")
+    def _ports(self) -> Settings:
+        if self.grpc_port == self.port:
+            raise ValueError(
+                f"grpc_port and port are both {self.port}: the gRPC endpoint needs a port of "
+                f"its own; set SNNET_GRPC_PORT to another (0: no gRPC)"
+            )
+        return self
 
     @field_validator("device")
     @classmethod

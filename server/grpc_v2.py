@@ -211,11 +211,14 @@ def _document(request: pb.ModelInferRequest) -> tuple[dict, list[Any]]:
 async def start(life: Lifecycle, host: str, port: int, max_message: int) -> grpc.aio.Server:
     """Serve the protocol on ``host:port`` from the running event loop; messages up to
     ``max_message`` bytes (the REST body limit: gRPC's default 4 MiB would refuse requests REST
-    takes)."""
+    takes). The port is this process's alone: gRPC's default SO_REUSEPORT let a second server
+    bind a port another held, and the kernel spread calls over both (two models behind one
+    address, answering by turns)."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", max_message),
+            ("grpc.so_reuseport", 0),
         ]
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(life), server)

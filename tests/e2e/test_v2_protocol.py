@@ -2,6 +2,8 @@
 real `snnet serve` with the bundled weights."""
 
 import base64
+import os
+import subprocess
 
 import httpx
 import numpy as np
@@ -11,7 +13,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 import snnet_core
-from tests._servers import ROOT
+from tests._servers import ROOT, SNNET, free_port
 
 pytestmark = pytest.mark.timing  # `make test` runs it alone (pyproject's markers)
 
@@ -266,3 +268,22 @@ def test_grpc_errors_carry_the_status_and_our_message(server, held_out):
         assert (
             "RepositoryIndex is not implemented by snnet-serve; it implements" in e.value.message()
         )
+
+
+def test_a_second_server_cannot_take_either_port_of_a_running_one(server):
+    # gRPC binds with SO_REUSEPORT unless told not to: a second server on the same gRPC port
+    # started, and calls went to either model by turns. Both ports are refused before loading.
+    grpc_port = server.grpc.rsplit(":", 1)[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SNNET_HOST": "127.0.0.1"}
+    for ports, said in (
+        ({"SNNET_PORT": str(free_port()), "SNNET_GRPC_PORT": grpc_port},
+         f"error: cannot serve: the gRPC port 127.0.0.1:{grpc_port} is taken"),
+        ({"SNNET_PORT": str(server.port), "SNNET_GRPC_PORT": "0"},
+         f"error: cannot serve: the HTTP port 127.0.0.1:{server.port} is taken"),
+    ):  # fmt: skip
+        r = subprocess.run(
+            [SNNET, "serve"], env={**env, **ports}, capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 2 and said in r.stderr, r.stderr
+    with httpx.Client(base_url=server.url) as c:  # and the running one is untouched
+        assert c.get("/readyz").status_code == 200

@@ -155,6 +155,22 @@ def test_serve_with_a_bad_setting_is_a_clear_error():
     assert "SNNET_DTYPE: got 'fp8'; Input should be 'auto', 'float32'," in proc.stderr
 
 
+def test_serve_refuses_settings_that_would_serve_wrongly():
+    """An empty API key (a secret that resolved to nothing) would let every request in; the gRPC
+    endpoint on the HTTP port cannot bind. Each is a start-up error that says why; the log level
+    is taken in capitals too, as Python's logging names it."""
+    proc = snnet_process("serve", check=False, env={"SNNET_API_KEY": ""})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "SNNET_API_KEY: got ''; api_key is set but empty, which would let every request in; " \
+        "set a key, or unset SNNET_API_KEY" in proc.stderr  # fmt: skip
+    env = {"SNNET_GRPC_PORT": "8100", "SNNET_LOG_LEVEL": "DEBUG"}
+    proc = snnet_process("serve", "--port", "8100", check=False, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "\n  grpc_port and port are both 8100: the gRPC endpoint needs a port of its own; " \
+        "set SNNET_GRPC_PORT to another (0: no gRPC)" in proc.stderr  # fmt: skip
+    assert "LOG_LEVEL" not in proc.stderr
+
+
 def test_serve_warns_of_a_setting_it_does_not_know():
     env = {**ENV, "SNNET_MAX_BATCH": "4", "SNNET_WEIGHTS": "/nonexistent"}
     proc = snnet_process("serve", check=False, env=env)
