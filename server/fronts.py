@@ -534,8 +534,12 @@ def create_front_app(channel: str, http: str):
         try:
             decoded = [
                 decode_image(
-                    d, max_bytes=lim.max_image_bytes, max_pixels=lim.max_image_pixels, name=name
-                )  # fmt: skip
+                    d,
+                    max_bytes=lim.max_image_bytes,
+                    max_pixels=lim.max_image_pixels,
+                    name=name,
+                    work_pixels=transform.work_pixels,
+                )
                 for name, d in images
             ]
         except ImageError as e:

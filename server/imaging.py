@@ -6,6 +6,7 @@ import io
 import re
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -47,9 +48,16 @@ class ImageError(ValueError):
 
 
 def decode_image(
-    data: bytes, *, max_bytes: int, max_pixels: int, name: str = "image"
+    data: bytes,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    name: str = "image",
+    work_pixels: Callable[[int, int], int] | None = None,
 ) -> Image.Image:
-    """Bytes to a decoded PIL image (first frame of a GIF), refusing oversized and bomb images.
+    """Bytes to a decoded PIL image (first frame of a GIF), refusing oversized and bomb images,
+    and (given the transform's ``work_pixels``) those its preprocessing would enlarge past
+    ``max_pixels``: a long thin image, whose shorter side is resized up to the model's input.
 
     Raises:
         ImageError: 413 over the byte or pixel limit, 400 undecodable or unsupported format.
@@ -65,6 +73,13 @@ def decode_image(
         if w * h > max_pixels:
             raise ImageError(
                 413, f"{name} is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels"
+            )
+        if work_pixels is not None and (work := work_pixels(w, h)) > max_pixels:
+            raise ImageError(
+                413,
+                f"{name} is {w}x{h}, which preprocessing would enlarge to {work} pixels (its "
+                f"shorter side resized to the model's input); the limit is {max_pixels} pixels: "
+                f"send it cropped nearer to square",
             )
         img.seek(0)  # first frame of an animation
         img.load()

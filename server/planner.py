@@ -301,11 +301,18 @@ class Planner:
                 "by making queued requests miss their deadlines; retry later",
                 retry,
             )
+        # The least any stitch needs now (the queue, its HTTP work, compute and margin), as a
+        # budget: "predicted wait 1 ms" against a 25 ms budget read as a contradiction.
+        wait = f"predicted wait {ingress + queue_ms:.0f} ms"
+        if not math.isfinite(least_now):  # (an empty pool: nothing to name)
+            return Refusal(503, f"overloaded: {wait}; retry later", retry)
+        now_budget = math.ceil(round((least_now + self.network_ms) * 100, 6)) / 100
         return Refusal(
             503,
             f"overloaded: no stitch can answer within latency_budget_ms={budget:g} behind the "
-            f"current queue (predicted wait {ingress + queue_ms:.0f} ms); retry later or allow a "
-            "larger budget",
+            f"current queue ({wait}; with its HTTP work, compute and safety margin it needs "
+            f"{now_budget:.1f} ms now); retry later, or with latency_budget_ms >= "
+            f"{now_budget:.2f}",
             retry,
         )
 

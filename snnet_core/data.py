@@ -97,6 +97,30 @@ class ImageTransform:
         img = img.convert(self.mode)
         return self.fast(img) if self.fast is not None else self.timm(img).contiguous()
 
+    def work_pixels(self, width: int, height: int) -> int:
+        """The most pixels an image of this size has at any step (the decoded image, or its
+        resize before the crop): what preprocessing it costs. The resize of the shorter side
+        makes a long thin image huge (100000x1 -> 3.2 million x 32 for a 28x28 model, 0.26 s and
+        a gigabyte), so the server bounds this, not only the decoded size."""
+        from torchvision.transforms import CenterCrop, Resize
+
+        w, h, most = width, height, width * height
+        for step in getattr(self.timm, "transforms", []):
+            if isinstance(step, Resize):
+                size = step.size if isinstance(step.size, int) else tuple(step.size)
+                if isinstance(size, tuple) and len(size) == 1:
+                    size = size[0]
+                if isinstance(size, int):  # the shorter side to ``size``, as torchvision does
+                    short, long = sorted((w, h))
+                    new_long = int(size * long / max(short, 1))
+                    w, h = (size, new_long) if w <= h else (new_long, size)
+                else:
+                    h, w = size
+            elif isinstance(step, CenterCrop):
+                h, w = step.size if len(step.size) == 2 else (step.size[0],) * 2
+            most = max(most, w * h)
+        return most
+
     def batch(self, imgs) -> torch.Tensor:
         """Several PIL images -> (n, C, H, W): each image's PIL steps, then one numpy pass for
         the whole batch (bit for bit what calling this on each image gives)."""

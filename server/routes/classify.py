@@ -184,7 +184,11 @@ def _decode_all(engine: Engine, images: list[tuple[str, bytes]]) -> torch.Tensor
     try:
         decoded = [
             decode_image(
-                data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, name=name
+                data,
+                max_bytes=s.max_image_bytes,
+                max_pixels=s.max_image_pixels,
+                name=name,
+                work_pixels=engine.transform.work_pixels,
             )
             for name, data in images
         ]

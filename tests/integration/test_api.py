@@ -246,6 +246,13 @@ def bomb_png() -> bytes:
         # over the pixel limit but flat, so few bytes: its decoding refuses it (413), the plan
         # must not first refuse the decode's cost (a 422 for 4.5 MB of "photo")
         ({"json": {"image": "WIDE", "latency_budget_ms": 50}}, 413, "the limit is 100000 pixels"),
+        # under the limit as decoded, far over it once its shorter side is resized to the
+        # input's (it took seconds and gigabytes): refused before any resize
+        (
+            {"json": {"image": "THIN"}},
+            413,
+            "is 50000x1, which preprocessing would enlarge to",
+        ),
         (
             {"content": b"x" * 400_000, "headers": {"content-type": "application/json"}},
             413,
@@ -261,6 +268,7 @@ def test_errors_say_what_is_wrong(client, digit_png, kwargs, status, message):
             "BIG": png(__import__("numpy").zeros((400, 400), "uint8")),
             "BOMB": bomb_png() if "BOMB" in body else b"",
             "WIDE": png(np.full((3000, 3000), 128, "uint8")) if "WIDE" in body else b"",
+            "THIN": png(np.full((1, 50000), 128, "uint8")) if "THIN" in body else b"",
         }
         for k, v in b64.items():
             body = body.replace(f'"{k}"', json.dumps(base64.b64encode(v).decode()))

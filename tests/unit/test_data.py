@@ -42,3 +42,19 @@ def test_a_batch_is_preprocessed_as_each_of_its_images(channels):
     got = transform.batch(imgs)
     assert got.shape == (4, channels, size, size) and got.dtype == torch.float32
     assert torch.equal(got, torch.stack([transform(img) for img in imgs]))
+
+
+@pytest.mark.parametrize("crop_mode", ["center", "squash"])
+@pytest.mark.parametrize("image_size", [(28, 28), (500, 375), (375, 500), (3000, 2), (1, 700)])
+def test_work_pixels_is_the_largest_image_preprocessing_makes(crop_mode, image_size):
+    """What the server bounds before it resizes anything (a 100000x1 image became 3.2 million
+    x 32): the decoded size, or the resize's output, whichever is larger, as the steps make it."""
+    config = {"input_size": (3, 224, 224), "mean": (0.5,) * 3, "std": (0.5,) * 3,
+              "crop_pct": 0.875, "crop_mode": crop_mode}  # fmt: skip
+    tf = image_transform(config)
+    img = Image.new("RGB", image_size)
+    sizes = [img.size]
+    for step in tf.timm.transforms[:-2]:  # the PIL steps, before the tensor
+        img = step(img)
+        sizes.append(img.size)
+    assert tf.work_pixels(*image_size) == max(w * h for w, h in sizes)

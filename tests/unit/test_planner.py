@@ -77,11 +77,15 @@ def test_a_queue_shifts_the_choice_to_cheaper_stitches_then_sheds():
         queue(sched, net, [(1, 9, 20.0)] * 3)  # 3 x 10 ms due in 20 ms: the third is late
         behind = planner.plan(opts(latency_budget_ms=45.5), 1, NOW)  # waits 30 ms, 15.5 left
         shed = planner.plan(opts(latency_budget_ms=25.0), 1, NOW)  # even 1 ms misses
-        return behind, shed
+        # the 503 names the budget that would do now, and that budget is admitted now
+        least = float(shed.detail.rsplit(">=", 1)[1])
+        return behind, shed, least, planner.plan(opts(latency_budget_ms=least), 1, NOW)
 
-    behind, shed = asyncio.run(scenario())
+    behind, shed, least, retried = asyncio.run(scenario())
     assert stitch(behind) == 14 and behind.queue_ms == pytest.approx(30.0)
     assert shed.status == 503 and shed.retry_after_s >= 1 and "no stitch can answer" in shed.detail
+    assert f"it needs {least:.1f} ms now" in shed.detail
+    assert not isinstance(retried, Refusal), retried  # (the fastest stitch, behind the queue)
 
 
 def test_earlier_deadlines_go_first_but_never_make_queued_requests_late():
