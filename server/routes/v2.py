@@ -487,6 +487,20 @@ def answer_tensors(
     """The outputs as (tensor metadata, values: FP32 array or a list of bytes) and the response
     parameters, whatever carries them; records the answer (metrics, margin, HTTP cost)."""
     probs = probabilities(result)
+    if req.tensor is not None and not np.isfinite(probs).all():
+        # Finite but huge inputs (1e30) overflow inside the model: NaN answers, and a 500 where
+        # JSON cannot carry them. The client's tensor is what was wrong: say what is expected.
+        pre = engine.manifest.preprocessing
+        bounds = [((0 - m) / s, (1 - m) / s) for m, s in zip(pre["mean"], pre["std"], strict=True)]
+        lo, hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
+        raise Refusal(
+            422,
+            f"input 'input' made the model's output NaN or infinite: its values reach "
+            f"{float(req.tensor.abs().max()):g}, where images preprocessed as this model takes "
+            f"them (pixels in [0, 1], less mean {list(pre['mean'])}, over std "
+            f"{list(pre['std'])}) lie in [{lo:.2f}, {hi:.2f}]; or send the encoded images as the "
+            f"BYTES input 'image'",
+        )
     labels = engine.manifest.labels
     tensors = []
     for name, p in wanted.items():

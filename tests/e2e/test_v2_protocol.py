@@ -179,6 +179,15 @@ def test_errors_surface_in_the_client_with_what_was_wrong(client, held_out):
     with pytest.raises(InferenceServerException) as e:
         client.infer(MODEL, [bad])
     assert "[N, 1, 28, 28]" in e.value.message()
+    # Finite but huge values overflow in the model: NaN answers (binary) or a 500 (JSON) before
+    huge = triton.InferInput("input", [1, 1, 28, 28], "FP32")
+    huge.set_data_from_numpy(np.full((1, 1, 28, 28), 1e30, np.float32), binary_data=False)
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(MODEL, [huge])
+    assert e.value.status() == "422", e.value
+    assert "its values reach 1e+30, where images preprocessed" in e.value.message()
+    ok = client.infer(MODEL, [image_input(pngs)])  # and the server answers on
+    assert np.isfinite(ok.as_numpy("probabilities")).all()
 
 
 def test_v2_errors_are_error_objects_and_v2_requests_are_counted(server, held_out):
