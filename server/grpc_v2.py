@@ -23,9 +23,9 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from .engine import Engine, Lifecycle
 from .errors import ComputeError, Refusal
-from .routes.classify import admit
 from .routes.v2 import (
     EXTENSIONS,
+    admit_v2,
     answer_tensors,
     build_request,
     pinned_stitch,
@@ -127,7 +127,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             with engine.ingress.entered() as ticket:
                 doc, data = _document(request)
                 req, wanted = build_request(engine, doc, data, pinned)
-                plan, pending = await admit(engine, req, arrived)
+                plan, pending = await admit_v2(engine, doc, req, arrived)
                 ticket.queued()
             result = await pending
             tensors, params = answer_tensors(engine, req, wanted, plan, result, arrived)

@@ -22,6 +22,7 @@ same planner, queue and metrics as /classify.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -245,7 +246,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     authorise(request, engine)
     with engine.ingress.entered() as ticket:
         doc, req, wanted = await _parse(request, engine, pinned)
-        plan, pending = await admit(engine, req, arrived)
+        plan, pending = await admit_v2(engine, doc, req, arrived)
         ticket.queued()
     result = await pending
     return _answer(engine, doc, req, wanted, plan, result, arrived)
@@ -319,6 +320,24 @@ def build_request(
         raise Refusal(422, f"{n} images; 1..{s.max_images_per_request} per request")
     wanted = _outputs(doc, params, engine.net.num_classes)
     return ClassifyRequest(images or [], options, tensor, s.max_image_pixels), wanted
+
+
+async def admit_v2(
+    engine: Engine, doc: dict, req: ClassifyRequest, arrived: float
+) -> tuple[Plan, asyncio.Future]:
+    """``admit``, with a refusal of a budget that came from Triton's ``timeout`` saying so: the
+    planner names ``latency_budget_ms``, a field this client never sent."""
+    try:
+        return await admit(engine, req, arrived)
+    except Refusal as e:
+        params = doc.get("parameters") or {}
+        timeout = params.get("timeout")
+        if timeout is not None and "latency_budget_ms" not in params:
+            e.detail = (
+                f"{e.detail} (the budget is parameters.timeout={timeout} microseconds, "
+                f"latency_budget_ms = timeout / 1000)"
+            )
+        raise
 
 
 def _options(params: dict[str, Any], pinned: int | None) -> ClassifyOptions:

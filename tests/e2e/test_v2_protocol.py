@@ -150,6 +150,8 @@ def test_a_cost_cap_or_budget_in_the_parameters_changes_the_stitch(client, serve
     with pytest.raises(InferenceServerException) as e:
         client.infer(MODEL, [image_input(pngs)], timeout=10)
     assert "even on an idle server" in e.value.message()
+    # and says that the budget it names came from `timeout`, which is what the client sent
+    assert "(the budget is parameters.timeout=10 microseconds" in e.value.message()
 
 
 def test_a_preprocessed_fp32_tensor_gives_what_the_image_gives(client, held_out):
