@@ -112,6 +112,15 @@ def test_the_page_classifies_shows_the_menu_and_the_controller_offline(server, t
             assert tab.locator("#answer button").inner_text().startswith("Use ")
             least = least_named(tight)
 
+            # A budget that is none: said so, nothing sent (it went without one, and the
+            # answer read "Budget of 1000 ms met" under a box that said -3).
+            tab.evaluate("delete document.getElementById('answer').dataset.status")
+            tab.fill("#budget-ms", "-3")
+            tab.click("#send")
+            tab.wait_for_selector("#answer[data-status='none']", timeout=30_000)
+            said = tab.inner_text("#answer")
+            assert "Not a budget" in said and 'holds "-3"' in said, said
+
             # Tighter budgets, from the least that would do upwards by parts of the stitches'
             # spread in compute (this machine's speed; HTTP work is a fixed part of every
             # budget): a cheaper stitch answers before the budget becomes impossible. The window
