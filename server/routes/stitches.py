@@ -19,7 +19,10 @@ BAD_PARAM = {422: {"model": ErrorResponse, "description": "A parameter of the wr
 
 
 def _info(engine: Engine, row: StitchRow) -> dict:
-    measured = engine.profile.latency_ms.get(row.id, {})
+    # The batch sizes this server runs: a profile cache kept from a start with a larger
+    # SNNET_MAX_BATCH_SIZE has more, which no request here can get.
+    most = engine.settings.max_batch_size
+    measured = {b: ms for b, ms in engine.profile.latency_ms.get(row.id, {}).items() if b <= most}
     return StitchInfo(
         id=row.id,
         description=row.description,

@@ -97,7 +97,16 @@ def test_not_ready_until_started(ckpt, tmp_path, digit_png):
     again.state.lifecycle.start()
     assert c.get("/stitches").json()["profile"].startswith(f"cache {tmp_path / 'p.json'}")
     assert 'profile="cache"' in c.get("/metrics").text
+    assert set(c.get("/stitches/0").json()["latency_ms"]) == {"1", "2", "4", "8"}
     again.state.lifecycle.stop()
+    # The same cache with smaller batches: the menu shows the sizes this server runs, not all
+    # the cache holds.
+    small = create_app(settings.model_copy(update={"max_batch_size": 2}))
+    c = TestClient(small)
+    small.state.lifecycle.start()
+    row = c.get("/stitches/0").json()
+    assert set(row["latency_ms"]) == set(row["predicted_ms"]) == {"1", "2"}, row
+    small.state.lifecycle.stop()
 
 
 def test_classify_multipart_and_json_agree(client, digit_png):
