@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import difflib
 import json
 import math
 import struct
@@ -342,6 +343,18 @@ async def admit_v2(
 
 def _options(params: dict[str, Any], pinned: int | None) -> ClassifyOptions:
     known = {"latency_budget_ms", "max_gflops", "stitch_id", "top_k"}
+    for k in params:
+        # Other parameters are ignored, as the protocol lets a server do (Triton's clients send
+        # their own: priority, sequence_id, binary_data_output, ...); a near miss of ours is a
+        # typo whose request went with the default budget, so it is refused.
+        close = difflib.get_close_matches(k, [*known, "timeout"], n=1, cutoff=0.6)
+        if k not in known and k != "timeout" and close:
+            raise Refusal(
+                422,
+                f"parameters.{k} is not a parameter of this server; did you mean {close[0]}? "
+                f"(its parameters: {', '.join(sorted(known))}, and Triton's timeout in "
+                f"microseconds)",
+            )
     raw = {k: v for k, v in params.items() if k in known}
     timeout = params.get("timeout")
     if "latency_budget_ms" not in raw and timeout is not None:

@@ -176,6 +176,13 @@ def test_errors_surface_in_the_client_with_what_was_wrong(client, held_out):
     with pytest.raises(InferenceServerException) as e:
         client.infer(MODEL, [image_input(pngs)], parameters={"top_k": 11})
     assert "11" in e.value.message()
+    # A near miss of a parameter is a typo (the request went with the default budget); others
+    # are ignored, as the protocol allows (Triton's clients send their own)
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(MODEL, [image_input(pngs)], parameters={"latency_budget": 5})
+    assert "parameters.latency_budget is not a parameter of this server; did you mean " \
+        "latency_budget_ms?" in e.value.message()  # fmt: skip
+    client.infer(MODEL, [image_input(pngs)], parameters={"tenant": "a"}, priority=1)
     bad = triton.InferInput("input", [1, 3, 28, 28], "FP32")
     bad.set_data_from_numpy(np.zeros((1, 3, 28, 28), np.float32))
     with pytest.raises(InferenceServerException) as e:
