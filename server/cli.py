@@ -66,6 +66,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     _warn_unknown_settings()
+    if said := _ports_unusable(settings):
+        # Checked first, before loading: with SO_REUSEPORT (gRPC's default, and the HTTP port's
+        # with SNNET_API_WORKERS > 1) a second server joined a port another held, and the
+        # kernel spread calls over both, two models answering by turns.
+        early.discard()
+        print(f"error: cannot serve: {said}", file=sys.stderr)
+        return 2
     try:
         # A missing or corrupt checkpoint, or a device that is not there, is a start-up error,
         # reported before the port is bound.
@@ -86,21 +93,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
         print(f"error: cannot serve: {e}{hint}", file=sys.stderr)
         return 2
-    for port, what, setting in (
-        (settings.port, "HTTP", "SNNET_PORT or --port to a free port"),
-        (settings.grpc_port, "gRPC", "SNNET_GRPC_PORT to a free port (0: no gRPC)"),
-    ):
-        if port and (why := _port_taken(settings.host, port)):
-            # Checked here, before loading: with SO_REUSEPORT (gRPC's default, and the HTTP
-            # port's with SNNET_API_WORKERS > 1) a second server joined a port another held, and
-            # the kernel spread calls over both, two models answering by turns.
-            early.discard()
-            print(
-                f"error: cannot serve: the {what} port {settings.host}:{port} is taken ({why}); "
-                f"set {setting}",
-                file=sys.stderr,
-            )
-            return 2
     workers = api_workers(settings, device)
     code = 0
     if workers == 1:
@@ -130,23 +122,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return code
 
 
-def _port_taken(host: str, port: int) -> str | None:
-    """Why ``host:port`` cannot be bound by this process alone (None if it can): a plain bind,
-    without SO_REUSEPORT, fails while any other socket listens there."""
+def _ports_unusable(settings) -> str | None:
+    """What stops this server from binding its HTTP or gRPC port, with what to change; None if
+    nothing does."""
+    import errno
+
+    for port, what, setting, off in (
+        (settings.port, "HTTP", "SNNET_PORT or --port", ""),
+        (settings.grpc_port, "gRPC", "SNNET_GRPC_PORT", " (0: no gRPC)"),
+    ):
+        failed = _bind_error(settings.host, port) if port else None
+        if failed is None:
+            continue
+        where = f"[{settings.host}]:{port}" if ":" in settings.host else f"{settings.host}:{port}"
+        fix = {
+            errno.EADDRINUSE: f"another process listens there; set {setting} to a free port{off}",
+            errno.EACCES: f"a port below 1024 needs privileges; set {setting} to 1024 or above{off}",
+            errno.EADDRNOTAVAIL: "SNNET_HOST is not an address of this machine",
+        }.get(failed.errno, f"set {setting}{off} or SNNET_HOST")
+        return f"the {what} port {where} cannot be bound ({failed.strerror}): {fix}"
+    return None
+
+
+def _bind_error(host: str, port: int) -> OSError | None:
+    """Why ``host:port`` cannot be bound by this process alone, on any address ``host`` resolves
+    to (None if it can): a plain bind, without SO_REUSEPORT, fails while any other socket
+    listens there. IPv6 addresses are bound IPv6-only, as uvicorn binds them. A host that does
+    not resolve, or a socket family this machine lacks, is left to the server's own bind."""
     import socket
 
     try:
-        family, kind, proto, _, addr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except OSError:
-        return None  # a host that does not resolve: the server's own bind says so
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (TIME_WAIT is free)
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return None
+    for family, kind, proto, _, addr in dict.fromkeys((f, k, p, "", a) for f, k, p, _, a in found):
         try:
-            sock.bind(addr)
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (TIME_WAIT is free)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
         except OSError as e:
-            return e.strerror or str(e)
+            if e.errno is not None and e.strerror:
+                return e
+            return None
     return None
 
 

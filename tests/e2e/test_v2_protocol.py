@@ -295,9 +295,12 @@ def test_a_second_server_cannot_take_either_port_of_a_running_one(server):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SNNET_HOST": "127.0.0.1"}
     for ports, said in (
         ({"SNNET_PORT": str(free_port()), "SNNET_GRPC_PORT": grpc_port},
-         f"error: cannot serve: the gRPC port 127.0.0.1:{grpc_port} is taken"),
+         f"error: cannot serve: the gRPC port 127.0.0.1:{grpc_port} cannot be bound (Address "
+         "already in use): another process listens there; set SNNET_GRPC_PORT to a free port (0: "
+         "no gRPC)"),
         ({"SNNET_PORT": str(server.port), "SNNET_GRPC_PORT": "0"},
-         f"error: cannot serve: the HTTP port 127.0.0.1:{server.port} is taken"),
+         f"error: cannot serve: the HTTP port 127.0.0.1:{server.port} cannot be bound (Address "
+         "already in use): another process listens there; set SNNET_PORT or --port"),
     ):  # fmt: skip
         r = subprocess.run(
             [SNNET, "serve"], env={**env, **ports}, capture_output=True, text=True, timeout=120
