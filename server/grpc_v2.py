@@ -30,6 +30,7 @@ from .routes.v2 import (
     build_request,
     pinned_stitch,
     raw_bytes,
+    result_of,
     server_version,
 )
 
@@ -129,7 +130,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
                 req, wanted = build_request(engine, doc, data, pinned)
                 plan, pending = await admit_v2(engine, doc, req, arrived)
                 ticket.queued()
-            result = await pending
+            result = await result_of(engine, req, pending)
             tensors, params = answer_tensors(engine, req, wanted, plan, result, arrived)
         except Refusal as e:
             status = e.status

@@ -466,9 +466,18 @@ class Scheduler:
         base_ms = sum(self.latency.base_ms(stitch, b) for b in sizes)
         self.metrics.compute_profiled_seconds.labels(str(stitch)).inc(base_ms / 1e3)
         answers, i = [], 0
+        finite = bool(torch.isfinite(logits).all())
         for j in batch:
-            result = Result(logits[i : i + j.n], stitch, (start - j.enqueued) * 1e3, compute_ms, n)
+            mine = logits[i : i + j.n]
             i += j.n
+            if not finite and not bool(torch.isfinite(mine).all()):
+                # NaN answers became a 500 "internal error" where JSON cannot carry them, or
+                # NaN probabilities in binary: say what happened (a V2 client's out-of-range
+                # tensor is turned into a 422 by its route)
+                error = ComputeError(f"the model's answer on stitch {stitch} is NaN or infinite")
+                answers.append((j, None, error))
+                continue
+            result = Result(mine, stitch, (start - j.enqueued) * 1e3, compute_ms, n)
             self.metrics.queue_seconds.observe(result.queue_ms / 1e3)
             answers.append((j, result, None))
         return answers

@@ -28,6 +28,7 @@ import binascii
 import difflib
 import json
 import math
+import re
 import struct
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -40,7 +41,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from ..engine import Engine
-from ..errors import Refusal
+from ..errors import ComputeError, Refusal
 from ..ingress import ARRIVED
 from ..parsing import ClassifyRequest, read_body, validation_message
 from ..planner import Plan
@@ -249,7 +250,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         doc, req, wanted = await _parse(request, engine, pinned)
         plan, pending = await admit_v2(engine, doc, req, arrived)
         ticket.queued()
-    result = await pending
+    result = await result_of(engine, req, pending)
     return _answer(engine, doc, req, wanted, plan, result, arrived)
 
 
@@ -323,6 +324,14 @@ def build_request(
     return ClassifyRequest(images or [], options, tensor, s.max_image_pixels), wanted
 
 
+# Shorthands of our parameters' names (lower case, no dashes or underscores) that mean them.
+V2_PARAM_ALIASES = {
+    "budget": "latency_budget_ms", "budgetms": "latency_budget_ms",
+    "latencyms": "latency_budget_ms", "latency": "latency_budget_ms", "stitch": "stitch_id",
+    "gflops": "max_gflops", "k": "top_k",
+}  # fmt: skip
+
+
 async def admit_v2(
     engine: Engine, doc: dict, req: ClassifyRequest, arrived: float
 ) -> tuple[Plan, asyncio.Future]:
@@ -333,12 +342,41 @@ async def admit_v2(
     except Refusal as e:
         params = doc.get("parameters") or {}
         timeout = params.get("timeout")
-        if timeout is not None and "latency_budget_ms" not in params:
-            e.detail = (
-                f"{e.detail} (the budget is parameters.timeout={timeout} microseconds, "
-                f"latency_budget_ms = timeout / 1000)"
-            )
+        if timeout is None or "latency_budget_ms" in params:
+            raise  # the client named latency_budget_ms itself, or no budget
+        if f"latency_budget_ms={req.options.latency_budget_ms:g} " not in e.detail:
+            raise  # not about the budget
+        least = re.search(r"latency_budget_ms >= ([0-9.]+)$", e.detail)
+        more = (
+            f", that is parameters.timeout >= {math.ceil(float(least[1]) * 1e3)}" if least else ""
+        )
+        e.detail = f"{e.detail}{more} (this budget is parameters.timeout={timeout} microseconds)"
         raise
+
+
+async def result_of(engine: Engine, req: ClassifyRequest, pending: asyncio.Future) -> Result:
+    """The admitted request's Result. A NaN or infinite answer (the scheduler's ComputeError)
+    to a preprocessed tensor far outside what preprocessing makes (1e30: it overflows in the
+    model) is the client's tensor: a 422 that says what is expected."""
+    try:
+        return await pending
+    except ComputeError:
+        x = req.tensor
+        if x is None:
+            raise
+        pre = engine.manifest.preprocessing
+        bounds = [((0 - m) / s, (1 - m) / s) for m, s in zip(pre["mean"], pre["std"], strict=True)]
+        lo, hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
+        top = float(x.abs().max())
+        if top <= 10 * max(abs(lo), abs(hi)):  # in range: the model's fault, a 500
+            raise
+        raise Refusal(
+            422,
+            f"input 'input' made the model's answer NaN or infinite: its values reach {top:g}, "
+            f"where images preprocessed as this model takes them (pixels in [0, 1], less mean "
+            f"{list(pre['mean'])}, over std {list(pre['std'])}) lie in [{lo:.2f}, {hi:.2f}]; or "
+            f"send the encoded images as the BYTES input 'image'",
+        ) from None
 
 
 def _options(params: dict[str, Any], pinned: int | None) -> ClassifyOptions:
@@ -346,12 +384,21 @@ def _options(params: dict[str, Any], pinned: int | None) -> ClassifyOptions:
     for k in params:
         # Other parameters are ignored, as the protocol lets a server do (Triton's clients send
         # their own: priority, sequence_id, binary_data_output, ...); a near miss of ours is a
-        # typo whose request went with the default budget, so it is refused.
-        close = difflib.get_close_matches(k, [*known, "timeout"], n=1, cutoff=0.6)
-        if k not in known and k != "timeout" and close:
+        # typo whose request went with the default budget, so it is refused. Near: the same
+        # name but for case, dashes or an underscore, a few letters off (latency_budget, topk),
+        # or a usual shorthand; not merely alike (batch_id, top_p, max_tokens are others').
+        if k in known or k == "timeout":
+            continue
+        bare = k.lower().replace("-", "").replace("_", "")
+        names = {n.replace("_", ""): n for n in [*known, "timeout"]}
+        close = names.get(bare) or V2_PARAM_ALIASES.get(bare)
+        if close is None:
+            near = difflib.get_close_matches(bare, list(names), n=1, cutoff=0.85)
+            close = names[near[0]] if near else None
+        if close:
             raise Refusal(
                 422,
-                f"parameters.{k} is not a parameter of this server; did you mean {close[0]}? "
+                f"parameters.{k} is not a parameter of this server; did you mean {close}? "
                 f"(its parameters: {', '.join(sorted(known))}, and Triton's timeout in "
                 f"microseconds)",
             )
@@ -519,20 +566,6 @@ def answer_tensors(
     """The outputs as (tensor metadata, values: FP32 array or a list of bytes) and the response
     parameters, whatever carries them; records the answer (metrics, margin, HTTP cost)."""
     probs = probabilities(result)
-    if req.tensor is not None and not np.isfinite(probs).all():
-        # Finite but huge inputs (1e30) overflow inside the model: NaN answers, and a 500 where
-        # JSON cannot carry them. The client's tensor is what was wrong: say what is expected.
-        pre = engine.manifest.preprocessing
-        bounds = [((0 - m) / s, (1 - m) / s) for m, s in zip(pre["mean"], pre["std"], strict=True)]
-        lo, hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
-        raise Refusal(
-            422,
-            f"input 'input' made the model's output NaN or infinite: its values reach "
-            f"{float(req.tensor.abs().max()):g}, where images preprocessed as this model takes "
-            f"them (pixels in [0, 1], less mean {list(pre['mean'])}, over std "
-            f"{list(pre['std'])}) lie in [{lo:.2f}, {hi:.2f}]; or send the encoded images as the "
-            f"BYTES input 'image'",
-        )
     labels = engine.manifest.labels
     tensors = []
     for name, p in wanted.items():

@@ -2,7 +2,9 @@
 real `snnet serve` with the bundled weights."""
 
 import base64
+import math
 import os
+import re
 import subprocess
 
 import httpx
@@ -150,8 +152,16 @@ def test_a_cost_cap_or_budget_in_the_parameters_changes_the_stitch(client, serve
     with pytest.raises(InferenceServerException) as e:
         client.infer(MODEL, [image_input(pngs)], timeout=10)
     assert "even on an idle server" in e.value.message()
-    # and says that the budget it names came from `timeout`, which is what the client sent
-    assert "(the budget is parameters.timeout=10 microseconds" in e.value.message()
+    # and says that the budget came from `timeout`, which is what the client sent, and the
+    # least in its unit
+    said = e.value.message()
+    least = float(re.search(r"latency_budget_ms >= ([0-9.]+)", said)[1])
+    assert f"that is parameters.timeout >= {math.ceil(least * 1e3)} (this budget is " \
+        "parameters.timeout=10 microseconds)" in said  # fmt: skip
+    with pytest.raises(InferenceServerException) as e:  # other refusals are left as they are
+        client.infer(MODEL, [image_input([b"not an image"])], timeout=10**7)
+    assert "could not be decoded" in e.value.message()
+    assert "timeout" not in e.value.message()
 
 
 def test_a_preprocessed_fp32_tensor_gives_what_the_image_gives(client, held_out):
@@ -182,7 +192,8 @@ def test_errors_surface_in_the_client_with_what_was_wrong(client, held_out):
         client.infer(MODEL, [image_input(pngs)], parameters={"latency_budget": 5})
     assert "parameters.latency_budget is not a parameter of this server; did you mean " \
         "latency_budget_ms?" in e.value.message()  # fmt: skip
-    client.infer(MODEL, [image_input(pngs)], parameters={"tenant": "a"}, priority=1)
+    others = {"tenant": "a", "batch_id": 3, "top_p": 0.9, "max_tokens": 5}  # not near ours
+    client.infer(MODEL, [image_input(pngs)], parameters=others, priority=1)
     bad = triton.InferInput("input", [1, 3, 28, 28], "FP32")
     bad.set_data_from_numpy(np.zeros((1, 3, 28, 28), np.float32))
     with pytest.raises(InferenceServerException) as e:

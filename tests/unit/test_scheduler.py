@@ -243,3 +243,26 @@ def test_the_idle_http_estimates_learn_only_from_requests_served_alone():
         start = ing.arrivals
     with ing.entered():
         assert ing.arrivals == start + 1  # what tells a request it was not alone
+
+
+def test_a_nan_answer_fails_its_own_request_not_its_batch_mates(digits):
+    """A request whose answer is NaN or infinite (an input of 1e30 overflows in the model) gets
+    a ComputeError that says so (it was a 500 "internal error", where JSON cannot carry NaN, or
+    NaN probabilities); the request batched with it is answered."""
+    from server.errors import ComputeError
+
+    _, sched, net = make(lambda s, b: 1.0, max_batch=8)
+    good, huge = digits[0][:1], torch.full_like(digits[0][:1], 1e30)
+    with torch.no_grad():
+        assert not torch.isfinite(net(huge, 2)).all()  # (what the model makes of it)
+
+    async def scenario():
+        now = time.monotonic()
+        futs = [sched.submit(x, 2, now + 60, now) for x in (good, huge)]
+        sched.start()  # both queued: one batch of 2
+        return await asyncio.gather(*futs, return_exceptions=True)
+
+    ok, failed = asyncio.run(scenario())
+    sched.stop()
+    assert ok.batch_size == 2 and torch.isfinite(ok.logits).all()
+    assert isinstance(failed, ComputeError) and "NaN or infinite" in str(failed)
