@@ -58,12 +58,19 @@ def main() -> None:
     ap.add_argument("--weights", default=str(HERE.parent / "weights"), help="checkpoint directory")
     args = ap.parse_args()
     pngs = digit_pngs()
-    ours, url = start_server({"SNNET_WEIGHTS": args.weights})
-    bare, bare_url = start_bare()
-    plain, plain_url = start_plain(args.weights)
     rtt, compute, overhead, floor, paced, plain_over = [], [], [], [], [], []
     per_round = max(1, args.requests // args.rounds)
+    started: list[subprocess.Popen] = []  # all stopped at the end, also if a later start fails
     try:
+        urls = []
+        for start in (
+            lambda: start_server({"SNNET_WEIGHTS": args.weights}), start_bare,
+            lambda: start_plain(args.weights),
+        ):  # fmt: skip
+            proc, u = start()
+            started.append(proc)
+            urls.append(u)
+        url, bare_url, plain_url = urls
         client, peer, plainc = Client(url), Client(bare_url), Client(plain_url)
         served_by = "the server process"
         if int(os.environ.get("SNNET_API_WORKERS", "1")) > 1:
@@ -118,7 +125,7 @@ def main() -> None:
         peer.close()
         plainc.close()
     finally:
-        for p in (ours, bare, plain):
+        for p in started:
             p.terminate()
             p.wait(30)
     med = statistics.median

@@ -105,7 +105,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         20_000_000,
         ge=1,
-        description="Largest decoded image, width x height (413 above; decompression bombs).",
+        description="Largest decoded image, width x height, and largest image its preprocessing "
+        "may make of it (a long thin image, its shorter side resized up to the input's) (413 "
+        "above; decompression bombs).",
     )
 
     baseline_policies: bool = Field(
@@ -225,8 +227,8 @@ class Settings(BaseSettings):
     def _ports(self) -> Settings:
         if self.grpc_port == self.port:
             raise ValueError(
-                f"grpc_port and port are both {self.port}: the gRPC endpoint needs a port of "
-                f"its own; set SNNET_GRPC_PORT to another (0: no gRPC)"
+                f"SNNET_GRPC_PORT and SNNET_PORT (--port) are both {self.port}: the gRPC endpoint "
+                f"needs a port of its own; set SNNET_GRPC_PORT to another (0: no gRPC)"
             )
         return self
 

@@ -74,7 +74,11 @@ def decode_image(
             raise ImageError(
                 413, f"{name} is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels"
             )
-        if work_pixels is not None and (work := work_pixels(w, h)) > max_pixels:
+        # What its resize makes, against the same limit, or what any square image's makes if
+        # that is more (a tiny limit refuses no square image for its resize)
+        if work_pixels is not None and (work := work_pixels(w, h)) > max(
+            max_pixels, work_pixels(1, 1)
+        ):
             raise ImageError(
                 413,
                 f"{name} is {w}x{h}, which preprocessing would enlarge to {work} pixels (its "

@@ -226,6 +226,11 @@ class Metrics:
         )
         self.model = Info("snnet_model", "The served SN-Net", registry=r)
 
+    def count_refused(self, reason: str) -> None:
+        """One request the planner refused (422), and why: for the log (the requests counter
+        has it by status)."""
+        self.refused_tally.add(reason)
+
     def count_shed(self, reason: str) -> None:
         """One request shed (503), and why: counted in ``snnet_shed_total`` and for the log."""
         self.shed.inc()

@@ -310,8 +310,8 @@ class Planner:
         return Refusal(
             503,
             f"overloaded: no stitch can answer within latency_budget_ms={budget:g} behind the "
-            f"current queue ({wait}; with its HTTP work, compute and safety margin it needs "
-            f"{now_budget:.1f} ms now); retry later, or with latency_budget_ms >= "
+            f"current queue ({wait}; with its HTTP work, compute and safety margin it needs at "
+            f"least {now_budget:.2f} ms now); retry later, or with latency_budget_ms >= "
             f"{now_budget:.2f}",
             retry,
         )

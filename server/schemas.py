@@ -224,7 +224,7 @@ class StitchesResponse(BaseModel):
                 "model": "snnet",
                 "device": "cpu",
                 "dtype": "float32",
-                "profile": "measured 35 stitches in 9 s, kept in /root/.cache/snnet/profiles.json; "
+                "profile": "measured 35 stitches in 9 s, kept in /srv/snnet/weights/profiles.json; "
                 "calibrated as measured (x1.00 + 0.49 ms at batch 1, x1.00 + 0.52 ms at batch 8)",
                 "anchors": [ANCHOR_EXAMPLE],
                 "stitches": [STITCH_EXAMPLE],

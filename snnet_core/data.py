@@ -98,26 +98,21 @@ class ImageTransform:
         return self.fast(img) if self.fast is not None else self.timm(img).contiguous()
 
     def work_pixels(self, width: int, height: int) -> int:
-        """The most pixels an image of this size has at any step (the decoded image, or its
-        resize before the crop): what preprocessing it costs. The resize of the shorter side
-        makes a long thin image huge (100000x1 -> 3.2 million x 32 for a 28x28 model, 0.26 s and
-        a gigabyte), so the server bounds this, not only the decoded size."""
-        from torchvision.transforms import CenterCrop, Resize
+        """The most pixels an image of this size has at any step of the evaluation transform
+        (the decoded image, its resize): what preprocessing it costs. The resize of the shorter
+        side makes a long thin image huge (100000x1 -> 3.2 million x 32 for a 28x28 model, 0.26 s
+        and a gigabyte), so the server bounds this, not only the decoded size. Steps other than
+        torchvision's Resize and CenterCrop (the last one that knows the size) end the count."""
+        from torchvision.transforms import CenterCrop
 
         w, h, most = width, height, width * height
         for step in getattr(self.timm, "transforms", []):
-            if isinstance(step, Resize):
-                size = step.size if isinstance(step.size, int) else tuple(step.size)
-                if isinstance(size, tuple) and len(size) == 1:
-                    size = size[0]
-                if isinstance(size, int):  # the shorter side to ``size``, as torchvision does
-                    short, long = sorted((w, h))
-                    new_long = int(size * long / max(short, 1))
-                    w, h = (size, new_long) if w <= h else (new_long, size)
-                else:
-                    h, w = size
+            if (size := _resized(step, w, h)) is not None:
+                w, h = size
             elif isinstance(step, CenterCrop):
                 h, w = step.size if len(step.size) == 2 else (step.size[0],) * 2
+            else:
+                break
             most = max(most, w * h)
         return most
 
@@ -135,6 +130,26 @@ def image_transform(
 ) -> ImageTransform:
     """The preprocessing of ``data_config`` (``ImageTransform``)."""
     return ImageTransform(data_config, training, normalize)
+
+
+def _resized(step, width: int, height: int) -> tuple[int, int] | None:
+    """The (width, height) torchvision's ``Resize`` ``step`` gives an image of that size (the
+    shorter side to an int size, the ratio kept, within ``max_size``; or a fixed size); None if
+    ``step`` is no ``Resize``."""
+    from torchvision.transforms import Resize
+
+    if not isinstance(step, Resize):
+        return None
+    size = step.size if isinstance(step.size, int) else tuple(step.size)
+    if isinstance(size, tuple) and len(size) == 1:
+        size = size[0]
+    if not isinstance(size, int):
+        return size[1], size[0]
+    short, long = sorted((width, height))
+    new_short, new_long = size, int(size * long / max(short, 1))
+    if step.max_size is not None and new_long > step.max_size:
+        new_short, new_long = int(step.max_size * new_short / new_long), step.max_size
+    return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
 class _FastEval:
@@ -167,19 +182,11 @@ class _FastEval:
 
     @staticmethod
     def _is_identity(step, img) -> bool:
-        from torchvision.transforms import CenterCrop, Resize
+        from torchvision.transforms import CenterCrop
 
-        w, h = img.size
         if isinstance(step, CenterCrop):
-            return tuple(step.size) == (h, w)
-        if isinstance(step, Resize):
-            size = step.size if isinstance(step.size, int) else tuple(step.size)
-            if isinstance(size, tuple) and len(size) == 1:
-                size = size[0]
-            if isinstance(size, int):  # the shorter side to ``size``, the ratio kept
-                return step.max_size is None and min(w, h) == size
-            return size == (h, w)
-        return False
+            return tuple(step.size) == img.size[::-1]
+        return _resized(step, *img.size) == img.size
 
     def _pil(self, img) -> np.ndarray:
         for step in self.pil_steps:

@@ -133,7 +133,7 @@ def plan_request(
         if plan.status == 503:
             engine.metrics.count_shed(plan.detail)
         else:
-            engine.metrics.refused_tally.add(plan.detail)
+            engine.metrics.count_refused(plan.detail)
         raise plan
     return plan
 

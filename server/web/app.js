@@ -580,7 +580,9 @@ async function burst() {
     `${others.length ? `; ${others.join(", ")}` : ""}. ` +
     (ui.burstLevel > 0
       ? `The load level rose to ${ui.burstLevel.toFixed(2)}; watch it fall back.`
-      : "The load level stayed at 0: this server kept up without giving up accuracy.");
+      : ok === sent
+        ? "The load level stayed at 0: this server kept up without giving up accuracy."
+        : "The load level stayed at 0.");
   out.dataset.answered = ok;
   out.dataset.shed = shed;
   out.dataset.sent = sent;

@@ -166,8 +166,8 @@ def test_serve_refuses_settings_that_would_serve_wrongly():
     env = {"SNNET_GRPC_PORT": "8100", "SNNET_LOG_LEVEL": "DEBUG"}
     proc = snnet_process("serve", "--port", "8100", check=False, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "\n  grpc_port and port are both 8100: the gRPC endpoint needs a port of its own; " \
-        "set SNNET_GRPC_PORT to another (0: no gRPC)" in proc.stderr  # fmt: skip
+    assert "\n  SNNET_GRPC_PORT and SNNET_PORT (--port) are both 8100: the gRPC endpoint needs a " \
+        "port of its own; set SNNET_GRPC_PORT to another (0: no gRPC)" in proc.stderr  # fmt: skip
     assert "LOG_LEVEL" not in proc.stderr
 
 
