@@ -47,8 +47,8 @@ def test_a_batch_is_preprocessed_as_each_of_its_images(channels):
 @pytest.mark.parametrize("crop_mode", ["center", "squash"])
 @pytest.mark.parametrize("image_size", [(28, 28), (500, 375), (375, 500), (3000, 2), (1, 700)])
 def test_work_pixels_is_the_largest_image_preprocessing_makes(crop_mode, image_size):
-    """What the server bounds before it resizes anything (a 100000x1 image became 3.2 million
-    x 32): the decoded size, or the resize's output, whichever is larger, as the steps make it.
+    """What the server bounds before it resizes anything (a 100000x1 image became 2.8 million
+    x 28): the decoded size, or the resize's output, whichever is larger, as the steps make it.
     (A 28x28 input, resized to 32: the thin images stay a few megabytes here.)"""
     config = {"input_size": (3, 28, 28), "mean": (0.5,) * 3, "std": (0.5,) * 3,
               "crop_pct": 0.875, "crop_mode": crop_mode}  # fmt: skip
