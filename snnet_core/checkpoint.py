@@ -122,7 +122,11 @@ def new_manifest(net: SNNet, labels: list[str] | None = None, **fields: Any) -> 
     """A manifest for ``net``: costs counted now, labels ``"0".."n-1"`` unless given."""
     labels = [str(i) for i in range(net.num_classes)] if labels is None else list(labels)
     if len(labels) != net.num_classes:
-        raise ValueError(f"{len(labels)} labels for a net with {net.num_classes} classes")
+        raise ValueError(
+            f"{len(labels)} labels for a net with {net.num_classes} classes (anchors built "
+            f'from timm have its default head; give --overrides \'{{"num_classes": '
+            f"{len(labels)}}}' for {len(labels)} classes)"
+        )
     return Manifest(
         family=net.family,
         config=net.config,

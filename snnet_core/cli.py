@@ -212,7 +212,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     pre = net.data_config() if manifest is None else manifest.preprocessing
     norm = (pre["mean"], pre["std"])
     device = resolve_device(args.device)
-    data = load_dataset(args.data, args.train_split, pre, training=True)
+    # Fine-tuning keeps the checkpoint's labels: each class folder is the label of its name.
+    data = load_dataset(
+        args.data, args.train_split, pre, training=True,
+        labels=None if manifest is None else manifest.labels,
+    )  # fmt: skip
     labels = getattr(data, "classes", None) or (
         [str(i) for i in range(net.num_classes)] if manifest is None else manifest.labels
     )
@@ -251,7 +255,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     net = net.cpu().eval()
     manifest.training = {"config": config_dict(cfg), "data": args.data, "history": history}
     if args.eval_split:
-        held = load_dataset(args.data, args.eval_split, pre, training=False)
+        held = load_dataset(args.data, args.eval_split, pre, training=False, labels=labels)
         res = evaluate(net, held, norm, device=device, progress=True)
         for r in manifest.stitches:
             r["accuracy"] = round(res[r["id"]]["top1"], 2)
@@ -270,7 +274,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     net = net.to(device, resolve_dtype(args.dtype, device))
     pre = manifest.preprocessing
-    data = load_dataset(args.data, args.split, pre, training=False)
+    data = load_dataset(args.data, args.split, pre, training=False, labels=manifest.labels)
     if args.limit:
         data = torch.utils.data.Subset(data, range(min(args.limit, len(data))))
     res = evaluate(
@@ -484,6 +488,13 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
         return args.func(args)
     except ValueError as e:  # includes CheckpointError: a user-facing message, not a traceback
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `snnet stitches --json | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit)
+        return 0
+    except OSError as e:  # a file that is not there or not readable, an image that is not one,
+        # timm's weights hub out of reach: one line, not a traceback
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
 

@@ -213,19 +213,50 @@ class _FastEval:
         return self._normalised(a[:, None] if a.ndim == 3 else a.transpose(0, 3, 1, 2))
 
 
-def image_folder(root: str, data_config: dict, training: bool) -> torch.utils.data.Dataset:
+def image_folder(
+    root: str, data_config: dict, training: bool, labels: list[str] | None = None
+) -> torch.utils.data.Dataset:
     """An ImageNet-layout folder (one sub-folder per class), preprocessed by ``image_transform``
-    without normalisation (the training loop and ``evaluate`` normalise)."""
+    without normalisation (the training loop and ``evaluate`` normalise).
+
+    With ``labels`` (a checkpoint's, or the training folder's), each sub-folder is that label by
+    its name, whatever others are missing: sorted position gave a folder of classes 1-9 the
+    labels 0-8, and fine-tuning learnt them. A folder named as no label is an error.
+    """
     from torchvision import datasets
 
-    return datasets.ImageFolder(
-        root, transform=image_transform(data_config, training, normalize=False)
-    )
+    try:
+        data = datasets.ImageFolder(
+            root, transform=image_transform(data_config, training, normalize=False)
+        )
+    except FileNotFoundError as e:  # no class folders, or one without images
+        raise ValueError(f"{root}: {e}") from None
+    if labels is not None and data.classes != list(labels):
+        unknown = [c for c in data.classes if c not in labels]
+        if unknown:
+            shown = ", ".join(list(labels)[:12]) + (", ..." if len(labels) > 12 else "")
+            raise ValueError(
+                f"{root}: class folders {unknown} are not labels of the model ({shown}); name "
+                f"each folder as the label it holds (to train other classes, train from "
+                f"--anchors, not --weights)"
+            )
+        index = [list(labels).index(c) for c in data.classes]
+        data.target_transform = index.__getitem__
+        data.classes = list(labels)
+    return data
 
 
-def load_dataset(spec: str, split: str, data_config: dict, training: bool, max_shift: int = 2):
-    """``"mnist"`` (the bundled subset; ``split`` picks train/held_out) or an ImageFolder path
-    (``split`` is a sub-folder such as ``train``/``val`` if it exists)."""
+def load_dataset(
+    spec: str,
+    split: str,
+    data_config: dict,
+    training: bool,
+    max_shift: int = 2,
+    labels: list[str] | None = None,
+):
+    """``"mnist"`` (the bundled subset; ``split`` picks train/held_out) or an ImageFolder path:
+    ``split`` is its sub-folder (``train``, ``val``) where it has such sub-folders, the path
+    itself where it holds class folders directly. ``labels``: see ``image_folder``."""
     if spec == "mnist":
         x, y = mnist_subset(split)
         return DigitsDataset(x, y, max_shift if training else 0)
@@ -236,4 +267,15 @@ def load_dataset(spec: str, split: str, data_config: dict, training: bool, max_s
         raise ValueError(f"dataset {spec!r} is neither 'mnist' nor a directory")
     if (root / split).is_dir():
         root = root / split
-    return image_folder(str(root), data_config, training)
+    else:
+        # A split that is not there fell back to the root, whose split folders then counted as
+        # two classes ("train", "val"), scored 9.75% without a word.
+        splits = sorted(
+            d.name for d in root.iterdir() if d.is_dir() and any(c.is_dir() for c in d.iterdir())
+        )
+        if splits:
+            raise ValueError(
+                f"{spec} has no sub-folder {split!r} (it has: {', '.join(splits)}); name one "
+                f"of them as the split"
+            )
+    return image_folder(str(root), data_config, training, labels)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -145,11 +146,19 @@ class SNNet(nn.Module):
         names = [a.name for a in config.anchors]
         stages = [ad.stages(m) for ad, m in zip(self.adapters, anchors, strict=True)]
         pairs = list(zip(self.adapters[:-1], self.adapters[1:], strict=True))
+        cut_stages = [sorted(set(fa.stitch_stages) & set(ba.stitch_stages)) for fa, ba in pairs]
+        for (a, b), shared in zip(itertools.pairwise(names), cut_stages, strict=True):
+            if not shared:  # (DeiT and ResNet: an SN-Net of two separate models, no stitch)
+                raise ValueError(
+                    f"{a} and {b} share no stage where one could be cut and joined to the other: "
+                    f"anchors of one family (DeiT, Swin, ResNet, ...) or a pair the model library "
+                    f"lists as mixed (ResNet to Swin)"
+                )
         self.stitches, layers_per_pair = enumerate_stitches(
             names,
             stages,
             config.space,
-            cut_stages=[sorted(set(fa.stitch_stages) & set(ba.stitch_stages)) for fa, ba in pairs],
+            cut_stages=cut_stages,
             overlap=[fa.overlapping_cuts and ba.overlapping_cuts for fa, ba in pairs],
         )
 

@@ -133,6 +133,11 @@ def test_eval_records_accuracy_per_dtype(tmp_path):
             ["import", "/nonexistent/snnet_swin.pth", "--family", "swin", "--out", "/tmp/x"],
             "/nonexistent/snnet_swin.pth does not exist",
         ),
+        (  # two separate models, not an SN-Net: it listed them with no stitch between
+            ["stitches", "--anchors", "deit_tiny_patch16_224,resnet18"],
+            "deit_tiny_patch16_224 and resnet18 share no stage where one could be cut",
+        ),
+        (["import", "/", "--family", "deit", "--out", "/tmp/x"], "IsADirectoryError"),
     ],
 )
 def test_bad_input_is_a_clear_error(args, message):

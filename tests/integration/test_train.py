@@ -276,3 +276,34 @@ def test_training_eval_and_checkpoints_run_on_resnet_to_swin(tmp_path):
                 assert torch.equal(loaded(x[:2], s), net(x[:2], s))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_class_folders_are_the_labels_of_their_names_and_a_missing_split_is_an_error(tmp_path):
+    """A folder of classes 1-9 was scored as labels 0-8 by sorted position (0% top-1, and
+    fine-tuning learnt it); a split sub-folder that is not there fell back to the root, whose
+    train/ and val/ became two classes. Both are now what the names say, or an error."""
+    from PIL import Image
+
+    from snnet_core.data import load_dataset
+
+    x, y = mnist_subset("held_out")
+    for i in range(0, 1000, 17):  # (the subset is sorted by class)
+        if int(y[i]) != 0:  # classes 1-9 only
+            d = tmp_path / "val" / str(int(y[i]))
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((x[i, 0].numpy() * 255).round().astype("uint8"), "L").save(
+                d / f"{i}.png"
+            )
+    labels = [str(c) for c in range(10)]
+    pre = {**build_tiny(seed=6).data_config(), "crop_pct": 1.0}
+    folder = load_dataset(str(tmp_path), "val", pre, training=False, labels=labels)
+    assert folder.classes == labels
+    names = sorted({p.parent.name for p in (tmp_path / "val").rglob("*.png")})
+    got = {folder.samples[k][0].split("/")[-2]: folder[k][1] for k in range(len(folder))}
+    assert got == {n: int(n) for n in names}  # folder "3" is label 3, not its position 2
+    with pytest.raises(ValueError, match=r"has no sub-folder 'held_out' \(it has: val\)"):
+        load_dataset(str(tmp_path), "held_out", pre, training=False, labels=labels)
+    (tmp_path / "val" / "cat").mkdir()
+    Image.new("L", (28, 28)).save(tmp_path / "val" / "cat" / "a.png")
+    with pytest.raises(ValueError, match=r"class folders \['cat'\] are not labels of the model"):
+        load_dataset(str(tmp_path), "val", pre, training=False, labels=labels)
