@@ -69,6 +69,17 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     )
 
 
+def positive_int(text: str) -> int:
+    """An integer of at least 1 (``--limit 0`` evaluated every image)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def parse_input_size(text: str) -> list[int]:
     values = parse_int_list(text)
     if len(values) != 3 or min(values) < 1:
@@ -263,6 +274,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         manifest.evaluation = {"dataset": args.data, "split": args.eval_split, "images": len(held)}
     save(net, args.out, manifest)
     print(f"saved {args.out}", file=sys.stderr)
+    if args.eval_split:  # what the training came to (it printed only "saved")
+        cols = ["id", "description", "gflops", "accuracy", "top5"]
+        print(_format_table([{c: r.get(c) for c in cols} for r in manifest.stitches], cols))
     return 0
 
 
@@ -438,7 +452,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="'mnist' or an ImageFolder directory")
     p.add_argument("--split", default="held_out", help="split / sub-folder (default held_out)")
     p.add_argument("--stitches", type=parse_int_list, help="stitch ids (default all)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

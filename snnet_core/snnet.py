@@ -352,6 +352,10 @@ def build_snnet(
     names = [n.strip() for n in anchors.split(",")] if isinstance(anchors, str) else list(anchors)
     names = [n for n in names if n]
     per_anchor = _per_anchor_overrides(overrides, len(names))
+    if input_size is not None and int(list(input_size)[0]) != 3:
+        # --input-size 1,28,28 built anchors for 3 channels (timm's default), which then failed
+        # on the first image: the channels are the anchors' in_chans unless given there
+        per_anchor = [{"in_chans": int(list(input_size)[0]), **o} for o in per_anchor]
     config = SNNetConfig(
         [AnchorSpec(n, o) for n, o in zip(names, per_anchor, strict=True)],
         SpaceConfig(window=window, stride=stride),
@@ -370,4 +374,8 @@ def snnet_from_config(config: SNNetConfig, pretrained: bool = False) -> SNNet:
             if "Unknown model" in str(e):
                 raise ValueError(f"unknown timm model {spec.name!r}: {e}") from None
             raise
+        except TypeError as e:  # an override the model does not take: {"bogus": 1}
+            raise ValueError(
+                f"timm's {spec.name} does not take the overrides {spec.overrides} ({e})"
+            ) from None
     return SNNet(models, config)

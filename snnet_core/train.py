@@ -274,7 +274,14 @@ def train(
     state_path = out / TRAIN_STATE
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["model"])
+        try:
+            net.load_state_dict(state["model"])
+        except RuntimeError as e:  # (a page of "size mismatch" lines)
+            first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+            raise ValueError(
+                f"{state_path} is the train state of another net ({first} ...); give a new "
+                f"--out, or leave out --resume to start this one over there"
+            ) from None
         opt.load_state_dict(state["optimizer"])
         start_epoch, history = int(state["epoch"]), list(state["history"])
         gen.set_state(state["loader_rng"])

@@ -138,6 +138,10 @@ def test_eval_records_accuracy_per_dtype(tmp_path):
             "deit_tiny_patch16_224 and resnet18 share no stage where one could be cut",
         ),
         (["import", "/", "--family", "deit", "--out", "/tmp/x"], "IsADirectoryError"),
+        (
+            ["stitches", "--anchors", "resnet18,resnet50", "--overrides", '{"bogus": 1}'],
+            "timm's resnet18 does not take the overrides {'bogus': 1}",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error(args, message):
@@ -331,3 +335,13 @@ def test_serve_installed_without_the_checkout_says_to_set_snnet_weights(tmp_path
     assert proc.returncode == 2, proc.stderr
     assert f"checkpoint directory {site / 'weights'} does not exist" in proc.stderr
     assert "SNNET_WEIGHTS is unset" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_input_size_gives_the_anchors_its_channels():
+    """`--input-size 1,28,28` built ResNets for 3 channels (timm's default) and failed on the
+    first image with a traceback; the channels are the anchors' in_chans unless given."""
+    proc = snnet(
+        "stitches", "--anchors", "resnet18,resnet50", "--input-size", "1,28,28",
+        "--overrides", '{"num_classes": 10}', "--json",
+    )  # fmt: skip
+    assert len(json.loads(proc.stdout)) == 10

@@ -117,6 +117,12 @@ def test_resume_continues_from_the_saved_epoch(small_train, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
     for k, v in full.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+    # Another net's train state in that folder: an error that says so, not a page of "size
+    # mismatch" lines
+    wider = [{**o, "embed_dim": o["embed_dim"] + 8} for o in TINY_OVERRIDES]
+    other = snnet_core.build_snnet(TINY_ANCHORS, overrides=wider)
+    with pytest.raises(ValueError, match="is the train state of another net .*size mismatch"):
+        train(other, small_train, TrainConfig(epochs=2), tmp_path / "b", resume=True, **kw)
 
 
 def test_schedule_and_sampling():
@@ -212,6 +218,11 @@ def test_train_command_writes_a_servable_checkpoint(tmp_path):
     assert manifest.evaluation == {"dataset": "mnist", "split": "held_out", "images": 1000}
     assert len(manifest.accuracy()) == TINY_NUM_STITCHES
     assert (tmp_path / "train_state.pt").is_file()
+    # and it says what the training came to: each stitch's held-out accuracy
+    table = proc.stdout.splitlines()
+    assert table[0].split() == ["id", "description", "gflops", "accuracy", "top5"]
+    assert len(table) == 1 + TINY_NUM_STITCHES
+    assert float(table[1].split()[-2]) == manifest.stitches[0]["accuracy"]
 
 
 def test_image_folder_data_matches_the_in_memory_digits(tmp_path):
