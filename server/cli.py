@@ -255,7 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     add_commands(sub)
-    add_serve_options(sub.add_parser("serve", help="serve a checkpoint over HTTP"))
+    add_serve_options(
+        sub.add_parser(
+            "serve",
+            help="serve a checkpoint over HTTP",
+            description="Serve a checkpoint over HTTP (and the Open Inference Protocol over "
+            "gRPC). Settings come from SNNET_* environment variables: SNNET_WEIGHTS is the "
+            "checkpoint directory (default: the bundled weights/); the README's configuration "
+            "table lists the others.",
+        )
+    )
     return parser
 
 

@@ -67,7 +67,10 @@ class TrainConfig:
         if self.anchor_share is not None and not 0 <= self.anchor_share < 1:
             raise ValueError(f"anchor_share must be in [0, 1) or None, got {self.anchor_share}")
         if self.anchor_share is not None and self.mode == "stitching":
-            raise ValueError("anchor_share needs mode='full': frozen anchors have nothing to train")
+            raise ValueError(
+                "anchor_share (--anchor-share) needs mode='full' (--mode full): frozen anchors "
+                "have nothing to train"
+            )
         if self.anchor_lr_scale < 0:
             raise ValueError(f"anchor_lr_scale must be >= 0, got {self.anchor_lr_scale}")
         if self.checkpoint_every < 1:
