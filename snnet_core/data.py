@@ -246,6 +246,10 @@ def image_folder(
     return data
 
 
+# Sub-folder names that mark a folder of splits rather than of classes.
+SPLITS = {"train", "training", "val", "valid", "validation", "test", "eval", "dev", "held_out"}
+
+
 def load_dataset(
     spec: str,
     split: str,
@@ -269,10 +273,9 @@ def load_dataset(
         root = root / split
     else:
         # A split that is not there fell back to the root, whose split folders then counted as
-        # two classes ("train", "val"), scored 9.75% without a word.
-        splits = sorted(
-            d.name for d in root.iterdir() if d.is_dir() and any(c.is_dir() for c in d.iterdir())
-        )
+        # two classes ("train", "val"), scored 9.75% without a word. (Folders named as splits
+        # only: a class folder may hold sub-folders of images.)
+        splits = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLITS)
         if splits:
             raise ValueError(
                 f"{spec} has no sub-folder {split!r} (it has: {', '.join(splits)}); name one "
