@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -215,11 +216,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     torch.manual_seed(cfg.seed)
+    rank = int(os.environ.get("RANK", 0))
+
+    # What happens before the first epoch's bar (imports, the anchors, the least-squares init:
+    # 21 s of silence for DeiT at 224 px), said as it happens
+    def say(text: str) -> None:
+        if rank == 0:
+            print(text, file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
     if args.weights:
         net, manifest = load(args.weights)
+        say(
+            f"loaded {args.weights}: {len(net.stitches)} stitches ({time.perf_counter() - t0:.1f} s)"
+        )
     else:
         net = _build_from_args(args)
         manifest = None
+        say(f"built the SN-Net of {args.anchors}: {len(net.stitches)} stitches "
+            f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
     pre = net.data_config() if manifest is None else manifest.preprocessing
     norm = (pre["mean"], pre["std"])
     device = resolve_device(args.device)
@@ -231,16 +246,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     labels = getattr(data, "classes", None) or (
         [str(i) for i in range(net.num_classes)] if manifest is None else manifest.labels
     )
-    rank = int(os.environ.get("RANK", 0))
     resuming = args.resume and (Path(args.out) / TRAIN_STATE).is_file()
     if manifest is None and not resuming:
         # Least-squares init from real training images (the same on every rank: seeded).
+        t0 = time.perf_counter()
         idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[
             : args.ls_images
         ]
         mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in norm)
         batch = (torch.stack([data[int(i)][0] for i in idx]) - mean) / std
         net.init_stitching_layers(batch)
+        say(f"stitching layers least-squares initialised from {len(idx)} training images "
+            f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
     if manifest is None:
         manifest = new_manifest(net, labels=list(labels))
         if args.data == "mnist":

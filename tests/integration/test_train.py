@@ -213,6 +213,9 @@ def test_train_command_writes_a_servable_checkpoint(tmp_path):
         "--eval-split", "held_out", "--out", str(tmp_path), "--sampling", "flops",
     )  # fmt: skip
     assert "epoch 1/1" in proc.stderr  # progress bar
+    # and what comes before it, said as it happens (seconds of silence for a real-size net)
+    assert f"built the SN-Net of {TINY_ANCHORS}: {TINY_NUM_STITCHES} stitches" in proc.stderr
+    assert "stitching layers least-squares initialised from" in proc.stderr
     net, manifest = snnet_core.load(tmp_path)
     assert manifest.training["config"]["sampling"] == "flops"
     assert manifest.evaluation == {"dataset": "mnist", "split": "held_out", "images": 1000}
