@@ -19,7 +19,11 @@ predicts differently would have chosen others at the same budgets.)
 The committed runs (bench/data/deit_idle_rows, session 27): DeiT-Ti/S/B, random weights, 2-core
 VM, ``deit_idle.py --requests 60 --think-s 0.5``; run1 on a quiet machine, runs 2-4 while other
 work (tests, a benchmark) used the cores during start-up or serving: profiles measured under
-contention, off by 0.4-1.7x from what the stitches then took.
+contention, off by 0.4-1.7x from what the stitches then took. run5 (session 28, quiet VM, final
+code of that session): start-up measured a batch after a second's idle at 2.37x its prediction,
+an early cold batch ran 2x over (stitch 36: 83.6 -> 166.5 ms) while most early answers ran
+0.4-0.6x of theirs; the idle margin reached 50% + 95 ms after 10 answers, and budgets up to
+177.9 ms were refused while the cheapest stitches answered in 38-50 ms.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load, new_manifest, write_manifest
+from .checkpoint import WEIGHTS_FILE, load, new_manifest, write_manifest
 from .device import DTYPES, resolve_device, resolve_dtype
 from .menu import StitchMenu
 from .profile import measure_latency
@@ -224,6 +224,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if rank == 0:
             print(text, file=sys.stderr, flush=True)
 
+    if (Path(args.out) / WEIGHTS_FILE).is_file() and not args.resume:
+        say(f"note: {args.out} holds a checkpoint; this training replaces it (and its train "
+            f"state) as it saves")  # fmt: skip
     t0 = time.perf_counter()
     if args.weights:
         net, manifest = load(args.weights)

@@ -321,3 +321,30 @@ def test_class_folders_are_the_labels_of_their_names_and_a_missing_split_is_an_e
     Image.new("L", (28, 28)).save(tmp_path / "val" / "cat" / "a.png")
     with pytest.raises(ValueError, match=r"class folders \['cat'\] are not labels of the model"):
         load_dataset(str(tmp_path), "val", pre, training=False, labels=labels)
+
+
+def test_fine_tuning_on_a_folder_of_some_classes_keeps_the_checkpoints_labels(tmp_path):
+    """`snnet train --weights` on class folders named as some of the checkpoint's labels: each
+    folder trains the label of its name (by position, folders 1-3 taught labels 0-2), and the
+    checkpoint's labels stay; training into the folder it came from says it replaces it."""
+    from PIL import Image
+
+    snnet_core.save(build_tiny(seed=3), tmp_path / "ckpt")
+    x, y = mnist_subset("train")
+    for i in range(0, 2000, 7):
+        if int(y[i]) in (1, 2, 3):
+            d = tmp_path / "digits" / "train" / str(int(y[i]))
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((x[i, 0].numpy() * 255).round().astype("uint8"), "L").save(
+                d / f"{i}.png"
+            )
+    ckpt = str(tmp_path / "ckpt")
+    proc = snnet(
+        "train", "--weights", ckpt, "--data", str(tmp_path / "digits"), "--out", ckpt,
+        "--epochs", "1", "--batch-size", "50", "--lr", "1e-4",
+    )  # fmt: skip
+    assert f"note: {ckpt} holds a checkpoint; this training replaces it" in proc.stderr
+    assert f"loaded {ckpt}: {TINY_NUM_STITCHES} stitches" in proc.stderr
+    _, manifest = snnet_core.load(ckpt)
+    assert manifest.labels == [str(c) for c in range(10)]
+    assert manifest.training["data"] == str(tmp_path / "digits")
