@@ -155,7 +155,7 @@ def _bind_error(host: str, port: int) -> OSError | None:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (OSError, UnicodeError):
         return None
-    for family, kind, proto, _, addr in dict.fromkeys((f, k, p, "", a) for f, k, p, _, a in found):
+    for family, kind, proto, addr in {(f, k, p, a) for f, k, p, _, a in found}:
         try:
             with socket.socket(family, kind, proto) as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (TIME_WAIT is free)

@@ -15,11 +15,21 @@ class Refusal(Exception):
             shutting down).
         detail: What was wrong and what is allowed, for the client.
         retry_after_s: Seconds a client should wait before retrying (503 only).
+        least_ms: The least latency budget that would do, where the budget was what it refused
+            (the detail ends with it, "latency_budget_ms >= X"; a V2 client that gave Triton's
+            timeout is told it in microseconds).
     """
 
-    def __init__(self, status: int, detail: str, retry_after_s: int | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        retry_after_s: int | None = None,
+        least_ms: float | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status, self.detail, self.retry_after_s = status, detail, retry_after_s
+        self.least_ms = least_ms
 
     @property
     def headers(self) -> dict[str, str] | None:

@@ -76,8 +76,10 @@ def decode_image(
             )
         # What its resize makes, against the same limit, or what any square image's makes if
         # that is more (a tiny limit refuses no square image for its resize)
-        if work_pixels is not None and (work := work_pixels(w, h)) > max(
-            max_pixels, work_pixels(1, 1)
+        if (
+            work_pixels is not None
+            and (work := work_pixels(w, h)) > max_pixels
+            and work > work_pixels(1, 1)
         ):
             raise ImageError(
                 413,

@@ -264,6 +264,7 @@ class Planner:
                     f"is more) and an idle server's safety margin of "
                     f"{self._rest_margin_text()}){self._after_pause(need, least)}; allowed: "
                     f"latency_budget_ms >= {least:.2f}",
+                    least_ms=least,
                 )
             # What makes now dearer than an idle server, each named where it adds 0.5 ms or
             # more (a reason that adds nothing only misleads).
@@ -283,7 +284,7 @@ class Planner:
             # one for now counts the time this request lost before planning: enough, if more
             # than a retry may need.
             idle_budget = need + self.network_ms
-            now_budget = math.ceil(round((least_now + self.network_ms) * 100, 6)) / 100
+            now_budget = self._as_budget(least_now)
             return Refusal(
                 503,
                 f"not just now: latency_budget_ms={budget:g} would do on an idle server (it "
@@ -292,6 +293,7 @@ class Planner:
                 f"or with latency_budget_ms >= "
                 f"{now_budget:.2f}",
                 1,
+                least_ms=now_budget,
             )
         retry = max(1, math.ceil((ingress + queue_ms) / 1e3))
         if fits:
@@ -306,7 +308,7 @@ class Planner:
         wait = f"predicted wait {ingress + queue_ms:.0f} ms"
         if not math.isfinite(least_now):  # (an empty pool: nothing to name)
             return Refusal(503, f"overloaded: {wait}; retry later", retry)
-        now_budget = math.ceil(round((least_now + self.network_ms) * 100, 6)) / 100
+        now_budget = self._as_budget(least_now)
         return Refusal(
             503,
             f"overloaded: no stitch can answer within latency_budget_ms={budget:g} behind the "
@@ -314,7 +316,13 @@ class Planner:
             f"least {now_budget:.2f} ms now); retry later, or with latency_budget_ms >= "
             f"{now_budget:.2f}",
             retry,
+            least_ms=now_budget,
         )
+
+    def _as_budget(self, ms: float) -> float:
+        """``ms`` of server time as a client's budget: with the network's share, rounded up to
+        the hundredth a message prints (a budget given as printed is enough)."""
+        return math.ceil(round((ms + self.network_ms) * 100, 6)) / 100
 
     def _slow_down(self) -> float:
         """How much slower than when idle the device runs now, as the controller has seen it
@@ -412,4 +420,5 @@ class Planner:
             f"{what} is below {below}{reserved} even on an idle server, and it needs {need:.2f} "
             f"ms in all with HTTP work and the safety margin{self._after_pause(need, least)}; "
             f"allowed: latency_budget_ms >= {least:.2f}",
+            least_ms=least,
         )

@@ -28,7 +28,6 @@ import binascii
 import difflib
 import json
 import math
-import re
 import struct
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -324,6 +323,9 @@ def build_request(
     return ClassifyRequest(images or [], options, tensor, s.max_image_pixels), wanted
 
 
+V2_PARAMS = frozenset({"latency_budget_ms", "max_gflops", "stitch_id", "top_k"})
+# Ours and Triton's timeout by their bare names (lower case, no underscores), for near misses.
+_BARE_PARAMS = {n.replace("_", ""): n for n in [*V2_PARAMS, "timeout"]}
 # Shorthands of our parameters' names (lower case, no dashes or underscores) that mean them.
 V2_PARAM_ALIASES = {
     "budget": "latency_budget_ms", "budgetms": "latency_budget_ms",
@@ -342,15 +344,12 @@ async def admit_v2(
     except Refusal as e:
         params = doc.get("parameters") or {}
         timeout = params.get("timeout")
-        if timeout is None or "latency_budget_ms" in params:
-            raise  # the client named latency_budget_ms itself, or no budget
-        if f"latency_budget_ms={req.options.latency_budget_ms:g} " not in e.detail:
-            raise  # not about the budget
-        least = re.search(r"latency_budget_ms >= ([0-9.]+)$", e.detail)
-        more = (
-            f", that is parameters.timeout >= {math.ceil(float(least[1]) * 1e3)}" if least else ""
+        if e.least_ms is None or timeout is None or "latency_budget_ms" in params:
+            raise  # not about the budget, or the client named latency_budget_ms itself
+        e.detail = (
+            f"{e.detail}, that is parameters.timeout >= {math.ceil(e.least_ms * 1e3)} (this "
+            f"budget is parameters.timeout={timeout} microseconds)"
         )
-        e.detail = f"{e.detail}{more} (this budget is parameters.timeout={timeout} microseconds)"
         raise
 
 
@@ -380,29 +379,27 @@ async def result_of(engine: Engine, req: ClassifyRequest, pending: asyncio.Futur
 
 
 def _options(params: dict[str, Any], pinned: int | None) -> ClassifyOptions:
-    known = {"latency_budget_ms", "max_gflops", "stitch_id", "top_k"}
     for k in params:
         # Other parameters are ignored, as the protocol lets a server do (Triton's clients send
         # their own: priority, sequence_id, binary_data_output, ...); a near miss of ours is a
         # typo whose request went with the default budget, so it is refused. Near: the same
         # name but for case, dashes or an underscore, a few letters off (latency_budget, topk),
         # or a usual shorthand; not merely alike (batch_id, top_p, max_tokens are others').
-        if k in known or k == "timeout":
+        if k in V2_PARAMS or k == "timeout":
             continue
         bare = k.lower().replace("-", "").replace("_", "")
-        names = {n.replace("_", ""): n for n in [*known, "timeout"]}
-        close = names.get(bare) or V2_PARAM_ALIASES.get(bare)
+        close = _BARE_PARAMS.get(bare) or V2_PARAM_ALIASES.get(bare)
         if close is None:
-            near = difflib.get_close_matches(bare, list(names), n=1, cutoff=0.85)
-            close = names[near[0]] if near else None
+            near = difflib.get_close_matches(bare, list(_BARE_PARAMS), n=1, cutoff=0.85)
+            close = _BARE_PARAMS[near[0]] if near else None
         if close:
             raise Refusal(
                 422,
                 f"parameters.{k} is not a parameter of this server; did you mean {close}? "
-                f"(its parameters: {', '.join(sorted(known))}, and Triton's timeout in "
+                f"(its parameters: {', '.join(sorted(V2_PARAMS))}, and Triton's timeout in "
                 f"microseconds)",
             )
-    raw = {k: v for k, v in params.items() if k in known}
+    raw = {k: v for k, v in params.items() if k in V2_PARAMS}
     timeout = params.get("timeout")
     if "latency_budget_ms" not in raw and timeout is not None:
         if not _is_int(timeout) or not 0 < timeout < 10**12:

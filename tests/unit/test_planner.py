@@ -84,7 +84,7 @@ def test_a_queue_shifts_the_choice_to_cheaper_stitches_then_sheds():
     behind, shed, least, retried = asyncio.run(scenario())
     assert stitch(behind) == 14 and behind.queue_ms == pytest.approx(30.0)
     assert shed.status == 503 and shed.retry_after_s >= 1 and "no stitch can answer" in shed.detail
-    assert f"it needs at least {least:.2f} ms now" in shed.detail
+    assert f"it needs at least {least:.2f} ms now" in shed.detail and shed.least_ms == least
     assert not isinstance(retried, Refusal), retried  # (the fastest stitch, behind the queue)
 
 
