@@ -325,6 +325,15 @@ class ControllerState(BaseModel):
         description="How many requests served alone rest_margin is fitted to (at most 256; the "
         "prior below 5).",
     )
+    refuse_margin: float = Field(
+        0.1,
+        description="The idle server's margin fitted to cover 95% of the requests served alone "
+        "(rest_margin: 99.5%), so that it meets at least 9 budgets in 10: a budget that no "
+        "stitch meets with rest_margin but the fastest meets with this one (or rest_margin, "
+        "if less) is served by the fastest stitch, not refused; a 422 says the budget is below "
+        "what the fastest stitch needs with it.",
+    )
+    refuse_margin_ms: float = Field(0.0, description="The fixed part of refuse_margin, ms.")
     target_utilisation: float
     allowed_stitches: list[int] = Field(
         description="Stitches requests may use while the server is busy, most accurate first "

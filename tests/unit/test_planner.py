@@ -191,7 +191,8 @@ def test_the_http_backlog_and_the_margin_count_in_the_prediction():
     # Alone and idle: planned with what requests served alone took. Here their margin was
     # 0.1 and reading one took 2 ms (the usual HTTP time: none was served alone yet). A budget
     # below that: no point in retrying, say what would do.
-    planner.ingress.unqueued, planner.controller.rest_margin = 1, 0.1
+    planner.ingress.unqueued = 1
+    planner.controller.rest_margin = planner.controller.refuse_margin = 0.1
     plan = planner.plan(opts(latency_budget_ms=5.5), 1, NOW, arrived=NOW - 0.002)
     assert stitch(plan) == 2  # 2 ms read + (1 + 0.1) x 3 ms
     r = planner.plan(opts(latency_budget_ms=2.5), 1, NOW, arrived=NOW - 0.002)
@@ -270,6 +271,40 @@ def test_the_least_budget_a_422_names_counts_the_usual_time_to_read_the_request(
     )
 
 
+def test_an_idle_server_serves_a_budget_its_fastest_stitch_meets_nine_times_in_ten():
+    # The idle server's full margin (99.5% of its answers) is 50%, the one at REFUSE_QUANTILE
+    # (95%) 10%. Stitch 0 computes in 1 ms: 1.5 ms with the full margin, 1.1 ms with the other.
+    # A budget between is served by the fastest stitch (met 9 times in 10), not refused: a
+    # fresh idle DeiT server refused budgets its cheapest stitch met with half to spare.
+    planner, _, _ = make()
+    ctl = planner.controller
+    ctl.rest_margin, ctl.refuse_margin = 0.5, 0.1
+    plan = planner.plan(opts(latency_budget_ms=1.3), 1, NOW)
+    assert stitch(plan) == 0 and plan.margin_ms == pytest.approx(0.1)
+    # Where the full margin fits a stitch, the most accurate such is chosen as before.
+    plan = planner.plan(opts(latency_budget_ms=3.0), 1, NOW)
+    assert stitch(plan) == 1 and plan.margin_ms == pytest.approx(1.0)
+    # An explicit stitch in its own band is served too.
+    plan = planner.plan(opts(latency_budget_ms=3.5, stitch_id=2), 1, NOW)
+    assert stitch(plan) == 2 and plan.margin_ms == pytest.approx(0.3)
+    # Below the lesser figure: a 422 that names it and its margin; a retry with it is served.
+    r = planner.plan(opts(latency_budget_ms=1.05), 1, NOW)
+    assert r.status == 422 and r.least_ms == 1.1, r.detail
+    assert "latency_budget_ms >= 1.10" in r.detail and "9 budgets in 10 with, 10%" in r.detail
+    assert stitch(planner.plan(opts(latency_budget_ms=1.1), 1, NOW)) == 0
+    # With others in the server, a request is planned with the busy margin and never served at
+    # risk: the same budget is load (503).
+    ctl.margin = 0.5
+    planner.ingress.unqueued = 2
+    assert planner.plan(opts(latency_budget_ms=1.3), 1, NOW).status == 503
+    # The margin a 422 is judged on is never more than the full one (the 95% fit took a larger
+    # fixed part here): the lesser is used, and named.
+    planner.ingress.unqueued = 0
+    ctl.refuse_margin, ctl.refuse_margin_ms = 0.0, 5.0
+    r = planner.plan(opts(latency_budget_ms=1.4), 1, NOW)
+    assert r.status == 422 and r.least_ms == 1.5 and "with, 50%)" in r.detail, r.detail
+
+
 def test_a_fresh_server_names_a_least_budget_its_own_reading_fits():
     # No request served alone yet: the idle reading is a prior (0.8 ms here). This one took
     # 1.5 ms to read and the event loop runs 0.3 ms late: the least counts both (a least from
@@ -281,8 +316,9 @@ def test_a_fresh_server_names_a_least_budget_its_own_reading_fits():
         assert r.status == 422 and "latency_budget_ms >= 2.80" in r.detail, r.detail
     retry = planner.plan(opts(latency_budget_ms=2.8), 1, NOW, arrived=NOW - 0.0015)
     assert stitch(retry) == 0
-    # With an idle margin of 20%, admission pads the lag too: the least pads all of it.
-    planner.controller.rest_margin = 0.2
+    # With an idle margin of 20% (the one a 422 is judged on, and the full one), admission pads
+    # the lag too: the least pads all of it.
+    planner.controller.rest_margin = planner.controller.refuse_margin = 0.2
     r = planner.plan(opts(latency_budget_ms=0.5), 1, NOW, arrived=NOW - 0.0015)
     least = float(re.search(r">= ([0-9.]+)", r.detail)[1])
     assert least == pytest.approx(2.8 * 1.2, abs=0.011)
@@ -418,6 +454,7 @@ def test_estimates_raised_by_a_burst_are_load_never_a_reason_for_422():
     for _ in range(3):
         ing.observe(0, after_plan_ms=0.1, http_ms=0.3, alone=True, spent_ms=0.2)
     ctl.margin, ctl.rest_margin = 0.5, 0.1
+    ctl.refuse_margin = 0.1  # (the one a 422 is judged on: here the same)
     assert ing.own_ms(0) > 2.0 and ing.rest_ms(0) == pytest.approx((0.2, 0.1), abs=0.01)
     plan = planner.plan(opts(latency_budget_ms=3.0), 1, NOW, arrived=NOW - 0.0002, payload_bytes=0)
     assert stitch(plan) == 1 and plan.http_ms == pytest.approx(0.1, abs=0.01)
