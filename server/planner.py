@@ -16,8 +16,10 @@
    before it under earliest-deadline-first + its own batch + the controller's safety margin)
    fits its budget, and its compute fits in the slack of every queued request due later.
    Otherwise 503 with Retry-After; or 422 if nothing was ahead of it and even an idle server
-   could not meet the budget, as waiting would not help. A request that finds the server idle
-   is predicted with what requests served alone took (``Ingress.rest_ms``,
+   could not meet the budget 9 times in 10, as waiting would not help. Between the two (it
+   finds the server idle and the fastest stitch meets the budget with the margin at
+   REFUSE_QUANTILE, not the full one), the fastest stitch serves it. A request that finds
+   the server idle is predicted with what requests served alone took (``Ingress.rest_ms``,
    ``Controller.rest_margin``), any other with what recent requests took: a burst's busy
    event loop and contention are load, and never turn a budget into a 422.
 
