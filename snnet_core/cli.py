@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .checkpoint import WEIGHTS_FILE, load, new_manifest, write_manifest
+from .data import AUGMENTS
 from .device import DTYPES, resolve_device, resolve_dtype
 from .menu import StitchMenu
 from .profile import measure_latency
@@ -244,7 +245,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Fine-tuning keeps the checkpoint's labels: each class folder is the label of its name.
     data = load_dataset(
         args.data, args.train_split, pre, training=True,
-        labels=None if manifest is None else manifest.labels,
+        labels=None if manifest is None else manifest.labels, augment=args.augment,
     )  # fmt: skip
     labels = getattr(data, "classes", None) or (
         [str(i) for i in range(net.num_classes)] if manifest is None else manifest.labels
@@ -284,7 +285,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0
     net = net.cpu().eval()
-    manifest.training = {"config": config_dict(cfg), "data": args.data, "history": history}
+    manifest.training = {
+        "config": config_dict(cfg), "data": args.data, "augment": args.augment, "history": history,
+    }  # fmt: skip
     if args.eval_split:
         held = load_dataset(args.data, args.eval_split, pre, training=False, labels=labels)
         res = evaluate(net, held, norm, device=device, progress=True)
@@ -434,6 +437,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--eval-split", help="split / sub-folder to evaluate every stitch on after training"
     )
+    p.add_argument(
+        "--augment", choices=list(AUGMENTS), default="timm",
+        help="an image folder's training augmentation: "
+        + "; ".join(f"{k}: {v}" for k, v in AUGMENTS.items()).replace("%", "%%")
+        + " (default timm). The bundled mnist: shifts of up to 2 pixels, unless none",
+    )  # fmt: skip
     p.add_argument(
         "--out", required=True, help="output checkpoint directory (also holds train_state.pt)"
     )

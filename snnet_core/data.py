@@ -62,19 +62,37 @@ class DigitsDataset(torch.utils.data.Dataset):
         return x, self.labels[i]
 
 
+# What ``snnet train --augment`` may ask of an image folder's training images.
+AUGMENTS = {
+    "timm": "timm's ImageNet training transform: a random resized crop (8-100% of the area), "
+    "a horizontal flip, colour jitter",
+    "no-flip": "the same without the flip, for digits, text or anything whose orientation matters",
+    "none": "the evaluation preprocessing (resize, centre crop)",
+}
+
+
 class ImageTransform:
     """PIL image -> (C, H, W) float tensor, as a checkpoint's preprocessing says; ``batch``
     takes several images to (n, C, H, W).
 
     Converts to grey or RGB to match the channel count, then timm's own transform for the data
-    config (training: random resized crop and flips; evaluation: resize the shorter side to
+    config (training: as ``augment`` says, see AUGMENTS; evaluation: resize the shorter side to
     ``size / crop_pct`` and centre crop), scaling to [0, 1] and, if ``normalize``, normalising with
     the config's mean and std. Training, ``snnet eval`` and the server all preprocess through it.
     """
 
-    def __init__(self, data_config: dict, training: bool = False, normalize: bool = True) -> None:
+    def __init__(
+        self,
+        data_config: dict,
+        training: bool = False,
+        normalize: bool = True,
+        augment: str = "timm",
+    ) -> None:
         from timm.data import create_transform
 
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment={augment!r}; allowed: {', '.join(AUGMENTS)}")
+        training = training and augment != "none"
         c, h, w = data_config["input_size"]
         mean, std = (
             (tuple(data_config["mean"]), tuple(data_config["std"]))
@@ -89,6 +107,7 @@ class ImageTransform:
             crop_mode=data_config.get("crop_mode", "center"),
             mean=mean,
             std=std,
+            hflip=0.0 if augment == "no-flip" else 0.5,
         )
         self.mode = "L" if c == 1 else "RGB"
         self.fast = None if training else _FastEval.of(self.timm)
@@ -127,10 +146,10 @@ class ImageTransform:
 
 
 def image_transform(
-    data_config: dict, training: bool = False, normalize: bool = True
+    data_config: dict, training: bool = False, normalize: bool = True, augment: str = "timm"
 ) -> ImageTransform:
     """The preprocessing of ``data_config`` (``ImageTransform``)."""
-    return ImageTransform(data_config, training, normalize)
+    return ImageTransform(data_config, training, normalize, augment)
 
 
 def _resized(step, width: int, height: int) -> tuple[int, int] | None:
@@ -214,10 +233,15 @@ class _FastEval:
 
 
 def image_folder(
-    root: str, data_config: dict, training: bool, labels: list[str] | None = None
+    root: str,
+    data_config: dict,
+    training: bool,
+    labels: list[str] | None = None,
+    augment: str = "timm",
 ) -> torch.utils.data.Dataset:
     """An ImageNet-layout folder (one sub-folder per class), preprocessed by ``image_transform``
-    without normalisation (the training loop and ``evaluate`` normalise).
+    without normalisation (the training loop and ``evaluate`` normalise); ``augment``: see
+    AUGMENTS (training only).
 
     With ``labels`` (a checkpoint's, or the training folder's), each sub-folder is that label by
     its name, whatever others are missing: sorted position gave a folder of classes 1-9 the
@@ -227,7 +251,7 @@ def image_folder(
 
     try:
         data = datasets.ImageFolder(
-            root, transform=image_transform(data_config, training, normalize=False)
+            root, transform=image_transform(data_config, training, False, augment)
         )
     except FileNotFoundError as e:  # no class folders, or one without images
         raise ValueError(f"{root}: {e}") from None
@@ -257,13 +281,18 @@ def load_dataset(
     training: bool,
     max_shift: int = 2,
     labels: list[str] | None = None,
+    augment: str = "timm",
 ):
     """``"mnist"`` (the bundled subset; ``split`` picks train/held_out) or an ImageFolder path:
     ``split`` is its sub-folder (``train``, ``val``) where it has such sub-folders, the path
-    itself where it holds class folders directly. ``labels``: see ``image_folder``."""
+    itself where it holds class folders directly. ``labels``: see ``image_folder``.
+    ``augment`` (training only, AUGMENTS): an image folder's transform; the digits are shifted
+    by up to ``max_shift`` pixels unless it is ``none``."""
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment={augment!r}; allowed: {', '.join(AUGMENTS)}")
     if spec == "mnist":
         x, y = mnist_subset(split)
-        return DigitsDataset(x, y, max_shift if training else 0)
+        return DigitsDataset(x, y, max_shift if training and augment != "none" else 0)
     from pathlib import Path
 
     root = Path(spec)
@@ -281,4 +310,4 @@ def load_dataset(
                 f"{spec} has no sub-folder {split!r} (it has: {', '.join(splits)}); name one "
                 f"of them as the split"
             )
-    return image_folder(str(root), data_config, training, labels)
+    return image_folder(str(root), data_config, training, labels, augment)

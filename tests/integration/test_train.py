@@ -341,10 +341,11 @@ def test_fine_tuning_on_a_folder_of_some_classes_keeps_the_checkpoints_labels(tm
     ckpt = str(tmp_path / "ckpt")
     proc = snnet(
         "train", "--weights", ckpt, "--data", str(tmp_path / "digits"), "--out", ckpt,
-        "--epochs", "1", "--batch-size", "50", "--lr", "1e-4",
+        "--epochs", "1", "--batch-size", "50", "--lr", "1e-4", "--augment", "no-flip",
     )  # fmt: skip
     assert f"note: {ckpt} holds a checkpoint; this training replaces it" in proc.stderr
     assert f"loaded {ckpt}: {TINY_NUM_STITCHES} stitches" in proc.stderr
     _, manifest = snnet_core.load(ckpt)
     assert manifest.labels == [str(c) for c in range(10)]
     assert manifest.training["data"] == str(tmp_path / "digits")
+    assert manifest.training["augment"] == "no-flip"  # (digits: never mirrored)

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 
-from snnet_core.data import image_transform
+from snnet_core.data import image_transform, load_dataset
 
 
 @pytest.mark.parametrize(
@@ -59,3 +59,40 @@ def test_work_pixels_is_the_largest_image_preprocessing_makes(crop_mode, image_s
         img = step(img)
         sizes.append(img.size)
     assert tf.work_pixels(*image_size) == max(w * h for w, h in sizes)
+
+
+def _gradient(width: int = 64, height: int = 48) -> Image.Image:
+    """Dark on the left, light on the right."""
+    row = np.linspace(0, 255, width).astype(np.uint8)
+    return Image.fromarray(np.stack([np.tile(row, (height, 1))] * 3, -1))
+
+
+def _flipped(x: torch.Tensor) -> bool:
+    return x[..., :, :4].mean().item() > x[..., :, -4:].mean().item()
+
+
+@pytest.mark.parametrize(("augment", "flips"), [("timm", True), ("no-flip", False)])
+def test_training_augmentation_flips_images_only_where_asked(augment, flips):
+    """``snnet train --augment no-flip``: digits, text or anything whose orientation matters
+    are never mirrored (timm's ImageNet transform flips half of them); crops and colour jitter
+    keep a left-to-right gradient rising."""
+    import random
+
+    random.seed(0)
+    torch.manual_seed(0)
+    config = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.875}
+    tf = image_transform(config, training=True, normalize=False, augment=augment)
+    seen = [_flipped(tf(_gradient())) for _ in range(40)]
+    assert any(seen) is flips and not all(seen)
+
+
+def test_no_augmentation_trains_on_what_evaluation_sees():
+    config = {"input_size": (1, 28, 28), "mean": (0.5,), "std": (0.5,), "crop_pct": 0.875}
+    tf = image_transform(config, training=True, augment="none")
+    img = _gradient()
+    assert torch.equal(tf(img), image_transform(config)(img))
+    with pytest.raises(ValueError, match="allowed: timm, no-flip, none"):
+        image_transform(config, training=True, augment="flip")
+    # The bundled digits: shifted by up to 2 pixels, unless none.
+    assert load_dataset("mnist", "train", config, training=True).max_shift == 2
+    assert load_dataset("mnist", "train", config, training=True, augment="none").max_shift == 0
