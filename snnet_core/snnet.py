@@ -361,7 +361,20 @@ def build_snnet(
         SpaceConfig(window=window, stride=stride),
         _input_size(list(input_size)) if input_size is not None else None,
     )
-    return snnet_from_config(config, pretrained=pretrained)
+    net = snnet_from_config(config, pretrained=pretrained)
+    # Stitches join a front part of an anchor to the back part of the next: small to large, as
+    # the paper stitches (the other way round built 71 stitches without a word, DeiT-B first).
+    # (A mix of families goes in the order its adapters join, ResNet to Swin, whatever sizes.)
+    sizes = [sum(p.numel() for p in a.parameters()) for a in net.anchors]
+    pairs = itertools.pairwise(zip(names, sizes, strict=True)) if "+" not in net.family else ()
+    for (a, n), (b, m) in pairs:
+        if n > m:
+            order = ",".join(name for _, name in sorted(zip(sizes, names, strict=True)))
+            raise ValueError(
+                f"anchors go small to large: {a} ({n:,} parameters) is given before {b} "
+                f"({m:,}); give them as {order}"
+            )
+    return net
 
 
 def snnet_from_config(config: SNNetConfig, pretrained: bool = False) -> SNNet:

@@ -178,6 +178,11 @@ def test_build_errors_are_clear():
         snnet_core.build_snnet(TINY_ANCHORS, overrides=bad)
     with pytest.raises(ValueError, match="no SN-Net family adapter for MobileNetV3"):
         snnet_core.build_snnet("mobilenetv3_small_050,mobilenetv3_small_075")
+    # Large to small: stitches join small fronts to large backs, so the order is named.
+    names = TINY_ANCHORS.split(",")
+    with pytest.raises(ValueError, match=rf"small to large: {names[2]} \([0-9,]+ parameters\) "
+                       rf"is given before {names[1]} .*; give them as {TINY_ANCHORS}"):  # fmt: skip
+        snnet_core.build_snnet(names[::-1], overrides=TINY_OVERRIDES[::-1])
 
 
 def test_an_anchor_says_what_it_is_and_old_configs_still_load():
