@@ -48,6 +48,7 @@ import pickle
 import re
 import types
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -108,6 +109,8 @@ def read_state_dict(
         ReferenceFormatError: the file needs full unpickling and ``trust_pickle`` is False, or
             it holds no state dict.
     """
+    if (other := _not_a_release(Path(path))) is not None:
+        raise ReferenceFormatError(other)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -143,6 +146,40 @@ def read_state_dict(
             raise ReferenceFormatError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
         state[k.removeprefix("module.")] = v  # saved from a DDP wrapper
     return state, trusted
+
+
+# The first bytes of files people pass by mistake (torch's own error for them reads "A load
+# persistent id instruction was encountered").
+_MAGIC = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"%PDF": "a PDF document",
+    b"\x1f\x8b": "gzip-compressed (unpack it first)",
+}
+_RELEASE = "snnet import converts one release file of the reference implementation, e.g. " \
+    "snnet_deit.pth"  # fmt: skip
+
+
+def _not_a_release(path: Path) -> str | None:
+    """Why ``path`` is plainly not a reference release file (a folder, our own checkpoint, an
+    image), or None if it may be one."""
+    ours = path if path.is_dir() else path.parent
+    mine = path.is_dir() or path.name in ("model.safetensors", "manifest.json")
+    if mine and (ours / "manifest.json").is_file() and (ours / "model.safetensors").is_file():
+        return (
+            f"{path} is an snnet checkpoint already: serve it (SNNET_WEIGHTS={ours}) or "
+            f"fine-tune it (snnet train --weights {ours}); {_RELEASE}"
+        )
+    if path.is_dir():
+        return f"{path} is a directory; {_RELEASE}"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None  # (torch.load says why)
+    kind = next((what for magic, what in _MAGIC.items() if head.startswith(magic)), None)
+    return None if kind is None else f"{path} is {kind}, not a PyTorch checkpoint; {_RELEASE}"
 
 
 def _state_of(obj: Any) -> Any:

@@ -378,3 +378,23 @@ def test_foreign_or_incomplete_files_name_the_keys(tmp_path):
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(ReferenceFormatError, match="holds no state dict"):
         read_state_dict(tmp_path / "list.pth")
+
+
+def test_what_is_plainly_no_release_file_is_named(tmp_path, tiny_net):
+    """An image, a folder, or our own checkpoint passed to `snnet import`: said as such (torch
+    said "A load persistent id instruction was encountered", or listed missing keys)."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "digit.png")
+    with pytest.raises(ReferenceFormatError, match=r"digit.png is a PNG image, not a PyTorch"):
+        read_state_dict(tmp_path / "digit.png")
+    snnet_core.save(tiny_net, tmp_path / "ours")
+    for path in (tmp_path / "ours", tmp_path / "ours" / "model.safetensors"):
+        with pytest.raises(
+            ReferenceFormatError,
+            match=rf"is an snnet checkpoint already: serve it \(SNNET_WEIGHTS={tmp_path}/ours\) "
+            rf"or fine-tune it \(snnet train --weights {tmp_path}/ours\)",
+        ):
+            read_state_dict(path)
+    with pytest.raises(ReferenceFormatError, match="is a directory; snnet import converts one"):
+        read_state_dict(tmp_path)
