@@ -298,8 +298,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     save(net, args.out, manifest)
     print(f"saved {args.out}", file=sys.stderr)
     if args.eval_split:  # what the training came to (it printed only "saved")
-        cols = ["id", "description", "gflops", "accuracy", "top5"]
-        print(_format_table([{c: r.get(c) for c in cols} for r in manifest.stitches], cols))
+        rows = [dict(r) for r in manifest.stitches]
+        cols = ["id", "description", _with_cost_unit(rows), "accuracy", "top5"]
+        print(_format_table([{c: r.get(c) for c in cols} for r in rows], cols))
     return 0
 
 
@@ -348,7 +349,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             args.plot,
         )
         print(f"wrote {args.plot}", file=sys.stderr)
-    print(json.dumps(rows, indent=1) if args.json else _format_table(rows, list(rows[0])))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:  # the cost in the unit `snnet stitches` shows it in
+        print(_format_table(rows, ["id", "description", _with_cost_unit(rows), "top1", "top5"]))
     return 0
 
 

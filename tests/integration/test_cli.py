@@ -107,7 +107,14 @@ def test_eval_records_accuracy_per_dtype(tmp_path):
     """What SNNET_DTYPE=auto reads: held-out top-1 per dtype, beside float32's."""
     snnet_core.save(build_tiny(), tmp_path)
     common = ["eval", "--weights", str(tmp_path), "--data", "mnist", "--limit", "64", "--write"]
-    snnet(*common, "--stitches", "0,5", "--device", "cpu")
+    table = snnet(*common, "--stitches", "0,5", "--device", "cpu").stdout.splitlines()
+    # the cost in the unit `snnet stitches` shows (three decimals of GFLOPs printed 0.000)
+    assert table[0].split() == ["id", "description", "mflops", "top1", "top5"]
+    stitches = snnet("stitches", "--weights", str(tmp_path)).stdout.splitlines()
+    header = next(line.split() for line in stitches if line.startswith("id "))
+    assert "mflops" in header
+    mflops = snnet_core.load(tmp_path)[1].stitches[5]["gflops"] * 1e3
+    assert float(table[2].split()[-3]) == pytest.approx(mflops, abs=1e-3)
     snnet(*common, "--stitches", "0,5", "--device", "cpu", "--dtype", "bfloat16")
     _, manifest = snnet_core.load(tmp_path)
     by_dtype = manifest.evaluation["accuracy_by_dtype"]

@@ -223,7 +223,7 @@ def test_train_command_writes_a_servable_checkpoint(tmp_path):
     assert (tmp_path / "train_state.pt").is_file()
     # and it says what the training came to: each stitch's held-out accuracy
     table = proc.stdout.splitlines()
-    assert table[0].split() == ["id", "description", "gflops", "accuracy", "top5"]
+    assert table[0].split() == ["id", "description", "mflops", "accuracy", "top5"]  # as stitches
     assert len(table) == 1 + TINY_NUM_STITCHES
     assert float(table[1].split()[-2]) == manifest.stitches[0]["accuracy"]
 
