@@ -90,7 +90,7 @@ def main() -> None:
         ]
     else:
         runs = [[tuple(x) for x in run] for run in json.loads(Path(args.data).read_text())["runs"]]
-    ours = replay(runs, controller._margin)
+    ours = replay(runs, lambda pairs: controller._margin(pairs)[0])
     peer = replay(runs, share_at_99th)
     print(f"{len(runs)} runs, {ours['answers']} answers from the {FROM}th of each on")
     print(

@@ -123,7 +123,10 @@ class Engine:
         m = self.metrics
         m.stitch_chosen.labels(str(plan.stitch)).inc()
         m.gflops_served.inc(self.menu.rows[plan.stitch].gflops * images)
-        (m.budget_met if met else m.budget_missed).inc()
+        if plan.best_effort:  # below the promise: not in the attainment the SLO is about
+            m.best_effort.labels("met" if met else "missed").inc()
+        else:
+            (m.budget_met if met else m.budget_missed).inc()
         return met
 
     def step_controller(self, now: float) -> None:

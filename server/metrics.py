@@ -162,6 +162,17 @@ class Metrics:
         self.budget_missed = Counter(
             "snnet_budget_missed", "Requests answered after their budget ran out", registry=r
         )
+        self.best_effort = Counter(
+            "snnet_best_effort",
+            "Requests answered with a budget below what the server promises (no stitch met it "
+            "with the full safety margin; an idle server's fastest stitch did with the margin "
+            "fitted to 95% of its answers), by whether they met it; not in snnet_budget_met or "
+            "snnet_budget_missed",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("met", "missed"):  # both series from the start, at 0
+            self.best_effort.labels(outcome)
         self.shed = Counter(
             "snnet_shed", "Requests refused at once (503): no stitch could meet their budget under the current load, or the queue was full",
             registry=r,

@@ -122,6 +122,13 @@ class ClassifyResponse(BaseModel):
         description="The budget that applied: the request's own, or SNNET_DEFAULT_BUDGET_MS."
     )
     budget_met: bool = Field(description="total_ms + SNNET_NETWORK_MS <= latency_budget_ms.")
+    best_effort: bool = Field(
+        False,
+        description="The budget was below what the server promises to meet (99% of the time): "
+        "it found the server idle and no stitch met the budget with the full safety margin, so "
+        "the fastest stitch served it, as it met the budget with the margin fitted to 95% of an "
+        "idle server's answers. Counted in snnet_best_effort_total, not in the attainment.",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -146,6 +153,7 @@ class ClassifyResponse(BaseModel):
                 },
                 "latency_budget_ms": 50.0,
                 "budget_met": True,
+                "best_effort": False,
             }
         }
     )
@@ -326,12 +334,12 @@ class ControllerState(BaseModel):
         "prior below 5).",
     )
     refuse_margin: float = Field(
-        0.1,
+        0.2,
         description="The idle server's margin fitted to cover 95% of the requests served alone "
-        "(rest_margin: 99.5%), so that it meets at least 9 budgets in 10: a budget that no "
-        "stitch meets with rest_margin but the fastest meets with this one (or rest_margin, "
-        "if less) is served by the fastest stitch, not refused; a 422 says the budget is below "
-        "what the fastest stitch needs with it.",
+        "(rest_margin: 99.5%; with the same fixed scale, so never wider): a budget that no "
+        "stitch meets with rest_margin but the fastest meets with this one is served by the "
+        "fastest stitch (best_effort), not refused; a 422 says the budget is below what the "
+        "fastest stitch needs with it.",
     )
     refuse_margin_ms: float = Field(0.0, description="The fixed part of refuse_margin, ms.")
     target_utilisation: float
@@ -445,7 +453,7 @@ class V2InferResponse(BaseModel):
     id: str | None = Field(None, description="The request's id, echoed.")
     parameters: dict[str, Any] = Field(
         description="stitch_id, stitch, gflops, accuracy, queue_ms, compute_ms, total_ms, "
-        "predicted_ms, latency_budget_ms, budget_met."
+        "predicted_ms, latency_budget_ms, budget_met, best_effort."
     )
     outputs: list[V2OutputTensor]
 

@@ -246,4 +246,5 @@ def answer(
         },
         "latency_budget_ms": plan.budget_ms,
         "budget_met": met,
+        "best_effort": plan.best_effort,
     }

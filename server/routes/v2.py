@@ -587,7 +587,7 @@ def answer_tensors(
         "accuracy": row.accuracy, "queue_ms": round(result.queue_ms, 3),
         "compute_ms": round(result.compute_ms, 3), "total_ms": round(total_ms, 3),
         "predicted_ms": round(plan.predicted_ms, 3), "latency_budget_ms": plan.budget_ms,
-        "budget_met": met,
+        "budget_met": met, "best_effort": plan.best_effort,
     }  # fmt: skip
     return tensors, params
 

@@ -58,6 +58,7 @@ def test_dashboard_shows_what_the_issue_asks_for():
         "snnet_request_budget_seconds_bucket",  # ... against budget
         "snnet_budget_met_total",  # attainment
         "snnet_shed_total",  # shed rate
+        "snnet_best_effort_total",  # budgets below the promise, answered apart from it
         "snnet_stitch_chosen_total",  # stitch mix
         "snnet_gflops_served_total",  # GFLOPs served
         "snnet_queue_depth",

@@ -394,6 +394,61 @@ def test_metrics_exposition(client, digit_png):
     )  # that process's, not this one's
 
 
+def test_a_budget_below_the_promise_is_answered_best_effort_and_counted_apart(
+    client, digit_png, monkeypatch
+):
+    """An idle server whose full safety margin fits no stitch in the budget, but whose margin a
+    422 is judged on fits the fastest: answered by the fastest stitch, said in the answer and
+    counted in snnet_best_effort_total, not in the attainment (here the full margin is made
+    a second, the other none)."""
+    engine = client.app.state.lifecycle.engine
+    ctl = engine.controller
+
+    def pad_ms(predicted_ms, *, alone=False, refuse=False):
+        return 0.0 if refuse else 1000.0
+
+    def counts() -> dict[str, float]:
+        text = client.get("/metrics").text
+        return {
+            name: float(line.split()[1])
+            for line in text.splitlines()
+            for name in (
+                'snnet_best_effort_total{outcome="met"}',
+                'snnet_best_effort_total{outcome="missed"}',
+                "snnet_budget_met_total",
+                "snnet_budget_missed_total",
+            )
+            if line.startswith(name + " ")
+        }
+
+    before = counts()
+    monkeypatch.setattr(ctl, "pad_ms", pad_ms)
+    fastest = min(engine.menu.ranking, key=lambda s: engine.scheduler.batches_ms(s, 1))
+    r = client.post(
+        "/classify",
+        files=[("image", ("a.png", digit_png, "image/png"))],
+        data={"latency_budget_ms": "900"},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["best_effort"] is True and body["stitch"]["id"] == fastest
+    after = counts()
+    outcome = "met" if body["budget_met"] else "missed"
+    assert after[f'snnet_best_effort_total{{outcome="{outcome}"}}'] == (
+        before[f'snnet_best_effort_total{{outcome="{outcome}"}}'] + 1
+    )
+    assert after["snnet_budget_met_total"] == before["snnet_budget_met_total"]
+    assert after["snnet_budget_missed_total"] == before["snnet_budget_missed_total"]
+    monkeypatch.undo()
+    r = client.post(
+        "/classify",
+        files=[("image", ("a.png", digit_png, "image/png"))],
+        data={"latency_budget_ms": "900"},
+    )
+    assert r.status_code == 200 and r.json()["best_effort"] is False
+    assert counts()["snnet_budget_met_total"] == before["snnet_budget_met_total"] + 1
+
+
 def test_api_key(ckpt, tmp_path, digit_png):
     app = create_app(
         Settings(

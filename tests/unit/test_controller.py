@@ -271,22 +271,27 @@ def test_margin_covers_the_next_answers_of_a_real_idle_deit_server_cheap_stitche
 
 
 def test_the_margin_a_422_is_judged_on_covers_nine_answers_in_ten_of_a_real_idle_deit_server():
-    """The same answers: the idle margin at REFUSE_QUANTILE, learnt from those before each,
-    covers at least 9 in 10 of the next (a budget the fastest stitch meets with it is served,
-    not refused) and pads less than the full one."""
+    """The same answers: the idle margin at REFUSE_QUANTILE (95%), learnt from those before
+    each, covers at least 9 in 10 of the next in every run from its 5th answer on (a budget the
+    fastest stitch meets with it is served, not refused), and is never wider than the full
+    one: the same fixed scale, a lower quantile."""
     runs = json.loads((DATA / "deit_idle_answers.json").read_text())["runs"]
-    hits, saved = [], []
+    shares, narrower = [], []
     for run in runs:
         c = controller()
         h = History(c)
+        hits = []
         for k, (actual, predicted) in enumerate(run):
             if k >= 5:  # from the first fit
                 hits.append(actual <= predicted + c.pad_ms(predicted, refuse=True))
-                saved.append(c.pad_ms(predicted, alone=True) - c.pad_ms(predicted, refuse=True))
             c.observe_residual(actual, predicted, alone=True)
             h.run(0.25, rps=0)
-    assert 0.9 <= sum(hits) / len(hits) < 0.99
-    assert min(saved) >= 0.0 and statistics.median(saved) > 0.0
+            narrower.append(
+                c.refuse_margin <= c.rest_margin and c.refuse_margin_ms <= c.rest_margin_ms
+            )
+        shares.append(sum(hits) / len(hits))
+    assert min(shares) >= 0.9 and statistics.fmean(shares) < 0.99, shares
+    assert all(narrower)
 
 
 def test_a_fresh_server_whose_first_answers_were_dear_stitches_pads_its_cheap_one_by_a_share():
@@ -314,6 +319,23 @@ def test_a_fresh_server_whose_first_answers_were_dear_stitches_pads_its_cheap_on
     assert statistics.fmean(pads[40.0]) < 40.0
     for p, shares in covered_at.items():
         assert statistics.fmean(shares) >= 0.99, p
+    # Stalls of fixed size instead (p * e^N(0, 0.03) + Exp(mean 6 ms)), which 12 answers cannot
+    # tell from the above: the cheap stitch is still covered 98% of the time (a fixed part on
+    # the smallest prediction alone covered 94%).
+    def answers(p: float, n: int) -> torch.Tensor:
+        noise = torch.exp(0.03 * torch.randn(n, generator=gen))
+        return p * noise + torch.empty(n).exponential_(1 / 6.0, generator=gen)
+
+    shares = []
+    for _ in range(200):
+        c = controller()
+        h = History(c)
+        for k in range(12):
+            p = 40.0 if k in (3, 8) else 200.0
+            c.observe_residual(answers(p, 1).item(), p, alone=True)
+        h.run(0.25, rps=0)
+        shares.append((answers(40.0, 500) <= 40.0 + c.pad_ms(40.0, alone=True)).float().mean())
+    assert statistics.fmean(shares) >= 0.98
 
 
 def test_margin_from_a_few_dozen_answers_still_covers_99_percent_of_the_next():
