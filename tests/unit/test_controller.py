@@ -319,6 +319,7 @@ def test_a_fresh_server_whose_first_answers_were_dear_stitches_pads_its_cheap_on
     assert statistics.fmean(pads[40.0]) < 40.0
     for p, shares in covered_at.items():
         assert statistics.fmean(shares) >= 0.99, p
+
     # Stalls of fixed size instead (p * e^N(0, 0.03) + Exp(mean 6 ms)), which 12 answers cannot
     # tell from the above: the cheap stitch is still covered 98% of the time (a fixed part on
     # the smallest prediction alone covered 94%).

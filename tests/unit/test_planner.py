@@ -290,7 +290,10 @@ def test_an_idle_server_serves_a_budget_its_fastest_stitch_meets_nine_times_in_t
     # Below the lesser figure: a 422 that names it and its margin; a retry with it is served.
     r = planner.plan(opts(latency_budget_ms=1.05), 1, NOW)
     assert r.status == 422 and r.least_ms == 1.1, r.detail
-    assert "latency_budget_ms >= 1.10" in r.detail and "fitted to 95% of an idle server's answers, 10%)" in r.detail
+    assert (
+        "latency_budget_ms >= 1.10" in r.detail
+        and "fitted to 95% of an idle server's answers, 10%)" in r.detail
+    )
     assert stitch(planner.plan(opts(latency_budget_ms=1.1), 1, NOW)) == 0
     # With others in the server, a request is planned with the busy margin and never served at
     # risk: the same budget is load (503).
@@ -326,8 +329,8 @@ def test_best_effort_and_the_422_agree_with_http_work_the_network_a_cold_batch_a
             assert r.stitch == 0 or kind == "full"  # best effort: the fastest stitch only
         seen.setdefault(kind, []).append(budget)
     assert set(seen) == {"422", "best effort", "full"}
-    assert max(seen["422"]) < min(seen["best effort"]) <= max(seen["best effort"]) < min(
-        seen["full"]
+    assert (
+        max(seen["422"]) < min(seen["best effort"]) <= max(seen["best effort"]) < min(seen["full"])
     )
     # The least named is where best effort begins (within a step of 0.25 ms and the margin on
     # the 0.4 ms reading, which the least pads too), not where the full margin fits.
