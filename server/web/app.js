@@ -420,6 +420,11 @@ function showAnswer(answer, roundTripMs) {
       met ? `Budget of ${fmtMs(answer.latency_budget_ms)} ms met.`
           : `Budget of ${fmtMs(answer.latency_budget_ms)} ms missed.`));
   }
+  if (answer.best_effort) {
+    box.append(el("p", { class: "muted" }, "Best effort: this budget is below what the server " +
+      "promises to meet 99 times in 100, so the fastest stitch answered it; it meets such " +
+      "budgets most of the time when idle."));
+  }
   box.dataset.stitch = s.id;
   box.dataset.label = answer.predictions[0][0].label;
 }
