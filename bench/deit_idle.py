@@ -13,7 +13,8 @@ predicted range (``--budget-scale`` x the fastest to ``--budget-scale`` x the sl
 batch-1 time, cycling), and the script prints the share within budget as the server and as the
 client measured it, and how server time compared with the planner's prediction. With
 ``--think-s``, the client waits that long between requests, as a person at the page or any
-sparse client does: the server is idle in between. Ends with one JSON line.
+sparse client does: the server is idle in between. Also counts the answers marked best effort
+(budgets below what the server promises, served by the fastest stitch). Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -109,12 +110,15 @@ def main() -> None:
                     others.append(f"#{i} budget {budget} ms: {r.status} {answer}")
                 continue
             t = answer["timing"]
+            best_effort = bool(answer.get("best_effort"))  # (older servers: none)
             rows.append(
-                (budget, 200, rtt, t["total_ms"], t["predicted_ms"], answer["stitch"]["id"])
-            )
+                (budget, 200, rtt, t["total_ms"], t["predicted_ms"], answer["stitch"]["id"],
+                 best_effort)
+            )  # fmt: skip
             if args.rows:
                 with open(args.rows, "a") as f:
-                    row = {"i": i, "budget": budget, "rtt": rtt, **t, "stitch": rows[-1][5]}
+                    row = {"i": i, "budget": budget, "rtt": rtt, **t, "stitch": rows[-1][5],
+                           "best_effort": best_effort}  # fmt: skip
                     f.write(json.dumps(row) + "\n")
         conn.request("GET", "/controller")
         state = json.loads(conn.getresponse().read())
@@ -124,6 +128,7 @@ def main() -> None:
         proc.wait(60)
     ok = [r for r in rows if r[1] == 200]
     refused = [r for r in rows if r[1] == 422]
+    tried = [r for r in ok if r[6]]  # best effort: budgets below the promise
     share = lambda i: sum(1 for r in ok if r[i] <= r[0]) / len(ok) if ok else None  # noqa: E731
     server, client = share(3), share(2)  # (None: a short run with every budget refused)
     over = sorted(r[3] - r[4] for r in ok)
@@ -144,8 +149,13 @@ def main() -> None:
         print(f"answered within budget: server {server:.1%}, client {client:.1%}")
         print(f"server total - predicted: median {mid:.1f} ms, max {top:.1f} ms; stitches used "
               f"{len({r[5] for r in ok})}; device factor {state['device_factor']}")  # fmt: skip
+        print(
+            f"best effort (budgets below the promise, the fastest stitch): {len(tried)}, "
+            f"{sum(r[2] <= r[0] for r in tried)} within budget as the client measured"
+        )
     print(json.dumps({"ready_s": round(ready_s, 1), "estimated": estimated, "refused": len(refused),
-                      "refused_otherwise": len(others),
+                      "refused_otherwise": len(others), "best_effort": len(tried),
+                      "best_effort_within": sum(r[2] <= r[0] for r in tried),
                       "server_within": server and round(server, 4),
                       "client_within": client and round(client, 4),
                       "over_median_ms": mid, "over_max_ms": top,

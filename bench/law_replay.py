@@ -26,7 +26,8 @@ an early cold batch ran 2x over (stitch 36: 83.6 -> 166.5 ms) while most early a
 177.9 ms were refused while the cheapest stitches answered in 38-50 ms. run6 and run7 (session
 29, quiet VM): that session's code, which judges a 422 on the idle margin at REFUSE_QUANTILE and
 serves a budget between it and the full margin with the fastest stitch (budgets refused: up to
-48.9 and 49.0 ms).
+48.9 and 49.0 ms). run8-10 (session 29, quiet VM): the session's final code (the two margins
+with one fixed scale; run10's rows say which answers were best effort).
 
 Per phase it prints the share of answers within their prediction plus the full idle margin
 (``covered``, what admission aims at: 99.5%) and plus the one a 422 is judged on (``at 95%``),
