@@ -125,11 +125,13 @@ def _format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _with_cost_unit(rows: list[dict]) -> str:
+def _with_cost_unit(rows: list[dict], menu: list[dict] | None = None) -> str:
     """Give ``rows`` a cost column in a unit that fits the table (``mflops`` when every stitch
-    is under a GFLOP, as in the bundled model, where three decimals of GFLOPs printed 0.000);
-    its name."""
-    if rows and max(r["gflops"] for r in rows) < 1.0:
+    of ``menu``, default ``rows``, is under a GFLOP, as in the bundled model, where three
+    decimals of GFLOPs printed 0.000); its name. (Some rows of a menu: the unit `snnet
+    stitches` shows for the whole menu.)"""
+    menu = rows if menu is None else menu
+    if menu and max(r["gflops"] for r in menu) < 1.0:
         for r in rows:
             r["mflops"] = r["gflops"] * 1e3
         return "mflops"
@@ -178,7 +180,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
             row = {"id": s["id"], "description": s["description"], "gflops": s["gflops"]}
             row.update({f"ms@{b}": ms for b, ms in profile.latency_ms[s["id"]].items()})
             rows.append(row)
-    cost = _with_cost_unit(rows)
+    cost = _with_cost_unit(rows, manifest.stitches)
     times = [k for k in rows[0] if k.startswith("ms@")]
     print(_format_table(rows, ["id", "description", cost, *times]))
     if args.weights:
@@ -352,7 +354,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
     else:  # the cost in the unit `snnet stitches` shows it in
-        print(_format_table(rows, ["id", "description", _with_cost_unit(rows), "top1", "top5"]))
+        unit = _with_cost_unit(rows, manifest.stitches)
+        print(_format_table(rows, ["id", "description", unit, "top1", "top5"]))
     return 0
 
 

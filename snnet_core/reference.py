@@ -155,7 +155,7 @@ _MAGIC = {
     b"\xff\xd8\xff": "a JPEG image",
     b"GIF8": "a GIF image",
     b"%PDF": "a PDF document",
-    b"\x1f\x8b": "gzip-compressed (unpack it first)",
+    b"\x1f\x8b": "gzip-compressed",
 }
 _RELEASE = "snnet import converts one release file of the reference implementation, e.g. " \
     "snnet_deit.pth"  # fmt: skip
@@ -179,7 +179,11 @@ def _not_a_release(path: Path) -> str | None:
     except OSError:
         return None  # (torch.load says why)
     kind = next((what for magic, what in _MAGIC.items() if head.startswith(magic)), None)
-    return None if kind is None else f"{path} is {kind}, not a PyTorch checkpoint; {_RELEASE}"
+    if kind is None:
+        return None
+    if kind == "gzip-compressed":
+        return f"{path} is gzip-compressed: unpack it first ({_RELEASE})"
+    return f"{path} is {kind}, not a PyTorch checkpoint; {_RELEASE}"
 
 
 def _state_of(obj: Any) -> Any:

@@ -361,20 +361,33 @@ def build_snnet(
         SpaceConfig(window=window, stride=stride),
         _input_size(list(input_size)) if input_size is not None else None,
     )
-    net = snnet_from_config(config, pretrained=pretrained)
-    # Stitches join a front part of an anchor to the back part of the next: small to large, as
-    # the paper stitches (the other way round built 71 stitches without a word, DeiT-B first).
-    # (A mix of families goes in the order its adapters join, ResNet to Swin, whatever sizes.)
-    sizes = [sum(p.numel() for p in a.parameters()) for a in net.anchors]
-    pairs = itertools.pairwise(zip(names, sizes, strict=True)) if "+" not in net.family else ()
-    for (a, n), (b, m) in pairs:
+    _check_order(config, per_anchor_overrides=isinstance(overrides, Sequence))
+    return snnet_from_config(config, pretrained=pretrained)
+
+
+def _check_order(config: SNNetConfig, per_anchor_overrides: bool) -> None:
+    """Stitches join a front part of an anchor to the back part of the next: small to large, as
+    the paper stitches (the other way round built 71 stitches without a word, DeiT-B first).
+    Checked on parameter-less copies (the meta device), before any weights are built or
+    downloaded. A mix of families goes in the order its adapters join (ResNet to Swin),
+    whatever the sizes; what does not build here is left to ``snnet_from_config`` to say."""
+    try:
+        with torch.device("meta"):
+            models = [timm.create_model(a.name, **a.overrides) for a in config.anchors]
+        if len({adapter_for(m).name for m in models}) > 1:
+            return
+    except Exception:  # an unknown model, an override it does not take, another family
+        return
+    names = [a.name for a in config.anchors]
+    sizes = [sum(p.numel() for p in m.parameters()) for m in models]
+    for (a, n), (b, m) in itertools.pairwise(zip(names, sizes, strict=True)):
         if n > m:
             order = ",".join(name for _, name in sorted(zip(sizes, names, strict=True)))
+            also = " (and their overrides in the same order)" if per_anchor_overrides else ""
             raise ValueError(
                 f"anchors go small to large: {a} ({n:,} parameters) is given before {b} "
-                f"({m:,}); give them as {order}"
+                f"({m:,}); give them as {order}{also}"
             )
-    return net
 
 
 def snnet_from_config(config: SNNetConfig, pretrained: bool = False) -> SNNet:

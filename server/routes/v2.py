@@ -12,8 +12,8 @@ same planner, queue and metrics as /classify.
   picks which, and ``parameters.classification = k`` on an output returns it in that format.
 - Request ``parameters``: ``latency_budget_ms``, ``max_gflops``, ``stitch_id``, ``top_k``;
   Triton's ``timeout`` (microseconds) is the budget when ``latency_budget_ms`` is absent.
-  Response ``parameters``: the stitch that answered, its GFLOPs and accuracy, timing and
-  ``budget_met``.
+  Response ``parameters``: the stitch that answered, its GFLOPs and accuracy, timing,
+  ``budget_met`` and ``best_effort``.
 - The binary tensor extension (``Inference-Header-Content-Length``, ``binary_data_size``,
   ``binary_data`` outputs), which Triton's own clients use by default.
 - Errors are ``{"error": "..."}`` with /classify's statuses (the app's handlers say so for

@@ -256,6 +256,7 @@ def test_grpc_health_metadata_and_digits_with_a_budget(server, held_out, menu):
         response = r.get_response()
         assert response.id == "g-1" and response.model_version == str(best["id"])
         assert response.parameters["budget_met"].bool_param
+        assert response.parameters["best_effort"].bool_param is False  # (a roomy budget)
         # A version pins the stitch; the classification extension gives the top k.
         top = tgrpc.InferRequestedOutput("probabilities", class_count=2)
         r = c.infer(MODEL, [image], outputs=[top], model_version="0")

@@ -82,8 +82,10 @@ def test_training_augmentation_flips_images_only_where_asked(augment, flips):
     torch.manual_seed(0)
     config = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.875}
     tf = image_transform(config, training=True, normalize=False, augment=augment)
-    seen = [_flipped(tf(_gradient())) for _ in range(40)]
+    outs = [tf(_gradient()) for _ in range(40)]
+    seen = [_flipped(x) for x in outs]
     assert any(seen) is flips and not all(seen)
+    assert not all(torch.equal(x, outs[0]) for x in outs)  # still cropped and jittered
 
 
 def test_no_augmentation_trains_on_what_evaluation_sees():

@@ -389,11 +389,12 @@ def test_what_is_plainly_no_release_file_is_named(tmp_path, tiny_net):
     with pytest.raises(ReferenceFormatError, match=r"digit.png is a PNG image, not a PyTorch"):
         read_state_dict(tmp_path / "digit.png")
     snnet_core.save(tiny_net, tmp_path / "ours")
+    ours = str(tmp_path / "ours")
     for path in (tmp_path / "ours", tmp_path / "ours" / "model.safetensors"):
         with pytest.raises(
             ReferenceFormatError,
-            match=rf"is an snnet checkpoint already: serve it \(SNNET_WEIGHTS={tmp_path}/ours\) "
-            rf"or fine-tune it \(snnet train --weights {tmp_path}/ours\)",
+            match=rf"is an snnet checkpoint already: serve it \(SNNET_WEIGHTS={re.escape(ours)}\) "
+            rf"or fine-tune it \(snnet train --weights {re.escape(ours)}\)",
         ):
             read_state_dict(path)
     with pytest.raises(ReferenceFormatError, match="is a directory; snnet import converts one"):

@@ -181,7 +181,8 @@ def test_build_errors_are_clear():
     # Large to small: stitches join small fronts to large backs, so the order is named.
     names = TINY_ANCHORS.split(",")
     with pytest.raises(ValueError, match=rf"small to large: {names[2]} \([0-9,]+ parameters\) "
-                       rf"is given before {names[1]} .*; give them as {TINY_ANCHORS}"):  # fmt: skip
+                       rf"is given before {names[1]} .*; give them as {TINY_ANCHORS} \(and their "
+                       r"overrides in the same order\)"):  # fmt: skip
         snnet_core.build_snnet(names[::-1], overrides=TINY_OVERRIDES[::-1])
 
 
