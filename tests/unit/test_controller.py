@@ -177,6 +177,29 @@ def test_fleet_figures_fill_in_stitches_never_run_here_and_floor_the_rate():
     assert c.level > 0
 
 
+def proportional_overruns(
+    predicted: list[float], gen: torch.Generator, sigma: float = 0.1, windows: int = 200
+) -> tuple[dict[float, list[float]], dict[float, list[float]]]:
+    """Over many windows of idle answers to ``predicted`` that scatter log-normally (sd
+    ``sigma`` of the log): the idle margin's pad of each predicted figure, and the share of
+    later answers it covers, per window."""
+    normal = torch.distributions.Normal(0.0, 1.0)
+    pads = {p: [] for p in sorted(set(predicted))}
+    covered_at = {p: [] for p in pads}
+    for _ in range(windows):
+        c = controller()
+        h = History(c)
+        zs = torch.randn(len(predicted), generator=gen).tolist()
+        for p, z in zip(predicted, zs, strict=True):
+            c.observe_residual(p * math.exp(sigma * z), p, alone=True)
+        h.run(0.25, rps=0)
+        for p in pads:
+            pad = c.pad_ms(p, alone=True)
+            pads[p].append(pad)
+            covered_at[p].append(normal.cdf(torch.tensor(math.log1p(pad / p) / sigma)).item())
+    return pads, covered_at
+
+
 def test_margin_from_few_answers_is_a_prior_then_a_fit_and_at_most_half():
     c = controller()
     h = History(c)
@@ -302,20 +325,9 @@ def test_a_fresh_server_whose_first_answers_were_dear_stitches_pads_its_cheap_on
     at 40 ms and ten at 200, scatter log-normally (sd 0.1 of the log), over many windows: the
     cheap stitch's pad stays under its prediction, and the margin covers 99% of later answers
     at both ends."""
-    sigma, normal, gen = 0.1, torch.distributions.Normal(0.0, 1.0), torch.Generator()
-    gen.manual_seed(3)
-    pads, covered_at = {40.0: [], 200.0: []}, {40.0: [], 200.0: []}
-    for _ in range(200):
-        c = controller()
-        h = History(c)
-        predicted = [40.0 if k in (3, 8) else 200.0 for k in range(12)]
-        for p, z in zip(predicted, torch.randn(12, generator=gen).tolist(), strict=True):
-            c.observe_residual(p * math.exp(sigma * z), p, alone=True)
-        h.run(0.25, rps=0)
-        for p in pads:
-            pad = c.pad_ms(p, alone=True)
-            pads[p].append(pad)
-            covered_at[p].append(normal.cdf(torch.tensor(math.log1p(pad / p) / sigma)).item())
+    gen = torch.Generator().manual_seed(3)
+    predicted = [40.0 if k in (3, 8) else 200.0 for k in range(12)]
+    pads, covered_at = proportional_overruns(predicted, gen)
     assert statistics.fmean(pads[40.0]) < 40.0
     for p, shares in covered_at.items():
         assert statistics.fmean(shares) >= 0.99, p
@@ -488,20 +500,9 @@ def test_a_fresh_server_whose_answers_run_over_in_proportion_pads_its_cheap_stit
     at 40 ms and half at 170, scatter log-normally (sd 0.1 of the log), over many windows: the
     cheap stitch's pad stays a share of its own prediction (it was 40 ms, a share of 210), and
     the margin still covers 99% of later answers at both ends."""
-    sigma, normal, gen = 0.1, torch.distributions.Normal(0.0, 1.0), torch.Generator()
-    gen.manual_seed(2)
-    pads, covered_at = {40.0: [], 170.0: []}, {40.0: [], 170.0: []}
-    for _ in range(200):
-        c = controller()
-        h = History(c)
-        predicted = [40.0 if k % 2 else 170.0 for k in range(24)]
-        for p, z in zip(predicted, torch.randn(24, generator=gen).tolist(), strict=True):
-            c.observe_residual(p * math.exp(sigma * z), p, alone=True)
-        h.run(0.25, rps=0)
-        for p in pads:
-            pad = c.pad_ms(p, alone=True)
-            pads[p].append(pad)
-            covered_at[p].append(normal.cdf(torch.tensor(math.log1p(pad / p) / sigma)).item())
+    gen = torch.Generator().manual_seed(2)
+    predicted = [40.0 if k % 2 else 170.0 for k in range(24)]
+    pads, covered_at = proportional_overruns(predicted, gen)
     assert statistics.fmean(pads[40.0]) < 0.6 * 40.0
     for p, shares in covered_at.items():
         assert statistics.fmean(shares) >= 0.99, p
