@@ -261,8 +261,8 @@ def _margin(
     of fixed size (two 40 ms answers among ten of 200 ms, overruns p * e^N(0, 0.03) + Exp(6 ms):
     93.6% of the 40 ms stitch's covered at MARGIN_QUANTILE, 83.2% at REFUSE_QUANTILE); the
     median over-covers them (100%, 99.4%); the geometric mean 98.6% and 93.7%, and on the
-    recorded traces (``bench/law_replay.py``, answers 5-19) it names the cheapest stitch's
-    least budget at 59.0 ms (median: 64.8; smallest: 56.3).
+    recorded traces of sessions 27-29 (``bench/law_replay.py`` on run1-7, answers 5-19) the
+    cheapest stitch's least budget a 422 names is 59.0 ms (median: 64.8; smallest: 56.3).
 
     The share is at most MAX_MARGIN and the fixed part MAX_MARGIN times the median prediction
     (so the pad of the median prediction is at most the prediction itself, whatever ``c``),

@@ -389,11 +389,11 @@ class Planner:
         pre, own = self.ingress.rest_ms(payload_bytes)
         rest_cold = self.scheduler.cold_at_rest
 
-        def pad(ms: float, alone: bool) -> float:
-            return self.controller.pad_ms(ms, alone=alone, refuse=not full)
+        def pad(ms: float) -> float:
+            return self.controller.pad_ms(ms, alone=True, refuse=not full)
 
         c = min(cold, rest_cold) * rest_ms
-        need = pre + own + c + pad(own + c, alone=True)
+        need = pre + own + c + pad(own + c)
         # Each part of the least below what admission then counted had retries of it refused,
         # and none served to teach the server better (one client here, 30 retries 0.3 s apart):
         # the cold batch of a 422 named while the model ran warm (29 refused 422), start-up's
@@ -403,7 +403,7 @@ class Planner:
         c = self.scheduler.cold_planning_factor * rest_ms
         c /= min(1.0, self._slow_down())  # at the idle speed, if running faster now
         read = max(self.ingress.rest_pre_high_ms(payload_bytes), pre_ms)
-        least = read + own + c + pad(read + own + c, alone=True) + self.network_ms
+        least = read + own + c + pad(read + own + c) + self.network_ms
         return need, math.ceil(round(least * 100, 6)) / 100  # (ROUNDING_MS)
 
     def _after_pause(self, need: float, least: float) -> str:
