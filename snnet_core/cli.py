@@ -283,6 +283,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=device,
         resume=args.resume,
         progress=rank == 0,
+        settings={"data": args.data, "train_split": args.train_split, "augment": args.augment},
     )
     if rank != 0:
         return 0

@@ -194,6 +194,7 @@ def train(
     device: torch.device | str = "cpu",
     resume: bool = False,
     progress: bool = True,
+    settings: dict[str, Any] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``net`` in place and return per-epoch statistics.
 
@@ -205,8 +206,12 @@ def train(
         gflops: Cost of every stitch, for FLOPs-group sampling.
         normalize: ``(mean, std)`` per channel, from the checkpoint's preprocessing.
         device: Training device (with ``torchrun``, cuda uses ``LOCAL_RANK``).
-        resume: Continue from ``out_dir/train_state.pt`` if it exists.
+        resume: Continue from ``out_dir/train_state.pt`` if it exists. The state keeps ``cfg``
+            and ``settings``; a resume given other values says which (rank 0), and goes on
+            with the new ones (``--epochs`` raised to train longer is the usual case).
         progress: Show a progress bar (rank 0 only) with loss, lr and images/s.
+        settings: What else shapes the run, kept with the state (the CLI's data and
+            augmentation, which are flags like the hyper-parameters and easy to leave out).
     """
     device = torch.device(device)
     rank, world, local_rank = _dist_info()
@@ -298,6 +303,15 @@ def train(
         pick.gen.set_state(state["stitch_rng"][rank])
         if rank == 0:
             print(f"resumed from {state_path} at epoch {start_epoch}", file=sys.stderr)
+            began = {**state.get("config", {}), **state.get("settings", {})}
+            now = {**config_dict(cfg), **(settings or {})}
+            changed = [k for k in now if k in began and began[k] != now[k]]
+            if changed:  # (a state from before session 29 keeps neither: nothing to say)
+                print(
+                    f"note: resuming with {', '.join(f'{k}={now[k]}' for k in changed)}, where "
+                    f"the run began with {', '.join(f'{k}={began[k]}' for k in changed)}",
+                    file=sys.stderr,
+                )
 
     for epoch in range(start_epoch, cfg.epochs):
         if sampler is not None:
@@ -358,7 +372,8 @@ def train(
             }
         )
         if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
-            _save_state(state_path, net, opt, scaler, epoch + 1, history, gen, pick, world)
+            kept = {"config": config_dict(cfg), "settings": dict(settings or {})}
+            _save_state(state_path, net, opt, scaler, epoch + 1, history, gen, pick, world, kept)
     if world > 1:
         dist.barrier()
     if own_group:
@@ -367,9 +382,19 @@ def train(
 
 
 def _save_state(
-    path: Path, net: SNNet, opt, scaler, epoch: int, history, gen, pick: StitchSampler, world: int
+    path: Path,
+    net: SNNet,
+    opt,
+    scaler,
+    epoch: int,
+    history,
+    gen,
+    pick: StitchSampler,
+    world: int,
+    kept: dict[str, Any],
 ) -> None:
-    """Everything ``--resume`` needs; loaded back with ``torch.load(weights_only=True)``."""
+    """Everything ``--resume`` needs, and ``kept`` (what the run was given); loaded back with
+    ``torch.load(weights_only=True)``."""
     stitch_rng = [pick.gen.get_state()]
     if world > 1:
         gathered: list[torch.Tensor | None] = [None] * world
@@ -386,6 +411,7 @@ def _save_state(
         "loader_rng": gen.get_state(),
         "torch_rng": torch.get_rng_state(),
         "stitch_rng": stitch_rng,
+        **kept,
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)

@@ -97,24 +97,33 @@ def test_anchor_lr_scale_zero_freezes_the_anchors_only(small_train, tmp_path):
     )
 
 
-def test_resume_continues_from_the_saved_epoch(small_train, tmp_path):
+def test_resume_continues_from_the_saved_epoch(small_train, tmp_path, capsys):
     pre = build_tiny().data_config()
     norm = (pre["mean"], pre["std"])
     kw = dict(gflops=[1.0] * TINY_NUM_STITCHES, normalize=norm, progress=False)
     full = build_tiny(seed=2)
     train(full, small_train, TrainConfig(epochs=2, batch_size=50, lr=1e-3), tmp_path / "a", **kw)
     part = build_tiny(seed=2)
-    train(part, small_train, TrainConfig(epochs=1, batch_size=50, lr=1e-3), tmp_path / "b", **kw)
+    cfg = TrainConfig(epochs=1, batch_size=50, lr=1e-3)
+    train(part, small_train, cfg, tmp_path / "b", settings={"augment": "no-flip"}, **kw)
     resumed = build_tiny(seed=99)  # weights come from the train state, not from this init
+    capsys.readouterr()
     history = train(
         resumed,
         small_train,
         TrainConfig(epochs=2, batch_size=50, lr=1e-3),
         tmp_path / "b",
         resume=True,
+        settings={"augment": "timm"},
         **kw,
     )
     assert [h["epoch"] for h in history] == [1, 2]
+    # What differs from what the run began with is said (a flag left out on resume, such as
+    # --augment, silently changed the run): here the longer schedule, and the augmentation.
+    assert (
+        "note: resuming with epochs=2, augment=timm, where the run began with epochs=1, "
+        "augment=no-flip" in capsys.readouterr().err
+    )
     for k, v in full.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=1e-4, atol=1e-5)
     # Another net's train state in that folder: an error that says so, not a page of "size
