@@ -236,23 +236,33 @@ class Planner:
             self.ingress.rest_ms(payload_bytes)[1] if alone else self.ingress.own_ms(payload_bytes)
         )
         ingress = self.ingress.wait_ms()
+
+        def cost(s: int, refuse: bool = False) -> tuple[float, float, float, float, float]:
+            """(compute queued before it in its stitch's queue, its batch's compute, its wait,
+            margin, total) for stitch ``s`` behind the queue: its batch starts where its
+            stitch's queue does."""
+            before = self.scheduler.batches_ms(s, view.counts.get(s, 0))
+            compute = cold * self.scheduler.batches_ms(s, view.counts.get(s, 0) + n)
+            wait = view.ahead_ms - before
+            margin = self.controller.pad_ms(ingress + http + compute, alone=alone, refuse=refuse)
+            return before, compute, wait, margin, spent + ingress + http + compute + margin + wait
+
+        def admitted(s: int, compute: float, wait: float, margin: float, **kw) -> Plan:
+            return Plan(
+                s, budget, deadline, spent, ingress, http, wait, compute, margin,
+                self.ingress.arrivals if teaches else None, **kw,
+            )  # fmt: skip
+
         fits, queue_ms = False, view.ahead_ms
         least_now = math.inf  # the least any stitch of the pool needs now, with its margin
         for s in pool:
-            before = self.scheduler.batches_ms(s, view.counts.get(s, 0))
-            compute = cold * self.scheduler.batches_ms(s, view.counts.get(s, 0) + n)
-            queue_ms = view.ahead_ms - before  # its batch starts where its stitch's queue does
-            margin = self.controller.pad_ms(ingress + http + compute, alone=alone)
-            total = spent + ingress + http + compute + margin + queue_ms
+            before, compute, queue_ms, margin, total = cost(s)
             least_now = min(least_now, total)
             if total > server_budget + ROUNDING_MS:
                 continue
             fits = True
             if compute - before <= view.later_slack_ms - margin:
-                return Plan(
-                    s, budget, deadline, spent, ingress, http, queue_ms, compute, margin,
-                    self.ingress.arrivals if teaches else None,
-                )  # fmt: skip
+                return admitted(s, compute, queue_ms, margin)
         if not fits and alone:
             # Nothing ahead of it, and no stitch meets the budget with an idle server's full
             # margin. The fastest still serves it if it does with the margin at REFUSE_QUANTILE
@@ -260,16 +270,9 @@ class Planner:
             # idle DeiT server here refused budgets of 59-102 ms while its cheapest stitch
             # answered in 38-50 ms).
             s = min(pool, key=lambda s: (self.scheduler.batches_ms(s, n), s))
-            before = self.scheduler.batches_ms(s, view.counts.get(s, 0))
-            compute = cold * self.scheduler.batches_ms(s, view.counts.get(s, 0) + n)
-            queue_ms = view.ahead_ms - before
-            margin = self.controller.pad_ms(ingress + http + compute, refuse=True)
-            least_now = spent + ingress + http + compute + margin + queue_ms
+            _, compute, queue_ms, margin, least_now = cost(s, refuse=True)
             if least_now <= server_budget + ROUNDING_MS:
-                return Plan(
-                    s, budget, deadline, spent, ingress, http, queue_ms, compute, margin,
-                    self.ingress.arrivals if teaches else None, best_effort=True,
-                )  # fmt: skip
+                return admitted(s, compute, queue_ms, margin, best_effort=True)
             # If the budget is below what the fastest stitch needs on this server even when
             # idle (its compute plus HTTP work and that margin), waiting would not help: say
             # what would do. If it only missed because of the moment (time gone in a busy

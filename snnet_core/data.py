@@ -71,6 +71,11 @@ AUGMENTS = {
 }
 
 
+def _check_augment(augment: str) -> None:
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment={augment!r}; allowed: {', '.join(AUGMENTS)}")
+
+
 class ImageTransform:
     """PIL image -> (C, H, W) float tensor, as a checkpoint's preprocessing says; ``batch``
     takes several images to (n, C, H, W).
@@ -90,8 +95,7 @@ class ImageTransform:
     ) -> None:
         from timm.data import create_transform
 
-        if augment not in AUGMENTS:
-            raise ValueError(f"augment={augment!r}; allowed: {', '.join(AUGMENTS)}")
+        _check_augment(augment)
         training = training and augment != "none"
         c, h, w = data_config["input_size"]
         mean, std = (
@@ -288,8 +292,7 @@ def load_dataset(
     itself where it holds class folders directly. ``labels``: see ``image_folder``.
     ``augment`` (training only, AUGMENTS): an image folder's transform; the digits are shifted
     by up to ``max_shift`` pixels unless it is ``none``."""
-    if augment not in AUGMENTS:
-        raise ValueError(f"augment={augment!r}; allowed: {', '.join(AUGMENTS)}")
+    _check_augment(augment)
     if spec == "mnist":
         x, y = mnist_subset(split)
         return DigitsDataset(x, y, max_shift if training and augment != "none" else 0)

@@ -313,6 +313,7 @@ def train(
                     file=sys.stderr,
                 )
 
+    kept = {"config": config_dict(cfg), "settings": dict(settings or {})}  # (with each state)
     for epoch in range(start_epoch, cfg.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -372,7 +373,6 @@ def train(
             }
         )
         if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
-            kept = {"config": config_dict(cfg), "settings": dict(settings or {})}
             _save_state(state_path, net, opt, scaler, epoch + 1, history, gen, pick, world, kept)
     if world > 1:
         dist.barrier()
