@@ -2,10 +2,12 @@
 photo-sized JPEGs.
 
     python bench/deit_idle.py [--requests 60] [--dir /tmp/snnet-deit] [--budget-scale 1.3]
-                              [--think-s 0]
+                              [--think-s 0] [--anchors deit_tiny_patch16_224,...]
 
 Builds the DeiT-Ti/S/B SN-Net (71 stitches; random weights: ``pretrained=False``, no network;
-the checkpoint has no accuracies, so stitches rank by GFLOPs) once into ``--dir``, starts
+the checkpoint has no accuracies, so stitches rank by GFLOPs) once into ``--dir``; ``--anchors``
+builds another family instead (Swin-T/S/B: ``--anchors swin`` and its own ``--dir``, default
+``/tmp/snnet-<first anchor's family>``), starts
 `snnet serve` on it with the default settings and a fresh profile cache, and reports how long
 after the weights were loaded `/readyz` answered. Then one client sends single-image requests
 one after another, a 500x375 JPEG base64-encoded in JSON, with budgets spread over the stitches'
@@ -35,6 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _server import start_server  # noqa: E402
 
 DEIT = "deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224"
+FAMILIES = {  # short names for --anchors
+    "deit": DEIT,
+    "swin": "swin_tiny_patch4_window7_224,swin_small_patch4_window7_224,"
+    "swin_base_patch4_window7_224",
+    "resnet": "resnet18,resnet50",
+}
 
 
 def photo_jpeg() -> bytes:
@@ -51,7 +59,10 @@ def photo_jpeg() -> bytes:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--requests", type=int, default=60)
-    ap.add_argument("--dir", default="/tmp/snnet-deit")
+    ap.add_argument(
+        "--anchors", default="deit", help=f"timm names, or one of {', '.join(FAMILIES)}"
+    )
+    ap.add_argument("--dir", help="the checkpoint (default /tmp/snnet-<family>)")
     ap.add_argument("--budget-scale", type=float, default=1.3)
     ap.add_argument("--think-s", type=float, default=0.0, help="idle time between requests")
     ap.add_argument(
@@ -59,15 +70,24 @@ def main() -> None:
         help="write the menu, then every request's figures or its refusal (JSON lines) here",
     )
     args = ap.parse_args()
-    ckpt = Path(args.dir)
-    if not (ckpt / "manifest.json").is_file():
+    anchors = FAMILIES.get(args.anchors, args.anchors)
+    family = (
+        args.anchors if args.anchors in FAMILIES else anchors.split("_")[0].rstrip("0123456789")
+    )
+    ckpt = Path(args.dir or f"/tmp/snnet-{family}")
+    if (ckpt / "manifest.json").is_file():
+        config = json.loads((ckpt / "manifest.json").read_text())["config"]
+        built = ",".join(a["name"] for a in config["anchors"])
+        if built != anchors:
+            sys.exit(f"{ckpt} holds {built}, not {anchors}: give another --dir")
+    else:
         import torch
 
         import snnet_core
 
         torch.manual_seed(0)
-        print(f"building {DEIT} (random weights) into {ckpt} ...", file=sys.stderr)
-        snnet_core.save(snnet_core.build_snnet(DEIT).eval(), ckpt)
+        print(f"building {anchors} (random weights) into {ckpt} ...", file=sys.stderr)
+        snnet_core.save(snnet_core.build_snnet(anchors).eval(), ckpt)
     t0 = time.monotonic()
     log: list[str] = []
     proc, url = start_server({"SNNET_WEIGHTS": str(ckpt)}, log=log)
@@ -134,7 +154,7 @@ def main() -> None:
     over = sorted(r[3] - r[4] for r in ok)
     mid = round(statistics.median(over), 2) if ok else None
     top = round(max(over), 2) if ok else None
-    print(f"# DeiT-Ti/S/B, 71 stitches, defaults; {ckpt}")
+    print(f"# {anchors}, {len(menu)} stitches, defaults; {ckpt}")
     print(f"ready {ready_s:.1f} s after start ({estimated} stitches estimated); the server's log:")
     for line in log:
         print("   ", line.rstrip()[24:])  # without the date
