@@ -4,16 +4,20 @@
 
 Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer
 (the others answer UNIMPLEMENTED). A shed request is ``UNAVAILABLE``, bad input
-``INVALID_ARGUMENT``, an unknown model or version ``NOT_FOUND``, a missing API key
-``UNAUTHENTICATED``. The message classes come from Triton's client package
+``INVALID_ARGUMENT``, over the size limits ``RESOURCE_EXHAUSTED``, an unknown model or version
+``NOT_FOUND``, a missing API key ``UNAUTHENTICATED``. A call's deadline caps its budget; a call
+cancelled (or expired) while it waits leaves the queue and is counted with status 499. The message classes come from Triton's client package
 (``tritonclient.grpc``), generated from the protocol's own ``grpc_service.proto``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import math
 import time
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -23,6 +27,9 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from .engine import Engine, Lifecycle
 from .errors import ComputeError, Refusal
+from .parsing import ClassifyRequest
+from .planner import Plan
+from .routes.classify import admit
 from .routes.v2 import (
     EXTENSIONS,
     admit_v2,
@@ -40,8 +47,9 @@ CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
-    503: grpc.StatusCode.UNAVAILABLE,
+    503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }  # fmt: skip
+CANCELLED = 499  # the status label of a call its client cancelled or let expire (nginx's code)
 
 
 def _param(p: pb.InferParameter) -> Any:
@@ -128,10 +136,19 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             with engine.ingress.entered() as ticket:
                 doc, data = _document(request)
                 req, wanted = build_request(engine, doc, data, pinned)
-                plan, pending = await admit_v2(engine, doc, req, arrived)
+                req, deadline_ms = _within_deadline(engine, req, context, arrived)
+                if deadline_ms is None:
+                    plan, pending = await admit_v2(engine, doc, req, arrived)
+                else:
+                    plan, pending = await _admit_by_deadline(engine, req, arrived, deadline_ms)
                 ticket.queued()
             result = await result_of(engine, req, pending)
             tensors, params = answer_tensors(engine, req, wanted, plan, result, arrived)
+        except asyncio.CancelledError:
+            # The client went away (its deadline passed, or it cancelled): its queued batch
+            # leaves the queue (``Scheduler.submit``), and it is counted apart, not as a 200.
+            status = CANCELLED
+            raise
         except Refusal as e:
             status = e.status
             if e.retry_after_s is not None:
@@ -179,6 +196,43 @@ def _unimplemented(name: str):
 for _name in dir(pb_grpc.GRPCInferenceServiceServicer):
     if _name[:1].isupper() and _name not in IMPLEMENTED:
         setattr(Servicer, _name, _unimplemented(_name))
+
+
+def _within_deadline(
+    engine: Engine, req: ClassifyRequest, context, arrived: float
+) -> tuple[ClassifyRequest, float | None]:
+    """The request with its budget capped at the call's gRPC deadline (an answer after it
+    reaches nobody), and the ms that were left at arrival if the deadline is the budget now.
+
+    Raises:
+        Refusal: 504 if the deadline had passed before the request was read.
+    """
+    remaining = context.time_remaining()
+    if remaining is None:
+        return req, None
+    left_ms = remaining * 1e3 + (time.monotonic() - arrived) * 1e3  # from arrival, as budgets
+    if remaining <= 0:
+        raise Refusal(504, "the call's deadline passed before the request was read")
+    budget = req.options.latency_budget_ms or engine.settings.default_budget_ms
+    if left_ms >= budget:
+        return req, None
+    options = req.options.model_copy(update={"latency_budget_ms": round(left_ms, 3)})
+    return replace(req, options=options), left_ms
+
+
+async def _admit_by_deadline(
+    engine: Engine, req: ClassifyRequest, arrived: float, deadline_ms: float
+) -> tuple[Plan, asyncio.Future]:
+    """``admit`` for a request whose budget is its call's deadline, a refusal saying so."""
+    try:
+        return await admit(engine, req, arrived)
+    except Refusal as e:
+        if e.least_ms is not None:
+            e.detail += (
+                f" (this budget is the call's deadline: {deadline_ms:.1f} ms were left when it "
+                f"arrived; give the call a deadline of at least {math.ceil(e.least_ms)} ms)"
+            )
+        raise
 
 
 def _document(request: pb.ModelInferRequest) -> tuple[dict, list[Any]]:

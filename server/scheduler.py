@@ -148,6 +148,7 @@ class Scheduler:
         self._ratio = {False: 1.0, True: 1.0}
         self._cold_at_rest = 1.0  # the cold ratio measured at start-up, on a quiet machine
         self.direct_batches = 0  # sent to the model process by the event loop (``submit``)
+        self.withdrawn = 0  # queued jobs taken out unrun: their client went away
         self._thread: threading.Thread | None = None
 
     # -- prediction ---------------------------------------------------------------------------
@@ -284,6 +285,10 @@ class Scheduler:
             direct = self._direct_locked(job)
             if not direct:
                 self._enqueue_locked(job)
+                # A request whose client went away (a gRPC deadline or cancel cancels its
+                # future) leaves the queue: its batch would be work nobody waits for, and the
+                # planner would count it ahead of every request still waiting.
+                job.future.add_done_callback(lambda fut: fut.cancelled() and self._withdraw(job))
         if direct:
             try:
                 sent = self._dispatch(job)
@@ -304,6 +309,18 @@ class Scheduler:
         self._queued += job.n
         self.metrics.queue_depth.set(self._queued)
         self._cv.notify_all()
+
+    def _withdraw(self, job: _Job) -> None:
+        """Take a cancelled job out of its queue, if no batch has taken it yet."""
+        with self._cv:
+            q = self._queues[job.stitch]
+            i = next((i for i, j in enumerate(q) if j is job), None)  # (not ==: tensors)
+            if i is None:
+                return
+            del q[i]
+            self._queued -= job.n
+            self.metrics.queue_depth.set(self._queued)
+            self.withdrawn += 1
 
     def _direct_locked(self, job: _Job) -> bool:
         """Whether ``job`` runs from the event loop now (see ``submit``); if so, the model is
@@ -382,24 +399,28 @@ class Scheduler:
     def _next_batch_locked(self) -> list[_Job] | None:
         """Wait for work, pick the queue with the earliest deadline, form its batch."""
         while True:
-            heads = [q[0] for q in self._queues.values() if q]
-            if heads and not self._running:  # (running: a batch the event loop sent)
+            while True:
+                heads = [q[0] for q in self._queues.values() if q]
+                if heads and not self._running:  # (running: a batch the event loop sent)
+                    break
+                if self._stopping and not heads:
+                    return None
+                self._cv.wait()
+            head = min(heads, key=lambda j: j.order)
+            q = self._queues[head.stitch]
+            # Hold the batch open for more requests of this stitch, but never past the point
+            # where the head would miss its deadline, and not at all when shutting down.
+            hold_until = head.enqueued + self.max_wait_s
+            slack = head.deadline - self.latency.predict_ms(head.stitch, self.max_batch) / 1e3
+            hold_until = min(hold_until, slack)
+            while not self._stopping and sum(j.n for j in q) < self.max_batch:
+                remaining = hold_until - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cv.wait(remaining)
+            if q and q[0] is head:
                 break
-            if self._stopping and not heads:
-                return None
-            self._cv.wait()
-        head = min(heads, key=lambda j: j.order)
-        q = self._queues[head.stitch]
-        # Hold the batch open for more requests of this stitch, but never past the point where
-        # the head would miss its deadline, and not at all when shutting down.
-        hold_until = head.enqueued + self.max_wait_s
-        slack = head.deadline - self.latency.predict_ms(head.stitch, self.max_batch) / 1e3
-        hold_until = min(hold_until, slack)
-        while not self._stopping and sum(j.n for j in q) < self.max_batch:
-            remaining = hold_until - time.monotonic()
-            if remaining <= 0:
-                break
-            self._cv.wait(remaining)
+            # (its client went away while the batch was held open: choose again)
         batch, images = [q.popleft()], head.n
         while q and images + q[0].n <= self.max_batch:
             images += q[0].n

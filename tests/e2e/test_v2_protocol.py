@@ -272,6 +272,58 @@ def test_grpc_health_metadata_and_digits_with_a_budget(server, held_out, menu):
     assert 'route="/inference.GRPCInferenceService/ModelInfer",status="200"' in metrics
 
 
+def _count(metrics: str, status: str) -> float:
+    line = f'snnet_requests_total{{route="/inference.GRPCInferenceService/ModelInfer",status="{status}"}} '
+    return sum(float(x.split()[-1]) for x in metrics.splitlines() if x.startswith(line))
+
+
+def test_a_grpc_deadline_caps_the_budget_and_an_abandoned_call_is_not_run_or_a_200(
+    server, held_out, menu
+):
+    import threading
+
+    import tritonclient.grpc as tgrpc
+
+    _, best = menu
+    pngs = held_out[0]
+    with tgrpc.InferenceServerClient(server.grpc) as c:
+        image = tgrpc.InferInput("image", [len(pngs)], "BYTES")
+        image.set_data_from_numpy(np.array(pngs, dtype=np.object_))
+        # An answer after the call's deadline reaches nobody: the deadline is the budget.
+        r = c.infer(MODEL, [image], parameters={"latency_budget_ms": 10_000}, client_timeout=2.0)
+        budget = r.get_response().parameters["latency_budget_ms"].double_param
+        assert 1500 < budget <= 2000
+        # Calls cancelled while queued behind others: taken out of the queue, counted as 499.
+        before = httpx.get(f"{server.url}/metrics").text
+        done, lock, calls = threading.Event(), threading.Lock(), []
+        outcomes = []
+
+        def settled(result, error):
+            with lock:
+                outcomes.append(error is None)
+                if len(outcomes) == 6:
+                    done.set()
+
+        for _ in range(6):  # 16 digits each, the most accurate stitch: a queue forms
+            calls.append(
+                c.async_infer(MODEL, [image], settled, model_version=str(best["id"]),
+                              parameters={"latency_budget_ms": 10_000})
+            )  # fmt: skip
+        arrivals = before.split("\nsnnet_arrivals_total ")[1].split()[0]
+        for _ in range(500):  # until the server has them all (then cancel: no sleep to guess)
+            now = httpx.get(f"{server.url}/metrics").text.split("\nsnnet_arrivals_total ")[1]
+            if float(now.split()[0]) >= float(arrivals) + 6:
+                break
+        for call in calls[2:]:
+            call.cancel()
+        assert done.wait(30)
+    after = httpx.get(f"{server.url}/metrics").text
+    answered = _count(after, "200") - _count(before, "200")
+    abandoned = _count(after, "499") - _count(before, "499")
+    assert sum(outcomes) == answered >= 2 and abandoned >= 1
+    assert answered + abandoned == 6  # each call counted once, none as a 200 it was not
+
+
 def test_grpc_errors_carry_the_status_and_our_message(server, held_out):
     import tritonclient.grpc as tgrpc
 

@@ -138,6 +138,55 @@ def test_within_a_stitch_the_earliest_deadline_runs_first(digits):
     assert order == ["urgent", "late"]
 
 
+def test_a_request_whose_client_went_away_leaves_the_queue_unrun(digits):
+    """A cancelled request (a gRPC client's deadline or cancel cancels its future) is taken out
+    of the queue: no batch runs it and the planner no longer counts it ahead of others."""
+    _, sched, _ = make(lambda s, b: 10.0, max_batch=1)
+    x = digits[0][:2]
+
+    async def scenario():
+        now = time.monotonic()
+        first = sched.submit(x, 3, now + 60, now)
+        gone = sched.submit(x, 5, now + 60, now)
+        last = sched.submit(x, 7, now + 60, now)
+        assert sched.queued_images == 6 and sched.queued_work_ms() == pytest.approx(60.0)
+        gone.cancel()
+        await asyncio.sleep(0)  # its done-callback runs on the loop
+        view = sched.view(now + 120, now)
+        sched.start()
+        return await asyncio.gather(first, last), view
+
+    (first, last), view = asyncio.run(scenario())
+    sched.stop()
+    assert view.counts == {3: 2, 7: 2} and view.ahead_ms == pytest.approx(40.0)
+    assert (first.stitch, last.stitch) == (3, 7) and sched.withdrawn == 1
+    reg = sched.metrics.registry
+    assert reg.get_sample_value("snnet_batch_size_sum") == 4  # stitch 5's two never ran
+    assert reg.get_sample_value("snnet_queue_depth") == 0
+
+
+def test_a_batch_held_open_whose_head_goes_away_is_chosen_again(digits):
+    _, sched, _ = make(lambda s, b: 1.0)
+    sched.max_wait_s = 0.3  # the worker holds a batch of one open for more of its stitch
+    x = digits[0][:1]
+
+    async def scenario():
+        now = time.monotonic()
+        sched.start()
+        gone = sched.submit(x, 3, now + 60, now)
+        await asyncio.sleep(0.05)  # the worker holds stitch 3's batch open
+        gone.cancel()
+        await asyncio.sleep(0)
+        now = time.monotonic()
+        return await sched.submit(x, 4, now + 60, now)
+
+    result = asyncio.run(scenario())
+    sched.stop()
+    assert result.stitch == 4 and sched.withdrawn == 1
+    reg = sched.metrics.registry
+    assert reg.get_sample_value("snnet_batch_size_sum") == 1  # stitch 3's never ran
+
+
 def test_the_model_is_idle_again_before_the_answer_arrives(digits):
     """A sequential client's next request must find the model free (slack first relies on it)."""
     _, sched, _ = make(lambda s, b: 1.0)
