@@ -46,6 +46,12 @@ def serve_settings(args: argparse.Namespace) -> Settings | None:
             f"SNNET_{name.upper()}: {msgs[0]}; {', or '.join(msgs[1:])}"
             for name, msgs in said.items()
         ]
+        if os.environ.get("SNNET_PORT", "").startswith("tcp://"):
+            lines.append(
+                "  (SNNET_PORT=tcp://... is what Kubernetes puts in a pod's environment for a "
+                "Service named snnet; set enableServiceLinks: false in the pod spec, as "
+                "deploy/k8s does, or give SNNET_PORT in its env)"
+            )
         print("error: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
     return None
 

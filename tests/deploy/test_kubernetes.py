@@ -156,6 +156,17 @@ def test_settings_are_valid_service_settings(rendered):
     Settings(**kwargs)
 
 
+def test_service_links_cannot_override_the_servers_settings(rendered):
+    """Kubernetes' service links put ``<SERVICE>_PORT=tcp://...`` and more in every pod of the
+    namespace; for a Service named snnet that is SNNET_PORT, which the server would refuse."""
+    service = rendered["Service"]["metadata"]["name"]
+    prefix = service.upper().replace("-", "_")
+    if (prefix + "_").startswith("SNNET_") or prefix == "SNNET":
+        assert rendered["Deployment"]["spec"]["template"]["spec"]["enableServiceLinks"] is False
+    with pytest.raises(ValueError):
+        Settings(port="tcp://10.96.12.34:8000")  # what the links would set
+
+
 def test_hpa_metrics_are_served_by_the_prometheus_adapter_rules():
     hpa = kustomize(OVERLAYS["base"])["HorizontalPodAutoscaler"]
     values = yaml.safe_load((K8S / "prometheus-adapter-values.yaml").read_text())
@@ -180,5 +191,9 @@ def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_image():
     assert container(gpu)["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert container(gpu)["image"].endswith("-cuda")
     assert gpu["ConfigMap"]["data"]["SNNET_DEVICE"] == "cuda"
+    # `auto` would start half the node's cores in HTTP processes (~0.5 GB each) in a pod that
+    # requests 2 CPUs: the overlay sizes them to its request.
+    cpus = float(container(gpu)["resources"]["requests"]["cpu"])
+    assert 1 <= int(gpu["ConfigMap"]["data"]["SNNET_API_WORKERS"]) <= cpus
     # The overlay changes only what it says; everything else is the base.
     assert container(gpu)["readinessProbe"] == container(base)["readinessProbe"]

@@ -185,6 +185,13 @@ def test_serve_refuses_settings_that_would_serve_wrongly():
     assert "\n  SNNET_GRPC_PORT and SNNET_PORT (--port) are both 8100: the gRPC endpoint needs a " \
         "port of its own; set SNNET_GRPC_PORT to another (0: no gRPC)" in proc.stderr  # fmt: skip
     assert "LOG_LEVEL" not in proc.stderr
+    # A Kubernetes Service named snnet, with service links on, sets SNNET_PORT=tcp://...
+    env = {"SNNET_PORT": "tcp://10.96.12.34:8000", "SNNET_SERVICE_HOST": "10.96.12.34"}
+    proc = snnet_process("serve", check=False, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "SNNET_PORT: got 'tcp://10.96.12.34:8000'" in proc.stderr
+    assert "Kubernetes puts in a pod's environment for a Service named snnet; set " \
+        "enableServiceLinks: false" in proc.stderr  # fmt: skip
 
 
 def test_serve_warns_of_a_setting_it_does_not_know():
