@@ -2,8 +2,8 @@
 ``SNNET_GRPC_PORT``, in the same event loop and through the same planner, queue and metrics as
 /classify and the REST routes (``server.routes.v2``, whose request and answer logic it shares).
 
-Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer
-(the others answer UNIMPLEMENTED). A shed request is ``UNAVAILABLE``, bad input
+Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig,
+ModelInfer (the others answer UNIMPLEMENTED). A shed request is ``UNAVAILABLE``, bad input
 ``INVALID_ARGUMENT``, over the size limits ``RESOURCE_EXHAUSTED``, an unknown model or version
 ``NOT_FOUND``, a missing API key ``UNAUTHENTICATED``. A call's deadline caps its budget; a call
 cancelled (or expired) while it waits leaves the queue and is counted with status 499. The message classes come from Triton's client package
@@ -22,6 +22,8 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -35,6 +37,7 @@ from .routes.v2 import (
     admit_v2,
     answer_tensors,
     build_request,
+    model_config_of,
     pinned_stitch,
     raw_bytes,
     result_of,
@@ -122,6 +125,14 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             ],
         )
 
+    async def ModelConfig(self, request, context):  # noqa: N802
+        try:
+            engine, _ = self._model(request.name, request.version)
+        except Refusal as e:
+            await context.abort(CODES.get(e.status, grpc.StatusCode.INTERNAL), e.detail)
+        config = json_format.ParseDict(model_config_of(engine), mc.ModelConfig())
+        return pb.ModelConfigResponse(config=config)
+
     async def ModelInfer(self, request, context):  # noqa: N802
         arrived = time.monotonic()
         status, start = 200, time.perf_counter()
@@ -176,7 +187,8 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 IMPLEMENTED = (
-    "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+    "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
+    "ModelInfer",
 )  # fmt: skip
 
 

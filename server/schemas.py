@@ -434,6 +434,32 @@ class V2ModelMetadata(BaseModel):
     outputs: list[V2TensorMetadata]
 
 
+class V2ConfigTensor(BaseModel):
+    name: str = Field(examples=["image"])
+    data_type: str = Field(description="Triton's type name: TYPE_STRING (BYTES), TYPE_FP32.")
+    dims: list[int] = Field(description="The full shape (max_batch_size 0: no implicit batch).")
+
+
+class V2ModelConfig(BaseModel):
+    """Triton's model configuration (its ``model_configuration`` extension), for tools that read
+    it before inferring (perf_analyzer, model_analyzer)."""
+
+    name: str = Field(examples=["weights"])
+    platform: str = Field(examples=["pytorch_snnet"])
+    max_batch_size: int = Field(
+        description="0: the shapes are full; a request carries 1..max_images_per_request images "
+        "along its first dimension (parameters)."
+    )
+    input: list[V2ConfigTensor]
+    output: list[V2ConfigTensor]
+    version_policy: dict[str, dict[str, list[int]]] = Field(
+        description="The versions: one per stitch, its id."
+    )
+    parameters: dict[str, dict[str, str]] = Field(
+        description="max_images_per_request, stitches, and how a version is chosen."
+    )
+
+
 class V2ModelReady(BaseModel):
     name: str = Field(examples=["weights"])
     ready: bool = Field(examples=[True])

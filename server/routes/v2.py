@@ -52,6 +52,7 @@ from ..schemas import (
     V2ErrorResponse,
     V2InferResponse,
     V2Live,
+    V2ModelConfig,
     V2ModelMetadata,
     V2ModelReady,
     V2Ready,
@@ -62,7 +63,7 @@ from .deps import engine_of
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
 HEADER_LENGTH = "inference-header-content-length"
-EXTENSIONS = ["classification", "binary_tensor_data", "parameters"]
+EXTENSIONS = ["classification", "binary_tensor_data", "parameters", "model_configuration"]
 INPUTS = ("image", "input")
 OUTPUTS = ("probabilities", "labels")
 
@@ -190,6 +191,56 @@ def _metadata(request: Request, name: str, version: str | None) -> dict:
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, engine.net.num_classes]},
             {"name": "labels", "datatype": "BYTES", "shape": [-1, -1]},
         ],
+    }
+
+
+@router.get(
+    "/models/{name}/config",
+    summary="Model configuration (Triton's extension)",
+    response_model=V2ModelConfig,
+    responses=MODEL_ERRORS,
+)
+async def model_config(request: Request, name: str) -> dict:
+    return model_config_of(_model(request, name, None)[0])
+
+
+@router.get(
+    "/models/{name}/versions/{version}/config",
+    summary="Model configuration of one stitch (Triton's extension)",
+    response_model=V2ModelConfig,
+    responses=MODEL_ERRORS,
+)
+async def stitch_config(request: Request, name: str, version: str) -> dict:
+    return model_config_of(_model(request, name, version)[0])
+
+
+def model_config_of(engine: Engine) -> dict:
+    """Triton's model configuration (its JSON form; gRPC's ModelConfig parses from it): what
+    tools built on Triton read before their first request. max_batch_size 0: the shapes are
+    full, and a request's images lie along the first dimension."""
+    c, h, w = engine.net.input_size
+    classes = engine.net.num_classes
+    return {
+        "name": engine.model_name,
+        "platform": "pytorch_snnet",
+        "max_batch_size": 0,
+        "input": [
+            {"name": "image", "data_type": "TYPE_STRING", "dims": [-1]},
+            {"name": "input", "data_type": "TYPE_FP32", "dims": [-1, c, h, w]},
+        ],
+        "output": [
+            {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [-1, classes]},
+            {"name": "labels", "data_type": "TYPE_STRING", "dims": [-1, -1]},
+        ],
+        "version_policy": {"specific": {"versions": [r.id for r in engine.menu.rows]}},
+        "parameters": {
+            "max_images_per_request": {"string_value": str(engine.settings.max_images_per_request)},
+            "stitches": {"string_value": str(len(engine.menu.rows))},
+            "versions": {
+                "string_value": "a version is a stitch; without one, the planner chooses the "
+                "most accurate stitch that meets parameters.latency_budget_ms"
+            },
+        },
     }
 
 

@@ -73,6 +73,24 @@ def test_health_and_metadata(client, menu):
         "labels": "BYTES",
     }
     assert not client.is_model_ready("no-such-model")
+    # Triton's model configuration, which its tools read before the first request: the same
+    # tensors as the metadata (full shapes: max_batch_size 0), a version per stitch.
+    assert "model_configuration" in server["extensions"]
+    config = client.get_model_config(MODEL)
+    assert config["max_batch_size"] == 0
+    assert {i["name"]: (i["data_type"], i["dims"]) for i in config["input"]} == {
+        "image": ("TYPE_STRING", [-1]),
+        "input": ("TYPE_FP32", [-1, *manifest.preprocessing["input_size"]]),
+    }
+    assert {o["name"]: o["data_type"] for o in config["output"]} == {
+        "probabilities": "TYPE_FP32",
+        "labels": "TYPE_STRING",
+    }
+    ids = [s["id"] for s in manifest.stitches]
+    assert config["version_policy"]["specific"]["versions"] == ids
+    assert client.get_model_config(MODEL, "2")["name"] == MODEL
+    with pytest.raises(InferenceServerException, match="no-such-model"):
+        client.get_model_config("no-such-model")
 
 
 @pytest.mark.parametrize("binary", [True, False])
@@ -244,6 +262,10 @@ def test_grpc_health_metadata_and_digits_with_a_budget(server, held_out, menu):
         assert c.get_server_metadata().name == "snnet-serve"
         meta = c.get_model_metadata(MODEL)
         assert list(meta.versions) == [str(s["id"]) for s in manifest.stitches]
+        config = c.get_model_config(MODEL).config  # as over REST
+        assert config.max_batch_size == 0 and [i.name for i in config.input] == ["image", "input"]
+        assert list(config.input[1].dims) == [-1, *manifest.preprocessing["input_size"]]
+        assert list(config.version_policy.specific.versions) == [s["id"] for s in manifest.stitches]
         image = tgrpc.InferInput("image", [len(pngs)], "BYTES")
         image.set_data_from_numpy(np.array(pngs, dtype=np.object_))
         r = c.infer(
