@@ -7,9 +7,11 @@ planner refuses costs no image decoding.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
+import zlib
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
@@ -88,7 +90,43 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise Refusal(413, f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding")
+    if encoding is None or encoding.strip().lower() in ("", "identity"):
+        return body
+    if len(body) <= INLINE_INFLATE_BYTES:
+        return inflate(body, encoding, limit)
+    return await asyncio.to_thread(inflate, body, encoding, limit)
+
+
+INLINE_INFLATE_BYTES = 64 * 1024  # larger compressed bodies are inflated in a worker thread
+
+
+def inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """A body sent with ``Content-Encoding: gzip`` or ``deflate`` (Triton's clients offer both),
+    decompressed to at most ``limit`` bytes (a small body can inflate to gigabytes).
+
+    Raises:
+        Refusal: 415 for another encoding, 400 for data that is not what it says, 413 over the
+            limit once decompressed.
+    """
+    name = encoding.strip().lower()
+    if name not in ("gzip", "x-gzip", "deflate"):
+        raise Refusal(
+            415,
+            f"Content-Encoding {encoding!r} not supported; send the body uncompressed, or as gzip "
+            "or deflate",
+        )
+    inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)  # a gzip or a zlib header, either
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise Refusal(400, f"the request body is not valid {name} data: {e}") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise Refusal(413, f"the request body decompresses to over the limit of {limit} bytes")
+    if not inflater.eof:
+        raise Refusal(400, f"the request body's {name} data ends early")
+    return out
 
 
 def _options(model: type[ClassifyOptions], raw: dict[str, Any], *, strict: bool) -> Any:

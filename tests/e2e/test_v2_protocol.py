@@ -193,6 +193,20 @@ def test_a_preprocessed_fp32_tensor_gives_what_the_image_gives(client, held_out)
     )
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_a_compressed_request_is_answered_as_the_plain_one(client, held_out, algorithm):
+    """Triton's client compresses request bodies on request (Content-Encoding)."""
+    pngs, labels, _ = held_out
+    plain = client.infer(MODEL, [image_input(pngs[:4])], model_version="0")
+    packed = client.infer(
+        MODEL, [image_input(pngs[:4])], model_version="0",
+        request_compression_algorithm=algorithm,
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        packed.as_numpy("probabilities"), plain.as_numpy("probabilities"), rtol=1e-5
+    )
+
+
 def test_errors_surface_in_the_client_with_what_was_wrong(client, held_out):
     pngs = held_out[0][:1]
     with pytest.raises(InferenceServerException) as e:

@@ -229,3 +229,28 @@ def test_a_decompression_bomb_is_a_413_that_names_the_servers_own_pixel_limit():
         "images[0] is 10000000000 pixels by its header (a decompression bomb); the limit is "
         "20000000 pixels"
     )
+
+
+def test_a_gzip_or_deflate_body_is_inflated_within_the_limit():
+    import gzip
+    import zlib
+
+    from server.parsing import inflate
+
+    body = b'{"images": ["x"]}' * 100
+    assert inflate(gzip.compress(body), "gzip", 10_000) == body
+    assert inflate(zlib.compress(body), "Deflate", 10_000) == body  # Triton's client: zlib
+    with pytest.raises(Refusal) as e:  # 10 MB of zeros in 10 KB: a bomb
+        inflate(gzip.compress(bytes(10_000_000)), "gzip", 1_000_000)
+    assert e.value.status == 413 and "decompresses to over the limit of 1000000" in e.value.detail
+    with pytest.raises(Refusal) as e:
+        inflate(body, "gzip", 10_000)
+    assert e.value.status == 400 and "not valid gzip data" in e.value.detail
+    with pytest.raises(Refusal) as e:
+        inflate(gzip.compress(body)[:-20], "gzip", 10_000)
+    assert e.value.status == 400 and "ends early" in e.value.detail
+    with pytest.raises(Refusal) as e:
+        inflate(body, "br", 10_000)
+    assert e.value.status == 415 and "send the body uncompressed, or as gzip or deflate" in str(
+        e.value.detail
+    )
