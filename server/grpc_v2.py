@@ -79,7 +79,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _engine(self) -> Engine:
         if self.life.engine is None:
-            raise Refusal(503, f"model not ready: {self.life.detail}")
+            raise Refusal(503, f"model not ready: {self.life.detail}", 5)  # (as REST's)
         return self.life.engine
 
     def _model(self, name: str, version: str) -> tuple[Engine, int | None]:

@@ -129,6 +129,19 @@ def inflate(body: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
+def b64decode(text: str) -> bytes:
+    """Strict base64, but for line breaks and spaces (MIME's base64 and `base64` without -w0
+    break lines every 76 characters).
+
+    Raises:
+        binascii.Error: not base64.
+    """
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error:
+        return base64.b64decode("".join(text.split()), validate=True)
+
+
 def _options(model: type[ClassifyOptions], raw: dict[str, Any], *, strict: bool) -> Any:
     """Validate ``raw`` as ``model``: strict for JSON (``false`` is not a stitch id), lax for
     form fields, which are all text."""
@@ -255,7 +268,7 @@ def _parse_json(body: bytes) -> ClassifyRequest:
         if text.startswith("data:") and "," in text[:100]:
             text = text.split(",", 1)[1]  # data URL
         try:
-            images.append((f"images[{i}]", base64.b64decode(text, validate=True)))
+            images.append((f"images[{i}]", b64decode(text)))
         except (binascii.Error, ValueError):
             raise Refusal(400, f"images[{i}] is not valid base64") from None
     options = ClassifyOptions(**req.model_dump(exclude={"images", "image"}, exclude_unset=True))

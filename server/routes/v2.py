@@ -23,7 +23,6 @@ same planner, queue and metrics as /classify.
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import difflib
 import json
@@ -42,7 +41,7 @@ from pydantic import ValidationError
 from ..engine import Engine
 from ..errors import ComputeError, Refusal
 from ..ingress import ARRIVED
-from ..parsing import ClassifyRequest, read_body, validation_message
+from ..parsing import ClassifyRequest, b64decode, read_body, validation_message
 from ..planner import Plan
 from ..scheduler import Result
 from ..schemas import (
@@ -65,6 +64,10 @@ router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ["classification", "binary_tensor_data", "parameters", "model_configuration"]
 INPUTS = ("image", "input")
+BYTES_LAYOUT = (
+    "in binary data each BYTES element is its length as 4 bytes, little-endian, then its bytes "
+    "(an encoded image sent raw lacks the length)"
+)
 OUTPUTS = ("probabilities", "labels")
 
 
@@ -466,6 +469,12 @@ def _options(params: dict[str, Any], pinned: int | None) -> ClassifyOptions:
             raise Refusal(
                 422, f"parameters.stitch_id={raw['stitch_id']} differs from version {pinned}"
             )
+        if "max_gflops" in raw:
+            raise Refusal(
+                422,
+                f"parameters.max_gflops with version {pinned} in the path: a version is one "
+                "stitch, a cost cap lets the planner choose; give one or the other",
+            )
         raw["stitch_id"] = pinned
     try:
         return ClassifyOptions.model_validate(raw, strict=True)
@@ -506,10 +515,14 @@ def _images(spec: dict, data: Any, limit: int) -> list[tuple[str, bytes]]:
         at = 0
         while at < len(data) and len(out) < count:
             if at + 4 > len(data):
-                raise Refusal(400, "input 'image': truncated BYTES element")
+                raise Refusal(400, f"input 'image': truncated BYTES element; {BYTES_LAYOUT}")
             (n,) = struct.unpack_from("<I", data, at)
             if at + 4 + n > len(data):
-                raise Refusal(400, "input 'image': a BYTES element runs past its data")
+                raise Refusal(
+                    400,
+                    f"input 'image': a BYTES element of {n} bytes runs past its data "
+                    f"({len(data) - at - 4} left); {BYTES_LAYOUT}",
+                )
             out.append(bytes(data[at + 4 : at + 4 + n]))
             at += 4 + n
         if at != len(data):
@@ -522,7 +535,7 @@ def _images(spec: dict, data: Any, limit: int) -> list[tuple[str, bytes]]:
             if not isinstance(item, str):
                 raise Refusal(400, f"input 'image'[{i}]: a base64 string in JSON, got {item!r:.40}")
             try:
-                out.append(base64.b64decode(item, validate=True))
+                out.append(b64decode(item))
             except (binascii.Error, ValueError):
                 raise Refusal(400, f"input 'image'[{i}] is not valid base64") from None
     if len(out) != count:
@@ -674,7 +687,7 @@ def _answer(
         "outputs": outputs,
     }
     if "id" in doc:
-        head["id"] = doc["id"]
+        head["id"] = str(doc["id"])  # a string in the protocol, whatever the request sent
     if not blobs:
         return JSONResponse(head)
     text = json.dumps(head).encode()

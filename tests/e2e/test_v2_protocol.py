@@ -2,6 +2,7 @@
 real `snnet serve` with the bundled weights."""
 
 import base64
+import json
 import math
 import os
 import re
@@ -259,6 +260,26 @@ def test_v2_errors_are_error_objects_and_v2_requests_are_counted(server, held_ou
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'snnet_requests_total{route="/v2/models/{name}/infer",status="200"}' in metrics
     assert torch.tensor(r.json()["outputs"][0]["data"]).sum().item() == pytest.approx(1, abs=1e-4)
+    # What clients other than Triton's send: base64 broken into lines (MIME, `base64` without
+    # -w0) and a numeric id, which comes back as the protocol's string.
+    broken = base64.encodebytes(held_out[0][0]).decode()
+    assert "\n" in broken
+    body = {**body, "id": 42, "inputs": [{**body["inputs"][0], "data": [broken]}]}
+    r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body, timeout=30)
+    assert r.status_code == 200 and r.json()["id"] == "42"
+    # A version is one stitch: a cost cap beside it is named, not blamed on a stitch_id.
+    body["parameters"] = {"max_gflops": 1.0}
+    r = httpx.post(f"{server.url}/v2/models/{MODEL}/versions/0/infer", json=body, timeout=30)
+    assert r.status_code == 422 and "max_gflops with version 0 in the path" in r.json()["error"]
+    # An encoded image in the binary extension without its 4-byte length says the layout.
+    png = held_out[0][0]
+    head = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(png)}}]}).encode()  # fmt: skip
+    r = httpx.post(
+        f"{server.url}/v2/models/{MODEL}/infer", content=head + png, timeout=30,
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )  # fmt: skip
+    assert r.status_code == 400 and "its length as 4 bytes, little-endian" in r.json()["error"]
 
 
 # -- gRPC ------------------------------------------------------------------------------------------
