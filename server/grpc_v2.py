@@ -261,7 +261,8 @@ def _document(request: pb.ModelInferRequest) -> tuple[dict, list[Any]]:
         elif t.datatype == "BYTES":
             data.append(list(t.contents.bytes_contents))
         else:
-            data.append(np.asarray(t.contents.fp32_contents, dtype=np.float32).tolist())
+            values = t.contents.fp32_contents  # (one pass; a list and back took 3x as long)
+            data.append(np.fromiter(values, dtype=np.float32, count=len(values)))
     outputs = []
     for o in request.outputs:
         p = {k: _param(v) for k, v in o.parameters.items()}

@@ -194,6 +194,29 @@ def test_a_preprocessed_fp32_tensor_gives_what_the_image_gives(client, held_out)
     )
 
 
+def test_a_large_json_body_is_answered_as_its_binary_form(client, server):
+    """Over 256 KB a JSON body is parsed in a worker thread (the event loop stays free)."""
+    import io
+
+    from PIL import Image
+
+    gen = np.random.default_rng(0)
+    pngs = []
+    for _ in range(2):  # noise compresses badly: ~200 KB each, ~540 KB of base64 JSON
+        buf = io.BytesIO()
+        Image.fromarray(gen.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(buf, "PNG")
+        pngs.append(buf.getvalue())
+    assert sum(len(p) for p in pngs) * 4 / 3 > 256 * 1024
+    by_json = client.infer(MODEL, [image_input(pngs, binary=False)], model_version="1")
+    by_binary = client.infer(MODEL, [image_input(pngs)], model_version="1")
+    np.testing.assert_allclose(
+        by_json.as_numpy("probabilities"), by_binary.as_numpy("probabilities"), atol=1e-6
+    )
+    body = {"images": [base64.b64encode(p).decode() for p in pngs], "stitch_id": 1}
+    r = httpx.post(f"{server.url}/classify", json=body, timeout=30)
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+
+
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
 def test_a_compressed_request_is_answered_as_the_plain_one(client, held_out, algorithm):
     """Triton's client compresses request bodies on request (Content-Encoding)."""
@@ -379,6 +402,40 @@ def test_a_grpc_deadline_caps_the_budget_and_an_abandoned_call_is_not_run_or_a_2
     abandoned = _count(after, "499") - _count(before, "499")
     assert sum(outcomes) == answered >= 2 and abandoned >= 1
     assert answered + abandoned == 6  # each call counted once, none as a 200 it was not
+
+
+def test_grpc_typed_contents_give_what_raw_contents_give(server, held_out):
+    """Clients other than Triton's (KServe's, Go's) send typed ``contents`` rather than
+    ``raw_input_contents``: encoded images as bytes_contents, a preprocessed tensor as
+    fp32_contents."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    pngs, _, x = held_out
+    tensor = ((x[:4] - 0.5) / 0.5).numpy().astype(np.float32)
+
+    def request(name, datatype, shape, **contents) -> pb.ModelInferRequest:
+        r = pb.ModelInferRequest(model_name=MODEL, model_version="2")
+        t = r.inputs.add(name=name, datatype=datatype, shape=shape)
+        for field, values in contents.items():
+            getattr(t.contents, field).extend(values)
+        return r
+
+    def probabilities(response) -> np.ndarray:
+        return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(4, 10)
+
+    with grpc.insecure_channel(server.grpc) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        by_image = stub.ModelInfer(request("image", "BYTES", [4], bytes_contents=pngs[:4]))
+        typed = request("input", "FP32", [4, 1, 28, 28], fp32_contents=tensor.reshape(-1).tolist())
+        by_tensor = stub.ModelInfer(typed)
+        raw = pb.ModelInferRequest(model_name=MODEL, model_version="2")
+        raw.inputs.add(name="input", datatype="FP32", shape=[4, 1, 28, 28])
+        raw.raw_input_contents.append(tensor.tobytes())
+        by_raw = stub.ModelInfer(raw)
+    np.testing.assert_allclose(probabilities(by_tensor), probabilities(by_raw), atol=1e-6)
+    np.testing.assert_allclose(probabilities(by_tensor), probabilities(by_image), atol=1e-3)
 
 
 def test_grpc_errors_carry_the_status_and_our_message(server, held_out):
