@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import sys
+import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -76,6 +80,33 @@ class RequestMetrics:
             self.metrics.request_seconds.labels(route, str(status)).observe(
                 time.perf_counter() - start
             )
+
+
+def _on_exit_signals(hook) -> Callable[[], None]:
+    """Call ``hook`` (then the handler already there: uvicorn's, which starts its HTTP drain) on
+    SIGTERM and SIGINT; returns what puts the handlers back. Only in the main thread, where a
+    server runs (signals cannot be handled elsewhere, e.g. an app under a test client)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(sig, frame) -> None:
+        hook()
+        previous = before[sig]
+        if callable(previous):
+            previous(sig, frame)
+        elif previous == signal.SIG_DFL:
+            signal.default_int_handler(sig, frame) if sig == signal.SIGINT else sys.exit(143)
+
+    for sig in before:
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, previous in before.items():
+            if signal.getsignal(sig) is handler:  # (uvicorn puts its originals back itself)
+                signal.signal(sig, previous)
+
+    return restore
 
 
 DOCS_ASSETS = "/docs-assets"
@@ -161,16 +192,36 @@ def create_app(settings: Settings | None = None, fronts: Fronts | None = None) -
             fronts.start()
             metrics.front_pids = fronts.pids  # their CPU and memory in /metrics
             supervising = asyncio.create_task(fronts.supervise())
-        yield
-        if fronts is not None:
-            # The fronts drain first: what they accepted still needs this process's model.
-            supervising.cancel()
-            await asyncio.to_thread(fronts.stop, settings.shutdown_grace_s)
+        draining: list[asyncio.Future] = []
+
+        def drain_the_others() -> None:
+            """Stop the gRPC endpoint and the fronts taking new requests and let them answer
+            what they accepted, at once and together, from the first SIGTERM or Ctrl-C: after
+            uvicorn's own HTTP drain, as before, they took new calls meanwhile, and the stages
+            one after another could outlast Kubernetes' grace period (a SIGKILL mid-drain)."""
+            if draining:
+                return
+            grace = settings.shutdown_grace_s
+            if fronts is not None:
+                supervising.cancel()
+                draining.append(asyncio.ensure_future(asyncio.to_thread(fronts.stop, grace)))
+            if grpc_server is not None:
+                draining.append(asyncio.ensure_future(grpc_server.stop(grace)))
+            draining.append(asyncio.ensure_future(asyncio.sleep(0)))  # (at least one: done)
+
+        loop = asyncio.get_running_loop()
+        restore = _on_exit_signals(lambda: loop.call_soon_threadsafe(drain_the_others))
+        try:
+            yield
+        finally:
+            restore()
+        drain_the_others()  # (also when the lifespan ends without a signal)
+        # Both still need this process's model: it drains last.
+        await asyncio.gather(*draining)
+        if channel is not None:
             channel.close()
         watching.cancel()
         controlling.cancel()
-        if grpc_server is not None:
-            await grpc_server.stop(settings.shutdown_grace_s)
         await life.shutdown()
 
     app = FastAPI(

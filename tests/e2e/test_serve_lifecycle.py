@@ -75,3 +75,50 @@ def test_a_signal_during_start_up_stops_the_server_at_once(tmp_path, sig):
     assert took < 10, f"took {took:.1f} s to stop"  # the profile alone would take minutes
     print(f"stopped {took:.2f} s after {sig.name}")
     assert not (tmp_path / "p.json").exists()  # nothing half-measured is kept
+
+
+def test_sigterm_stops_grpc_taking_calls_while_http_still_drains(tmp_path_factory, held_out):
+    """On SIGTERM the gRPC endpoint stops taking new calls at once, alongside uvicorn's HTTP
+    drain, not after it: a slow HTTP upload holds the drain open (up to SNNET_SHUTDOWN_GRACE_S)
+    and new gRPC calls are refused meanwhile; the stages run together, so a pod's grace period
+    bounds the whole stop."""
+    import socket
+
+    import numpy as np
+    import tritonclient.grpc as tgrpc
+    from tritonclient.utils import InferenceServerException
+
+    from tests._prometheus import free_port
+
+    grpc_port = free_port()
+    srv = Server({
+        "SNNET_PROFILE_CACHE": suite_profile_cache(tmp_path_factory),
+        "SNNET_GRPC_PORT": str(grpc_port), "SNNET_SHUTDOWN_GRACE_S": "20",
+    })  # fmt: skip
+    slow = None
+    try:
+        srv.wait_for("ready in")
+        slow = socket.create_connection(("127.0.0.1", srv.port))
+        client = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        image = tgrpc.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array(held_out[0][:1], dtype=np.object_))
+        client.infer("weights", [image])  # serving
+        # An upload that has sent its headers and a little of its body: uvicorn's drain waits.
+        slow.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"images\": [")  # fmt: skip
+        time.sleep(0.2)  # (the server has read it: nothing to wait on from here)
+        srv.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        refused = None
+        while refused is None and time.monotonic() < deadline:
+            try:
+                client.infer("weights", [image], client_timeout=5)
+            except InferenceServerException as e:
+                refused = e
+        assert refused is not None, "gRPC kept taking calls during the HTTP drain"
+        assert srv.proc.poll() is None  # the HTTP drain still waits on the upload
+        client.close()
+    finally:
+        if slow is not None:
+            slow.close()
+        srv.stop()
