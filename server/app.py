@@ -217,7 +217,9 @@ def create_app(settings: Settings | None = None, fronts: Fronts | None = None) -
             restore()
         drain_the_others()  # (also when the lifespan ends without a signal)
         # Both still need this process's model: it drains last.
-        await asyncio.gather(*draining)
+        for failed in await asyncio.gather(*draining, return_exceptions=True):
+            if isinstance(failed, BaseException):  # (the model still drains below)
+                log.error("stopping the gRPC endpoint or the fronts failed", exc_info=failed)
         if channel is not None:
             channel.close()
         watching.cancel()

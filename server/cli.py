@@ -46,7 +46,11 @@ def serve_settings(args: argparse.Namespace) -> Settings | None:
             f"SNNET_{name.upper()}: {msgs[0]}; {', or '.join(msgs[1:])}"
             for name, msgs in said.items()
         ]
-        if os.environ.get("SNNET_PORT", "").startswith("tcp://"):
+        if (
+            "port" in said
+            and "port" not in overrides
+            and os.environ.get("SNNET_PORT", "")[:6] == "tcp://"
+        ):
             lines.append(
                 "  (SNNET_PORT=tcp://... is what Kubernetes puts in a pod's environment for a "
                 "Service named snnet; set enableServiceLinks: false in the pod spec, as "
@@ -113,6 +117,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down
         code = 130
     lifecycle = app.state.lifecycle
+    if lifecycle.engine is not None:
+        # A second Ctrl-C makes uvicorn exit without the lifespan's drain: the model process
+        # (which ignores signals: only this one ends it) then kept the interpreter's exit
+        # waiting on it for ever. Closing it again after a drain does nothing.
+        lifecycle.engine.runner.close()
     if lifecycle.cancel.is_set() and lifecycle.engine is None:
         # Ctrl-C during start-up: uvicorn re-raises it only if the event loop's task is still
         # running when it does, so it came back as a normal return and the exit code was 0; a

@@ -129,6 +129,14 @@ class Engine:
             (m.budget_met if met else m.budget_missed).inc()
         return met
 
+    def record_unanswered(self, plan: Plan) -> None:
+        """An admitted request whose client went away after its budget ran out (a gRPC call's
+        deadline passed while it waited): a miss, like an answer that came too late."""
+        if plan.best_effort:
+            self.metrics.best_effort.labels("missed").inc()
+        else:
+            self.metrics.budget_missed.inc()
+
     def step_controller(self, now: float) -> None:
         """One controller iteration: read the metrics, update, publish the state."""
         c, m = self.controller, self.metrics

@@ -137,6 +137,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         arrived = time.monotonic()
         status, start = 200, time.perf_counter()
         metrics = self.life.metrics
+        plan: Plan | None = None
         try:
             engine, pinned = self._model(request.model_name, request.model_version)
             engine.metrics.arrivals.inc()
@@ -156,9 +157,13 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             result = await result_of(engine, req, pending)
             tensors, params = answer_tensors(engine, req, wanted, plan, result, arrived)
         except asyncio.CancelledError:
-            # The client went away (its deadline passed, or it cancelled): its queued batch
-            # leaves the queue (``Scheduler.submit``), and it is counted apart, not as a 200.
+            # The client went away (its deadline passed, or it cancelled; or the server's own
+            # grace period ran out as it stopped): its queued batch leaves the queue
+            # (``Scheduler.submit``), and it is counted apart, not as a 200; after its budget
+            # ran out, as a missed budget too.
             status = CANCELLED
+            if plan is not None and (time.monotonic() - arrived) * 1e3 >= plan.budget_ms:
+                engine.record_unanswered(plan)
             raise
         except Refusal as e:
             status = e.status
@@ -222,7 +227,9 @@ def _within_deadline(
     remaining = context.time_remaining()
     if remaining is None:
         return req, None
-    left_ms = remaining * 1e3 + (time.monotonic() - arrived) * 1e3  # from arrival, as budgets
+    # From arrival, as budgets count. Less 1%: gRPC rounds a timeout up as it sends it (a 2 s
+    # one read 2.007-2.010 s here), and a budget past the client's deadline is no use.
+    left_ms = 0.99 * remaining * 1e3 + (time.monotonic() - arrived) * 1e3
     if remaining <= 0:
         raise Refusal(504, "the call's deadline passed before the request was read")
     budget = req.options.latency_budget_ms or engine.settings.default_budget_ms

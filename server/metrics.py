@@ -182,6 +182,12 @@ class Metrics:
         # needs idle, a stitch it does not have, ...), which say what clients expect of it.
         self.shed_tally, self.refused_tally = Tally("shed", 503), Tally("refused", 422)
         self.queue_depth = Gauge("snnet_queue_depth", "Images waiting for the model", registry=r)
+        self.withdrawn = Counter(
+            "snnet_withdrawn_images",
+            "Images taken out of the queue unrun because their client went away (a gRPC call "
+            "cancelled, or its deadline passed, while it waited)",
+            registry=r,
+        )
         self.queue_predicted_wait = Gauge(
             "snnet_queue_predicted_wait_seconds", "Predicted wait of a new request behind the current queue",
             registry=r,

@@ -97,40 +97,66 @@ async def read_body(request: Request, limit: int) -> bytes:
     encoding = request.headers.get("content-encoding")
     if encoding is None or encoding.strip().lower() in ("", "identity"):
         return body
-    if len(body) <= INLINE_INFLATE_BYTES:
-        return inflate(body, encoding, limit)
-    return await asyncio.to_thread(inflate, body, encoding, limit)
-
-
-INLINE_INFLATE_BYTES = 64 * 1024  # larger compressed bodies are inflated in a worker thread
-INLINE_PARSE_BYTES = 256 * 1024  # larger JSON bodies are parsed in a worker thread
+    inflater = _inflater(encoding)
+    # What inflates to little is inflated here; the rest in a worker thread (20 KB of gzip can
+    # inflate to 20 MB: 60 ms that would hold every other request).
+    out = _inflate_step(inflater, body, INLINE_PARSE_BYTES)
+    if inflater.eof and not inflater.unused_data and len(out) <= limit:
+        return out
+    return await asyncio.to_thread(_inflate_rest, inflater, out, encoding, limit)
 
 
 def inflate(body: bytes, encoding: str, limit: int) -> bytes:
     """A body sent with ``Content-Encoding: gzip`` or ``deflate`` (Triton's clients offer both),
-    decompressed to at most ``limit`` bytes (a small body can inflate to gigabytes).
+    decompressed to at most ``limit`` bytes (a small body can inflate to gigabytes); several
+    gzip members (pigz, files joined) are one body, as gzip reads them.
 
     Raises:
         Refusal: 415 for another encoding, 400 for data that is not what it says, 413 over the
             limit once decompressed.
     """
-    name = encoding.strip().lower()
-    if name not in ("gzip", "x-gzip", "deflate"):
+    inflater = _inflater(encoding)
+    return _inflate_rest(inflater, _inflate_step(inflater, body, limit + 1), encoding, limit)
+
+
+def _inflater(encoding: str):
+    if encoding.strip().lower() not in ("gzip", "x-gzip", "deflate"):
         raise Refusal(
             415,
             f"Content-Encoding {encoding!r} not supported; send the body uncompressed, or as gzip "
             "or deflate",
         )
-    inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)  # a gzip or a zlib header, either
+    return zlib.decompressobj(32 + zlib.MAX_WBITS)  # a gzip or a zlib header, either
+
+
+def _inflate_step(inflater, data: bytes, most: int) -> bytes:
     try:
-        out = inflater.decompress(body, limit + 1)
+        return inflater.decompress(data, most)
     except zlib.error as e:
-        raise Refusal(400, f"the request body is not valid {name} data: {e}") from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise Refusal(413, f"the request body decompresses to over the limit of {limit} bytes")
-    if not inflater.eof:
-        raise Refusal(400, f"the request body's {name} data ends early")
-    return out
+        raise Refusal(400, f"the request body is not valid compressed data: {e}") from None
+
+
+def _inflate_rest(inflater, out: bytes, encoding: str, limit: int) -> bytes:
+    """Go on from ``out`` to the end of the body, member after member."""
+    parts, size = [out], len(out)
+    while True:
+        if size > limit:
+            raise Refusal(413, f"the request body decompresses to over the limit of {limit} bytes")
+        if inflater.unconsumed_tail:  # stopped at ``most``: more of this member
+            more = _inflate_step(inflater, inflater.unconsumed_tail, limit + 1 - size)
+        elif not inflater.eof:
+            raise Refusal(400, f"the request body's {encoding.strip()} data ends early")
+        elif inflater.unused_data:  # another member follows
+            rest = inflater.unused_data
+            inflater = _inflater(encoding)
+            more = _inflate_step(inflater, rest, limit + 1 - size)
+        else:
+            return b"".join(parts)
+        parts.append(more)
+        size += len(more)
+
+
+INLINE_PARSE_BYTES = 256 * 1024  # larger JSON bodies are parsed (and inflated) in a worker thread
 
 
 def b64decode(text: str) -> bytes:

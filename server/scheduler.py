@@ -85,6 +85,7 @@ class _Job:
     enqueued: float
     future: asyncio.Future = field(repr=False)
     loop: asyncio.AbstractEventLoop = field(repr=False)
+    withdrawn: bool = False  # taken out of its queue unrun: its client went away
 
     @property
     def n(self) -> int:
@@ -148,7 +149,7 @@ class Scheduler:
         self._ratio = {False: 1.0, True: 1.0}
         self._cold_at_rest = 1.0  # the cold ratio measured at start-up, on a quiet machine
         self.direct_batches = 0  # sent to the model process by the event loop (``submit``)
-        self.withdrawn = 0  # queued jobs taken out unrun: their client went away
+        self.holding: _Job | None = None  # the head whose batch is held open (tests read it)
         self._thread: threading.Thread | None = None
 
     # -- prediction ---------------------------------------------------------------------------
@@ -285,10 +286,6 @@ class Scheduler:
             direct = self._direct_locked(job)
             if not direct:
                 self._enqueue_locked(job)
-                # A request whose client went away (a gRPC deadline or cancel cancels its
-                # future) leaves the queue: its batch would be work nobody waits for, and the
-                # planner would count it ahead of every request still waiting.
-                job.future.add_done_callback(lambda fut: fut.cancelled() and self._withdraw(job))
         if direct:
             try:
                 sent = self._dispatch(job)
@@ -304,11 +301,16 @@ class Scheduler:
         return job.future
 
     def _enqueue_locked(self, job: _Job) -> None:
+        """Queue ``job`` (on the event loop's thread)."""
         # Each queue in deadline order: batches take the most urgent jobs of their stitch.
         bisect.insort(self._queues[job.stitch], job, key=lambda j: j.order)
         self._queued += job.n
         self.metrics.queue_depth.set(self._queued)
         self._cv.notify_all()
+        # A request whose client went away (a gRPC deadline or cancel cancels its future)
+        # leaves the queue: its batch would be work nobody waits for, and the planner would
+        # count it ahead of every request still waiting.
+        job.future.add_done_callback(lambda fut: fut.cancelled() and self._withdraw(job))
 
     def _withdraw(self, job: _Job) -> None:
         """Take a cancelled job out of its queue, if no batch has taken it yet."""
@@ -318,9 +320,11 @@ class Scheduler:
             if i is None:
                 return
             del q[i]
+            job.withdrawn = True
             self._queued -= job.n
             self.metrics.queue_depth.set(self._queued)
-            self.withdrawn += 1
+            self.metrics.withdrawn.inc(job.n)
+            self._cv.notify_all()  # a batch held open for it is not held any more
 
     def _direct_locked(self, job: _Job) -> bool:
         """Whether ``job`` runs from the event loop now (see ``submit``); if so, the model is
@@ -413,15 +417,20 @@ class Scheduler:
             hold_until = head.enqueued + self.max_wait_s
             slack = head.deadline - self.latency.predict_ms(head.stitch, self.max_batch) / 1e3
             hold_until = min(hold_until, slack)
-            while not self._stopping and sum(j.n for j in q) < self.max_batch:
+            self.holding = head
+            while (
+                not self._stopping and not head.withdrawn and sum(j.n for j in q) < self.max_batch
+            ):
                 remaining = hold_until - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cv.wait(remaining)
-            if q and q[0] is head:
+            self.holding = None
+            if not head.withdrawn:
                 break
             # (its client went away while the batch was held open: choose again)
-        batch, images = [q.popleft()], head.n
+        first = q.popleft()  # (the head, or one of its stitch due sooner that came meanwhile)
+        batch, images = [first], first.n
         while q and images + q[0].n <= self.max_batch:
             images += q[0].n
             batch.append(q.popleft())

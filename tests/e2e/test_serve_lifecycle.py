@@ -106,7 +106,13 @@ def test_sigterm_stops_grpc_taking_calls_while_http_still_drains(tmp_path_factor
         # An upload that has sent its headers and a little of its body: uvicorn's drain waits.
         slow.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 1000\r\n\r\n{\"images\": [")  # fmt: skip
-        time.sleep(0.2)  # (the server has read it: nothing to wait on from here)
+        for _ in range(200):  # until the server holds it (the controller loop publishes it)
+            metrics = httpx.get(f"{srv.url}/metrics").text
+            if "\nsnnet_http_backlog 1.0" in metrics:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the upload never showed in snnet_http_backlog")
         srv.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
         refused = None
@@ -118,6 +124,32 @@ def test_sigterm_stops_grpc_taking_calls_while_http_still_drains(tmp_path_factor
         assert refused is not None, "gRPC kept taking calls during the HTTP drain"
         assert srv.proc.poll() is None  # the HTTP drain still waits on the upload
         client.close()
+    finally:
+        if slow is not None:
+            slow.close()
+        srv.stop()
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path_factory):
+    """The first Ctrl-C drains (here held open by an upload that never ends); a second one
+    exits now, model process included (it ignores signals: only the server ends it)."""
+    import socket
+
+    srv = Server({"SNNET_PROFILE_CACHE": suite_profile_cache(tmp_path_factory)})
+    slow = None
+    try:
+        srv.wait_for("ready in")
+        slow = socket.create_connection(("127.0.0.1", srv.port))
+        slow.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{")  # fmt: skip
+        for _ in range(200):  # until the server holds it
+            if "\nsnnet_http_backlog 1.0" in httpx.get(f"{srv.url}/metrics").text:
+                break
+            time.sleep(0.05)
+        srv.proc.send_signal(signal.SIGINT)
+        srv.wait_for("Waiting for connections to close")
+        srv.proc.send_signal(signal.SIGINT)
+        srv.proc.wait(30)  # (it waited for ever on the model process)
     finally:
         if slow is not None:
             slow.close()

@@ -215,6 +215,13 @@ def test_a_large_json_body_is_answered_as_its_binary_form(client, server):
     body = {"images": [base64.b64encode(p).decode() for p in pngs], "stitch_id": 1}
     r = httpx.post(f"{server.url}/classify", json=body, timeout=30)
     assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+    # Inflated past 256 KB, in the worker thread too.
+    import gzip
+
+    packed = gzip.compress(json.dumps(body).encode())
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    again = httpx.post(f"{server.url}/classify", content=packed, headers=headers, timeout=30)
+    assert again.status_code == 200 and again.json()["predictions"] == r.json()["predictions"]
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
@@ -369,10 +376,17 @@ def test_a_grpc_deadline_caps_the_budget_and_an_abandoned_call_is_not_run_or_a_2
     with tgrpc.InferenceServerClient(server.grpc) as c:
         image = tgrpc.InferInput("image", [len(pngs)], "BYTES")
         image.set_data_from_numpy(np.array(pngs, dtype=np.object_))
+        c.infer(MODEL, [image])  # (a warm channel: its deadline arrives nearly whole)
         # An answer after the call's deadline reaches nobody: the deadline is the budget.
         r = c.infer(MODEL, [image], parameters={"latency_budget_ms": 10_000}, client_timeout=2.0)
         budget = r.get_response().parameters["latency_budget_ms"].double_param
         assert 1500 < budget <= 2000
+        # One below what the request needs is refused at once, naming the deadline: 16 digits
+        # on the most accurate stitch (two batches of 8, 30+ ms each here) in 30 ms.
+        with pytest.raises(InferenceServerException) as e:
+            c.infer(MODEL, [image], model_version=str(best["id"]), client_timeout=0.03)
+        assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "this budget is the call's deadline" in e.value.message()
         # Calls cancelled while queued behind others: taken out of the queue, counted as 499.
         before = httpx.get(f"{server.url}/metrics").text
         done, lock, calls = threading.Event(), threading.Lock(), []
@@ -402,6 +416,15 @@ def test_a_grpc_deadline_caps_the_budget_and_an_abandoned_call_is_not_run_or_a_2
     abandoned = _count(after, "499") - _count(before, "499")
     assert sum(outcomes) == answered >= 2 and abandoned >= 1
     assert answered + abandoned == 6  # each call counted once, none as a 200 it was not
+
+    def value(metrics: str, name: str) -> float:
+        return float(metrics.split(f"\n{name} ")[1].split()[0])
+
+    ran = value(after, "snnet_batch_size_sum") - value(before, "snnet_batch_size_sum")
+    withdrawn = value(after, "snnet_withdrawn_images_total") - value(
+        before, "snnet_withdrawn_images_total"
+    )
+    assert withdrawn >= 16 and ran + withdrawn == 6 * 16  # what left the queue never ran
 
 
 def test_grpc_typed_contents_give_what_raw_contents_give(server, held_out):

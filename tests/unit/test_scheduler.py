@@ -159,32 +159,62 @@ def test_a_request_whose_client_went_away_leaves_the_queue_unrun(digits):
     (first, last), view = asyncio.run(scenario())
     sched.stop()
     assert view.counts == {3: 2, 7: 2} and view.ahead_ms == pytest.approx(40.0)
-    assert (first.stitch, last.stitch) == (3, 7) and sched.withdrawn == 1
+    assert (first.stitch, last.stitch) == (3, 7)
     reg = sched.metrics.registry
+    assert reg.get_sample_value("snnet_withdrawn_images_total") == 2
     assert reg.get_sample_value("snnet_batch_size_sum") == 4  # stitch 5's two never ran
     assert reg.get_sample_value("snnet_queue_depth") == 0
 
 
 def test_a_batch_held_open_whose_head_goes_away_is_chosen_again(digits):
     _, sched, _ = make(lambda s, b: 1.0)
-    sched.max_wait_s = 0.3  # the worker holds a batch of one open for more of its stitch
+    sched.max_wait_s = 30.0  # the worker holds a batch of one open for more of its stitch
     x = digits[0][:1]
 
     async def scenario():
         now = time.monotonic()
         sched.start()
         gone = sched.submit(x, 3, now + 60, now)
-        await asyncio.sleep(0.05)  # the worker holds stitch 3's batch open
+        while sched.holding is None:  # the worker holds stitch 3's batch open
+            await asyncio.sleep(0.001)
         gone.cancel()
         await asyncio.sleep(0)
         now = time.monotonic()
-        return await sched.submit(x, 4, now + 60, now)
+        # Due in 0.5 s (its own hold ends before that): answered then, not after the gone
+        # head's 30 s hold, as the worker chooses again without it.
+        return await asyncio.wait_for(sched.submit(x, 4, now + 0.5, now), 10)
 
-    result = asyncio.run(scenario())
+    result = asyncio.run(asyncio.wait_for(scenario(), 20))
     sched.stop()
-    assert result.stitch == 4 and sched.withdrawn == 1
+    assert result.stitch == 4
     reg = sched.metrics.registry
+    assert reg.get_sample_value("snnet_withdrawn_images_total") == 1
     assert reg.get_sample_value("snnet_batch_size_sum") == 1  # stitch 3's never ran
+
+
+def test_a_job_due_sooner_that_joins_a_held_batch_does_not_extend_the_hold(digits):
+    """The hold is the first head's: one of its stitch due sooner leads the batch but does not
+    start a new wait."""
+    _, sched, _ = make(lambda s, b: 1.0)
+    sched.max_wait_s = 1.0
+    x = digits[0][:1]
+
+    async def scenario():
+        now = time.monotonic()
+        sched.start()
+        first = sched.submit(x, 3, now + 60, now)
+        while sched.holding is None:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.5)
+        now = time.monotonic()
+        sooner = sched.submit(x, 3, now + 30, now)
+        t0 = time.monotonic()
+        return await asyncio.wait_for(asyncio.gather(first, sooner), 10), time.monotonic() - t0
+
+    (a, b), waited = asyncio.run(scenario())
+    sched.stop()
+    assert a.batch_size == b.batch_size == 2
+    assert waited < 0.9  # the rest of the first 1 s (0.5 s), not a new 1 s
 
 
 def test_the_model_is_idle_again_before_the_answer_arrives(digits):
