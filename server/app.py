@@ -193,21 +193,22 @@ def create_app(settings: Settings | None = None, fronts: Fronts | None = None) -
             metrics.front_pids = fronts.pids  # their CPU and memory in /metrics
             supervising = asyncio.create_task(fronts.supervise())
         draining: list[asyncio.Future] = []
+        began = []  # (once: the first signal, or the lifespan's end)
 
         def drain_the_others() -> None:
             """Stop the gRPC endpoint and the fronts taking new requests and let them answer
             what they accepted, at once and together, from the first SIGTERM or Ctrl-C: after
             uvicorn's own HTTP drain, as before, they took new calls meanwhile, and the stages
             one after another could outlast Kubernetes' grace period (a SIGKILL mid-drain)."""
-            if draining:
+            if began:
                 return
+            began.append(True)
             grace = settings.shutdown_grace_s
             if fronts is not None:
                 supervising.cancel()
                 draining.append(asyncio.ensure_future(asyncio.to_thread(fronts.stop, grace)))
             if grpc_server is not None:
                 draining.append(asyncio.ensure_future(grpc_server.stop(grace)))
-            draining.append(asyncio.ensure_future(asyncio.sleep(0)))  # (at least one: done)
 
         loop = asyncio.get_running_loop()
         restore = _on_exit_signals(lambda: loop.call_soon_threadsafe(drain_the_others))

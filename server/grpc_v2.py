@@ -6,8 +6,9 @@ Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata,
 ModelInfer (the others answer UNIMPLEMENTED). A shed request is ``UNAVAILABLE``, bad input
 ``INVALID_ARGUMENT``, over the size limits ``RESOURCE_EXHAUSTED``, an unknown model or version
 ``NOT_FOUND``, a missing API key ``UNAUTHENTICATED``. A call's deadline caps its budget; a call
-cancelled (or expired) while it waits leaves the queue and is counted with status 499. The message classes come from Triton's client package
-(``tritonclient.grpc``), generated from the protocol's own ``grpc_service.proto``.
+cancelled (or expired) while it waits leaves the queue and is counted with status 499. The
+message classes come from Triton's client package (``tritonclient.grpc``), generated from the
+protocol's own ``grpc_service.proto``.
 """
 
 from __future__ import annotations
@@ -227,11 +228,11 @@ def _within_deadline(
     remaining = context.time_remaining()
     if remaining is None:
         return req, None
+    if remaining <= 0:
+        raise Refusal(504, "the call's deadline passed before the request was read")
     # From arrival, as budgets count. Less 1%: gRPC rounds a timeout up as it sends it (a 2 s
     # one read 2.007-2.010 s here), and a budget past the client's deadline is no use.
     left_ms = 0.99 * remaining * 1e3 + (time.monotonic() - arrived) * 1e3
-    if remaining <= 0:
-        raise Refusal(504, "the call's deadline passed before the request was read")
     budget = req.options.latency_budget_ms or engine.settings.default_budget_ms
     if left_ms >= budget:
         return req, None
