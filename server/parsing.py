@@ -74,13 +74,25 @@ async def parse_classify(request: Request, settings: Settings, num_classes: int)
         )
     if len(req.images) > limit:
         raise Refusal(422, f"{len(req.images)} images; at most {limit} per request")
-    if req.options.top_k > num_classes:
-        raise Refusal(
-            422,
-            f"top_k={req.options.top_k} but the model has {num_classes} classes; allowed: "
-            f"1..{num_classes}",
-        )
-    return replace(req, max_pixels=settings.max_image_pixels)
+    options = fit_top_k(req.options, num_classes)
+    return replace(req, options=options, max_pixels=settings.max_image_pixels)
+
+
+def fit_top_k(options: ClassifyOptions, num_classes: int) -> ClassifyOptions:
+    """The options with the default top_k (5) cut to the class count: a model of 3 classes
+    refused every request that gave none. A top_k asked for over it is a 422.
+
+    Raises:
+        Refusal: 422, a top_k given over the class count.
+    """
+    if options.top_k <= num_classes:
+        return options
+    if "top_k" not in options.model_fields_set:
+        return options.model_copy(update={"top_k": num_classes})
+    raise Refusal(
+        422,
+        f"top_k={options.top_k} but the model has {num_classes} classes; allowed: 1..{num_classes}",
+    )
 
 
 async def read_body(request: Request, limit: int) -> bytes:

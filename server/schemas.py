@@ -44,7 +44,12 @@ class ClassifyOptions(BaseModel):
     max_gflops: float | None = Field(
         None, gt=0, description="The most accurate stitch costing at most this many GFLOPs."
     )
-    top_k: int = Field(5, ge=1, description="Predictions per image (at most the class count).")
+    top_k: int = Field(
+        5,
+        ge=1,
+        description="Predictions per image: at most the class count (left out: 5, or the class "
+        "count if fewer).",
+    )
     policy: Policy | None = Field(
         None,
         description="adaptive (the default). The baselines static, most_accurate and cheapest "

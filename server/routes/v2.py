@@ -45,6 +45,7 @@ from ..parsing import (
     INLINE_PARSE_BYTES,
     ClassifyRequest,
     b64decode,
+    fit_top_k,
     read_body,
     validation_message,
 )
@@ -365,11 +366,7 @@ def build_request(
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise Refusal(400, '"parameters" must be an object')
-    options = _options(params, pinned)
-    if options.top_k > engine.net.num_classes:
-        raise Refusal(
-            422, f"top_k={options.top_k} but the model has {engine.net.num_classes} classes"
-        )
+    options = fit_top_k(_options(params, pinned), engine.net.num_classes)
     names = [spec.get("name") for spec in doc["inputs"]]
     if len(set(names)) != len(names):
         raise Refusal(400, f"inputs {names}: each input may appear once")

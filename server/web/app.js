@@ -373,8 +373,7 @@ function form(image, copies, budget) {
   const body = new FormData();
   for (let i = 0; i < copies; i++) body.append("image", image.blob, image.name);
   if (budget) body.append("latency_budget_ms", String(budget));
-  body.append("top_k", "3");
-  return body;
+  return body;  // (top_k: the server's default, at most the model's classes; 3 are shown)
 }
 
 function showError({ title, detail }) {
@@ -394,7 +393,7 @@ function showError({ title, detail }) {
 function showAnswer(answer, roundTripMs) {
   const box = $("answer");
   box.replaceChildren();
-  answer.predictions[0].forEach((p, i) => {
+  answer.predictions[0].slice(0, 3).forEach((p, i) => {
     const line = el("div", { class: i === 0 ? "pred top" : "pred" });
     const bar = el("div", { class: "bar" });
     bar.style.width = `${Math.max(1, 100 * p.score)}%`;

@@ -677,3 +677,35 @@ def test_a_flat_image_counts_its_pixels_in_the_http_cost_it_is_planned_with(clie
     assert "sized 45000 bytes" in refused(compute + 0.01)
     r = client.post("/classify", files={"image": ("flat.png", flat, "image/png")})
     assert r.status_code == 200
+
+
+def test_a_model_of_fewer_classes_than_the_default_top_k_answers_without_one(tmp_path, digit_png):
+    """top_k left out is 5, or the class count if fewer: a 3-class model refused every
+    request that gave none (the page's, Triton's clients'); one asked for over it is a 422."""
+    from tests.conftest import TINY_ANCHORS, TINY_OVERRIDES
+
+    torch.manual_seed(0)
+    overrides = [{**o, "num_classes": 3} for o in TINY_OVERRIDES]
+    net = snnet_core.build_snnet(TINY_ANCHORS, overrides=overrides)
+    snnet_core.save(net, tmp_path / "three", snnet_core.new_manifest(net, labels=["a", "b", "c"]))
+    settings = Settings(
+        weights=tmp_path / "three", profile_repeats=1, worker="thread",
+        profile_cache=tmp_path / "p.json",
+    )  # fmt: skip
+    app = create_app(settings)
+    app.state.lifecycle.start()
+    try:
+        c = TestClient(app)
+        r = c.post("/classify", files=[("image", ("a.png", digit_png, "image/png"))])
+        assert r.status_code == 200, r.text
+        assert {p["label"] for p in r.json()["predictions"][0]} == {"a", "b", "c"}
+        r = c.post("/classify", json={"image": base64.b64encode(digit_png).decode(), "top_k": 4})
+        assert r.status_code == 422 and "top_k=4 but the model has 3 classes" in r.text
+        doc = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                           "data": [base64.b64encode(digit_png).decode()]}]}  # fmt: skip
+        r = c.post("/v2/models/three/infer", json=doc)
+        assert r.status_code == 200, r.text
+        labels = next(o for o in r.json()["outputs"] if o["name"] == "labels")
+        assert labels["shape"] == [1, 3]
+    finally:
+        app.state.lifecycle.stop()
