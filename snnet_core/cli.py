@@ -196,7 +196,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import save
-    from .data import load_dataset
+    from .data import load_dataset, split_folder
     from .evaluate import evaluate
     from .train import TRAIN_STATE, TrainConfig, config_dict, train
 
@@ -252,7 +252,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     labels = getattr(data, "classes", None) or (
         [str(i) for i in range(net.num_classes)] if manifest is None else manifest.labels
     )
+    held = None
+    if args.eval_split:  # checked (and read) before hours of training, not after
+        if args.data != "mnist" and split_folder(args.data, args.eval_split) == split_folder(
+            args.data, args.train_split
+        ):
+            raise ValueError(
+                f"--eval-split {args.eval_split}: {args.data} holds its class folders directly "
+                f"(no {args.eval_split}/ beside {args.train_split}/), so it would score the "
+                f"images it trains on; give --data a folder with {args.train_split}/ and "
+                f"{args.eval_split}/ sub-folders, or leave --eval-split out and run `snnet eval` "
+                f"on a held-out folder"
+            )
+        held = load_dataset(args.data, args.eval_split, pre, training=False, labels=labels)
     resuming = args.resume and (Path(args.out) / TRAIN_STATE).is_file()
+    if args.resume and not resuming:
+        say(f"note: --resume, but {Path(args.out) / TRAIN_STATE} is not there: starting afresh")
     if manifest is None and not resuming:
         # Least-squares init from real training images (the same on every rank: seeded).
         t0 = time.perf_counter()
@@ -283,7 +298,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=device,
         resume=args.resume,
         progress=rank == 0,
-        settings={"data": args.data, "train_split": args.train_split, "augment": args.augment},
+        settings={
+            "data": args.data,
+            "train_split": args.train_split,
+            "augment": args.augment,
+            "input_size": list(net.input_size),
+        },  # fmt: skip
     )
     if rank != 0:
         return 0
@@ -291,8 +311,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     manifest.training = {
         "config": config_dict(cfg), "data": args.data, "augment": args.augment, "history": history,
     }  # fmt: skip
-    if args.eval_split:
-        held = load_dataset(args.data, args.eval_split, pre, training=False, labels=labels)
+    if held is not None:
         res = evaluate(net, held, norm, device=device, progress=True)
         for r in manifest.stitches:
             r["accuracy"] = round(res[r["id"]]["top1"], 2)

@@ -296,21 +296,30 @@ def load_dataset(
     if spec == "mnist":
         x, y = mnist_subset(split)
         return DigitsDataset(x, y, max_shift if training and augment != "none" else 0)
+    return image_folder(str(split_folder(spec, split)), data_config, training, labels, augment)
+
+
+def split_folder(spec: str, split: str):
+    """The folder an ImageFolder dataset's ``split`` reads: its sub-folder of that name, or the
+    path itself where it holds class folders directly.
+
+    Raises:
+        ValueError: not a directory, or it has split folders but not this one.
+    """
     from pathlib import Path
 
     root = Path(spec)
     if not root.is_dir():
         raise ValueError(f"dataset {spec!r} is neither 'mnist' nor a directory")
     if (root / split).is_dir():
-        root = root / split
-    else:
-        # A split that is not there fell back to the root, whose split folders then counted as
-        # two classes ("train", "val"), scored 9.75% without a word. (Folders named as splits
-        # only: a class folder may hold sub-folders of images.)
-        splits = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLITS)
-        if splits:
-            raise ValueError(
-                f"{spec} has no sub-folder {split!r} (it has: {', '.join(splits)}); name one "
-                f"of them as the split"
-            )
-    return image_folder(str(root), data_config, training, labels, augment)
+        return root / split
+    # A split that is not there fell back to the root, whose split folders then counted as two
+    # classes ("train", "val"), scored 9.75% without a word. (Folders named as splits only: a
+    # class folder may hold sub-folders of images.)
+    splits = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLITS)
+    if splits:
+        raise ValueError(
+            f"{spec} has no sub-folder {split!r} (it has: {', '.join(splits)}); name one of "
+            f"them as the split"
+        )
+    return root

@@ -301,11 +301,17 @@ def train(
                 f"number (got {world})"
             )
         pick.gen.set_state(state["stitch_rng"][rank])
+        began = {**state.get("config", {}), **state.get("settings", {})}
+        now = {**config_dict(cfg), **(settings or {})}
+        changed = [k for k in now if k in began and began[k] != now[k]]
+        if "input_size" in changed:  # (a ResNet takes any size: its weights load the same)
+            raise ValueError(
+                f"{state_path}: the run began at input size {began['input_size']}, this one is "
+                f"{now['input_size']}; resume with --input-size "
+                f"{','.join(map(str, began['input_size']))}"
+            )
         if rank == 0:
             print(f"resumed from {state_path} at epoch {start_epoch}", file=sys.stderr)
-            began = {**state.get("config", {}), **state.get("settings", {})}
-            now = {**config_dict(cfg), **(settings or {})}
-            changed = [k for k in now if k in began and began[k] != now[k]]
             if changed:  # (a state from before session 29 keeps neither: nothing to say)
                 print(
                     f"note: resuming with {', '.join(f'{k}={now[k]}' for k in changed)}, where "

@@ -105,7 +105,8 @@ def test_resume_continues_from_the_saved_epoch(small_train, tmp_path, capsys):
     train(full, small_train, TrainConfig(epochs=2, batch_size=50, lr=1e-3), tmp_path / "a", **kw)
     part = build_tiny(seed=2)
     cfg = TrainConfig(epochs=1, batch_size=50, lr=1e-3)
-    train(part, small_train, cfg, tmp_path / "b", settings={"augment": "no-flip"}, **kw)
+    began = {"augment": "no-flip", "input_size": [1, 28, 28]}
+    train(part, small_train, cfg, tmp_path / "b", settings=began, **kw)
     resumed = build_tiny(seed=99)  # weights come from the train state, not from this init
     capsys.readouterr()
     history = train(
@@ -114,7 +115,7 @@ def test_resume_continues_from_the_saved_epoch(small_train, tmp_path, capsys):
         TrainConfig(epochs=2, batch_size=50, lr=1e-3),
         tmp_path / "b",
         resume=True,
-        settings={"augment": "timm"},
+        settings={"augment": "timm", "input_size": [1, 28, 28]},
         **kw,
     )
     assert [h["epoch"] for h in history] == [1, 2]
@@ -126,6 +127,11 @@ def test_resume_continues_from_the_saved_epoch(small_train, tmp_path, capsys):
     )
     for k, v in full.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+    # Another input size (a ResNet's weights load whatever the size; a resume without
+    # --input-size trained at 224 where the run began at 64): an error naming the size.
+    with pytest.raises(ValueError, match=r"began at input size \[1, 28, 28\], this one is \[1, 32"):
+        train(build_tiny(seed=2), small_train, TrainConfig(epochs=3, batch_size=50, lr=1e-3),
+              tmp_path / "b", resume=True, settings={"input_size": [1, 32, 32]}, **kw)  # fmt: skip
     # Another net's train state in that folder: an error that says so, not a page of "size
     # mismatch" lines
     wider = [{**o, "embed_dim": o["embed_dim"] + 8} for o in TINY_OVERRIDES]
@@ -358,3 +364,37 @@ def test_fine_tuning_on_a_folder_of_some_classes_keeps_the_checkpoints_labels(tm
     assert manifest.labels == [str(c) for c in range(10)]
     assert manifest.training["data"] == str(tmp_path / "digits")
     assert manifest.training["augment"] == "no-flip"  # (digits: never mirrored)
+
+
+def test_an_eval_split_that_would_score_the_training_images_or_is_not_there_stops_before_training(
+    tmp_path,
+):
+    """A folder of class folders (no train/ and val/) given --eval-split val was "evaluated" on
+    the images it trained on, and the server ranked stitches by those figures; a misspelt split
+    was found only after the whole training, with nothing saved. Both now stop before the first
+    epoch; --resume with no train state says it starts afresh."""
+    from PIL import Image
+
+    snnet_core.save(build_tiny(seed=3), tmp_path / "ckpt")
+    x, y = mnist_subset("train")
+    for i in range(0, 400, 7):
+        for root in ("flat", "split/train", "split/val"):
+            d = tmp_path / root / str(int(y[i]))
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((x[i, 0].numpy() * 255).round().astype("uint8"), "L").save(
+                d / f"{i}.png"
+            )
+    common = ["train", "--weights", str(tmp_path / "ckpt"), "--epochs", "1", "--batch-size", "50"]
+    out = tmp_path / "out"
+    proc = snnet(*common, "--data", str(tmp_path / "flat"), "--eval-split", "val",
+                 "--out", str(out), check=False)  # fmt: skip
+    assert proc.returncode != 0 and "so it would score the images it trains on" in proc.stderr
+    assert "epoch" not in proc.stderr and not out.exists()  # before any training
+    proc = snnet(*common, "--data", str(tmp_path / "split"), "--eval-split", "test",
+                 "--out", str(out), check=False)  # fmt: skip
+    assert proc.returncode != 0 and "has no sub-folder 'test' (it has: train, val)" in proc.stderr
+    assert not out.exists()
+    proc = snnet(*common, "--data", str(tmp_path / "split"), "--out", str(out), "--resume")
+    assert f"note: --resume, but {out / 'train_state.pt'} is not there: starting afresh" in (
+        proc.stderr
+    )
