@@ -772,10 +772,13 @@ def eligible_dtypes(manifest: Manifest, device: torch.device) -> tuple[list[str]
         if name == "float16" and device.type != "cuda":
             continue
         acc = by_dtype.get(name, {})
-        if not set(acc) >= every or not set(reference) >= every:
+        missing = [d for d, a in ((name, acc), ("float32", reference)) if not set(a) >= every]
+        if missing:
             why.append(
-                f"{name} is not: the checkpoint lacks its held-out accuracy, or float32's, for "
-                f"some stitch; `snnet eval --dtype {name} --write` records it"
+                f"{name} is not: the checkpoint lacks {' and '.join(missing)} held-out accuracy "
+                f"for some stitch, on one split; "
+                + " then ".join(f"`snnet eval --dtype {d} --write`" for d in reversed(missing))
+                + " on the same data records it"
             )
             continue
         worst = max(reference[s] - acc[s] for s in every)

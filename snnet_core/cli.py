@@ -316,7 +316,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         for r in manifest.stitches:
             r["accuracy"] = round(res[r["id"]]["top1"], 2)
             r["top5"] = round(res[r["id"]]["top5"], 2)
-        manifest.evaluation = {"dataset": args.data, "split": args.eval_split, "images": len(held)}
+        # (float32's top-1 on record: `snnet eval --dtype bfloat16 --write` on the same split
+        # then lets the server weigh bfloat16 against it)
+        _record_evaluation(manifest, args.data, args.eval_split, len(held), "float32", res)
     save(net, args.out, manifest)
     print(f"saved {args.out}", file=sys.stderr)
     if args.eval_split:  # what the training came to (it printed only "saved")

@@ -233,7 +233,12 @@ def test_train_command_writes_a_servable_checkpoint(tmp_path):
     assert "stitching layers least-squares initialised from" in proc.stderr
     net, manifest = snnet_core.load(tmp_path)
     assert manifest.training["config"]["sampling"] == "flops"
-    assert manifest.evaluation == {"dataset": "mnist", "split": "held_out", "images": 1000}
+    evaluation = dict(manifest.evaluation)
+    by_dtype = evaluation.pop("accuracy_by_dtype")
+    assert evaluation == {"dataset": "mnist", "split": "held_out", "images": 1000}
+    # float32's on record, as `snnet eval --write` records it: a later `snnet eval --dtype
+    # bfloat16 --write` on the same split is all the server needs to weigh bfloat16
+    assert by_dtype["float32"] == {str(s): a for s, a in manifest.accuracy().items()}
     assert len(manifest.accuracy()) == TINY_NUM_STITCHES
     assert (tmp_path / "train_state.pt").is_file()
     # and it says what the training came to: each stitch's held-out accuracy
