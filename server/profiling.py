@@ -192,6 +192,15 @@ def choose_profile(
     found = manifest.profile_for(fp)
     if found and _measured(found, sizes) >= everything:
         return StartProfile(found, "manifest", frozenset())
+    if found:  # (one `snnet profile --batch-sizes 1,8` wrote was passed over without a word)
+        lacking = sorted(set(sizes) - set(found.batch_sizes))
+        have, want = (",".join(map(str, b)) for b in (found.batch_sizes, sizes))
+        log.info(
+            "the manifest's profile for this device is not used: %s (`snnet profile "
+            "--batch-sizes %s` writes one that is, or serve with SNNET_PROFILE_BATCH_SIZES=%s)",
+            f"it lacks batch sizes {lacking} of the {want} served" if lacking
+            else "it lacks some stitches", want, have,
+        )  # fmt: skip
     cache = default_cache_path(s, manifest.weights_sha256)
     cached = _read_cache(cache, manifest.weights_sha256)
     mine = next((p for p in cached if p.fingerprint == fp), None)

@@ -428,3 +428,30 @@ def test_a_stitch_measured_while_the_cores_were_taken_is_measured_again(tiny_net
     start = choose_profile(settings, manifest, menu, fp, measure_later_slow, lambda: None)
     assert len(calls) == 2 * len(anchors)
     assert all(start.profile.latency_ms[a] == true_ms[a] for a in anchors)
+
+
+def test_a_manifest_profile_of_other_batch_sizes_is_passed_over_with_a_word(
+    tiny_net, tmp_path, caplog
+):
+    """`snnet profile --batch-sizes 1,8` writes a profile the server (serving 1,2,4,8) cannot
+    use: it measures, and now says why, and what would make it usable."""
+    from server.config import Settings
+    from server.profiling import choose_profile
+    from snnet_core.profile import LatencyProfile
+
+    manifest = snnet_core.new_manifest(tiny_net)
+    menu = StitchMenu.of(manifest.stitches)
+    fp = DeviceFingerprint.current(torch.device("cpu"), torch.float32)
+    rows = {s: {1: 1.0 + s, 8: 4.0 + s} for s in range(len(menu))}
+    manifest.profiles = [LatencyProfile(fp, [1, 8], rows, 3, 1)]
+    settings = Settings(profile_cache=tmp_path / "p.json", profile_seconds=0.0)
+    with caplog.at_level(logging.INFO, logger="snnet.profiling"):
+        start = choose_profile(settings, manifest, menu, fp, lambda s, b: dict.fromkeys(b, 1.0),
+                               lambda: None)  # fmt: skip
+    assert start.source != "manifest"
+    assert "the manifest's profile for this device is not used: it lacks batch sizes [2, 4] of " \
+        "the 1,2,4,8 served (`snnet profile --batch-sizes 1,2,4,8` writes one that is, or serve " \
+        "with SNNET_PROFILE_BATCH_SIZES=1,8)" in caplog.text  # fmt: skip
+    settings = Settings(profile_cache=tmp_path / "q.json", profile_batch_sizes=[1, 8])
+    start = choose_profile(settings, manifest, menu, fp, lambda s, b: {}, lambda: None)
+    assert start.source == "manifest"  # (and with those sizes, it is)
