@@ -200,9 +200,15 @@ class SNNet(nn.Module):
             raise ValueError(f"anchors disagree on input size (C, H, W): {sizes}")
         if config.input_size is not None:
             if fixed and tuple(config.input_size) != fixed[0]:
+                built = [a.name for a, size in zip(config.anchors, sizes, strict=True) if size]
                 raise ValueError(
                     f"config input_size {list(config.input_size)} differs from the anchors' "
-                    f"{list(fixed[0])}; leave it unset or give the anchors' size"
+                    f"{list(fixed[0])}; leave it unset or give the anchors' size. "
+                    f"{', '.join(built)} {'is' if len(built) == 1 else 'are'} built for one "
+                    f"size: give {'its' if len(built) == 1 else 'each'} own in --overrides "
+                    f'(a list, one object per anchor), e.g. {{"img_size": '
+                    f"{config.input_size[1]}}} (Swin also wants a window_size that divides its "
+                    f"stages' grids)"
                 )
             return tuple(config.input_size)
         if fixed:

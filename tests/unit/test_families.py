@@ -285,3 +285,17 @@ def test_bfloat16_on_cpu_runs_every_stitch(family_net, images):
                 assert out.dtype == torch.bfloat16 and torch.isfinite(out).all(), s
     finally:
         net.float()
+
+
+def test_an_input_size_a_fixed_size_anchor_was_not_built_for_says_how_to_build_it():
+    """ResNet takes --input-size; Swin is built for one size, and the error named neither the
+    anchor nor the override that shrinks it."""
+    with pytest.raises(ValueError) as e:
+        snnet_core.build_snnet("resnet18,swin_tiny_patch4_window7_224", input_size=(3, 64, 64))
+    assert "swin_tiny_patch4_window7_224 is built for one size: give its own in --overrides " \
+        '(a list, one object per anchor), e.g. {"img_size": 64}' in str(e.value)  # fmt: skip
+    net = snnet_core.build_snnet(
+        "resnet18,swin_tiny_patch4_window7_224", input_size=(3, 64, 64),
+        overrides=[{}, {"img_size": 64, "window_size": 2}],
+    )  # fmt: skip
+    assert net.input_size == (3, 64, 64) and len(net.stitches) == 8
