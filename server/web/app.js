@@ -108,7 +108,7 @@ function showMenu(menu) {
   const asked = Number(new URLSearchParams(location.search).get("burst_rate"));
   const best = menu.stitches.reduce((a, b) => (score(b) > score(a) ? b : a));
   ui.burstRate = asked > 0 ? asked : Math.round(Math.min(200, Math.max(20, 1000 / compute(best))));
-  $("burst-what").textContent = `up to ${ui.burstRate} requests/s of your digit at your ` +
+  $("burst-what").textContent = `up to ${ui.burstRate} requests/s of your image at your ` +
     `budget for ${BURST_S} s (at most 6 in flight: a browser's limit)`;
   $("budget-lo").textContent = `${fmtMs(ui.lo)} ms (fastest stitch)`;
   $("budget-hi").textContent = `${fmtMs(ui.hi)} ms (slowest \u00d7 3)`;
@@ -435,7 +435,7 @@ async function send() {
   try {
     const image = await currentImage();
     if (!image) {
-      showError({ title: "Nothing to classify", detail: "Draw a digit on the pad or choose an image file first." });
+      showError({ title: "Nothing to classify", detail: "Draw on the pad or choose an image file first." });
       $("answer").dataset.status = "none";
       return;
     }
@@ -526,7 +526,7 @@ async function burst() {
   const image = await currentImage();
   const out = $("burst-result");
   if (!image) {
-    out.textContent = "Draw a digit or choose an image file first: the burst sends it.";
+    out.textContent = "Draw on the pad or choose an image file first: the burst sends it.";
     return;
   }
   const { ms: budget, error } = budgetToSend();
