@@ -192,6 +192,7 @@ def test_a_batch_held_open_whose_head_goes_away_is_chosen_again(digits):
     assert reg.get_sample_value("snnet_batch_size_sum") == 1  # stitch 3's never ran
 
 
+@pytest.mark.timing  # (it times the hold: run alone, not beside a parallel suite)
 def test_a_job_due_sooner_that_joins_a_held_batch_does_not_extend_the_hold(digits):
     """The hold is the first head's: one of its stitch due sooner leads the batch but does not
     start a new wait."""
