@@ -18,7 +18,10 @@ front: ``("plan", rid, options, n, payload_bytes, arrived)`` then ``("run", rid,
 for large images (decoded only once admitted), or ``("admit", rid, options, n, payload_bytes,
 arrived, shape, data)`` for small ones (decoded first: one round trip instead of two), and
 ``("done", rid, status, ms, asked)`` (answered, or refused; rid -1 and not asked when refused
-before the owner was asked to plan it). The owner answers with ``("plan", rid, plan)``,
+before the owner was asked to plan it), and ``("gone", rid)`` when the HTTP client of a run or
+admit closed its connection before the answer (its images leave the queue if they still wait
+there, as with the owner's own requests; the owner still answers the run or admit, the front
+then counts status 499). The owner answers with ``("plan", rid, plan)``,
 ``("result", rid, result)`` (``(plan, result)`` for an admit) or ``("refused", rid, status,
 detail, retry_after_s)``.
 
@@ -26,11 +29,13 @@ Tensors cross by shared memory: each front maps an ``Arena`` (a file in /dev/shm
 owner maps too and then unlinks, announced first with ``("arena", -1, path, size)`` and
 acknowledged with ``("arena", -1, ok)``), writes a request's float32 images there, and sends
 their offset as ``data``; the owner queues a tensor over those very pages, with no copy, and
-the front frees them when the answer (or a refusal) comes back: by then the batch has run. For
+the front frees them when the answer (or a refusal) comes back: by then the batch has run, or
+the request has left the queue unrun. For
 a tensor under SHARED_MIN_BYTES, or when a front has no arena (no /dev/shm) or no room in it,
 ``data`` is the tensor's bytes. ``arrived`` is ``time.monotonic()`` in the front: on Linux the
 monotonic clock is one for every process. A front that dies loses only its own requests: the
-owner forgets its plans when its connection closes, and restarts it.
+owner forgets its plans when its connection closes (what of them still waits in the queue
+leaves it: nobody would read the answer), and restarts it.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ from fastapi.responses import JSONResponse, Response
 
 from .environ import environ_copy
 from .errors import Refusal
+from .routes.classify import CLIENT_GONE, GONE_DETAIL, client_went
 
 log = logging.getLogger("snnet.fronts")
 
@@ -135,12 +141,25 @@ class OwnerChannel:
                     task.add_done_callback(tasks.discard)
                 elif kind == "done":
                     self._done(plans.pop(rid, None), *msg[2:])
+                elif kind == "gone":
+                    remote = plans.get(rid)
+                    if remote is not None:
+                        remote.gone = True
+                        self._withdraw(remote)
         finally:
-            # Its requests have nobody to answer to: they leave the HTTP backlog; what is
-            # queued still runs (the queue's other requests were planned behind it).
+            # Its requests have nobody to answer to: they leave the HTTP backlog, and what
+            # still waits in the queue leaves it.
             for remote in plans.values():
                 remote.release()
+                self._withdraw(remote)
             writer.close()
+
+    def _withdraw(self, remote: _Remote) -> None:
+        """Take a request out of the queue if it still waits there (one in a running batch runs
+        on: its images, in the front's arena, are freed when its answer is back)."""
+        engine, pending = self.life.engine, remote.pending
+        if engine is not None and pending is not None and engine.scheduler.waiting(pending):
+            pending.cancel()
 
     def _send(self, writer, msg) -> None:
         if not writer.is_closing():
@@ -173,6 +192,10 @@ class OwnerChannel:
         remote, engine = plans.get(rid), self.life.engine
         if remote is None or engine is None:
             return
+        if remote.gone:  # (its client went before its images came)
+            remote.release()
+            self._send(writer, ("refused", rid, CLIENT_GONE, GONE_DETAIL, None))
+            return
         if isinstance(data, int):  # an offset in the front's arena: a view, no copy
             count = math.prod(shape)
             x = torch.frombuffer(arena, dtype=torch.float32, count=count, offset=data).view(shape)
@@ -188,8 +211,14 @@ class OwnerChannel:
             return
         finally:
             remote.release()  # queued (or refused): out of the HTTP backlog
+        remote.pending = pending
         try:
             remote.result = await pending
+        except asyncio.CancelledError:
+            if not pending.cancelled():  # (this task cancelled: the server stops)
+                raise
+            self._send(writer, ("refused", rid, CLIENT_GONE, GONE_DETAIL, None))  # withdrawn
+            return
         except Exception as e:  # the model failed on its batch
             plans.pop(rid, None)
             self._send(writer, ("refused", rid, 500, str(e), None))
@@ -212,6 +241,9 @@ class OwnerChannel:
             return
         remote.release()  # a request whose images did not decode, or one refused
         engine = self.life.engine
+        gone = status == CLIENT_GONE and engine is not None and remote.plan is not None
+        if gone and time.monotonic() >= remote.plan.deadline:  # (a missed budget, as unanswered)
+            engine.record_unanswered(remote.plan)
         if status == 200 and remote.result is not None and engine is not None:
             engine.record_answer(
                 remote.plan, remote.result, remote.n, remote.payload_bytes, total_ms
@@ -324,6 +356,8 @@ class _Remote:
         self.n, self.payload_bytes = n, payload_bytes
         self.plan = None
         self.result = None
+        self.pending: asyncio.Future | None = None  # its Result, once queued
+        self.gone = False  # its HTTP client closed its connection
 
     def release(self) -> None:
         if self._entered is not None:
@@ -433,10 +467,17 @@ class OwnerClient:
                 fut.set_result(("refused", -1, 503, "the model owner process is gone", 1))
         os.kill(os.getpid(), signal.SIGTERM)
 
-    async def _ask(self, rid: int, kind: str, *args):
+    async def _ask(self, rid: int, kind: str, *args, receive=None):
+        """The owner's answer to a message; with ``receive`` (the HTTP request's), a client that
+        disconnects first is told to the owner, whose answer is still awaited (it frees the
+        request's pages in the arena), and the request ends as CLIENT_GONE."""
         fut = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
         self._writer.write(_frame((kind, rid, *args)))
+        if receive is not None and await client_went(receive, fut):
+            self.tell("gone", rid)
+            await fut
+            raise Refusal(CLIENT_GONE, GONE_DETAIL)
         msg = await fut
         if msg[0] == "refused":
             _, _, status, detail, retry = msg
@@ -448,19 +489,23 @@ class OwnerClient:
         rid = next(self._ids)
         return rid, await self._ask(rid, "plan", options, n, payload_bytes, arrived)
 
-    async def run(self, rid: int, x: torch.Tensor):
-        """The planned request's Result from the owner's queue; raises its Refusal."""
+    async def run(self, rid: int, x: torch.Tensor, receive=None):
+        """The planned request's Result from the owner's queue; raises its Refusal (499 if
+        the client of ``receive``, its HTTP request's, goes first)."""
         with self._sent(x) as data:
-            return _result(await self._ask(rid, "run", tuple(x.shape), data))
+            return _result(await self._ask(rid, "run", tuple(x.shape), data, receive=receive))
 
-    async def admit(self, options, payload_bytes: int, arrived: float, x: torch.Tensor):
+    async def admit(
+        self, options, payload_bytes: int, arrived: float, x: torch.Tensor, receive=None
+    ):
         """Plan and run in one round trip, for images already decoded: (request id, Plan,
-        Result); raises the Refusal of either."""
+        Result); raises the Refusal of either (499 as ``run``)."""
         rid = next(self._ids)
         with self._sent(x) as data:
             plan, result = await self._ask(
-                rid, "admit", options, x.shape[0], payload_bytes, arrived, tuple(x.shape), data
-            )
+                rid, "admit", options, x.shape[0], payload_bytes, arrived, tuple(x.shape), data,
+                receive=receive,
+            )  # fmt: skip
         return rid, plan, _result(result)
 
     @contextlib.contextmanager
@@ -565,14 +610,16 @@ def create_front_app(channel: str, http: str):
                 # owner; the plan counts the time as spent (a refused one decoded for nothing).
                 x = decode(req.images)
                 asked = True
-                rid, plan, result = await owner.admit(req.options, req.payload_bytes, arrived, x)
+                rid, plan, result = await owner.admit(
+                    req.options, req.payload_bytes, arrived, x, request.receive
+                )
             else:  # large ones only once the plan admits them, off the event loop
                 asked = True
                 rid, plan = await owner.plan(req.options, req.n, req.payload_bytes, arrived)
                 x = req.tensor
                 if x is None:
                     x = await asyncio.to_thread(decode, req.images)
-                result = await owner.run(rid, x)
+                result = await owner.run(rid, x, request.receive)
         except Refusal as r:
             owner.tell("done", rid, r.status, (time.monotonic() - arrived) * 1e3, asked)
             return error(r.status, r.detail, r.retry_after_s)

@@ -184,8 +184,8 @@ class Metrics:
         self.queue_depth = Gauge("snnet_queue_depth", "Images waiting for the model", registry=r)
         self.withdrawn = Counter(
             "snnet_withdrawn_images",
-            "Images taken out of the queue unrun because their client went away (a gRPC call "
-            "cancelled, or its deadline passed, while it waited)",
+            "Images taken out of the queue unrun because their client went away while they "
+            "waited (a gRPC call cancelled or past its deadline, an HTTP connection closed)",
             registry=r,
         )
         self.queue_predicted_wait = Gauge(

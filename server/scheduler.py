@@ -259,6 +259,14 @@ class Scheduler:
     def queued_images(self) -> int:
         return self._queued
 
+    def waiting(self, future: asyncio.Future) -> bool:
+        """Whether the job of ``future`` (from ``submit``) waits in a queue: one sent to the
+        model straight from ``submit`` does not, and only a waiting one can be withdrawn."""
+        with self._cv:
+            if self._queued == 0:
+                return False
+            return any(j.future is future for q in self._queues.values() for j in q)
+
     # -- queueing -----------------------------------------------------------------------------
 
     def submit(self, x: torch.Tensor, stitch: int, deadline: float, now: float) -> asyncio.Future:

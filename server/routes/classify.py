@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 import torch
@@ -31,6 +32,8 @@ from ..schemas import (
 from .deps import engine_of
 
 router = APIRouter()
+
+CLIENT_GONE = 499  # the status counted for a request whose client went away (nginx's code)
 
 # Payloads up to this size are decoded on the event loop (well under a millisecond); larger
 # ones in a worker thread so that one big image cannot stall every other request.
@@ -99,6 +102,7 @@ async def classify(request: Request) -> JSONResponse:
         req = await parse_classify(request, engine.settings, engine.net.num_classes)
         plan, pending = await admit(engine, req, arrived)
         ticket.queued()
+    await until_answered(request.receive, engine, plan, pending)
     result = await pending
     return _encode(engine, req, plan, result, arrived)
 
@@ -141,6 +145,56 @@ def plan_request(
 def submit(engine: Engine, plan: Plan, x: torch.Tensor) -> asyncio.Future:
     """Queue a planned request's images for the model: the future of its Result."""
     return engine.scheduler.submit(x, plan.stitch, plan.deadline, time.monotonic())
+
+
+async def until_answered(
+    receive: Callable[[], Awaitable[dict]], engine: Engine, plan: Plan, pending: asyncio.Future
+) -> None:
+    """Wait for ``pending``, the request's Result; raise a 499 if its HTTP client goes first.
+
+    A client that closes its connection while its images wait in the queue takes them out
+    unrun, as a cancelled gRPC call does (``Scheduler.submit``): a batch nobody reads would
+    delay every request behind it and be counted as load. Its request is counted with status
+    CLIENT_GONE, not as an answer; as a missed budget too if its deadline had passed. Only a
+    request that waits is watched (one sent to the model at once cannot be withdrawn, and a
+    watcher costs a task: ~10 us).
+
+    Args:
+        receive: The request's ASGI ``receive``, its body read: its next message is
+            ``http.disconnect`` when the client goes (or once the answer is sent).
+    """
+    if pending.done() or not engine.scheduler.waiting(pending):
+        return
+    if not await client_went(receive, pending):
+        return
+    pending.cancel()  # (taken out of its queue, if no batch has taken it yet)
+    if time.monotonic() >= plan.deadline:
+        engine.record_unanswered(plan)
+    raise Refusal(CLIENT_GONE, GONE_DETAIL)
+
+
+GONE_DETAIL = "the client closed its connection before the answer"
+
+
+async def client_went(receive: Callable[[], Awaitable[dict]], fut: asyncio.Future) -> bool:
+    """Wait for ``fut`` or for the HTTP client to disconnect (``receive``, the request's body
+    read), whichever comes first: whether the client went first (``fut`` still pending)."""
+    gone = asyncio.ensure_future(_disconnect(receive))
+    try:
+        await asyncio.wait((fut, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if fut.done():
+        return False
+    if gone.exception() is not None:  # (a server that cannot say: wait for the answer)
+        await asyncio.wait((fut,))
+        return False
+    return True
+
+
+async def _disconnect(receive: Callable[[], Awaitable[dict]]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def probabilities(result: Result) -> np.ndarray:

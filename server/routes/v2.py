@@ -64,7 +64,7 @@ from ..schemas import (
     V2Ready,
     V2ServerMetadata,
 )
-from .classify import admit, authorise, probabilities, top_k
+from .classify import admit, authorise, probabilities, top_k, until_answered
 from .deps import engine_of
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
@@ -310,6 +310,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         doc, req, wanted = await _parse(request, engine, pinned)
         plan, pending = await admit_v2(engine, doc, req, arrived)
         ticket.queued()
+    await until_answered(request.receive, engine, plan, pending)
     result = await result_of(engine, req, pending)
     return _answer(engine, doc, req, wanted, plan, result, arrived)
 

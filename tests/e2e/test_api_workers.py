@@ -248,6 +248,90 @@ def test_a_front_gone_between_plan_and_images_leaves_nothing_behind(server, held
         backlog_becomes(0)
 
 
+def _response(f) -> tuple[bytes, dict[str, str]]:
+    """Status line and headers of one HTTP/1.1 response read off a socket's file (its body
+    read and dropped)."""
+    status, headers = f.readline(), {}
+    while (line := f.readline()) not in (b"\r\n", b""):
+        k, v = line.decode().split(":", 1)
+        headers[k.strip().lower()] = v.strip()
+    f.read(int(headers.get("content-length", 0)))
+    return status, headers
+
+
+def test_a_client_that_disconnects_from_a_front_leaves_the_owners_queue_unrun(server, held_out):
+    """A front's client that closes its connection while its images wait in the owner's queue:
+    the front tells the owner, whose queue lets them go unrun (as for its own clients), and the
+    request is counted as 499, not as an answer."""
+    import json
+    import socket
+
+    host, port = server.url.removeprefix("http://").split(":")
+    pngs = [base64.b64encode(p).decode() for p in held_out[0]]  # 16 digits
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        menu = c.get("/stitches").json()["stitches"]
+        best = max(menu, key=lambda s: (s["accuracy"], -s["gflops"]))
+        socks, files = [], []
+        try:
+            while len(socks) < 6:  # keep-alive connections that landed on a front
+                s = socket.create_connection((host, int(port)), timeout=30)
+                f = s.makefile("rb")
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                status, headers = _response(f)
+                assert status.startswith(b"HTTP/1.1 200"), status
+                if WORKER in headers:
+                    socks.append(s)
+                    files.append(f)
+                else:
+                    f.close()
+                    s.close()
+            body = json.dumps(
+                {"images": pngs, "stitch_id": best["id"], "latency_budget_ms": 10_000}
+            ).encode()
+            head = (
+                f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            before = c.get("/metrics").text
+            arrivals = metric(c, "snnet_arrivals_total")
+            for s in socks:  # 16 digits each on the most accurate stitch: a queue forms
+                s.sendall(head + body)
+            deadline = time.monotonic() + 30
+            while metric(c, "snnet_arrivals_total") < arrivals + 6:  # (then close: no guess)
+                assert time.monotonic() < deadline, "the owner never had the 6 requests"
+            for f, s in zip(files[2:], socks[2:], strict=True):
+                f.close()
+                s.close()
+            answers = [_response(f)[0] for f in files[:2]]
+        finally:
+            for f, s in zip(files, socks, strict=True):
+                f.close()
+                s.close()
+        assert all(a.startswith(b"HTTP/1.1 200") for a in answers), answers
+
+        def count(text: str, status: str) -> float:
+            prefix = f'snnet_requests_total{{route="/classify",status="{status}"}} '
+            return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(prefix))
+
+        deadline = time.monotonic() + 30
+        while True:  # every request counted once, 200 or 499 (the fronts tell the owner)
+            after = c.get("/metrics").text
+            answered = count(after, "200") - count(before, "200")
+            gone = count(after, "499") - count(before, "499")
+            if answered + gone >= 6 or time.monotonic() > deadline:
+                break
+        assert answered >= 2 and gone >= 1 and answered + gone == 6, (answered, gone)
+
+        def value(text: str, name: str) -> float:
+            return float(text.split(f"\n{name} ")[1].split()[0])
+
+        ran = value(after, "snnet_batch_size_sum") - value(before, "snnet_batch_size_sum")
+        withdrawn = value(after, "snnet_withdrawn_images_total") - value(
+            before, "snnet_withdrawn_images_total"
+        )
+        assert withdrawn >= 16 and ran + withdrawn == 6 * 16  # what left the queue never ran
+
+
 def test_sigterm_drains_and_leaves_no_socket_directory(server):
     """Last (it stops the module's server): the owner's two Unix sockets live in a directory of
     their own, which stayed in /tmp after every SIGTERM."""

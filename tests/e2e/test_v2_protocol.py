@@ -509,3 +509,79 @@ def test_a_second_server_cannot_take_either_port_of_a_running_one(server):
         assert r.returncode == 2 and said in r.stderr, r.stderr
     with httpx.Client(base_url=server.url) as c:  # and the running one is untouched
         assert c.get("/readyz").status_code == 200
+
+
+def _value(metrics: str, name: str) -> float:
+    return float(metrics.split(f"\n{name} ")[1].split()[0])
+
+
+def _rest_count(metrics: str, route: str, status: str) -> float:
+    line = f'snnet_requests_total{{route="{route}",status="{status}"}} '
+    return sum(float(x.split()[-1]) for x in metrics.splitlines() if x.startswith(line))
+
+
+@pytest.mark.parametrize("route", ["/classify", "/v2/models/{model}/versions/{version}/infer"])
+def test_a_rest_client_that_disconnects_while_queued_leaves_the_queue_unrun(
+    server, held_out, menu, route
+):
+    """Over REST as over gRPC: a client that closes its connection while its images wait takes
+    them out of the queue (nothing runs for nobody, and the planner stops counting them ahead
+    of every later request); its request is counted as 499, not as an answer."""
+    import socket
+
+    _, best = menu
+    pngs = [base64.b64encode(p).decode() for p in held_out[0]]  # 16 digits
+    path = route.format(model=MODEL, version=best["id"])
+    if route == "/classify":
+        doc = {"images": pngs, "stitch_id": best["id"], "latency_budget_ms": 10_000}
+    else:
+        doc = {
+            "inputs": [{"name": "image", "shape": [16], "datatype": "BYTES", "data": pngs}],
+            "parameters": {"latency_budget_ms": 10_000},
+        }
+    body = json.dumps(doc).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    before = httpx.get(f"{server.url}/metrics").text
+    socks = []
+    try:
+        for _ in range(6):  # 16 digits each on the most accurate stitch: a queue forms
+            s = socket.create_connection((host, int(port)), timeout=30)
+            socks.append(s)
+            s.sendall(head + body)
+        arrivals = _value(before, "snnet_arrivals_total")
+        for _ in range(500):  # until the server has them all (then close: no sleep to guess)
+            if (
+                _value(httpx.get(f"{server.url}/metrics").text, "snnet_arrivals_total")
+                >= arrivals + 6
+            ):
+                break
+        for s in socks[2:]:
+            s.close()
+        answers = [s.makefile("rb").readline() for s in socks[:2]]
+    finally:
+        for s in socks:
+            s.close()
+    assert all(a.startswith(b"HTTP/1.1 200") for a in answers), answers
+    route_label = (
+        "/classify" if route == "/classify" else "/v2/models/{name}/versions/{version}/infer"
+    )
+    for _ in range(500):  # every request counted once: 200 or 499
+        after = httpx.get(f"{server.url}/metrics").text
+        counted = sum(
+            _rest_count(after, route_label, st) - _rest_count(before, route_label, st)
+            for st in ("200", "499")
+        )
+        if counted >= 6:
+            break
+    answered = _rest_count(after, route_label, "200") - _rest_count(before, route_label, "200")
+    gone = _rest_count(after, route_label, "499") - _rest_count(before, route_label, "499")
+    assert answered >= 2 and gone >= 1 and answered + gone == 6
+    ran = _value(after, "snnet_batch_size_sum") - _value(before, "snnet_batch_size_sum")
+    withdrawn = _value(after, "snnet_withdrawn_images_total") - _value(
+        before, "snnet_withdrawn_images_total"
+    )
+    assert withdrawn >= 16 and ran + withdrawn == 6 * 16  # what left the queue never ran
