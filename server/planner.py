@@ -285,7 +285,7 @@ class Planner:
                 return Refusal(
                     422,
                     f"latency_budget_ms={budget:g} is below what this request needs on this "
-                    f"server even when idle ({need:.2f} ms: compute, HTTP work for its images "
+                    f"server even when idle ({need:.2f} ms: compute, reading, decoding and answering its images "
                     f"(sized {payload_bytes} bytes: their bytes, or half a byte a pixel where that "
                     f"is more) and the safety margin fitted to 95% of an idle server's answers, "
                     f"{self._rest_margin_text()}){self._after_pause(need, least)}; allowed: "
@@ -298,7 +298,8 @@ class Planner:
             pre = self.ingress.rest_ms(payload_bytes)[0]
             if spent + ingress - pre >= 0.5:
                 why.append(
-                    f"{spent + ingress:.1f} ms went by in the HTTP layer before it was planned, "
+                    f"{spent + ingress:.1f} ms went by reading and parsing it (and in the event "
+                    f"loop's delays) before it was planned, "
                     f"{pre:.1f} ms on an idle server"
                 )
             if slow > 1.0 and fastest * (slow - 1.0) >= 0.5:
@@ -338,7 +339,8 @@ class Planner:
         return Refusal(
             503,
             f"overloaded: no stitch can answer within latency_budget_ms={budget:g} behind the "
-            f"current queue ({wait}; with its HTTP work, compute and safety margin it needs at "
+            f"current queue ({wait}; with reading, decoding and answering it, compute and safety "
+            f"margin it needs at "
             f"least {now_budget:.2f} ms now); retry later, or with latency_budget_ms >= "
             f"{now_budget:.2f}",
             retry,
@@ -456,7 +458,8 @@ class Planner:
         return Refusal(
             422,
             f"{what} is below {below}{reserved} even on an idle server, and it needs {need:.2f} "
-            f"ms in all with HTTP work and the safety margin{self._after_pause(need, least)}; "
+            f"ms in all with reading, decoding and answering it and the safety margin"
+            f"{self._after_pause(need, least)}; "
             f"allowed: latency_budget_ms >= {least:.2f}",
             least_ms=least,
         )
