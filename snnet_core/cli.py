@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -99,6 +100,20 @@ def _build_from_args(args: argparse.Namespace) -> SNNet:
         stride=args.stride,
         input_size=args.input_size,
     )
+
+
+def _net_flags(args: argparse.Namespace) -> str:
+    """The flags that made ``args``'s net, as a command line takes them: kept with a train
+    state, so that a resume that builds another net can say what to give."""
+    if args.weights:
+        return f"--weights {shlex.quote(str(args.weights))}"
+    flags = [f"--anchors {shlex.quote(args.anchors)}"]
+    if args.overrides is not None:
+        flags.append(f"--overrides {shlex.quote(json.dumps(args.overrides))}")
+    flags += [f"--window {args.window}", f"--stride {args.stride}"]
+    if args.input_size is not None:
+        flags.append(f"--input-size {','.join(map(str, args.input_size))}")
+    return " ".join(flags)
 
 
 def _load_source(args: argparse.Namespace):
@@ -303,6 +318,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "train_split": args.train_split,
             "augment": args.augment,
             "input_size": list(net.input_size),
+            "net": _net_flags(args),
         },  # fmt: skip
     )
     if rank != 0:

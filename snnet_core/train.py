@@ -286,9 +286,11 @@ def train(
             net.load_state_dict(state["model"])
         except RuntimeError as e:  # (a page of "size mismatch" lines)
             first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+            made = state.get("settings", {}).get("net")  # (the CLI's flags for it)
+            same = f"resume with the flags that built it ({made}), " if made else ""
             raise ValueError(
-                f"{state_path} is the train state of another net ({first} ...); give a new "
-                f"--out, or leave out --resume to start this one over there"
+                f"{state_path} is the train state of another net ({first} ...); {same}give a "
+                f"new --out, or leave out --resume to start this one over there"
             ) from None
         opt.load_state_dict(state["optimizer"])
         start_epoch, history = int(state["epoch"]), list(state["history"])

@@ -1,6 +1,7 @@
 """Training and evaluation on the tiny real timm family and real MNIST digits."""
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,8 @@ def test_resume_continues_from_the_saved_epoch(small_train, tmp_path, capsys):
     train(full, small_train, TrainConfig(epochs=2, batch_size=50, lr=1e-3), tmp_path / "a", **kw)
     part = build_tiny(seed=2)
     cfg = TrainConfig(epochs=1, batch_size=50, lr=1e-3)
-    began = {"augment": "no-flip", "input_size": [1, 28, 28]}
+    flags = "--anchors tiny_a,tiny_b --window 2 --stride 1"  # (what the CLI keeps: its flags)
+    began = {"augment": "no-flip", "input_size": [1, 28, 28], "net": flags}
     train(part, small_train, cfg, tmp_path / "b", settings=began, **kw)
     resumed = build_tiny(seed=99)  # weights come from the train state, not from this init
     capsys.readouterr()
@@ -115,7 +117,7 @@ def test_resume_continues_from_the_saved_epoch(small_train, tmp_path, capsys):
         TrainConfig(epochs=2, batch_size=50, lr=1e-3),
         tmp_path / "b",
         resume=True,
-        settings={"augment": "timm", "input_size": [1, 28, 28]},
+        settings={"augment": "timm", "input_size": [1, 28, 28], "net": flags},
         **kw,
     )
     assert [h["epoch"] for h in history] == [1, 2]
@@ -136,8 +138,10 @@ def test_resume_continues_from_the_saved_epoch(small_train, tmp_path, capsys):
     # mismatch" lines
     wider = [{**o, "embed_dim": o["embed_dim"] + 8} for o in TINY_OVERRIDES]
     other = snnet_core.build_snnet(TINY_ANCHORS, overrides=wider)
-    with pytest.raises(ValueError, match="is the train state of another net .*size mismatch"):
+    # (naming the flags that built the net the run began with)
+    with pytest.raises(ValueError, match="is the train state of another net .*size mismatch") as e:
         train(other, small_train, TrainConfig(epochs=2), tmp_path / "b", resume=True, **kw)
+    assert f"resume with the flags that built it ({flags})" in str(e.value)
 
 
 def test_schedule_and_sampling():
@@ -240,7 +244,12 @@ def test_train_command_writes_a_servable_checkpoint(tmp_path):
     # bfloat16 --write` on the same split is all the server needs to weigh bfloat16
     assert by_dtype["float32"] == {str(s): a for s, a in manifest.accuracy().items()}
     assert len(manifest.accuracy()) == TINY_NUM_STITCHES
-    assert (tmp_path / "train_state.pt").is_file()
+    # The state keeps the flags that built the net: a resume of another net names them
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert shlex.split(state["settings"]["net"]) == [
+        "--anchors", TINY_ANCHORS, "--overrides", json.dumps(TINY_OVERRIDES), "--window", "2",
+        "--stride", "1",
+    ]  # fmt: skip
     # and it says what the training came to: each stitch's held-out accuracy
     table = proc.stdout.splitlines()
     assert table[0].split() == ["id", "description", "mflops", "accuracy", "top5"]  # as stitches
