@@ -130,6 +130,11 @@ class Ingress:
         pre, own = self._rest_medians
         return max(0.0, pre + per_byte), max(0.0, own + per_byte)
 
+    @property
+    def rest_known(self) -> bool:
+        """Whether enough requests were served alone for the idle estimates to be theirs."""
+        return len(self._rest) >= REST_MIN
+
     def rest_pre_high_ms(self, payload_bytes: int) -> float:
         """Reading and parsing a request of this size on an idle server, as ``rest_ms`` but at
         the REST_HIGH quantile of the requests served alone instead of their median: what a

@@ -37,7 +37,7 @@ from snnet_core import StitchMenu, UnknownStitch
 
 from .controller import Controller
 from .errors import Refusal
-from .ingress import Ingress
+from .ingress import REST_MIN, Ingress
 from .scheduler import QueueView, Scheduler
 from .schemas import ClassifyOptions
 
@@ -300,7 +300,12 @@ class Planner:
                 why.append(
                     f"{spent + ingress:.1f} ms went by reading and parsing it (and in the event "
                     f"loop's delays) before it was planned, "
-                    f"{pre:.1f} ms on an idle server"
+                    + (
+                        f"{pre:.1f} ms on an idle server"
+                        if self.ingress.rest_known
+                        else "where this new server has no idle figure for that yet (it learns "
+                        f"one from its first {REST_MIN} requests served alone)"
+                    )
                 )
             if slow > 1.0 and fastest * (slow - 1.0) >= 0.5:
                 why.append(f"the device runs {slow:.2f}x slower than when idle just now")
