@@ -102,6 +102,10 @@ def _build_from_args(args: argparse.Namespace) -> SNNet:
     )
 
 
+def _rounded(v: float | None) -> float | None:
+    return None if v is None else round(v, 2)
+
+
 def _net_flags(args: argparse.Namespace) -> str:
     """The flags that made ``args``'s net, as a command line takes them: kept with a train
     state, so that a resume that builds another net can say what to give."""
@@ -331,7 +335,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         res = evaluate(net, held, norm, device=device, progress=True)
         for r in manifest.stitches:
             r["accuracy"] = round(res[r["id"]]["top1"], 2)
-            r["top5"] = round(res[r["id"]]["top5"], 2)
+            r["top5"] = _rounded(res[r["id"]]["top5"])
         # (float32's top-1 on record: `snnet eval --dtype bfloat16 --write` on the same split
         # then lets the server weigh bfloat16 against it)
         _record_evaluation(manifest, args.data, args.eval_split, len(held), "float32", res)
@@ -378,7 +382,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
             if args.write and args.dtype == "float32":
                 r["accuracy"] = round(res[r["id"]]["top1"], 2)
-                r["top5"] = round(res[r["id"]]["top5"], 2)
+                r["top5"] = _rounded(res[r["id"]]["top5"])
     if args.write:
         _record_evaluation(manifest, args.data, args.split, len(data), args.dtype, res)
         write_manifest(args.weights, manifest)

@@ -22,7 +22,8 @@ def evaluate(
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> dict[int, dict[str, float]]:
-    """Top-1 and top-5 accuracy (percent) of each stitch: ``{id: {"top1", "top5", "n"}}``."""
+    """Top-1 and top-5 accuracy (percent) of each stitch: ``{id: {"top1", "top5", "n"}}``;
+    top-5 is None for a net of 5 classes or fewer (every answer would be in it: 100%)."""
     device = torch.device(device)
     net = net.to(device).eval()
     ids = (
@@ -57,7 +58,7 @@ def evaluate(
     if n == 0:
         raise ValueError("cannot evaluate on an empty dataset")
     results = {
-        s: {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "n": n}
+        s: {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n if net.num_classes > 5 else None, "n": n}
         for s, (c1, c5) in counts.items()
     }
     return results

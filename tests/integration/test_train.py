@@ -197,6 +197,28 @@ def test_two_process_torchrun_on_cpu_ends_with_identical_weights(tmp_path):
     assert any(not torch.equal(r0[k], start[k]) for k in r0)
 
 
+def test_top5_is_none_for_five_classes_or_fewer():
+    """Every answer is among the top 5 of 5 classes: a top-5 of 100% says nothing, and read as
+    a measurement it misled (a 3-class model's table showed 100.00 for every stitch)."""
+    from torch.utils.data import TensorDataset
+
+    from snnet_core.evaluate import evaluate
+
+    x, y = mnist_subset("held_out")
+    keep = (y < 3).nonzero().squeeze(1)[::10]  # digits 0, 1, 2
+    data = TensorDataset(x[keep], y[keep])
+    norm = ([0.5], [0.5])
+    for classes, top5 in ((3, None), (10, float)):
+        torch.manual_seed(0)
+        net = snnet_core.build_snnet(
+            TINY_ANCHORS, overrides=[{**o, "num_classes": classes} for o in TINY_OVERRIDES]
+        )
+        res = evaluate(net, data, norm, stitch_ids=[0, 5])
+        for r in res.values():
+            assert 0.0 <= r["top1"] <= 100.0 and r["n"] == len(keep)
+            assert r["top5"] is None if top5 is None else isinstance(r["top5"], float)
+
+
 def test_eval_gives_the_right_numbers_on_a_known_case(tmp_path):
     net = build_tiny(seed=4)
     # Anchor 0 always answers "1": zero weights, bias for class 1, runner-up classes 2..5.
