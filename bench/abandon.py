@@ -1,6 +1,7 @@
 """Clients that give up: what their abandoned requests cost everyone else.
 
     python bench/abandon.py [--seconds 20] [--patient 2] [--impatient 4] [--weights DIR]
+                            [--api-workers N]
 
 Two kinds of client share one `snnet serve`, each a closed loop on its own connection:
 
@@ -49,8 +50,11 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=8.0, help="x the best stitch at batch 1")
     ap.add_argument("--timeout", type=float, default=2.5, help="x the best stitch at batch 8")
     ap.add_argument("--weights", help="checkpoint to serve (default: the bundled weights/)")
+    ap.add_argument("--api-workers", type=int, default=1, help="SNNET_API_WORKERS")
     args = ap.parse_args()
-    env = {"SNNET_WEIGHTS": args.weights} if args.weights else {}
+    env = {"SNNET_API_WORKERS": str(args.api_workers)}
+    if args.weights:
+        env["SNNET_WEIGHTS"] = args.weights
     proc, url = start_server(env)
     c = Client(url)
     menu = c.get("/stitches")["stitches"]
@@ -125,7 +129,7 @@ def main() -> None:
     print(
         f"# {args.patient} patient clients (1 digit, budget {budget:g} ms), {args.impatient} "
         f"impatient ones (8 digits on stitch {best['id']}, giving up after "
-        f"{give_up_s * 1e3:.1f} ms), {args.seconds:g} s"
+        f"{give_up_s * 1e3:.1f} ms), {args.seconds:g} s, SNNET_API_WORKERS={args.api_workers}"
     )
     print(
         f"patient: {len(ok) / elapsed:.1f} answered/s, {100 * within:.2f}% within budget "
