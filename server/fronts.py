@@ -151,15 +151,16 @@ class OwnerChannel:
             # still waits in the queue leaves it.
             for remote in plans.values():
                 remote.release()
+                remote.gone = True  # (a run not yet started queues nothing)
                 self._withdraw(remote)
             writer.close()
 
     def _withdraw(self, remote: _Remote) -> None:
-        """Take a request out of the queue if it still waits there (one in a running batch runs
+        """Take a request out of the queue if it still waits there (one a batch has taken runs
         on: its images, in the front's arena, are freed when its answer is back)."""
         engine, pending = self.life.engine, remote.pending
-        if engine is not None and pending is not None and engine.scheduler.waiting(pending):
-            pending.cancel()
+        if engine is not None and pending is not None and engine.scheduler.withdraw(pending):
+            remote.withdrawn = True
 
     def _send(self, writer, msg) -> None:
         if not writer.is_closing():
@@ -215,9 +216,9 @@ class OwnerChannel:
         try:
             remote.result = await pending
         except asyncio.CancelledError:
-            if not pending.cancelled():  # (this task cancelled: the server stops)
+            if not remote.withdrawn:  # (this task cancelled: the server stops)
                 raise
-            self._send(writer, ("refused", rid, CLIENT_GONE, GONE_DETAIL, None))  # withdrawn
+            self._send(writer, ("refused", rid, CLIENT_GONE, GONE_DETAIL, None))
             return
         except Exception as e:  # the model failed on its batch
             plans.pop(rid, None)
@@ -358,6 +359,7 @@ class _Remote:
         self.result = None
         self.pending: asyncio.Future | None = None  # its Result, once queued
         self.gone = False  # its HTTP client closed its connection
+        self.withdrawn = False  # taken out of the queue unrun
 
     def release(self) -> None:
         if self._entered is not None:
@@ -495,18 +497,21 @@ class OwnerClient:
         with self._sent(x) as data:
             return _result(await self._ask(rid, "run", tuple(x.shape), data, receive=receive))
 
+    def new_id(self) -> int:
+        return next(self._ids)
+
     async def admit(
-        self, options, payload_bytes: int, arrived: float, x: torch.Tensor, receive=None
+        self, rid: int, options, payload_bytes: int, arrived: float, x: torch.Tensor, receive=None
     ):
-        """Plan and run in one round trip, for images already decoded: (request id, Plan,
+        """Plan and run in one round trip, for images already decoded, as request ``rid``
+        (``new_id``: the caller holds it, for the "done" it tells whatever happens): (Plan,
         Result); raises the Refusal of either (499 as ``run``)."""
-        rid = next(self._ids)
         with self._sent(x) as data:
             plan, result = await self._ask(
                 rid, "admit", options, x.shape[0], payload_bytes, arrived, tuple(x.shape), data,
                 receive=receive,
             )  # fmt: skip
-        return rid, plan, _result(result)
+        return plan, _result(result)
 
     @contextlib.contextmanager
     def _sent(self, x: torch.Tensor):
@@ -609,9 +614,9 @@ def create_front_app(channel: str, http: str):
                 # Small images: decoding them here costs less than a second round trip to the
                 # owner; the plan counts the time as spent (a refused one decoded for nothing).
                 x = decode(req.images)
-                asked = True
-                rid, plan, result = await owner.admit(
-                    req.options, req.payload_bytes, arrived, x, request.receive
+                asked, rid = True, owner.new_id()
+                plan, result = await owner.admit(
+                    rid, req.options, req.payload_bytes, arrived, x, request.receive
                 )
             else:  # large ones only once the plan admits them, off the event loop
                 asked = True

@@ -320,19 +320,36 @@ class Scheduler:
         # count it ahead of every request still waiting.
         job.future.add_done_callback(lambda fut: fut.cancelled() and self._withdraw(job))
 
+    def withdraw(self, future: asyncio.Future) -> bool:
+        """Take the job of ``future`` (from ``submit``) out of its queue unrun and cancel the
+        future; False, and nothing done, if no queue holds it (it went to the model at once, or
+        a batch has taken it: it runs). Atomic with the worker's taking of batches: a job
+        withdrawn is never in a batch (a front frees a withdrawn job's shared pages at once).
+        On the event loop's thread."""
+        with self._cv:
+            job = next((j for q in self._queues.values() for j in q if j.future is future), None)
+            if job is None or not self._remove_locked(job):
+                return False
+        future.cancel()  # (its done-callback finds it gone)
+        return True
+
     def _withdraw(self, job: _Job) -> None:
         """Take a cancelled job out of its queue, if no batch has taken it yet."""
         with self._cv:
-            q = self._queues[job.stitch]
-            i = next((i for i, j in enumerate(q) if j is job), None)  # (not ==: tensors)
-            if i is None:
-                return
-            del q[i]
-            job.withdrawn = True
-            self._queued -= job.n
-            self.metrics.queue_depth.set(self._queued)
-            self.metrics.withdrawn.inc(job.n)
-            self._cv.notify_all()  # a batch held open for it is not held any more
+            self._remove_locked(job)
+
+    def _remove_locked(self, job: _Job) -> bool:
+        q = self._queues[job.stitch]
+        i = next((i for i, j in enumerate(q) if j is job), None)  # (not ==: tensors)
+        if i is None:
+            return False
+        del q[i]
+        job.withdrawn = True
+        self._queued -= job.n
+        self.metrics.queue_depth.set(self._queued)
+        self.metrics.withdrawn.inc(job.n)
+        self._cv.notify_all()  # a batch held open for it is not held any more
+        return True
 
     def _direct_locked(self, job: _Job) -> bool:
         """Whether ``job`` runs from the event loop now (see ``submit``); if so, the model is

@@ -165,9 +165,14 @@ async def until_answered(
     """
     if pending.done() or not engine.scheduler.waiting(pending):
         return
-    if not await client_went(receive, pending):
-        return
-    pending.cancel()  # (taken out of its queue, if no batch has taken it yet)
+    try:
+        if not await client_went(receive, pending):
+            return
+    except asyncio.CancelledError:  # (the server's grace period ran out: nobody waits for it)
+        pending.cancel()
+        raise
+    engine.scheduler.withdraw(pending)  # (unless a batch has taken it)
+    pending.cancel()
     if time.monotonic() >= plan.deadline:
         engine.record_unanswered(plan)
     raise Refusal(CLIENT_GONE, GONE_DETAIL)

@@ -166,6 +166,34 @@ def test_a_request_whose_client_went_away_leaves_the_queue_unrun(digits):
     assert reg.get_sample_value("snnet_queue_depth") == 0
 
 
+def test_withdraw_takes_a_waiting_job_out_at_once_and_leaves_a_taken_one_to_run(digits):
+    """``Scheduler.withdraw`` (an HTTP client gone): a job still queued leaves it in the same
+    step as its future is cancelled, so no batch can take it meanwhile (a front frees its
+    shared pages at once); one a batch has taken is left alone and answered."""
+    _, sched, _ = make(lambda s, b: 10.0, max_batch=1)
+    x = digits[0][:2]
+
+    async def scenario():
+        now = time.monotonic()
+        waits = sched.submit(x, 5, now + 60, now)
+        assert sched.waiting(waits) and sched.withdraw(waits)
+        assert waits.cancelled() and not sched.waiting(waits) and sched.queued_images == 0
+        assert not sched.withdraw(waits)  # (once)
+        sched.start()
+        taken = sched.submit(x, 3, now + 60, now)
+        while sched.waiting(taken):  # until the worker has it in a batch
+            await asyncio.sleep(0.001)
+        assert not sched.withdraw(taken) and not taken.cancelled()
+        return await taken
+
+    result = asyncio.run(scenario())
+    sched.stop()
+    assert result.stitch == 3
+    reg = sched.metrics.registry
+    assert reg.get_sample_value("snnet_withdrawn_images_total") == 2
+    assert reg.get_sample_value("snnet_batch_size_sum") == 2  # the withdrawn job never ran
+
+
 def test_a_batch_held_open_whose_head_goes_away_is_chosen_again(digits):
     _, sched, _ = make(lambda s, b: 1.0)
     sched.max_wait_s = 30.0  # the worker holds a batch of one open for more of its stitch
