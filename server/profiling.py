@@ -177,6 +177,28 @@ def rescale_estimates(
     return out, factors
 
 
+def _nearest(manifest: Manifest, fp: DeviceFingerprint) -> str:
+    """How the manifest's profile nearest to ``fp`` differs from it, in words (with what writes
+    one that is used)."""
+    fields = ("device_type", "device_name", "torch", "threads", "dtype")
+
+    def differ(p: LatencyProfile) -> list[str]:
+        return [f for f in fields if getattr(p.fingerprint, f) != getattr(fp, f)]
+
+    near = min(manifest.profiles, key=lambda p: len(differ(p)))
+    said = ", ".join(
+        f"{f} {getattr(near.fingerprint, f)!r}, served with {getattr(fp, f)!r}"
+        for f in differ(near)
+    )
+    hint = ""
+    if differ(near) == ["threads"]:
+        hint = (
+            f" (`snnet profile --threads {fp.threads}` writes one that is used, or serve with "
+            f"SNNET_THREADS={near.fingerprint.threads})"
+        )
+    return f"the nearest has {said}{hint}; measuring here instead"
+
+
 def choose_profile(
     s: Settings,
     manifest: Manifest,
@@ -201,6 +223,8 @@ def choose_profile(
             f"it lacks batch sizes {lacking} of the {want} served" if lacking
             else "it lacks some stitches", want, have,
         )  # fmt: skip
+    elif manifest.profiles:  # (`snnet profile` at torch's 2 threads, served at auto's 1)
+        log.info("the manifest's profiles are not for this device: %s", _nearest(manifest, fp))
     cache = default_cache_path(s, manifest.weights_sha256)
     cached = _read_cache(cache, manifest.weights_sha256)
     mine = next((p for p in cached if p.fingerprint == fp), None)

@@ -455,3 +455,33 @@ def test_a_manifest_profile_of_other_batch_sizes_is_passed_over_with_a_word(
     settings = Settings(profile_cache=tmp_path / "q.json", profile_batch_sizes=[1, 8])
     start = choose_profile(settings, manifest, menu, fp, lambda s, b: {}, lambda: None)
     assert start.source == "manifest"  # (and with those sizes, it is)
+
+
+def test_a_manifest_profile_of_another_thread_count_is_passed_over_with_a_word(
+    tiny_net, tmp_path, caplog
+):
+    """`snnet profile` at torch's 2 threads, a server whose SNNET_THREADS=auto chose 1: the
+    log said only "0 of 35 stitches in the cache"; now which field differs, and what to do."""
+    import dataclasses
+
+    from server.config import Settings
+    from server.profiling import choose_profile
+    from snnet_core.profile import LatencyProfile
+
+    manifest = snnet_core.new_manifest(tiny_net)
+    menu = StitchMenu.of(manifest.stitches)
+    fp = dataclasses.replace(
+        DeviceFingerprint.current(torch.device("cpu"), torch.float32), threads=1
+    )
+    rows = {s: {b: 1.0 + s for b in (1, 2, 4, 8)} for s in range(len(menu))}
+    manifest.profiles = [
+        LatencyProfile(dataclasses.replace(fp, threads=2), [1, 2, 4, 8], rows, 3, 1)
+    ]
+    settings = Settings(profile_cache=tmp_path / "p.json", profile_seconds=0.0)
+    with caplog.at_level(logging.INFO, logger="snnet.profiling"):
+        start = choose_profile(settings, manifest, menu, fp, lambda s, b: dict.fromkeys(b, 1.0),
+                               lambda: None)  # fmt: skip
+    assert start.source != "manifest"
+    assert "the manifest's profiles are not for this device: the nearest has threads 2, served " \
+        "with 1 (`snnet profile --threads 1` writes one that is used, or serve with " \
+        "SNNET_THREADS=2); measuring here instead" in caplog.text  # fmt: skip
