@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .schemas import MAX_BUDGET_MS
+
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
 
@@ -75,6 +77,7 @@ class Settings(BaseSettings):
     default_budget_ms: float = Field(
         1000.0,
         gt=0,
+        le=MAX_BUDGET_MS,  # (as a request's own)
         description="Latency budget of requests that give none (also with stitch_id or "
         "max_gflops): every request is planned and admitted against a budget.",
     )
@@ -222,6 +225,17 @@ class Settings(BaseSettings):
     @classmethod
     def _log_level(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v  # DEBUG, as in Python's logging
+
+    @model_validator(mode="after")
+    def _budgets(self) -> Settings:
+        if self.network_ms >= self.default_budget_ms:
+            raise ValueError(
+                f"SNNET_NETWORK_MS={self.network_ms:g} leaves nothing of "
+                f"SNNET_DEFAULT_BUDGET_MS={self.default_budget_ms:g} to the server: every request "
+                f"without a budget would be refused; make the network's share smaller than the "
+                f"default budget"
+            )
+        return self
 
     @model_validator(mode="after")
     def _ports(self) -> Settings:

@@ -285,10 +285,11 @@ class Planner:
                 return Refusal(
                     422,
                     f"latency_budget_ms={budget:g} is below what this request needs on this "
-                    f"server even when idle ({need:.2f} ms: compute, reading, decoding and answering its images "
-                    f"(sized {payload_bytes} bytes: their bytes, or half a byte a pixel where that "
-                    f"is more) and the safety margin fitted to 95% of an idle server's answers, "
-                    f"{self._rest_margin_text()}){self._after_pause(need, least)}; allowed: "
+                    f"server even when idle ({need + self.network_ms:.2f} ms: compute, reading, "
+                    f"decoding and answering its images (sized {payload_bytes} bytes: their "
+                    f"bytes, or half a byte a pixel where that is more) and the safety margin "
+                    f"fitted to 95% of an idle server's answers, {self._rest_margin_text()}"
+                    f"{self._network_text()}){self._after_pause(need, least)}; allowed: "
                     f"latency_budget_ms >= {least:.2f}",
                     least_ms=least,
                 )
@@ -427,6 +428,11 @@ class Planner:
             f"has run {f:.2f}x its prediction here"
         )
 
+    def _network_text(self) -> str:
+        """The network's share in a 422's need, where there is one (a need below the least it
+        names, with no word of the difference, read as a contradiction)."""
+        return f", with the {self.network_ms:g} ms of SNNET_NETWORK_MS" if self.network_ms else ""
+
     def _rest_margin_text(self) -> str:
         """The margin a 422 is judged on (``Controller.refuse_margin``), in words."""
         c = self.controller
@@ -462,9 +468,9 @@ class Planner:
         )
         return Refusal(
             422,
-            f"{what} is below {below}{reserved} even on an idle server, and it needs {need:.2f} "
-            f"ms in all with reading, decoding and answering it and the safety margin"
-            f"{self._after_pause(need, least)}; "
+            f"{what} is below {below}{reserved} even on an idle server, and it needs "
+            f"{need + self.network_ms:.2f} ms in all with reading, decoding and answering it and "
+            f"the safety margin{self._network_text()}{self._after_pause(need, least)}; "
             f"allowed: latency_budget_ms >= {least:.2f}",
             least_ms=least,
         )

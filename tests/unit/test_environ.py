@@ -140,3 +140,18 @@ def test_the_prometheus_selector_takes_promql_label_matchers_and_refuses_the_res
     ]:
         with pytest.raises(ValidationError, match="PromQL label matchers"):
             Settings(prometheus_selector=bad)
+
+
+def test_budget_settings_that_would_refuse_every_request_are_refused_at_start_up():
+    """SNNET_NETWORK_MS at or over SNNET_DEFAULT_BUDGET_MS left nothing to the server: every
+    request without a budget got a 422; a default budget over the hour a request may give was
+    accepted and reported as given."""
+    from pydantic import ValidationError
+
+    from server.config import Settings
+
+    assert Settings(network_ms=999.0).network_ms == 999.0
+    with pytest.raises(ValidationError, match="SNNET_NETWORK_MS=2000 leaves nothing of "):
+        Settings(network_ms=2000.0)
+    with pytest.raises(ValidationError, match="less than or equal to 3600000"):
+        Settings(default_budget_ms=5_000_000)

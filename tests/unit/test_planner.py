@@ -208,6 +208,10 @@ def test_the_network_allowance_comes_off_every_budget():
     assert r.status == 422
     assert "5 ms reserved for the network (SNNET_NETWORK_MS)" in r.detail
     assert "latency_budget_ms >= 6.00" in r.detail
+    # The need it names counts the network's share too (a need of 1 ms beside a least of 6
+    # read as a contradiction).
+    need = float(re.search(r"it needs ([0-9.]+) ms in all", r.detail).group(1))
+    assert 6.0 <= need <= 6.01 and "with the 5 ms of SNNET_NETWORK_MS" in r.detail
 
 
 def test_time_already_spent_and_the_payload_s_own_http_work_count():
