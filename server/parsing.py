@@ -59,6 +59,14 @@ async def parse_classify(request: Request, settings: Settings, num_classes: int)
             f"content type {ctype or '(none)'!r} not supported; send multipart/form-data (image "
             "parts) or application/json (base64 images)",
         )
+    if query := request.scope.get("query_string"):  # (read as given, it was silently ignored)
+        fields = sorted({"image", *ClassifyOptions.model_fields})
+        raise Refusal(
+            422,
+            f"POST /classify reads its fields from the body, not the query string (got "
+            f"{query.decode('latin-1')!r:.80}); send them as form fields or JSON members: "
+            f"{fields}",
+        )
     body = await read_body(request, settings.max_body_bytes)
     limit = settings.max_images_per_request
     if ctype == "application/json":
@@ -190,18 +198,28 @@ def _options(model: type[ClassifyOptions], raw: dict[str, Any], *, strict: bool)
     try:
         return model.model_validate(raw, strict=strict)
     except ValidationError as e:
-        raise Refusal(422, validation_message(e)) from None
+        raise Refusal(422, validation_message(e, sorted(model.model_fields))) from None
 
 
-def validation_message(e: ValidationError) -> str:
-    """Pydantic's errors as one line: ``field: message (got value)``."""
+_NUMBER_TYPES = ("float_type", "int_type", "bool_type")
+
+
+def validation_message(e: ValidationError, fields: list[str] | None = None) -> str:
+    """Pydantic's errors as one line: ``field: message (got value)``; an unknown field with the
+    ``fields`` allowed, and a number sent as a JSON string named as such ("50" where 50 is
+    meant: the form takes it, JSON does not)."""
     parts = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "body"
         got = ""
         if "input" in err and not isinstance(err["input"], dict):
             got = f" (got {err['input']!r:.80})"
-        parts.append(f"{loc}: {err['msg']}{got}")
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden" and fields:
+            msg = f"not a field; allowed: {fields}"
+        elif err["type"] in _NUMBER_TYPES and isinstance(err.get("input"), str):
+            msg += ": send a JSON number or boolean, not a string"
+        parts.append(f"{loc}: {msg}{got}")
     return "; ".join(parts)
 
 

@@ -229,7 +229,14 @@ def bomb_png() -> bytes:
         (
             {"json": {"image": "DIGIT", "colour": "red"}},
             422,
-            "colour: Extra inputs are not permitted",
+            "colour: not a field; allowed: ['image', 'images', 'latency_budget_ms', 'max_gflops', "
+            "'policy', 'stitch_id', 'top_k'] (got 'red')",
+        ),
+        (
+            {"json": {"image": "DIGIT", "latency_budget_ms": "50"}},
+            422,
+            "latency_budget_ms: Input should be a valid number: send a JSON number or boolean, "
+            "not a string (got '50')",
         ),
         ({"json": {"images": ["DIGIT"] * 5}}, 422, "at most 4 per request"),
         ({"json": {"images": []}}, 422, "images: List should have at least 1 item"),
@@ -297,6 +304,16 @@ def test_multipart_errors(client, digit_png):
     assert r.status_code == 422 and "unknown form fields ['photo']" in r.json()["detail"]
     r = client.post("/classify", files=[("image", ("a.png", digit_png, "image/png"))] * 6)
     assert r.status_code == 422 and "at most 4" in r.json()["detail"]
+    # Fields in the query string were silently ignored (the default budget served a request
+    # that asked for 5 ms): a 422 that says where they go.
+    r = client.post(
+        "/classify?latency_budget_ms=5", files=[("image", ("a.png", digit_png, "image/png"))]
+    )
+    assert r.status_code == 422
+    assert r.json()["detail"].startswith(
+        "POST /classify reads its fields from the body, not the query string (got "
+        "'latency_budget_ms=5'); send them as form fields or JSON members: ['image', "
+    )
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "BMP", "GIF"])
