@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# `make serve PORT=8001`, or SNNET_PORT=8001 (the --port below would override it otherwise)
+# `make serve PORT=8001`, or SNNET_PORT=8001 (the --port below would override it otherwise); a
+# second server beside one on the defaults also needs another gRPC port: SNNET_GRPC_PORT=8082
+# (0: no gRPC)
 PORT   ?= $(or $(SNNET_PORT),8000)
 
 .PHONY: setup serve test lint bench weights clean

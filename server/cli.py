@@ -25,7 +25,10 @@ def serve_settings(args: argparse.Namespace) -> Settings | None:
 
     from .config import Settings
 
-    given = (("host", args.host), ("port", args.port), ("model_name", args.model_name))
+    given = (
+        ("host", args.host), ("port", args.port), ("grpc_port", args.grpc_port),
+        ("model_name", args.model_name), ("weights", args.weights),
+    )  # fmt: skip
     overrides = {k: v for k, v in given if v is not None}
     try:
         return Settings(**overrides)
@@ -144,7 +147,7 @@ def _ports_unusable(settings) -> str | None:
 
     for port, what, setting, off in (
         (settings.port, "HTTP", "SNNET_PORT or --port", ""),
-        (settings.grpc_port, "gRPC", "SNNET_GRPC_PORT", " (0: no gRPC)"),
+        (settings.grpc_port, "gRPC", "SNNET_GRPC_PORT or --grpc-port", " (0: no gRPC)"),
     ):
         failed = _bind_error(settings.host, port) if port else None
         if failed is None:
@@ -286,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
 def add_serve_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--host", help="interface (overrides SNNET_HOST; default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (overrides SNNET_PORT; default 8000)")
+    p.add_argument(
+        "--grpc-port", type=int,
+        help="the V2 gRPC port (overrides SNNET_GRPC_PORT; default 8081; 0: no gRPC)",
+    )  # fmt: skip
+    p.add_argument(
+        "--weights", help="checkpoint directory (overrides SNNET_WEIGHTS; default: the bundled one)"
+    )
     p.add_argument(
         "--model-name",
         help="the model's name in the Open Inference Protocol (overrides SNNET_MODEL_NAME; "

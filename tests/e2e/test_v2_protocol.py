@@ -497,14 +497,24 @@ def test_a_second_server_cannot_take_either_port_of_a_running_one(server):
     for ports, said in (
         ({"SNNET_PORT": str(free_port()), "SNNET_GRPC_PORT": grpc_port},
          f"error: cannot serve: the gRPC port 127.0.0.1:{grpc_port} cannot be bound (Address "
-         "already in use): another process listens there; set SNNET_GRPC_PORT to a free port (0: "
-         "no gRPC)"),
+         "already in use): another process listens there; set SNNET_GRPC_PORT or --grpc-port "
+         "to a free port (0: no gRPC)"),
         ({"SNNET_PORT": str(server.port), "SNNET_GRPC_PORT": "0"},
          f"error: cannot serve: the HTTP port 127.0.0.1:{server.port} cannot be bound (Address "
          "already in use): another process listens there; set SNNET_PORT or --port"),
     ):  # fmt: skip
         r = subprocess.run(
             [SNNET, "serve"], env={**env, **ports}, capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 2 and said in r.stderr, r.stderr
+    # `--grpc-port` and `--weights` as the other commands' flags: the same checks, before loading
+    for flags, said in (
+        (["--port", str(free_port()), "--grpc-port", grpc_port], "set SNNET_GRPC_PORT or --grpc-port"),
+        (["--grpc-port", "0", "--weights", "/nonexistent/ckpt"],
+         "error: cannot serve: checkpoint directory /nonexistent/ckpt does not exist"),
+    ):  # fmt: skip
+        r = subprocess.run(
+            [SNNET, "serve", *flags], env=env, capture_output=True, text=True, timeout=120
         )
         assert r.returncode == 2 and said in r.stderr, r.stderr
     with httpx.Client(base_url=server.url) as c:  # and the running one is untouched
