@@ -77,7 +77,13 @@ class ClassifyJSON(ClassifyOptions):
 def multipart_schema() -> dict:
     """The multipart form's schema, from the same fields as JSON: `image` file parts instead of
     base64, option values as form fields."""
-    options = ClassifyOptions.model_json_schema()
+    fields = ClassifyOptions.model_json_schema()["properties"]
+    # Swagger UI's "Try it out" filled each optional field with a sample of its type (1 ms,
+    # stitch 0 and a 1 GFLOPs cap at once: a 422): the budget has a value that works, the others
+    # none (a field left empty is not sent).
+    fields["latency_budget_ms"]["example"] = 50
+    for name in ("stitch_id", "max_gflops", "policy"):
+        fields[name]["example"] = ""
     return {
         "type": "object",
         "required": ["image"],
@@ -88,7 +94,7 @@ def multipart_schema() -> dict:
                 "items": {"type": "string", "format": "binary"},
                 "description": "One file part per image (JPEG, PNG, WebP, BMP, GIF).",
             },
-            **options["properties"],
+            **fields,
         },
         "additionalProperties": False,
     }
