@@ -34,6 +34,7 @@ from .deps import engine_of
 router = APIRouter()
 
 CLIENT_GONE = 499  # the status counted for a request whose client went away (nginx's code)
+GONE_DETAIL = "the client closed its connection before the answer"
 
 # Payloads up to this size are decoded on the event loop (well under a millisecond); larger
 # ones in a worker thread so that one big image cannot stall every other request.
@@ -176,9 +177,6 @@ async def until_answered(
     if time.monotonic() >= plan.deadline:
         engine.record_unanswered(plan)
     raise Refusal(CLIENT_GONE, GONE_DETAIL)
-
-
-GONE_DETAIL = "the client closed its connection before the answer"
 
 
 async def client_went(receive: Callable[[], Awaitable[dict]], fut: asyncio.Future) -> bool:
