@@ -109,3 +109,18 @@ def classify(url: str, pngs: list[bytes], **fields) -> httpx.Response:
     return httpx.post(
         f"{url}/classify", files=files, data={k: str(v) for k, v in fields.items()}, timeout=60
     )
+
+
+def sample(metrics: str, name: str) -> float:
+    """An unlabelled sample's value in a /metrics text."""
+    return float(metrics.split(f"\n{name} ")[1].split()[0])
+
+
+def ran_and_withdrawn(before: str, after: str) -> tuple[float, float]:
+    """Images the model ran, and images taken out of the queue unrun, between two /metrics
+    texts."""
+    ran, gone = (
+        sample(after, name) - sample(before, name)
+        for name in ("snnet_batch_size_sum", "snnet_withdrawn_images_total")
+    )
+    return ran, gone

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests._servers import SnnetServer, suite_profile_cache
+from tests._servers import SnnetServer, ran_and_withdrawn, suite_profile_cache
 
 pytestmark = pytest.mark.timing  # `make test` runs it alone (pyproject's markers)
 
@@ -322,13 +322,7 @@ def test_a_client_that_disconnects_from_a_front_leaves_the_owners_queue_unrun(se
                 break
         assert answered >= 2 and gone >= 1 and answered + gone == 6, (answered, gone)
 
-        def value(text: str, name: str) -> float:
-            return float(text.split(f"\n{name} ")[1].split()[0])
-
-        ran = value(after, "snnet_batch_size_sum") - value(before, "snnet_batch_size_sum")
-        withdrawn = value(after, "snnet_withdrawn_images_total") - value(
-            before, "snnet_withdrawn_images_total"
-        )
+        ran, withdrawn = ran_and_withdrawn(before, after)
         assert withdrawn >= 16 and ran + withdrawn == 6 * 16  # what left the queue never ran
 
 

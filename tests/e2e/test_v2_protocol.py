@@ -16,7 +16,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 import snnet_core
-from tests._servers import ROOT, SNNET, free_port
+from tests._servers import ROOT, SNNET, free_port, ran_and_withdrawn, sample
 
 pytestmark = pytest.mark.timing  # `make test` runs it alone (pyproject's markers)
 
@@ -417,13 +417,7 @@ def test_a_grpc_deadline_caps_the_budget_and_an_abandoned_call_is_not_run_or_a_2
     assert sum(outcomes) == answered >= 2 and abandoned >= 1
     assert answered + abandoned == 6  # each call counted once, none as a 200 it was not
 
-    def value(metrics: str, name: str) -> float:
-        return float(metrics.split(f"\n{name} ")[1].split()[0])
-
-    ran = value(after, "snnet_batch_size_sum") - value(before, "snnet_batch_size_sum")
-    withdrawn = value(after, "snnet_withdrawn_images_total") - value(
-        before, "snnet_withdrawn_images_total"
-    )
+    ran, withdrawn = ran_and_withdrawn(before, after)
     assert withdrawn >= 16 and ran + withdrawn == 6 * 16  # what left the queue never ran
 
 
@@ -521,10 +515,6 @@ def test_a_second_server_cannot_take_either_port_of_a_running_one(server):
         assert c.get("/readyz").status_code == 200
 
 
-def _value(metrics: str, name: str) -> float:
-    return float(metrics.split(f"\n{name} ")[1].split()[0])
-
-
 def _rest_count(metrics: str, route: str, status: str) -> float:
     line = f'snnet_requests_total{{route="{route}",status="{status}"}} '
     return sum(float(x.split()[-1]) for x in metrics.splitlines() if x.startswith(line))
@@ -562,10 +552,10 @@ def test_a_rest_client_that_disconnects_while_queued_leaves_the_queue_unrun(
             s = socket.create_connection((host, int(port)), timeout=30)
             socks.append(s)
             s.sendall(head + body)
-        arrivals = _value(before, "snnet_arrivals_total")
+        arrivals = sample(before, "snnet_arrivals_total")
         for _ in range(500):  # until the server has them all (then close: no sleep to guess)
             if (
-                _value(httpx.get(f"{server.url}/metrics").text, "snnet_arrivals_total")
+                sample(httpx.get(f"{server.url}/metrics").text, "snnet_arrivals_total")
                 >= arrivals + 6
             ):
                 break
@@ -590,8 +580,5 @@ def test_a_rest_client_that_disconnects_while_queued_leaves_the_queue_unrun(
     answered = _rest_count(after, route_label, "200") - _rest_count(before, route_label, "200")
     gone = _rest_count(after, route_label, "499") - _rest_count(before, route_label, "499")
     assert answered >= 2 and gone >= 1 and answered + gone == 6
-    ran = _value(after, "snnet_batch_size_sum") - _value(before, "snnet_batch_size_sum")
-    withdrawn = _value(after, "snnet_withdrawn_images_total") - _value(
-        before, "snnet_withdrawn_images_total"
-    )
+    ran, withdrawn = ran_and_withdrawn(before, after)
     assert withdrawn >= 16 and ran + withdrawn == 6 * 16  # what left the queue never ran
