@@ -31,7 +31,13 @@ def serve_settings(args: argparse.Namespace) -> Settings | None:
     )  # fmt: skip
     overrides = {k: v for k, v in given if v is not None}
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
+        # As the environment they override, for every process this one starts: the API workers'
+        # fronts read their settings from it (`--weights` served one model from the owner and
+        # the bundled one's labels and preprocessing from the fronts).
+        for name, value in overrides.items():
+            os.environ[f"SNNET_{name.upper()}"] = str(value)
+        return settings
     except SettingsError as e:  # e.g. a list setting that is not JSON
         print(f"error: invalid settings: {e}", file=sys.stderr)
     except ValidationError as e:

@@ -242,7 +242,8 @@ class Settings(BaseSettings):
         if self.grpc_port == self.port:
             raise ValueError(
                 f"SNNET_GRPC_PORT and SNNET_PORT (--port) are both {self.port}: the gRPC endpoint "
-                f"needs a port of its own; set SNNET_GRPC_PORT to another (0: no gRPC)"
+                f"needs a port of its own; set SNNET_GRPC_PORT (--grpc-port) to another (0: no "
+                f"gRPC)"
             )
         return self
 

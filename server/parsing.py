@@ -201,13 +201,17 @@ def _options(model: type[ClassifyOptions], raw: dict[str, Any], *, strict: bool)
         raise Refusal(422, validation_message(e, sorted(model.model_fields))) from None
 
 
-_NUMBER_TYPES = ("float_type", "int_type", "bool_type")
+_FROM_STRING = {  # a JSON string where another type is meant: what to send instead
+    "float_type": "a JSON number",
+    "int_type": "a JSON number",
+    "bool_type": "true or false",
+}
 
 
 def validation_message(e: ValidationError, fields: list[str] | None = None) -> str:
-    """Pydantic's errors as one line: ``field: message (got value)``; an unknown field with the
-    ``fields`` allowed, and a number sent as a JSON string named as such ("50" where 50 is
-    meant: the form takes it, JSON does not)."""
+    """Pydantic's errors as one line: ``field: message (got value)``. With ``fields`` (a JSON
+    body's members), an unknown one with the fields allowed, and a number sent as a JSON string
+    named as such ("50" where 50 is meant: the form takes it, JSON does not)."""
     parts = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "body"
@@ -217,8 +221,8 @@ def validation_message(e: ValidationError, fields: list[str] | None = None) -> s
         msg = err["msg"]
         if err["type"] == "extra_forbidden" and fields:
             msg = f"not a field; allowed: {fields}"
-        elif err["type"] in _NUMBER_TYPES and isinstance(err.get("input"), str):
-            msg += ": send a JSON number or boolean, not a string"
+        elif fields and err["type"] in _FROM_STRING and isinstance(err.get("input"), str):
+            msg += f": send {_FROM_STRING[err['type']]}, not a string"
         parts.append(f"{loc}: {msg}{got}")
     return "; ".join(parts)
 

@@ -470,7 +470,7 @@ class Planner:
             422,
             f"{what} is below {below}{reserved} even on an idle server, and it needs "
             f"{need + self.network_ms:.2f} ms in all with reading, decoding and answering it and "
-            f"the safety margin{self._network_text()}{self._after_pause(need, least)}; "
+            f"the safety margin{self._after_pause(need, least)}; "
             f"allowed: latency_budget_ms >= {least:.2f}",
             least_ms=least,
         )

@@ -191,7 +191,7 @@ def _nearest(manifest: Manifest, fp: DeviceFingerprint) -> str:
         for f in differ(near)
     )
     hint = ""
-    if differ(near) == ["threads"]:
+    if differ(near) == ["threads"] and fp.device_type == "cpu":  # (on CUDA: the SM count)
         hint = (
             f" (`snnet profile --threads {fp.threads}` writes one that is used, or serve with "
             f"SNNET_THREADS={near.fingerprint.threads})"

@@ -79,10 +79,11 @@ def multipart_schema() -> dict:
     base64, option values as form fields."""
     fields = ClassifyOptions.model_json_schema()["properties"]
     # Swagger UI's "Try it out" filled each optional field with a sample of its type (1 ms,
-    # stitch 0 and a 1 GFLOPs cap at once: a 422): the budget has a value that works, the others
-    # none (a field left empty is not sent).
-    fields["latency_budget_ms"]["example"] = 50
-    for name in ("stitch_id", "max_gflops", "policy"):
+    # stitch 0 and a 1 GFLOPs cap at once: a 422; top_k=5 on a model of 3 classes: a 422). An
+    # empty example leaves the field empty, and an empty field is not sent: the defaults apply.
+    # (Not of the field's type: OpenAPI 3.1's `example` is free-form, and this is what it is
+    # for here; the form parser takes an empty field as absent.)
+    for name in fields:
         fields[name]["example"] = ""
     return {
         "type": "object",

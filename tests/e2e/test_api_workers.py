@@ -7,7 +7,9 @@ answers with its pid in X-SNNet-Worker; the owner without it).
 
 import base64
 import io
+import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests._servers import SnnetServer, ran_and_withdrawn, suite_profile_cache
+from tests._servers import ROOT, SNNET, SnnetServer, ran_and_withdrawn, suite_profile_cache
 
 pytestmark = pytest.mark.timing  # `make test` runs it alone (pyproject's markers)
 
@@ -26,6 +28,14 @@ WORKER = "x-snnet-worker"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    # The bundled weights under labels of their own, given by `--weights`: every process must
+    # serve that checkpoint (the fronts read their settings from the environment, and served the
+    # bundled model's labels and preprocessing while the owner served this one).
+    ckpt = tmp_path_factory.mktemp("relabelled") / "weights"
+    shutil.copytree(ROOT / "weights", ckpt)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["labels"] = [f"digit-{label}" for label in manifest["labels"]]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
     env = {
         "SNNET_API_WORKERS": "3",
         # The tests hold a connection to each process; at uvicorn's 5 s an idle one closed on a
@@ -35,7 +45,7 @@ def server(tmp_path_factory):
         "SNNET_GRPC_PORT": "0",
         "SNNET_PROFILE_CACHE": suite_profile_cache(tmp_path_factory),
     }
-    with SnnetServer(env) as srv:
+    with SnnetServer(env, command=[SNNET, "serve", "--weights", str(ckpt)]) as srv:
         srv.wait_for("ready in")
         yield srv
 
@@ -110,6 +120,8 @@ def test_every_worker_answers_with_the_owners_planner_queue_and_metrics(server, 
     # The same model answers the same images the same way, whichever process read them.
     tops = {who: [p[0]["class_index"] for p in a["predictions"]] for who, a in answers.items()}
     assert len({tuple(t) for t in tops.values()}) == 1
+    for a in answers.values():  # the checkpoint `--weights` named, in every process
+        assert [p[0]["label"] for p in a["predictions"]] == [f"digit-{t}" for t in tops["owner"]]
     assert sum(a == b for a, b in zip(tops["owner"], labels, strict=True)) >= 14
     # Planned, queued and counted by the owner: its metrics saw all three requests.
     assert metric(owner, "snnet_arrivals_total") == before + 3
