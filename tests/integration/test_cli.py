@@ -183,7 +183,7 @@ def test_serve_refuses_settings_that_would_serve_wrongly():
     proc = snnet_process("serve", "--port", "8100", check=False, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "\n  SNNET_GRPC_PORT and SNNET_PORT (--port) are both 8100: the gRPC endpoint needs a " \
-        "port of its own; set SNNET_GRPC_PORT to another (0: no gRPC)" in proc.stderr  # fmt: skip
+        "port of its own; set SNNET_GRPC_PORT (--grpc-port) to another (0: no gRPC)" in proc.stderr  # fmt: skip
     assert "LOG_LEVEL" not in proc.stderr
     # A Kubernetes Service named snnet, with service links on, sets SNNET_PORT=tcp://...
     env = {"SNNET_PORT": "tcp://10.96.12.34:8000", "SNNET_SERVICE_HOST": "10.96.12.34"}
