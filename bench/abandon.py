@@ -115,7 +115,10 @@ def main() -> None:
         for t in threads:
             t.join()
         elapsed = time.monotonic() - t0
-        time.sleep(1.0)  # (what was queued when the clients stopped has run or left)
+        settle = time.monotonic() + 10  # (what was queued when the clients stopped runs or leaves)
+        while metric(url, "snnet_queue_depth") > 0 and time.monotonic() < settle:
+            pass
+        time.sleep(2 * best["predicted_ms"]["8"] / 1e3)  # (and the batch running then, counted)
         ran = metric(url, "snnet_batch_size_sum") - ran0
         withdrawn = metric(url, "snnet_withdrawn_images_total") - gone0
     finally:

@@ -430,6 +430,25 @@ def test_a_stitch_measured_while_the_cores_were_taken_is_measured_again(tiny_net
     assert all(start.profile.latency_ms[a] == true_ms[a] for a in anchors)
 
 
+def _started_beside(tiny_net, tmp_path, caplog, written, sizes, fp):
+    """Start-up's profile choice for a server on ``fp`` whose manifest holds one profile,
+    measured on ``written`` at ``sizes``: (StartProfile, manifest, menu), the log in
+    ``caplog``."""
+    from server.config import Settings
+    from server.profiling import choose_profile
+    from snnet_core.profile import LatencyProfile
+
+    manifest = snnet_core.new_manifest(tiny_net)
+    menu = StitchMenu.of(manifest.stitches)
+    rows = {s: {b: 1.0 + s + (3.0 if b == 8 else 0.0) for b in sizes} for s in range(len(menu))}
+    manifest.profiles = [LatencyProfile(written, list(sizes), rows, 3, 1)]
+    settings = Settings(profile_cache=tmp_path / "p.json", profile_seconds=0.0)
+    with caplog.at_level(logging.INFO, logger="snnet.profiling"):
+        start = choose_profile(settings, manifest, menu, fp, lambda s, b: dict.fromkeys(b, 1.0),
+                               lambda: None)  # fmt: skip
+    return start, manifest, menu
+
+
 def test_a_manifest_profile_of_other_batch_sizes_is_passed_over_with_a_word(
     tiny_net, tmp_path, caplog
 ):
@@ -437,17 +456,9 @@ def test_a_manifest_profile_of_other_batch_sizes_is_passed_over_with_a_word(
     use: it measures, and now says why, and what would make it usable."""
     from server.config import Settings
     from server.profiling import choose_profile
-    from snnet_core.profile import LatencyProfile
 
-    manifest = snnet_core.new_manifest(tiny_net)
-    menu = StitchMenu.of(manifest.stitches)
     fp = DeviceFingerprint.current(torch.device("cpu"), torch.float32)
-    rows = {s: {1: 1.0 + s, 8: 4.0 + s} for s in range(len(menu))}
-    manifest.profiles = [LatencyProfile(fp, [1, 8], rows, 3, 1)]
-    settings = Settings(profile_cache=tmp_path / "p.json", profile_seconds=0.0)
-    with caplog.at_level(logging.INFO, logger="snnet.profiling"):
-        start = choose_profile(settings, manifest, menu, fp, lambda s, b: dict.fromkeys(b, 1.0),
-                               lambda: None)  # fmt: skip
+    start, manifest, menu = _started_beside(tiny_net, tmp_path, caplog, fp, (1, 8), fp)
     assert start.source != "manifest"
     assert "the manifest's profile for this device is not used: it lacks batch sizes [2, 4] of " \
         "the 1,2,4,8 served (`snnet profile --batch-sizes 1,2,4,8` writes one that is, or serve " \
@@ -464,23 +475,11 @@ def test_a_manifest_profile_of_another_thread_count_is_passed_over_with_a_word(
     log said only "0 of 35 stitches in the cache"; now which field differs, and what to do."""
     import dataclasses
 
-    from server.config import Settings
-    from server.profiling import choose_profile
-    from snnet_core.profile import LatencyProfile
-
-    manifest = snnet_core.new_manifest(tiny_net)
-    menu = StitchMenu.of(manifest.stitches)
     fp = dataclasses.replace(
         DeviceFingerprint.current(torch.device("cpu"), torch.float32), threads=1
     )
-    rows = {s: {b: 1.0 + s for b in (1, 2, 4, 8)} for s in range(len(menu))}
-    manifest.profiles = [
-        LatencyProfile(dataclasses.replace(fp, threads=2), [1, 2, 4, 8], rows, 3, 1)
-    ]
-    settings = Settings(profile_cache=tmp_path / "p.json", profile_seconds=0.0)
-    with caplog.at_level(logging.INFO, logger="snnet.profiling"):
-        start = choose_profile(settings, manifest, menu, fp, lambda s, b: dict.fromkeys(b, 1.0),
-                               lambda: None)  # fmt: skip
+    written = dataclasses.replace(fp, threads=2)
+    start, _, _ = _started_beside(tiny_net, tmp_path, caplog, written, (1, 2, 4, 8), fp)
     assert start.source != "manifest"
     assert "the manifest's profiles are not for this device: the nearest has threads 2, served " \
         "with 1 (`snnet profile --threads 1` writes one that is used, or serve with " \
