@@ -170,6 +170,7 @@ def create_app(settings: Settings | None = None, fronts: Fronts | None = None) -
     it also serves the front processes' channel and starts, watches and stops them."""
     settings = settings or get_settings()
     metrics = Metrics()
+    metrics.slo_target.set(settings.slo_target)
     ingress = Ingress()
     life = Lifecycle(settings, metrics, ingress)
 

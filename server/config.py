@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .schemas import MAX_BUDGET_MS
+from .schemas import MAX_BUDGET_MS, SLO_RANGE, SLO_TARGET
 
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
@@ -87,6 +87,16 @@ class Settings(BaseSettings):
         description="Part of every latency budget reserved for time the server cannot see (the "
         "network, the client's own send and receive): choices, deadlines and budget_met use the "
         "budget minus this.",
+    )
+    slo_target: float = Field(
+        SLO_TARGET,
+        ge=SLO_RANGE[0],
+        le=SLO_RANGE[1],
+        description="The share of answered requests the server promises within their budget "
+        "(the service level objective; best-effort answers apart). The safety margin covers "
+        "1 - (1 - this) / 2 of recent answers: a lower promise pads predictions less, so more "
+        "accurate stitches fit a budget and more answers run over it. Exported as "
+        "snnet_slo_target, which the shipped alert compares attainment with.",
     )
     max_batch_size: int = Field(8, ge=1, le=256, description="Largest batch the batcher forms.")
     max_batch_wait_ms: float = Field(

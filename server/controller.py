@@ -23,8 +23,8 @@ met / missed / shed) and the scheduler's predicted queue wait, and updates:
 - **safety margin**: what the planner adds to what it predicts outside the model queue (HTTP
   backlog, the request's own HTTP work, compute), so that what the latency model does not see
   (contention, scheduler stalls, an estimated stitch running over its estimate) is still
-  budgeted for: a share of the prediction plus fixed ms, set to cover 99.5% of the answered
-  requests of the last 30 s (at most 256; a prior and fits to a few answers until there are
+  budgeted for: a share of the prediction plus fixed ms, set to cover ``margin_quantile`` of the
+  answered requests of the last 30 s (99.5% for the default promise, ``slo_target`` 99%) (at most 256; a prior and fits to a few answers until there are
   20), see ``_margin``. Both parts, because both kinds of error occur: a stitch's own
   prediction error grows with it, while on a small VM a stall of the scheduler costs about the
   same 10-20 ms whatever runs.
@@ -61,6 +61,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .latency import MAX_CORRECTION, MIN_CORRECTION, LatencyModel
+from .schemas import SLO_RANGE, SLO_TARGET
 
 log = logging.getLogger("snnet.controller")
 
@@ -159,10 +160,11 @@ class PrometheusSource:
 
 
 MARGIN_MIN_ANSWERS = 20
-# The share of answers the margin aims to cover. The promise is 99% within budget: a margin at
-# exactly the 99th percentile of recent answers misses about 1% of what it is meant to cover
-# before any estimation error, and the window's own 99th percentile (its 3rd largest of 200) sat
-# below the true one often enough that idle DeiT runs here met 98.1-98.8% (session 11).
+# The share of answers the margin aims to cover, for the default promise (see
+# ``margin_quantile``). The promise is 99% within budget: a margin at exactly the 99th
+# percentile of recent answers misses about 1% of what it is meant to cover before any
+# estimation error, and the window's own 99th percentile (its 3rd largest of 200) sat below the
+# true one often enough that idle DeiT runs here met 98.1-98.8% (session 11).
 MARGIN_QUANTILE = 0.995
 # The share of idle answers the margin a 422 is judged on aims to cover
 # (``Controller.refuse_margin``): a budget the fastest stitch meets with it on an idle server
@@ -194,6 +196,24 @@ FIRST_RUN_WEIGHT = 0.7
 # of estimated stitches took 0.84-1.44x their estimates.
 FIRST_RUNS_KEPT = 8
 MAX_ESTIMATE_PAD = 1.5
+
+
+def margin_quantile(slo_target: float) -> float:
+    """The share of answers the margin aims to cover for a promise of ``slo_target`` within
+    budget: half the misses the promise allows (0.995 for 0.99, 0.975 for 0.95), the other half
+    left to estimation error (the margin is fitted to the last answers, not the next ones; on
+    the recorded idle DeiT answers, ``bench/law_replay.py``, a margin fitted at 99.5% covered
+    96.8-99.3% of the next answers from the 5th on, at 97.5% 94.6-98.0%, at 95% 90.7-96.7%)."""
+    lo, hi = SLO_RANGE
+    if not lo <= slo_target <= hi:
+        raise ValueError(f"slo_target must be in [{lo}, {hi}], got {slo_target}")
+    return 1.0 - (1.0 - slo_target) / 2.0
+
+
+def _prior(quantile: float) -> float:
+    """MARGIN_PRIOR scaled from MARGIN_QUANTILE to ``quantile`` as a normal's quantile is."""
+    normal = statistics.NormalDist()
+    return MARGIN_PRIOR * normal.inv_cdf(quantile) / normal.inv_cdf(MARGIN_QUANTILE)
 
 
 def _t_quantile(df: int, quantile: float = MARGIN_QUANTILE) -> float:
@@ -248,7 +268,8 @@ def _margin(
     of ``bench/margin_replay.py`` lost no coverage choosing from 20: answers 20-39, 99.4% ->
     100%, cheap pads 15.2 -> 14.8 ms.)
 
-    With fewer than MARGIN_MIN_FIT answers: a share only, the prior, whatever the quantile.
+    With fewer than MARGIN_MIN_FIT answers: a share only, the prior (scaled to the first of
+    ``quantiles``, the margin's own; the others get the same).
     Then, below MARGIN_MIN_ANSWERS, ``c`` is the geometric mean of the smallest and the median
     prediction, and the share is the prior (scaled to the quantile as a normal one is) or,
     when wider, the upper prediction bound at the quantile of a log-normal fitted to
@@ -268,19 +289,17 @@ def _margin(
     (so the pad of the median prediction is at most the prediction itself, whatever ``c``),
     so that a few stalls (a GC pause, a burst) cannot make the margin shed everything."""
     n = len(pairs)
-    if n < MARGIN_MIN_FIT:  # (both: the first answers are the least steady)
-        return [(MARGIN_PRIOR, 0.0)] * len(quantiles)
+    if n < MARGIN_MIN_FIT:  # (all: the first answers are the least steady)
+        return [(_prior(quantiles[0]), 0.0)] * len(quantiles)
     pairs = sorted(pairs, key=lambda ap: ap[1])
     median = pairs[n // 2][1]
     if n < MARGIN_MIN_ANSWERS:  # a share of the prediction and as much of c
         c = math.sqrt(pairs[0][1] * median)
         logs = [math.log(max((a + c) / (p + c), 1e-6)) for a, p in pairs]
         mean, sd = statistics.fmean(logs), statistics.stdev(logs) * math.sqrt(1 + 1 / n)
-        normal = statistics.NormalDist()
         out = []
         for q in quantiles:
-            prior = MARGIN_PRIOR * normal.inv_cdf(q) / normal.inv_cdf(MARGIN_QUANTILE)
-            share = min(MAX_MARGIN, max(prior, math.exp(mean + _t_quantile(n - 1, q) * sd) - 1))
+            share = min(MAX_MARGIN, max(_prior(q), math.exp(mean + _t_quantile(n - 1, q) * sd) - 1))
             out.append((share, share * c))
         return out
     lower, upper = pairs[: n // 2], pairs[n // 2 :]
@@ -292,7 +311,8 @@ def _margin(
         return sorted((a - p) / (p + c) for a, p in part)
 
     def mismatch(c: float) -> float:
-        lo, hi = _tail_quantile(overruns(c, lower)), _tail_quantile(overruns(c, upper))
+        lo = _tail_quantile(overruns(c, lower), quantiles[0])
+        hi = _tail_quantile(overruns(c, upper), quantiles[0])
         return abs(hi - lo) / max(abs(hi), abs(lo), 1e-9)
 
     c = min((scale * median for scale in MARGIN_SCALES), key=mismatch)
@@ -345,6 +365,10 @@ class Controller:
             Their first run here sets most of their own factor, and until it, they are
             predicted with the largest overrun of the last estimated stitches' first runs
             (``estimate_pad``): an estimate that was low sends its first request over budget.
+        slo_target: The share of answered requests the server promises within their budget;
+            the margins cover ``margin_quantile(slo_target)`` of the answers (the one a 422 is
+            judged on, REFUSE_QUANTILE or that if lower). A lower promise pads less, so more
+            accurate stitches fit a budget, and more answers run over it.
     """
 
     def __init__(
@@ -366,9 +390,14 @@ class Controller:
         recent_arrivals: int = 12,
         scores: Mapping[int, float] | None = None,
         estimated: Collection[int] = (),
+        slo_target: float = SLO_TARGET,
     ) -> None:
         if not 0 < target_utilisation <= 1:
             raise ValueError(f"target_utilisation must be in (0, 1], got {target_utilisation}")
+        self.slo_target = slo_target
+        self.quantile = margin_quantile(slo_target)
+        self.refuse_quantile = min(REFUSE_QUANTILE, self.quantile)
+        prior = _prior(self.quantile)
         self.latency, self.ranking, self.max_batch = latency, list(ranking), max_batch
         self.target_utilisation, self.release_per_s = target_utilisation, release_per_s
         self.rate_tau_up_s, self.rate_tau_down_s = rate_tau_up_s, rate_tau_down_s
@@ -400,7 +429,7 @@ class Controller:
         self.mean_budget_ms: float | None = None
         self.queued_work_ms = 0.0
         # The safety margin on the predicted time outside the queue: a share of it plus fixed ms.
-        self.margin, self.margin_ms = MARGIN_PRIOR, 0.0
+        self.margin, self.margin_ms = prior, 0.0
         self.allowed: list[int] = list(self.ranking)
         self.scores = dict(scores) if scores is not None else None
         self._credit = 0.0  # error diffusion between the two hull stitches, see draw_allowed
@@ -417,9 +446,9 @@ class Controller:
         # look impossible. Same window, but kept until newer ones replace them, whatever their
         # age; with too few (a fresh server), the prior.
         self._rest_residuals: deque[tuple[float, float, float]] = deque(maxlen=residual_window)
-        self.rest_margin, self.rest_margin_ms = MARGIN_PRIOR, 0.0
-        # The same at REFUSE_QUANTILE: what a 422 is judged on (see ``pad_ms``).
-        self.refuse_margin, self.refuse_margin_ms = MARGIN_PRIOR, 0.0
+        self.rest_margin, self.rest_margin_ms = prior, 0.0
+        # The same at ``refuse_quantile``: what a 422 is judged on (see ``pad_ms``).
+        self.refuse_margin, self.refuse_margin_ms = prior, 0.0
         self._margin_key: tuple | None = None  # the windows the margins were fitted to
         self.residual_max_age_s = residual_max_age_s
         self._lock = threading.Lock()  # residuals come from the event loop, reads from anywhere
@@ -554,14 +583,14 @@ class Controller:
             self._margin_key = key
             recent = [(a, p) for _, a, p in self._residuals]
             rest = [(a, p) for _, a, p in self._rest_residuals]
-        ((self.margin, self.margin_ms),) = _margin(recent)
+        ((self.margin, self.margin_ms),) = _margin(recent, (self.quantile,))
         (self.rest_margin, self.rest_margin_ms), (self.refuse_margin, self.refuse_margin_ms) = (
-            _margin(rest, (MARGIN_QUANTILE, REFUSE_QUANTILE))
+            _margin(rest, (self.quantile, self.refuse_quantile))
         )
 
     def pad_ms(self, predicted_ms: float, *, alone: bool = False, refuse: bool = False) -> float:
         """The safety margin on ``predicted_ms`` of time outside the queue (``alone``: an idle
-        server's). ``refuse``: the idle server's margin at REFUSE_QUANTILE (``alone`` or not),
+        server's). ``refuse``: the idle server's margin at ``refuse_quantile`` (``alone`` or not),
         which decides whether a budget no stitch meets with the full margin is still served by
         the fastest or refused with a 422; never more than the idle server's full margin (so
         by construction, see ``_margin``; the ``min`` keeps it so while one fit is published
@@ -725,6 +754,9 @@ class Controller:
             "refuse_margin_ms": round(self.refuse_margin_ms, 3),
             "estimate_pad": round(self.estimate_pad, 4),
             "target_utilisation": self.target_utilisation,
+            "slo_target": self.slo_target,
+            "margin_quantile": round(self.quantile, 6),
+            "refuse_quantile": round(self.refuse_quantile, 6),
             "allowed_stitches": list(self.allowed),
             "device_factor": round(self.device_factor, 4),
             "idle_device_factor": round(self.settled_device_factor, 4),

@@ -300,6 +300,7 @@ def build_engine(
         controller = Controller(
             latency, menu.ranking, max_batch=s.max_batch_size, scores=menu.scores,
             target_utilisation=s.target_utilisation, estimated=start.estimated,
+            slo_target=s.slo_target,
         )  # fmt: skip
         planner = Planner(
             menu, scheduler, controller, ingress, default_budget_ms=s.default_budget_ms,

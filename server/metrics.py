@@ -165,8 +165,8 @@ class Metrics:
         self.best_effort = Counter(
             "snnet_best_effort",
             "Requests answered with a budget below what the server promises (no stitch met it "
-            "with the full safety margin; an idle server's fastest stitch did with the margin "
-            "fitted to 95% of its answers), by whether they met it; not in snnet_budget_met or "
+            "with the full safety margin; an idle server's fastest stitch did with the looser "
+            "margin a refusal is judged on), by whether they met it; not in snnet_budget_met or "
             "snnet_budget_missed",
             ["outcome"],
             registry=r,
@@ -240,6 +240,12 @@ class Metrics:
         )
         self.ready = Gauge(
             "snnet_ready", "1 when the model is loaded, verified and profiled", registry=r
+        )
+        self.slo_target = Gauge(
+            "snnet_slo_target",
+            "The share of answered requests this server promises within their budget "
+            "(SNNET_SLO_TARGET); snnet_budget_met / (met + missed + shed) is held against it",
+            registry=r,
         )
         self.model = Info("snnet_model", "The served SN-Net", registry=r)
 

@@ -16,9 +16,9 @@
    before it under earliest-deadline-first + its own batch + the controller's safety margin)
    fits its budget, and its compute fits in the slack of every queued request due later.
    Otherwise 503 with Retry-After; or 422 if nothing was ahead of it and even an idle server
-   could not meet the budget with a margin fitted to 95% of its answers, as waiting would not
-   help. Between the two (it finds the server idle and the fastest stitch meets the budget
-   with the margin at REFUSE_QUANTILE, not the full one), the fastest stitch serves it, "best
+   could not meet the budget with a margin fitted to 95% of its answers (``refuse_quantile``),
+   as waiting would not help. Between the two (it finds the server idle and the fastest stitch
+   meets the budget with that margin, not the full one), the fastest stitch serves it, "best
    effort": counted apart from the promise (``Plan.best_effort``). A request that finds
    the server idle is predicted with what requests served alone took (``Ingress.rest_ms``,
    ``Controller.rest_margin``), any other with what recent requests took: a burst's busy
@@ -265,8 +265,8 @@ class Planner:
                 return admitted(s, compute, queue_ms, margin)
         if not fits and alone:
             # Nothing ahead of it, and no stitch meets the budget with an idle server's full
-            # margin. The fastest still serves it if it does with the margin at REFUSE_QUANTILE
-            # (95%): an idle server meets such a budget most times, a refusal never (a fresh
+            # margin. The fastest still serves it if it does with the margin at refuse_quantile
+            # (95%, or the full one's if SNNET_SLO_TARGET makes that lower): an idle server meets such a budget most times, a refusal never (a fresh
             # idle DeiT server here refused budgets of 59-102 ms while its cheapest stitch
             # answered in 38-50 ms).
             s = min(pool, key=lambda s: (self.scheduler.batches_ms(s, n), s))
@@ -288,7 +288,8 @@ class Planner:
                     f"server even when idle ({need + self.network_ms:.2f} ms: compute, reading, "
                     f"decoding and answering its images (sized {payload_bytes} bytes: their "
                     f"bytes, or half a byte a pixel where that is more) and the safety margin "
-                    f"fitted to 95% of an idle server's answers, {self._rest_margin_text()}"
+                    f"fitted to {self._refuse_share()} of an idle server's answers, "
+                    f"{self._rest_margin_text()}"
                     f"{self._network_text()}){self._after_pause(need, least)}; allowed: "
                     f"latency_budget_ms >= {least:.2f}",
                     least_ms=least,
@@ -432,6 +433,10 @@ class Planner:
         """The network's share in a 422's need, where there is one (a need below the least it
         names, with no word of the difference, read as a contradiction)."""
         return f", with the {self.network_ms:g} ms of SNNET_NETWORK_MS" if self.network_ms else ""
+
+    def _refuse_share(self) -> str:
+        """The share of idle answers a 422's margin covers, in words ("95%")."""
+        return f"{100 * self.controller.refuse_quantile:g}%"
 
     def _rest_margin_text(self) -> str:
         """The margin a 422 is judged on (``Controller.refuse_margin``), in words."""

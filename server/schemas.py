@@ -23,6 +23,10 @@ DIGIT_PNG_B64 = (
 # taken, and the controller's mean budget (which scales its queue load) and the budget
 # histogram's sum became meaningless for every request after it.
 MAX_BUDGET_MS = 3_600_000.0
+# The share of answered requests (best effort apart) the server promises within their budget,
+# by default (SNNET_SLO_TARGET), and the range it may be set in (server.controller).
+SLO_TARGET = 0.99
+SLO_RANGE = (0.8, 0.999)
 
 
 class ClassifyOptions(BaseModel):
@@ -136,10 +140,11 @@ class ClassifyResponse(BaseModel):
     budget_met: bool = Field(description="total_ms + SNNET_NETWORK_MS <= latency_budget_ms.")
     best_effort: bool = Field(
         False,
-        description="The budget was below what the server promises to meet (99% of the time): "
-        "it found the server idle and no stitch met the budget with the full safety margin, so "
-        "the fastest stitch served it, as it met the budget with the margin fitted to 95% of an "
-        "idle server's answers. Counted in snnet_best_effort_total, not in the attainment.",
+        description="The budget was below what the server promises to meet (SNNET_SLO_TARGET "
+        "of the time, 99% by default): it found the server idle and no stitch met the budget "
+        "with the full safety margin, so the fastest stitch served it, as it met the budget "
+        "with the margin fitted to 95% of an idle server's answers. Counted in "
+        "snnet_best_effort_total, not in the attainment.",
     )
 
     model_config = ConfigDict(
@@ -312,13 +317,15 @@ class ControllerState(BaseModel):
     )
     margin: float = Field(
         description="Safety margin, its share: the planner pads a prediction p of the time "
-        "outside the model queue to p * (1 + margin) + margin_ms. The pair covers 99.5% of the "
-        "answers of the last 30 s (at most 256): the overruns are normalised by the prediction "
-        "plus a fixed part c, the c whose answers below and above the median prediction have "
-        "the closest tails is taken, and the share is the 99.5% quantile of an exponential tail "
-        "fitted to the top 10% of them (at least 5); margin_ms = share * c. Share at most 0.5. "
-        "0.2 and no fixed part for the first 5 answers; until 20, c is the median prediction "
-        "and the share a log-normal's 99.5% bound if wider than 0.2."
+        "outside the model queue to p * (1 + margin) + margin_ms. The pair covers "
+        "margin_quantile of the answers of the last 30 s (at most 256): the overruns are "
+        "normalised by the prediction plus a fixed part c, the c whose answers below and above "
+        "the median prediction have the closest tails is taken, and the share is the "
+        "margin_quantile quantile of an exponential tail fitted to the top 10% of them (at "
+        "least 5); margin_ms = share * c. Share at most 0.5. A prior (0.2 at the default "
+        "99.5%) and no fixed part for the first 5 answers; until 20, c is the geometric mean of "
+        "the smallest and the median prediction and the share a log-normal's bound at "
+        "margin_quantile if wider than the prior."
     )
     margin_ms: float = Field(
         0.0,
@@ -347,14 +354,30 @@ class ControllerState(BaseModel):
     )
     refuse_margin: float = Field(
         0.2,
-        description="The idle server's margin fitted to cover 95% of the requests served alone "
-        "(rest_margin: 99.5%; with the same fixed scale, so never wider): a budget that no "
+        description="The idle server's margin fitted to cover refuse_quantile of the requests "
+        "served alone (rest_margin: margin_quantile; with the same fixed scale, so never "
+        "wider): a budget that no "
         "stitch meets with rest_margin but the fastest meets with this one is served by the "
         "fastest stitch (best_effort), not refused; a 422 says the budget is below what the "
         "fastest stitch needs with it.",
     )
     refuse_margin_ms: float = Field(0.0, description="The fixed part of refuse_margin, ms.")
     target_utilisation: float
+    slo_target: float = Field(
+        SLO_TARGET,
+        description="The share of answered requests the server promises within their budget "
+        "(SNNET_SLO_TARGET; best-effort answers apart).",
+    )
+    margin_quantile: float = Field(
+        0.995,
+        description="The share of answers the safety margins cover: 1 - (1 - slo_target) / 2 "
+        "(half the misses the promise allows; the other half is left to estimation error).",
+    )
+    refuse_quantile: float = Field(
+        0.95,
+        description="The share of an idle server's answers refuse_margin covers: 0.95, or "
+        "margin_quantile if lower.",
+    )
     allowed_stitches: list[int] = Field(
         description="Stitches requests may use while the server is busy, most accurate first "
         "(a request that finds the server idle may use every stitch)."

@@ -13,6 +13,7 @@ const ui = {
   byId: new Map(),  // stitch id -> row
   answered: null,   // the stitch id that answered last
   allowed: null,    // Set of stitch ids the controller allows now (null: all)
+  sloTarget: null,  // the share of budgets the server promises to meet (GET /controller)
   lo: 1, hi: 100,   // the budget slider's range, ms
   file: null,       // an image file chosen or dropped (sent as is)
   inked: false,     // something drawn on the pad
@@ -40,6 +41,7 @@ function svg(tag, attrs = {}, text) {
 }
 
 const fmtMs = (ms) => (ms >= 100 ? ms.toFixed(0) : ms >= 10 ? ms.toFixed(1) : ms.toFixed(2));
+const fmtShare = (x) => `${+(100 * x).toFixed(1)}%`;  // 0.99 -> "99%", 0.995 -> "99.5%"
 
 function fmtCost(gflops) {
   if (gflops >= 1) return `${gflops.toFixed(2)} GFLOPs`;
@@ -421,8 +423,8 @@ function showAnswer(answer, roundTripMs) {
   }
   if (answer.best_effort) {
     box.append(el("p", { class: "muted" }, "Best effort: this budget is below what the server " +
-      "promises to meet 99 times in 100, so the fastest stitch answered it; it meets such " +
-      "budgets most of the time when idle."));
+      `promises to meet ${fmtShare(ui.sloTarget ?? 0.99)} of the time, so the fastest stitch ` +
+      "answered it; it meets such budgets most of the time when idle."));
   }
   box.dataset.stitch = s.id;
   box.dataset.label = answer.predictions[0][0].label;
@@ -479,7 +481,9 @@ function showState(c) {
     ["most preferred allowed", top === undefined ? "-" : `#${top}${ui.scored && ui.byId.has(top) ? ` (${ui.byId.get(top).accuracy}%)` : ""}`],
     ["mix", c.mix ? `#${c.mix.dearer_stitch} for ${(100 * c.mix.dearer_share).toFixed(0)}%, else #${c.mix.cheaper_stitch}` : "none"],
     ["safety margin", `${(100 * c.margin).toFixed(0)}%${c.margin_ms ? ` + ${fmtMs(c.margin_ms)} ms` : ""}`],
+    ["promise", `${fmtShare(c.slo_target)} of budgets met`],
   ];
+  ui.sloTarget = c.slo_target;
   const dl = $("state");
   dl.replaceChildren();
   for (const [k, v] of items) {

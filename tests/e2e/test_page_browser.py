@@ -192,6 +192,7 @@ def test_the_page_classifies_shows_the_menu_and_the_controller_offline(server, t
         finally:
             browser.close()
     assert "load level" in state and "stitches allowed" in state
+    assert "99% of budgets met" in state  # the promise, SNNET_SLO_TARGET's default
     assert not errors, errors
     assert not blocked, blocked
     assert httpx.get(f"{server.url}/readyz").status_code == 200  # and the server is fine

@@ -354,6 +354,30 @@ def test_stitches_menu(client):
     assert "valid integer" in client.get("/stitches/x").json()["detail"]
 
 
+def test_a_server_promising_less_says_so_and_pads_less(ckpt, tmp_path, digit_png):
+    """SNNET_SLO_TARGET=0.9: /metrics exports the promise (the shipped alert compares
+    attainment with it), /controller shows it and the margins it implies, and a fresh server's
+    prior margin is the smaller one of a 95% quantile (the default's is 0.2 at 99.5%)."""
+    settings = Settings(
+        weights=ckpt, profile_repeats=1, profile_cache=tmp_path / "p.json", worker="thread",
+        slo_target=0.9,
+    )  # fmt: skip
+    app = create_app(settings)
+    c = TestClient(app)
+    app.state.lifecycle.start()
+    try:
+        assert "\nsnnet_slo_target 0.9\n" in c.get("/metrics").text
+        state = c.get("/controller").json()
+        assert (state["slo_target"], state["margin_quantile"], state["refuse_quantile"]) == (
+            0.9, 0.95, 0.95,
+        )  # fmt: skip
+        assert state["rest_margin"] == pytest.approx(0.2 * 1.645 / 2.576, rel=1e-3)
+        r = c.post("/classify", files=[("image", ("a.png", digit_png, "image/png"))])
+        assert r.status_code == 200 and r.json()["budget_met"] is True
+    finally:
+        app.state.lifecycle.stop()
+
+
 def test_metrics_exposition(client, digit_png):
     client.post(
         "/classify",
@@ -367,6 +391,7 @@ def test_metrics_exposition(client, digit_png):
     )
     assert refused.status_code == 422
     text = client.get("/metrics").text
+    assert "\nsnnet_slo_target 0.99\n" in text  # the default promise
     # Latency by status: an answer's apart from the refusals, which take a fraction of a ms
     # and would pull the percentiles of what clients wait for down.
     counts = {

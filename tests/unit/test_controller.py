@@ -293,6 +293,37 @@ def test_margin_covers_the_next_answers_of_a_real_idle_deit_server_cheap_stitche
     assert sum(hits[True]) / len(hits[True]) >= 0.98
 
 
+def test_a_lower_promise_pads_less_and_still_covers_what_it_promises_of_real_answers():
+    """SNNET_SLO_TARGET: the same recorded answers replayed at several promises. Each margin,
+    fitted to 1 - (1 - target) / 2 of the answers before, covers at least its target of the
+    next ones (from the 20th); a lower promise pads less, so dearer stitches fit a budget."""
+    runs = json.loads((DATA / "deit_idle_answers.json").read_text())["runs"]
+    covered, pads = {}, {}
+    for target in (0.99, 0.95, 0.9, 0.8):
+        hits, shares = [], []
+        for run in runs:
+            c = controller(slo_target=target)
+            assert c.quantile == pytest.approx(1 - (1 - target) / 2)
+            assert c.refuse_quantile == min(0.95, c.quantile)
+            h = History(c)
+            for k, (actual, predicted) in enumerate(run):
+                if k >= 20:
+                    hits.append(actual <= predicted + c.pad_ms(predicted))
+                    shares.append(c.pad_ms(predicted) / predicted)
+                c.observe_residual(actual, predicted)
+                h.run(0.25, rps=0)
+        covered[target], pads[target] = sum(hits) / len(hits), statistics.median(shares)
+        assert covered[target] >= target, (target, covered[target])
+    assert pads[0.99] > pads[0.95] > pads[0.9] > pads[0.8], pads
+    assert covered[0.8] < 0.9, covered  # it does give up what it no longer promises
+    # Before any answer: the prior, scaled as a normal's quantile (0.2 at the default).
+    assert controller().margin == pytest.approx(0.2)
+    assert controller(slo_target=0.9).margin == pytest.approx(0.2 * 1.645 / 2.576, rel=1e-3)
+    for bad in (0.5, 0.9999, 1.0):
+        with pytest.raises(ValueError, match=r"slo_target must be in \[0.8, 0.999\]"):
+            controller(slo_target=bad)
+
+
 def test_the_margin_a_422_is_judged_on_covers_nine_answers_in_ten_of_a_real_idle_deit_server():
     """The same answers: the idle margin at REFUSE_QUANTILE (95%), learnt from those before
     each, covers at least 9 in 10 of the next in every run from its 5th answer on (a budget the

@@ -155,3 +155,17 @@ def test_budget_settings_that_would_refuse_every_request_are_refused_at_start_up
         Settings(network_ms=2000.0)
     with pytest.raises(ValidationError, match="less than or equal to 3600000"):
         Settings(default_budget_ms=5_000_000)
+
+
+def test_the_promise_is_a_share_the_margin_can_be_fitted_to():
+    """SNNET_SLO_TARGET: 0.8 to 0.999. A promise of 1 would need an infinite margin; below 0.8
+    the margin's quantile would fall inside the tail it is extrapolated from."""
+    from pydantic import ValidationError
+
+    from server.config import Settings
+
+    assert Settings().slo_target == 0.99
+    assert Settings(slo_target=0.95).slo_target == 0.95
+    for bad in (1.0, 0.9995, 0.5):
+        with pytest.raises(ValidationError, match="slo_target"):
+            Settings(slo_target=bad)
