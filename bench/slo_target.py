@@ -1,13 +1,14 @@
 """What a lower promise buys: the same requests against servers that promise different shares of
 budgets met (``SNNET_SLO_TARGET``), side by side.
 
-    python bench/slo_target.py [--targets 0.99,0.95] [--requests 300] [--weights DIR]
-                               [--images 1] [--think-s 0]
+    python bench/slo_target.py [--targets 0.99,0.95] [--requests 400] [--weights DIR]
+                               [--images 1] [--think-s 0] [--block 40]
 
 Starts `snnet serve` once per target on the same checkpoint (the bundled weights by default:
 their manifest has every stitch's held-out accuracy) and sends one request at a time from one
-client, the servers taking turns (the order alternating) with the same held-out digits and the
-same budget, so that each sees the same moments of the machine. The budgets cycle over eight
+client, the servers taking turns in blocks of ``--block`` requests (the order alternating), each
+block the same held-out digits and budgets for every server, so that each sees the machine in
+about the same state and the others sit idle meanwhile. The budgets cycle over eight
 levels spaced evenly in log between what the cheapest stitch's requests and 1.2x what the
 dearest stitch's took end to end in a warm-up (five requests pinned to each, on every server):
 the range where the choice of stitch is the server's.
@@ -57,10 +58,11 @@ def held_out_digits(n: int) -> list[tuple[bytes, int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--targets", default="0.99,0.95", help="SNNET_SLO_TARGET of each server")
-    ap.add_argument("--requests", type=int, default=300, help="per server")
+    ap.add_argument("--requests", type=int, default=400, help="per server")
     ap.add_argument("--weights", default=str(WEIGHTS))
     ap.add_argument("--images", type=int, default=1, help="per request")
     ap.add_argument("--think-s", type=float, default=0.0, help="pause between requests")
+    ap.add_argument("--block", type=int, default=40, help="requests to one server in a row")
     args = ap.parse_args()
     targets = [float(t) for t in args.targets.split(",")]
     digits = held_out_digits(500)
@@ -91,28 +93,34 @@ def main() -> None:
         budgets = [round(lo * (hi / lo) ** (i / (LEVELS - 1)), 2) for i in range(LEVELS)]
         rows: dict[float, list[dict]] = {t: [] for t in targets}
         digit_model = True
-        for k in range(args.requests):
-            budget = budgets[k % LEVELS]
-            order = servers if k % 2 == 0 else servers[::-1]
+        # In blocks, each server alone on the machine in its turn: taking turns request by
+        # request, one server's answer was still being finished (metrics, the controller's
+        # figures) while the other read its next request, and on two cores that was contention
+        # neither would meet alone.
+        for first in range(0, args.requests, args.block):
+            ks = range(first, min(args.requests, first + args.block))
+            order = servers if (first // args.block) % 2 == 0 else servers[::-1]
             for t, _, c in order:
-                status, answer, rtt, labels = request(c, k, latency_budget_ms=budget)
-                row = {"budget": budget, "status": status, "rtt": rtt}
-                if status == 200:
-                    s = menu[answer["stitch"]["id"]]
-                    top = [int(p[0]["class_index"]) for p in answer["predictions"]]
-                    # a digit classifier's answers (the bundled model's labels are "0".."9")
-                    digit_model &= all(p[0]["label"] == str(p[0]["class_index"])
-                                       for p in answer["predictions"])  # fmt: skip
-                    row.update(
-                        best_effort=answer.get("best_effort", False),
-                        met=answer["budget_met"],
-                        accuracy=s.get("accuracy"),
-                        correct=sum(a == b for a, b in zip(top, labels, strict=True)),
-                        gflops=s["gflops"],
-                    )
-                rows[t].append(row)
-            if args.think_s:
-                time.sleep(args.think_s)
+                for k in ks:
+                    budget = budgets[k % LEVELS]
+                    status, answer, rtt, labels = request(c, k, latency_budget_ms=budget)
+                    row = {"budget": budget, "status": status, "rtt": rtt}
+                    if status == 200:
+                        s = menu[answer["stitch"]["id"]]
+                        top = [int(p[0]["class_index"]) for p in answer["predictions"]]
+                        # a digit classifier's answers (the bundled model's labels are "0".."9")
+                        digit_model &= all(p[0]["label"] == str(p[0]["class_index"])
+                                           for p in answer["predictions"])  # fmt: skip
+                        row.update(
+                            best_effort=answer.get("best_effort", False),
+                            met=answer["budget_met"],
+                            accuracy=s.get("accuracy"),
+                            correct=sum(a == b for a, b in zip(top, labels, strict=True)),
+                            gflops=s["gflops"],
+                        )
+                    rows[t].append(row)
+                    if args.think_s:
+                        time.sleep(args.think_s)
     finally:
         for _, proc, c in servers:
             c.close()
@@ -139,7 +147,7 @@ def main() -> None:
             "answer_accuracy": round(
                 100 * sum(r["correct"] for r in ans) / (len(ans) * args.images), 2
             )
-            if ans and digit_model
+            if ans and accs and digit_model  # a trained digit classifier
             else None,
             "gflops": round(statistics.fmean(r["gflops"] for r in ans), 4) if ans else None,
         }
