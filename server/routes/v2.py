@@ -246,6 +246,10 @@ def model_config_of(engine: Engine) -> dict:
         "parameters": {
             "max_images_per_request": {"string_value": str(engine.settings.max_images_per_request)},
             "stitches": {"string_value": str(len(engine.menu.rows))},
+            # what a request without a budget gets, and the share of budgets the server
+            # promises to meet (SNNET_DEFAULT_BUDGET_MS, SNNET_SLO_TARGET)
+            "default_latency_budget_ms": {"string_value": f"{engine.settings.default_budget_ms:g}"},
+            "slo_target": {"string_value": f"{engine.settings.slo_target:g}"},
             "versions": {
                 "string_value": "a version is a stitch; without one, the planner chooses the "
                 "most accurate stitch that meets parameters.latency_budget_ms"

@@ -89,6 +89,9 @@ def test_health_and_metadata(client, menu):
     }
     ids = [s["id"] for s in manifest.stitches]
     assert config["version_policy"]["specific"]["versions"] == ids
+    # What a client's budget gets: the default one, and the share of budgets promised.
+    params = {k: v["string_value"] for k, v in config["parameters"].items()}
+    assert (params["default_latency_budget_ms"], params["slo_target"]) == ("1000", "0.99")
     assert client.get_model_config(MODEL, "2")["name"] == MODEL
     with pytest.raises(InferenceServerException, match="no-such-model"):
         client.get_model_config("no-such-model")
