@@ -24,8 +24,8 @@ met / missed / shed) and the scheduler's predicted queue wait, and updates:
   backlog, the request's own HTTP work, compute), so that what the latency model does not see
   (contention, scheduler stalls, an estimated stitch running over its estimate) is still
   budgeted for: a share of the prediction plus fixed ms, set to cover ``margin_quantile`` of the
-  answered requests of the last 30 s (99.5% for the default promise, ``slo_target`` 99%) (at most 256; a prior and fits to a few answers until there are
-  20), see ``_margin``. Both parts, because both kinds of error occur: a stitch's own
+  answered requests of the last 30 s (at most 256; 99.5% for the default promise of 99%; a
+  prior and fits to a few answers until there are 20), see ``_margin``. Both parts, because both kinds of error occur: a stitch's own
   prediction error grows with it, while on a small VM a stall of the scheduler costs about the
   same 10-20 ms whatever runs.
 
@@ -210,6 +210,14 @@ def margin_quantile(slo_target: float) -> float:
     return 1.0 - (1.0 - slo_target) / 2.0
 
 
+def refuse_quantile(quantile: float) -> float:
+    """The share of idle answers the margin a 422 is judged on covers, for a margin at
+    ``quantile``: REFUSE_QUANTILE, or lower for a lower promise so that a band of budgets is
+    still served best effort (0.9 for a margin at 0.95), never below what the tail fit allows
+    (1 - MARGIN_TAIL; at a promise of 0.8 the two margins coincide: no best-effort band)."""
+    return max(1.0 - MARGIN_TAIL, min(REFUSE_QUANTILE, 2.0 * quantile - 1.0))
+
+
 def _prior(quantile: float) -> float:
     """MARGIN_PRIOR scaled from MARGIN_QUANTILE to ``quantile`` as a normal's quantile is."""
     normal = statistics.NormalDist()
@@ -268,8 +276,9 @@ def _margin(
     of ``bench/margin_replay.py`` lost no coverage choosing from 20: answers 20-39, 99.4% ->
     100%, cheap pads 15.2 -> 14.8 ms.)
 
-    With fewer than MARGIN_MIN_FIT answers: a share only, the prior (scaled to the first of
-    ``quantiles``, the margin's own; the others get the same).
+    With fewer than MARGIN_MIN_FIT answers: a share only, the prior scaled to the first of
+    ``quantiles`` (the margin's own); the others get the same, at most MARGIN_PRIOR (so a
+    fresh server's 422s are judged as before whatever the promise).
     Then, below MARGIN_MIN_ANSWERS, ``c`` is the geometric mean of the smallest and the median
     prediction, and the share is the prior (scaled to the quantile as a normal one is) or,
     when wider, the upper prediction bound at the quantile of a log-normal fitted to
@@ -290,7 +299,8 @@ def _margin(
     so that a few stalls (a GC pause, a burst) cannot make the margin shed everything."""
     n = len(pairs)
     if n < MARGIN_MIN_FIT:  # (all: the first answers are the least steady)
-        return [(_prior(quantiles[0]), 0.0)] * len(quantiles)
+        first = _prior(quantiles[0])
+        return [(first, 0.0)] + [(min(first, MARGIN_PRIOR), 0.0)] * (len(quantiles) - 1)
     pairs = sorted(pairs, key=lambda ap: ap[1])
     median = pairs[n // 2][1]
     if n < MARGIN_MIN_ANSWERS:  # a share of the prediction and as much of c
@@ -367,7 +377,7 @@ class Controller:
             (``estimate_pad``): an estimate that was low sends its first request over budget.
         slo_target: The share of answered requests the server promises within their budget;
             the margins cover ``margin_quantile(slo_target)`` of the answers (the one a 422 is
-            judged on, REFUSE_QUANTILE or that if lower). A lower promise pads less, so more
+            judged on, ``refuse_quantile`` of that). A lower promise pads less, so more
             accurate stitches fit a budget, and more answers run over it.
     """
 
@@ -396,7 +406,7 @@ class Controller:
             raise ValueError(f"target_utilisation must be in (0, 1], got {target_utilisation}")
         self.slo_target = slo_target
         self.quantile = margin_quantile(slo_target)
-        self.refuse_quantile = min(REFUSE_QUANTILE, self.quantile)
+        self.refuse_quantile = refuse_quantile(self.quantile)
         prior = _prior(self.quantile)
         self.latency, self.ranking, self.max_batch = latency, list(ranking), max_batch
         self.target_utilisation, self.release_per_s = target_utilisation, release_per_s
@@ -448,7 +458,7 @@ class Controller:
         self._rest_residuals: deque[tuple[float, float, float]] = deque(maxlen=residual_window)
         self.rest_margin, self.rest_margin_ms = prior, 0.0
         # The same at ``refuse_quantile``: what a 422 is judged on (see ``pad_ms``).
-        self.refuse_margin, self.refuse_margin_ms = prior, 0.0
+        self.refuse_margin, self.refuse_margin_ms = min(prior, MARGIN_PRIOR), 0.0
         self._margin_key: tuple | None = None  # the windows the margins were fitted to
         self.residual_max_age_s = residual_max_age_s
         self._lock = threading.Lock()  # residuals come from the event loop, reads from anywhere

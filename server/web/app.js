@@ -423,7 +423,7 @@ function showAnswer(answer, roundTripMs) {
   }
   if (answer.best_effort) {
     box.append(el("p", { class: "muted" }, "Best effort: this budget is below what the server " +
-      `promises to meet ${fmtShare(ui.sloTarget ?? 0.99)} of the time, so the fastest stitch ` +
+      `promises to meet${ui.sloTarget ? ` ${fmtShare(ui.sloTarget)} of the time` : ""}, so the fastest stitch ` +
       "answered it; it meets such budgets most of the time when idle."));
   }
   box.dataset.stitch = s.id;
