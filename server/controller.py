@@ -25,9 +25,9 @@ met / missed / shed) and the scheduler's predicted queue wait, and updates:
   (contention, scheduler stalls, an estimated stitch running over its estimate) is still
   budgeted for: a share of the prediction plus fixed ms, set to cover ``margin_quantile`` of the
   answered requests of the last 30 s (at most 256; 99.5% for the default promise of 99%; a
-  prior and fits to a few answers until there are 20), see ``_margin``. Both parts, because both kinds of error occur: a stitch's own
-  prediction error grows with it, while on a small VM a stall of the scheduler costs about the
-  same 10-20 ms whatever runs.
+  prior and fits to a few answers until there are 20), see ``_margin``. Both parts, because
+  both kinds of error occur: a stitch's own prediction error grows with it, while on a small
+  VM a stall of the scheduler costs about the same 10-20 ms whatever runs.
 
 Between steps, the planner draws a surge-time request's menu with ``draw_allowed``, which does
 two more things: it takes the rate of the last few arrivals, so that a burst narrows the choices

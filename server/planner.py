@@ -314,6 +314,13 @@ class Planner:
             rest_cold = self.scheduler.cold_at_rest
             if cold > rest_cold and fastest * (cold - rest_cold) >= 0.5:
                 why.append(f"batches after a pause run {cold:.2f}x their prediction just now")
+            if not why and least_now - margin <= server_budget + ROUNDING_MS:
+                # Nothing of 0.5 ms makes now dearer than an idle server, and the fastest stitch
+                # fits the budget without the margin: more likely met than not, and refusing
+                # protects nobody at an idle server. Best effort, not a 503 (at budgets near the
+                # fastest stitch's, a sequential client at an idle server was sent away 5% of
+                # the time for tenths of a ms: bench/RESULTS.md "Session 32").
+                return admitted(s, compute, queue_ms, margin, best_effort=True)
             # Both as budgets (with the network's share), comparable with the one given. The
             # one for now counts the time this request lost before planning: enough, if more
             # than a retry may need.

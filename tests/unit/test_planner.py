@@ -236,6 +236,25 @@ def test_a_503_for_reading_time_names_the_idle_figure_once_the_server_has_one():
     assert re.search(r"10\.0 ms went by .* before it was planned, 0\.[0-9] ms on an idle", r.detail)
 
 
+def test_at_an_idle_server_tenths_of_a_ms_are_no_reason_for_a_503():
+    """A request alone at the server whose budget an idle server meets (with the 422's margin)
+    but which lost a few tenths of a ms being read: the fastest stitch still fits without the
+    margin, nothing of 0.5 ms makes now dearer, so it is served best effort, not sent away
+    (bench/slo_target.py: 5% of a sequential client's requests at budgets near the fastest
+    stitch's got 503s naming "small delays" at an idle server). More than that lost, or a
+    named reason, is still a 503."""
+    planner, _, _ = make()
+    c = planner.controller
+    c.rest_margin = c.refuse_margin = 0.3  # stitch 0: 1 ms compute, 1.3 ms with the margin
+    plan = planner.plan(opts(latency_budget_ms=1.3), 1, NOW, arrived=NOW - 0.0002)
+    assert stitch(plan) == 0 and plan.best_effort and plan.predicted_ms == pytest.approx(1.2)
+    r = planner.plan(opts(latency_budget_ms=1.3), 1, NOW, arrived=NOW - 0.0004)  # 1.4 > 1.3
+    assert r.status == 503 and "small delays now" in r.detail
+    r = planner.plan(opts(latency_budget_ms=1.6), 1, NOW, arrived=NOW - 0.0006)
+    assert r.status == 503 and "0.6 ms went by reading and parsing it" in r.detail
+    assert not planner.plan(opts(latency_budget_ms=1.3), 1, NOW).best_effort  # nothing lost
+
+
 def test_a_budget_lost_to_a_busy_http_layer_is_load_503_not_a_bad_budget_422():
     # Alone and idle when planned, but 10 ms of the 10.5 went by before (a burst was being
     # parsed): a budget that fits an idle server is not the client's fault, so 503, retry.
