@@ -356,8 +356,8 @@ def test_stitches_menu(client):
 
 def test_a_server_promising_less_says_so_and_pads_less(ckpt, tmp_path, digit_png):
     """SNNET_SLO_TARGET=0.9: /metrics exports the promise (the shipped alert compares
-    attainment with it), /controller shows it and the margins it implies, and a fresh server's
-    prior margin is the smaller one of a 95% quantile (the default's is 0.2 at 99.5%)."""
+    attainment with it), /controller shows it and the quantiles it implies, and a fresh
+    server's prior margin is the smaller one of a 95% quantile (the default's is 0.2 at 99.5%)."""
     settings = Settings(
         weights=ckpt, profile_repeats=1, profile_cache=tmp_path / "p.json", worker="thread",
         slo_target=0.9,
@@ -368,8 +368,9 @@ def test_a_server_promising_less_says_so_and_pads_less(ckpt, tmp_path, digit_png
     try:
         assert "\nsnnet_slo_target 0.9\n" in c.get("/metrics").text
         state = c.get("/controller").json()
+        # the 422's margin below the full one, so a band of budgets is still served best effort
         assert (state["slo_target"], state["margin_quantile"], state["refuse_quantile"]) == (
-            0.9, 0.95, 0.95,
+            0.9, 0.95, 0.9,
         )  # fmt: skip
         assert state["rest_margin"] == pytest.approx(0.2 * 1.645 / 2.576, rel=1e-3)
         r = c.post("/classify", files=[("image", ("a.png", digit_png, "image/png"))])
