@@ -75,16 +75,21 @@ def start_script(args: list[str], probe: str, timeout_s: float = 120.0):
             time.sleep(0.05)
 
 
-def digit_pngs(n: int = 32) -> list[bytes]:
+def held_out_digits(n: int) -> list[tuple[bytes, int]]:
+    """``n`` held-out MNIST digits spread over the split, as (PNG, true label)."""
     from snnet_core.data import mnist_subset
 
-    x, _ = mnist_subset("held_out")
+    x, y = mnist_subset("held_out")
     out = []
-    for i in range(0, 1000, 1000 // n)[:n]:
+    for i in range(0, len(x), max(1, len(x) // n))[:n]:
         buf = io.BytesIO()
         Image.fromarray((x[i, 0].numpy() * 255).round().astype("uint8"), "L").save(buf, "PNG")
-        out.append(buf.getvalue())
+        out.append((buf.getvalue(), int(y[i])))
     return out
+
+
+def digit_pngs(n: int = 32) -> list[bytes]:
+    return [png for png, _ in held_out_digits(n)]
 
 
 class Client:

@@ -29,7 +29,6 @@ budget level. Ends with one JSON line.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import sys
@@ -37,28 +36,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _server import Client, start_server  # noqa: E402
+from _server import Client, held_out_digits, start_server  # noqa: E402
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 LEVELS = 8
 WARM = 5  # warm-up requests pinned to each of the cheapest and the dearest stitch
-
-
-def held_out_digits(n: int) -> list[tuple[bytes, int]]:
-    """``n`` held-out MNIST digits spread over the split, as (PNG, true label)."""
-    from snnet_core.data import mnist_subset
-
-    x, y = mnist_subset("held_out")
-    out = []
-    for i in range(0, len(x), max(1, len(x) // n))[:n]:
-        buf = io.BytesIO()
-        Image.fromarray((x[i, 0].numpy() * 255).round().astype("uint8"), "L").save(buf, "PNG")
-        out.append((buf.getvalue(), int(y[i])))
-    return out
 
 
 def main() -> None:
