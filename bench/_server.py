@@ -123,22 +123,31 @@ class Client:
                 + b"\r\n"
             )
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-        self.conn.request(
+        r = self._send(
             "POST",
             f"/classify?{query}" if query else "/classify",
             body,
             {"Content-Type": f"multipart/form-data; boundary={boundary}"},
         )
-        r = self.conn.getresponse()
         self.worker = r.getheader("x-snnet-worker")  # a front's pid (SNNET_API_WORKERS > 1)
         return r.status, json.loads(r.read())
 
     def get(self, path: str) -> dict:
         import json
 
-        self.conn.request("GET", path)
-        r = self.conn.getresponse()
-        return json.loads(r.read())
+        return json.loads(self._send("GET", path).read())
+
+    def _send(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        """One request's response, on a new connection if the server had closed the idle one
+        (``SNNET_KEEP_ALIVE_S``: a client pausing longer finds it closed, as a browser would,
+        and opens another)."""
+        try:
+            self.conn.request(method, path, body, headers or {})
+            return self.conn.getresponse()
+        except ConnectionError:  # (a broken pipe, a reset, RemoteDisconnected: nothing read)
+            self.conn.close()
+            self.conn.request(method, path, body, headers or {})
+            return self.conn.getresponse()
 
     def close(self) -> None:
         self.conn.close()

@@ -8,8 +8,9 @@ Each ROWS file is ``bench/deit_idle.py --rows`` output: the menu as served (its 
 stitch that answered, its compute and total ms. The answers are fed, one at a time, to a fresh
 ``server.controller.Controller`` of the code on ``PYTHONPATH`` (run it with an older checkout's
 path to compare laws, side by side): before each, its prediction of that stitch at batch 1
-(the latency model's corrections, times a cold factor learnt as the scheduler learns it) and the
-idle margin; after it, the forward's observed and profiled time as the metrics would carry them
+(the latency model's corrections, plus the cold extra learnt as the scheduler learns it: the
+median of the last five cold batches' ms over their prediction; ``--cold factor``: times the
+ratio learnt as the scheduler did until session 33, an EWMA capped at 3x) and the idle margin; after it, the forward's observed and profiled time as the metrics would carry them
 and a controller step. Printed per phase of the run (answers 0-4, 5-19, 20-39, 40 on): the
 median and 90th percentile of |log(compute / predicted)|, the share of answers whose total fell
 within prediction + margin, and the median least budget the cheapest stitch would be given (a
@@ -38,6 +39,7 @@ names; ``at 99.5%``).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import math
@@ -55,7 +57,7 @@ PHASES = ((0, 5), (5, 20), (20, 40), (40, 10**9))
 GAP_S = 0.6  # between answers: the runs' think time and a request
 
 
-def replay(path: Path) -> list[dict]:
+def replay(path: Path, cold_law: str = "ms") -> list[dict]:
     lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     menu = lines[0]["menu"]
     rows = [r for r in lines[1:] if "total_ms" in r]
@@ -83,14 +85,19 @@ def replay(path: Path) -> list[dict]:
         return C.Reading(**{k: v for k, v in kw.items() if k in fields})
 
     ctl.update(reading())
-    cold, out = 1.0, []
+    ratio, extras, out = 1.0, collections.deque(maxlen=5), []
+
+    def cold(ms: float) -> float:  # a batch of ``ms`` predicted warm, after a pause
+        if cold_law == "factor":
+            return ms * min(3.0, max(1.0, ratio))
+        return ms + max(0.0, statistics.median(extras)) if extras else ms
+
     for k, r in enumerate(rows):
         s, http, actual = r["stitch"], r["total_ms"] - r["compute_ms"], r["compute_ms"]
-        factor = min(3.0, max(1.0, cold))
-        predicted = latency.predict_ms(s, 1) * factor
+        predicted = cold(latency.predict_ms(s, 1))
         pad = ctl.pad_ms(predicted + http, alone=True)
         loose = ctl.pad_ms(predicted + http, refuse=True)
-        fastest = latency.predict_ms(cheapest, 1) * factor + http
+        fastest = cold(latency.predict_ms(cheapest, 1)) + http
         out.append(
             {
                 "k": k,
@@ -101,7 +108,8 @@ def replay(path: Path) -> list[dict]:
                 "least_full": fastest + ctl.pad_ms(fastest, alone=True),
             }
         )
-        cold += 0.2 * (actual / latency.predict_ms(s, 1) - cold)  # as Scheduler.learn_ratio
+        ratio += 0.2 * (actual / latency.predict_ms(s, 1) - ratio)  # as learn_ratio did
+        extras.append(actual - latency.predict_ms(s, 1))  # as Scheduler.learn_cold
         clock[0] += GAP_S
         arrivals[0] += 1
         observed[s] = observed.get(s, 0.0) + actual / 1e3
@@ -131,10 +139,14 @@ def summary(runs: list[list[dict]], lo: int, hi: int) -> dict | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("rows", nargs="*", type=Path)
+    ap.add_argument("--cold", choices=("ms", "factor"), default="ms")
     args = ap.parse_args()
     paths = args.rows or sorted((HERE / "data" / "deit_idle_rows").glob("*.jsonl"))
-    runs = [replay(p) for p in paths]
-    print(f"# {len(paths)} runs, {sum(map(len, runs))} answers; law of {C.__file__}")
+    runs = [replay(p, args.cold) for p in paths]
+    print(
+        f"# {len(paths)} runs, {sum(map(len, runs))} answers; law of {C.__file__}; cold "
+        f"batches: {'a factor' if args.cold == 'factor' else 'ms over the prediction'}"
+    )
     print(
         f"{'answers':>10}{'n':>6}{'|log err| med':>15}{'p90':>7}{'covered':>9}{'at 95%':>8}"
         f"{'least med':>11}{'at 99.5%':>10}"

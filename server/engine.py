@@ -53,7 +53,7 @@ from .profiling import (
     front_end_ms,
 )
 from .runner import InlineRunner, ProcessRunner, RunnerError, settle_early, warmed
-from .scheduler import Result, Scheduler
+from .scheduler import COLD_PROBES, Result, Scheduler
 
 log = logging.getLogger("snnet.engine")
 
@@ -306,13 +306,14 @@ def build_engine(
             menu, scheduler, controller, ingress, default_budget_ms=s.default_budget_ms,
             network_ms=s.network_ms, baseline_policies=s.baseline_policies,
         )  # fmt: skip
-        stage("timing a batch after an idle second")
+        stage("timing batches after a pause")
         check()
         cheapest = min(range(len(menu)), key=lambda i: latency.predict_ms(i, 1))
         cold = scheduler.probe_cold(cheapest, tuple(net.input_size))
         log.info(
-            "after a second idle, a batch took x%.2f of its predicted time (stitch %d); the "
-            "planner allows for that in the first request after a pause", cold, cheapest,
+            "after a pause, a batch took %+.2f ms over its predicted time (stitch %d, median of "
+            "%d); the planner allows for that in the first request after a pause",
+            cold, cheapest, COLD_PROBES,
         )  # fmt: skip
         scheduler.start()
         metrics.model.info(

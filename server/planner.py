@@ -132,7 +132,7 @@ class Planner:
         budget = opts.latency_budget_ms or self.default_budget_ms
         server_budget = budget - self.network_ms  # ms the server may spend, from arrival
         idle = {s: self.scheduler.batches_ms(s, n) for s in candidates}
-        cold = self.scheduler.cold_factor(now)  # the model idled: its next batch runs slower
+        cold = self.scheduler.cold_ms(now)  # the model idled: its next batch runs longer
         pool = self._pool(opts, candidates, idle, budget, payload_bytes, cold)
         fastest = min(pool, key=lambda s: (idle[s], s))  # of what admission may try
         at_rest = idle[fastest] / max(1.0, self._slow_down())  # not today's contention
@@ -242,7 +242,7 @@ class Planner:
             margin, total) for stitch ``s`` behind the queue: its batch starts where its
             stitch's queue does."""
             before = self.scheduler.batches_ms(s, view.counts.get(s, 0))
-            compute = cold * self.scheduler.batches_ms(s, view.counts.get(s, 0) + n)
+            compute = self.scheduler.batches_ms(s, view.counts.get(s, 0) + n) + cold
             wait = view.ahead_ms - before
             margin = self.controller.pad_ms(ingress + http + compute, alone=alone, refuse=refuse)
             return before, compute, wait, margin, spent + ingress + http + compute + margin + wait
@@ -311,9 +311,11 @@ class Planner:
                 )
             if slow > 1.0 and fastest * (slow - 1.0) >= 0.5:
                 why.append(f"the device runs {slow:.2f}x slower than when idle just now")
-            rest_cold = self.scheduler.cold_at_rest
-            if cold > rest_cold and fastest * (cold - rest_cold) >= 0.5:
-                why.append(f"batches after a pause run {cold:.2f}x their prediction just now")
+            if cold - self.scheduler.cold_at_rest_ms >= 0.5:
+                why.append(
+                    f"batches after a pause take {cold:.1f} ms over their prediction just now, "
+                    f"{self.scheduler.cold_at_rest_ms:.1f} ms on a quiet machine"
+                )
             if not why and least_now - margin <= server_budget + ROUNDING_MS:
                 # Nothing of 0.5 ms makes now dearer than an idle server, and the fastest stitch
                 # fits the budget without the margin: more likely met than not, and refusing
@@ -386,7 +388,7 @@ class Planner:
 
         The need, what decides a 422, is what it takes on this server when idle, learnt from
         requests served alone: reading and parsing it (with the event loop's lag then), its own
-        HTTP work and its compute (times the ``cold`` factor, up to a quiet machine's), with an
+        HTTP work and its compute (plus ``cold`` ms, up to a quiet machine's), with an
         idle server's safety margin on those two: the one at REFUSE_QUANTILE (``full``: the
         one at MARGIN_QUANTILE, what a stitch other than the fastest is admitted with when
         idle; see ``Controller.pad_ms``). A burst's contention, busy event loop and
@@ -398,28 +400,28 @@ class Planner:
         its compute at an idle server's speed (``Controller.settled_device_factor``: a device
         running slower under contention is load and left out, as the factor returns to the idle
         one by itself while requests are refused, see ``Controller.idle_relax_s``; one running
-        faster is counted at the idle one too) and at the cold factor batches after a pause have
-        shown lately, whatever ``cold`` is now (the learnt factor only moves when batches run;
-        it is relative to the device factor, which for a client that always pauses holds most
+        faster is counted at the idle one too) and with the extra batches after a pause have
+        shown lately, whatever ``cold`` is now (the learnt extra only moves when batches run;
+        it is over the corrected prediction, which for a client that always pauses holds most
         of the slowness itself); a reading, with the loop's lag, as slow as the 90th percentile
         of those served alone (``Ingress.rest_pre_high_ms``) or as this request's own
         (``pre_ms``, given if it found the server idle); the margin on all of it (admission
         pads the lag, which is part of the reading here); plus the network's share."""
         pre, own = self.ingress.rest_ms(payload_bytes)
-        rest_cold = self.scheduler.cold_at_rest
+        rest_cold = self.scheduler.cold_at_rest_ms
 
         def pad(ms: float) -> float:
             return self.controller.pad_ms(ms, alone=True, refuse=not full)
 
-        c = min(cold, rest_cold) * rest_ms
+        c = rest_ms + min(cold, rest_cold)
         need = pre + own + c + pad(own + c)
         # Each part of the least below what admission then counted had retries of it refused,
         # and none served to teach the server better (one client here, 30 retries 0.3 s apart):
         # the cold batch of a 422 named while the model ran warm (29 refused 422), start-up's
-        # cold factor below a learnt 1.22 (every one 503), a fresh server's prior for the
+        # cold extra below a learnt one (every one 503), a fresh server's prior for the
         # reading (30 of 30 503), small delays of a few tenths of a ms (11 in a row 503), the
         # lone client's device factor counted as contention (7 in a row 503).
-        c = self.scheduler.cold_planning_factor * rest_ms
+        c = rest_ms + self.scheduler.cold_planning_ms
         c /= min(1.0, self._slow_down())  # at the idle speed, if running faster now
         read = max(self.ingress.rest_pre_high_ms(payload_bytes), pre_ms)
         least = read + own + c + pad(read + own + c) + self.network_ms
@@ -428,12 +430,12 @@ class Planner:
     def _after_pause(self, need: float, least: float) -> str:
         """Why the least budget is above the need, where that is the cold batch of a retry (a
         least 2.7x the need, unexplained, read as a wrong figure)."""
-        f = self.scheduler.cold_planning_factor
-        if f <= 1.0 or least - self.network_ms - need < 0.5:
+        extra = self.scheduler.cold_planning_ms
+        if extra <= 0.0 or least - self.network_ms - need < 0.5:
             return ""
         return (
             f", and more after a pause, as a retry comes: the model's first batch after idling "
-            f"has run {f:.2f}x its prediction here"
+            f"has taken {extra:.1f} ms over its prediction here"
         )
 
     def _network_text(self) -> str:

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import math
 import os
+import statistics
 import threading
 import time
 from collections import deque
@@ -42,17 +43,24 @@ from .metrics import Metrics
 DIRECT_MAX_BYTES = 64 * 1024
 
 # A batch that starts after the model has been idle this long runs "cold": caches, and on a VM
-# the halted vCPUs, make the first forwards after a pause slower than the warm profile (on the
-# 2-core VM: DeiT-Ti/S/B stitches 1.3-1.8x on some requests of a client pausing 1 s).
-COLD_GAP_S = 0.1
-COLD_EWMA = 0.2  # weight of one batch in the learned ratios
+# the halted vCPUs, make the first forward after a pause slower than the warm profile. By about
+# the same time whatever the stitch (2-core VM, one pause of 0.5 s before each, medians: the
+# bundled model's stitches of 2.2-8.2 ms took 0.6-1.2 ms more in the server, DeiT-Ti/S/B's of
+# 28-271 ms 1.4-4.5 ms more), so it is learnt and planned as milliseconds added to the batch,
+# not as a factor (a factor learnt on the cheapest stitch, 2x, planned the dearest about 8 ms
+# too long); and after any pause of 50 ms or more (the cheapest stitch alone: +1.2 ms after 50 ms,
+# the same after 1 s).
+COLD_GAP_S = 0.05
+# The extra planned is the median of the last this many cold batches' (a stall in one moves
+# nothing; a machine that turned slower after pauses moves it within three).
+COLD_WINDOW = 5
+# Start-up times this many batches of the cheapest stitch, each after COLD_PROBE_GAP_S idle, and
+# seeds the window with them (one batch, on six starts of the bundled model, read 1.5x-3.7x:
+# the least budget a 422 named for its cheapest stitch ranged 5.4-8.9 ms).
+COLD_PROBES = 3
+COLD_PROBE_GAP_S = 0.2
 
 log = logging.getLogger("snnet.scheduler")
-
-
-def _cold_factor(ratio: float) -> float:
-    """What a cold ratio plans with: at least 1 (a pause never speeds a batch up), at most 3."""
-    return min(3.0, max(1.0, ratio))
 
 
 Runner = Callable[[torch.Tensor, int], torch.Tensor]  # (x, stitch) -> float32 logits on the CPU
@@ -143,11 +151,12 @@ class Scheduler:
         self._running_until = 0.0  # predicted monotonic end of the batch being computed
         self._running = False
         self._stopping = False
-        # When the model last finished a batch (start-up counts: warm-up ran before), and the
-        # observed / predicted compute of warm and of cold batches (EWMA).
+        # When the model last finished a batch (start-up counts: warm-up ran before), and how
+        # much longer than predicted the last batches that started cold ran (ms).
         self._idle_since = time.monotonic()
-        self._ratio = {False: 1.0, True: 1.0}
-        self._cold_at_rest = 1.0  # the cold ratio measured at start-up, on a quiet machine
+        self._cold: deque[float] = deque(maxlen=COLD_WINDOW)
+        self._cold_ms = 0.0  # their median
+        self._cold_at_rest_ms = 0.0  # the extra measured at start-up, on a quiet machine
         self.direct_batches = 0  # sent to the model process by the event loop (``submit``)
         self.holding: _Job | None = None  # the head whose batch is held open (tests read it)
         self._thread: threading.Thread | None = None
@@ -162,56 +171,65 @@ class Scheduler:
         ms = full * self.latency.predict_ms(stitch, self.max_batch)
         return ms + (self.latency.predict_ms(stitch, rest) if rest else 0.0)
 
-    def cold_factor(self, now: float) -> float:
-        """The factor on the predicted compute of a batch that would start at ``now``: how much
-        slower than predicted batches after an idle gap have run (learned), if the model has
-        been idle longer than ``COLD_GAP_S``; else 1."""
+    def cold_ms(self, now: float) -> float:
+        """The ms to add to the predicted compute of a batch that would start at ``now``: what
+        batches after an idle gap have taken over their prediction (learned, at least 0), if
+        the model has been idle longer than ``COLD_GAP_S``; else 0."""
         with self._cv:
             idle = not self._running and self._queued == 0
             cold = idle and now - self._idle_since > COLD_GAP_S
-        return self.cold_planning_factor if cold else 1.0
+        return self.cold_planning_ms if cold else 0.0
 
     @property
-    def cold_planning_factor(self) -> float:
-        """What a batch after an idle gap is planned at: the learned cold ratio, at least 1 and
-        at most 3."""
-        return _cold_factor(self._ratio[True])
+    def cold_planning_ms(self) -> float:
+        """What a batch after an idle gap is planned with on top of its prediction: the learned
+        extra, at least 0 (a pause never speeds a batch up)."""
+        return max(0.0, self._cold_ms)
 
     @property
-    def cold_at_rest(self) -> float:
-        """The cold factor of a quiet machine (``probe_cold``'s, 1 to 3; 1 if not probed): what a
-        422 may count. The learned ratio also rises under CPU contention, which is load."""
-        return _cold_factor(self._cold_at_rest)
+    def cold_at_rest_ms(self) -> float:
+        """The extra of a quiet machine (``probe_cold``'s, at least 0; 0 if not probed): what a
+        422 may count. The learned extra also rises under CPU contention, which is load."""
+        return max(0.0, self._cold_at_rest_ms)
 
     @property
-    def cold_ratio(self) -> float:
-        """Observed / predicted compute of batches that started cold (EWMA; 1 until seen)."""
-        return self._ratio[True]
+    def cold_extra_ms(self) -> float:
+        """How much longer than predicted the last COLD_WINDOW batches that started cold ran
+        (ms, median; 0 until seen; below 0 where predictions run high)."""
+        return self._cold_ms
 
-    def probe_cold(self, stitch: int, input_size: tuple[int, ...], gap_s: float = 1.0) -> float:
-        """Seed the cold ratio before the first request (call before ``start``): leave the model
-        idle for ``gap_s``, then time one single-image batch of ``stitch`` against its
-        prediction. Without it the first request after a quiet start is planned as if warm;
-        on this project's 2-core VM such a first batch ran up to 2-4x its warm time."""
+    def probe_cold(
+        self,
+        stitch: int,
+        input_size: tuple[int, ...],
+        gap_s: float = COLD_PROBE_GAP_S,
+        probes: int = COLD_PROBES,
+    ) -> float:
+        """Seed the cold extra before the first request (call before ``start``): ``probes``
+        times, leave the model idle for ``gap_s``, then time one single-image batch of
+        ``stitch`` against its prediction; the median extra, in ms. Without it the first
+        request after a quiet start is planned as if warm; on this project's 2-core VM such a
+        first batch of the bundled model's cheapest stitch ran 1-5 ms over its 2 ms."""
         if self._thread is not None:
             raise RuntimeError("probe_cold runs before the scheduler starts")
         x = torch.zeros(1, *input_size)
-        time.sleep(gap_s)
-        t0 = time.monotonic()
-        self.runner(x, stitch)
-        compute_ms = (time.monotonic() - t0) * 1e3
         predicted = self.latency.predict_ms(stitch, 1)
-        if predicted > 0:
-            self._ratio[True] = min(4.0, max(1.0, compute_ms / predicted))
-            self._cold_at_rest = self._ratio[True]
+        self._cold.clear()
+        for _ in range(probes):
+            time.sleep(gap_s)
+            t0 = time.monotonic()
+            self.runner(x, stitch)
+            self.learn_cold((time.monotonic() - t0) * 1e3, predicted)
+        self._cold_at_rest_ms = self._cold_ms
         self._idle_since = time.monotonic()
-        return self._ratio[True]
+        return self._cold_ms
 
-    def learn_ratio(self, cold: bool, compute_ms: float, predicted_ms: float) -> None:
-        """One batch's observed against predicted compute, for warm or cold batches."""
+    def learn_cold(self, compute_ms: float, predicted_ms: float) -> None:
+        """One cold batch's observed against predicted compute."""
         if predicted_ms > 0:
-            r = min(4.0, max(0.25, compute_ms / predicted_ms))
-            self._ratio[cold] += COLD_EWMA * (r - self._ratio[cold])
+            with self._cv:  # (the worker thread's batches and the event loop's, see ``submit``)
+                self._cold.append(compute_ms - predicted_ms)
+                self._cold_ms = statistics.median(self._cold)
 
     def view(self, deadline: float, now: float) -> QueueView:
         """The queue in deadline order, as a new job due at ``deadline`` (monotonic s) meets it.
@@ -509,11 +527,12 @@ class Scheduler:
     def _answered(
         self, batch: list[_Job], stitch: int, start: float, cold: bool, logits: torch.Tensor
     ) -> list[tuple[_Job, Result, None]]:
-        """A batch's results, and what it teaches: the cold/warm ratio and the profiled time
-        of what ran."""
+        """A batch's results, and what it teaches: the cold extra (a cold batch) and the
+        profiled time of what ran."""
         compute_ms = (time.monotonic() - start) * 1e3
         n = logits.shape[0]
-        self.learn_ratio(cold, compute_ms, self.batches_ms(stitch, n))
+        if cold:
+            self.learn_cold(compute_ms, self.batches_ms(stitch, n))
         # The controller corrects the latency model from compute_seconds and this (one law:
         # observed / profiled compute, see server.controller).
         full, rest = divmod(n, self.max_batch)

@@ -389,15 +389,23 @@ class ControllerState(BaseModel):
         description="Stitches requests may use while the server is busy, most accurate first "
         "(a request that finds the server idle may use every stitch)."
     )
-    cold_start_ratio: float = Field(
-        1.0,
-        description="Observed / predicted compute of batches that started after the model had "
-        "been idle over 0.1 s (learned, seeded at start-up by one batch after an idle second).",
+    cold_start_ms: float = Field(
+        0.0,
+        description="How much longer than predicted, in ms, batches ran that started after the "
+        "model had been idle over 50 ms (learned; seeded at start-up by the median of three "
+        "batches after a pause; below 0 where predictions run high).",
     )
-    cold_start_factor: float = Field(
-        1.0,
-        description="What a request that finds the model idle that long is planned at: its "
-        "compute times the cold ratio, at least 1 and at most 3.",
+    cold_start_planned_ms: float = Field(
+        0.0,
+        ge=0.0,
+        description="What a request that finds the model idle that long is planned with on top "
+        "of its compute: cold_start_ms, at least 0.",
+    )
+    cold_start_at_rest_ms: float = Field(
+        0.0,
+        ge=0.0,
+        description="The start-up measurement of the same, on a quiet machine: what a 422 (a "
+        "budget no idle server meets) may count; more than that after a pause is load (503).",
     )
     device_factor: float = Field(
         description="How much slower (>1) or faster than its profile this device runs now, for "

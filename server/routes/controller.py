@@ -22,6 +22,7 @@ async def controller(engine: EngineDep) -> Any:
     sched = engine.scheduler
     return {
         **engine.controller.state(),
-        "cold_start_ratio": round(sched.cold_ratio, 4),
-        "cold_start_factor": round(sched.cold_planning_factor, 4),
+        "cold_start_ms": round(sched.cold_extra_ms, 3),
+        "cold_start_planned_ms": round(sched.cold_planning_ms, 3),
+        "cold_start_at_rest_ms": round(sched.cold_at_rest_ms, 3),
     }

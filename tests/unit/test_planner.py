@@ -340,7 +340,7 @@ def test_an_idle_server_serves_a_budget_its_fastest_stitch_meets_nine_times_in_t
 
 def test_best_effort_and_the_422_agree_with_http_work_the_network_a_cold_batch_and_two_images():
     # Every budget from 2 to 20 ms for 2 images, read in 0.4 ms, with 0.5 ms of HTTP work when
-    # idle, 2 ms reserved for the network and batches after a pause running 1.5x: each is
+    # idle, 2 ms reserved for the network and batches after a pause running 1 ms over: each is
     # served with the full margin, served best effort by the fastest stitch, or refused (422)
     # naming a least budget that a retry is then served with.
     planner, sched, _ = make(network_ms=2.0)
@@ -349,9 +349,9 @@ def test_best_effort_and_the_422_agree_with_http_work_the_network_a_cold_batch_a
     ctl.refuse_margin, ctl.refuse_margin_ms = 0.1, 0.2
     for _ in range(3):
         ing.observe(0, after_plan_ms=0.3, http_ms=0.5, alone=True, spent_ms=0.4)
-    sched._ratio[True] = sched._cold_at_rest = 1.5
+    sched._cold_ms = sched._cold_at_rest_ms = 1.0
     sched._idle_since = NOW - 1.0
-    assert sched.cold_factor(NOW) == 1.5
+    assert sched.cold_ms(NOW) == 1.0
     seen = {}
     for budget in [x / 4 for x in range(8, 81)]:
         r = planner.plan(opts(latency_budget_ms=budget), 2, NOW, arrived=NOW - 0.0004)
@@ -427,43 +427,52 @@ def test_a_retry_with_the_least_budget_is_admitted_though_its_reading_ran_slower
     assert stitch(retry) == 0
 
 
-def test_after_an_idle_gap_the_first_batch_is_planned_as_slow_as_cold_batches_ran():
-    # Batches that started after the model idled ran 1.5x their prediction: a request that
-    # finds the model idle that long is planned with 1.5x the compute (10.5 ms: stitch 6, not
-    # 9); one that finds it just busy is planned warm.
+def test_after_an_idle_gap_the_first_batch_is_planned_as_long_as_cold_batches_ran():
+    # Batches that started after the model idled ran 3.5 ms over their prediction, whatever
+    # it was: a request that finds the model idle that long is planned with 3.5 ms more
+    # compute (stitch 6's 7 ms: 10.5 ms; stitch 9's would be 13.5), one that finds it just busy
+    # is planned warm.
     planner, sched, _ = make()
     for _ in range(100):  # steady: no deviation left to plan for
-        sched.learn_ratio(True, 15.0, 10.0)
-        sched.learn_ratio(False, 10.0, 10.0)
-    assert sched.cold_ratio == pytest.approx(1.5, rel=1e-3)
+        sched.learn_cold(6.5, 3.0)
+        sched.learn_cold(13.5, 10.0)
+    assert sched.cold_extra_ms == pytest.approx(3.5, rel=1e-3)
     sched._idle_since = NOW - 1.0  # idle for a second
     plan = planner.plan(opts(latency_budget_ms=10.51), 1, NOW)
     assert stitch(plan) == 6 and plan.compute_ms == pytest.approx(10.5, rel=1e-3)
     sched._idle_since = NOW - 0.01  # it just finished a batch: warm
     assert stitch(planner.plan(opts(latency_budget_ms=10.51), 1, NOW)) == 9
+    # A batch that stalled for a second moves nothing (the median of the last five); a
+    # machine that turned slower after pauses moves it within three batches.
+    sched.learn_cold(1000.0, 1.0)
+    assert sched.cold_extra_ms == pytest.approx(3.5)
+    sched.learn_cold(11.0, 3.0)
+    sched.learn_cold(18.0, 10.0)
+    assert sched.cold_extra_ms == pytest.approx(8.0)
 
 
-def test_start_up_seeds_the_cold_ratio_from_one_batch_after_an_idle_gap():
-    # A model that takes 20 ms more than its 10 ms prediction after a pause: the probe
-    # measures it, and the first request after a quiet start is planned with it.
+def test_start_up_seeds_the_cold_extra_from_the_median_of_batches_after_a_pause():
+    # A model whose batches after a pause take 15 ms (5 ms more than predicted), but for one
+    # that stalls: the probe measures the median, and the first request after a quiet start is
+    # planned with it.
     planner, sched, net = make()
     sched._idle_since = NOW - 1.0
     warm = planner.plan(opts(latency_budget_ms=12), 1, NOW)  # not yet probed: planned warm
     assert warm.compute_ms >= 12 / 2
-    real = sched.runner
+    real, stalls = sched.runner, iter([0.015, 0.3, 0.015])
 
     def slow_after_idle(x, stitch):
-        time.sleep(0.02)
+        time.sleep(next(stalls))
         return real(x, stitch)
 
     sched.runner = slow_after_idle
-    ratio = sched.probe_cold(9, tuple(net.input_size), gap_s=0.0)
-    assert 2.0 <= ratio <= 4.0 and sched.cold_ratio == ratio
-    assert sched.cold_at_rest == min(3.0, ratio)  # what a 422 may count from now on
+    extra = sched.probe_cold(9, tuple(net.input_size), gap_s=0.0)
+    assert 4.5 <= extra < 200.0 and sched.cold_extra_ms == extra
+    assert sched.cold_at_rest_ms == extra  # what a 422 may count from now on
     sched.runner = real
     sched._idle_since = NOW - 1.0
-    cold = planner.plan(opts(latency_budget_ms=12), 1, NOW)
-    assert stitch(cold) != stitch(warm) and cold.compute_ms <= 12  # x ratio
+    cold = planner.plan(opts(latency_budget_ms=50), 1, NOW)
+    assert cold.compute_ms == pytest.approx(sched.batches_ms(stitch(cold), 1) + extra)
     sched.start()
     try:
         with pytest.raises(RuntimeError, match="before the scheduler starts"):
@@ -473,22 +482,24 @@ def test_start_up_seeds_the_cold_ratio_from_one_batch_after_an_idle_gap():
 
 
 def test_the_least_a_warm_422_names_admits_a_retry_that_finds_the_model_cold():
-    # After a pause batches run 2x (start-up's probe on a quiet machine). A request right
-    # after another (warm) with too small a budget gets a 422 whose least counts the cold
-    # batch: a client retries after a pause, and the warm least was refused again.
+    # After a pause batches take 1 ms more (start-up's probe on a quiet machine). A request
+    # right after another (warm) with too small a budget gets a 422 whose least counts the
+    # cold batch: a client retries after a pause, and the warm least was refused again.
     planner, sched, _ = make()
-    sched._ratio[True] = sched._cold_at_rest = 2.0
+    sched._cold_ms = sched._cold_at_rest_ms = 1.0
     sched._idle_since = NOW - 0.01  # it just finished a batch: warm
     warm = planner.plan(opts(latency_budget_ms=0.5), 1, NOW)
     assert warm.status == 422
     least = float(re.search(r"latency_budget_ms >= ([0-9.]+)", warm.detail)[1])
     assert least == pytest.approx(2.0, abs=0.011)  # stitch 0's 1 ms, cold
-    assert "first batch after idling has run 2.00x its prediction here; allowed:" in warm.detail
+    assert "first batch after idling has taken 1.0 ms over its prediction here; allowed:" in (
+        warm.detail
+    )
     sched._idle_since = NOW - 1.0  # the retry, a second later: the model idled
     assert stitch(planner.plan(opts(latency_budget_ms=least), 1, NOW)) == 0
-    # Batches after a pause have run 3x lately (more than start-up's probe saw): the least
-    # counts that, as admission plans with it (at start-up's, every retry got a 503).
-    sched._ratio[True] = 3.0
+    # Batches after a pause have run 2 ms over lately (more than start-up's probe saw): the
+    # least counts that, as admission plans with it (at start-up's, every retry got a 503).
+    sched._cold_ms = 2.0
     sched._idle_since = NOW - 0.01
     least = float(
         re.search(r">= ([0-9.]+)", planner.plan(opts(latency_budget_ms=0.5), 1, NOW).detail)[1]
@@ -498,17 +509,17 @@ def test_the_least_a_warm_422_names_admits_a_retry_that_finds_the_model_cold():
     assert stitch(planner.plan(opts(latency_budget_ms=least), 1, NOW)) == 0
 
 
-def test_a_cold_ratio_raised_by_contention_is_load_not_a_reason_for_422():
-    # At start-up a batch after a pause ran as predicted; under a burst cold batches ran 3x.
-    # A budget the fastest stitch meets at rest is then refused 503 (retry), never 422.
+def test_a_cold_extra_raised_by_contention_is_load_not_a_reason_for_422():
+    # At start-up a batch after a pause ran as predicted; under a burst cold batches ran 20 ms
+    # over. A budget the fastest stitch meets at rest is then refused 503 (retry), never 422.
     planner, sched, _ = make()
-    sched._cold_at_rest = 1.0  # the start-up probe's: a quiet machine, no slower after a pause
+    sched._cold_at_rest_ms = 0.0  # the start-up probe's: a quiet machine, no slower after a pause
     for _ in range(100):
-        sched.learn_ratio(True, 30.0, 10.0)
+        sched.learn_cold(30.0, 10.0)
     sched._idle_since = NOW - 1.0
     fastest = min(sched.batches_ms(s, 1) for s in range(10))
     r = planner.plan(opts(latency_budget_ms=2.0 * fastest), 1, NOW)
-    assert r.status == 503 and "after a pause run 3.00x" in r.detail, r.detail
+    assert r.status == 503 and "after a pause take 20.0 ms over" in r.detail, r.detail
 
 
 def test_estimates_raised_by_a_burst_are_load_never_a_reason_for_422():
