@@ -1,7 +1,9 @@
 """The latency corrections replayed on real answers: how well the controller's law predicts each
 next forward of an idle real-size net, and what margin and least budget follow.
 
-    python bench/law_replay.py [ROWS ...]    (default: bench/data/deit_idle_rows/*.jsonl)
+    python bench/law_replay.py [--cold ms|factor] [ROWS ...]
+
+(ROWS default: bench/data/deit_idle_rows/*.jsonl.)
 
 Each ROWS file is ``bench/deit_idle.py --rows`` output: the menu as served (its profiled
 ``predicted_ms`` at start, which stitches were measured), then the requests in order with the
