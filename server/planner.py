@@ -153,6 +153,8 @@ class Planner:
         )
         if isinstance(plan, Refusal) and plan.status == 503:
             self.last_shed = now
+            if alone and cold > self.scheduler.cold_at_rest_ms:
+                self.scheduler.relax_cold()  # (nothing ran, nothing else would teach it)
         return plan
 
     # -- steps --------------------------------------------------------------------------------

@@ -224,6 +224,21 @@ class Scheduler:
         self._idle_since = time.monotonic()
         return self._cold_ms
 
+    def relax_cold(self) -> None:
+        """A request was refused while the model sat idle: halve what each of the last cold
+        batches ran over start-up's extra. Nothing else would move it: a refused request runs
+        no batch, and a lone client whose budget the learnt extra no longer fits was refused
+        at every retry (a noisy spell on the 2-core VM left the bundled model's extra at 6.1 ms
+        for a stitch that took 1.7 ms more at start-up: 503 "batches after a pause take 6.1 ms
+        over" to every budget between, until a looser one ran)."""
+        with self._cv:
+            rest = self.cold_at_rest_ms
+            self._cold = deque(
+                (rest + (v - rest) / 2 if v > rest else v for v in self._cold), maxlen=COLD_WINDOW
+            )
+            if self._cold:
+                self._cold_ms = statistics.median(self._cold)
+
     def learn_cold(self, compute_ms: float, predicted_ms: float) -> None:
         """One cold batch's observed against predicted compute."""
         if predicted_ms > 0:
