@@ -150,7 +150,8 @@ class Planner:
         view = self.scheduler.view(deadline, now)
         alone = not view.busy and not self.ingress.others()  # nothing else in the server
         spent = max(0.0, (now - arrived) * 1e3)
-        if at_rest > server_budget:
+        # (a lone request that start-up's figures fit goes on: it may be served to learn, below)
+        if at_rest > server_budget and not (alone and self._profiled(fastest, n) <= server_budget):
             pre = spent + self.ingress.wait_ms() if alone else 0.0  # its own, if it found it idle
             need, least = self._idle_need(at_rest, payload_bytes, cold, pre)
             return self._too_tight(budget, fastest, at_rest, need, least, n, opts, len(pool))
@@ -295,8 +296,8 @@ class Planner:
             slow = self._slow_down()
             fastest = self.scheduler.batches_ms(s, n) / max(1.0, slow)
             need, least = self._idle_need(fastest, payload_bytes, cold, spent + ingress)
-            profiled = self.scheduler.batches_ms(s, n) / self.scheduler.latency.correction(s)
-            if need > server_budget and spent + ingress + http + profiled <= server_budget:
+            profiled = spent + ingress + http + self._profiled(s, n)
+            if need > server_budget and profiled <= server_budget:
                 # It would fit as the server was at start-up: refused for what the last idle
                 # answers taught, which only answers can unteach (EXPLORE_AFTER).
                 self.near_refused += 1
@@ -383,6 +384,11 @@ class Planner:
             retry,
             least_ms=now_budget,
         )
+
+    def _profiled(self, stitch: int, n: int) -> float:
+        """The compute of ``n`` images of ``stitch`` at start-up's figures: its profile, with
+        none of the corrections learnt since."""
+        return self.scheduler.batches_ms(stitch, n) / self.scheduler.latency.correction(stitch)
 
     def _as_budget(self, ms: float) -> float:
         """``ms`` of server time as a client's budget: with the network's share, rounded up to

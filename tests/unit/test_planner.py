@@ -547,6 +547,37 @@ def test_a_cold_extra_that_refuses_a_lone_client_relaxes_until_it_is_served():
     assert 1.0 <= sched.cold_extra_ms < 1.01
 
 
+def test_a_lone_client_refused_for_what_idle_answers_taught_is_served_now_and_then():
+    # An idle margin fitted to a few noisy answers (50% + 2 ms) puts the need of stitch 0 (1 ms)
+    # at 3.5 ms; at start-up's figures it takes 1 ms. A lone client retrying a 2 ms budget gets
+    # a 422 three times in a row, then an answer from the fastest stitch, best effort, which
+    # teaches the idle estimates (a refusal runs nothing); a budget below even start-up's
+    # figures is always refused.
+    planner, sched, _ = make()
+    ctl = planner.controller
+    ctl.rest_margin, ctl.rest_margin_ms = 0.5, 2.0
+    ctl.refuse_margin, ctl.refuse_margin_ms = 0.5, 2.0
+
+    def kinds(budget: float, times: int) -> list:
+        out = []
+        for _ in range(times):
+            r = planner.plan(opts(latency_budget_ms=budget), 1, NOW)
+            out.append(r.status if isinstance(r, Refusal) else (r.stitch, r.best_effort))
+        return out
+
+    assert kinds(2.0, 8) == [422, 422, 422, (0, True)] * 2
+    assert kinds(0.5, 8) == [422] * 8
+    # The device factor learnt 3x (a spell of contention, all answers served alone): the
+    # fastest stitch's compute alone is now over the budget, and the same holds.
+    ctl.device_factor = ctl.settled_device_factor = 3.0
+    ctl._apply_corrections()
+    assert sched.batches_ms(0, 1) > 2.0
+    assert kinds(2.0, 4) == [422, 422, 422, (0, True)]
+    # A request that is not alone (another in the HTTP layer) is never served to learn.
+    planner.ingress.unqueued = 2
+    assert kinds(2.0, 6) == [422] * 6
+
+
 def test_estimates_raised_by_a_burst_are_load_never_a_reason_for_422():
     # After a burst: answers took 3 ms of HTTP work each and ran 1.5x their prediction, but
     # requests served alone took 0.2 ms to read and 0.1 ms after planning, 10% over. A request
