@@ -52,10 +52,10 @@ ROUNDING_MS = 1e-6
 # start-up's figures (its profiled compute, with no correction, cold extra or margin), every this
 # many in a row is served by it best effort instead: the idle estimates learn only from answers,
 # and a refusal runs nothing. A lone client pausing 0.3 s at 2.2x the cheapest stitch's round
-# trip got answers for 10 requests, then, the idle margin fitted to those few at its cap, a 422
-# for all of the next 90; in another run, after a spell of CPU contention whose slowness the
-# idle device factor and the cold extra had learnt, a 422 for all 70 after it (bench/spell.py,
-# session 33).
+# trip got answers for 8 requests, then, the idle margin fitted to those few at its cap, a 422
+# for every one of the next 92; in other runs, after a spell of CPU contention whose slowness
+# the idle device factor and margin had learnt, a 422 for 61 and 70 of the 70 after it
+# (bench/spell.py, session 33).
 EXPLORE_AFTER = 4
 
 
@@ -122,7 +122,7 @@ class Planner:
         self.default_budget_ms, self.network_ms = default_budget_ms, network_ms
         self.baseline_policies = baseline_policies
         self.last_shed = -math.inf  # when admission last refused a request with a 503
-        self.near_refused = 0  # 422s in a row to lone requests whose expected time fit
+        self.near_refused = 0  # 422s in a row to lone requests start-up's figures fit
 
     def plan(
         self,
