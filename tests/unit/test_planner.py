@@ -459,7 +459,7 @@ def test_start_up_seeds_the_cold_extra_from_the_median_of_batches_after_a_pause(
     sched._idle_since = NOW - 1.0
     warm = planner.plan(opts(latency_budget_ms=12), 1, NOW)  # not yet probed: planned warm
     assert warm.compute_ms >= 12 / 2
-    real, stalls = sched.runner, iter([0.015, 0.3, 0.015])
+    real, stalls = sched.runner, iter([0.015, 0.1, 0.015])
 
     def slow_after_idle(x, stitch):
         time.sleep(next(stalls))
@@ -467,7 +467,7 @@ def test_start_up_seeds_the_cold_extra_from_the_median_of_batches_after_a_pause(
 
     sched.runner = slow_after_idle
     extra = sched.probe_cold(9, tuple(net.input_size), gap_s=0.0)
-    assert 4.5 <= extra < 200.0 and sched.cold_extra_ms == extra
+    assert 4.5 <= extra < 50.0 and sched.cold_extra_ms == extra  # the stall: 90 ms over
     assert sched.cold_at_rest_ms == extra  # what a 422 may count from now on
     sched.runner = real
     sched._idle_since = NOW - 1.0
