@@ -366,7 +366,7 @@ class Controller:
         residual_max_age_s: Answers older than this no longer count in the margin of a busy
             server (a past burst's misses should not pad predictions for ever). Those of
             requests served alone do not age: only newer ones replace them (see
-            ``_update_margin``).
+            ``_update_margin``), unless other work on the machine slowed them.
         recent_arrivals: How many of the last arrivals ``draw_allowed`` takes the rate of.
         scores: Each stitch's accuracy (what ``ranking`` sorts by). With them, ``draw_allowed``
             meets a cost cap on average by mixing the two stitches of the accuracy/cost hull
@@ -454,8 +454,12 @@ class Controller:
         # Those of requests served alone (an idle server's): the margin a 422 ("too tight even
         # when idle") and an idle request's plan count, so a burst's misses never make a budget
         # look impossible. Same window, but kept until newer ones replace them, whatever their
-        # age; with too few (a fresh server), the prior.
-        self._rest_residuals: deque[tuple[float, float, float]] = deque(maxlen=residual_window)
+        # age; with too few (a fresh server), the prior. The last field: contended (the
+        # machine was busy though the server was not), and then it ages as a busy server's.
+        self._rest_residuals: deque[tuple[float, float, float, bool]] = deque(
+            maxlen=residual_window
+        )
+        self._rest_contended: deque[float] = deque(maxlen=residual_window)  # their times
         self.rest_margin, self.rest_margin_ms = prior, 0.0
         # The same at ``refuse_quantile``: what a 422 is judged on (see ``pad_ms``).
         self.refuse_margin, self.refuse_margin_ms = min(prior, MARGIN_PRIOR), 0.0
@@ -466,18 +470,31 @@ class Controller:
     # -- inputs -------------------------------------------------------------------------------
 
     def observe_residual(
-        self, actual_ms: float, predicted_ms: float, *, alone: bool = False
+        self,
+        actual_ms: float,
+        predicted_ms: float,
+        *,
+        alone: bool = False,
+        contended: bool = False,
     ) -> None:
         """One answered request's time outside the model queue, measured and as predicted
         (HTTP backlog, its own HTTP work and compute; see ``Engine.record_answer``); ``alone``
-        if it was served alone (``Ingress``)."""
+        if it was served alone (``Ingress``); ``contended`` if other work on the machine made
+        it wait for a CPU (``server.cpuwait``): an idle server's answer then, but not an idle
+        machine's. It counts in the idle margin only until it ages (a co-tenant's spell
+        passes; a machine busy for good keeps giving such answers), and its period is no
+        evidence of the idle device factor."""
         if predicted_ms > 0 and math.isfinite(actual_ms) and math.isfinite(predicted_ms):
+            now = time.monotonic()
             with self._lock:
-                self._residuals.append((time.monotonic(), actual_ms, predicted_ms))
+                self._residuals.append((now, actual_ms, predicted_ms))
                 self._answers[0] += 1
                 if alone:
-                    self._rest_residuals.append(self._residuals[-1])
-                    self._answers[1] += 1
+                    self._rest_residuals.append((now, actual_ms, predicted_ms, contended))
+                    if contended:
+                        self._rest_contended.append(now)
+                    else:
+                        self._answers[1] += 1
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -583,6 +600,11 @@ class Controller:
             # client had just been told would do, and a client retrying with it got a 422 again.
             while self._residuals and self._residuals[0][0] < oldest:
                 self._residuals.popleft()
+            if self._rest_contended and self._rest_contended[0] < oldest:
+                while self._rest_contended and self._rest_contended[0] < oldest:
+                    self._rest_contended.popleft()
+                kept = (e for e in self._rest_residuals if not (e[3] and e[0] < oldest))
+                self._rest_residuals = deque(kept, maxlen=self._rest_residuals.maxlen)
             # The windows change only when a request is answered or an answer ages out: no
             # refit in between (the fit was most of a controller step's CPU, 4 times a second,
             # on a core the model's threads use).
@@ -592,7 +614,7 @@ class Controller:
                 return
             self._margin_key = key
             recent = [(a, p) for _, a, p in self._residuals]
-            rest = [(a, p) for _, a, p in self._rest_residuals]
+            rest = [(a, p) for _, a, p, _ in self._rest_residuals]
         ((self.margin, self.margin_ms),) = _margin(recent, (self.quantile,))
         (self.rest_margin, self.rest_margin_ms), (self.refuse_margin, self.refuse_margin_ms) = (
             _margin(rest, (self.quantile, self.refuse_quantile))
@@ -744,6 +766,8 @@ class Controller:
 
     def state(self) -> dict:
         f = self.fleet
+        with self._lock:
+            rest = list(self._rest_residuals)
         return {
             "load_level": round(self.level, 4),
             "load_level_from_rate": round(self.level_rate, 4),
@@ -759,7 +783,8 @@ class Controller:
             "margin_ms": round(self.margin_ms, 3),
             "rest_margin": round(self.rest_margin, 4),
             "rest_margin_ms": round(self.rest_margin_ms, 3),
-            "rest_answers": len(self._rest_residuals),
+            "rest_answers": len(rest),
+            "rest_answers_contended": sum(e[3] for e in rest),
             "refuse_margin": round(self.refuse_margin, 4),
             "refuse_margin_ms": round(self.refuse_margin_ms, 3),
             "estimate_pad": round(self.estimate_pad, 4),

@@ -38,6 +38,7 @@ from snnet_core import (
 from . import early
 from .config import Settings
 from .controller import Controller, Fleet, PrometheusSource, read_metrics
+from .cpuwait import contended
 from .environ import cores
 from .imaging import decode_cost_points, make_transform
 from .ingress import Ingress
@@ -105,11 +106,15 @@ class Engine:
         http = total_ms - result.queue_ms - result.compute_ms
         # Served alone: planned with nothing else in the server, and nothing arrived since.
         alone = plan.alone_at is not None and plan.alone_at == self.ingress.arrivals
+        # Alone in the server, not on the machine: the model's threads waited for a CPU in its
+        # forward (a co-tenant's work; ``server.cpuwait``). Its times are then load, not what an
+        # idle server takes.
+        busy_machine = alone and contended(result.wait_ms, result.compute_ms)
         self.ingress.observe(
             payload_bytes,
             http - plan.spent_ms - plan.ingress_ms,
             http,
-            alone=alone,
+            alone=alone and not busy_machine,
             # what admission counts before its own work: read, parsed, and the loop's lag then
             spent_ms=plan.spent_ms + plan.ingress_ms,
         )
@@ -117,7 +122,10 @@ class Engine:
         # prediction. Not the queue wait: under earliest-deadline-first a request may wait longer
         # than predicted by design, for one due sooner, within its deadline (admission checks it).
         self.controller.observe_residual(
-            total_ms - plan.spent_ms - result.queue_ms, plan.outside_queue_ms, alone=alone
+            total_ms - plan.spent_ms - result.queue_ms,
+            plan.outside_queue_ms,
+            alone=alone,
+            contended=busy_machine,
         )
         met = total_ms + self.settings.network_ms <= plan.budget_ms
         m = self.metrics

@@ -145,6 +145,12 @@ class Metrics:
             ["stitch"],
             registry=r,
         )
+        self.model_cpu_wait_seconds = Counter(
+            "snnet_model_cpu_wait_seconds",
+            "Time the model's threads were ready to run a forward but waited for a CPU (other "
+            "work on the machine; Linux run delay, 0 elsewhere)",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "snnet_batch_size", "Images per model batch", buckets=BATCH_BUCKETS, registry=r
         )

@@ -34,6 +34,7 @@ import torch
 from snnet_core import SNNet
 
 from . import early
+from .cpuwait import RunDelay, thread_wait_ms
 from .environ import model_child_env
 
 log = logging.getLogger("snnet.runner")
@@ -46,7 +47,8 @@ REAP_ON_LOOP_S = 0.1
 
 # The hop's messages, over a socket pair (AF_UNIX stream): a fixed-size struct each way. The
 # parent asks (stitch, ndim, shape padded to 6 dims, payload bytes); the child replies (status,
-# rows, classes, forward ms, payload bytes). Payload 0: the tensor is in shared memory.
+# rows, classes, forward ms, ms its threads waited for a CPU meanwhile (``server.cpuwait``),
+# payload bytes). Payload 0: the tensor is in shared memory.
 # Otherwise its raw bytes follow the struct (a batch larger than the shared buffer, logits of
 # another shape, an error's text, the ready message's warm-up times). Against
 # ``multiprocessing.Connection`` (a pickled tuple, read as a length and then the body), with the
@@ -54,7 +56,7 @@ REAP_ON_LOOP_S = 0.1
 # median 52-60 us (stream), 46-66 us (SOCK_SEQPACKET, not on macOS) against 95-175 us here,
 # 3 alternating rounds each; ``bench/model_hop.py`` measures the real runner's hop.
 _ASK = struct.Struct("<ii6iq")
-_REPLY = struct.Struct("<iiidq")
+_REPLY = struct.Struct("<iiiddq")
 _OK, _ERROR, _READY, _IMPORTED = 0, 1, 2, 3
 _MAX_DIMS = 6
 _MAX_ERROR_BYTES = 1 << 16
@@ -246,12 +248,13 @@ class InlineRunner:
         self._staging: torch.Tensor | None = None
         self.first_ms: dict[int, float] = {}  # from warm_up
         self.last_forward_ms: float | None = None  # the last call's ms (no hop: all forward)
+        self.last_wait_ms = 0.0  # the ms the calling thread waited for a CPU in it
         if device.type == "cuda":
             shape = (max_batch, *net.input_size)
             self._staging = torch.empty(shape, dtype=torch.float32).pin_memory()
 
     def __call__(self, x: torch.Tensor, stitch: int) -> torch.Tensor:
-        t0 = time.perf_counter()
+        w0, t0 = thread_wait_ms(), time.perf_counter()
         with torch.inference_mode():
             if self._staging is not None and x.shape[0] <= self._staging.shape[0]:
                 staged = self._staging[: x.shape[0]]
@@ -260,6 +263,7 @@ class InlineRunner:
             y = self.net(x.to(self.device, non_blocking=True).to(self.dtype), stitch)
             y = y.float().cpu()
         self.last_forward_ms = (time.perf_counter() - t0) * 1e3
+        self.last_wait_ms = max(0.0, thread_wait_ms() - w0)
         return y
 
     def warm_up(self, batch_sizes: Sequence[int], check: Callable[[], None] = lambda: None) -> None:
@@ -406,7 +410,7 @@ def serve_from_socket(sock: socket.socket) -> None:
     """The model process, once imported (``server.early._host``): say so, receive the weights,
     then ``_serve``; return if the parent goes away first."""
     try:
-        _send(sock, _REPLY, _IMPORTED, 0, 0, 0.0)
+        _send(sock, _REPLY, _IMPORTED, 0, 0, 0.0, 0.0)
         fds, data = _recv_setup(sock)
     except (EOFError, OSError):
         return
@@ -438,9 +442,10 @@ def _serve(
     gc.collect()
     gc.freeze()  # as in the server process: no full collections over the model's objects
     inputs, logits = shared
+    waits = RunDelay.of_process()  # this process's threads: the main one and torch's
 
     try:
-        _send(sock, _REPLY, _READY, 0, 0, 0.0, payload=pickle.dumps(first_ms))
+        _send(sock, _REPLY, _READY, 0, 0, 0.0, 0.0, payload=pickle.dumps(first_ms))
         while True:
             (stitch, ndim, *dims, _), data = _recv(sock, _ASK)
             shape = tuple(dims[:ndim])
@@ -449,23 +454,24 @@ def _serve(
                     x = inputs[: shape[0]]
                 else:
                     x = torch.frombuffer(data, dtype=torch.float32).reshape(shape)
-                t0 = time.perf_counter()
+                w0, t0 = waits.ms(), time.perf_counter()
                 with torch.inference_mode():
                     y = net(x.to(dtype), stitch).float()
                 ms = (time.perf_counter() - t0) * 1e3
+                waited = max(0.0, waits.ms() - w0)
                 y = y.reshape(y.shape[0], -1)
                 shared_out = data is None and y.shape[1:] == logits.shape[1:]
                 if shared_out:
                     logits[: y.shape[0]].copy_(y)
             except Exception as e:  # the model's error: the batch fails, the child goes on
                 text = f"{type(e).__name__}: {e}".encode()[:_MAX_ERROR_BYTES]
-                _send(sock, _REPLY, _ERROR, 0, 0, 0.0, payload=text)
+                _send(sock, _REPLY, _ERROR, 0, 0, 0.0, 0.0, payload=text)
                 continue
             # The answer is sent outside the model's try: a failed send ends the child.
             if shared_out:
-                _send(sock, _REPLY, _OK, *y.shape, ms)
+                _send(sock, _REPLY, _OK, *y.shape, ms, waited)
             else:
-                _send(sock, _REPLY, _OK, *y.shape, ms, payload=y.contiguous().numpy())
+                _send(sock, _REPLY, _OK, *y.shape, ms, waited, payload=y.contiguous().numpy())
     except (EOFError, OSError):  # the parent closed its end or is gone
         return
 
@@ -516,6 +522,7 @@ class ProcessRunner:
         # The ms the last batch's forward took in the child, without the hop to it and back
         # (``server.profiling.calibrate`` tells the two apart).
         self.last_forward_ms: float | None = None
+        self.last_wait_ms = 0.0  # the ms the child's threads waited for a CPU in it
         self._start()
 
     def _start(self) -> None:
@@ -576,7 +583,7 @@ class ProcessRunner:
             self._start()
         try:
             self.send(x, stitch)
-            y, self.last_forward_ms = self._answer()
+            y, self.last_forward_ms, self.last_wait_ms = self._answer()
         except (EOFError, OSError):  # (BrokenPipeError is an OSError)
             code = self._reap()
             self.restarts += 1
@@ -625,7 +632,7 @@ class ProcessRunner:
         """The logits of the batch ``send`` handed over; RunnerError if the model failed on it or
         its process died (then the next ``__call__`` starts a new one, off the event loop)."""
         try:
-            y, self.last_forward_ms = self._answer()
+            y, self.last_forward_ms, self.last_wait_ms = self._answer()
         except (EOFError, OSError):
             code = self._reap(wait_s=REAP_ON_LOOP_S)  # on the event loop: do not wait long
             self.restarts += 1
@@ -637,15 +644,17 @@ class ProcessRunner:
             ) from None
         return y
 
-    def _answer(self) -> tuple[torch.Tensor, float]:
-        """The child's answer to the batch sent: its logits and the ms its forward took there,
-        or its error raised as a RunnerError. EOFError or OSError: the child is gone."""
-        (status, rows, classes, ms, _), payload = _recv(self._sock, _REPLY)
+    def _answer(self) -> tuple[torch.Tensor, float, float]:
+        """The child's answer to the batch sent: its logits, the ms its forward took there and
+        the ms its threads waited for a CPU meanwhile, or its error raised as a RunnerError.
+        EOFError or OSError: the child is gone."""
+        (status, rows, classes, ms, waited, _), payload = _recv(self._sock, _REPLY)
         if status == _ERROR:
             raise RunnerError(bytes(payload or b"").decode(errors="replace"))
         if payload is None:
-            return torch.from_numpy(self._logits.numpy()[:rows].copy()), ms
-        return torch.frombuffer(payload, dtype=torch.float32).reshape(rows, classes), ms
+            return torch.from_numpy(self._logits.numpy()[:rows].copy()), ms, waited
+        logits = torch.frombuffer(payload, dtype=torch.float32).reshape(rows, classes)
+        return logits, ms, waited
 
     def _reap(self, wait_s: float | None = None) -> int | None:
         """Close the socket (the child reads its end and returns) and collect the child's exit

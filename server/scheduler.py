@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cpuwait import contended
 from .errors import ComputeError, Refusal
 from .latency import LatencyModel
 from .metrics import Metrics
@@ -83,6 +84,7 @@ class Result:
     queue_ms: float  # enqueued -> its batch started
     compute_ms: float  # the batch's model time
     batch_size: int
+    wait_ms: float = 0.0  # of it, the model's threads waited for a CPU (``server.cpuwait``)
 
 
 @dataclass
@@ -425,7 +427,8 @@ class Scheduler:
         try:
             logits = self.runner.finish(job.stitch)
             self._observe(job.stitch, job.n, time.monotonic() - start)
-            answers = self._answered([job], job.stitch, start, cold, logits)
+            waited = self.runner.last_wait_ms
+            answers = self._answered([job], job.stitch, start, cold, logits, waited)
         except Exception as e:
             answers = self._failed([job], job.stitch, e)
         with self._cv:  # idle again before the answer, as after the worker's batches
@@ -524,13 +527,14 @@ class Scheduler:
             x = torch.cat([j.x for j in batch]) if len(batch) > 1 else batch[0].x
             # Only a single request larger than max_batch gets here with n > max_batch: run it
             # in chunks, as batches_ms predicts (and as memory was sized for).
-            out = []
+            out, waited = [], 0.0
             for chunk in x.split(self.max_batch):
                 t0 = time.monotonic()
                 out.append(self.runner(chunk, stitch))
                 self._observe(stitch, chunk.shape[0], time.monotonic() - t0)
+                waited += getattr(self.runner, "last_wait_ms", 0.0)  # (a plain function: 0)
             logits = torch.cat(out) if len(out) > 1 else out[0]
-            return self._answered(batch, stitch, start, cold, logits)
+            return self._answered(batch, stitch, start, cold, logits, waited)
         except Exception as e:
             return self._failed(batch, stitch, e)
 
@@ -540,13 +544,21 @@ class Scheduler:
         self.metrics.batch_size.observe(images)
 
     def _answered(
-        self, batch: list[_Job], stitch: int, start: float, cold: bool, logits: torch.Tensor
+        self,
+        batch: list[_Job],
+        stitch: int,
+        start: float,
+        cold: bool,
+        logits: torch.Tensor,
+        waited: float = 0.0,
     ) -> list[tuple[_Job, Result, None]]:
-        """A batch's results, and what it teaches: the cold extra (a cold batch) and the
-        profiled time of what ran."""
+        """A batch's results, and what it teaches: the cold extra (a cold batch whose threads
+        did not wait for a CPU: that is load, not the pause) and the profiled time of what ran.
+        """
         compute_ms = (time.monotonic() - start) * 1e3
         n = logits.shape[0]
-        if cold:
+        self.metrics.model_cpu_wait_seconds.inc(waited / 1e3)
+        if cold and not contended(waited, compute_ms):
             self.learn_cold(compute_ms, self.batches_ms(stitch, n))
         # The controller corrects the latency model from compute_seconds and this (one law:
         # observed / profiled compute, see server.controller).
@@ -566,7 +578,7 @@ class Scheduler:
                 error = ComputeError(f"the model's answer on stitch {stitch} is NaN or infinite")
                 answers.append((j, None, error))
                 continue
-            result = Result(mine, stitch, (start - j.enqueued) * 1e3, compute_ms, n)
+            result = Result(mine, stitch, (start - j.enqueued) * 1e3, compute_ms, n, waited)
             self.metrics.queue_seconds.observe(result.queue_ms / 1e3)
             answers.append((j, result, None))
         return answers

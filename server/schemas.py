@@ -356,6 +356,12 @@ class ControllerState(BaseModel):
         description="How many requests served alone rest_margin is fitted to (at most 256; the "
         "prior below 5).",
     )
+    rest_answers_contended: int = Field(
+        0,
+        description="Of them, how many waited for a CPU for over a tenth of their time (other "
+        "work on the machine, though none in the server): they count until 30 s old, the others "
+        "until newer ones replace them.",
+    )
     refuse_margin: float = Field(
         0.2,
         description="The idle server's margin fitted to cover refuse_quantile of the requests "

@@ -441,6 +441,39 @@ def test_the_idle_margin_keeps_its_answers_until_newer_ones_replace_them():
     assert c.pad_ms(10.0, alone=True) == pytest.approx(0.2)
 
 
+def test_idle_answers_a_busy_machine_slowed_count_in_the_idle_margin_only_until_they_age():
+    """An answer served alone whose forward waited for a CPU (a co-tenant's busy loop) is the
+    machine under load: it counts while the spell may last, then ages like a busy server's
+    answer; the idle server's own answers stay (``bench/spell.py``: the spell's answers kept
+    the idle margin wide, and a lone client refused, long after the co-tenant left)."""
+    c = controller()
+    h = History(c)
+    for _ in range(40):
+        c.observe_residual(10.5, 10.0, alone=True)  # a quiet machine: 5% over
+    for _ in range(20):
+        c.observe_residual(16.0, 10.0, alone=True, contended=True)  # a spell: 60% over
+    h.run(0.25, rps=0)
+    assert c.pad_ms(10.0, alone=True) > 4.0  # the spell counts while it lasts
+    assert c.state()["rest_answers"] == 60 and c.state()["rest_answers_contended"] == 20
+    c.residual_max_age_s = 0.0  # every answer so far is now old
+    h.run(0.25, rps=0)
+    assert c.pad_ms(10.0, alone=True) == pytest.approx(0.5)  # the quiet machine's answers
+    assert c.state()["rest_answers"] == 40 and c.state()["rest_answers_contended"] == 0
+
+
+def test_a_period_with_an_answer_a_busy_machine_slowed_does_not_teach_the_idle_device_factor():
+    c = controller()
+    h = History(c)
+    for _ in range(40):  # a lone client on a quiet machine: 1.3x the profile
+        c.observe_residual(10.0, 10.0, alone=True)
+        run_stitches(h, {3: 1.3}, steps=1)
+    for _ in range(8):  # the same client beside a busy loop: 2.5x, its forwards waited
+        c.observe_residual(25.0, 10.0, alone=True, contended=True)
+        run_stitches(h, {3: 2.5}, steps=1)
+    assert c.device_factor > 2.2  # what the device does now
+    assert c.settled_device_factor == pytest.approx(1.3, rel=0.02)  # what it does when idle
+
+
 def test_the_idle_device_factor_is_learnt_from_periods_whose_answers_were_served_alone():
     """A lone client's requests ran 1.24-1.30x start-up's calibration in one run on the 2-core
     VM (0.79-1.04x in another): that is the idle server's speed, and "the device runs slower

@@ -2,11 +2,15 @@
 real family with a known profile."""
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
+from server.cpuwait import RunDelay
 from server.errors import Refusal
 from server.ingress import Ingress
 from server.latency import LatencyModel
@@ -374,3 +378,43 @@ def test_a_nan_answer_fails_its_own_request_not_its_batch_mates(digits):
     sched.stop()
     assert ok.batch_size == 2 and torch.isfinite(ok.logits).all()
     assert isinstance(failed, ComputeError) and "NaN or infinite" in str(failed)
+
+
+HOG = "import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])}); print(flush=True)\nwhile True: pass"
+
+
+@pytest.mark.skipif(not RunDelay.of_thread().available, reason="no /proc/<pid>/schedstat here")
+def test_a_cold_batch_that_waited_for_a_cpu_teaches_nothing_about_pauses():
+    """What a batch after a pause runs over its prediction is the pause's cost, planned for the
+    next one; a batch that shared its CPU with a busy loop (a co-tenant) ran over for another
+    reason, which the device factor follows, and must not make every later pause look dear."""
+    _, sched, net = make(lambda s, b: 1.0, max_batch=256, max_queue=256)
+    x = torch.zeros(256, *net.input_size)  # about 15 ms of one thread here
+    sched._cold.clear()
+    sched._cold_ms = 0.0
+    cpu = min(os.sched_getaffinity(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    hog = None
+
+    async def one_cold_batch():
+        sched._idle_since = time.monotonic() - 1.0
+        now = time.monotonic()
+        return await sched.submit(x, 22, now + 60, now)
+
+    try:
+        sched.start()
+        os.sched_setaffinity(sched._thread.native_id, {cpu})
+        quiet = asyncio.run(one_cold_batch())  # the model's worker alone on its CPU
+        assert len(sched._cold) == 1 and sched.cold_extra_ms > 0  # 15 ms over its 1 ms
+        hog = subprocess.Popen([sys.executable, "-c", HOG, str(cpu)], stdout=subprocess.PIPE)
+        hog.stdout.readline()
+        busy = asyncio.run(one_cold_batch())
+        assert busy.wait_ms > 0.2 * busy.compute_ms and quiet.wait_ms < busy.wait_ms
+        assert len(sched._cold) == 1  # not learnt
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+        sched.stop()
+        torch.set_num_threads(threads)

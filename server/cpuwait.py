@@ -1,0 +1,107 @@
+"""How long the model's threads waited for a CPU: the kernel's run delay (Linux
+``/proc/.../schedstat``: the time a thread was runnable but not running).
+
+A request's answer is what the idle estimates (the margin a 422 is judged on, the idle device
+factor, the idle HTTP times, the cold extra) learn from when it was served alone. Alone in the
+server is not alone on the machine: a co-tenant's busy loop makes the forward wait for a core,
+and answers slowed by that taught the idle estimates a slowness the machine no longer had once
+the co-tenant left (``bench/spell.py``). On this project's 2-core VM a forward of the bundled
+model's cheapest stitch waited 0 ms (median and 90th percentile of 100 after 50 ms pauses, at
+most 0.04 ms) on a quiet machine, and a scheduler slice (4 ms) in 15% of them beside two busy
+loops (82% for its dearest stitch), every forward slower than 1.5x the median among those; the
+quiet machine's slow forwards (steal, caches) did not wait, and stay idle evidence. Reading one
+thread's figure costs about 2 us.
+
+Only the forward is measured, in the model's own threads: the event loop's thread waited
+1.4-4.6 ms within a single 6-9 ms request on a quiet machine here (it and the model process
+wake each other, and the kernel puts the woken one on the waker's core), so its run delay is
+no sign of other work.
+
+Where ``schedstat`` is missing (not Linux, a kernel without it) every figure is 0: nothing is
+ever counted as contended, as before this was measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+_TASKS = "/proc/self/task"
+
+# A forward whose threads waited for a CPU more than this share of its time was contended: its
+# time is the machine's under load, not an idle one's (a quiet machine here: at most 0.26 ms of
+# 2-6 ms forwards, most 0; beside two busy loops: 3.5-4 ms).
+CONTENDED_SHARE = 0.1
+
+
+def contended(wait_ms: float, span_ms: float) -> bool:
+    """Whether work that took ``span_ms`` and waited ``wait_ms`` of it for a CPU was slowed by
+    other work on the machine (see CONTENDED_SHARE)."""
+    return wait_ms > CONTENDED_SHARE * span_ms
+
+
+def _open(tid: int) -> int | None:
+    try:
+        return os.open(f"{_TASKS}/{tid}/schedstat", os.O_RDONLY)
+    except OSError:
+        return None
+
+
+def _delay_ns(fd: int) -> int:
+    # "<ns on a CPU> <ns runnable, waiting for one> <timeslices>"
+    return int(os.pread(fd, 128, 0).split()[1])
+
+
+class RunDelay:
+    """The summed run delay of some threads of this process, in ms (monotonic; compare two
+    readings). ``of_thread()``: the calling thread's; ``of_process()``: every thread this
+    process has when it is made (the model process's: its main thread and torch's)."""
+
+    def __init__(self, tids: list[int]) -> None:
+        self._tids = tids
+        self._fds = [fd for fd in map(_open, tids) if fd is not None]
+
+    @classmethod
+    def of_thread(cls) -> RunDelay:
+        return cls([threading.get_native_id()])
+
+    @classmethod
+    def of_process(cls) -> RunDelay:
+        try:
+            tids = sorted(int(t) for t in os.listdir(_TASKS))
+        except OSError:
+            tids = []
+        return cls(tids)
+
+    @property
+    def available(self) -> bool:
+        return bool(self._fds)
+
+    def ms(self) -> float:
+        """The threads' run delay so far. A thread that has exited counts no more (its file
+        reads ESRCH), so a difference of two readings may be below 0: take it as 0."""
+        total = 0
+        for fd in self._fds:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total += _delay_ns(fd)
+        return total / 1e6
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    __del__ = close  # (a thread's, as its thread ends: see ``thread_wait_ms``)
+
+
+_local = threading.local()
+
+
+def thread_wait_ms() -> float:
+    """The calling thread's run delay so far, in ms (its file opened on its first call)."""
+    waits = getattr(_local, "waits", None)
+    if waits is None:
+        waits = _local.waits = RunDelay.of_thread()
+    return waits.ms()
