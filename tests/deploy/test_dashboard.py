@@ -70,6 +70,7 @@ def test_dashboard_shows_what_the_issue_asks_for():
         "process_resident_memory_bytes",
         "snnet_model_process_cpu_seconds_total",  # the model process, which does the work on CPU
         "snnet_model_process_resident_memory_bytes",
+        "snnet_model_cpu_wait_seconds_total",  # other work on the node, in the forwards
         "snnet_front_process_cpu_seconds_total",  # SNNET_API_WORKERS > 1: the fronts' HTTP work
         "snnet_front_process_resident_memory_bytes",
     ]:

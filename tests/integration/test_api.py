@@ -408,6 +408,7 @@ def test_metrics_exposition(client, digit_png):
         "snnet_queue_wait_seconds_bucket",
         "snnet_compute_seconds_bucket",
         "snnet_batch_size_bucket",
+        "snnet_model_cpu_wait_seconds_total",
         "snnet_stitch_chosen_total",
         "snnet_budget_met_total",
         "snnet_budget_missed_total",
