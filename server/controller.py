@@ -454,12 +454,12 @@ class Controller:
         # Those of requests served alone (an idle server's): the margin a 422 ("too tight even
         # when idle") and an idle request's plan count, so a burst's misses never make a budget
         # look impossible. Same window, but kept until newer ones replace them, whatever their
-        # age; with too few (a fresh server), the prior. The last field: contended (the
-        # machine was busy though the server was not), and then it ages as a busy server's.
-        self._rest_residuals: deque[tuple[float, float, float, bool]] = deque(
-            maxlen=residual_window
-        )
-        self._rest_contended: deque[float] = deque(maxlen=residual_window)  # their times
+        # age; with too few (a fresh server), the prior.
+        self._rest_residuals: deque[tuple[float, float, float]] = deque(maxlen=residual_window)
+        # Those of requests served alone that a busy machine slowed (their forward waited for a
+        # CPU): fitted with the others, but they age as a busy server's, and in a window of
+        # their own, so a long spell cannot push the quiet machine's answers out.
+        self._rest_contended: deque[tuple[float, float, float]] = deque(maxlen=residual_window)
         self.rest_margin, self.rest_margin_ms = prior, 0.0
         # The same at ``refuse_quantile``: what a 422 is judged on (see ``pad_ms``).
         self.refuse_margin, self.refuse_margin_ms = min(prior, MARGIN_PRIOR), 0.0
@@ -485,16 +485,14 @@ class Controller:
         passes; a machine busy for good keeps giving such answers), and its period is no
         evidence of the idle device factor."""
         if predicted_ms > 0 and math.isfinite(actual_ms) and math.isfinite(predicted_ms):
-            now = time.monotonic()
             with self._lock:
-                self._residuals.append((now, actual_ms, predicted_ms))
+                self._residuals.append((time.monotonic(), actual_ms, predicted_ms))
                 self._answers[0] += 1
-                if alone:
-                    self._rest_residuals.append((now, actual_ms, predicted_ms, contended))
-                    if contended:
-                        self._rest_contended.append(now)
-                    else:
-                        self._answers[1] += 1
+                if alone and contended:
+                    self._rest_contended.append(self._residuals[-1])
+                elif alone:
+                    self._rest_residuals.append(self._residuals[-1])
+                    self._answers[1] += 1
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -593,32 +591,37 @@ class Controller:
     def _update_margin(self) -> None:
         oldest = time.monotonic() - self.residual_max_age_s
         with self._lock:
-            # Only a busy server's answers age out. An idle server's margin changes only with
+            # Only a busy server's answers age out (and an idle server's that a busy machine
+            # slowed: a co-tenant's spell passes). An idle server's margin changes only with
             # new answers of an idle server: when they aged, the least budget a 422 named moved
             # on a server left alone (9.6 ms, then 7.6, 13.3 and 6.5 within 45 s here, as the
             # window shrank and its fit swung), so a burst after a pause refused the budget a
             # client had just been told would do, and a client retrying with it got a 422 again.
-            while self._residuals and self._residuals[0][0] < oldest:
-                self._residuals.popleft()
-            if self._rest_contended and self._rest_contended[0] < oldest:
-                while self._rest_contended and self._rest_contended[0] < oldest:
-                    self._rest_contended.popleft()
-                kept = (e for e in self._rest_residuals if not (e[3] and e[0] < oldest))
-                self._rest_residuals = deque(kept, maxlen=self._rest_residuals.maxlen)
+            for aging in (self._residuals, self._rest_contended):
+                while aging and aging[0][0] < oldest:
+                    aging.popleft()
             # The windows change only when a request is answered or an answer ages out: no
             # refit in between (the fit was most of a controller step's CPU, 4 times a second,
             # on a core the model's threads use).
-            key = tuple((len(kept), kept[-1][0] if kept else None)
-                        for kept in (self._residuals, self._rest_residuals))  # fmt: skip
+            windows = (self._residuals, self._rest_residuals, self._rest_contended)
+            key = tuple((len(kept), kept[-1][0] if kept else None) for kept in windows)
             if key == self._margin_key:
                 return
             self._margin_key = key
             recent = [(a, p) for _, a, p in self._residuals]
-            rest = [(a, p) for _, a, p, _ in self._rest_residuals]
+            rest = [(a, p) for _, a, p, _ in self._rest_window()]
         ((self.margin, self.margin_ms),) = _margin(recent, (self.quantile,))
         (self.rest_margin, self.rest_margin_ms), (self.refuse_margin, self.refuse_margin_ms) = (
             _margin(rest, (self.quantile, self.refuse_quantile))
         )
+
+    def _rest_window(self) -> list[tuple[float, float, float, bool]]:
+        """The idle margin's answers, (time, actual, predicted, contended): the last
+        ``residual_window`` of the quiet machine's and the busy machine's together (call it
+        holding ``_lock``)."""
+        both = [(*e, False) for e in self._rest_residuals]
+        both += [(*e, True) for e in self._rest_contended]
+        return sorted(both)[-(self._rest_residuals.maxlen or 0) :]
 
     def pad_ms(self, predicted_ms: float, *, alone: bool = False, refuse: bool = False) -> float:
         """The safety margin on ``predicted_ms`` of time outside the queue (``alone``: an idle
@@ -767,7 +770,7 @@ class Controller:
     def state(self) -> dict:
         f = self.fleet
         with self._lock:
-            rest = list(self._rest_residuals)
+            rest = self._rest_window()
         return {
             "load_level": round(self.level, 4),
             "load_level_from_rate": round(self.level_rate, 4),
@@ -784,7 +787,7 @@ class Controller:
             "rest_margin": round(self.rest_margin, 4),
             "rest_margin_ms": round(self.rest_margin_ms, 3),
             "rest_answers": len(rest),
-            "rest_answers_contended": sum(e[3] for e in rest),
+            "rest_answers_contended": sum(contended for *_, contended in rest),
             "refuse_margin": round(self.refuse_margin, 4),
             "refuse_margin_ms": round(self.refuse_margin_ms, 3),
             "estimate_pad": round(self.estimate_pad, 4),

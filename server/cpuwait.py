@@ -12,7 +12,10 @@ loops (82% for its dearest stitch), every forward slower than 1.5x the median am
 quiet machine's slow forwards (steal, caches) did not wait, and stay idle evidence. Reading one
 thread's figure costs about 2 us.
 
-Only the forward is measured, in the model's own threads: the event loop's thread waited
+Only the forward is measured, in the model's own threads (the model process's, all of them;
+the in-thread runner's, used on CUDA, only the calling thread's: a torch thread of its pool
+that waited holds the others at the next barrier without their being runnable, so such a wait
+is missed, never invented): the event loop's thread waited
 1.4-4.6 ms within a single 6-9 ms request on a quiet machine here (it and the model process
 wake each other, and the kernel puts the woken one on the waker's core), so its run delay is
 no sign of other work.
@@ -30,8 +33,8 @@ import threading
 _TASKS = "/proc/self/task"
 
 # A forward whose threads waited for a CPU more than this share of its time was contended: its
-# time is the machine's under load, not an idle one's (a quiet machine here: at most 0.26 ms of
-# 2-6 ms forwards, most 0; beside two busy loops: 3.5-4 ms).
+# time is the machine's under load, not an idle one's (``snnet serve`` on a quiet machine here:
+# at most 0.28 ms of 1.7-11 ms forwards, most 0; beside two busy loops: 2.9-4.0 ms).
 CONTENDED_SHARE = 0.1
 
 

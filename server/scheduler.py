@@ -221,7 +221,9 @@ class Scheduler:
             time.sleep(gap_s)
             t0 = time.monotonic()
             self.runner(x, stitch)
-            self.learn_cold((time.monotonic() - t0) * 1e3, predicted)
+            ms = (time.monotonic() - t0) * 1e3
+            if not contended(getattr(self.runner, "last_wait_ms", 0.0), ms):  # (see _answered)
+                self.learn_cold(ms, predicted)
         self._cold_at_rest_ms = self._cold_ms
         self._idle_since = time.monotonic()
         return self._cold_ms

@@ -445,7 +445,8 @@ def test_idle_answers_a_busy_machine_slowed_count_in_the_idle_margin_only_until_
     """An answer served alone whose forward waited for a CPU (a co-tenant's busy loop) is the
     machine under load: it counts while the spell may last, then ages like a busy server's
     answer; the idle server's own answers stay (``bench/spell.py``: the spell's answers kept
-    the idle margin wide, and a lone client refused, long after the co-tenant left)."""
+    the idle margin wide, and a lone client refused, long after the co-tenant left). A spell
+    longer than the window does not push the quiet machine's answers out."""
     c = controller()
     h = History(c)
     for _ in range(40):
@@ -455,6 +456,10 @@ def test_idle_answers_a_busy_machine_slowed_count_in_the_idle_margin_only_until_
     h.run(0.25, rps=0)
     assert c.pad_ms(10.0, alone=True) > 4.0  # the spell counts while it lasts
     assert c.state()["rest_answers"] == 60 and c.state()["rest_answers_contended"] == 20
+    for _ in range(300):  # a long one
+        c.observe_residual(16.0, 10.0, alone=True, contended=True)
+    h.run(0.25, rps=0)
+    assert c.state()["rest_answers"] == 256 and c.state()["rest_answers_contended"] == 256
     c.residual_max_age_s = 0.0  # every answer so far is now old
     h.run(0.25, rps=0)
     assert c.pad_ms(10.0, alone=True) == pytest.approx(0.5)  # the quiet machine's answers

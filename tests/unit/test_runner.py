@@ -6,7 +6,6 @@ having run before it (or not)."""
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from server.runner import (
     ensure_descriptors,
     settle_early,
 )
+from tests._busy import busy_loop_on
 
 
 @pytest.fixture(autouse=True)
@@ -309,9 +309,7 @@ def test_the_thread_count_is_remembered_beside_an_explicit_profile_cache(tmp_pat
     assert early._early[2] == model_child_env(cpus())
 
 
-HOG = "import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])}); print(flush=True)\nwhile True: pass"
-
-
+@pytest.mark.timing  # (a busy loop on a CPU: not beside the parallel suite)
 @pytest.mark.skipif(not RunDelay.of_thread().available, reason="no /proc/<pid>/schedstat here")
 def test_each_runner_says_how_long_its_forward_waited_for_a_cpu_taken_by_other_work(own_child):
     """A forward that shares its one CPU with a busy loop waits for it about half the time: the
@@ -319,25 +317,20 @@ def test_each_runner_says_how_long_its_forward_waited_for_a_cpu_taken_by_other_w
     machine's, not an idle one's. The in-thread runner measures the calling thread."""
     inline, proc = own_child
     x = torch.zeros(256, *proc.net.input_size)  # about 15 ms of one thread here
-    cpu = min(os.sched_getaffinity(0))
     mine = os.sched_getaffinity(0)
-    hog = subprocess.Popen([sys.executable, "-c", HOG, str(cpu)], stdout=subprocess.PIPE)
+    cpu = min(mine)
+    threads = torch.get_num_threads()
     try:
-        hog.stdout.readline()  # pinned, and spinning from here on
         os.sched_setaffinity(proc.pid, {cpu})
         os.sched_setaffinity(0, {cpu})  # (this thread only: for the in-thread runner)
-        threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        try:
+        with busy_loop_on(cpu):
             for runner in (proc, inline):
                 waits = []
                 for _ in range(3):
                     runner(x, 22)
                     waits.append(runner.last_wait_ms / runner.last_forward_ms)
                 assert sorted(waits)[1] > 0.2, (runner.kind, waits)  # the median of 3
-        finally:
-            torch.set_num_threads(threads)
-            os.sched_setaffinity(0, mine)
     finally:
-        hog.kill()
-        hog.wait()
+        torch.set_num_threads(threads)
+        os.sched_setaffinity(0, mine)
