@@ -32,9 +32,12 @@ import threading
 
 _TASKS = "/proc/self/task"
 
-# A forward whose threads waited for a CPU more than this share of its time was contended: its
-# time is the machine's under load, not an idle one's (``snnet serve`` on a quiet machine here:
-# at most 0.28 ms of 1.7-11 ms forwards, most 0; beside two busy loops: 2.9-4.0 ms).
+# A forward whose threads waited for a CPU more than this share of its time (on average over
+# the threads that ran in it) was contended: its time is the machine's under load, not an idle
+# one's. ``snnet serve`` on a quiet machine here: the bundled model (1 thread) at most 0.28 ms
+# of 1.7-11 ms forwards, most 0, and beside two busy loops 2.9-4.0 ms; a DeiT-Ti/S/B net (2
+# threads on the 2 cores, beside the event loop's wake-ups) 1-9% summed over its threads,
+# most 2-5%.
 CONTENDED_SHARE = 0.1
 
 
@@ -51,15 +54,23 @@ def _open(tid: int) -> int | None:
         return None
 
 
-def _delay_ns(fd: int) -> int:
-    # "<ns on a CPU> <ns runnable, waiting for one> <timeslices>"
-    return int(os.pread(fd, 128, 0).split()[1])
+def _read(fd: int) -> tuple[int, int] | None:
+    # "<ns on a CPU> <ns runnable, waiting for one> <timeslices>"; None: the thread is gone
+    try:
+        ran, waited, _ = os.pread(fd, 128, 0).split()
+        return int(ran), int(waited)
+    except (OSError, ValueError):
+        return None
+
+
+Sample = list[tuple[int, int] | None]
 
 
 class RunDelay:
-    """The summed run delay of some threads of this process, in ms (monotonic; compare two
-    readings). ``of_thread()``: the calling thread's; ``of_process()``: every thread this
-    process has when it is made (the model process's: its main thread and torch's)."""
+    """The run delay of some threads of this process. ``of_thread()``: the calling thread's;
+    ``of_process()``: every thread this process has when it is made (the model process's: its
+    main thread and torch's). ``ms()``: their summed delay so far; ``sample()`` and
+    ``waited_ms``: the mean delay of those that ran between two samples."""
 
     def __init__(self, tids: list[int]) -> None:
         self._tids = tids
@@ -84,11 +95,24 @@ class RunDelay:
     def ms(self) -> float:
         """The threads' run delay so far. A thread that has exited counts no more (its file
         reads ESRCH), so a difference of two readings may be below 0: take it as 0."""
-        total = 0
-        for fd in self._fds:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                total += _delay_ns(fd)
-        return total / 1e6
+        return sum(r[1] for r in self.sample() if r is not None) / 1e6
+
+    def sample(self) -> Sample:
+        """Each thread's (ns on a CPU, ns waiting for one) so far, None for one that exited."""
+        return [_read(fd) for fd in self._fds]
+
+    @staticmethod
+    def waited_ms(before: Sample, after: Sample) -> float:
+        """The mean run delay, in ms, of the threads that ran between two samples: the share of
+        a span of work that waited, whatever the thread count (the summed delay of a team of
+        threads is up to that many times the span; threads that slept throughout, such as an
+        idle pool's, do not dilute it)."""
+        waits = [
+            a[1] - b[1]
+            for b, a in zip(before, after, strict=True)
+            if b is not None and a is not None and a[0] > b[0]
+        ]
+        return max(0.0, sum(waits) / len(waits) / 1e6) if waits else 0.0
 
     def close(self) -> None:
         fds, self._fds = self._fds, []

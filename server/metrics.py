@@ -148,7 +148,8 @@ class Metrics:
         self.model_cpu_wait_seconds = Counter(
             "snnet_model_cpu_wait_seconds",
             "Time the model's threads were ready to run a forward but waited for a CPU (other "
-            "work on the machine; Linux run delay, 0 elsewhere)",
+            "work on the machine; the mean of the threads that ran; Linux run delay, 0 "
+            "elsewhere)",
             registry=r,
         )
         self.batch_size = Histogram(

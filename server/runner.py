@@ -47,7 +47,8 @@ REAP_ON_LOOP_S = 0.1
 
 # The hop's messages, over a socket pair (AF_UNIX stream): a fixed-size struct each way. The
 # parent asks (stitch, ndim, shape padded to 6 dims, payload bytes); the child replies (status,
-# rows, classes, forward ms, ms its threads waited for a CPU meanwhile (``server.cpuwait``),
+# rows, classes, forward ms, ms its threads waited for a CPU meanwhile (their mean,
+# ``server.cpuwait``),
 # payload bytes). Payload 0: the tensor is in shared memory.
 # Otherwise its raw bytes follow the struct (a batch larger than the shared buffer, logits of
 # another shape, an error's text, the ready message's warm-up times). Against
@@ -455,11 +456,11 @@ def _serve(
                     x = inputs[: shape[0]]
                 else:
                     x = torch.frombuffer(data, dtype=torch.float32).reshape(shape)
-                w0, t0 = waits.ms(), time.perf_counter()
+                w0, t0 = waits.sample(), time.perf_counter()
                 with torch.inference_mode():
                     y = net(x.to(dtype), stitch).float()
                 ms = (time.perf_counter() - t0) * 1e3
-                waited = max(0.0, waits.ms() - w0)
+                waited = RunDelay.waited_ms(w0, waits.sample())  # (its threads' mean)
                 y = y.reshape(y.shape[0], -1)
                 shared_out = data is None and y.shape[1:] == logits.shape[1:]
                 if shared_out:
@@ -523,7 +524,7 @@ class ProcessRunner:
         # The ms the last batch's forward took in the child, without the hop to it and back
         # (``server.profiling.calibrate`` tells the two apart).
         self.last_forward_ms: float | None = None
-        self.last_wait_ms = 0.0  # the ms the child's threads waited for a CPU in it
+        self.last_wait_ms = 0.0  # the ms the child's threads waited for a CPU in it (mean)
         self._start()
 
     def _start(self) -> None:
