@@ -10,7 +10,7 @@ model's cheapest stitch waited 0 ms (median and 90th percentile of 100 after 50 
 most 0.04 ms) on a quiet machine, and a scheduler slice (4 ms) in 15% of them beside two busy
 loops (82% for its dearest stitch), every forward slower than 1.5x the median among those; the
 quiet machine's slow forwards (steal, caches) did not wait, and stay idle evidence. Reading one
-thread's figure costs about 2 us.
+thread's figure costs 2 us in a loop, about 5 us after a forward.
 
 Only the forward is measured, in the model's own threads (the model process's, all of them;
 the in-thread runner's, used on CUDA, only the calling thread's: a torch thread of its pool
@@ -36,8 +36,8 @@ _TASKS = "/proc/self/task"
 # the threads that ran in it) was contended: its time is the machine's under load, not an idle
 # one's. ``snnet serve`` on a quiet machine here: the bundled model (1 thread) at most 0.28 ms
 # of 1.7-11 ms forwards, most 0, and beside two busy loops 2.9-4.0 ms; a DeiT-Ti/S/B net (2
-# threads on the 2 cores, beside the event loop's wake-ups) 1-9% summed over its threads,
-# most 2-5%.
+# threads on the 2 cores, beside the event loop's wake-ups) 0.4-5.8% (summed over its two
+# threads instead of their mean: 1-9%, too near this).
 CONTENDED_SHARE = 0.1
 
 
@@ -73,7 +73,6 @@ class RunDelay:
     ``waited_ms``: the mean delay of those that ran between two samples."""
 
     def __init__(self, tids: list[int]) -> None:
-        self._tids = tids
         self._fds = [fd for fd in map(_open, tids) if fd is not None]
 
     @classmethod

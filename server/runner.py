@@ -47,9 +47,8 @@ REAP_ON_LOOP_S = 0.1
 
 # The hop's messages, over a socket pair (AF_UNIX stream): a fixed-size struct each way. The
 # parent asks (stitch, ndim, shape padded to 6 dims, payload bytes); the child replies (status,
-# rows, classes, forward ms, ms its threads waited for a CPU meanwhile (their mean,
-# ``server.cpuwait``),
-# payload bytes). Payload 0: the tensor is in shared memory.
+# rows, classes, forward ms, the ms its threads waited for a CPU meanwhile (their mean,
+# ``server.cpuwait``), payload bytes). Payload 0: the tensor is in shared memory.
 # Otherwise its raw bytes follow the struct (a batch larger than the shared buffer, logits of
 # another shape, an error's text, the ready message's warm-up times). Against
 # ``multiprocessing.Connection`` (a pickled tuple, read as a length and then the body), with the
