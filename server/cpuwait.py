@@ -55,10 +55,12 @@ def _open(tid: int) -> int | None:
 
 
 def _read(fd: int) -> tuple[int, int] | None:
-    # "<ns on a CPU> <ns runnable, waiting for one> <timeslices>"; None: the thread is gone
+    # "<ns on a CPU> <ns runnable, waiting for one> <times it got a CPU>" -> (the last two);
+    # None: the thread is gone. (The first is brought up to date only at the scheduler's tick
+    # or a switch: a thread reading its own saw no change over a 2 ms forward.)
     try:
-        ran, waited, _ = os.pread(fd, 128, 0).split()
-        return int(ran), int(waited)
+        _, waited, slices = os.pread(fd, 128, 0).split()
+        return int(waited), int(slices)
     except (OSError, ValueError):
         return None
 
@@ -73,7 +75,12 @@ class RunDelay:
     ``waited_ms``: the mean delay of those that ran between two samples."""
 
     def __init__(self, tids: list[int]) -> None:
-        self._fds = [fd for fd in map(_open, tids) if fd is not None]
+        me, self._fds, self._own = threading.get_native_id(), [], None
+        for tid in tids:
+            if (fd := _open(tid)) is not None:
+                if tid == me:  # the calling thread: it runs the work between two samples
+                    self._own = len(self._fds)
+                self._fds.append(fd)
 
     @classmethod
     def of_thread(cls) -> RunDelay:
@@ -94,22 +101,22 @@ class RunDelay:
     def ms(self) -> float:
         """The threads' run delay so far. A thread that has exited counts no more (its file
         reads ESRCH), so a difference of two readings may be below 0: take it as 0."""
-        return sum(r[1] for r in self.sample() if r is not None) / 1e6
+        return sum(r[0] for r in self.sample() if r is not None) / 1e6
 
     def sample(self) -> Sample:
         """Each thread's (ns on a CPU, ns waiting for one) so far, None for one that exited."""
         return [_read(fd) for fd in self._fds]
 
-    @staticmethod
-    def waited_ms(before: Sample, after: Sample) -> float:
-        """The mean run delay, in ms, of the threads that ran between two samples: the share of
-        a span of work that waited, whatever the thread count (the summed delay of a team of
-        threads is up to that many times the span; threads that slept throughout, such as an
-        idle pool's, do not dilute it)."""
+    def waited_ms(self, before: Sample, after: Sample) -> float:
+        """The mean run delay, in ms, of the threads that ran between two samples (the one
+        that took them, and any that got a CPU meanwhile): the share of a span of work that
+        waited, whatever the thread count (the summed delay of a team of threads is up to that
+        many times the span; threads that slept throughout, such as an idle pool's or a
+        helper's, do not dilute it)."""
         waits = [
-            a[1] - b[1]
-            for b, a in zip(before, after, strict=True)
-            if b is not None and a is not None and a[0] > b[0]
+            a[0] - b[0]
+            for i, (b, a) in enumerate(zip(before, after, strict=True))
+            if b is not None and a is not None and (i == self._own or a[1] > b[1])
         ]
         return max(0.0, sum(waits) / len(waits) / 1e6) if waits else 0.0
 

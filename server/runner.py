@@ -443,7 +443,7 @@ def _serve(
     gc.collect()
     gc.freeze()  # as in the server process: no full collections over the model's objects
     inputs, logits = shared
-    waits = RunDelay.of_process()  # this process's threads: the main one and torch's
+    waits = RunDelay.of_process()  # this process's threads: this one (the forwards') and torch's
 
     try:
         _send(sock, _REPLY, _READY, 0, 0, 0.0, 0.0, payload=pickle.dumps(first_ms))
@@ -459,7 +459,7 @@ def _serve(
                 with torch.inference_mode():
                     y = net(x.to(dtype), stitch).float()
                 ms = (time.perf_counter() - t0) * 1e3
-                waited = RunDelay.waited_ms(w0, waits.sample())  # (its threads' mean)
+                waited = waits.waited_ms(w0, waits.sample())  # (its threads' mean)
                 y = y.reshape(y.shape[0], -1)
                 shared_out = data is None and y.shape[1:] == logits.shape[1:]
                 if shared_out:
