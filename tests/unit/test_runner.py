@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -334,3 +335,30 @@ def test_each_runner_says_how_long_its_forward_waited_for_a_cpu_taken_by_other_w
     finally:
         torch.set_num_threads(threads)
         os.sched_setaffinity(0, mine)
+
+
+@pytest.mark.skipif(not RunDelay.of_thread().available, reason="no /proc/<pid>/schedstat here")
+def test_a_forward_s_wait_is_the_mean_of_the_threads_that_ran_the_calling_one_always():
+    """Over a forward of a few ms the kernel may not have brought the calling thread's own
+    figures up to date (its run time moves at a tick or a switch): it counts whatever they say,
+    as does any thread that got a CPU meanwhile; one that slept throughout (an idle pool's, a
+    helper's) does not dilute the mean."""
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait)
+    helper.start()
+    try:
+        waits = RunDelay.of_process()  # this thread, the helper, any others of the process
+    finally:
+        stop.set()
+        helper.join()
+    own, n = waits._own, len(waits._fds)
+    assert own is not None and n >= 2
+    before = [(1_000_000, 7)] * n  # (ns waited for a CPU, times it got one)
+    after = list(before)
+    after[own] = (3_000_000, 7)  # waited 2 ms, no new slice seen
+    assert waits.waited_ms(before, after) == pytest.approx(2.0)
+    other = (own + 1) % n  # got a CPU twice and waited 4 ms: the mean of the two
+    after[other] = (5_000_000, 9)
+    assert waits.waited_ms(before, after) == pytest.approx(3.0)
+    after[own] = None  # a thread gone: not counted
+    assert waits.waited_ms(before, after) == pytest.approx(4.0)
