@@ -15,7 +15,9 @@ after a 6 s spell, in two of four runs). The requests before the spell are the p
 server gave this budget on a quiet machine.
 
 Prints each phase as one character per request ("." answered, "4" 422, "5" 503), the counts
-(and how many answers met the budget by the server's clock),
+(and how many answers met the budget by the server's clock), the share of the model's time its
+threads waited for a CPU in the phase (``snnet_model_cpu_wait_seconds_total`` over
+``snnet_compute_seconds_sum``: whether the spell reached the forwards at all),
 the first request answered after the spell, the last refusal's text and the controller's
 figures at the end; then one JSON line.
 """
@@ -35,6 +37,19 @@ from _server import Client, held_out_digits, start_server  # noqa: E402
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 HOG = "while True: pass"
+
+
+def cpu_wait(c: Client) -> tuple[float, float]:
+    """The server's model CPU wait and model time so far, in s (``/metrics``; 0 where the
+    server predates the counter)."""
+    text = c._send("GET", "/metrics").read().decode()
+    figures = {"snnet_model_cpu_wait_seconds_total": 0.0, "snnet_compute_seconds_sum": 0.0}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        base = name.split("{")[0]
+        if base in figures:
+            figures[base] += float(value)
+    return figures["snnet_model_cpu_wait_seconds_total"], figures["snnet_compute_seconds_sum"]
 
 
 def main() -> None:
@@ -65,6 +80,7 @@ def main() -> None:
         budget = args.budget_ms or round(args.budget_x * warm, 2)
         phases = {"before": args.before, "spell": args.spell, "after": args.after}
         seen: dict[str, list[int]] = {}
+        waited: dict[str, float] = {}  # the share of the model's time it waited for a CPU
         met: dict[str, list[bool]] = {}  # the answers' budget_met (the server's clock)
         last, k = "", 0
         for name, count in phases.items():
@@ -75,6 +91,7 @@ def main() -> None:
                     h.kill()
                     h.wait()
                 hogs = []
+            w0 = cpu_wait(c)
             for _ in range(count):
                 time.sleep(args.pause_s)
                 status, answer, _ = send(k, latency_budget_ms=budget)
@@ -83,6 +100,8 @@ def main() -> None:
                     met.setdefault(name, []).append(answer["budget_met"])
                 last = answer.get("detail", last) if status != 200 else last
                 k += 1
+            w1 = cpu_wait(c)
+            waited[name] = round((w1[0] - w0[0]) / max(w1[1] - w0[1], 1e-9), 3)
         ctl = c.get("/controller")
     finally:
         for h in hogs:
@@ -102,16 +121,19 @@ def main() -> None:
           f"stitch's {warm:.2f} ms round trip), one request every {args.pause_s:g} s; "
           f"{args.hogs} hogs during the spell")  # fmt: skip
     for name, statuses in seen.items():
-        print(f"{name:>7} {''.join(mark.get(s, '?') for s in statuses)}  {counts(name)}")
+        print(f"{name:>7} {''.join(mark.get(s, '?') for s in statuses)}  {counts(name)}"
+              f"  model CPU wait {waited[name]:.1%}")  # fmt: skip
     print(f"first answered after the spell: {'none' if first is None else f'request {first}'}")
     if last:
         print(f"last refusal: {last}")
     keys = ("device_factor", "idle_device_factor", "refuse_margin", "refuse_margin_ms",
-            "rest_answers", "cold_start_ms", "cold_start_at_rest_ms")  # fmt: skip
+            "rest_answers", "rest_answers_contended", "cold_start_ms",
+            "cold_start_at_rest_ms")  # fmt: skip
     figures = {key: ctl[key] for key in keys if key in ctl}
     print(f"controller at the end: {figures}")
     print(json.dumps({
-        "budget_ms": budget, **{name: counts(name) for name in seen},
+        "budget_ms": budget,
+        **{name: {**counts(name), "cpu_wait": waited[name]} for name in seen},
         "first_answered_after": first, "answered_last_20": after[-20:].count(200),
     }))  # fmt: skip
 
