@@ -2,6 +2,7 @@
 
     python bench/load.py [--quick] [--url URL | --weights DIR] [--policies adaptive,most_accurate,cheapest,static]
                          [--schedule SPEC] [--budgets SPEC] [--images 8] [--out DIR] [--seed 0]
+    python bench/load.py --elastic-only [--quick] [--weights DIR]   # the stitch range alone
 
 By default it starts `snnet serve` with the bundled weights (a 35-stitch SN-Net on MNIST whose
 stitches span several times over in compute, weights/README.md), ``SNNET_MAX_QUEUE=64`` and ``SNNET_BASELINE_POLICIES=true``
@@ -39,6 +40,10 @@ there (``batch_ms_*``) and, with a server started here, that time over the model
 (``slowdown_*``; the peer ``compute_alone`` and ``fraction_alone``, timed between the windows),
 and the CPUs each part took there (``cpu_*``: the model process, the rest of the server, this
 generator's clients; their sum near the machine's CPUs means the range is CPU-bound).
+
+``--elastic-only`` measures the stitch range and nothing else (no C, no policies, no files):
+about 45 s with ``--quick``, for comparing two versions of the code run after run (the VM's
+speed drifts by more than most changes between runs; session 35 needed 10 runs an arm).
 """
 
 from __future__ import annotations
@@ -626,10 +631,16 @@ def main() -> None:
         "run never overwrites the committed full-run results)",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--elastic-only",
+        action="store_true",
+        help="measure the stitch range (elastic, elastic_1) only: no C, no policies, no files",
+    )
     args = ap.parse_args()
     phases = parse_schedule(args.schedule or (QUICK_SCHEDULE if args.quick else FULL_SCHEDULE))
     out = Path(args.out or ("bench/results/load-quick" if args.quick else "bench/results/load"))
-    out.mkdir(parents=True, exist_ok=True)
+    if not args.elastic_only:
+        out.mkdir(parents=True, exist_ok=True)
     # The digit images (this imports torch) load while the server starts.
     loaded: dict[str, list[bytes]] = {}
     loader = threading.Thread(target=lambda: loaded.setdefault("pngs", digit_pngs()))
@@ -666,7 +677,9 @@ def main() -> None:
         budgets = parse_budgets(args.budgets, one)
         loader.join()
         pngs = loaded["pngs"]
-        if args.capacity == "measured":
+        if args.elastic_only:
+            capacity = 0.0
+        elif args.capacity == "measured":
             print("measuring C (most accurate stitch, closed loop) ...", file=sys.stderr)
             capacity = measure_capacity(
                 url, pngs, args.images, seconds=2.0 if args.quick else 3.0,
@@ -685,6 +698,9 @@ def main() -> None:
         if proc is not None and model_pid is not None and sys.platform.startswith("linux"):
             cpu = CpuUse(proc.pid, model_pid)
         elastic = elastic_range(url, pngs, args.images, stitches, args.quick, alone, cpu)
+        if args.elastic_only:
+            print(json.dumps(elastic))
+            return
         schedule = arrivals(phases, capacity, random.Random(args.seed))
         duration = sum(p.seconds for p in phases)
         head = {
