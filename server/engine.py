@@ -114,10 +114,10 @@ class Engine:
             payload_bytes,
             http - plan.spent_ms - plan.ingress_ms,
             http,
-            # (a contended answer still counts here: these are medians of the last 64, and with
-            # fewer than REST_MIN answers the idle need falls back to the recent requests' HTTP
-            # times, which a burst inflates: the page's burst test got 60 422s in a CI run
-            # where the page's own earlier answers had been contended by the browser)
+            # (a contended answer still counts here: these are medians of the last 64; kept
+            # out, the page's burst test got 60 422s in a CI run where the browser had made the
+            # page's own earlier answers contended: with fewer than REST_MIN, the idle need
+            # then came from the burst's HTTP times, since session 35 start-up's figures)
             alone=alone,
             # what admission counts before its own work: read, parsed, and the loop's lag then
             spent_ms=plan.spent_ms + plan.ingress_ms,

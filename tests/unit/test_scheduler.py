@@ -343,10 +343,12 @@ def test_the_idle_http_estimates_learn_only_from_requests_served_alone():
     ing = Ingress()
     ing.seed([(300, 0.1)])
     ing.http_ms = 1.0
-    assert ing.rest_ms(300) == pytest.approx((0.9, 0.1))  # none alone yet: the usual time
+    assert ing.rest_ms(300) == pytest.approx((0.9, 0.1))  # none alone yet: start-up's figures
     for _ in range(100):  # a burst: slow, and never alone
-        ing.observe(300, after_plan_ms=4.0, http_ms=9.0)
-    assert ing.own_ms(300) == pytest.approx(4.0, rel=0.2)
+        ing.observe(300, after_plan_ms=4.0, http_ms=9.0, spent_ms=5.0)
+    assert ing.own_ms(300) == pytest.approx(4.0, rel=0.2)  # what requests cost now
+    assert ing.rest_ms(300) == pytest.approx((0.9, 0.1))  # not what they cost on an idle server
+    assert ing.rest_pre_high_ms(300) == pytest.approx(0.9)
     for spent in (0.3, 0.2, 40.0, 0.4):  # served alone; one stalled (a first request's paths)
         ing.observe(300, after_plan_ms=0.2, http_ms=0.5, alone=True, spent_ms=spent)
     assert ing.rest_ms(300) == pytest.approx((0.35, 0.2))  # the medians: the stall is ignored
