@@ -609,7 +609,9 @@ def create_front_app(channel: str, http: str):
             given = request.headers.get("x-api-key", "").encode()
             if key is not None and not hmac.compare_digest(given, key.encode()):
                 raise Refusal(401, "missing or wrong X-API-Key header")
-            req = await parse_classify(request, settings, len(manifest.labels))
+            req = await parse_classify(
+                request, settings, len(manifest.labels), transform.work_pixels
+            )
             if req.tensor is None and req.payload_bytes <= INLINE_DECODE_BYTES:
                 # Small images: decoding them here costs less than a second round trip to the
                 # owner; the plan counts the time as spent (a refused one decoded for nothing).

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -47,7 +48,7 @@ class ImageError(ValueError):
         self.status, self.detail = status, detail
 
 
-def decode_image(
+def open_image(
     data: bytes,
     *,
     max_bytes: int,
@@ -55,18 +56,22 @@ def decode_image(
     name: str = "image",
     work_pixels: Callable[[int, int], int] | None = None,
 ) -> Image.Image:
-    """Bytes to a decoded PIL image (first frame of a GIF), refusing oversized and bomb images,
-    and (given the transform's ``work_pixels``) those its preprocessing would enlarge past
-    ``max_pixels``: a long thin image, whose shorter side is resized up to the model's input.
+    """Bytes to an opened PIL image, its header read and no pixel decoded, refusing what
+    ``decode_image`` would refuse without decoding: over the byte limit, empty, not an image of
+    the allowed formats, over the pixel limit by its header (a decompression bomb), or (given
+    the transform's ``work_pixels``) enlarged past ``max_pixels`` by its preprocessing (a long
+    thin image, whose shorter side is resized up to the model's input). The request parsers
+    call it before planning: a 413 or 400 at once, not a 422 that names a least budget for a
+    decode never run, or a 503 under load for an image no retry can get through.
 
     Raises:
-        ImageError: 413 over the byte or pixel limit, 400 undecodable or unsupported format.
+        ImageError: 413 over the byte or pixel limit, 400 not an image of those formats.
     """
     if len(data) > max_bytes:
         raise ImageError(413, f"{name} is {len(data)} bytes; the limit is {max_bytes} bytes")
     if not data:
         raise ImageError(400, f"{name} is empty; send a JPEG, PNG, WebP, BMP or GIF image")
-    try:
+    with _refused(name, max_pixels):
         # Only the allowed decoders are tried; the size check comes before any pixel is decoded.
         img = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
         w, h = img.size
@@ -87,8 +92,56 @@ def decode_image(
                 f"shorter side resized to the model's input); the limit is {max_pixels} pixels: "
                 f"send it cropped nearer to square",
             )
+    return img
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    name: str = "image",
+    work_pixels: Callable[[int, int], int] | None = None,
+) -> Image.Image:
+    """Bytes to a decoded PIL image (first frame of a GIF), after ``open_image``'s checks.
+
+    Raises:
+        ImageError: 413 over the byte or pixel limit, 400 undecodable or unsupported format.
+    """
+    img = open_image(
+        data, max_bytes=max_bytes, max_pixels=max_pixels, name=name, work_pixels=work_pixels
+    )
+    with _refused(name, max_pixels):
         img.seek(0)  # first frame of an animation
         img.load()
+    return img
+
+
+def checked_size(
+    data: bytes,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    name: str = "image",
+    work_pixels: Callable[[int, int], int] | None = None,
+) -> int:
+    """``open_image``'s checks, and the size the image counts as in the HTTP cost line: its
+    bytes, or its pixels x ``PHOTO_BYTES_PER_PIXEL`` if that is more (``cost_size``).
+
+    Raises:
+        ImageError: as ``open_image``.
+    """
+    w, h = open_image(
+        data, max_bytes=max_bytes, max_pixels=max_pixels, name=name, work_pixels=work_pixels
+    ).size
+    return max(len(data), int(w * h * PHOTO_BYTES_PER_PIXEL))
+
+
+@contextlib.contextmanager
+def _refused(name: str, max_pixels: int) -> Iterator[None]:
+    """Pillow's errors in opening or decoding an image, as the ImageError to answer with."""
+    try:
+        yield
     except ImageError:
         raise
     except Image.DecompressionBombError as e:  # Pillow's own check, in open(): far over ours
@@ -107,7 +160,6 @@ def decode_image(
         raise ImageError(
             400, f"{name} could not be decoded as JPEG, PNG, WebP, BMP or GIF ({e})"
         ) from None
-    return img
 
 
 def make_transform(pre: dict):

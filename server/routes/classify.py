@@ -100,7 +100,9 @@ async def classify(request: Request) -> JSONResponse:
     engine.metrics.arrivals.inc()
     authorise(request, engine)
     with engine.ingress.entered() as ticket:  # in the HTTP backlog until queued
-        req = await parse_classify(request, engine.settings, engine.net.num_classes)
+        req = await parse_classify(
+            request, engine.settings, engine.net.num_classes, engine.transform.work_pixels
+        )
         plan, pending = await admit(engine, req, arrived)
         ticket.queued()
     await until_answered(request.receive, engine, plan, pending)

@@ -45,6 +45,7 @@ from ..parsing import (
     INLINE_PARSE_BYTES,
     ClassifyRequest,
     b64decode,
+    check_images,
     fit_top_k,
     read_body,
     validation_message,
@@ -391,7 +392,10 @@ def build_request(
     if n == 0 or n > s.max_images_per_request:
         raise Refusal(422, f"{n} images; 1..{s.max_images_per_request} per request")
     wanted = _outputs(doc, params, engine.net.num_classes)
-    return ClassifyRequest(images or [], options, tensor, s.max_image_pixels), wanted
+    req = ClassifyRequest(images or [], options, tensor, s.max_image_pixels)
+    if images:
+        req = check_images(req, s, engine.transform.work_pixels)
+    return req, wanted
 
 
 V2_PARAMS = frozenset({"latency_budget_ms", "max_gflops", "stitch_id", "top_k"})

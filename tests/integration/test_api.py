@@ -6,6 +6,8 @@ import io
 import json
 import os
 import re
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +175,24 @@ def bomb_png() -> bytes:
     return buf.getvalue()
 
 
+def header_only_png(width: int, height: int) -> bytes:
+    """A PNG that says it is ``width`` x ``height`` and holds a few bytes of pixels: all that
+    Pillow reads before any pixel (past twice its own limit it refuses to open it)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+        + chunk(b"IEND", b"")
+    )
+
+
 @pytest.mark.parametrize(
     ("kwargs", "status", "message"),
     [
@@ -259,6 +279,29 @@ def bomb_png() -> bytes:
         ({"json": {"image": "DIGIT", "top_k": "3"}}, 422, "top_k: Input should be a valid integer"),
         ({"json": {"image": "BIG"}}, 413, "the limit is 100000 pixels"),
         ({"json": {"image": "BOMB"}}, 413, "pixels"),
+        # refused by their headers before planning, whatever the budget: not a 422 for the cost
+        # of a decode never run (Pillow's own bomb check: a 422 named 71 ms for a 388 KB PNG of
+        # 20000x20000), nor for bytes over the image limit, nor for what is not an image
+        (
+            {"json": {"image": "HUGE", "latency_budget_ms": 1e-6}},
+            413,
+            "400000000 pixels by its header (a decompression bomb); the limit is 100000 pixels",
+        ),
+        (
+            {"json": {"image": "HEAVY", "latency_budget_ms": 1e-6}},
+            413,
+            "images[0] is 200001 bytes; the limit is 200000 bytes",
+        ),
+        (
+            {
+                "json": {
+                    "image": base64.b64encode(b"not an image").decode(),
+                    "latency_budget_ms": 1e-6,
+                }
+            },
+            400,
+            "images[0] could not be decoded as JPEG, PNG, WebP, BMP or GIF (not one of them)",
+        ),
         # over the pixel limit but flat, so few bytes: its decoding refuses it (413), the plan
         # must not first refuse the decode's cost (a 422 for 4.5 MB of "photo")
         ({"json": {"image": "WIDE", "latency_budget_ms": 50}}, 413, "the limit is 100000 pixels"),
@@ -285,6 +328,8 @@ def test_errors_say_what_is_wrong(client, digit_png, kwargs, status, message):
             "BOMB": bomb_png() if "BOMB" in body else b"",
             "WIDE": png(np.full((3000, 3000), 128, "uint8")) if "WIDE" in body else b"",
             "THIN": png(np.full((1, 50000), 128, "uint8")) if "THIN" in body else b"",
+            "HUGE": header_only_png(20_000, 20_000),
+            "HEAVY": b"\0" * 200_001,
         }
         for k, v in b64.items():
             body = body.replace(f'"{k}"', json.dumps(base64.b64encode(v).decode()))
