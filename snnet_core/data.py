@@ -13,6 +13,7 @@ import torch
 
 MNIST_LABELS = [str(i) for i in range(10)]
 HELD_OUT_PER_CLASS = 100
+EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how to turn the stored pixels to view them
 
 
 def mnist_subset(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +81,9 @@ class ImageTransform:
     """PIL image -> (C, H, W) float tensor, as a checkpoint's preprocessing says; ``batch``
     takes several images to (n, C, H, W).
 
-    Converts to grey or RGB to match the channel count, then timm's own transform for the data
+    Turns the image upright and scales 16-bit greys to 8 bits (``upright``), converts to grey or
+    RGB to match the channel count (an alpha channel is dropped, as torchvision's loader does:
+    the colour under a transparent pixel is what counts), then timm's own transform for the data
     config (training: as ``augment`` says, see AUGMENTS; evaluation: resize the shorter side to
     ``size / crop_pct`` and centre crop), scaling to [0, 1] and, if ``normalize``, normalising with
     the config's mean and std. Training, ``snnet eval`` and the server all preprocess through it.
@@ -117,7 +120,7 @@ class ImageTransform:
         self.fast = None if training else _FastEval.of(self.timm)
 
     def __call__(self, img) -> torch.Tensor:
-        img = img.convert(self.mode)
+        img = upright(img).convert(self.mode)
         return self.fast(img) if self.fast is not None else self.timm(img).contiguous()
 
     def work_pixels(self, width: int, height: int) -> int:
@@ -143,10 +146,37 @@ class ImageTransform:
     def batch(self, imgs) -> torch.Tensor:
         """Several PIL images -> (n, C, H, W): each image's PIL steps, then one numpy pass for
         the whole batch (bit for bit what calling this on each image gives)."""
-        imgs = [img.convert(self.mode) for img in imgs]
+        imgs = [upright(img).convert(self.mode) for img in imgs]
         if self.fast is None:
             return torch.stack([self.timm(img).contiguous() for img in imgs])
         return self.fast.batch(imgs)
+
+
+def upright(img):
+    """A PIL image as a viewer shows it, at 8 bits a channel: turned by its EXIF orientation (a
+    phone stores a photo as its sensor saw it, with a tag that says how to turn it; a digit so
+    stored on its side was read as a 5), and a 16-bit grey (PNG's) scaled to 8 bits (Pillow's
+    convert clips it at 255: a 16-bit gradient was read as a white image). Anything else is
+    returned as it is (0.6 us to read the tag of a decoded image)."""
+    from PIL import Image, ImageOps
+
+    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
+    if img.mode == "I" or img.mode.startswith("I;16"):  # (PNG's 16-bit grey, as Pillow opens it)
+        a = np.asarray(img).astype(np.float32) * np.float32(255 / 65535)
+        img = Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8), "L")
+    return img
+
+
+def open_upright(path: str):
+    """An image file, decoded and ``upright``: the image folders' loader, so that training sees
+    what the server sees."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    return upright(img)
 
 
 def image_transform(
@@ -255,7 +285,9 @@ def image_folder(
 
     try:
         data = datasets.ImageFolder(
-            root, transform=image_transform(data_config, training, False, augment)
+            root,
+            transform=image_transform(data_config, training, False, augment),
+            loader=open_upright,
         )
     except FileNotFoundError as e:  # no class folders, or one without images
         raise ValueError(f"{root}: {e}") from None

@@ -361,6 +361,27 @@ def test_multipart_errors(client, digit_png):
     )
 
 
+def test_an_image_is_classified_as_a_viewer_shows_it(client, digits):
+    """A digit stored on its side with the EXIF tag that turns it upright (as phones store
+    photos), and the same digit as a 16-bit grey PNG: each answered as the plain 8-bit upright
+    digit is, score for score (read as stored, the first was a 5 and the second a white image)."""
+    eight = (digits[0][0, 0].numpy() * 255).round().astype("uint8")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90 degrees clockwise to view
+    turned, deep = io.BytesIO(), io.BytesIO()
+    Image.fromarray(eight, "L").transpose(Image.Transpose.ROTATE_90).save(turned, "PNG", exif=exif)
+    Image.fromarray(eight.astype("uint16") * 257).save(deep, "PNG")
+
+    def answer(data: bytes) -> dict:
+        files = [("image", ("a.png", data, "image/png"))]
+        r = client.post("/classify", files=files, data={"stitch_id": "3", "top_k": "10"})
+        assert r.status_code == 200, r.text
+        return r.json()["predictions"]
+
+    want = answer(png(eight))
+    assert answer(turned.getvalue()) == want and answer(deep.getvalue()) == want
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "BMP", "GIF"])
 def test_image_formats(client, digits, fmt):
     data = png((digits[0][3, 0].numpy() * 255).round().astype("uint8"), "L", fmt, size=(56, 56))

@@ -1,12 +1,14 @@
 """Evaluation preprocessing: the fast path gives exactly what timm's transform gives."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from timm.data import create_transform
 
-from snnet_core.data import image_transform, load_dataset
+from snnet_core.data import EXIF_ORIENTATION, image_transform, load_dataset
 
 
 @pytest.mark.parametrize(
@@ -98,3 +100,56 @@ def test_no_augmentation_trains_on_what_evaluation_sees():
     # The bundled digits: shifted by up to 2 pixels, unless none.
     assert load_dataset("mnist", "train", config, training=True).max_shift == 2
     assert load_dataset("mnist", "train", config, training=True, augment="none").max_shift == 0
+
+
+def _reopened(img: Image.Image, **save) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **save)
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
+DIGIT_CONFIG = {"input_size": (1, 28, 28), "mean": (0.5,), "std": (0.5,), "crop_pct": 1.0}
+
+
+def test_an_image_is_read_as_a_viewer_shows_it_turned_by_its_exif_orientation():
+    """A phone stores a photo as its sensor saw it and tags how to turn it: the model must see
+    it upright (a digit stored on its side with the tag was read as a 5)."""
+    upright = (np.random.default_rng(0).random((28, 28)) * 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6  # "turn 90 degrees clockwise to view"
+    stored = Image.fromarray(upright, "L").transpose(Image.Transpose.ROTATE_90)
+    tagged = _reopened(stored, exif=exif)
+    tf = image_transform(DIGIT_CONFIG)
+    want = tf(Image.fromarray(upright, "L"))
+    assert torch.equal(tf(tagged), want) and torch.equal(tf.batch([tagged])[0], want)
+    assert not torch.equal(tf(_reopened(stored)), want)  # (the same pixels, untagged)
+
+
+def test_a_16_bit_grey_image_is_read_as_its_8_bit_self():
+    """Pillow opens a 16-bit grey PNG as such and its convert clips it at 255 (a 16-bit gradient
+    was read as a white image): scaled to 8 bits instead."""
+    eight = (np.random.default_rng(1).random((28, 28)) * 255).astype(np.uint8)
+    sixteen = _reopened(Image.fromarray(eight.astype(np.uint16) * 257))
+    assert sixteen.mode.startswith("I")
+    tf = image_transform(DIGIT_CONFIG)
+    want = tf(Image.fromarray(eight, "L"))
+    assert torch.equal(tf(sixteen), want) and torch.equal(tf.batch([sixteen])[0], want)
+    rgb = image_transform(
+        {**DIGIT_CONFIG, "input_size": (3, 28, 28), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    )
+    assert torch.equal(rgb(sixteen), rgb(Image.fromarray(eight, "L")))
+
+
+def test_an_image_folder_loads_its_files_as_the_server_reads_them(tmp_path):
+    upright = (np.random.default_rng(2).random((28, 28)) * 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+    Image.fromarray(upright, "L").transpose(Image.Transpose.ROTATE_90).save(
+        tmp_path / "a" / "turned.png", exif=exif
+    )
+    Image.fromarray(upright.astype(np.uint16) * 257).save(tmp_path / "b" / "deep.png")
+    data = load_dataset(str(tmp_path), "train", DIGIT_CONFIG, training=False)
+    want = image_transform(DIGIT_CONFIG, normalize=False)(Image.fromarray(upright, "L"))
+    assert all(torch.equal(data[i][0], want) for i in range(2))
