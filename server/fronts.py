@@ -352,7 +352,7 @@ class _Remote:
     """A front's request at the owner: counted in the HTTP backlog from its plan until queued."""
 
     def __init__(self, ingress, n: int, payload_bytes: int) -> None:
-        self._entered = ingress.entered()
+        self._entered = ingress.entered(payload_bytes)
         self._ticket = self._entered.__enter__()
         self.n, self.payload_bytes = n, payload_bytes
         self.plan = None

@@ -91,7 +91,8 @@ class Ingress:
         forget: Share of weight older requests lose with each new one in the cost lines.
     """
 
-    def __init__(self, forget: float = 0.02) -> None:
+    def __init__(self, forget: float = 0.02, prior_ms: float = HTTP_MS_PRIOR) -> None:
+        self.prior_ms = prior_ms  # a request's HTTP time before any was measured
         self._own = _Line(forget)  # HTTP work after planning (decode, answer), every request
         self._seeded = _Line(forget)  # the same as start-up measured it (``seed``)
         # Requests served alone: (reading and parsing with the event loop's lag then, i.e. all
@@ -101,9 +102,14 @@ class Ingress:
         self._rest: deque[tuple[float, float]] = deque(maxlen=REST_WINDOW)
         self._rest_medians = (0.0, 0.0)  # of the two, updated as one is added
         self._rest_pre_high = 0.0  # their reading and parsing, REST_HIGH quantile
-        self.seed([(0, HTTP_MS_PRIOR)])  # until start-up measures, whatever its size
-        self.http_ms = HTTP_MS_PRIOR  # mean HTTP work of a request (what each one ahead costs)
+        # A request's HTTP time in all (what each one in the backlog costs the others), a line
+        # in its size too: one number for every size, after ten 4000x4000 PNGs, made a burst
+        # of digits wait for ten photos' worth each, and refused most of it 503 (session 35).
+        # Forgetting a tenth of the weight an answer, as the moving mean it replaces did.
+        self._http = _Line(0.1)
+        self.seed([(0, prior_ms)])  # until start-up measures, whatever its size
         self.unqueued = 0  # requests inside /classify that have not reached the model queue
+        self.backlog_ms = 0.0  # their predicted HTTP times, summed (``http_ms`` at entry)
         self.arrivals = 0  # requests that have entered, ever (a request is alone if none came)
         self.loop_lag_ms = 0.0  # how late the event loop runs ready work (EWMA)
         # False while start-up runs in its thread: the loop's lag then is start-up's (profiling,
@@ -113,9 +119,16 @@ class Ingress:
 
     def seed(self, points: list[tuple[int, float]], weight: float = 5.0) -> None:
         """Start the own-work line from measured (payload bytes, ms) points, replacing what was
-        there; each counts as ``weight`` observations."""
+        there; each counts as ``weight`` observations. The whole HTTP time's line starts from
+        them too, at least ``prior_ms``, as ten answers' worth (a moving mean's prior)."""
         self._own.seed(points, weight)
         self._seeded = copy.copy(self._own)
+        self._http.seed([(b, max(ms, self.prior_ms)) for b, ms in points], 10.0 / len(points))
+
+    def http_ms(self, payload_bytes: int = 0) -> float:
+        """Predicted HTTP time of a request of this size in all (read, parsed, decoded,
+        answered, with the waits for the event loop that requests lately had)."""
+        return self._http.at(payload_bytes)
 
     def own_ms(self, payload_bytes: int) -> float:
         """Predicted HTTP work of a request, after planning, for its payload size."""
@@ -125,14 +138,14 @@ class Ingress:
         """(reading and parsing with the loop's lag, own work after planning) of a request of
         this size on an idle server, in ms: the medians of the last requests served alone, plus
         the own line's cost per byte. Until REST_MIN of them, what start-up measured: its own
-        line (decoding), and the prior HTTP time less it. Not what the other requests took: a
+        line (decoding), and the prior HTTP time (``prior_ms``) less it. Not what the other requests took: a
         fresh server whose first traffic is a burst learnt the burst's backlog from them (the
         bundled model's idle need read 11-17 ms for its 5-6, and 403 of 480 requests at 8 ms were
         refused 422 as impossible even when idle; a lone client after the burst then for good,
         as a refusal teaches nothing)."""
         if len(self._rest) < REST_MIN:
             own = self._seeded.at(payload_bytes)
-            return max(0.0, HTTP_MS_PRIOR - own), own
+            return max(0.0, self.prior_ms - own), own
         per_byte = self._own.coefficients()[1] * payload_bytes
         pre, own = self._rest_medians
         return max(0.0, pre + per_byte), max(0.0, own + per_byte)
@@ -155,10 +168,12 @@ class Ingress:
         return max(pre, self._rest_pre_high + per_byte)
 
     @contextmanager
-    def entered(self) -> Iterator[_Ticket]:
-        """Count a request in the backlog until ``ticket.queued()`` or the block ends."""
-        ticket = _Ticket(self)
+    def entered(self, payload_bytes: int = 0) -> Iterator[_Ticket]:
+        """Count a request of about ``payload_bytes`` (its body's declared length; 0: unknown)
+        in the backlog until ``ticket.queued()`` or the block ends."""
+        ticket = _Ticket(self, self.http_ms(payload_bytes))
         self.unqueued += 1
+        self.backlog_ms += ticket.ms
         self.arrivals += 1
         try:
             yield ticket
@@ -170,10 +185,13 @@ class Ingress:
         return max(0, self.unqueued - 1)
 
     def wait_ms(self) -> float:
-        """Predicted HTTP-layer wait of a new request: behind the others still being parsed, plus
-        how late the event loop runs ready work now (requests not yet in a handler show only
-        there)."""
-        return self.others() * self.http_ms + self.loop_lag_ms
+        """Predicted HTTP-layer wait of a new request: behind the others still being parsed (the
+        backlog's predicted HTTP times, by their sizes, but the asker's share), plus how late
+        the event loop runs ready work now (requests not yet in a handler show only there)."""
+        others = self.others()
+        if not others:
+            return self.loop_lag_ms
+        return self.backlog_ms * others / self.unqueued + self.loop_lag_ms
 
     def observe(
         self,
@@ -190,7 +208,7 @@ class Ingress:
         idle estimates."""
         after = max(0.0, after_plan_ms)
         self._own.add(payload_bytes, after)
-        self.http_ms += 0.1 * (max(0.0, http_ms) - self.http_ms)
+        self._http.add(payload_bytes, max(0.0, http_ms))
         if alone:
             per_byte = self._own.coefficients()[1] * payload_bytes
             self._rest.append((max(0.0, spent_ms) - per_byte, after - per_byte))
@@ -213,11 +231,13 @@ class Ingress:
 
 
 class _Ticket:
-    def __init__(self, ingress: Ingress) -> None:
-        self._ingress, self._counted = ingress, True
+    def __init__(self, ingress: Ingress, ms: float) -> None:
+        self._ingress, self._counted, self.ms = ingress, True, ms
 
     def queued(self) -> None:
         """The request left the HTTP backlog (queued for the model, or answered with an error)."""
         if self._counted:
             self._counted = False
-            self._ingress.unqueued -= 1
+            ing = self._ingress
+            ing.unqueued -= 1
+            ing.backlog_ms = ing.backlog_ms - self.ms if ing.unqueued else 0.0

@@ -48,9 +48,8 @@ def make(ms_of=per_image, *, max_batch=4, max_queue=64, **planner_kw):
     )  # fmt: skip
     controller = Controller(latency, m.ranking, max_batch=max_batch, scores=m.scores)
     controller.margin = controller.rest_margin = 0.0  # none unless a test says so (no steps)
-    ingress = Ingress()
-    ingress.seed([(0, 0.0)])  # no HTTP work unless a test says so
-    ingress.http_ms = 0.0
+    ingress = Ingress(prior_ms=0.0)  # no HTTP work unless a test says so
+    ingress.seed([(0, 0.0)])
     planner = Planner(
         m, sched, controller, ingress, default_budget_ms=planner_kw.pop("default_budget_ms", 1000.0),
         **planner_kw,

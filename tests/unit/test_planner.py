@@ -180,7 +180,7 @@ def test_slack_first_an_idle_server_gives_the_best_stitch_whatever_the_level():
 def test_the_http_backlog_and_the_margin_count_in_the_prediction():
     planner, _, _ = make()
     assert stitch(planner.plan(opts(latency_budget_ms=12.0), 1, NOW)) == 11
-    planner.ingress.unqueued, planner.ingress.http_ms = 4, 2.0  # 3 others ahead: 6 ms
+    planner.ingress.unqueued, planner.ingress.backlog_ms = 4, 8.0  # 3 others ahead: 6 ms
     planner.controller.level = 0.0
     plan = planner.plan(opts(latency_budget_ms=12.0), 1, NOW)
     assert stitch(plan) == 5 and plan.ingress_ms == pytest.approx(6.0)
@@ -189,9 +189,9 @@ def test_the_http_backlog_and_the_margin_count_in_the_prediction():
     assert stitch(plan) == 1 and plan.margin_ms == pytest.approx(4.0)
     assert planner.plan(opts(latency_budget_ms=9.5), 1, NOW).status == 503  # others ahead
     # Alone and idle: planned with what requests served alone took. Here their margin was
-    # 0.1 and reading one took 2 ms (the usual HTTP time: none was served alone yet). A budget
-    # below that: no point in retrying, say what would do.
-    planner.ingress.unqueued = 1
+    # 0.1 and reading one takes 2 ms (the prior: none was served alone yet). A budget below
+    # that: no point in retrying, say what would do.
+    planner.ingress.unqueued, planner.ingress.prior_ms = 1, 2.0
     planner.controller.rest_margin = planner.controller.refuse_margin = 0.1
     plan = planner.plan(opts(latency_budget_ms=5.5), 1, NOW, arrived=NOW - 0.002)
     assert stitch(plan) == 2  # 2 ms read + (1 + 0.1) x 3 ms
@@ -295,7 +295,7 @@ def test_the_least_budget_a_422_names_counts_the_usual_time_to_read_the_request(
     # alone yet: reading and parsing one is taken as 0.8 ms. A request that spent that much is
     # short of a 1.5 ms budget by it, and the 422 names a least budget that would be admitted.
     planner, _, _ = make()
-    planner.ingress.http_ms = 0.8
+    planner.ingress.prior_ms = 0.8
     r = planner.plan(opts(latency_budget_ms=1.5), 1, NOW, arrived=NOW - 0.0008)
     assert r.status == 422 and "latency_budget_ms >= 1.80" in r.detail
     assert stitch(planner.plan(opts(latency_budget_ms=1.81), 1, NOW, arrived=NOW - 0.0008)) == 0
@@ -378,7 +378,7 @@ def test_a_fresh_server_names_a_least_budget_its_own_reading_fits():
     # 1.5 ms to read and the event loop runs 0.3 ms late: the least counts both (a least from
     # the prior had every retry refused 503, and none served to learn better).
     planner, _, _ = make()
-    planner.ingress.http_ms, planner.ingress.loop_lag_ms = 0.8, 0.3
+    planner.ingress.prior_ms, planner.ingress.loop_lag_ms = 0.8, 0.3
     for budget in (0.5, 1.5):  # below the compute alone, and below compute + reading
         r = planner.plan(opts(latency_budget_ms=budget), 1, NOW, arrived=NOW - 0.0015)
         assert r.status == 422 and "latency_budget_ms >= 2.80" in r.detail, r.detail
@@ -618,7 +618,10 @@ def test_no_answer_teaches_the_idle_estimates_within_a_second_of_a_503():
     # planned as idle (the best stitch that fits); only their answers do not teach.
     planner, _, _ = make()
     assert planner.plan(opts(latency_budget_ms=100), 1, NOW).alone_at is not None
-    planner.ingress.unqueued, planner.ingress.http_ms = 3, 1.0  # two others being read, 1 ms each
+    planner.ingress.unqueued, planner.ingress.backlog_ms = (
+        3,
+        3.0,
+    )  # two others being read, 1 ms each
     assert planner.plan(opts(latency_budget_ms=1.5), 1, NOW).status == 503
     planner.ingress.unqueued = 1  # only the one asking
     within = planner.plan(opts(latency_budget_ms=100), 1, NOW + 0.9)

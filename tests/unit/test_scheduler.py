@@ -2,6 +2,7 @@
 real family with a known profile."""
 
 import asyncio
+import contextlib
 import os
 import time
 
@@ -266,17 +267,36 @@ def test_the_model_is_idle_again_before_the_answer_arrives(digits):
 
 def test_the_http_backlog_estimate():
     ing = Ingress()
-    ing.http_ms = 2.0
+    ing.seed([(0, 2.0)])  # start-up: 2 ms a request, whatever its size
     with ing.entered() as ticket:  # only the request being planned
         assert ing.wait_ms() == 0.0
-        with ing.entered(), ing.entered(), ing.entered():
+        with ing.entered(300), ing.entered(300), ing.entered(300):
             assert ing.others() == 3 and ing.wait_ms() == pytest.approx(6.0)
         ticket.queued()
-        assert ing.unqueued == 0
+        assert ing.unqueued == 0 and ing.backlog_ms == 0.0
     assert ing.unqueued == 0  # leaving twice counts once
     for _ in range(100):
         ing.observe(payload_bytes=1000, after_plan_ms=2.0, http_ms=3.0)
-    assert ing.http_ms == pytest.approx(3.0, rel=1e-3)
+    assert ing.http_ms(1000) == pytest.approx(3.0, rel=1e-3)
+
+
+def test_the_http_backlog_counts_each_request_by_its_size():
+    """Ten 4000x4000 PNGs took 300 ms of HTTP work each; the digits after them take 2 ms. The
+    backlog of a burst of digits is 2 ms a digit (one mean for all sizes put 10 photos' worth
+    before each and refused most of the burst 503)."""
+    ing = Ingress()
+    for _ in range(30):
+        ing.observe(400, after_plan_ms=1.0, http_ms=2.0)
+    for _ in range(10):
+        ing.observe(4_000_000, after_plan_ms=290.0, http_ms=300.0)
+    assert ing.http_ms(400) == pytest.approx(2.0, rel=0.05)
+    assert ing.http_ms(4_000_000) == pytest.approx(300.0, rel=0.05)
+    with contextlib.ExitStack() as burst:
+        for _ in range(20):
+            burst.enter_context(ing.entered(400))
+        assert ing.wait_ms() == pytest.approx(19 * 2.0, rel=0.05)
+        burst.enter_context(ing.entered(4_000_000))  # and a photo among them: its share
+        assert ing.wait_ms() == pytest.approx((20 * 2.0 + 300.0) * 20 / 21, rel=0.05)
 
 
 def test_the_own_http_cost_is_a_line_in_the_payload_size_learnt_online():
@@ -342,7 +362,6 @@ def test_loop_lag_during_start_up_is_not_counted():
 def test_the_idle_http_estimates_learn_only_from_requests_served_alone():
     ing = Ingress()
     ing.seed([(300, 0.1)])
-    ing.http_ms = 1.0
     assert ing.rest_ms(300) == pytest.approx((0.9, 0.1))  # none alone yet: start-up's figures
     for _ in range(100):  # a burst: slow, and never alone
         ing.observe(300, after_plan_ms=4.0, http_ms=9.0, spent_ms=5.0)
