@@ -323,9 +323,10 @@ def build_engine(
         cheapest = min(range(len(menu)), key=lambda i: latency.predict_ms(i, 1))
         cold = scheduler.probe_cold(cheapest, tuple(net.input_size))
         log.info(
-            "after a pause, a batch took %+.2f ms over its predicted time (stitch %d, median of "
-            "%d); the planner allows for that in the first request after a pause",
-            cold, cheapest, COLD_PROBES,
+            "after a pause, a batch took %.2f ms %s its predicted time (stitch %d, median of "
+            "%d); the planner allows for %s in the first request after a pause",
+            abs(cold), "over" if cold >= 0 else "under", cheapest, COLD_PROBES,
+            "that" if cold > 0 else "nothing more",
         )  # fmt: skip
         scheduler.start()
         metrics.model.info(

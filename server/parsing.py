@@ -277,20 +277,33 @@ async def _parse_multipart(request: Request, body: bytes, max_images: int) -> Cl
     images = []
     for name, filename, data in files:
         if name == "image":
-            images.append((filename or f"image[{len(images)}]", data))
+            images.append((_shown(filename) or f"image[{len(images)}]", data))
         else:
             fields.append((name, data.decode("utf-8", "replace")))
     if any(name == "image" for name, _ in fields):
         raise Refusal(422, "form field 'image' must be a file part, not text")
     known = {"image", *ClassifyOptions.model_fields}
-    unknown = sorted({name for name, _ in fields} - known)
+    unknown = sorted({_shown(name) for name, _ in fields} - known)
     if unknown:
         raise Refusal(422, f"unknown form fields {unknown}; allowed: {sorted(known)}")
+    names = [name for name, _ in fields]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        # (the last one was taken: a budget of 50 ms and then 5000 served as 5000)
+        raise Refusal(422, f"form fields {twice} given more than once; give each field once")
     raw = {name: value for name, value in fields if value != ""}
     return ClassifyRequest(images, _options(ClassifyOptions, raw, strict=False))
 
 
 MAX_FORM_FIELDS = 16
+MAX_NAME_CHARS = 80  # of a client's file or field name, as an error message shows it
+
+
+def _shown(name: str | None) -> str | None:
+    """A client's name for a part, as messages show it: cut to MAX_NAME_CHARS (a 20 KB filename
+    made a 20 KB error message)."""
+    if name is None or len(name) <= MAX_NAME_CHARS:
+        return name
+    return f"{name[: MAX_NAME_CHARS - 3]}..."
 
 
 def _split_multipart(

@@ -481,8 +481,8 @@ def _options(params: dict[str, Any], pinned: int | None) -> ClassifyOptions:
         if not _is_int(timeout) or not 0 < timeout < 10**12:
             raise Refusal(
                 422,
-                f"parameters.timeout: microseconds, an integer from 1 to {10**12 - 1} (an hour "
-                f"or more is no limit); got {timeout!r}",
+                f"parameters.timeout: microseconds, an integer from 1 to {10**12 - 1} (one of "
+                f"an hour or more is a budget of an hour, the longest); got {timeout!r}",
             )
         # Triton's timeout is in microseconds; a longer one than a budget may be is no limit
         raw["latency_budget_ms"] = min(timeout / 1e3, MAX_BUDGET_MS)

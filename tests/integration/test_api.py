@@ -349,6 +349,25 @@ def test_multipart_errors(client, digit_png):
     assert r.status_code == 422 and "unknown form fields ['photo']" in r.json()["detail"]
     r = client.post("/classify", files=[("image", ("a.png", digit_png, "image/png"))] * 6)
     assert r.status_code == 422 and "at most 4" in r.json()["detail"]
+    # A field given twice: the last one was taken (50 ms, then 5000 ms, served as 5000).
+    r = client.post(
+        "/classify",
+        files=[
+            ("image", ("a.png", digit_png, "image/png")),
+            ("latency_budget_ms", (None, "50")),
+            ("latency_budget_ms", (None, "5000")),
+        ],
+    )
+    assert r.status_code == 422
+    assert r.json()["detail"] == (
+        "form fields ['latency_budget_ms'] given more than once; give each field once"
+    )
+    # A client's name for a part is cut in messages (a 20 KB filename made a 20 KB message).
+    r = client.post(
+        "/classify", files=[("image", ("x" * 20_000 + ".png", b"not an image", "image/png"))]
+    )
+    assert r.status_code == 400 and len(r.json()["detail"]) < 200
+    assert r.json()["detail"].startswith("x" * 77 + "... could not be decoded")
     # Fields in the query string were silently ignored (the default budget served a request
     # that asked for 5 ms): a 422 that says where they go.
     r = client.post(
