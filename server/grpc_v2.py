@@ -150,6 +150,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             with engine.ingress.entered(size) as ticket:
                 doc, data = _document(request)
                 req, wanted = build_request(engine, doc, data, pinned)
+                ticket.sized(req.payload_bytes)
                 req, deadline_ms = _within_deadline(engine, req, context, arrived)
                 if deadline_ms is None:
                     plan, pending = await admit_v2(engine, doc, req, arrived)

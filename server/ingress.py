@@ -138,11 +138,11 @@ class Ingress:
         """(reading and parsing with the loop's lag, own work after planning) of a request of
         this size on an idle server, in ms: the medians of the last requests served alone, plus
         the own line's cost per byte. Until REST_MIN of them, what start-up measured: its own
-        line (decoding), and the prior HTTP time (``prior_ms``) less it. Not what the other requests took: a
-        fresh server whose first traffic is a burst learnt the burst's backlog from them (the
-        bundled model's idle need read 11-17 ms for its 5-6, and 403 of 480 requests at 8 ms were
-        refused 422 as impossible even when idle; a lone client after the burst then for good,
-        as a refusal teaches nothing)."""
+        line (decoding), and the prior HTTP time (``prior_ms``) less it. Not what the other
+        requests took: a fresh server whose first traffic is a burst learnt the burst's backlog
+        from them (the bundled model's idle need read 11-17 ms for its 5-6, and 403 of 480
+        requests at 8 ms were refused 422 as impossible even when idle; a lone client after the
+        burst then for good, as a refusal teaches nothing)."""
         if len(self._rest) < REST_MIN:
             own = self._seeded.at(payload_bytes)
             return max(0.0, self.prior_ms - own), own
@@ -169,8 +169,9 @@ class Ingress:
 
     @contextmanager
     def entered(self, payload_bytes: int = 0) -> Iterator[_Ticket]:
-        """Count a request of about ``payload_bytes`` (its body's declared length; 0: unknown)
-        in the backlog until ``ticket.queued()`` or the block ends."""
+        """Count a request of about ``payload_bytes`` (its body's declared length; 0: unknown;
+        ``ticket.sized`` once it is parsed) in the backlog until ``ticket.queued()`` or the
+        block ends."""
         ticket = _Ticket(self, self.http_ms(payload_bytes))
         self.unqueued += 1
         self.backlog_ms += ticket.ms
@@ -241,3 +242,12 @@ class _Ticket:
             ing = self._ingress
             ing.unqueued -= 1
             ing.backlog_ms = ing.backlog_ms - self.ms if ing.unqueued else 0.0
+
+    def sized(self, payload_bytes: int) -> None:
+        """The request is parsed: count it at the HTTP time predicted for its payload's cost
+        size (``ClassifyRequest.payload_bytes``, what the line is fitted on), no longer its
+        body's length (a flat 4000x4000 PNG of 46 KB decodes as 8 MB of photo)."""
+        if self._counted:
+            ms = self._ingress.http_ms(payload_bytes)
+            self._ingress.backlog_ms += ms - self.ms
+            self.ms = ms

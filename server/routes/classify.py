@@ -104,6 +104,7 @@ async def classify(request: Request) -> JSONResponse:
         req = await parse_classify(
             request, engine.settings, engine.net.num_classes, engine.transform.work_pixels
         )
+        ticket.sized(req.payload_bytes)
         plan, pending = await admit(engine, req, arrived)
         ticket.queued()
     await until_answered(request.receive, engine, plan, pending)

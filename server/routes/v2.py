@@ -314,6 +314,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     authorise(request, engine)
     with engine.ingress.entered(declared_bytes(request)) as ticket:
         doc, req, wanted = await _parse(request, engine, pinned)
+        ticket.sized(req.payload_bytes)
         plan, pending = await admit_v2(engine, doc, req, arrived)
         ticket.queued()
     await until_answered(request.receive, engine, plan, pending)
