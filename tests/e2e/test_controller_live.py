@@ -140,7 +140,7 @@ def fresh(tmp_path_factory):
 def test_a_fresh_servers_first_burst_is_load_not_an_impossible_budget(fresh, pngs):
     """A server whose first traffic is a burst has no idle figures of its own yet: its refusals
     are 503s (load, retry later), never 422s that call the budget too tight even when idle; and
-    a lone client after the burst is served. (The idle need was taken from the burst's answers:
+    a lone client after the burst, retrying when told, is served. (The idle need was taken from the burst's answers:
     it read 17-19 ms for a budget of 12.6 ms that an idle server meets, refused 240-280 of 320
     requests 422, and went on refusing the lone client afterwards: a refusal teaches nothing.)"""
     menu = httpx.get(f"{fresh.url}/stitches").json()["stitches"]
@@ -159,7 +159,14 @@ def test_a_fresh_servers_first_burst_is_load_not_an_impossible_budget(fresh, png
     assert all(a.status_code == 503 for a in refused), [
         (a.status_code, a.json()["detail"]) for a in refused if a.status_code != 503
     ][:3]
-    with httpx.Client(base_url=fresh.url, timeout=60) as c:  # alone now
-        after = [classify(c, one, budget) for _ in range(10)]
-    assert not [a for a in after if a.status_code == 422], [a.json() for a in after][:3]
-    assert sum(a.status_code == 200 for a in after) >= 8, [a.json() for a in after]
+    # Alone now, a client that comes back when a 503's Retry-After says: served. (Right after
+    # the burst a 503 may say the device runs slower "just now": the burst's slow-down, which
+    # fades while requests come and nothing runs, Controller.idle_relax_s; 1.89x in a CI run.)
+    refused, deadline = [], time.monotonic() + 30
+    with httpx.Client(base_url=fresh.url, timeout=60) as c:
+        for _ in range(10):
+            while (r := classify(c, one, budget)).status_code == 503:
+                assert time.monotonic() < deadline, r.json()
+                time.sleep(int(r.headers["Retry-After"]))  # (what the client was told to do)
+            refused += [] if r.status_code == 200 else [(r.status_code, r.json())]
+    assert not refused, refused[:3]
