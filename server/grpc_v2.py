@@ -146,8 +146,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             given = dict(context.invocation_metadata() or ()).get("x-api-key", "")
             if key is not None and not hmac.compare_digest(given.encode(), key.encode()):
                 raise Refusal(401, "missing or wrong x-api-key metadata")
-            size = sum(map(len, request.raw_input_contents))  # (0 for typed contents)
-            with engine.ingress.entered(size) as ticket:
+            with engine.ingress.entered() as ticket:
                 doc, data = _document(request)
                 req, wanted = build_request(engine, doc, data, pinned)
                 ticket.sized(req.payload_bytes)

@@ -169,9 +169,12 @@ class Ingress:
 
     @contextmanager
     def entered(self, payload_bytes: int = 0) -> Iterator[_Ticket]:
-        """Count a request of about ``payload_bytes`` (its body's declared length; 0: unknown;
-        ``ticket.sized`` once it is parsed) in the backlog until ``ticket.queued()`` or the
-        block ends."""
+        """Count a request in the backlog until ``ticket.queued()`` or the block ends: until
+        it is parsed (``ticket.sized``) at a request's HTTP time whatever its size (reading a
+        body costs little by the byte; decoding does, and may never come: counted by their
+        declared length, 20 bombs of 388 KB, each refused at its header, were predicted as 20
+        photos' decoding ahead of 20 digits beside them, and 16 of the digits refused 503),
+        or of ``payload_bytes`` if it is known (a front's request, parsed there)."""
         ticket = _Ticket(self, self.http_ms(payload_bytes))
         self.unqueued += 1
         self.backlog_ms += ticket.ms
@@ -244,9 +247,9 @@ class _Ticket:
             ing.backlog_ms = ing.backlog_ms - self.ms if ing.unqueued else 0.0
 
     def sized(self, payload_bytes: int) -> None:
-        """The request is parsed: count it at the HTTP time predicted for its payload's cost
-        size (``ClassifyRequest.payload_bytes``, what the line is fitted on), no longer its
-        body's length (a flat 4000x4000 PNG of 46 KB decodes as 8 MB of photo)."""
+        """The request is parsed, its images' headers checked: count it at the HTTP time
+        predicted for its payload's cost size (``ClassifyRequest.payload_bytes``, what the line
+        is fitted on: a flat 4000x4000 PNG of 46 KB decodes as 8 MB of photo)."""
         if self._counted:
             ms = self._ingress.http_ms(payload_bytes)
             self._ingress.backlog_ms += ms - self.ms

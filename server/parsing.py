@@ -142,12 +142,6 @@ def fit_top_k(options: ClassifyOptions, num_classes: int) -> ClassifyOptions:
     )
 
 
-def declared_bytes(request: Request) -> int:
-    """A request body's declared length (its Content-Length), 0 if it declares none."""
-    declared = request.headers.get("content-length", "")
-    return int(declared) if declared.isascii() and declared.isdigit() else 0
-
-
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:

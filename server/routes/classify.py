@@ -18,7 +18,7 @@ from ..engine import Engine
 from ..errors import Refusal
 from ..imaging import ImageError, decode_image
 from ..ingress import ARRIVED
-from ..parsing import ClassifyRequest, declared_bytes, parse_classify
+from ..parsing import ClassifyRequest, parse_classify
 from ..planner import Plan
 from ..scheduler import Result
 from ..schemas import (
@@ -99,8 +99,7 @@ async def classify(request: Request) -> JSONResponse:
     engine = engine_of(request)  # not a Depends: FastAPI's dependency solving cost 0.04 ms here
     engine.metrics.arrivals.inc()
     authorise(request, engine)
-    # in the HTTP backlog until queued, predicted by its size
-    with engine.ingress.entered(declared_bytes(request)) as ticket:
+    with engine.ingress.entered() as ticket:  # in the HTTP backlog until queued
         req = await parse_classify(
             request, engine.settings, engine.net.num_classes, engine.transform.work_pixels
         )

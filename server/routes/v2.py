@@ -46,7 +46,6 @@ from ..parsing import (
     ClassifyRequest,
     b64decode,
     check_images,
-    declared_bytes,
     fit_top_k,
     read_body,
     validation_message,
@@ -312,7 +311,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     engine, pinned = _model(request, name, version)
     engine.metrics.arrivals.inc()
     authorise(request, engine)
-    with engine.ingress.entered(declared_bytes(request)) as ticket:
+    with engine.ingress.entered() as ticket:
         doc, req, wanted = await _parse(request, engine, pinned)
         ticket.sized(req.payload_bytes)
         plan, pending = await admit_v2(engine, doc, req, arrived)
