@@ -152,7 +152,7 @@ class Planner:
         spent = max(0.0, (now - arrived) * 1e3)
         # (a lone request that start-up's figures fit goes on: it may be served to learn, below)
         if at_rest > server_budget and not (alone and self._profiled(fastest, n) <= server_budget):
-            pre = spent + self.ingress.wait_ms() if alone else 0.0  # its own, if it found it idle
+            pre = spent + self.ingress.wait_ms(payload_bytes) if alone else 0.0  # its own, if idle
             need, least = self._idle_need(at_rest, payload_bytes, cold, pre)
             return self._too_tight(budget, fastest, at_rest, need, least, n, opts, len(pool))
         if len(pool) > 1 and not alone:
@@ -250,7 +250,7 @@ class Planner:
         http = (
             self.ingress.rest_ms(payload_bytes)[1] if alone else self.ingress.own_ms(payload_bytes)
         )
-        ingress = self.ingress.wait_ms()
+        ingress = self.ingress.wait_ms(payload_bytes)
 
         def cost(s: int, refuse: bool = False) -> tuple[float, float, float, float, float]:
             """(compute queued before it in its stitch's queue, its batch's compute, its wait,

@@ -157,12 +157,20 @@ def upright(img):
     phone stores a photo as its sensor saw it, with a tag that says how to turn it; a digit so
     stored on its side was read as a 5), and a 16-bit grey (PNG's) scaled to 8 bits (Pillow's
     convert clips it at 255: a 16-bit gradient was read as a white image). Anything else is
-    returned as it is (0.6 us to read the tag of a decoded image)."""
+    returned as it is (0.6 us to read the tag of a decoded image), and so is an image whose EXIF
+    block Pillow cannot read (as before this was read: not a reason to refuse it)."""
+    import struct
+
     from PIL import Image, ImageOps
 
-    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
-        img = ImageOps.exif_transpose(img)
-    if img.mode == "I" or img.mode.startswith("I;16"):  # (PNG's 16-bit grey, as Pillow opens it)
+    try:
+        if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            img = ImageOps.exif_transpose(img)
+    except (SyntaxError, ValueError, TypeError, struct.error, OSError):  # (Pillow's own list)
+        pass
+    # PNG's 16-bit grey, as Pillow opens it ("I;16"; "I" in older Pillow, whose values are
+    # then those of 16 bits: taken as such where any is over 255)
+    if img.mode.startswith("I;16") or (img.mode == "I" and np.asarray(img).max(initial=0) > 255):
         a = np.asarray(img).astype(np.float32) * np.float32(255 / 65535)
         img = Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8), "L")
     return img
@@ -176,7 +184,7 @@ def open_upright(path: str):
     with open(path, "rb") as f:
         img = Image.open(f)
         img.load()
-    return upright(img)
+        return upright(img)  # (in the block: a multi-frame file reads its EXIF from the file)
 
 
 def image_transform(

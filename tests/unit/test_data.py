@@ -153,3 +153,14 @@ def test_an_image_folder_loads_its_files_as_the_server_reads_them(tmp_path):
     data = load_dataset(str(tmp_path), "train", DIGIT_CONFIG, training=False)
     want = image_transform(DIGIT_CONFIG, normalize=False)(Image.fromarray(upright, "L"))
     assert all(torch.equal(data[i][0], want) for i in range(2))
+
+
+def test_an_image_whose_exif_pillow_cannot_read_is_read_as_it_is():
+    """A PNG whose eXIf chunk is no TIFF block: Pillow's getexif raises; served as before EXIF
+    was read (a 500 otherwise), not refused."""
+    pixels = (np.random.default_rng(3).random((28, 28)) * 255).astype(np.uint8)
+    with pytest.raises(SyntaxError):  # (a first call raises; Pillow then keeps an empty one)
+        _reopened(Image.fromarray(pixels, "L"), exif=b"not a TIFF block").getexif()
+    broken = _reopened(Image.fromarray(pixels, "L"), exif=b"not a TIFF block")
+    tf = image_transform(DIGIT_CONFIG)
+    assert torch.equal(tf(broken), tf(Image.fromarray(pixels, "L")))

@@ -180,7 +180,7 @@ def test_slack_first_an_idle_server_gives_the_best_stitch_whatever_the_level():
 def test_the_http_backlog_and_the_margin_count_in_the_prediction():
     planner, _, _ = make()
     assert stitch(planner.plan(opts(latency_budget_ms=12.0), 1, NOW)) == 11
-    planner.ingress.unqueued, planner.ingress.backlog_ms = 4, 8.0  # 3 others ahead: 6 ms
+    planner.ingress.unqueued, planner.ingress.backlog_ms = 4, 6.0  # 3 others ahead: 6 ms
     planner.controller.level = 0.0
     plan = planner.plan(opts(latency_budget_ms=12.0), 1, NOW)
     assert stitch(plan) == 5 and plan.ingress_ms == pytest.approx(6.0)
@@ -618,10 +618,8 @@ def test_no_answer_teaches_the_idle_estimates_within_a_second_of_a_503():
     # planned as idle (the best stitch that fits); only their answers do not teach.
     planner, _, _ = make()
     assert planner.plan(opts(latency_budget_ms=100), 1, NOW).alone_at is not None
-    planner.ingress.unqueued, planner.ingress.backlog_ms = (
-        3,
-        3.0,
-    )  # two others being read, 1 ms each
+    # two others being read, 1 ms each
+    planner.ingress.unqueued, planner.ingress.backlog_ms = 3, 2.0
     assert planner.plan(opts(latency_budget_ms=1.5), 1, NOW).status == 503
     planner.ingress.unqueued = 1  # only the one asking
     within = planner.plan(opts(latency_budget_ms=100), 1, NOW + 0.9)

@@ -294,13 +294,32 @@ def test_the_http_backlog_counts_each_request_by_its_size():
     with contextlib.ExitStack() as burst:
         for _ in range(20):
             burst.enter_context(ing.entered(400))
-        assert ing.wait_ms() == pytest.approx(19 * 2.0, rel=0.05)
+        assert ing.wait_ms(400) == pytest.approx(19 * 2.0, rel=0.05)  # a digit: 19 ahead
         photo = burst.enter_context(ing.entered())  # a 4000x4000 PNG, being read: any request
         digits = 20 * ing.http_ms(400)
-        assert ing.wait_ms() == pytest.approx((digits + ing.http_ms(0)) * 20 / 21)
+        assert ing.wait_ms(400) == pytest.approx(digits - ing.http_ms(400) + ing.http_ms(0))
         photo.sized(4_000_000)  # parsed: its cost size, by its pixels
-        assert ing.wait_ms() == pytest.approx((digits + 300.0) * 20 / 21, rel=0.02)
+        assert ing.wait_ms(4_000_000) == pytest.approx(digits)  # the photo waits for 20 digits
+        assert ing.wait_ms(400) == pytest.approx(digits - ing.http_ms(400) + 300.0, rel=0.02)
+        assert ing.wait_ms() == pytest.approx((digits + 300.0) * 20 / 21, rel=0.02)  # (no size)
     assert ing.unqueued == 0 and ing.backlog_ms == 0.0
+
+
+def test_the_http_time_line_keeps_its_slope_through_a_long_run_of_one_size():
+    """The seed's points fade with every answer but never below KEPT_WEIGHT: after hundreds of
+    answers of one size, the slope came to noise and then to 0, and a digit after 300 big PNGs
+    was predicted at their 300 ms (or a photo after hours of digits at a digit's 2 ms)."""
+    for size, ms, other in ((4_000_000, 300.0, 400), (400, 2.0, 4_000_000)):
+        ing = Ingress()
+        ing.seed([(900, 1.0), (94_000, 3.0)])  # start-up's decoding: a digit, a photo
+        for _ in range(2000):
+            ing.observe(size, after_plan_ms=ms - 1.0, http_ms=ms)
+        assert ing.http_ms(size) == pytest.approx(ms, rel=0.02)
+        assert ing.own_ms(size) == pytest.approx(ms - 1.0, rel=0.02)
+        if other < size:  # a digit after the PNGs: about start-up's
+            assert ing.http_ms(other) < 5.0 and ing.own_ms(other) < 5.0
+        else:  # a photo-sized PNG after the digits: by start-up's slope, far over a digit
+            assert ing.http_ms(other) > 20.0 and ing.own_ms(other) > 20.0
 
 
 def test_the_own_http_cost_is_a_line_in_the_payload_size_learnt_online():
