@@ -8,6 +8,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -117,23 +118,15 @@ def decode_image(
     return img
 
 
-def checked_size(
-    data: bytes,
-    *,
-    max_bytes: int,
-    max_pixels: int,
-    name: str = "image",
-    work_pixels: Callable[[int, int], int] | None = None,
-) -> int:
-    """``open_image``'s checks, and the size the image counts as in the HTTP cost line: its
-    bytes, or its pixels x ``PHOTO_BYTES_PER_PIXEL`` if that is more (``cost_size``).
+def checked_size(data: bytes, **limits: Any) -> int:
+    """``open_image(data, **limits)``'s checks, and the size the image counts as in the HTTP
+    cost line: its bytes, or its pixels x ``PHOTO_BYTES_PER_PIXEL`` if that is more
+    (``cost_size``).
 
     Raises:
         ImageError: as ``open_image``.
     """
-    w, h = open_image(
-        data, max_bytes=max_bytes, max_pixels=max_pixels, name=name, work_pixels=work_pixels
-    ).size
+    w, h = open_image(data, **limits).size
     return max(len(data), int(w * h * PHOTO_BYTES_PER_PIXEL))
 
 
