@@ -27,20 +27,6 @@ OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 PHOTO_BYTES_PER_PIXEL = 0.5
 
 
-def cost_size(data: bytes, max_pixels: int = 0) -> int:
-    """The size an encoded image counts as in the HTTP cost line: its bytes, or its pixels (read
-    from its header, nothing decoded) x ``PHOTO_BYTES_PER_PIXEL`` if that is more; its bytes if
-    it is not an image or has more than ``max_pixels`` (when given): its decoding refuses it at
-    once (400, 413), which the planner must not pre-empt with a 422 for a decode never run."""
-    try:
-        w, h = Image.open(io.BytesIO(data), formats=OPEN_FORMATS).size
-    except Exception:
-        return len(data)
-    if max_pixels and w * h > max_pixels:
-        return len(data)
-    return max(len(data), int(w * h * PHOTO_BYTES_PER_PIXEL))
-
-
 class ImageError(ValueError):
     """A request image that cannot be used; ``status`` is the HTTP status to answer with."""
 
@@ -96,23 +82,15 @@ def open_image(
     return img
 
 
-def decode_image(
-    data: bytes,
-    *,
-    max_bytes: int,
-    max_pixels: int,
-    name: str = "image",
-    work_pixels: Callable[[int, int], int] | None = None,
-) -> Image.Image:
-    """Bytes to a decoded PIL image (first frame of a GIF), after ``open_image``'s checks.
+def decode_image(data: bytes, **limits: Any) -> Image.Image:
+    """Bytes to a decoded PIL image (first frame of a GIF), after ``open_image(data, **limits)``'s
+    checks.
 
     Raises:
         ImageError: 413 over the byte or pixel limit, 400 undecodable or unsupported format.
     """
-    img = open_image(
-        data, max_bytes=max_bytes, max_pixels=max_pixels, name=name, work_pixels=work_pixels
-    )
-    with _refused(name, max_pixels):
+    img = open_image(data, **limits)
+    with _refused(limits.get("name", "image"), limits["max_pixels"]):
         img.seek(0)  # first frame of an animation
         img.load()
     return img
@@ -120,8 +98,8 @@ def decode_image(
 
 def checked_size(data: bytes, **limits: Any) -> int:
     """``open_image(data, **limits)``'s checks, and the size the image counts as in the HTTP
-    cost line: its bytes, or its pixels x ``PHOTO_BYTES_PER_PIXEL`` if that is more
-    (``cost_size``).
+    cost line: its bytes, or its pixels (read from its header, nothing decoded) x
+    ``PHOTO_BYTES_PER_PIXEL`` if that is more.
 
     Raises:
         ImageError: as ``open_image``.
@@ -194,7 +172,10 @@ def decode_cost_points(transform, repeats: int = 5) -> list[tuple[int, float]]:
     photo = _encoded(_photo(375, 500, gen), "JPEG")
     small = _encoded(gen.integers(0, 255, (28, 28), dtype=np.uint8), "PNG")
     return [
-        (cost_size(data), _decode_ms(transform, data, 500 * 375, repeats))
+        (
+            checked_size(data, max_bytes=len(data), max_pixels=500 * 375),
+            _decode_ms(transform, data, 500 * 375, repeats),
+        )
         for data in (small, photo)
     ]
 

@@ -25,7 +25,7 @@ from starlette.requests import Request
 
 from .config import Settings
 from .errors import Refusal
-from .imaging import ImageError, checked_size, cost_size
+from .imaging import ImageError, checked_size
 from .schemas import ClassifyJSON, ClassifyOptions
 
 
@@ -34,8 +34,7 @@ class ClassifyRequest:
     images: list[tuple[str, bytes]]  # (name for error messages, encoded bytes)
     options: ClassifyOptions
     tensor: torch.Tensor | None = None  # or images already preprocessed: (n, C, H, W) float32
-    max_pixels: int = 0  # SNNET_MAX_IMAGE_PIXELS: an image over it is sized by its bytes (a 413)
-    cost_bytes: int | None = None  # payload_bytes, where ``check_images`` found it
+    cost_bytes: int | None = None  # payload_bytes, once ``check_images`` read the headers
 
     @property
     def n(self) -> int:
@@ -43,12 +42,13 @@ class ClassifyRequest:
 
     @cached_property
     def payload_bytes(self) -> int:
-        """The payload's size as the HTTP cost line counts it (``server.imaging.cost_size``)."""
+        """The payload's size as the HTTP cost line counts it (``server.imaging.checked_size``;
+        the images' bytes until ``check_images`` read their headers)."""
         if self.tensor is not None:
             return self.tensor.numel() * self.tensor.element_size()
         if self.cost_bytes is not None:
             return self.cost_bytes
-        return sum(cost_size(b, self.max_pixels) for _, b in self.images)
+        return sum(len(b) for _, b in self.images)
 
 
 def check_images(

@@ -8,6 +8,8 @@ other 400 in ``train`` (4,000 / 1,000 in all).
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import torch
 
@@ -159,8 +161,6 @@ def upright(img):
     convert clips it at 255: a 16-bit gradient was read as a white image). Anything else is
     returned as it is (0.6 us to read the tag of a decoded image), and so is an image whose EXIF
     block Pillow cannot read (as before this was read: not a reason to refuse it)."""
-    import struct
-
     from PIL import Image, ImageOps
 
     try:

@@ -393,7 +393,7 @@ def build_request(
     if n == 0 or n > s.max_images_per_request:
         raise Refusal(422, f"{n} images; 1..{s.max_images_per_request} per request")
     wanted = _outputs(doc, params, engine.net.num_classes)
-    req = ClassifyRequest(images or [], options, tensor, s.max_image_pixels)
+    req = ClassifyRequest(images or [], options, tensor)
     if images:
         req = check_images(req, s, engine.transform.work_pixels)
     return req, wanted
