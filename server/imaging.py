@@ -14,9 +14,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from snnet_core import image_transform
+from snnet_core.data import IMAGE_FORMATS
 
-# The only decoders Pillow may try (phones' multi-picture JPEGs, "MPO", open through JPEG's).
-OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+# The only decoders Pillow may try (phones' multi-picture JPEGs, "MPO", open through JPEG's):
+# those training reads too.
+OPEN_FORMATS = IMAGE_FORMATS
 
 
 # A photo as a JPEG at quality 90 takes about half a byte a pixel (the photo-like 500x375 image

@@ -8,6 +8,7 @@ The console script itself lives in ``server.cli`` (it adds ``serve``); these com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -24,7 +25,11 @@ from .device import DTYPES, resolve_device, resolve_dtype
 from .menu import StitchMenu
 from .profile import measure_latency
 from .snnet import SNNet, build_snnet
-from .space import short_names
+from .space import SpaceConfig, short_names
+
+WINDOW, STRIDE = SpaceConfig.window, SpaceConfig.stride  # what --window and --stride default to
+# Split names that are training data: `snnet eval --write` does not record accuracy on them.
+TRAIN_SPLITS = ("train", "training")
 
 
 def parse_int_list(text: str) -> list[int]:
@@ -63,8 +68,8 @@ def _add_source(p: argparse.ArgumentParser) -> None:
         help="timm.create_model overrides with --anchors: JSON object for all anchors or a list, "
         'e.g. \'{"img_size": 32, "num_classes": 10}\'',
     )
-    p.add_argument("--window", type=int, default=2, help="paired-stitching window (default 2)")
-    p.add_argument("--stride", type=int, default=1, help="paired-stitching stride (default 1)")
+    p.add_argument("--window", type=int, help=f"paired-stitching window (default {WINDOW})")
+    p.add_argument("--stride", type=int, help=f"paired-stitching stride (default {STRIDE})")
     p.add_argument(
         "--input-size",
         type=parse_input_size,
@@ -96,10 +101,39 @@ def _build_from_args(args: argparse.Namespace) -> SNNet:
         args.anchors,
         pretrained=getattr(args, "pretrained", False),
         overrides=args.overrides,
-        window=args.window,
-        stride=args.stride,
+        window=_window(args),
+        stride=_stride(args),
         input_size=args.input_size,
     )
+
+
+def _window(args: argparse.Namespace) -> int:
+    return WINDOW if args.window is None else args.window
+
+
+def _stride(args: argparse.Namespace) -> int:
+    return STRIDE if args.stride is None else args.stride
+
+
+def _check_source(args: argparse.Namespace) -> None:
+    """A checkpoint (``--weights``) is its own net: the flags that build one from ``--anchors``
+    are an error beside it (``--overrides '{"num_classes": 5}'`` with ``--weights`` trained and
+    saved the checkpoint's 3 classes, and said nothing)."""
+    if not args.weights:
+        return
+    given = [
+        flag for flag, value in (
+            ("--overrides", args.overrides), ("--window", args.window),
+            ("--stride", args.stride), ("--input-size", args.input_size),
+            ("--pretrained", getattr(args, "pretrained", False) or None),
+        ) if value is not None
+    ]  # fmt: skip
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} build{'s' if len(given) == 1 else ''} a new net from --anchors; "
+            f"--weights {args.weights} is a checkpoint's net as it was built: leave "
+            f"{'it' if len(given) == 1 else 'them'} out, or give --anchors instead of --weights"
+        )
 
 
 def spread(n: int, total: int) -> list[int]:
@@ -120,13 +154,14 @@ def _net_flags(args: argparse.Namespace) -> str:
     flags = [f"--anchors {shlex.quote(args.anchors)}"]
     if args.overrides is not None:
         flags.append(f"--overrides {shlex.quote(json.dumps(args.overrides))}")
-    flags += [f"--window {args.window}", f"--stride {args.stride}"]
+    flags += [f"--window {_window(args)}", f"--stride {_stride(args)}"]
     if args.input_size is not None:
         flags.append(f"--input-size {','.join(map(str, args.input_size))}")
     return " ".join(flags)
 
 
 def _load_source(args: argparse.Namespace):
+    _check_source(args)
     if args.weights:
         return load(args.weights)
     net = _build_from_args(args)
@@ -225,6 +260,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .train import TRAIN_STATE, TrainConfig, config_dict, train
 
+    _check_source(args)
     cfg = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -277,6 +313,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     labels = getattr(data, "classes", None) or (
         [str(i) for i in range(net.num_classes)] if manifest is None else manifest.labels
     )
+    if manifest is None and len(labels) < 2:
+        raise ValueError(
+            f"{split_folder(args.data, args.train_split)} holds one class folder ({labels[0]}): "
+            f"a classifier needs at least two classes, one folder of images each"
+        )
+    if getattr(data, "other_formats", None):
+        say(f"note: {data.root}{data.other_formats_text()}")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if len(data) // world < cfg.batch_size:  # (before the least-squares init, not after)
+        raise ValueError(
+            f"{len(data)} training images{f' over {world} processes' if world > 1 else ''} are "
+            f"fewer than one batch of --batch-size {cfg.batch_size} per process; give a "
+            f"smaller --batch-size"
+        )
     held = None
     if args.eval_split:  # checked (and read) before hours of training, not after
         if args.data != "mnist" and split_folder(args.data, args.eval_split) == split_folder(
@@ -289,7 +339,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{args.eval_split}/ sub-folders, or leave --eval-split out and run `snnet eval` "
                 f"on a held-out folder"
             )
-        held = load_dataset(args.data, args.eval_split, pre, training=False, labels=labels)
+        held = load_dataset(
+            args.data, args.eval_split, pre, training=False, labels=labels,
+            labels_of="the model" if manifest is not None else f"the training split {args.train_split!r}",
+        )  # fmt: skip
     resuming = args.resume and (Path(args.out) / TRAIN_STATE).is_file()
     if args.resume and not resuming:
         say(f"note: --resume, but {Path(args.out) / TRAIN_STATE} is not there: starting afresh")
@@ -329,24 +382,38 @@ def cmd_train(args: argparse.Namespace) -> int:
             "augment": args.augment,
             "input_size": list(net.input_size),
             "net": _net_flags(args),
+            "labels": list(labels),
         },  # fmt: skip
     )
     if rank != 0:
         return 0
     net = net.cpu().eval()
     manifest.training = {
-        "config": config_dict(cfg), "data": args.data, "augment": args.augment, "history": history,
+        "config": config_dict(cfg), "data": args.data, "train_split": args.train_split,
+        "augment": args.augment, "history": history,
     }  # fmt: skip
+    # Saved before the evaluation, so that an evaluation that fails (an unreadable image in the
+    # split) leaves a checkpoint, not only a train state: it threw the whole run's result away.
+    save(net, args.out, manifest)
+    print(f"saved {args.out}", file=sys.stderr)
     if held is not None:
-        res = evaluate(net, held, norm, device=device, progress=True)
+        try:
+            res = evaluate(net, held, norm, device=device, progress=True)
+        except ValueError as e:
+            raise ValueError(
+                f"{e}\n(the trained weights are saved in {args.out}, without accuracies; then "
+                f"`snnet eval --weights {shlex.quote(str(args.out))} --data "
+                f"{shlex.quote(str(args.data))} --split {shlex.quote(args.eval_split)} --write` "
+                f"records them)"
+            ) from None
         for r in manifest.stitches:
             r["accuracy"] = round(res[r["id"]]["top1"], 2)
             r["top5"] = _rounded(res[r["id"]]["top5"])
         # (float32's top-1 on record: `snnet eval --dtype bfloat16 --write` on the same split
         # then lets the server weigh bfloat16 against it)
         _record_evaluation(manifest, args.data, args.eval_split, len(held), "float32", res)
-    save(net, args.out, manifest)
-    print(f"saved {args.out}", file=sys.stderr)
+        write_manifest(args.out, manifest)  # (the weights as saved above)
+        print(f"wrote the accuracies on {args.eval_split} into {args.out}", file=sys.stderr)
     if args.eval_split:  # what the training came to (it printed only "saved")
         rows = [dict(r) for r in manifest.stitches]
         cols = ["id", "description", _with_cost_unit(rows), "accuracy", "top5"]
@@ -359,6 +426,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, plot_accuracy
 
     net, manifest = load(args.weights)
+    if args.write:
+        _check_held_out(manifest, args.data, args.split)
     device = resolve_device(args.device)
     net = net.to(device, resolve_dtype(args.dtype, device))
     pre = manifest.preprocessing
@@ -411,6 +480,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
         unit = _with_cost_unit(rows, manifest.stitches)
         print(_format_table(rows, ["id", "description", unit, "top1", "top5"]))
     return 0
+
+
+def _check_held_out(manifest, data: str, split: str) -> None:
+    """``--write`` records the accuracies the server ranks stitches by and reports: not on the
+    images the net was trained on (``snnet eval --split train --write`` replaced the held-out
+    figures with training ones, and nothing said so). That is a split named as training data,
+    or the one its training recorded (``snnet train`` records it; the bundled recipe does not)."""
+    from .data import split_folder
+
+    trained = manifest.training or {}
+    ours = (str(data), split)
+    theirs = (str(trained.get("data")), trained.get("train_split", "train"))
+    same = split.lower() in TRAIN_SPLITS or ours == theirs
+    if not same and "data" in trained and "mnist" not in (ours[0], theirs[0]):
+        with contextlib.suppress(ValueError, OSError):  # (the same folder, however named)
+            same = split_folder(*ours).resolve() == split_folder(*theirs).resolve()
+    if same:
+        raise ValueError(
+            f"--write: split {split!r} of {data} is training data, and --write records held-out "
+            f"accuracy (what the server ranks stitches by and reports); give a held-out split, "
+            f"or leave --write out to see these figures"
+        )
 
 
 def _record_evaluation(manifest, data: str, split: str, images: int, dtype: str, res) -> None:
@@ -531,7 +622,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
     p.add_argument("--checkpoint-every", type=int, default=1, help="epochs between train states")
-    p.add_argument("--ls-images", type=int, default=100, help="images for least-squares init")
+    p.add_argument(
+        "--ls-images", type=positive_int, default=100, help="images for least-squares init"
+    )
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)

@@ -8,7 +8,9 @@ other 400 in ``train`` (4,000 / 1,000 in all).
 
 from __future__ import annotations
 
+import os
 import struct
+import sys
 
 import numpy as np
 import torch
@@ -16,6 +18,20 @@ import torch
 MNIST_LABELS = [str(i) for i in range(10)]
 HELD_OUT_PER_CLASS = 100
 EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how to turn the stored pixels to view them
+# The image formats the server decodes (Pillow's names; phones' multi-picture JPEGs, "MPO", open
+# through JPEG's), and so the only ones an image folder's training and evaluation read: a model
+# trained on TIFFs could not be sent them (the server refuses TIFF), and GIFs, which it takes,
+# were left out of training without a word.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif")
+# Files that are images of other formats: left out of an image folder, and said so.
+OTHER_IMAGE_EXTENSIONS = (
+    ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".heic", ".heif", ".avif", ".jxl", ".jp2",
+    ".ico", ".tga", ".psd", ".dng",
+)  # fmt: skip
+# Folders that are never classes: hidden ones (``.ipynb_checkpoints``, ``.git``) and the one a
+# zip made on macOS holds beside the data.
+NOT_CLASSES = ("__MACOSX",)
 
 
 def mnist_subset(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,12 +193,12 @@ def upright(img):
 
 
 def open_upright(path: str):
-    """An image file, decoded and ``upright``: the image folders' loader, so that training sees
-    what the server sees."""
+    """An image file of one of IMAGE_FORMATS, decoded and ``upright``: the image folders'
+    loader, so that training sees what the server sees."""
     from PIL import Image
 
     with open(path, "rb") as f:
-        img = Image.open(f)
+        img = Image.open(f, formats=IMAGE_FORMATS)
         img.load()
         return upright(img)  # (in the block: a multi-frame file reads its EXIF from the file)
 
@@ -274,39 +290,141 @@ class _FastEval:
         return self._normalised(a[:, None] if a.ndim == 3 else a.transpose(0, 3, 1, 2))
 
 
+class ImageFolderData(torch.utils.data.Dataset):
+    """An ImageNet-layout folder: one sub-folder per class (sorted: the label indices), each
+    holding image files at any depth; yields ``(transform(image), class index)``.
+
+    Reads what the server reads: files of IMAGE_EXTENSIONS, decoded as IMAGE_FORMATS and
+    ``upright``. Left out: hidden files and folders (``.DS_Store``, ``.ipynb_checkpoints``, a Mac
+    zip's ``._name.png`` twins) and ``__MACOSX``, which became classes, or broke a run; and files
+    of other image formats, counted in ``other_formats`` (extension -> (count, an example)) for
+    the caller to say. A class folder without an image is an error.
+
+    A file that cannot be read as an image (truncated, corrupt, another format under an image's
+    name): with ``skip_unreadable`` (training), it is left out with a warning that names it, and
+    the next image stands in (a run of hours is not stopped by one bad file of thousands);
+    otherwise (evaluation, which would score fewer images than the split has) an error that
+    names it. Both named the file nowhere before ("error: OSError: Truncated File Read").
+    """
+
+    def __init__(self, root: str, transform, skip_unreadable: bool = False) -> None:
+        self.root, self.transform, self.skip_unreadable = root, transform, skip_unreadable
+        self.target_transform = None
+        try:
+            entries = sorted(os.scandir(root), key=lambda e: e.name)
+        except OSError as e:
+            raise ValueError(f"{root}: {e.strerror}") from None
+        self.classes = [
+            e.name for e in entries
+            if e.is_dir() and not e.name.startswith(".") and e.name not in NOT_CLASSES
+        ]  # fmt: skip
+        if not self.classes:
+            raise ValueError(f"{root}: no class folders (one sub-folder of images per class) found")
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.other_formats: dict[str, tuple[int, str]] = {}
+        self.samples: list[tuple[str, int]] = []
+        empty = []
+        for c in self.classes:
+            files = self._images(os.path.join(root, c))
+            empty += [] if files else [c]
+            self.samples += [(f, self.class_to_idx[c]) for f in files]
+        if empty:
+            raise ValueError(
+                f"{root}: class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} "
+                f"hold{'' if len(empty) > 1 else 's'} no image file (the formats read: "
+                f"{', '.join(IMAGE_EXTENSIONS)}{self.other_formats_text()})"
+            )
+        self.targets = [t for _, t in self.samples]
+        self._warned: set[str] = set()
+
+    def _images(self, folder: str) -> list[str]:
+        """The image files under ``folder`` (at any depth, hidden ones left out), sorted."""
+        found = []
+        for here, dirs, files in os.walk(folder, followlinks=True):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for name in files:
+                ext = os.path.splitext(name)[1].lower()
+                if name.startswith("."):
+                    continue
+                if ext in IMAGE_EXTENSIONS:
+                    found.append(os.path.join(here, name))
+                elif ext in OTHER_IMAGE_EXTENSIONS:
+                    n, example = self.other_formats.get(ext, (0, os.path.join(here, name)))
+                    self.other_formats[ext] = (n + 1, example)
+        return sorted(found)
+
+    def other_formats_text(self) -> str:
+        """ "; left out: ..." for the files of other image formats, or ""."""
+        if not self.other_formats:
+            return ""
+        shown = ", ".join(f"{n} {ext} (e.g. {ex})" for ext, (n, ex) in self.other_formats.items())
+        return (
+            f"; left out, as formats the server does not read: {shown} (convert them to PNG or "
+            f"JPEG to use them)"
+        )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        for k in range(len(self.samples)):
+            path, target = self.samples[(index + k) % len(self.samples)]
+            try:
+                img = open_upright(path)
+            except Exception as e:  # (what Pillow raises for a bad file depends on its format)
+                why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                if not self.skip_unreadable:
+                    raise ValueError(
+                        f"{path} cannot be read as an image ({why}); remove or replace it (every "
+                        f"image of the split is scored)"
+                    ) from None
+                if path not in self._warned:
+                    self._warned.add(path)
+                    print(
+                        f"\nwarning: {path} cannot be read as an image ({why}): training goes on "
+                        f"without it",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                continue
+            x = img if self.transform is None else self.transform(img)
+            y = target if self.target_transform is None else self.target_transform(target)
+            return x, y
+        raise ValueError(f"{self.root}: none of its {len(self.samples)} image files can be read")
+
+
 def image_folder(
     root: str,
     data_config: dict,
     training: bool,
     labels: list[str] | None = None,
     augment: str = "timm",
-) -> torch.utils.data.Dataset:
-    """An ImageNet-layout folder (one sub-folder per class), preprocessed by ``image_transform``
-    without normalisation (the training loop and ``evaluate`` normalise); ``augment``: see
-    AUGMENTS (training only).
+    labels_of: str = "the model",
+) -> ImageFolderData:
+    """An image folder (``ImageFolderData``), preprocessed by ``image_transform`` without
+    normalisation (the training loop and ``evaluate`` normalise); ``augment``: see AUGMENTS
+    (training only). Training skips unreadable files (with a warning), evaluation does not.
 
-    With ``labels`` (a checkpoint's, or the training folder's), each sub-folder is that label by
-    its name, whatever others are missing: sorted position gave a folder of classes 1-9 the
-    labels 0-8, and fine-tuning learnt them. A folder named as no label is an error.
+    With ``labels`` (a checkpoint's, or the training folder's: ``labels_of`` says which, for
+    the error), each sub-folder is that label by its name, whatever others are missing: sorted
+    position gave a folder of classes 1-9 the labels 0-8, and fine-tuning learnt them. A folder
+    named as no label is an error.
     """
-    from torchvision import datasets
-
-    try:
-        data = datasets.ImageFolder(
-            root,
-            transform=image_transform(data_config, training, False, augment),
-            loader=open_upright,
-        )
-    except FileNotFoundError as e:  # no class folders, or one without images
-        raise ValueError(f"{root}: {e}") from None
+    data = ImageFolderData(
+        root, image_transform(data_config, training, False, augment), skip_unreadable=training
+    )
     if labels is not None and data.classes != list(labels):
         unknown = [c for c in data.classes if c not in labels]
         if unknown:
             shown = ", ".join(list(labels)[:12]) + (", ..." if len(labels) > 12 else "")
+            hint = (
+                " (to train other classes, train from --anchors, not --weights)"
+                if labels_of == "the model"
+                else ""
+            )
             raise ValueError(
-                f"{root}: class folders {unknown} are not labels of the model ({shown}); name "
-                f"each folder as the label it holds (to train other classes, train from "
-                f"--anchors, not --weights)"
+                f"{root}: class folders {unknown} are not labels of {labels_of} ({shown}); "
+                f"name each folder as the label it holds{hint}"
             )
         index = [list(labels).index(c) for c in data.classes]
         data.target_transform = index.__getitem__
@@ -326,6 +444,7 @@ def load_dataset(
     max_shift: int = 2,
     labels: list[str] | None = None,
     augment: str = "timm",
+    labels_of: str = "the model",
 ):
     """``"mnist"`` (the bundled subset; ``split`` picks train/held_out) or an ImageFolder path:
     ``split`` is its sub-folder (``train``, ``val``) where it has such sub-folders, the path
@@ -336,7 +455,9 @@ def load_dataset(
     if spec == "mnist":
         x, y = mnist_subset(split)
         return DigitsDataset(x, y, max_shift if training and augment != "none" else 0)
-    return image_folder(str(split_folder(spec, split)), data_config, training, labels, augment)
+    return image_folder(
+        str(split_folder(spec, split)), data_config, training, labels, augment, labels_of
+    )
 
 
 def split_folder(spec: str, split: str):

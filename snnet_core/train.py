@@ -62,8 +62,19 @@ class TrainConfig:
             raise ValueError(
                 f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}"
             )
-        if self.lr <= 0:
+        if not 0 < self.lr < math.inf:  # (nan too)
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(
+                f"min_lr (--min-lr) must be in [0, lr], the end of the decay from lr={self.lr:g}; "
+                f"got {self.min_lr:g}"
+            )
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_epochs < math.inf:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.anchor_share is not None and not 0 <= self.anchor_share < 1:
             raise ValueError(f"anchor_share must be in [0, 1) or None, got {self.anchor_share}")
         if self.anchor_share is not None and self.mode == "stitching":
@@ -71,8 +82,13 @@ class TrainConfig:
                 "anchor_share (--anchor-share) needs mode='full' (--mode full): frozen anchors "
                 "have nothing to train"
             )
-        if self.anchor_lr_scale < 0:
+        if not 0 <= self.anchor_lr_scale < math.inf:
             raise ValueError(f"anchor_lr_scale must be >= 0, got {self.anchor_lr_scale}")
+        if self.anchor_lr_scale != 1.0 and self.mode == "stitching":
+            raise ValueError(
+                "anchor_lr_scale (--anchor-lr-scale) needs mode='full' (--mode full): frozen "
+                "anchors are not trained at any rate"
+            )
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1 epoch, got {self.checkpoint_every}")
 
@@ -286,6 +302,9 @@ def train(
             net.load_state_dict(state["model"])
         except RuntimeError as e:  # (a page of "size mismatch" lines)
             first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+            head, _, keys = first.partition(": ")
+            if keys.count(", ") > 2:  # (a line of every key: 95 of a ResNet-50's)
+                first = f"{head}: {keys.count(', ') + 1} keys, {keys.split(', ')[0]}"
             made = state.get("settings", {}).get("net")  # (the CLI's flags for it)
             same = f"resume with the flags that built it ({made}), " if made else ""
             raise ValueError(
@@ -306,6 +325,12 @@ def train(
         began = {**state.get("config", {}), **state.get("settings", {})}
         now = {**config_dict(cfg), **(settings or {})}
         changed = [k for k in now if k in began and began[k] != now[k]]
+        if "labels" in changed:  # (folders of other classes, matched by sorted position)
+            raise ValueError(
+                f"{state_path}: the run began with the classes {', '.join(began['labels'])}, "
+                f"this data has {', '.join(now['labels'])}; resume with the run's data (its "
+                f"class folders named as then), or give a new --out to start another run"
+            )
         if "input_size" in changed:  # (a ResNet takes any size: its weights load the same)
             raise ValueError(
                 f"{state_path}: the run began at input size {began['input_size']}, this one is "
