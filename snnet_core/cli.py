@@ -313,11 +313,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     labels = getattr(data, "classes", None) or (
         [str(i) for i in range(net.num_classes)] if manifest is None else manifest.labels
     )
-    if manifest is None and len(labels) < 2:
+    fresh = manifest is None  # a new net (not fine-tuning a checkpoint)
+    if fresh and len(labels) < 2:
         raise ValueError(
             f"{split_folder(args.data, args.train_split)} holds one class folder ({labels[0]}): "
             f"a classifier needs at least two classes, one folder of images each"
         )
+    if fresh:  # (its labels against the net's head: checked before the least-squares init)
+        manifest = new_manifest(net, labels=list(labels))
+        if args.data == "mnist":
+            manifest.preprocessing["crop_pct"] = 1.0  # 28x28 digits, used as they are
+    else:  # fine-tuning: the old accuracies no longer describe these weights
+        for r in manifest.stitches:
+            r["accuracy"] = None
+            r.pop("top5", None)
+        manifest.evaluation = {}
     if getattr(data, "other_formats", None):
         say(f"note: {data.root}{data.other_formats_text()}")
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -341,12 +351,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         held = load_dataset(
             args.data, args.eval_split, pre, training=False, labels=labels,
-            labels_of="the model" if manifest is not None else f"the training split {args.train_split!r}",
+            labels_of=f"the training split {args.train_split!r}" if fresh else "the model",
         )  # fmt: skip
     resuming = args.resume and (Path(args.out) / TRAIN_STATE).is_file()
     if args.resume and not resuming:
         say(f"note: --resume, but {Path(args.out) / TRAIN_STATE} is not there: starting afresh")
-    if manifest is None and not resuming:
+    if fresh and not resuming:
         # Least-squares init from real training images (the same on every rank: seeded).
         t0 = time.perf_counter()
         idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[
@@ -357,15 +367,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         net.init_stitching_layers(batch)
         say(f"stitching layers least-squares initialised from {len(idx)} training images "
             f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
-    if manifest is None:
-        manifest = new_manifest(net, labels=list(labels))
-        if args.data == "mnist":
-            manifest.preprocessing["crop_pct"] = 1.0  # 28x28 digits, used as they are
-    else:  # fine-tuning: the old accuracies no longer describe these weights
-        for r in manifest.stitches:
-            r["accuracy"] = None
-            r.pop("top5", None)
-        manifest.evaluation = {}
     history = train(
         net,
         data,

@@ -170,6 +170,25 @@ def test_schedule_and_sampling():
         TrainConfig(anchor_share=0.2, mode="stitching")
 
 
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        ({"lr": float("nan")}, "lr must be > 0"),
+        ({"lr": 1e-4, "min_lr": 1e-2}, r"min_lr \(--min-lr\) must be in \[0, lr\]"),
+        ({"weight_decay": -1.0}, "weight_decay must be >= 0"),
+        ({"warmup_epochs": -1.0}, "warmup_epochs must be >= 0"),
+        ({"label_smoothing": 1.5}, r"label_smoothing must be in \[0, 1\)"),
+        ({"mode": "stitching", "anchor_lr_scale": 0.5}, "frozen anchors are not trained"),
+    ],
+)
+def test_a_hyper_parameter_out_of_range_is_an_error_before_anything_runs(values, error):
+    """Each was taken without a word (a negative weight decay, a min_lr above lr), or failed
+    with a traceback deep in training (label smoothing 1.5), or only after the least-squares
+    init (lr nan)."""
+    with pytest.raises(ValueError, match=error):
+        TrainConfig(**values)
+
+
 def test_two_process_torchrun_on_cpu_ends_with_identical_weights(tmp_path):
     env = {**ENV, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -443,3 +462,104 @@ def test_an_eval_split_that_would_score_the_training_images_or_is_not_there_stop
     assert f"note: --resume, but {out / 'train_state.pt'} is not there: starting afresh" in (
         proc.stderr
     )
+
+
+def _digit_folders(root: Path, classes=(1, 2, 3), every: int = 13) -> None:
+    """Real digits of ``classes`` as PNGs in one class folder each under ``root``."""
+    from PIL import Image
+
+    x, y = mnist_subset("train")
+    for i in range(0, 2000, every):
+        if int(y[i]) in classes:
+            d = root / str(int(y[i]))
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((x[i, 0].numpy() * 255).round().astype("uint8"), "L").save(
+                d / f"{i}.png"
+            )
+
+
+def _train_folder(*args: str, check: bool = True):
+    """`snnet train` of the tiny family with a 3-class head on a folder of `_digit_folders`."""
+    three = [{**o, "num_classes": 3} for o in TINY_OVERRIDES]
+    return snnet(
+        "train", "--anchors", TINY_ANCHORS, "--overrides", json.dumps(three),
+        "--epochs", "1", "--batch-size", "20", "--augment", "none", "--ls-images", "20", *args,
+        check=check,
+    )  # fmt: skip
+
+
+def test_an_unreadable_image_of_the_eval_split_keeps_the_trained_weights_and_says_what_next(
+    tmp_path,
+):
+    """A corrupt file in the evaluation split made the evaluation after training fail with
+    "OSError: Truncated File Read": no file named, and no checkpoint written (only the train
+    state). Now the weights are saved first, and the error names the file and the command that
+    records the accuracies once it is fixed. (A bad training image is skipped: test_data.)"""
+    _digit_folders(tmp_path / "d" / "train")
+    _digit_folders(tmp_path / "d" / "val", every=29)
+    bad = tmp_path / "d" / "val" / "2" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
+    out = tmp_path / "out"
+    proc = _train_folder("--data", str(tmp_path / "d"), "--eval-split", "val", "--out", str(out),
+                         check=False)  # fmt: skip
+    assert proc.returncode == 2
+    assert f"error: {bad} cannot be read as an image" in proc.stderr
+    assert f"the trained weights are saved in {out}, without accuracies" in proc.stderr
+    assert f"snnet eval --weights {out} --data {tmp_path / 'd'} --split val --write" in proc.stderr
+    net, manifest = snnet_core.load(out)  # a servable checkpoint
+    assert manifest.labels == ["1", "2", "3"] and manifest.accuracy() == {}
+    bad.unlink()  # fixed: the command it gave records them
+    snnet("eval", "--weights", str(out), "--data", str(tmp_path / "d"), "--split", "val", "--write")
+    assert len(snnet_core.load(out)[1].accuracy()) == TINY_NUM_STITCHES
+
+
+def test_data_and_flags_that_cannot_make_the_net_asked_for_are_errors_before_training(tmp_path):
+    """One class folder: the error advised num_classes 1, which trained a net that scored 100%
+    everywhere. Flags that build a net from --anchors were ignored beside --weights (a
+    checkpoint of 10 classes trained and saved as 10 with --overrides num_classes 5). A resume
+    on folders of other classes relabelled them by sorted position."""
+    _digit_folders(tmp_path / "one", classes=(3,))
+    out = tmp_path / "out"
+    proc = _train_folder("--data", str(tmp_path / "one"), "--out", str(out), check=False)
+    assert proc.returncode == 2 and not out.exists()
+    assert "holds one class folder (3): a classifier needs at least two classes" in proc.stderr
+    snnet_core.save(build_tiny(seed=3), tmp_path / "ckpt")
+    for flags in (["--overrides", '{"num_classes": 5}'], ["--window", "3"], ["--pretrained"]):
+        proc = snnet("train", "--weights", str(tmp_path / "ckpt"), *flags, "--data", "mnist",
+                     "--out", str(out), check=False)  # fmt: skip
+        assert proc.returncode == 2 and not out.exists()
+        assert f"error: {flags[0]} builds a new net from --anchors; --weights" in proc.stderr
+    proc = snnet("stitches", "--weights", str(tmp_path / "ckpt"), "--stride", "2", check=False)
+    assert proc.returncode == 2 and "--stride builds a new net from --anchors" in proc.stderr
+    # a resume whose class folders are named otherwise
+    _digit_folders(tmp_path / "three")
+    _train_folder("--data", str(tmp_path / "three"), "--out", str(out))
+    for d in (tmp_path / "three").iterdir():
+        d.rename(d.with_name(f"digit {d.name}"))
+    proc = _train_folder("--data", str(tmp_path / "three"), "--out", str(out), "--resume",
+                         "--epochs", "2", check=False)  # fmt: skip
+    assert proc.returncode == 2 and "epoch 2/2" not in proc.stderr
+    assert "the run began with the classes 1, 2, 3, this data has digit 1, digit 2, digit 3" in (
+        proc.stderr
+    )
+
+
+def test_eval_does_not_write_accuracy_on_the_training_split(tmp_path):
+    """`snnet eval --split train --write` replaced the held-out figures the server ranks
+    stitches by with training ones, silently."""
+    _digit_folders(tmp_path / "d" / "fit")
+    _digit_folders(tmp_path / "d" / "val", every=29)
+    out = tmp_path / "out"
+    _train_folder("--data", str(tmp_path / "d"), "--train-split", "fit", "--eval-split", "val",
+                  "--out", str(out))  # fmt: skip
+    before = (out / "manifest.json").read_text()
+    for data, split in ((str(tmp_path / "d"), "fit"), (str(tmp_path / "d" / "fit"), "fit"),
+                        ("mnist", "train")):  # fmt: skip
+        proc = snnet("eval", "--weights", str(out), "--data", data, "--split", split, "--write",
+                     "--limit", "20", check=False)  # fmt: skip
+        assert proc.returncode == 2, (data, split)
+        assert f"--write: split '{split}' of {data} is training data" in proc.stderr
+    assert (out / "manifest.json").read_text() == before
+    proc = snnet("eval", "--weights", str(out), "--data", str(tmp_path / "d"), "--split", "fit",
+                 "--limit", "20")  # fmt: skip
+    assert "top1" in proc.stdout  # (without --write: the figures, shown)

@@ -164,3 +164,64 @@ def test_an_image_whose_exif_pillow_cannot_read_is_read_as_it_is():
     broken = _reopened(Image.fromarray(pixels, "L"), exif=b"not a TIFF block")
     tf = image_transform(DIGIT_CONFIG)
     assert torch.equal(tf(broken), tf(Image.fromarray(pixels, "L")))
+
+
+def _png(path, value: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((28, 28), value, np.uint8), "L").save(path)
+
+
+def test_an_image_folder_reads_the_servers_formats_and_leaves_out_hidden_files_and_folders(
+    tmp_path,
+):
+    """What a folder copied from a Mac or a notebook holds: hidden folders became classes
+    (``.ipynb_checkpoints``), a zip's ``._name`` twins broke the run, GIFs (which the server
+    takes) were left out without a word and TIFFs (which it refuses) trained."""
+    _png(tmp_path / "a" / "x.png")
+    Image.new("L", (28, 28)).save(tmp_path / "a" / "y.gif")
+    Image.new("L", (28, 28)).save(tmp_path / "a" / "z.tiff")
+    (tmp_path / "a" / "._x.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / "a" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tmp_path / "a" / "notes.txt").write_text("labelled by hand")
+    _png(tmp_path / "b" / "v.png")
+    Image.new("RGB", (28, 28)).save(tmp_path / "b" / "w.jpg")
+    _png(tmp_path / "b" / ".cache" / "q.png")
+    _png(tmp_path / ".ipynb_checkpoints" / "p.png")
+    _png(tmp_path / "__MACOSX" / "a" / "r.png")
+    data = load_dataset(str(tmp_path), "train", DIGIT_CONFIG, training=False)
+    assert data.classes == ["a", "b"]
+    assert sorted(p.split("/")[-1] for p, _ in data.samples) == ["v.png", "w.jpg", "x.png", "y.gif"]
+    assert [data[i][1] for i in range(len(data))] == [0, 0, 1, 1]
+    assert data.other_formats == {".tiff": (1, str(tmp_path / "a" / "z.tiff"))}
+    assert "left out, as formats the server does not read: 1 .tiff" in data.other_formats_text()
+    # a class folder with nothing the server reads is an error that says what was left out
+    (tmp_path / "c").mkdir()
+    Image.new("L", (28, 28)).save(tmp_path / "c" / "only.tif")
+    with pytest.raises(ValueError, match=r"class folder c holds no image file .* 1 \.tif \(e\.g"):
+        load_dataset(str(tmp_path), "train", DIGIT_CONFIG, training=False)
+
+
+def test_an_unreadable_image_is_named_training_goes_on_without_it_evaluation_stops(
+    tmp_path, capsys
+):
+    """A truncated PNG among the images stopped training with "OSError: Truncated File Read",
+    naming no file; one in the evaluation split threw the finished run away (cli)."""
+    _png(tmp_path / "a" / "1.png", 10)
+    good = (tmp_path / "a" / "1.png").read_bytes()
+    (tmp_path / "a" / "2.png").write_bytes(good[: len(good) // 2])  # truncated
+    Image.new("L", (28, 28)).save(tmp_path / "a" / "3.png", format="TIFF")  # a TIFF as .png
+    _png(tmp_path / "b" / "4.png", 200)
+    bad = [str(tmp_path / "a" / n) for n in ("2.png", "3.png")]
+    train = load_dataset(str(tmp_path), "train", DIGIT_CONFIG, training=True, augment="none")
+    got = [train[i] for i in range(len(train))]  # the next image stands in for each bad one
+    assert [y for _, y in got] == [0, 1, 1, 1]
+    assert torch.equal(got[1][0], got[3][0]) and torch.equal(got[2][0], got[3][0])
+    assert train[1][1] == 1  # (asked again: warned once)
+    err = capsys.readouterr().err
+    assert all(err.count(f"warning: {p} cannot be read as an image") == 1 for p in bad), err
+    assert "training goes on without it" in err
+    held = load_dataset(str(tmp_path), "train", DIGIT_CONFIG, training=False)
+    assert held[0][1] == 0
+    for i, path in enumerate(bad, start=1):
+        with pytest.raises(ValueError, match=f"{path} cannot be read as an image .*remove or"):
+            held[i]
