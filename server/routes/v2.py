@@ -523,11 +523,17 @@ def _shape(spec: dict) -> list[int]:
     return shape
 
 
+def _given_type(spec: dict) -> str:
+    """What an input's datatype was, for an error ("not None" read as a value given)."""
+    given = spec.get("datatype")
+    return 'and its "datatype" is missing' if given is None else f"not {given!r}"
+
+
 def _images(spec: dict, data: Any, limit: int) -> list[tuple[str, bytes]]:
     """The encoded images of a BYTES input: at most ``limit``, counted from its shape before
     any element is read (a body of millions of empty elements costs nothing)."""
     if spec.get("datatype") != "BYTES":
-        raise Refusal(400, f"input 'image' is BYTES (encoded images), not {spec.get('datatype')}")
+        raise Refusal(400, f"input 'image' is BYTES (encoded images), {_given_type(spec)}")
     shape = _shape(spec)
     count = math.prod(shape)
     if not 1 <= count <= limit:
@@ -588,7 +594,7 @@ _END = object()
 
 def _preprocessed(spec: dict, data: Any, size: tuple[int, int, int], limit: int) -> torch.Tensor:
     if spec.get("datatype") != "FP32":
-        raise Refusal(400, f"input 'input' is FP32, not {spec.get('datatype')}")
+        raise Refusal(400, f"input 'input' is FP32, {_given_type(spec)}")
     shape = _shape(spec)
     if len(shape) != 4 or tuple(shape[1:]) != tuple(size):
         raise Refusal(422, f"input 'input' must be [N, {', '.join(map(str, size))}], got {shape}")

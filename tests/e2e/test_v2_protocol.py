@@ -288,6 +288,11 @@ def test_v2_errors_are_error_objects_and_v2_requests_are_counted(server, held_ou
         ],
         "parameters": {"latency_budget_ms": 5000},
     }  # fmt: skip
+    for name in ("image", "input"):  # an input without its datatype: said so ("not None")
+        untyped = {**body, "inputs": [{k: v for k, v in body["inputs"][0].items()
+                                       if k != "datatype"} | {"name": name}]}  # fmt: skip
+        r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=untyped, timeout=30)
+        assert r.status_code == 400 and 'and its "datatype" is missing' in r.json()["error"]
     r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body, timeout=30)
     assert r.status_code == 200 and r.json()["outputs"][0]["name"] == "probabilities"
     metrics = httpx.get(f"{server.url}/metrics").text
