@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shlex
 import sys
@@ -265,7 +266,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
-        min_lr=args.min_lr,
+        # (a --lr under the default end of the decay: that end is --lr)
+        min_lr=min(TrainConfig.min_lr, args.lr) if args.min_lr is None else args.min_lr,
         weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs,
         label_smoothing=args.label_smoothing,
@@ -328,10 +330,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             r["accuracy"] = None
             r.pop("top5", None)
         manifest.evaluation = {}
-    if getattr(data, "other_formats", None):
-        say(f"note: {data.root}{data.other_formats_text()}")
+    _say_left_out(data, say)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if len(data) // world < cfg.batch_size:  # (before the least-squares init, not after)
+    # (DistributedSampler gives each process ceil(n / world) images; checked before the
+    # least-squares init, not after)
+    if math.ceil(len(data) / world) < cfg.batch_size:
         raise ValueError(
             f"{len(data)} training images{f' over {world} processes' if world > 1 else ''} are "
             f"fewer than one batch of --batch-size {cfg.batch_size} per process; give a "
@@ -351,8 +354,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         held = load_dataset(
             args.data, args.eval_split, pre, training=False, labels=labels,
-            labels_of=f"the training split {args.train_split!r}" if fresh else "the model",
+            labels_of="the model" if not fresh or args.data == "mnist"
+            else f"the class folders of {split_folder(args.data, args.train_split)}",
         )  # fmt: skip
+        _say_left_out(held, say)
     resuming = args.resume and (Path(args.out) / TRAIN_STATE).is_file()
     if args.resume and not resuming:
         say(f"note: --resume, but {Path(args.out) / TRAIN_STATE} is not there: starting afresh")
@@ -391,6 +396,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     net = net.cpu().eval()
     manifest.training = {
         "config": config_dict(cfg), "data": args.data, "train_split": args.train_split,
+        "train_folder": _training_folder(args.data, args.train_split),
         "augment": args.augment, "history": history,
     }  # fmt: skip
     # Saved before the evaluation, so that an evaluation that fails (an unreadable image in the
@@ -433,6 +439,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     net = net.to(device, resolve_dtype(args.dtype, device))
     pre = manifest.preprocessing
     data = load_dataset(args.data, args.split, pre, training=False, labels=manifest.labels)
+    _say_left_out(data, lambda text: print(text, file=sys.stderr))
     total = len(data)
     if args.limit and args.limit < total:
         # Spread over the split, not its first N: splits come sorted by class (ImageFolder's,
@@ -483,20 +490,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_left_out(data, say) -> None:
+    """Say which files of an image folder were left out as formats the server does not read."""
+    if note := getattr(data, "note", lambda: "")():
+        say(note)
+
+
+def _training_folder(data: str, split: str) -> str | None:
+    """The folder an image-folder training reads, as an absolute path (None for mnist): what
+    the manifest records, so that `snnet eval --write` can tell it from a held-out one
+    whatever directory either ran in."""
+    from .data import split_folder
+
+    return None if data == "mnist" else str(split_folder(data, split).resolve())
+
+
 def _check_held_out(manifest, data: str, split: str) -> None:
     """``--write`` records the accuracies the server ranks stitches by and reports: not on the
     images the net was trained on (``snnet eval --split train --write`` replaced the held-out
     figures with training ones, and nothing said so). That is a split named as training data,
-    or the one its training recorded (``snnet train`` records it; the bundled recipe does not)."""
-    from .data import split_folder
-
+    or the one its training recorded (``snnet train`` records its folder; the bundled recipe
+    does not)."""
     trained = manifest.training or {}
-    ours = (str(data), split)
-    theirs = (str(trained.get("data")), trained.get("train_split", "train"))
-    same = split.lower() in TRAIN_SPLITS or ours == theirs
-    if not same and "data" in trained and "mnist" not in (ours[0], theirs[0]):
-        with contextlib.suppress(ValueError, OSError):  # (the same folder, however named)
-            same = split_folder(*ours).resolve() == split_folder(*theirs).resolve()
+    same = split.lower() in TRAIN_SPLITS
+    if data == "mnist":
+        same |= trained.get("data") == "mnist" and split == trained.get("train_split", "train")
+    elif trained.get("train_folder"):
+        with contextlib.suppress(ValueError, OSError):  # (not a folder: load_dataset says so)
+            same |= _training_folder(data, split) == trained["train_folder"]
     if same:
         raise ValueError(
             f"--write: split {split!r} of {data} is training data, and --write records held-out "
@@ -603,7 +624,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument(
+        "--min-lr", type=float, help="end of the cosine decay (default 1e-6, or --lr if lower)"
+    )
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--label-smoothing", type=float, default=0.1)

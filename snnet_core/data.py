@@ -23,7 +23,9 @@ EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how to turn the stored pixel
 # trained on TIFFs could not be sent them (the server refuses TIFF), and GIFs, which it takes,
 # were left out of training without a word.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif")
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".jfi", ".jif", ".png", ".webp", ".bmp", ".gif",
+)  # fmt: skip
 # Files that are images of other formats: left out of an image folder, and said so.
 OTHER_IMAGE_EXTENSIONS = (
     ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".heic", ".heif", ".avif", ".jxl", ".jp2",
@@ -332,7 +334,7 @@ class ImageFolderData(torch.utils.data.Dataset):
             raise ValueError(
                 f"{root}: class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} "
                 f"hold{'' if len(empty) > 1 else 's'} no image file (the formats read: "
-                f"{', '.join(IMAGE_EXTENSIONS)}{self.other_formats_text()})"
+                f"{', '.join(IMAGE_EXTENSIONS)}; {self.other_formats_text() or 'no other'})"
             )
         self.targets = [t for _, t in self.samples]
         self._warned: set[str] = set()
@@ -354,14 +356,20 @@ class ImageFolderData(torch.utils.data.Dataset):
         return sorted(found)
 
     def other_formats_text(self) -> str:
-        """ "; left out: ..." for the files of other image formats, or ""."""
+        """ "left out ..." for the files of other image formats, or ""."""
         if not self.other_formats:
             return ""
         shown = ", ".join(f"{n} {ext} (e.g. {ex})" for ext, (n, ex) in self.other_formats.items())
         return (
-            f"; left out, as formats the server does not read: {shown} (convert them to PNG or "
+            f"left out, as formats the server does not read: {shown} (convert them to PNG or "
             f"JPEG to use them)"
         )
+
+    def note(self) -> str:
+        """A line for the user that says which files of other image formats were left out, or
+        "" (a split scored or trained on fewer images than it holds is said so)."""
+        text = self.other_formats_text()
+        return f"note: {self.root}: {text}" if text else ""
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -378,8 +386,8 @@ class ImageFolderData(torch.utils.data.Dataset):
                         f"{path} cannot be read as an image ({why}); remove or replace it (every "
                         f"image of the split is scored)"
                     ) from None
-                if path not in self._warned:
-                    self._warned.add(path)
+                if path not in self._warned:  # (once a process: each DataLoader worker and
+                    self._warned.add(path)  # each torchrun rank says it for itself)
                     print(
                         f"\nwarning: {path} cannot be read as an image ({why}): training goes on "
                         f"without it",

@@ -544,22 +544,35 @@ def test_data_and_flags_that_cannot_make_the_net_asked_for_are_errors_before_tra
     )
 
 
-def test_eval_does_not_write_accuracy_on_the_training_split(tmp_path):
+def test_eval_does_not_write_accuracy_on_the_training_split(tmp_path, monkeypatch):
     """`snnet eval --split train --write` replaced the held-out figures the server ranks
-    stitches by with training ones, silently."""
-    _digit_folders(tmp_path / "d" / "fit")
-    _digit_folders(tmp_path / "d" / "val", every=29)
+    stitches by with training ones, silently. The training folder is recorded as an absolute
+    path: relative ones named different folders from different directories."""
+    from PIL import Image
+
+    _digit_folders(tmp_path / "a" / "d" / "fit")
+    _digit_folders(tmp_path / "a" / "d" / "val", every=29)
+    _digit_folders(tmp_path / "b" / "d" / "fit", every=31)  # another project's, held out here
+    Image.new("L", (28, 28)).save(tmp_path / "a" / "d" / "val" / "1" / "scan.tif")
     out = tmp_path / "out"
-    _train_folder("--data", str(tmp_path / "d"), "--train-split", "fit", "--eval-split", "val",
-                  "--out", str(out))  # fmt: skip
+    monkeypatch.chdir(tmp_path / "a")
+    proc = _train_folder("--data", "d", "--train-split", "fit", "--eval-split", "val",
+                         "--out", str(out), "--lr", "5e-7")  # fmt: skip
+    # (an --lr under the default end of the decay: the decay ends at it; the val split's TIFF
+    # is left out, and said so)
+    assert snnet_core.load(out)[1].training["config"]["min_lr"] == 5e-7
+    assert f"note: {Path('d') / 'val'}: left out, as formats the server does not read: 1 .tif" \
+        in proc.stderr  # fmt: skip
     before = (out / "manifest.json").read_text()
-    for data, split in ((str(tmp_path / "d"), "fit"), (str(tmp_path / "d" / "fit"), "fit"),
-                        ("mnist", "train")):  # fmt: skip
+    for data, split in (("d", "fit"), ("d/fit", "fit"), (str(tmp_path / "a" / "d"), "fit"),
+                        ("mnist", "train"), ("d", "training")):  # fmt: skip
         proc = snnet("eval", "--weights", str(out), "--data", data, "--split", split, "--write",
                      "--limit", "20", check=False)  # fmt: skip
         assert proc.returncode == 2, (data, split)
         assert f"--write: split '{split}' of {data} is training data" in proc.stderr
     assert (out / "manifest.json").read_text() == before
-    proc = snnet("eval", "--weights", str(out), "--data", str(tmp_path / "d"), "--split", "fit",
-                 "--limit", "20")  # fmt: skip
+    proc = snnet("eval", "--weights", str(out), "--data", "d", "--split", "fit", "--limit", "20")
     assert "top1" in proc.stdout  # (without --write: the figures, shown)
+    monkeypatch.chdir(tmp_path / "b")  # d/fit here is held-out data: written
+    snnet("eval", "--weights", str(out), "--data", "d", "--split", "fit", "--write")
+    assert snnet_core.load(out)[1].evaluation["dataset"] == "d"
