@@ -8,6 +8,7 @@ anything heavy is imported, so that its imports and this process's run side by s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -85,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     _warn_unknown_settings()
-    if said := _ports_unusable(settings):
+    if said := _ports_unusable(settings) or _threads_unusable(settings):
         # Checked first, before loading: with SO_REUSEPORT (gRPC's default, and the HTTP port's
         # with SNNET_API_WORKERS > 1) a second server joined a port another held, and the
         # kernel spread calls over both, two models answering by turns.
@@ -116,9 +117,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     code = 0
     if workers == 1:
         app = create_app(settings)
-        run = lambda: uvicorn.run(  # noqa: E731
-            app, host=settings.host, port=settings.port, **settings.uvicorn_options()
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app, host=settings.host, port=settings.port, **settings.uvicorn_options()
+            )
         )
+        app.state.lifecycle.on_failure = lambda: setattr(server, "should_exit", True)
+        run = lambda: _run_as_uvicorn_does(server)  # noqa: E731
     else:
         app, run = _owner_of_fronts(settings, workers)
     try:
@@ -126,6 +131,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down
         code = 130
     lifecycle = app.state.lifecycle
+    if lifecycle.failed:
+        # Start-up failed and stopped the server: say so last, where a supervisor's log ends,
+        # and exit non-zero (the traceback above is for a bug report).
+        print(f"error: cannot serve: start-up failed: {lifecycle.failed}", file=sys.stderr)
+        code = 1
     if lifecycle.engine is not None:
         # A second Ctrl-C makes uvicorn exit without the lifespan's drain: the model process
         # (which ignores signals: only this one ends it) then kept the interpreter's exit
@@ -144,6 +154,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.shutdown()
         os._exit(code)
     return code
+
+
+def _run_as_uvicorn_does(server) -> None:
+    """``server.run()`` ended as ``uvicorn.run`` ends it: Ctrl-C quietly, a server that never
+    started with uvicorn's exit code 3."""
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        sys.exit(3)
 
 
 def _ports_unusable(settings) -> str | None:
@@ -168,17 +187,35 @@ def _ports_unusable(settings) -> str | None:
     return None
 
 
+def _threads_unusable(settings) -> str | None:
+    """What is wrong with an SNNET_THREADS larger than the CPUs this process may use, or None.
+    (64 on 2 CPUs was taken: its stitch 0 ran 20x slower than on 1 thread; 9999 stalled.)"""
+    from .environ import cores, quota_note
+
+    n = cores()
+    if settings.threads == "auto" or settings.threads <= n:
+        return None
+    return (
+        f"SNNET_THREADS={settings.threads} is more than the {n} CPU{'s' if n > 1 else ''} this "
+        f"process may use{quota_note()}: the model's threads would take turns on them; "
+        f"allowed: auto or 1..{n}"
+    )
+
+
 def _bind_error(host: str, port: int) -> OSError | None:
     """Why ``host:port`` cannot be bound by this process alone, on any address ``host`` resolves
     to (None if it can): a plain bind, without SO_REUSEPORT, fails while any other socket
     listens there. IPv6 addresses are bound IPv6-only, as uvicorn binds them. A host that does
-    not resolve, or a socket family this machine lacks, is left to the server's own bind."""
+    not resolve is an error (EADDRNOTAVAIL: it is no address of this machine); a socket family
+    this machine lacks is left to the server's own bind."""
+    import errno
     import socket
 
     try:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (OSError, UnicodeError):
-        return None
+    except (OSError, UnicodeError) as e:  # (it failed later, in a traceback naming gRPC)
+        why = getattr(e, "strerror", None) or str(e) or "does not resolve"
+        return OSError(errno.EADDRNOTAVAIL, f"{host!r}: {why}")
     for family, kind, proto, addr in {(f, k, p, a) for f, k, p, _, a in found}:
         try:
             with socket.socket(family, kind, proto) as sock:
@@ -202,7 +239,10 @@ def _warn_unknown_settings() -> None:
     known = [f"SNNET_{name.upper()}" for name in Settings.model_fields]
     for name in sorted(os.environ):
         if name.startswith("SNNET_") and not name.startswith("SNNET_TEST_") and name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
+            # (a name cut short first: SNNET_SLO read as "did you mean SNNET_PORT?")
+            close = [k for k in known if k.startswith(f"{name}_")][:1] or (
+                difflib.get_close_matches(name, known, n=1)
+            )
             logging.getLogger("snnet.server").warning(
                 "%s is not a setting of snnet serve and is ignored%s (the README's "
                 "configuration table lists them)",
@@ -254,6 +294,7 @@ def _owner_of_fronts(settings, workers: int):
         # default one ended the process before the finally below, and the directory of the two
         # Unix sockets stayed in /tmp after every stop. Take it here; re-raise it after.
         server, term = uvicorn.Server(config), []
+        app.state.lifecycle.on_failure = lambda: setattr(server, "should_exit", True)
 
         def stop(sig, frame) -> None:  # (uvicorn's own handler replaces this while it serves)
             term.append(sig)

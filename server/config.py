@@ -30,7 +30,8 @@ class Settings(BaseSettings):
     and what is allowed.
     """
 
-    model_config = SettingsConfigDict(env_prefix="SNNET_", extra="forbid")
+    # (allow_inf_nan: SNNET_SLO_TARGET=nan was refused as "less than or equal to 0.999")
+    model_config = SettingsConfigDict(env_prefix="SNNET_", extra="forbid", allow_inf_nan=False)
 
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
@@ -52,7 +53,8 @@ class Settings(BaseSettings):
     )
     threads: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
-        description="torch CPU threads for the model. auto: the cores minus one (leaving a core "
+        description="torch CPU threads for the model, at most the cores (a start-up error "
+        "above: they would take turns). auto: the cores minus one (leaving a core "
         "to the event loop), or every core if the largest and the smallest anchor at batch 1 "
         "both run t(cores - 1) >= 1.1 x t(cores) + the front end's work for one request, "
         "measured at start-up; the choice is logged with its figures.",
@@ -162,7 +164,7 @@ class Settings(BaseSettings):
         "set, the thread count SNNET_THREADS=auto chose last is kept in the same directory "
         "(threads.json).",
     )
-    profile_batch_sizes: list[int] | None = Field(
+    profile_batch_sizes: list[Annotated[int, Field(ge=1, le=256)]] | None = Field(
         None, description="Batch sizes to profile (default: 1, 2, 4, ... up to max_batch_size)."
     )
     profile_seconds: float = Field(
@@ -285,9 +287,32 @@ class Settings(BaseSettings):
             )
         return v
 
+    @field_validator("model_name")
+    @classmethod
+    def _model_name(cls, v: str | None) -> str | None:
+        # (a/b was taken, and /v2/models/a/b, /v2/models/a%2Fb were both 404)
+        if v is not None and (not v.strip() or "/" in v):
+            raise ValueError(
+                f"model_name must be a non-empty name without '/' (it is a path segment of "
+                f"/v2/models/{{name}}), got {v!r}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _queue(self) -> Settings:
+        if self.max_images_per_request > self.max_queue:
+            raise ValueError(
+                f"SNNET_MAX_IMAGES_PER_REQUEST={self.max_images_per_request} is more than "
+                f"SNNET_MAX_QUEUE={self.max_queue}: a request that large would never fit the "
+                f"queue, and be told to retry for ever; make the queue at least as large"
+            )
+        return self
+
     @field_validator("profile_cache", mode="before")
     @classmethod
     def _cache_file(cls, v: object) -> object:
+        if isinstance(v, str) and not v.strip():
+            return None  # (an unset compose or Helm variable: the default, not the directory ".")
         # A directory (existing, or written with a trailing slash) means the file profiles.json
         # in it: used as the file, it was never written ("Is a directory"), and every start
         # measured again.

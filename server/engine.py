@@ -371,6 +371,11 @@ class Lifecycle:
         ingress.serving = False  # until start() has built the engine
         self.engine: Engine | None = None
         self.detail = "loading"
+        self.failed: str | None = None  # what start-up failed with
+        # Called (from start-up's thread) once start-up failed: `snnet serve` stops the server
+        # then. (It kept running, /healthz green and /readyz 503 for ever: a liveness probe
+        # never restarted it, and only a 20-minute start-up probe could.)
+        self.on_failure: Callable[[], None] | None = None
         self.started = threading.Event()  # set when start() finished, well or not
         self.cancel = threading.Event()  # set to stop start-up early
         self._started_async: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
@@ -379,8 +384,8 @@ class Lifecycle:
         self.detail = detail
 
     def start(self) -> None:
-        """Build the engine (blocking: run it in a thread); a failure is logged and kept in
-        ``detail`` for /readyz."""
+        """Build the engine (blocking: run it in a thread); a failure is logged, kept in
+        ``detail`` for /readyz and ``failed``, and ``on_failure`` called."""
         t0 = time.perf_counter()
         # uvicorn has just said "running": say that requests wait for the ready line (worded
         # so as not to contain it: people, tests and benchmarks wait for "ready in")
@@ -406,7 +411,9 @@ class Lifecycle:
             self.detail = "start-up cancelled"
             log.info("start-up cancelled")
         except Exception as e:
-            self.detail = f"start-up failed: {e}"
+            lines = str(e).splitlines() or [""]  # (a page of size mismatches: the log has it)
+            self.failed = f"{type(e).__name__}: {lines[0]}{' ...' if len(lines) > 1 else ''}"
+            self.detail = f"start-up failed: {self.failed}"
             log.exception("start-up failed")
         finally:
             early.discard()  # a model process started early that nothing took: not needed
@@ -415,6 +422,8 @@ class Lifecycle:
                 loop, event = self._started_async
                 with contextlib.suppress(RuntimeError):  # the loop is already closed
                     loop.call_soon_threadsafe(event.set)
+            if self.failed and self.on_failure is not None:
+                self.on_failure()
 
     def start_in_background(self) -> threading.Thread:
         """``start`` in a daemon thread: a process told to stop during start-up need not wait

@@ -194,14 +194,32 @@ def test_serve_refuses_settings_that_would_serve_wrongly():
         "enableServiceLinks: false" in proc.stderr  # fmt: skip
 
 
+def test_serve_refuses_more_threads_than_cpus_and_a_host_that_does_not_resolve():
+    """SNNET_THREADS=64 on 2 CPUs was taken (stitch 0 ran 20x slower; 9999 stalled start-up);
+    a host name that does not resolve failed after loading, in a traceback naming gRPC."""
+    from server.environ import cores
+
+    n = cores()
+    proc = snnet_process("serve", check=False, env={"SNNET_THREADS": str(n + 1)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"error: cannot serve: SNNET_THREADS={n + 1} is more than the {n} CPU" in proc.stderr
+    assert f"allowed: auto or 1..{n}" in proc.stderr
+    proc = snnet_process("serve", check=False, env={"SNNET_HOST": "not a host"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cannot be bound ('not a host': " in proc.stderr
+    assert "SNNET_HOST is not an address of this machine" in proc.stderr
+
+
 def test_serve_warns_of_a_setting_it_does_not_know():
-    env = {**ENV, "SNNET_MAX_BATCH": "4", "SNNET_WEIGHTS": "/nonexistent"}
+    env = {**ENV, "SNNET_MAX_BATCH": "4", "SNNET_SLO": "0.9", "SNNET_WEIGHTS": "/nonexistent"}
     proc = snnet_process("serve", check=False, env=env)
     assert proc.returncode == 2  # (the missing checkpoint, after the warning)
     assert (
         "SNNET_MAX_BATCH is not a setting of snnet serve and is ignored; did you mean "
         "SNNET_MAX_BATCH_SIZE?"
     ) in proc.stderr
+    assert "SNNET_SLO is not a setting of snnet serve and is ignored; did you mean " \
+        "SNNET_SLO_TARGET?" in proc.stderr  # fmt: skip
 
 
 def test_serve_starts_its_model_process_before_importing_torch():
@@ -323,6 +341,36 @@ def test_serve_refuses_a_corrupt_checkpoint(tmp_path):
     assert proc.returncode == 2
     assert "cannot serve" in proc.stderr and "does not match its manifest" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_serve_whose_start_up_fails_exits_with_the_reason_last(tmp_path):
+    """A failure inside start-up (here a manifest edited so that its net no longer fits the
+    weights, which only loading finds) left the server running for ever: /healthz 200, /readyz
+    503, nothing for a supervisor to restart. It now stops, exit code 1, the reason its last
+    line."""
+    from tests._prometheus import free_port
+
+    snnet_core.save(build_tiny(), tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["config"]["anchors"][0]["overrides"]["embed_dim"] += 8
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    proc = subprocess.run(
+        [SNNET, "serve", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            "SNNET_WEIGHTS": str(tmp_path),
+            "SNNET_GRPC_PORT": "0",
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": ROOT,
+            "SNNET_PROFILE_CACHE": str(tmp_path / "p.json"),
+        },  # fmt: skip
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot serve: start-up failed: CheckpointError: "), last
+    assert "does not fit the architecture in manifest.json" in last
 
 
 def test_serve_installed_without_the_checkout_says_to_set_snnet_weights(tmp_path):

@@ -157,6 +157,32 @@ def test_budget_settings_that_would_refuse_every_request_are_refused_at_start_up
         Settings(default_budget_ms=5_000_000)
 
 
+def test_settings_that_start_up_or_the_protocol_could_not_use_are_refused_at_start_up():
+    """Each passed validation, then: a batch size of 0 to profile failed inside start-up (a
+    traceback; the server stayed up, never ready); an empty profile cache (an unset compose
+    variable) was the directory "."; a request of more images than the queue holds was told
+    to retry for ever; a model name with "/" could not be reached; nan was "not <= 0.999"."""
+    from pydantic import ValidationError
+
+    from server.config import Settings
+
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        Settings(profile_batch_sizes=[1, 0])
+    assert Settings(profile_cache="").profile_cache is None  # (the default place)
+    assert Settings(profile_cache=" ").profile_cache is None
+    with pytest.raises(ValidationError, match=r"SNNET_MAX_IMAGES_PER_REQUEST=12 is more than "
+                       r"SNNET_MAX_QUEUE=8: a request that large would never fit"):  # fmt: skip
+        Settings(max_queue=8, max_images_per_request=12)
+    assert Settings(max_queue=8, max_images_per_request=8).max_queue == 8
+    for name in ("a/b", "", " "):
+        with pytest.raises(ValidationError, match="model_name must be a non-empty name without"):
+            Settings(model_name=name)
+    assert Settings(model_name="digits-v2.1").model_name == "digits-v2.1"
+    for field in ("slo_target", "default_budget_ms", "network_ms"):
+        with pytest.raises(ValidationError, match="finite number"):
+            Settings(**{field: float("nan")})
+
+
 def test_the_promise_is_a_share_the_margin_can_be_fitted_to():
     """SNNET_SLO_TARGET: 0.8 to 0.995. Above, the margin's cap (half the prediction) cannot
     keep it on this VM's answers; below 0.8 the margin's quantile would fall inside the tail it
