@@ -18,6 +18,7 @@ class Refusal(Exception):
         least_ms: The least latency budget that would do, where the budget was what it refused
             (the detail ends with it, "latency_budget_ms >= X"; a V2 client that gave Triton's
             timeout is told it in microseconds).
+        shed: For a 503 that sheds load, why (``server.metrics.SHED_REASONS``).
     """
 
     def __init__(
@@ -26,10 +27,11 @@ class Refusal(Exception):
         detail: str,
         retry_after_s: int | None = None,
         least_ms: float | None = None,
+        shed: str = "overloaded",
     ) -> None:
         super().__init__(detail)
         self.status, self.detail, self.retry_after_s = status, detail, retry_after_s
-        self.least_ms = least_ms
+        self.least_ms, self.shed = least_ms, shed
 
     @property
     def headers(self) -> dict[str, str] | None:

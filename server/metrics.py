@@ -26,6 +26,11 @@ LATENCY_BUCKETS = (
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Why requests were shed (snnet_shed_total's reason). Load, which more replicas relieve:
+# queue_full, overloaded. slow_now: nothing was queued, but the machine ran slower than when idle
+# (CPU contention, a cold batch) and the budget sat at its floor; the alert on shedding and the
+# HPA leave it out (the compose demo's 10 ms budgets fired the alert at load level 0).
+SHED_REASONS = ("queue_full", "overloaded", "slow_now")
 
 
 @dataclass
@@ -181,9 +186,11 @@ class Metrics:
         for outcome in ("met", "missed"):  # both series from the start, at 0
             self.best_effort.labels(outcome)
         self.shed = Counter(
-            "snnet_shed", "Requests refused at once (503): no stitch could meet their budget under the current load, or the queue was full",
-            registry=r,
+            "snnet_shed", "Requests refused at once (503), by reason: queue_full (its image limit), overloaded (no stitch meets the budget behind the queue, or only by making queued requests miss theirs), slow_now (nothing queued, but the machine slower than when idle just now: a budget at its floor)",
+            ["reason"], registry=r,
         )  # fmt: skip
+        for reason in SHED_REASONS:  # (every series from the start: rate() needs two samples)
+            self.shed.labels(reason)
         # For the log (server.engine.Engine.step_controller): requests shed (503), and those the
         # planner refused as asking what this server cannot give (422: a budget below what it
         # needs idle, a stitch it does not have, ...), which say what clients expect of it.
@@ -261,7 +268,8 @@ class Metrics:
         has it by status)."""
         self.refused_tally.add(reason)
 
-    def count_shed(self, reason: str) -> None:
-        """One request shed (503), and why: counted in ``snnet_shed_total`` and for the log."""
-        self.shed.inc()
-        self.shed_tally.add(reason)
+    def count_shed(self, detail: str, reason: str = "overloaded") -> None:
+        """One request shed (503), its ``detail`` for the log and its ``reason`` (SHED_REASONS)
+        for ``snnet_shed_total``."""
+        self.shed.labels(reason).inc()
+        self.shed_tally.add(detail)

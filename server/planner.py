@@ -359,6 +359,7 @@ class Planner:
                 f"{now_budget:.2f}",
                 1,
                 least_ms=now_budget,
+                shed="slow_now",
             )
         retry = max(1, math.ceil((ingress + queue_ms) / 1e3))
         if fits:

@@ -326,7 +326,7 @@ class Scheduler:
                 raise Refusal(503, "the server is shutting down; retry on another replica", 1)
             if self._queued + job.n > self.max_queue:
                 why = f"queue full: {self._queued} images waiting, limit {self.max_queue}; retry later"
-                self.metrics.count_shed(why)
+                self.metrics.count_shed(why, "queue_full")
                 raise Refusal(503, why, 1)
             direct = self._direct_locked(job)
             if not direct:

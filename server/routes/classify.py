@@ -139,7 +139,7 @@ def plan_request(
     )
     if isinstance(plan, Refusal):
         if plan.status == 503:
-            engine.metrics.count_shed(plan.detail)
+            engine.metrics.count_shed(plan.detail, plan.shed)
         else:
             engine.metrics.count_refused(plan.detail)
         raise plan

@@ -116,12 +116,15 @@ def test_burst_raises_the_load_level_sheds_and_recovers(server, pngs):
         assert max(levels) > 0 and levels[-1] == 0
 
         metrics = c.get("/metrics").text
-        shed_total = next(
-            float(line.split()[-1])
+        shed_by = {
+            line.split('reason="')[1].split('"')[0]: float(line.split()[-1])
             for line in metrics.splitlines()
-            if line.startswith("snnet_shed_total")
-        )
-        assert shed_total == len(shed)
+            if line.startswith("snnet_shed_total{")
+        }
+        assert sum(shed_by.values()) == len(shed)
+        # by reason: "not just now" refusals apart from load's ("overloaded:")
+        moment = sum(a.json()["detail"].startswith("not just now:") for a in shed)
+        assert shed_by == {"queue_full": 0, "overloaded": len(shed) - moment, "slow_now": moment}
         # and the log says so (its first sheds at once, then at most every 10 s), with why
         server.wait_for("(503) since start-up", timeout=10)
         said = server.log[-1]

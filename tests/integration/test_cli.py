@@ -325,16 +325,25 @@ def test_ctrl_c_during_start_up_exits_130(tmp_path):
 
 
 def test_serve_refuses_a_corrupt_checkpoint(tmp_path):
+    from tests._prometheus import free_port
+
     snnet_core.save(build_tiny(), tmp_path)
     with open(tmp_path / "model.safetensors", "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\0\0\0\0")
     proc = subprocess.run(
-        [SNNET, "serve", "--port", "8999"],
+        [SNNET, "serve", "--port", str(free_port())],
         capture_output=True,
         text=True,
         timeout=60,
-        env={"SNNET_WEIGHTS": str(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT},
+        # (no gRPC: the default port 8081 may be another test's server's, and the port check,
+        # which comes first, then said so instead; a CI run failed so)
+        env={
+            "SNNET_WEIGHTS": str(tmp_path),
+            "SNNET_GRPC_PORT": "0",
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": ROOT,
+        },  # fmt: skip
     )
     # (run() waits for the end of stderr: a model process started early and left running
     # would hold it open until the timeout)
@@ -379,6 +388,8 @@ def test_serve_installed_without_the_checkout_says_to_set_snnet_weights(tmp_path
     set. (The packages copied to a folder of their own, as an install lays them out.)"""
     import shutil
 
+    from tests._prometheus import free_port
+
     site = tmp_path / "site"
     for package in ("server", "snnet_core"):
         shutil.copytree(Path(ROOT) / package, site / package)
@@ -392,7 +403,13 @@ def test_serve_installed_without_the_checkout_says_to_set_snnet_weights(tmp_path
         text=True,
         timeout=60,
         cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "HOME": str(tmp_path)},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(site),
+            "HOME": str(tmp_path),
+            "SNNET_PORT": str(free_port()),
+            "SNNET_GRPC_PORT": "0",
+        },  # fmt: skip
     )
     assert proc.returncode == 2, proc.stderr
     assert f"checkpoint directory {site / 'weights'} does not exist" in proc.stderr
