@@ -324,27 +324,26 @@ def test_ctrl_c_during_start_up_exits_130(tmp_path):
     assert "Traceback" not in err, err
 
 
-def test_serve_refuses_a_corrupt_checkpoint(tmp_path):
+def _serve_to_its_end(weights: Path, timeout: float) -> subprocess.CompletedProcess:
+    """`snnet serve` of ``weights`` in a bare environment on a free port, without gRPC (the
+    default port 8081 may be another test's server's, and the port check, which comes first,
+    then said so instead; a CI run failed so), run until it exits."""
     from tests._prometheus import free_port
 
+    env = {"SNNET_WEIGHTS": str(weights), "SNNET_GRPC_PORT": "0", "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": ROOT, "SNNET_PROFILE_CACHE": str(weights / "p.json")}  # fmt: skip
+    return subprocess.run(
+        [SNNET, "serve", "--port", str(free_port())],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip
+
+
+def test_serve_refuses_a_corrupt_checkpoint(tmp_path):
     snnet_core.save(build_tiny(), tmp_path)
     with open(tmp_path / "model.safetensors", "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\0\0\0\0")
-    proc = subprocess.run(
-        [SNNET, "serve", "--port", str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        # (no gRPC: the default port 8081 may be another test's server's, and the port check,
-        # which comes first, then said so instead; a CI run failed so)
-        env={
-            "SNNET_WEIGHTS": str(tmp_path),
-            "SNNET_GRPC_PORT": "0",
-            "PATH": "/usr/bin:/bin",
-            "PYTHONPATH": ROOT,
-        },  # fmt: skip
-    )
+    proc = _serve_to_its_end(tmp_path, timeout=60)
     # (run() waits for the end of stderr: a model process started early and left running
     # would hold it open until the timeout)
     assert proc.returncode == 2
@@ -357,25 +356,11 @@ def test_serve_whose_start_up_fails_exits_with_the_reason_last(tmp_path):
     weights, which only loading finds) left the server running for ever: /healthz 200, /readyz
     503, nothing for a supervisor to restart. It now stops, exit code 1, the reason its last
     line."""
-    from tests._prometheus import free_port
-
     snnet_core.save(build_tiny(), tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     manifest["config"]["anchors"][0]["overrides"]["embed_dim"] += 8
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    proc = subprocess.run(
-        [SNNET, "serve", "--port", str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={
-            "SNNET_WEIGHTS": str(tmp_path),
-            "SNNET_GRPC_PORT": "0",
-            "PATH": "/usr/bin:/bin",
-            "PYTHONPATH": ROOT,
-            "SNNET_PROFILE_CACHE": str(tmp_path / "p.json"),
-        },  # fmt: skip
-    )
+    proc = _serve_to_its_end(tmp_path, timeout=120)
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot serve: start-up failed: CheckpointError: "), last
